@@ -1,0 +1,1 @@
+"""The Flower ServerApp side of fedrec (strategy, aggregation, privacy ledger, run directory)."""
