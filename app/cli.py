@@ -79,7 +79,7 @@ def data_fetch(
     ] = None,
     source: Annotated[
         Path | None,
-        typer.Option("--from", help="A local ml-100k.zip, recbole-1.2.1 wheel, or atomic-file folder."),
+        typer.Option("--from", help="Local ml-100k.zip, recbole wheel or atomic-file folder."),
     ] = None,
 ) -> None:
     """Download MovieLens-100K (GroupLens zip, else the recbole==1.2.1 wheel from PyPI), verify it
@@ -148,12 +148,13 @@ def baselines(
     protocol: Annotated[str, typer.Option(help="Evaluation protocol: A, B or C.")] = "A",
     data: Annotated[str, typer.Option(help="'ml-100k' or a data folder.")] = "ml-100k",
     only: Annotated[
-        str | None, typer.Option(help="Comma-separated subset of: popularity,itemknn,als,bpr,zeroshot.")
+        str | None,
+        typer.Option(help="Comma-separated subset of: popularity,itemknn,als,bpr,zeroshot."),
     ] = None,
     backbone: Annotated[str, typer.Option(help="'minilm' or a local HF model folder.")] = "minilm",
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout.")] = False,
 ) -> None:
-    """Fit and evaluate the baselines on one protocol; write RUN/config.json and RUN/metrics.json."""
+    """Fit and evaluate the baselines on one protocol; write RUN/config.json, RUN/metrics.json."""
     from fedrec.shared.baselines import BASELINES, run_baselines
     from fedrec.shared.rundir import versions, write_json
     from fedrec.shared.splitting import PROTOCOLS

@@ -63,8 +63,9 @@ def per_query_metrics(
     ranked = M.rank_items(scores, max(ks))
     hits = np.take_along_axis(rel_mask, ranked, axis=1) & M.valid_mask(scores, ranked)
     out: dict[str, np.ndarray] = {}
+    named = (("HR", M.hit_rate), ("NDCG", M.ndcg), ("MRR", M.mrr), ("Recall", M.recall))
     for k in ks:
-        for name, fn in (("HR", M.hit_rate), ("NDCG", M.ndcg), ("MRR", M.mrr), ("Recall", M.recall)):
+        for name, fn in named:
             out[f"{name}@{k}"] = fn(hits, n_rel, k)
     if with_auc:
         order = M.rank_items(scores, n_items)  # full ranking; -inf items at the end

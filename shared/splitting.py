@@ -82,7 +82,10 @@ class Split:
 
 
 def time_ordered(ds: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Interactions sorted by (user, timestamp, original row): user idx, item idx, time, user ids."""
+    """Interactions sorted by (user, timestamp, original row).
+
+    Returns user index, item index, timestamp (each ``(n_interactions,)``) and the sorted user ids.
+    """
     user_ids = ds.users
     u = np.searchsorted(user_ids, ds.user_ids)
     rows = np.arange(ds.n_interactions)

@@ -11,8 +11,9 @@ from fedrec.shared.splitting import Split
 
 def train_matrix(split: Split) -> sp.csr_matrix:
     """``(n_users, n_items)`` binary CSR of the training interactions."""
+    ones = np.ones(split.train_user.shape[0], dtype=np.float32)
     m = sp.csr_matrix(
-        (np.ones(split.train_user.shape[0], dtype=np.float32), (split.train_user, split.train_item)),
+        (ones, (split.train_user, split.train_item)),
         shape=(split.n_users, split.n_items),
     )
     m.data[:] = 1.0  # repeated (user, item) pairs count once

@@ -54,7 +54,8 @@ class PopularityFallback:
 
 def grid(name: str) -> list[dict[str, Any]]:
     keys = list(GRIDS[name])
-    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*GRIDS[name].values())]
+    combos = itertools.product(*GRIDS[name].values())
+    return [dict(zip(keys, values, strict=True)) for values in combos]
 
 
 def tune(name: str, tuning_split: Split) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -127,5 +128,6 @@ def _rounded(m: dict[str, float]) -> dict[str, float]:
 
 def _headline(metrics: dict[str, dict[str, float]]) -> str:
     return "; ".join(
-        f"{k}: NDCG@10 {m['NDCG@10']:.4f} Recall@10 {m['Recall@10']:.4f}" for k, m in metrics.items()
+        f"{k}: NDCG@10 {m['NDCG@10']:.4f} Recall@10 {m['Recall@10']:.4f}"
+        for k, m in metrics.items()
     )

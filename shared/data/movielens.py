@@ -90,7 +90,7 @@ def convert_atomic(files: dict[str, bytes], out: Path) -> Path:
 
 
 def convert_grouplens_zip(data: bytes, out: Path) -> Path:
-    """Convert the GroupLens ``ml-100k.zip`` (``u.data``, ``u.item``, ``u.user``), checking counts."""
+    """Convert the GroupLens zip (``u.data``, ``u.item``, ``u.user``), checking counts."""
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         read = {Path(n).name: n for n in z.namelist()}
         try:
@@ -98,7 +98,8 @@ def convert_grouplens_zip(data: bytes, out: Path) -> Path:
             uitem = z.read(read["u.item"]).decode("latin-1")
             uuser = z.read(read["u.user"]).decode("latin-1")
         except KeyError as e:
-            raise DataError(f"{e.args[0]} is missing from the zip", fix="Use an intact copy.")
+            missing = e.args[0]
+            raise DataError(f"{missing} is missing from the zip", fix="Use a full copy.") from None
     interactions = []
     for ln in udata.splitlines():
         u, i, r, t = ln.split("\t")
