@@ -1,0 +1,63 @@
+"""The real `fedrec` command: help, exit codes, no tracebacks for bad input, run directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def fedrec(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "fedrec", *map(str, args)], capture_output=True, text=True, env=env
+    )
+
+
+def test_help_lists_commands():
+    r = fedrec("--help")
+    assert r.returncode == 0 and "baselines" in r.stdout and "data" in r.stdout
+
+
+def test_validate_good_and_bad(synth_dir, tmp_path):
+    r = fedrec("data", "validate", synth_dir, "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["ok"] and s["users"] == 60 and s["items"] == 90
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "items.tsv").write_text("item_id\ttitle\n1\tA\n")
+    (bad / "interactions.tsv").write_text("user_id\titem_id\ttimestamp\n1\t2\t3\n")
+    r = fedrec("data", "validate", bad)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "interactions.tsv:2" in r.stderr and "item 2" in r.stderr
+
+
+def test_usage_errors_exit_2(synth_dir, tmp_path):
+    r = fedrec("baselines", "--protocol", "Z", "--data", synth_dir, "--out", tmp_path / "r")
+    assert r.returncode == 2 and "--protocol" in r.stderr and "Traceback" not in r.stderr
+    r = fedrec("baselines", "--data", tmp_path / "nope", "--out", tmp_path / "r")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = fedrec("baselines", "--only", "svd", "--data", synth_dir, "--out", tmp_path / "r")
+    assert r.returncode == 2 and "svd" in r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_baselines_write_run_directory(synth_dir, tmp_path):
+    out = tmp_path / "run"
+    r = fedrec("baselines", "--data", synth_dir, "--only", "popularity,itemknn", "--out", out)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    assert set(metrics["baselines"]) == {"popularity", "itemknn"}
+    assert 0 < metrics["baselines"]["itemknn"]["metrics"]["test"]["NDCG@10"] <= 1
+    assert config["versions"]["torch"].startswith("2.13")
+
+
+@pytest.mark.parametrize(
+    "args", [["data", "fetch", "ml-1m"], ["data", "synth", "x", "--topics", "9"]]
+)
+def test_more_usage_errors(args, tmp_path):
+    r = fedrec(*args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
