@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# fedrec's two set-up commands (see README.md):
+#   bash run.sh          set up .venv if needed, fetch ML-100K, run the main job
+#   bash run.sh test     set up .venv if needed, run the test suite
+# Other verbs: `bash run.sh setup` (only install), `bash run.sh fedrec ARGS...` (the CLI in .venv).
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV="${FEDREC_VENV:-.venv}"
+PY="${FEDREC_PYTHON:-python3.11}"
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    echo "== creating $VENV with $PY"
+    "$PY" -m venv "$VENV"
+  fi
+  local want have
+  want=$(sha256sum pyproject.toml | cut -c1-16)
+  have=$(cat "$VENV/.fedrec-installed" 2>/dev/null || true)
+  if [ "$want" != "$have" ]; then
+    echo "== installing fedrec and its pinned dependencies into $VENV (first time: a few minutes)"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    # torch first and pinned: the CPU build; an unpinned torch would pull a multi-GB CUDA build.
+    "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
+    "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+    echo "$want" > "$VENV/.fedrec-installed"
+  fi
+}
+
+verb="${1:-main}"
+[ $# -gt 0 ] && shift
+case "$verb" in
+  setup) setup ;;
+  main)
+    setup
+    "$VENV/bin/fedrec" data fetch ml-100k
+    # Until federated training lands, the main job measures the protocol-A baselines.
+    "$VENV/bin/fedrec" baselines --protocol A --out "${FEDREC_RUN:-runs/main}" "$@"
+    ;;
+  test)
+    setup
+    "$VENV/bin/python" -m pytest "$@"
+    ;;
+  fedrec)
+    setup
+    "$VENV/bin/fedrec" "$@"
+    ;;
+  *)
+    echo "usage: bash run.sh [main|test|setup|fedrec ARGS...]" >&2
+    exit 2
+    ;;
+esac
