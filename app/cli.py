@@ -7,15 +7,18 @@ done), 2 usage error (bad arguments or bad input files for a command that consum
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from fedrec import __version__
+from rich import box
 from rich.console import Console
 from rich.table import Table
+
+from fedrec import __version__
 
 app = typer.Typer(
     name="fedrec",
@@ -27,7 +30,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Obtain, validate and generate data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-out = Console()
+# Not a terminal (a log, a pipe): rich would assume 80 columns and cut the metric tables.
+out = Console(width=shutil.get_terminal_size((120, 24)).columns)
 err = Console(stderr=True)
 
 
@@ -149,7 +153,7 @@ def baselines(
     data: Annotated[str, typer.Option(help="'ml-100k' or a data folder.")] = "ml-100k",
     only: Annotated[
         str | None,
-        typer.Option(help="Comma-separated subset of: popularity,itemknn,als,bpr,zeroshot."),
+        typer.Option(help="Comma-separated subset of the baselines (default: all)."),
     ] = None,
     backbone: Annotated[str, typer.Option(help="'minilm' or a local HF model folder.")] = "minilm",
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout.")] = False,
@@ -184,11 +188,11 @@ def baselines(
 
 def _print_metrics(result: dict) -> None:
     for test in next(iter(result["baselines"].values()))["metrics"]:
-        table = Table(title=f"protocol {result['protocol']} - {test}")
+        table = Table(title=f"protocol {result['protocol']} - {test}", box=box.SIMPLE)
         cols = ["HR@10", "NDCG@10", "MRR@10", "Recall@10", "Recall@20", "NDCG@20", "AUC"]
-        table.add_column("model")
+        table.add_column("model", no_wrap=True)
         for c in cols:
-            table.add_column(c, justify="right")
+            table.add_column(c, justify="right", no_wrap=True)
         for name, entry in result["baselines"].items():
             m = entry["metrics"][test]
             table.add_row(name, *(f"{m[c]:.4f}" for c in cols))

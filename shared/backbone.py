@@ -56,6 +56,9 @@ class TextEncoder:
     def __init__(self, backbone: str | Path = DEFAULT_BACKBONE, *, max_length: int = 64) -> None:
         import torch
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a per-load weight bar, noise in CLI output and logs
 
         self.path = resolve_backbone(backbone)
         self.max_length = max_length

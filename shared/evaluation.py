@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
+
 from fedrec.shared import metrics as M
 from fedrec.shared.splitting import EvalSet
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from fedrec.shared.splitting import Split
 
 SCHEMES = ("user", "silo")

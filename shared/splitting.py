@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from fedrec.shared.data.dataset import Dataset
 
 PROTOCOLS = ("A", "B", "C")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from fedrec.shared.data.synthetic import FILLER, TOPICS, generate
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from fedrec.shared.baselines import run_baselines
 from fedrec.shared.baselines.itemknn import ItemKNN
 from fedrec.shared.baselines.matrix_factorization import ALS

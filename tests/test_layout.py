@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedrec.shared.data import DataError, load_dataset, write_dataset
 
 ITEMS = "item_id\ttitle\tgenres\n1\tAlpha\tDrama\n2\tBeta\tComedy\n3\tGamma\tDrama\n"

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+
 from fedrec.shared import metrics as M
 from fedrec.shared.evaluation import evaluate
 from fedrec.shared.splitting import EvalSet

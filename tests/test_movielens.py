@@ -12,6 +12,7 @@ import zipfile
 
 import numpy as np
 import pytest
+
 from fedrec.shared.baselines.popularity import Popularity
 from fedrec.shared.data import DataError, load_dataset
 from fedrec.shared.data.movielens import GENRES, convert_atomic, convert_grouplens_zip, fetch_ml100k

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from fedrec.shared.data import load_dataset, write_dataset
 from fedrec.shared.partition import partition_users
 from fedrec.shared.splitting import cold_ids, make_split, protocol_a, protocol_b, protocol_c

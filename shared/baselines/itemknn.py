@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
 from fedrec.shared.baselines.interactions import history_matrix, train_matrix
 from fedrec.shared.splitting import Split
 

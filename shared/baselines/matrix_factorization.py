@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from threadpoolctl import threadpool_limits
+
 from fedrec.shared.baselines.interactions import history_matrix, train_matrix
 from fedrec.shared.splitting import Split
-from threadpoolctl import threadpool_limits
 
 
 class ALS:

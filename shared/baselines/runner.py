@@ -16,15 +16,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
 from fedrec.shared.baselines.itemknn import ItemKNN
 from fedrec.shared.baselines.matrix_factorization import ALS, BPR
 from fedrec.shared.baselines.popularity import Popularity
+from fedrec.shared.baselines.random_scores import RandomScores
 from fedrec.shared.baselines.zeroshot import ZeroShotText
 from fedrec.shared.data.dataset import Dataset
 from fedrec.shared.evaluation import Scorer, evaluate
 from fedrec.shared.splitting import Split, make_split, protocol_a
 
-BASELINES = ("popularity", "itemknn", "als", "bpr", "zeroshot")
+BASELINES = ("random", "popularity", "itemknn", "als", "bpr", "zeroshot")
 
 GRIDS: dict[str, dict[str, Sequence[Any]]] = {
     "itemknn": {"neighbors": [20, 50, 100, 200, 400, 800]},
@@ -91,6 +93,9 @@ def run_baselines(
         entry: dict[str, Any] = {}
         if name == "popularity":
             model: Scorer = popularity
+        elif name == "random":
+            model = RandomScores(split)
+            entry["params"] = {"seed": 0}
         elif name == "zeroshot":
             model = ZeroShotText(ds.item_texts(), backbone=backbone)
             entry["params"] = {"backbone": backbone, "pooling": "mean", "normalized": True}

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from fedrec.shared.data.dataset import Dataset, template_fields
 from fedrec.shared.data.errors import DataError
 
