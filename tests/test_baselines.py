@@ -94,3 +94,12 @@ def test_run_baselines_report(ds, tiny_backbone):
     assert r["baselines"]["itemknn"]["tuned_on"].startswith("protocol A validation")
     with pytest.raises(ValueError, match="unknown baselines"):
         run_baselines(ds, "A", names=["svd"])
+
+
+def test_bpr_is_reproducible(ds):
+    from fedrec.shared.baselines.matrix_factorization import BPR
+
+    sp = protocol_a(ds)
+    a = BPR(sp, factors=8, iterations=20).model.item_factors
+    b = BPR(sp, factors=8, iterations=20).model.item_factors
+    assert np.array_equal(a, b)
