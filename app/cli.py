@@ -174,8 +174,12 @@ def baselines(
               "baselines": names, "backbone": backbone, "versions": versions()}  # fmt: skip
     t0 = time.perf_counter()
     with err.status(f"baselines on protocol {protocol}") as status:
-        result = run_baselines(ds, protocol, names=names, backbone=backbone,
-                               log=lambda m: (err.print(f"  {m}"), status.update(m)))  # fmt: skip
+
+        def log(message: str) -> None:
+            err.print(f"  {message}")
+            status.update(message)
+
+        result = run_baselines(ds, protocol, names=names, backbone=backbone, log=log)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out_dir / "config.json", config)
     write_json(out_dir / "metrics.json", result)

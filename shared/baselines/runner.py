@@ -63,13 +63,13 @@ def grid(name: str) -> list[dict[str, Any]]:
 def tune(name: str, tuning_split: Split) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Best parameters by validation NDCG@10 on ``tuning_split`` (protocol A), and the trace."""
     assert tuning_split.valid is not None, "tuning needs protocol A's validation queries"
-    trace = []
+    trace: list[dict[str, Any]] = []
     for params in grid(name):
         model = FACTORIES[name](tuning_split, **params)
         ndcg = evaluate(model, tuning_split.valid, ks=(10,), with_auc=False)["NDCG@10"]
         trace.append({"params": params, "valid_NDCG@10": round(ndcg, 5)})
-    best = max(trace, key=lambda t: t["valid_NDCG@10"])
-    return best["params"], trace
+    best = max(trace, key=lambda t: float(t["valid_NDCG@10"]))  # first best wins ties
+    return dict(best["params"]), trace
 
 
 def run_baselines(

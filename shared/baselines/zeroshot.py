@@ -22,9 +22,10 @@ class ZeroShotText:
         self, history: Sequence[np.ndarray], profiles: Sequence[str | None]
     ) -> np.ndarray:
         users = np.zeros((len(history), self.items.shape[1]), dtype=np.float32)
-        need_profile = [b for b, h in enumerate(history) if h.shape[0] == 0 and profiles[b]]
-        if need_profile:
-            users[need_profile] = self.encoder.encode([profiles[b] for b in need_profile])
+        need = [(b, p) for b, (h, p) in enumerate(zip(history, profiles, strict=True))
+                if h.shape[0] == 0 and p]  # fmt: skip
+        if need:
+            users[[b for b, _ in need]] = self.encoder.encode([p for _, p in need if p])
         for b, h in enumerate(history):
             if h.shape[0]:
                 users[b] = self.items[h].mean(axis=0)
