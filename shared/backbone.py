@@ -50,20 +50,27 @@ def cache_home() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "fedrec"
 
 
+def load_backbone(name_or_path: str | Path = DEFAULT_BACKBONE):  # noqa: ANN201
+    """``(model, tokenizer)`` of a local encoder directory, in eval mode, from local files only."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-load weight bar, noise in CLI output and logs
+    path = resolve_backbone(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    return model, tokenizer
+
+
 class TextEncoder:
     """Mean-pooled, L2-normalized sentence embeddings from a frozen local backbone."""
 
     def __init__(self, backbone: str | Path = DEFAULT_BACKBONE, *, max_length: int = 64) -> None:
         import torch
-        from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # a per-load weight bar, noise in CLI output and logs
 
         self.path = resolve_backbone(backbone)
         self.max_length = max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(self.path, local_files_only=True).eval()
+        self.model, self.tokenizer = load_backbone(self.path)
         self._torch = torch
 
     def encode(self, texts: list[str], *, batch_size: int = 128) -> np.ndarray:

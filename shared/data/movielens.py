@@ -113,8 +113,11 @@ def convert_grouplens_zip(data: bytes, out: Path, *, expected: dict[str, int] = 
             title, year = "", ""
         flags = parts[5:24]
         genres = ", ".join(g for g, f in zip(GENRES, flags, strict=True) if f == "1")
-        items[int(parts[0])] = {"title": title, "year": year, "genres": genres.replace(
-            "unknown, ", "").replace("unknown", "")}
+        items[int(parts[0])] = {
+            "title": title,
+            "year": year,
+            "genres": genres.replace("unknown, ", "").replace("unknown", ""),
+        }
     users = {}
     for ln in uuser.splitlines():
         uid, age, gender, occupation, zip_code = ln.split("|")
@@ -205,7 +208,8 @@ def fetch_ml100k(
     except (OSError, subprocess.TimeoutExpired) as e:
         errors.append(str(e))
     raise OSError(
-        "could not obtain MovieLens-100K: " + "; ".join(errors)
+        "could not obtain MovieLens-100K: "
+        + "; ".join(errors)
         + ". Connect to the internet, or pass a local copy with --from (ml-100k.zip or "
         "recbole-1.2.1-py3-none-any.whl)."
     )

@@ -1,0 +1,248 @@
+"""Personalized ranking and cold start with a trained fedrec model, on a device or a server.
+
+    from fedrec.shared.inference import Recommender
+    rec = Recommender.load("runs/central-A")
+    rec.recommend(history=[1, 50, 181], k=10)                  # known items, time order
+    rec.cold_start(query="space adventure with robots", k=10)  # a new user, free text
+    rec.add_items({5000: "Robots in Space (2026). Genres: Sci-Fi"})  # a new item, text only
+
+Item vectors are computed once per (backbone, adapter, head, catalog) and cached on disk
+(``RUN/index/<hash>.pt``), so a warm ``recommend`` is one matrix-vector product.
+
+Explanations are exact: before normalization the user vector is a weighted sum
+``sum_j w_j e_j + g p (+ q)``, so an item's score splits into one term per history item, one for
+the profile, one for the query, and the item bias; ``share`` is each term's fraction of the sum
+of absolute terms.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedrec.shared.model.artifacts import load_model
+from fedrec.shared.model.examples import right_aligned
+from fedrec.shared.model.towers import RecModel
+
+
+@dataclass
+class Recommendation:
+    item_id: int
+    score: float
+    title: str
+    because: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"item_id": self.item_id, "score": round(self.score, 5)}
+        out["title"] = self.title
+        if self.because:
+            out["because"] = self.because
+        return out
+
+
+def _file_hash(paths: Iterable[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()[:20]
+
+
+class Recommender:
+    """Ranks the catalog for a history, a profile or a query; accepts new items at once."""
+
+    def __init__(self, model: RecModel, item_ids: Sequence[int], titles: Sequence[str]) -> None:
+        self.model = model
+        self.item_ids = np.asarray(item_ids, dtype=np.int64)
+        self.titles = list(titles)
+        self.position = {int(i): k for k, i in enumerate(self.item_ids)}
+        self.items: torch.Tensor = torch.empty(0)
+        self.bias: torch.Tensor = torch.empty(0)
+        self._texts: dict[str, torch.Tensor] = {}
+
+    # --- loading -----------------------------------------------------------------------------
+    @classmethod
+    def load(cls, run: str | Path, *, backbone: str | None = None) -> Recommender:
+        """Load base model + adapter + head from a run directory; build or reuse the index."""
+        run = Path(run)
+        model, meta = load_model(run, backbone=backbone)
+        rec = cls(model, meta["item_ids"], meta.get("titles") or meta["item_texts"])
+        key = _file_hash(
+            [
+                run / "adapter" / "adapter_model.safetensors",
+                run / "model" / "head.safetensors",
+                run / "model" / "model.json",
+            ]  # fmt: skip
+        )
+        index = run / "index" / f"{key}.pt"
+        if index.is_file():
+            rec.items = torch.load(index)
+        else:
+            rec.items = rec._embed_catalog()
+            index.parent.mkdir(parents=True, exist_ok=True)
+            tmp = index.with_suffix(f".{os.getpid()}.tmp")
+            torch.save(rec.items, tmp)
+            os.replace(tmp, index)
+        with torch.no_grad():
+            rec.bias = model.biases().detach().clone()
+        return rec
+
+    @torch.no_grad()
+    def _embed_catalog(self, batch_size: int = 256) -> torch.Tensor:
+        texts = self.model.item_texts
+        parts = [
+            self.model.encode_texts(texts[s : s + batch_size])
+            for s in range(0, len(texts), batch_size)
+        ]
+        return self.model.item_embeddings(torch.cat(parts))
+
+    # --- helpers -----------------------------------------------------------------------------
+    def _positions(self, ids: Iterable[int], what: str) -> list[int]:
+        out = []
+        for i in ids:
+            if int(i) not in self.position:
+                raise KeyError(
+                    f"{what}: item id {i} is not in the catalog ({len(self.item_ids)} items); "
+                    "add it first with add_items({id: text})"
+                )
+            out.append(self.position[int(i)])
+        return out
+
+    @torch.no_grad()
+    def _text(self, text: str, *, adapted: bool) -> torch.Tensor:
+        key = f"{int(adapted)}:{text}"
+        if key not in self._texts:
+            self._texts[key] = self.model.encode_texts([text], adapted=adapted)[0]
+        return self._texts[key]
+
+    @torch.no_grad()
+    def _rank(
+        self,
+        history: list[int],
+        profile: str | None,
+        query: str | None,
+        k: int,
+        exclude: set[int],
+        explain: bool,
+    ) -> list[Recommendation]:
+        if not isinstance(k, int) or k <= 0:
+            raise ValueError(f"k={k!r}: ask for at least one recommendation (k >= 1)")
+        m = self.model
+        ctx = torch.as_tensor(
+            right_aligned([np.asarray(history, dtype=np.int64)], m.cfg.history_len)
+        )
+        valid = ctx[0] >= 0
+        w = m.history_weights(ctx >= 0)[0][valid]  # (n_hist,)
+        hist_items = ctx[0][valid]
+        terms = [w.unsqueeze(1) * self.items[hist_items]]  # (n_hist, dim) one row per history item
+        labels: list[dict[str, Any]] = [
+            {"item_id": int(self.item_ids[i]), "title": self.titles[i]} for i in hist_items.tolist()
+        ]
+        if profile and m.cfg.use_profile:
+            terms.append((m.profile_gate * self._text(profile, adapted=False)).unsqueeze(0))
+            labels.append({"profile": profile})
+        if query:
+            terms.append(F.normalize(self._text(query, adapted=True), dim=-1).unsqueeze(0))
+            labels.append({"query": query})
+        parts = torch.cat(terms)  # (n_terms, dim)
+        norm = parts.sum(0).norm().clamp(min=1e-12)
+        if parts.sum(0).norm() < 1e-12:
+            parts = parts * 0.0  # nothing to personalize on: the ranking is by item bias
+        contrib = m.log_scale.exp() * (parts @ self.items.T) / norm  # (n_terms, n_items)
+        scores = contrib.sum(0) + self.bias
+        scores[self._positions(exclude, "exclude")] = -torch.inf
+        k = min(k, int(torch.isfinite(scores).sum()))
+        # descending score, ties by ascending item id: the catalog is in ascending id order
+        order = np.argsort(-scores.numpy(), kind="stable")[:k]
+        out = []
+        for i in order.tolist():
+            because: list[dict[str, Any]] = []
+            if explain:
+                c = contrib[:, i]
+                total = float(c.abs().sum() + self.bias[i].abs())
+                for j in torch.argsort(-c.abs()).tolist()[:3]:
+                    because.append(
+                        {
+                            **labels[j],
+                            "share": round(float(c[j].abs()) / total, 3) if total else 0.0,
+                        }
+                    )
+                if total and float(self.bias[i].abs()) / total >= 0.05:
+                    because.append(
+                        {"popularity": True, "share": round(float(self.bias[i].abs()) / total, 3)}
+                    )
+            out.append(
+                Recommendation(int(self.item_ids[i]), float(scores[i]), self.titles[i], because)
+            )
+        return out
+
+    # --- the public API (DESIGN section 6) ----------------------------------------------------
+    def recommend(
+        self,
+        history: Sequence[int],
+        k: int = 10,
+        exclude: Iterable[int] | None = None,
+        *,
+        explain: bool = False,
+    ) -> list[Recommendation]:
+        """Top ``k`` items for a user with this history (item ids, oldest first).
+
+        The history items are excluded from the ranking, and so is ``exclude``.
+        """
+        history = list(history)
+        if not history:
+            raise ValueError(
+                "recommend() needs a non-empty history; use cold_start() for a new user"
+            )
+        pos = self._positions(history, "history")
+        excl = set(history) | set(exclude or ())
+        return self._rank(pos, None, None, k, excl, explain)
+
+    def cold_start(
+        self,
+        profile: str | None = None,
+        query: str | None = None,
+        history: Sequence[int] = (),
+        k: int = 10,
+        *,
+        explain: bool = False,
+    ) -> list[Recommendation]:
+        """Top ``k`` for a new user from a profile text, a free-text query and/or 1-3 items."""
+        if not (profile and profile.strip()) and not (query and query.strip()) and not history:
+            raise ValueError("cold_start() needs a profile, a query or at least one history item")
+        pos = self._positions(history, "history")
+        return self._rank(pos, profile, query, k, set(history), explain)
+
+    @torch.no_grad()
+    def add_items(self, items: Mapping[int, str]) -> None:
+        """Add new items by text; they rank at once (text only, no bias: never trained)."""
+        if not items:
+            raise ValueError("add_items() got no items")
+        for i, text in items.items():
+            if int(i) in self.position:
+                raise ValueError(f"item id {i} is already in the catalog")
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"item {i}: its text is empty; new items are ranked by text")
+        ids = [int(i) for i in items]
+        emb = F.normalize(self.model.encode_texts([items[i] for i in ids]), dim=-1)
+        self.items = torch.cat([self.items, emb])
+        self.bias = torch.cat([self.bias, torch.zeros(len(ids))])
+        self.item_ids = np.concatenate([self.item_ids, np.asarray(ids, dtype=np.int64)])
+        self.titles += [items[i] for i in ids]
+        self._sort_by_id()
+
+    def _sort_by_id(self) -> None:
+        """Keep the catalog in ascending id order (the tie rule relies on it)."""
+        order = np.argsort(self.item_ids, kind="stable")
+        self.item_ids = self.item_ids[order]
+        t = torch.as_tensor(order)
+        self.items, self.bias = self.items[t], self.bias[t]
+        self.titles = [self.titles[i] for i in order.tolist()]
+        self.position = {int(i): k for k, i in enumerate(self.item_ids)}

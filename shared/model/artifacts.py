@@ -1,0 +1,122 @@
+"""Saving and loading a trained model in the run directory.
+
+``RUN/adapter/``: the LoRA adapter in PEFT format (``adapter_config.json`` +
+``adapter_model.safetensors``), loadable by ``peft.PeftModel.from_pretrained`` on the backbone.
+``RUN/model/head.safetensors``: the non-LoRA parameters (item bias, ID residuals, user tower).
+``RUN/model/model.json``: the model config, the backbone's fingerprint, library versions and
+the catalog (item ids and texts: public data), so a run directory is self-contained.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fedrec.shared.backbone import backbone_fingerprint, load_backbone, resolve_backbone
+from fedrec.shared.model.config import ModelConfig, as_dict, from_dict
+from fedrec.shared.model.towers import RecModel
+from fedrec.shared.rundir import versions, write_json
+
+HEAD = ("id_emb", "item_bias", "pos_logits", "profile_gate", "log_scale")
+
+
+def save_model(model: RecModel, run: Path, *, item_ids: list[int], titles: list[str]) -> None:
+    run = Path(run)
+    (run / "model").mkdir(parents=True, exist_ok=True)
+    model.backbone.save_pretrained(str(run / "adapter"))
+    head = {
+        n: getattr(model, n).detach().contiguous() for n in HEAD if getattr(model, n) is not None
+    }
+    head["warm"] = model.warm.to(torch.uint8)
+    save_file(head, str(run / "model" / "head.safetensors"))
+    write_json(
+        run / "model" / "model.json",
+        {
+            "config": as_dict(model.cfg),
+            "backbone_path": str(resolve_backbone(model.cfg.backbone)),
+            "backbone_fingerprint": backbone_fingerprint(resolve_backbone(model.cfg.backbone)),
+            "versions": versions(),
+            "item_ids": item_ids,
+            "item_texts": model.item_texts,
+            "titles": titles,
+        },
+    )
+
+
+class ModelFileError(ValueError):
+    """A run directory whose model files are missing or do not fit the backbone."""
+
+
+def read_meta(run: Path) -> dict[str, Any]:
+    path = Path(run) / "model" / "model.json"
+    if not path.is_file():
+        raise ModelFileError(
+            f"{path} not found: {run} is not a trained fedrec run (train one with "
+            "`fedrec train-central` or `fedrec simulate`)"
+        )
+    return json.loads(path.read_text())
+
+
+def load_model(run: Path, *, backbone: str | None = None) -> tuple[RecModel, dict[str, Any]]:
+    """Rebuild the trained model of ``run`` (no catalog cache: inference uses the plain path)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file as load_tensors
+
+    run = Path(run)
+    meta = read_meta(run)
+    cfg = from_dict(ModelConfig, meta["config"], where=str(run / "model" / "model.json"))
+    if backbone is not None:
+        cfg = ModelConfig(**{**as_dict(cfg), "backbone": backbone})
+    found = backbone_fingerprint(resolve_backbone(cfg.backbone))
+    if found != meta["backbone_fingerprint"]:
+        raise ModelFileError(
+            f"{run}: the adapter was trained on backbone {meta['backbone_path']} (fingerprint "
+            f"{meta['backbone_fingerprint']}), but {cfg.backbone!r} has fingerprint {found}. "
+            "Load it with the backbone it was trained on."
+        )
+    adapter_dir = run / "adapter"
+    adapter_cfg_path = adapter_dir / "adapter_config.json"
+    if not adapter_cfg_path.is_file() or not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise ModelFileError(
+            f"{adapter_dir}: adapter_config.json or adapter_model.safetensors missing"
+        )
+    adapter_cfg = json.loads(adapter_cfg_path.read_text())
+    if adapter_cfg.get("r") != cfg.lora_r:
+        raise ModelFileError(
+            f"{adapter_cfg_path}: LoRA rank r={adapter_cfg.get('r')} but the model config says "
+            f"lora_r={cfg.lora_r}; the adapter and model.json come from different runs"
+        )
+    base, tokenizer = load_backbone(cfg.backbone)
+    model = RecModel(base, tokenizer, meta["item_texts"], cfg, with_cache=False)
+    state = load_tensors(str(adapter_dir / "adapter_model.safetensors"))
+    if not any("lora_A" in k for k in state) or not any("lora_B" in k for k in state):
+        raise ModelFileError(f"{adapter_dir}: no LoRA A/B tensors in adapter_model.safetensors")
+    try:
+        result = set_peft_model_state_dict(model.backbone, state)
+    except RuntimeError as e:  # size mismatch: another backbone or rank
+        first = str(e).strip().splitlines()[-1]
+        raise ModelFileError(
+            f"{adapter_dir}: adapter does not fit {cfg.backbone}: {first}"
+        ) from None
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ModelFileError(f"{adapter_dir}: unexpected adapter tensors {unexpected}")
+    head = load_file(str(run / "model" / "head.safetensors"))
+    with torch.no_grad():
+        for name in HEAD:
+            param = getattr(model, name)
+            if param is None:
+                continue
+            if name not in head or head[name].shape != param.shape:
+                raise ModelFileError(
+                    f"{run}/model/head.safetensors: '{name}' missing or mis-shaped"
+                )
+            param.copy_(head[name])
+        model.warm.copy_(head["warm"].bool())
+    model.eval()
+    model.requires_grad_(False)  # inference only: no autograd bookkeeping
+    return model, meta

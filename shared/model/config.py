@@ -1,0 +1,106 @@
+"""Model and training settings: one typed, validated object each (unknown keys are errors)."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+def _check(cond: bool, key: str, value: object, need: str) -> None:
+    if not cond:
+        raise ValueError(f"config key '{key}' = {value!r} is invalid: {need}")
+
+
+def from_dict(cls: type, data: dict[str, Any], *, where: str = "config") -> Any:
+    """Build a config dataclass from a dict; unknown keys raise naming the key."""
+    known = {f.name: f for f in fields(cls)}
+    for key in data:
+        if key.replace("-", "_") not in known:
+            raise ValueError(
+                f"{where}: unknown key '{key}'. Known keys: {', '.join(sorted(known))}"
+            )
+    kwargs = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        kind = type(getattr(cls(), name))
+        try:
+            kwargs[name] = kind(value) if kind is not bool else _bool(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: key '{key}' = {value!r} is not a {kind.__name__}") from None
+    return cls(**kwargs)
+
+
+def _bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in {"true", "1", "yes"}:
+        return True
+    if str(value).lower() in {"false", "0", "no"}:
+        return False
+    raise ValueError(value)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The recommender's shape.
+
+    ``lora_r``/``lora_alpha``: LoRA on the backbone's last layer's FFN output projection (see
+    :mod:`fedrec.shared.model.towers` for why that layer). ``ffa``: FFA-LoRA, A frozen at its
+    seeded init and only B trained. ``history_len``: how many most recent items the user tower
+    reads. ``id_residual``: a learned per-item vector added to the text embedding of items seen
+    in training (cold items fall back to text). ``item_bias``: a learned per-item score offset.
+    """
+
+    backbone: str = "minilm"
+    max_length: int = 48
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    ffa: bool = False
+    history_len: int = 50
+    use_profile: bool = True
+    id_residual: bool = True
+    item_bias: bool = True
+    init_scale: float = 20.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(8 <= self.max_length <= 512, "max_length", self.max_length, "8..512 tokens")
+        _check(1 <= self.lora_r <= 256, "lora_r", self.lora_r, "1..256")
+        _check(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "> 0")
+        _check(1 <= self.history_len <= 1000, "history_len", self.history_len, "1..1000")
+        _check(0 < self.init_scale <= 100, "init_scale", self.init_scale, "0 < scale <= 100")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Central training: epochs over all examples, Adam, best epoch kept by validation NDCG@10."""
+
+    epochs: int = 8
+    batch_size: int = 512
+    lr: float = 2e-3
+    lr_id: float = 5e-3
+    weight_decay: float = 0.0
+    patience: int = 2
+    max_steps: int = 0  # 0 = no cap; a cap is for smoke runs
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
+        _check(1 <= self.batch_size <= 65536, "batch_size", self.batch_size, "1..65536")
+        _check(0 < self.lr < 1, "lr", self.lr, "0 < lr < 1")
+        _check(0 < self.lr_id < 1, "lr_id", self.lr_id, "0 < lr_id < 1")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+        _check(self.patience >= 1, "patience", self.patience, ">= 1")
+        _check(self.max_steps >= 0, "max_steps", self.max_steps, ">= 0")
+        if self.max_steps and self.epochs > 1:
+            warnings.warn(
+                f"max_steps={self.max_steps} caps training; epochs={self.epochs} may not all run",
+                UserWarning,
+                stacklevel=2,
+            )
+
+
+def as_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

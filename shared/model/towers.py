@@ -1,0 +1,192 @@
+"""The recommender: a LoRA-adapted text item tower, a history/profile user tower, one score.
+
+Item tower
+    ``e_i = normalize(text_i + id_i)``: ``text_i`` is the mean-pooled output of the backbone with
+    a LoRA adapter (PEFT) on its last layer's FFN output projection, computed from the frozen
+    catalog cache (:mod:`.catalog_cache`); ``id_i`` is an optional learned residual, used only
+    for items seen in training (``warm``), so a cold or new item falls back to its text.
+User tower
+    ``u = normalize(sum_j w_j e_{h_j} + g * p)`` over the ``history_len`` most recent history
+    items ``h_j`` (time order), with ``w = softmax(position logits)`` learned per recency
+    position (the model learns how much the last item matters versus older ones), and ``p`` the
+    profile text embedding (frozen backbone) scaled by a learned gate ``g``.
+    A free-text query is encoded by the adapted item tower, as if it were an item description.
+Score
+    ``s(u, i) = scale * <u, e_i> + b_i``, ``b_i`` an optional learned item bias (0 for items
+    never trained). With no history and no profile, ``u = 0`` and the ranking is by ``b``.
+
+Why LoRA on that one projection: see :mod:`.catalog_cache`; it turns the per-step item tower
+from a transformer pass over the catalog into a small low-rank update per cached token.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from fedrec.shared.model.catalog_cache import CatalogCache, build_catalog_cache, last_ffn_output
+from fedrec.shared.model.config import ModelConfig
+
+LORA_TARGET = r".*encoder\.layer\.{last}\.output\.dense"
+
+
+def lora_config(cfg: ModelConfig, n_layers: int) -> LoraConfig:
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # peft annotates int, takes float
+        lora_dropout=0.0,
+        target_modules=LORA_TARGET.format(last=n_layers - 1),
+        bias="none",
+    )
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(batch, tokens, dim)``, ``(batch, tokens)`` -> ``(batch, dim)`` masked mean."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class RecModel(nn.Module):
+    """Backbone + LoRA (PEFT) + item/user towers over a fixed catalog of ``n_items`` texts."""
+
+    warm: torch.Tensor  # (n_items,) bool buffer: item seen in training
+    backbone: Any  # peft.PeftModel around the transformers encoder
+
+    def __init__(
+        self,
+        base: Any,
+        tokenizer,  # noqa: ANN001 - a transformers tokenizer
+        item_texts: Sequence[str],
+        cfg: ModelConfig,
+        *,
+        warm_items: np.ndarray | None = None,
+        with_cache: bool = True,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.item_texts = list(item_texts)
+        n_items = len(self.item_texts)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        # Captured BEFORE the adapter is attached: the cached inputs do not depend on it.
+        # Inference needs no cache: it embeds the catalog once by the plain path and keeps that.
+        self.cache: CatalogCache | None = (
+            build_catalog_cache(base, tokenizer, self.item_texts, max_length=cfg.max_length)
+            if with_cache
+            else None
+        )
+        torch.manual_seed(cfg.seed)  # LoRA's A init is seeded: FFA-LoRA needs a shared A
+        n_layers = len(base.encoder.layer)
+        with warnings.catch_warnings():
+            # peft 0.21 reads `is_gradient_checkpointing`, which transformers 5 deprecates; the
+            # warning is about the two libraries, not about anything fedrec does or can fix.
+            warnings.filterwarnings(
+                "ignore",
+                message="`is_gradient_checkpointing` is deprecated",
+                category=FutureWarning,
+            )
+            self.backbone = get_peft_model(base, lora_config(cfg, n_layers))
+        lora = self.lora_layer()
+        if cfg.ffa:
+            lora.lora_A["default"].weight.requires_grad_(False)
+        dim = int(base.config.hidden_size)
+        self.dim = dim
+        warm = torch.zeros(n_items, dtype=torch.bool)
+        if warm_items is not None:
+            warm[torch.as_tensor(warm_items, dtype=torch.long)] = True
+        self.register_buffer("warm", warm)
+        self.id_emb = nn.Parameter(torch.zeros(n_items, dim)) if cfg.id_residual else None
+        self.item_bias = nn.Parameter(torch.zeros(n_items)) if cfg.item_bias else None
+        self.pos_logits = nn.Parameter(torch.zeros(cfg.history_len))
+        self.profile_gate = nn.Parameter(torch.tensor(0.5 if cfg.use_profile else 0.0))
+        self.profile_gate.requires_grad_(cfg.use_profile)
+        self.log_scale = nn.Parameter(torch.tensor(float(np.log(cfg.init_scale))))
+
+    # --- the adapter -------------------------------------------------------------------------
+    def lora_layer(self) -> Any:
+        return last_ffn_output(self.backbone.base_model.model).dense
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """The LoRA tensors that travel in federated rounds (A and B, or only B with FFA)."""
+        lora = self.lora_layer()
+        params = [lora.lora_A["default"].weight, lora.lora_B["default"].weight]
+        return [p for p in params if p.requires_grad]
+
+    # --- item tower --------------------------------------------------------------------------
+    def text_embeddings(self) -> torch.Tensor:
+        """``(n_items, dim)`` adapted, mean-pooled catalog text embeddings (cached path)."""
+        lora = self.lora_layer()
+        out = last_ffn_output(self.backbone.base_model.model)
+        c = self.cache
+        if c is None:
+            raise RuntimeError("built with with_cache=False: use encode_texts(self.item_texts)")
+        delta = lora.lora_B["default"](lora.lora_A["default"](c.x)) * lora.scaling["default"]
+        h = out.LayerNorm(c.base + delta)  # (n_tokens, dim)
+        pooled = torch.zeros(c.n_items, h.shape[1], dtype=h.dtype).index_add_(0, c.segment, h)
+        return pooled / c.counts.unsqueeze(1)
+
+    def encode_texts(self, texts: Sequence[str], *, adapted: bool = True) -> torch.Tensor:
+        """``(len(texts), dim)`` mean-pooled embeddings by a full backbone pass (plain path).
+
+        ``adapted=False`` disables the LoRA adapter (the frozen backbone: profiles).
+        """
+        tok = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.cfg.max_length,
+            return_tensors="pt",
+        )
+        if adapted:
+            hidden = self.backbone(**tok).last_hidden_state
+        else:
+            with self.backbone.disable_adapter():
+                hidden = self.backbone(**tok).last_hidden_state
+        return mean_pool(hidden, tok["attention_mask"])
+
+    def item_embeddings(self, text: torch.Tensor | None = None) -> torch.Tensor:
+        """``(n_items, dim)`` unit item vectors: text (+ ID residual for warm items)."""
+        text = self.text_embeddings() if text is None else text
+        if self.id_emb is not None:
+            text = text + self.id_emb * self.warm.unsqueeze(1)
+        return F.normalize(text, dim=-1)
+
+    def biases(self) -> torch.Tensor:
+        if self.item_bias is None:
+            return torch.zeros(len(self.item_texts))
+        return self.item_bias * self.warm
+
+    # --- user tower --------------------------------------------------------------------------
+    def history_weights(self, mask: torch.Tensor) -> torch.Tensor:
+        """``(batch, L)`` weights over right-aligned history slots; 0 where ``mask`` is False."""
+        logits = self.pos_logits.expand(mask.shape[0], -1).masked_fill(~mask, -torch.inf)
+        w = torch.softmax(logits, dim=1)
+        return torch.nan_to_num(w, nan=0.0)  # an empty history: all weights 0
+
+    def user_embeddings(
+        self,
+        items: torch.Tensor,
+        history: torch.Tensor,
+        profile: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``items`` (n_items, dim); ``history`` (batch, L) item indices right-aligned, -1 = pad;
+        ``profile`` (batch, dim) or None. Returns (batch, dim) unit vectors (0 when empty)."""
+        mask = history >= 0
+        w = self.history_weights(mask)  # (batch, L)
+        e = items[history.clamp(min=0)]  # (batch, L, dim)
+        u = (w.unsqueeze(-1) * e).sum(1)  # (batch, dim)
+        if profile is not None and self.cfg.use_profile:
+            u = u + self.profile_gate * profile
+        return F.normalize(u, dim=-1)
+
+    def scores(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """``(batch, n_items)`` = scale * <u, e> + b."""
+        return self.log_scale.exp() * users @ items.T + self.biases()

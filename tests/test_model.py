@@ -1,0 +1,153 @@
+"""The LoRA recommender: cached path == plain path, losses, examples, training, FFA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedrec.shared.backbone import load_backbone
+from fedrec.shared.data import load_dataset
+from fedrec.shared.evaluation import evaluate
+from fedrec.shared.model.central import ModelScorer, ProfileBank, example_loss, train_central
+from fedrec.shared.model.config import ModelConfig, TrainConfig, from_dict
+from fedrec.shared.model.examples import right_aligned, sequence_examples
+from fedrec.shared.model.towers import RecModel, mean_pool
+from fedrec.shared.splitting import protocol_a
+
+from .test_baselines import Popularity
+
+
+@pytest.fixture(scope="module")
+def ds(synth_dir):
+    return load_dataset(synth_dir)
+
+
+def make_model(ds, tiny_backbone, **kw) -> RecModel:
+    base, tok = load_backbone(tiny_backbone)
+    cfg = ModelConfig(backbone=str(tiny_backbone), max_length=16, history_len=8, **kw)
+    sp = protocol_a(ds)
+    return RecModel(base, tok, ds.item_texts(), cfg, warm_items=np.unique(sp.train_item))
+
+
+def perturb_lora(model: RecModel, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in (
+            model.lora_layer().lora_A["default"].weight,
+            model.lora_layer().lora_B["default"].weight,
+        ):
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def test_cached_item_tower_equals_full_peft_forward(ds, tiny_backbone):
+    model = make_model(ds, tiny_backbone)
+    perturb_lora(model)  # B is zero at init: make the adapter matter
+    model.eval()  # the plain path's dropout off; the cached path never has dropout
+    cached = model.text_embeddings()
+    plain = model.encode_texts(model.item_texts)
+    assert torch.allclose(cached, plain, atol=1e-5)
+    # and the adapter really changes the output
+    with model.backbone.disable_adapter():
+        frozen = model.encode_texts(model.item_texts)
+    assert (frozen - plain).abs().max() > 1e-3
+
+
+def test_cached_path_gradients_equal_plain_path(ds, tiny_backbone):
+    model = make_model(ds, tiny_backbone)
+    perturb_lora(model, seed=1)
+    model.eval()
+    target = torch.randn(
+        len(model.item_texts), model.dim, generator=torch.Generator().manual_seed(2)
+    )
+    params = model.adapter_parameters()
+    grads = []
+    for path in ("cached", "plain"):
+        emb = model.text_embeddings() if path == "cached" else model.encode_texts(model.item_texts)
+        loss = ((emb - target) ** 2).mean()
+        grads.append(torch.autograd.grad(loss, params))
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_mean_pool_ignores_padding():
+    h = torch.tensor([[[1.0], [3.0], [100.0]]])
+    assert mean_pool(h, torch.tensor([[1, 1, 0]]))[0, 0] == 2.0
+
+
+def test_sequence_examples_hand_built():
+    users, targets, ctx = sequence_examples([np.array([5, 6, 7]), np.array([9])], history_len=2)
+    assert users.tolist() == [0, 0, 0, 1] and targets.tolist() == [5, 6, 7, 9]
+    assert ctx.tolist() == [[-1, -1], [-1, 5], [5, 6], [-1, -1]]
+    assert right_aligned([np.array([1, 2, 3])], 5).tolist() == [[-1, -1, 1, 2, 3]]
+
+
+def test_example_loss_is_per_example_and_masks_context(ds, tiny_backbone):
+    model = make_model(ds, tiny_backbone)
+    model.eval()
+    with torch.no_grad():
+        items = model.item_embeddings()
+        ctx = torch.tensor([[-1, -1, -1, -1, -1, -1, 3, 4], [-1] * 8])
+        targets = torch.tensor([7, 3])
+        per = example_loss(model, items, ctx, targets, None, reduction="none")
+        # reference: softmax over all items but the context (3, 4) for row 0
+        u = model.user_embeddings(items, ctx[:1])
+        logits = model.scores(u, items)[0]
+        keep = torch.ones_like(logits, dtype=torch.bool)
+        keep[[3, 4]] = False
+        ref = -(logits[7] - torch.logsumexp(logits[keep], 0))
+        assert torch.allclose(per[0], ref, atol=1e-5)
+        # one example's loss does not depend on the other examples in the batch
+        alone = example_loss(model, items, ctx[1:], targets[1:], None, reduction="none")
+        assert torch.allclose(per[1], alone[0], atol=1e-6)
+
+
+def test_empty_history_and_no_profile_rank_by_bias(ds, tiny_backbone):
+    model = make_model(ds, tiny_backbone)
+    with torch.no_grad():
+        model.item_bias.copy_(torch.arange(len(model.item_texts), dtype=torch.float))
+        items = model.item_embeddings()
+        u = model.user_embeddings(items, torch.full((1, 8), -1))
+        assert torch.all(u == 0)
+        s = model.scores(u, items)[0]
+    warm = model.warm.nonzero().squeeze(1)
+    assert torch.equal(torch.argsort(-s[warm]), torch.argsort(-warm.float()))
+
+
+def test_ffa_trains_only_b(ds, tiny_backbone):
+    model = make_model(ds, tiny_backbone, ffa=True)
+    params = model.adapter_parameters()
+    assert [tuple(p.shape) for p in params] == [
+        tuple(model.lora_layer().lora_B["default"].weight.shape)
+    ]
+    other = make_model(ds, tiny_backbone, ffa=True)  # same seed: the same frozen A everywhere
+    assert torch.equal(
+        model.lora_layer().lora_A["default"].weight, other.lora_layer().lora_A["default"].weight
+    )
+
+
+def test_config_rejects_unknown_and_bad_values():
+    with pytest.raises(ValueError, match="unknown key 'lora_rank'"):
+        from_dict(ModelConfig, {"lora_rank": 4})
+    with pytest.raises(ValueError, match="lora_r"):
+        from_dict(ModelConfig, {"lora_r": "0"})
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    assert from_dict(ModelConfig, {"ffa": "true", "lora-r": "4"}).lora_r == 4
+
+
+def test_training_learns_and_beats_popularity(ds, tiny_backbone):
+    torch.manual_seed(0)
+    model = make_model(ds, tiny_backbone)
+    sp = protocol_a(ds)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    profiles = [ds.user_text(int(u)) for u in sp.user_ids]
+    trace = train_central(model, sp, profiles, TrainConfig(epochs=6, batch_size=64, patience=6))
+    lora_b = "backbone.base_model.model.encoder.layer.1.output.dense.lora_B.default.weight"
+    assert not torch.equal(before[lora_b], model.get_parameter(lora_b))
+    losses = [e["loss"] for e in trace["epochs"]]
+    assert losses[-1] < losses[0]
+    test = sp.tests["test"]
+    ours = evaluate(ModelScorer(model, ProfileBank(model)), test, ks=(10,))["NDCG@10"]
+    pop = evaluate(Popularity(sp), test, ks=(10,))["NDCG@10"]
+    assert ours > pop
