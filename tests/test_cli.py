@@ -61,3 +61,47 @@ def test_baselines_write_run_directory(synth_dir, tmp_path):
 def test_more_usage_errors(args, tmp_path):
     r = fedrec(*args)
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_train_central_and_recommend(synth_dir, tiny_backbone, tmp_path):
+    run = tmp_path / "central"
+    r = fedrec(
+        "train-central", "--data", synth_dir, "--out", run, "--no-baselines",
+        "--set", f"model.backbone={tiny_backbone}", "--set", "model.max_length=16",
+        "--set", "train.epochs=1", "--set", "train.batch_size=64",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    for f in ("config.json", "metrics.json", "training.png", "adapter/adapter_config.json",
+              "adapter/adapter_model.safetensors", "model/head.safetensors"):  # fmt: skip
+        assert (run / f).is_file(), f
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 <= metrics["model"]["metrics"]["test"]["NDCG@10"] <= 1
+    r = fedrec("recommend", run, "--history", "1,2,3", "-k", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    recs = json.loads(r.stdout)
+    assert len(recs) == 4 and not {1, 2, 3} & {x["item_id"] for x in recs}
+    assert all("because" in x for x in recs)
+    r = fedrec("recommend", run, "--query", "galaxy rocket", "-k", "2")
+    assert r.returncode == 0 and "because" in r.stdout
+    for args, needle in (
+        (["--history", "1,x"], "comma-separated"),
+        (["--history", "424242"], "424242"),
+        (["-k", "0", "--history", "1"], "-k 0"),
+        ([], "--history, --profile or --query"),
+    ):
+        r = fedrec("recommend", run, *args)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, args
+
+
+@pytest.mark.parametrize(
+    ("setting", "needle"),
+    [
+        ("model.lora_rank=3", "unknown key 'lora_rank'"),
+        ("epochs=3", "model.KEY=VALUE"),
+        ("train.batch_size=0", "batch_size"),
+    ],  # fmt: skip
+)
+def test_train_central_bad_settings(synth_dir, tmp_path, setting, needle):
+    r = fedrec("train-central", "--data", synth_dir, "--out", tmp_path / "r", "--set", setting)
+    assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "r").exists()
