@@ -35,10 +35,20 @@ def example_loss(
     profiles: torch.Tensor | None,
     *,
     reduction: str = "mean",
+    text: torch.Tensor | None = None,
+    as_cold: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Full-catalog softmax cross-entropy; ``context`` (batch, L) is masked out of the softmax."""
+    """Full-catalog softmax cross-entropy; ``context`` (batch, L) is masked out of the softmax.
+
+    With ``as_cold`` (n_items,) bool and the items' ``text`` embeddings, the flagged items are
+    scored as cold items are (text only, no bias) on the candidate side.
+    """
     users = model.user_embeddings(items, context, profiles)  # (batch, dim)
-    logits = model.scores(users, items)  # (batch, n_items)
+    if as_cold is not None and text is not None:
+        candidates = model.candidate_embeddings(text, items, as_cold)
+        logits = model.scores(users, candidates, as_cold)  # (batch, n_items)
+    else:
+        logits = model.scores(users, items)  # (batch, n_items)
     known = torch.zeros_like(logits, dtype=torch.bool)
     rows = torch.arange(context.shape[0]).unsqueeze(1).expand_as(context)
     valid = context >= 0
@@ -113,6 +123,9 @@ def train_central(
 ) -> dict[str, Any]:
     """Train ``model`` in place on ``split``'s training data; keep the best validation epoch.
 
+    Without validation queries (protocols B and C) it runs all ``cfg.epochs`` and keeps the last:
+    early stopping on training loss would measure nothing useful.
+
     ``user_profiles[u]``: profile text of user index u (or None). Returns the training trace.
     """
     torch.manual_seed(cfg.seed)
@@ -133,7 +146,8 @@ def train_central(
     n = targets.shape[0]
     steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
     trace: dict[str, Any] = {"examples": int(n), "epochs": [], "best_epoch": None}
-    best, best_state, bad, step = -1.0, trainable_state(model), 0, 0
+    has_valid = split.valid is not None and len(split.valid) > 0
+    best, best_state, bad, step = -float("inf"), trainable_state(model), 0, 0
     t0 = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -141,13 +155,19 @@ def train_central(
         losses = []
         for s in range(steps_per_epoch):
             idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            items = model.item_embeddings()  # (n_items, dim), fresh each step
+            text = model.text_embeddings()  # (n_items, dim), fresh each step
+            items = model.item_embeddings(text)
+            as_cold = None
+            if model.cfg.cold_dropout > 0:
+                as_cold = torch.rand(len(model.item_texts)) < model.cfg.cold_dropout
             loss = example_loss(
                 model,
                 items,
                 torch.as_tensor(context[idx]),
                 torch.as_tensor(targets[idx]),
                 prof[users[idx]] if model.cfg.use_profile else None,
+                text=text,
+                as_cold=as_cold,
             )
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -159,13 +179,14 @@ def train_central(
             if cfg.max_steps and step >= cfg.max_steps:
                 break
         entry: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)), "steps": step}
-        if split.valid is not None and len(split.valid):
+        if has_valid:
+            assert split.valid is not None
             m = evaluate(ModelScorer(model, bank), split.valid, ks=(10,), with_auc=False)
             entry["valid_NDCG@10"] = round(m["NDCG@10"], 5)
             entry["valid_HR@10"] = round(m["HR@10"], 5)
             score = m["NDCG@10"]
         else:
-            score = -float(np.mean(losses))  # no validation queries (B, C): lowest train loss
+            score = float(epoch)  # no validation queries (B, C): all epochs, keep the last
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         trace["epochs"].append(entry)
         log(f"epoch {epoch}: " + ", ".join(f"{k} {v}" for k, v in entry.items() if k != "epoch"))

@@ -51,6 +51,9 @@ class ModelConfig:
     seeded init and only B trained. ``history_len``: how many most recent items the user tower
     reads. ``id_residual``: a learned per-item vector added to the text embedding of items seen
     in training (cold items fall back to text). ``item_bias``: a learned per-item score offset.
+    ``cold_dropout``: during training, the fraction of catalog items scored as if cold (text
+    only: no ID residual, no bias) on the candidate side, so that the model learns to rank
+    items it has no ID for against users whose history it does (protocol B, new items).
     """
 
     backbone: str = "minilm"
@@ -63,9 +66,11 @@ class ModelConfig:
     id_residual: bool = True
     item_bias: bool = True
     init_scale: float = 20.0
+    cold_dropout: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check(0 <= self.cold_dropout < 1, "cold_dropout", self.cold_dropout, "0 <= p < 1")
         _check(8 <= self.max_length <= 512, "max_length", self.max_length, "8..512 tokens")
         _check(1 <= self.lora_r <= 256, "lora_r", self.lora_r, "1..256")
         _check(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "> 0")

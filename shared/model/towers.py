@@ -159,10 +159,19 @@ class RecModel(nn.Module):
             text = text + self.id_emb * self.warm.unsqueeze(1)
         return F.normalize(text, dim=-1)
 
-    def biases(self) -> torch.Tensor:
+    def biases(self, as_cold: torch.Tensor | None = None) -> torch.Tensor:
+        """``(n_items,)`` learned offsets; 0 for items never trained or flagged ``as_cold``."""
         if self.item_bias is None:
             return torch.zeros(len(self.item_texts))
-        return self.item_bias * self.warm
+        keep = self.warm if as_cold is None else self.warm & ~as_cold
+        return self.item_bias * keep
+
+    def candidate_embeddings(
+        self, text: torch.Tensor, items: torch.Tensor, as_cold: torch.Tensor
+    ) -> torch.Tensor:
+        """``items`` with the rows flagged ``as_cold`` (n_items,) bool replaced by text only."""
+        cold = F.normalize(text, dim=-1)
+        return torch.where(as_cold.unsqueeze(1), cold, items)
 
     # --- user tower --------------------------------------------------------------------------
     def history_weights(self, mask: torch.Tensor) -> torch.Tensor:
@@ -187,6 +196,8 @@ class RecModel(nn.Module):
             u = u + self.profile_gate * profile
         return F.normalize(u, dim=-1)
 
-    def scores(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """``(batch, n_items)`` = scale * <u, e> + b."""
-        return self.log_scale.exp() * users @ items.T + self.biases()
+    def scores(
+        self, users: torch.Tensor, items: torch.Tensor, as_cold: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``(batch, n_items)`` = scale * <u, e> + b (b = 0 for items flagged ``as_cold``)."""
+        return self.log_scale.exp() * users @ items.T + self.biases(as_cold)
