@@ -5,11 +5,21 @@
 therefore sits in up to ``1 + history_len`` examples (as a target once, as context up to
 ``history_len`` times). That is fine without DP; under per-example DP-SGD the privacy unit would
 be that group of examples, not the interaction, so federated DP training must build its examples
-differently (or account for the group): see :mod:`fedrec.client` (federation issue).
+differently (or account for the group).
+
+``disjoint_examples`` (per-interaction DP): each interaction is hashed, by its own (item,
+timestamp) and a key, into one of ``slots`` groups; a non-empty group is one example whose
+target is its latest interaction and whose context is the group's other interactions. Every
+interaction is in exactly one example, and which example does not depend on any other
+interaction, so adding or removing one interaction changes exactly one example: per-example
+DP-SGD is then DP for the interaction (add/remove adjacency), with no group-privacy factor.
+The price: at most ``slots`` examples per user, and contexts that are random subsets of the
+history rather than its most recent items.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -44,3 +54,30 @@ def sequence_examples(
         np.asarray(targets, dtype=np.int64),
         right_aligned(contexts, history_len),
     )
+
+
+def slot_of(item: int, timestamp: int, *, key: int, slots: int) -> int:
+    """The group of one interaction: a keyed hash of that interaction alone."""
+    digest = hashlib.blake2b(f"{key}:{item}:{timestamp}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % slots
+
+
+def disjoint_examples(
+    items: np.ndarray, timestamps: np.ndarray, *, slots: int, history_len: int, key: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """One user's interactions (time order) -> ``targets`` (n_ex,), ``context`` (n_ex, L).
+
+    Examples come in slot order; contexts are right-aligned in time order, -1 padded, and keep
+    the group's ``history_len`` most recent members before the target.
+    """
+    if slots < 1:
+        raise ValueError(f"slots={slots} must be >= 1")
+    groups: dict[int, list[int]] = {}
+    for j, (i, t) in enumerate(zip(items.tolist(), timestamps.tolist(), strict=True)):
+        groups.setdefault(slot_of(i, t, key=key, slots=slots), []).append(j)
+    targets, contexts = [], []
+    for slot in sorted(groups):
+        members = groups[slot]  # positions, ascending = time order
+        targets.append(int(items[members[-1]]))
+        contexts.append(items[members[:-1]])
+    return np.asarray(targets, dtype=np.int64), right_aligned(contexts, history_len)
