@@ -205,6 +205,23 @@ class Recommender:
         excl = set(history) | set(exclude or ())
         return self._rank(pos, None, None, k, excl, explain)
 
+    @torch.no_grad()
+    def score_batch(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
+        """``(len(histories), n_items)`` scores, catalog in ``item_ids`` order, many users at once.
+
+        The raw scores: nothing is excluded (a caller ranking with them should drop each
+        user's history items). One matrix product for the whole batch.
+        """
+        if not histories:
+            raise ValueError("score_batch() got no histories")
+        pos = [
+            np.asarray(self._positions(h, f"history {b}"), dtype=np.int64)
+            for b, h in enumerate(histories)
+        ]
+        ctx = torch.as_tensor(right_aligned(pos, self.model.cfg.history_len))
+        users = self.model.user_embeddings(self.items, ctx)  # (batch, dim)
+        return (self.model.log_scale.exp() * users @ self.items.T + self.bias).numpy()
+
     def cold_start(
         self,
         profile: str | None = None,

@@ -148,3 +148,19 @@ def test_mismatched_or_missing_adapter(trained_run, tmp_path):
         Recommender.load(bad)
     with pytest.raises(ModelFileError, match="not a trained fedrec run"):
         Recommender.load(tmp_path / "nothing")
+
+
+def test_batch_scores_match_single_requests(trained_run):
+    run, _, ds = trained_run
+    rec = Recommender.load(run)
+    hists = [[int(i) for i in ds.item_ids[s : s + 3]] for s in (0, 10, 20)]
+    batch = rec.score_batch(hists)
+    for b, h in enumerate(hists):
+        top = rec.recommend(history=h, k=5)
+        s = batch[b].copy()
+        s[[rec.position[i] for i in h]] = -np.inf
+        assert [r.item_id for r in top] == [
+            int(rec.item_ids[i]) for i in np.argsort(-s, kind="stable")[:5]
+        ]
+    with pytest.raises(KeyError, match="history 1"):
+        rec.score_batch([[int(ds.item_ids[0])], [123456]])
