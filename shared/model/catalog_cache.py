@@ -1,11 +1,14 @@
 """Frozen per-token states of the public catalog text, computed once.
 
-LoRA sits only on the backbone's LAST layer's FFN output projection (``output.dense``). The
-inputs of that projection, ``x`` (the FFN's intermediate activation, 1536 wide in MiniLM), and the
-rest of that layer's residual sum, ``dense(x) + attention_output``, do not depend on the adapter,
-so for catalog texts (public) they are computed once here. The adapted item embedding is then
+LoRA sits only on the backbone's LAST layer's FFN output projection (the "adapter site"):
+``output.dense`` in a BERT-style encoder (MiniLM), ``mlp.down_proj`` in a Llama-style decoder
+(SmolLM2). The projection's input ``x`` (the FFN's intermediate activation) and the residual it
+is added to do not depend on the adapter, so for catalog texts (public) they are computed once
+here as ``x`` and ``base = proj(x) + residual``. What follows the sum is a norm: the layer's
+LayerNorm (BERT, post-norm) or the model's final RMSNorm (Llama, pre-norm). The adapted item
+embedding is then
 
-    h = LayerNorm(base + scaling * B(A(x)))        per token, (n_tokens, hidden)
+    h = norm(base + scaling * B(A(x)))             per token, (n_tokens, hidden)
     e = mean of h over the item's tokens            (n_items, hidden)
 
 which is exactly the backbone's output with the adapter on (test: ``test_model.py``), at a cost
@@ -39,9 +42,43 @@ class CatalogCache:
         return sum(t.element_size() * t.numel() for t in (self.x, self.base, self.segment))
 
 
-def last_ffn_output(model: Any) -> Any:
-    """The last transformer layer's ``BertOutput``-style module (``dense`` + ``LayerNorm``)."""
-    return model.encoder.layer[-1].output
+@dataclass
+class AdapterSite:
+    """Where the LoRA adapter goes in a backbone family, and what follows it."""
+
+    target: str  # PEFT target_modules regex (the one projection)
+    proj: Any  # the projection module (a PEFT Linear once the adapter is attached)
+    norm: Any  # applied to (projection output + residual)
+    residual_module: Any  # whose forward receives the residual ...
+    residual_arg: int  # ... as this positional argument
+
+
+def adapter_site(model: Any) -> AdapterSite:
+    """The adapter site of a BERT-style encoder or a Llama-style decoder (``AutoModel`` output)."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is not None and hasattr(encoder, "layer"):  # BERT, MiniLM, ...
+        n, last = len(encoder.layer), encoder.layer[-1]
+        return AdapterSite(
+            target=rf".*encoder\.layer\.{n - 1}\.output\.dense",
+            proj=last.output.dense,
+            norm=last.output.LayerNorm,
+            residual_module=last.output,  # BertOutput(hidden_states, input_tensor)
+            residual_arg=1,
+        )
+    if hasattr(model, "layers") and hasattr(model, "norm"):  # Llama, SmolLM2, ...
+        n, last = len(model.layers), model.layers[-1]
+        return AdapterSite(
+            target=rf".*layers\.{n - 1}\.mlp\.down_proj",
+            proj=last.mlp.down_proj,
+            norm=model.norm,
+            # the MLP's residual is the input of the post-attention norm
+            residual_module=last.post_attention_layernorm,
+            residual_arg=0,
+        )
+    raise ValueError(
+        f"backbone {type(model).__name__} is not supported: fedrec needs a BERT-style encoder "
+        "(encoder.layer[i].output.dense) or a Llama-style decoder (layers[i].mlp.down_proj)"
+    )
 
 
 @torch.no_grad()
@@ -53,20 +90,25 @@ def build_catalog_cache(
     max_length: int,
     batch_size: int = 256,
 ) -> CatalogCache:
-    """Run the frozen base model over ``texts`` once and keep the last layer's FFN inputs.
+    """Run the frozen base model over ``texts`` once and keep the adapter site's inputs.
 
-    ``model`` must be the base encoder without an active adapter (the inputs captured here do
+    ``model`` must be the base model without an active adapter (the inputs captured here do
     not depend on it, but ``base`` uses the projection's base weights only).
     """
-    out_mod = last_ffn_output(model)
-    dense = out_mod.dense
-    base_dense = getattr(dense, "base_layer", dense)  # a PEFT-wrapped Linear keeps its base
+    site = adapter_site(model)
+    base_proj = getattr(site.proj, "base_layer", site.proj)  # a PEFT Linear keeps its base
     captured: dict[str, torch.Tensor] = {}
 
-    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        captured["x"], captured["attn"] = args[0], args[1]
+    def take_x(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        captured["x"] = args[0]
 
-    handle = out_mod.register_forward_pre_hook(hook)
+    def take_residual(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        captured["residual"] = args[site.residual_arg]
+
+    handles = [
+        site.proj.register_forward_pre_hook(take_x),
+        site.residual_module.register_forward_pre_hook(take_residual),
+    ]
     xs, bases, segs = [], [], []
     was_training = model.training
     model.eval()
@@ -88,13 +130,14 @@ def build_catalog_cache(
             model(**tok)
             mask = tok["attention_mask"].bool()  # (batch, tokens)
             x = captured["x"][mask]  # (n_tok, intermediate)
-            base = base_dense(captured["x"])[mask] + captured["attn"][mask]  # (n_tok, hidden)
+            base = base_proj(captured["x"])[mask] + captured["residual"][mask]  # (n_tok, hidden)
             rows = rows_here.unsqueeze(1).expand_as(mask)
             xs.append(x)
             bases.append(base)
             segs.append(rows[mask])
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
         model.train(was_training)
     segment = torch.cat(segs)
     by_item = torch.argsort(segment, stable=True)  # tokens grouped by item, in item order

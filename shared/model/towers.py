@@ -31,18 +31,16 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from fedrec.shared.model.catalog_cache import CatalogCache, build_catalog_cache, last_ffn_output
+from fedrec.shared.model.catalog_cache import CatalogCache, adapter_site, build_catalog_cache
 from fedrec.shared.model.config import ModelConfig
 
-LORA_TARGET = r".*encoder\.layer\.{last}\.output\.dense"
 
-
-def lora_config(cfg: ModelConfig, n_layers: int) -> LoraConfig:
+def lora_config(cfg: ModelConfig, target: str) -> LoraConfig:
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # peft annotates int, takes float
         lora_dropout=0.0,
-        target_modules=LORA_TARGET.format(last=n_layers - 1),
+        target_modules=target,
         bias="none",
     )
 
@@ -84,7 +82,7 @@ class RecModel(nn.Module):
             else None
         )
         torch.manual_seed(cfg.seed)  # LoRA's A init is seeded: FFA-LoRA needs a shared A
-        n_layers = len(base.encoder.layer)
+        target = adapter_site(base).target
         with warnings.catch_warnings():
             # peft 0.21 reads `is_gradient_checkpointing`, which transformers 5 deprecates; the
             # warning is about the two libraries, not about anything fedrec does or can fix.
@@ -93,7 +91,7 @@ class RecModel(nn.Module):
                 message="`is_gradient_checkpointing` is deprecated",
                 category=FutureWarning,
             )
-            self.backbone = get_peft_model(base, lora_config(cfg, n_layers))
+            self.backbone = get_peft_model(base, lora_config(cfg, target))
         lora = self.lora_layer()
         if cfg.ffa:
             lora.lora_A["default"].weight.requires_grad_(False)
@@ -112,7 +110,7 @@ class RecModel(nn.Module):
 
     # --- the adapter -------------------------------------------------------------------------
     def lora_layer(self) -> Any:
-        return last_ffn_output(self.backbone.base_model.model).dense
+        return adapter_site(self.backbone.base_model.model).proj
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """The LoRA tensors that travel in federated rounds (A and B, or only B with FFA)."""
@@ -123,13 +121,13 @@ class RecModel(nn.Module):
     # --- item tower --------------------------------------------------------------------------
     def text_embeddings(self) -> torch.Tensor:
         """``(n_items, dim)`` adapted, mean-pooled catalog text embeddings (cached path)."""
-        lora = self.lora_layer()
-        out = last_ffn_output(self.backbone.base_model.model)
+        site = adapter_site(self.backbone.base_model.model)
+        lora = site.proj
         c = self.cache
         if c is None:
             raise RuntimeError("built with with_cache=False: use encode_texts(self.item_texts)")
         delta = lora.lora_B["default"](lora.lora_A["default"](c.x)) * lora.scaling["default"]
-        h = out.LayerNorm(c.base + delta)  # (n_tokens, dim)
+        h = site.norm(c.base + delta)  # (n_tokens, dim)
         pooled = torch.zeros(c.n_items, h.shape[1], dtype=h.dtype).index_add_(0, c.segment, h)
         return pooled / c.counts.unsqueeze(1)
 
