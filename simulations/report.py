@@ -29,14 +29,18 @@ def tables(run: Path) -> str:
     result = json.loads((run / "metrics.json").read_text())
     protocol = result["protocol"]
     cols = COLUMNS[protocol]
-    tests = result["split"]["tests"]
+    tests = result["split"]["tests"] if result.get("split") else result["model"]["metrics"]
+    tests = {k: (v if isinstance(v, int) else v.get("n_queries", "?")) for k, v in tests.items()}
     out = []
     for test, n in tests.items():
         lines = [
             f"| protocol {protocol}, {test} ({n} users) | " + " | ".join(cols) + " |",
             "| --- " * (len(cols) + 1) + "|",
         ]
-        for name, entry in result["baselines"].items():
+        rows = dict(result["baselines"])
+        if "model" in result:  # a train-central run: fedrec's own row first
+            rows = {"**fedrec (central)**": result["model"], **rows}
+        for name, entry in rows.items():
             m = entry["metrics"][test]
             label = name + (f" ({_params(entry)})" if _params(entry) else "")
             lines.append(f"| {label} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + " |")
