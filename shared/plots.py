@@ -25,7 +25,7 @@ def plot_training(
         for i, (name, value) in enumerate((baselines or {}).items()):
             ax2.axhline(value, linestyle="--", color=f"C{i + 1}", label=name)
         ax2.set(xlabel="epoch", ylabel="NDCG@10", title="Validation NDCG@10")
-        ax2.legend(fontsize=8)
+        ax2.legend(fontsize=8, loc="lower right")
     else:
         ax2.text(0.5, 0.5, "no validation queries in this protocol", ha="center", va="center")
         ax2.set_axis_off()
