@@ -11,12 +11,22 @@ unseen in training get ALS fold-in, or for BPR the mean of their history items' 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from fedrec.shared.baselines.interactions import history_matrix, train_matrix
 from fedrec.shared.splitting import Split
+
+
+def _fit(factory: Any, split: Split, **params: Any) -> Any:
+    """Build and fit an implicit model. implicit runs its own threads and checks, in the
+    constructor, that BLAS does not: both happen under a one-thread BLAS limit."""
+    with threadpool_limits(1, "blas"):
+        model = factory(**params)
+        model.fit(train_matrix(split), show_progress=False)
+    return model
 
 
 class ALS:
@@ -32,16 +42,15 @@ class ALS:
     ) -> None:
         from implicit.cpu.als import AlternatingLeastSquares
 
-        # implicit runs its own threads and checks (in the constructor) that BLAS does not.
-        with threadpool_limits(1, "blas"):
-            self.model = AlternatingLeastSquares(
-                factors=factors,
-                regularization=regularization,
-                alpha=alpha,
-                iterations=iterations,
-                random_state=seed,
-            )
-            self.model.fit(train_matrix(split), show_progress=False)
+        self.model = _fit(
+            AlternatingLeastSquares,
+            split,
+            factors=factors,
+            regularization=regularization,
+            alpha=alpha,
+            iterations=iterations,
+            random_state=seed,
+        )
         self.n_items = split.n_items
 
     def score(
@@ -70,16 +79,16 @@ class BPR:
     ) -> None:
         from implicit.cpu.bpr import BayesianPersonalizedRanking
 
-        with threadpool_limits(1, "blas"):
-            self.model = BayesianPersonalizedRanking(
-                factors=factors,
-                learning_rate=learning_rate,
-                regularization=regularization,
-                iterations=iterations,
-                random_state=seed,
-                num_threads=1,
-            )
-            self.model.fit(train_matrix(split), show_progress=False)
+        self.model = _fit(
+            BayesianPersonalizedRanking,
+            split,
+            factors=factors,
+            learning_rate=learning_rate,
+            regularization=regularization,
+            iterations=iterations,
+            random_state=seed,
+            num_threads=1,
+        )
 
     def score(
         self,
