@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -79,6 +80,12 @@ def cache_home() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "fedrec"
 
 
+def mean_pool(hidden: Any, mask: Any) -> Any:
+    """``(batch, tokens, dim)``, ``(batch, tokens)`` tensors -> ``(batch, dim)`` masked mean."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
 def load_backbone(name_or_path: str | Path = DEFAULT_BACKBONE):  # noqa: ANN201
     """``(model, tokenizer)`` of a local encoder directory, in eval mode, from local files only."""
     from transformers import AutoModel, AutoTokenizer
@@ -86,7 +93,8 @@ def load_backbone(name_or_path: str | Path = DEFAULT_BACKBONE):  # noqa: ANN201
 
     hf_logging.disable_progress_bar()  # a per-load weight bar, noise in CLI output and logs
     path = resolve_backbone(name_or_path)
-    kw = {"gguf_file": gguf_file(path)} if gguf_file(path) else {}
+    gguf = gguf_file(path)
+    kw = {"gguf_file": gguf} if gguf else {}
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, **kw)
     model = AutoModel.from_pretrained(path, local_files_only=True, **kw).eval()
     if tokenizer.pad_token is None:  # decoders often have none; padding is masked anyway
@@ -119,8 +127,7 @@ class TextEncoder:
                     return_tensors="pt",
                 )
                 hidden = self.model(**tok).last_hidden_state  # (batch, tokens, dim)
-                mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+                pooled = mean_pool(hidden, tok["attention_mask"])
                 out.append(torch.nn.functional.normalize(pooled, dim=-1).numpy())
         return np.concatenate(out).astype(np.float32)
 

@@ -152,9 +152,10 @@ class Recommender:
             terms.append(F.normalize(self._text(query, adapted=True), dim=-1).unsqueeze(0))
             labels.append({"query": query})
         parts = torch.cat(terms)  # (n_terms, dim)
-        norm = parts.sum(0).norm().clamp(min=1e-12)
-        if parts.sum(0).norm() < 1e-12:
+        raw_norm = parts.sum(0).norm()  # |unnormalized user vector|
+        if raw_norm < 1e-12:
             parts = parts * 0.0  # nothing to personalize on: the ranking is by item bias
+        norm = raw_norm.clamp(min=1e-12)
         contrib = m.log_scale.exp() * (parts @ self.items.T) / norm  # (n_terms, n_items)
         scores = contrib.sum(0) + self.bias
         scores[self._positions(exclude, "exclude")] = -torch.inf

@@ -64,7 +64,6 @@ def read_meta(run: Path) -> dict[str, Any]:
 def load_model(run: Path, *, backbone: str | None = None) -> tuple[RecModel, dict[str, Any]]:
     """Rebuild the trained model of ``run`` (no catalog cache: inference uses the plain path)."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file as load_tensors
 
     run = Path(run)
     meta = read_meta(run)
@@ -92,7 +91,7 @@ def load_model(run: Path, *, backbone: str | None = None) -> tuple[RecModel, dic
         )
     base, tokenizer = load_backbone(cfg.backbone)
     model = RecModel(base, tokenizer, meta["item_texts"], cfg, with_cache=False)
-    state = load_tensors(str(adapter_dir / "adapter_model.safetensors"))
+    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
     if not any("lora_A" in k for k in state) or not any("lora_B" in k for k in state):
         raise ModelFileError(f"{adapter_dir}: no LoRA A/B tensors in adapter_model.safetensors")
     try:

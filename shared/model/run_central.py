@@ -71,7 +71,6 @@ def run_train_central(
     names: Sequence[str] = (
         (QUICK_BASELINES if quick else BASELINES) if baselines is None else baselines
     )
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     split = make_split(ds, protocol)
     log(f"protocol {protocol}: {split.train_item.shape[0]} training interactions")
     model = build_model(split, ds.item_texts(), model_cfg)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
+from fedrec.shared.backbone import mean_pool
 from fedrec.shared.model.catalog_cache import CatalogCache, adapter_site, build_catalog_cache
 from fedrec.shared.model.config import ModelConfig
 
@@ -43,12 +44,6 @@ def lora_config(cfg: ModelConfig, target: str) -> LoraConfig:
         target_modules=target,
         bias="none",
     )
-
-
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(batch, tokens, dim)``, ``(batch, tokens)`` -> ``(batch, dim)`` masked mean."""
-    m = mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 class RecModel(nn.Module):
