@@ -1,0 +1,215 @@
+"""The federation's run config: one typed, validated object, parsed once.
+
+Flower reads ``[tool.flwr.app.config]`` in ``pyproject.toml`` (kebab-case keys, overridable with
+``flwr run . --run-config 'num-rounds=5'``); ``fedrec simulate --set num-rounds=5`` takes the same
+keys. :func:`parse_run_config` turns either into a :class:`FedConfig`: unknown keys and
+out-of-range values raise ``ValueError`` naming the key; settings that will be ignored warn.
+
+The server sends the resolved config to every client in each round's ``ConfigRecord``, so a client
+(simulated or on a device) trains with exactly the server's settings; only its data location
+comes from its own node config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from fedrec.shared.model.config import ModelConfig
+
+AGGREGATORS = ("ffa", "fedavg")
+USER_DP = ("off", "fixed")
+
+
+def _need(cond: bool, key: str, value: object, rule: str) -> None:
+    if not cond:
+        raise ValueError(f"run config '{key}' = {value!r} is invalid: {rule}")
+
+
+@dataclass(frozen=True)
+class FedConfig:
+    """Everything a federated run needs. Field ``a_b`` is run-config key ``a-b``.
+
+    Privacy (local DP-SGD, per client): ``epsilon``/``delta`` is each client's budget; the noise
+    multiplier is calibrated so that ``planned-rounds`` rounds of ``local-steps`` Poisson-sampled
+    steps at ``sample-rate`` spend exactly that budget (``planned-rounds`` = 0: the 99th
+    percentile of the number of rounds a client is sampled for, given ``num-rounds`` and
+    ``fraction-train``). ``noise-multiplier`` > 0 fixes it instead. A client never exceeds its
+    budget: when the next round would, it refuses to train.
+    """
+
+    # data
+    data: str = "ml-100k"
+    protocol: str = "A"
+    partition: str = "user"  # one user per client, or "silo" (K silos of whole users)
+    silos: int = 20
+    seed: int = 0
+    # model (see ModelConfig)
+    backbone: str = "minilm"
+    aggregator: str = "ffa"
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    max_length: int = 48
+    history_len: int = 20
+    use_profile: bool = False
+    item_bias: bool = True
+    cold_dropout: float = 0.0
+    # rounds
+    num_rounds: int = 30
+    fraction_train: float = 0.25
+    min_replies: int = 2
+    evaluate_every: int = 5
+    fraction_evaluate: float = 0.0  # federated evaluation on clients at the last round
+    round_timeout: float = 600.0
+    server_lr: float = 1.0
+    # local training
+    local_steps: int = 4
+    sample_rate: float = 0.5
+    lr: float = 0.05
+    negatives: int = 100
+    slots: int = 16
+    # local DP-SGD
+    dp: bool = True
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    noise_multiplier: float = 0.0
+    planned_rounds: int = 0
+    # user-level DP (Flower's DP-FedAvg wrapper, server side)
+    user_dp: str = "off"
+    user_noise: float = 1.0
+    user_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        _need(self.protocol in ("A", "B", "C"), "protocol", self.protocol, "A, B or C")
+        _need(self.partition in ("user", "silo"), "partition", self.partition, "user or silo")
+        _need(self.silos >= 1, "silos", self.silos, ">= 1")
+        _need(self.aggregator in AGGREGATORS, "aggregator", self.aggregator, "ffa or fedavg")
+        _need(1 <= self.lora_r <= 64, "lora-r", self.lora_r, "1..64")
+        _need(self.lora_alpha > 0, "lora-alpha", self.lora_alpha, "> 0")
+        _need(1 <= self.history_len <= 200, "history-len", self.history_len, "1..200")
+        _need(0 <= self.cold_dropout < 1, "cold-dropout", self.cold_dropout, "0 <= p < 1")
+        _need(self.num_rounds >= 1, "num-rounds", self.num_rounds, ">= 1")
+        _need(0 < self.fraction_train <= 1, "fraction-train", self.fraction_train, "(0, 1]")
+        _need(self.min_replies >= 1, "min-replies", self.min_replies, ">= 1")
+        _need(self.evaluate_every >= 0, "evaluate-every", self.evaluate_every, ">= 0")
+        _need(
+            0 <= self.fraction_evaluate <= 1, "fraction-evaluate", self.fraction_evaluate, "[0, 1]"
+        )
+        _need(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0 seconds")
+        _need(0 < self.server_lr <= 10, "server-lr", self.server_lr, "(0, 10]")
+        _need(self.local_steps >= 1, "local-steps", self.local_steps, ">= 1")
+        _need(0 < self.sample_rate <= 1, "sample-rate", self.sample_rate, "(0, 1]")
+        _need(0 < self.lr < 100, "lr", self.lr, "(0, 100)")
+        _need(1 <= self.negatives <= 100_000, "negatives", self.negatives, "1..100000")
+        _need(1 <= self.slots <= 10_000, "slots", self.slots, "1..10000")
+        _need(self.epsilon > 0, "epsilon", self.epsilon, "> 0")
+        _need(0 < self.delta < 1, "delta", self.delta, "0 < delta < 1")
+        _need(self.max_grad_norm > 0, "max-grad-norm", self.max_grad_norm, "> 0")
+        _need(self.accountant in ("rdp", "prv"), "accountant", self.accountant, "rdp or prv")
+        _need(self.noise_multiplier >= 0, "noise-multiplier", self.noise_multiplier, ">= 0")
+        _need(self.planned_rounds >= 0, "planned-rounds", self.planned_rounds, ">= 0")
+        _need(self.user_dp in USER_DP, "user-dp", self.user_dp, "off or fixed")
+        _need(self.user_noise >= 0, "user-noise", self.user_noise, ">= 0")
+        _need(self.user_clip > 0, "user-clip", self.user_clip, "> 0")
+        if not self.dp:
+            for key in ("epsilon", "delta", "max_grad_norm", "noise_multiplier", "planned_rounds"):
+                if getattr(self, key) != getattr(FedConfig, key):
+                    warnings.warn(
+                        f"run config '{key.replace('_', '-')}' is ignored: dp=false",
+                        UserWarning,
+                        stacklevel=3,
+                    )
+        if self.partition == "user" and self.silos != FedConfig.silos:
+            warnings.warn(
+                "run config 'silos' is ignored: partition=user", UserWarning, stacklevel=3
+            )
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(
+            backbone=self.backbone,
+            max_length=self.max_length,
+            lora_r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            ffa=self.aggregator == "ffa",
+            history_len=self.history_len,
+            use_profile=self.use_profile,
+            id_residual=False,  # a per-item vector table cannot travel each round: see candidates
+            item_bias=self.item_bias,
+            cold_dropout=self.cold_dropout,
+            seed=self.seed,
+        )
+
+    def rounds_planned(self) -> int:
+        """Rounds each client budgets for: set explicitly, or the 99th percentile of
+        Binomial(num_rounds, fraction_train) (everyone, when every client trains every round)."""
+        if self.planned_rounds:
+            return self.planned_rounds
+        n, p = self.num_rounds, self.fraction_train
+        if p >= 1:
+            return n
+        cdf, k = 0.0, 0
+        for k in range(n + 1):
+            cdf += math.comb(n, k) * p**k * (1 - p) ** (n - k)
+            if cdf >= 0.99:
+                break
+        return max(1, k)
+
+    def to_flat(self) -> dict[str, Any]:
+        """Kebab-case keys, as in ``[tool.flwr.app.config]``."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_run_config(raw: Mapping[str, Any], *, where: str = "run config") -> FedConfig:
+    """Flat kebab- or snake-case mapping -> :class:`FedConfig`; unknown keys raise."""
+    known = {f.name: f for f in fields(FedConfig)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ValueError(
+                f"{where}: unknown key '{key}'. Known keys: "
+                + ", ".join(sorted(k.replace("_", "-") for k in known))
+            )
+        kind = type(getattr(FedConfig, name))
+        try:
+            kwargs[name] = _coerce(kind, value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{where}: key '{key}' = {value!r} is not a valid {kind.__name__}"
+            ) from None
+    return FedConfig(**kwargs)
+
+
+def _coerce(kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in ("true", "1", "yes"):
+            return True
+        if text in ("false", "0", "no"):
+            return False
+        raise ValueError(value)
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    return kind(value)
+
+
+def parse_sets(pairs: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` strings (CLI ``--set``) -> a mapping for :func:`parse_run_config`."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. num-rounds=10")
+        out[key.strip()] = value.strip()
+    return out
