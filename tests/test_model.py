@@ -128,6 +128,14 @@ def test_ffa_trains_only_b(ds, tiny_backbone):
     )
 
 
+def test_frozen_encoding_keeps_ffa_a_frozen(ds, tiny_backbone):
+    """PEFT's disable_adapter() re-marks the adapter trainable on exit; A must stay frozen."""
+    model = make_model(ds, tiny_backbone, ffa=True)
+    model.encode_texts(["a profile text"], adapted=False)
+    assert not model.lora_layer().lora_A["default"].weight.requires_grad
+    assert model.lora_layer().lora_B["default"].weight.requires_grad
+
+
 def test_config_rejects_unknown_and_bad_values():
     with pytest.raises(ValueError, match="unknown key 'lora_rank'"):
         from_dict(ModelConfig, {"lora_rank": 4})

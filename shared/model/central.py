@@ -76,8 +76,9 @@ class ModelScorer:
         warm: np.ndarray,
     ) -> np.ndarray:
         ctx = torch.as_tensor(right_aligned(history, self.model.cfg.history_len))
+        use = self.model.cfg.use_profile
         prof = torch.stack(
-            [self.profile_of(p) if p else torch.zeros(self.model.dim) for p in profiles]
+            [self.profile_of(p) if p and use else torch.zeros(self.model.dim) for p in profiles]
         )
         u = self.model.user_embeddings(self.items, ctx, prof)
         return self.model.scores(u, self.items).numpy()

@@ -141,8 +141,15 @@ class RecModel(nn.Module):
         if adapted:
             hidden = self.backbone(**tok).last_hidden_state
         else:
-            with self.backbone.disable_adapter():
-                hidden = self.backbone(**tok).last_hidden_state
+            # PEFT's disable_adapter() marks the adapter trainable again on exit, which would
+            # unfreeze FFA-LoRA's A: keep every parameter's requires_grad as it was.
+            flags = [(p, p.requires_grad) for p in self.parameters()]
+            try:
+                with self.backbone.disable_adapter():
+                    hidden = self.backbone(**tok).last_hidden_state
+            finally:
+                for p, flag in flags:
+                    p.requires_grad_(flag)
         return mean_pool(hidden, tok["attention_mask"])
 
     def item_embeddings(self, text: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,176 @@
+"""fedrec's Flower ClientApp (Message API): local DP-SGD training and federated evaluation.
+
+Run inside a simulation (``fedrec simulate``, ``flwr run .``) or a SuperNode
+(``flower-supernode ... --node-config "data-dir='/data/me'"``); the round's settings come from
+the server's ``ConfigRecord``.
+
+A train reply carries only: the travelling tensors (:mod:`fedrec.shared.federation.params`) when
+the client trained, a ``MetricRecord`` with the whitelisted numbers in :data:`TRAIN_METRICS`, and a
+``ConfigRecord`` with the client's name (``p<partition>`` in simulation) and, when it refused, the
+reason. Never item ids, histories or texts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedrec.client.local_train import FileStore, MemoryStore, train_round
+from fedrec.client.runtime import client_state
+from fedrec.shared.evaluation import per_query_metrics
+from fedrec.shared.federation.config import FedConfig, parse_run_config
+from fedrec.shared.federation.params import (
+    from_record,
+    load_travelling,
+    to_record,
+    travelling_state,
+)
+from fedrec.shared.model.examples import right_aligned
+
+TRAIN_METRICS = (
+    "num-examples",
+    "trained",
+    "loss",
+    "epsilon",
+    "steps",
+    "noise-multiplier",
+    "sample-rate",
+    "seconds",
+)
+EVAL_METRICS = ("num-queries", "HR@10", "NDCG@10")
+EXTRA_KEYS = ("server-round", "catalog", "run-dir")  # sent by the server beside FedConfig keys
+
+app = ClientApp()
+
+
+def round_config(msg: Message) -> tuple[FedConfig, dict[str, Any]]:
+    raw = dict(msg.content["config"])
+    extra = {k: raw.pop(k) for k in EXTRA_KEYS if k in raw}
+    return parse_run_config(raw, where="round config from the server"), extra
+
+
+class ContextStore:
+    """The accountant history in Flower's ``Context.state`` (simulation), mirrored to a file in
+    the run directory when the server names one, so a resumed run restores it (a process crash
+    loses ``Context.state``; epsilon must not restart from zero)."""
+
+    def __init__(self, context: Context, file: Path | None) -> None:
+        self.context, self.file = context, FileStore(file) if file else None
+
+    def load(self) -> list[tuple[float, float, int]]:
+        rec = self.context.state.get("privacy")
+        mem = json.loads(str(rec["history"])) if isinstance(rec, ConfigRecord) else []
+        disk = self.file.load() if self.file else []
+        steps = lambda h: sum(int(r[2]) for r in h)  # noqa: E731
+        best = mem if steps(mem) >= steps(disk) else disk  # the longer history wins
+        return [(float(s), float(q), int(n)) for s, q, n in best]
+
+    def save(self, history: list[tuple[float, float, int]]) -> None:
+        self.context.state["privacy"] = ConfigRecord({"history": json.dumps(history)})
+        if self.file:
+            self.file.save(history)
+
+
+def budget_store(context: Context, name: str, extra: dict[str, Any]):  # noqa: ANN201
+    node = context.node_config
+    if "state-dir" in node:  # a device: its own file
+        return FileStore(Path(str(node["state-dir"])) / "privacy-budget.json")
+    run_dir = extra.get("run-dir")
+    file = Path(str(run_dir)) / "privacy" / "clients" / f"{name}.json" if run_dir else None
+    if "partition-id" in node:
+        return ContextStore(context, file)
+    return MemoryStore()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()
+    cfg, extra = round_config(msg)
+    client = client_state(cfg, context.node_config)
+    if extra.get("catalog") and extra["catalog"] != client.catalog:
+        raise ValueError(
+            f"catalog mismatch: the server's item catalog is {extra['catalog']}, this client's "
+            f"is {client.catalog}; the client's items file must be the run's public catalog"
+        )
+    load_travelling(client.model, from_record(msg.content["arrays"]))
+    server_round = int(extra.get("server-round", 0))
+    seed = cfg.seed * 1_000_003 + server_round * 7919 + hash(client.name) % 7919
+    store = budget_store(context, client.name, extra)
+    res = train_round(client.scorer, client.examples, cfg, store, seed=seed)
+    metrics = MetricRecord(
+        {
+            "num-examples": res.examples,
+            "trained": int(res.trained),
+            "loss": float(res.loss) if res.trained else 0.0,
+            "epsilon": float(res.epsilon),
+            "steps": res.steps,
+            "noise-multiplier": float(res.noise_multiplier),
+            "sample-rate": float(res.sample_rate),
+            "seconds": time.perf_counter() - t0,
+        }
+    )
+    content = RecordDict(
+        {"metrics": metrics, "client": ConfigRecord({"name": client.name, "reason": res.reason})}
+    )
+    if res.trained:
+        content["arrays"] = to_record(travelling_state(client.model))
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """HR@10 / NDCG@10 of the global model on this client's own held-out test item(s).
+
+    The server averages them weighted by ``num-queries``: over all clients this is exactly the
+    centralized metric on the same split (``tests/test_federation.py``).
+    """
+    cfg, _extra = round_config(msg)
+    client = client_state(cfg, context.node_config)
+    load_travelling(client.model, from_record(msg.content["arrays"]))
+    evalset = client.split.tests.get("test")
+    sums = {"num-queries": 0, "HR@10": 0.0, "NDCG@10": 0.0}
+    if evalset is not None:
+        rows = np.flatnonzero(np.isin(evalset.users, client.users))
+        sums = evaluate_rows(client.model, evalset, rows)
+    return Message(content=RecordDict({"metrics": MetricRecord(sums)}), reply_to=msg)
+
+
+@torch.no_grad()
+def evaluate_rows(model, evalset, rows: np.ndarray) -> dict[str, Any]:  # noqa: ANN001
+    """Mean HR@10/NDCG@10 over ``rows`` of ``evalset`` (with ``num-queries`` as the weight)."""
+    model.eval()
+    rows = rows[[evalset.relevant[r].shape[0] > 0 for r in rows]] if rows.size else rows
+    if rows.size == 0:
+        return {"num-queries": 0, "HR@10": 0.0, "NDCG@10": 0.0}
+    items = model.item_embeddings()
+    ctx = torch.as_tensor(right_aligned([evalset.history[r] for r in rows], model.cfg.history_len))
+    scores = model.scores(model.user_embeddings(items, ctx), items).double().numpy()
+    sub = _subset(evalset, rows)
+    m = per_query_metrics(scores, sub, slice(0, len(rows)), ks=(10,), with_auc=False)
+    return {
+        "num-queries": len(rows),
+        "HR@10": float(m["HR@10"].mean()),
+        "NDCG@10": float(m["NDCG@10"].mean()),
+    }
+
+
+def _subset(evalset, rows: np.ndarray):  # noqa: ANN001, ANN202
+    from dataclasses import replace
+
+    pick = lambda xs: [xs[r] for r in rows]  # noqa: E731
+    return replace(
+        evalset,
+        users=evalset.users[rows],
+        history=pick(evalset.history),
+        exclude=pick(evalset.exclude),
+        relevant=pick(evalset.relevant),
+        warm=evalset.warm[rows],
+        profiles=pick(evalset.profiles) if evalset.profiles else [],
+    )

@@ -1,0 +1,201 @@
+"""fedrec's Flower ServerApp: federated LoRA training with a checkpoint per round and a run dir.
+
+Runs under Flower's runtimes only: ``fedrec simulate`` (the simulation runtime, in-process),
+``flwr run .`` (settings from ``[tool.flwr.app.config]``), or a SuperLink deployment.
+
+Server-only run-config keys (not sent to clients): ``run-dir`` (where RUN/ goes), ``resume``
+(continue from ``RUN/checkpoint`` after a crash), ``baselines`` (comma list, ``none`` or ``all``).
+The server evaluates the global model on the protocol's held-out data (valid every
+``evaluate-every`` rounds, all test sets at the end). That is a measurement harness for
+simulations: a real deployment's server holds no user data, and would rely on the clients'
+federated evaluation instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from safetensors.torch import load_file, save_file
+
+from fedrec.client.runtime import (
+    catalog_digest,
+    dataset_and_split,
+    model_for,
+    resolve_data_dir,
+)
+from fedrec.server.outputs import write_outputs
+from fedrec.server.strategy import FedRecStrategy
+from fedrec.shared.evaluation import evaluate
+from fedrec.shared.federation.config import FedConfig, parse_run_config
+from fedrec.shared.federation.params import (
+    from_record,
+    load_travelling,
+    nbytes,
+    to_record,
+    travelling_state,
+)
+from fedrec.shared.model.central import ModelScorer, ProfileBank
+
+SERVER_KEYS = ("run-dir", "resume", "baselines")
+log = logging.getLogger("fedrec.server")
+
+
+def split_run_config(raw: dict[str, Any]) -> tuple[FedConfig, dict[str, Any]]:
+    raw = dict(raw)
+    server = {k: raw.pop(k) for k in SERVER_KEYS if k in raw}
+    return parse_run_config(raw), server
+
+
+def save_checkpoint(run: Path, rnd: int, state: dict[str, torch.Tensor]) -> None:
+    """``RUN/checkpoint/``: the global tensors after round ``rnd``, replaced atomically."""
+    ck = run / "checkpoint"
+    ck.mkdir(parents=True, exist_ok=True)
+    tmp = ck / f".global.{os.getpid()}.tmp"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, ck / "global.safetensors")
+    tmp_json = ck / f".round.{os.getpid()}.tmp"
+    tmp_json.write_text(json.dumps({"round": rnd}))
+    os.replace(tmp_json, ck / "round.json")  # written last: names a complete tensor file
+
+
+def load_checkpoint(run: Path) -> tuple[int, dict[str, torch.Tensor]] | None:
+    ck = run / "checkpoint"
+    if not (ck / "round.json").is_file():
+        return None
+    rnd = int(json.loads((ck / "round.json").read_text())["round"])
+    return rnd, load_file(str(ck / "global.safetensors"))
+
+
+def run_federation(
+    grid: Grid,
+    cfg: FedConfig,
+    run: Path,
+    *,
+    resume: bool = False,
+    baselines: str = "popularity,itemknn",
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """The whole server side of one run; returns metrics.json's content."""
+    t0 = time.perf_counter()
+    run.mkdir(parents=True, exist_ok=True)
+    data_dir = resolve_data_dir(cfg.data)
+    ds, split = dataset_and_split(data_dir, cfg.protocol, cfg.seed)
+    model = model_for(cfg, ds, split)
+    state = travelling_state(model)
+    offset = 0
+    previous = run / "config.json"
+    if resume and (ck := load_checkpoint(run)) is not None:
+        old = json.loads(previous.read_text()).get("federation") if previous.is_file() else None
+        if old != cfg.as_dict():
+            raise ValueError(
+                f"cannot resume {run}: its config.json differs from this run's settings; "
+                "resume with the same settings or use a new --out"
+            )
+        offset, state = ck
+        log.info("resuming after round %d from %s", offset, run / "checkpoint")
+    elif (run / "privacy" / "ledger.jsonl").exists():
+        raise ValueError(
+            f"{run} already holds a run (privacy/ledger.jsonl exists): use a new run directory, "
+            "or resume=true to continue it"
+        )
+    (run / "config.json").write_text(
+        json.dumps({"command": "simulate", "federation": cfg.as_dict()}, indent=2)
+    )
+    load_travelling(model, state)
+    bank = ProfileBank(model)
+    trace: dict[int, dict[str, Any]] = {}
+
+    def central_eval(rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
+        rnd += offset
+        current = from_record(arrays)
+        load_travelling(model, current)
+        if rnd > offset:
+            save_checkpoint(run, rnd, current)
+        due = cfg.evaluate_every and (rnd % cfg.evaluate_every == 0 or rnd == cfg.num_rounds)
+        if split.valid is None or not due:
+            return None
+        m = evaluate(ModelScorer(model, bank), split.valid, ks=(10,), with_auc=False)
+        trace[rnd] = {"valid_NDCG@10": m["NDCG@10"], "valid_HR@10": m["HR@10"]}
+        if on_round is not None:
+            on_round({"round": rnd, "valid_NDCG@10": m["NDCG@10"]})
+        return MetricRecord({"valid-NDCG@10": m["NDCG@10"], "valid-HR@10": m["HR@10"]})
+
+    strategy = FedRecStrategy(
+        cfg,
+        template=state,
+        ledger=run / "privacy" / "ledger.jsonl",
+        round_offset=offset,
+        on_round=on_round,
+    )
+    train_config = ConfigRecord(
+        {**cfg.to_flat(), "catalog": catalog_digest(ds.item_texts()), "run-dir": str(run.resolve())}
+    )
+    remaining = cfg.num_rounds - offset
+    if remaining > 0:
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=to_record(state),
+            num_rounds=remaining,
+            timeout=cfg.round_timeout,
+            train_config=train_config,
+            evaluate_config=train_config,
+            evaluate_fn=central_eval,
+        )
+        if result.arrays is not None and len(result.arrays):
+            load_travelling(model, from_record(result.arrays))
+    return write_outputs(
+        run,
+        cfg,
+        ds,
+        split,
+        model,
+        bank,
+        rounds=strategy.rounds,
+        central=trace,
+        federated=strategy.federated_eval,
+        upload_bytes=nbytes(state),
+        baselines=baselines,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def make_server_app(
+    cfg: FedConfig | None = None,
+    *,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    baselines: str | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> ServerApp:
+    """A ServerApp bound to ``cfg`` (``fedrec simulate``) or reading ``context.run_config``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        if cfg is not None:
+            run_cfg, server = cfg, {}
+        else:
+            run_cfg, server = split_run_config(dict(context.run_config))
+        out = run_dir or Path(str(server.get("run-dir", f"runs/flwr-{int(time.time())}")))
+        run_federation(
+            grid,
+            run_cfg,
+            out,
+            resume=resume or str(server.get("resume", "false")).lower() == "true",
+            baselines=baselines or str(server.get("baselines", "popularity,itemknn")),
+            on_round=on_round,
+        )
+
+    return app
+
+
+app = make_server_app()

@@ -1,0 +1,177 @@
+"""The run directory of a federated run (DESIGN 6): model, metrics, privacy statement, plots."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from fedrec.shared.baselines import BASELINES, run_baselines
+from fedrec.shared.data.dataset import Dataset
+from fedrec.shared.evaluation import evaluate
+from fedrec.shared.federation.config import FedConfig
+from fedrec.shared.model.artifacts import save_model
+from fedrec.shared.model.central import ModelScorer, ProfileBank
+from fedrec.shared.model.run_central import item_titles
+from fedrec.shared.model.towers import RecModel
+from fedrec.shared.rundir import versions, write_json
+from fedrec.shared.splitting import Split
+
+
+def baseline_names(spec: str) -> list[str]:
+    if spec in ("", "none"):
+        return []
+    if spec == "all":
+        return list(BASELINES)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown:
+        raise ValueError(f"baselines: unknown {unknown}; choose from {list(BASELINES)}")
+    return names
+
+
+def read_ledger(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_outputs(
+    run: Path,
+    cfg: FedConfig,
+    ds: Dataset,
+    split: Split,
+    model: RecModel,
+    bank: ProfileBank,
+    *,
+    rounds: list[dict[str, Any]],
+    central: dict[int, dict[str, Any]],
+    federated: dict[int, dict[str, float]],
+    upload_bytes: int,
+    baselines: str,
+    seconds: float,
+) -> dict[str, Any]:
+    scorer = ModelScorer(model, bank)
+    result: dict[str, Any] = {"protocol": cfg.protocol, "command": "simulate"}
+    result["model"] = {
+        "metrics": {k: evaluate(scorer, es) for k, es in split.tests.items()},
+        "rounds": rounds,
+        "central_evaluation": {str(k): v for k, v in central.items()},
+        "federated_evaluation": {str(k): v for k, v in federated.items()},
+        "upload_bytes_per_client_round": upload_bytes,
+    }
+    if split.valid is not None:
+        result["model"]["valid"] = evaluate(scorer, split.valid)
+    save_model(model, run, item_ids=[int(i) for i in ds.item_ids], titles=item_titles(ds))
+    base = run_baselines(ds, cfg.protocol, names=baseline_names(baselines), backbone=cfg.backbone)
+    result["split"] = base["split"]
+    result["baselines"] = base["baselines"]
+    ledger = read_ledger(run / "privacy" / "ledger.jsonl")
+    result["privacy"] = privacy_summary(cfg, ledger)
+    result["seconds"] = round(seconds, 1)
+    write_json(
+        run / "config.json",
+        {
+            "command": "simulate",
+            "federation": cfg.as_dict(),
+            "model": model.cfg.__dict__,
+            "versions": versions(),
+        },
+    )
+    write_json(run / "metrics.json", result)
+    (run / "privacy").mkdir(parents=True, exist_ok=True)
+    (run / "privacy" / "statement.md").write_text(statement(cfg, result["privacy"]))
+    plot_rounds(run / "rounds.png", rounds, central, result["baselines"])
+    return result
+
+
+def privacy_summary(cfg: FedConfig, ledger: list[dict[str, Any]]) -> dict[str, Any]:
+    last: dict[str, float] = {}
+    rounds = Counter()
+    for line in ledger:
+        last[line["client"]] = max(last.get(line["client"], 0.0), float(line["epsilon_after"]))
+        rounds[line["client"]] += int(bool(line.get("trained", True)))
+    eps = sorted(last.values())
+    return {
+        "dp": cfg.dp,
+        "clients": len(eps),
+        "epsilon_max": max(eps) if eps else 0.0,
+        "epsilon_median": statistics.median(eps) if eps else 0.0,
+        "epsilon_budget": cfg.epsilon if cfg.dp else None,
+        "delta": cfg.delta if cfg.dp else None,
+        "rounds_per_client": dict(sorted(Counter(rounds.values()).items())),
+        "refusals": sum(1 for line in ledger if not line.get("trained", True)),
+    }
+
+
+def statement(cfg: FedConfig, p: dict[str, Any]) -> str:
+    """The run's privacy statement (``RUN/privacy/statement.md``); ``fedrec audit`` checks it."""
+    if not cfg.dp:
+        return (
+            "# Privacy statement\n\nDifferential privacy was OFF for this run: client updates are "
+            "the plain result of local SGD and carry no formal guarantee. Only adapter tensors "
+            "and whitelisted metrics left the clients.\n"
+        )
+    hist = ", ".join(f"{k} round(s): {v} client(s)" for k, v in p["rounds_per_client"].items())
+    return f"""# Privacy statement
+
+- **Unit of privacy**: one interaction (user, item, timestamp) of a client's data.
+- **Adjacency**: add/remove one interaction.
+- **Mechanism**: local DP-SGD with Opacus at every client: Poisson sampling at rate
+  {cfg.sample_rate}, per-example clipping to L2 norm {cfg.max_grad_norm}, Gaussian noise,
+  {cfg.local_steps} steps per round. Each interaction is in exactly one training example
+  (keyed-hash groups, see `fedrec.client.local_train`), so per-example DP is per-interaction DP.
+- **Accountant**: Opacus {cfg.accountant.upper()}, over each client's whole history (persistent
+  across rounds); sampling assumption: Poisson subsampling within the client's own examples.
+  No amplification from client sampling by the server is claimed.
+- **delta** = {cfg.delta}; **budget** epsilon_max = {cfg.epsilon} per client.
+- **Per-client epsilon** ({p["clients"]} clients that took part): max {p["epsilon_max"]:.4f},
+  median {p["epsilon_median"]:.4f}. Rounds trained per client: {hist or "none"}.
+  Refused rounds (budget): {p["refusals"]}.
+- **User-level DP**: {"on" if cfg.user_dp != "off" else "off"}. **Secure aggregation**: off (the
+  server sees each client's noised update).
+
+## Not protected
+- A user's whole history: the guarantee is per interaction; a user with many interactions is
+  protected for each one, not for all of them together (user-level DP is off).
+- The number of training examples and the mean training loss each client reports per round.
+- Which clients took part in which round (client ids in the ledger).
+- Profile fields when `use-profile` is on ({cfg.use_profile} in this run): a profile feeds every
+  example of its user, so it is not covered by the per-interaction guarantee.
+- Randomness: sampling and noise come from PyTorch's generator seeded from OS entropy, not a
+  cryptographically secure generator (Opacus' secure mode is not used).
+"""
+
+
+def plot_rounds(
+    path: Path,
+    rounds: list[dict[str, Any]],
+    central: dict[int, dict[str, Any]],
+    baselines: dict[str, Any],
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    r = [x["round"] for x in rounds]
+    axes[0].plot(r, [x["loss"] if x["loss"] is not None else float("nan") for x in rounds], "o-")
+    axes[0].set(title="mean client training loss", xlabel="round")
+    if central:
+        ks = sorted(central)
+        axes[1].plot(ks, [central[k]["valid_NDCG@10"] for k in ks], "o-", label="fedrec")
+        for name, b in baselines.items():
+            if "valid" in b:
+                axes[1].axhline(b["valid"]["NDCG@10"], ls="--", lw=1, label=name, color="gray")
+        axes[1].legend(fontsize=7)
+    axes[1].set(title="validation NDCG@10", xlabel="round")
+    axes[2].plot(r, [x["epsilon_max"] for x in rounds], "o-", label="max")
+    axes[2].plot(r, [x["epsilon_median"] for x in rounds], "s-", label="median")
+    axes[2].set(title="epsilon of this round's clients", xlabel="round")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,255 @@
+"""fedrec's strategy: Flower's FedAvg with update checks, a privacy ledger and round offsets.
+
+Subclasses ``flwr.serverapp.strategy.FedAvg`` (sampling, messages and the round loop stay
+Flower's). What it adds:
+
+- every reply is checked before aggregation: metrics only from the whitelist, tensors exactly
+  the expected keys and shapes, finite (:func:`fedrec.shared.federation.params.check_update`);
+  a bad reply is logged and dropped, the round goes on with the others;
+- aggregation is an unweighted mean of the accepted clients' changes, applied with ``server-lr``
+  (each client weighs the same: weighting by example counts would make one user's influence
+  depend on their data size). ``ffa``: only B travels, and averaging B with A fixed is exact;
+  ``fedavg``: A and B are averaged separately (the product of the means is not the mean of the
+  products; that inexactness is FedAvg-LoRA's known cost);
+- fewer accepted replies than ``min-replies``: no aggregation, the global model is kept, and a
+  log line says so;
+- one ledger line per client per round in ``RUN/privacy/ledger.jsonl`` (DESIGN 6), also for a
+  client that refused because of its budget (``trained: false``);
+- ``round_offset`` numbers rounds after a resumed checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedrec.client.app import EVAL_METRICS, TRAIN_METRICS
+from fedrec.shared.federation.config import FedConfig
+from fedrec.shared.federation.params import UpdateError, check_update, from_record, to_record
+
+log = logging.getLogger("fedrec.server")
+
+
+class FedRecStrategy(FedAvg):
+    def __init__(
+        self,
+        cfg: FedConfig,
+        *,
+        template: dict[str, torch.Tensor],
+        ledger: Path,
+        round_offset: int = 0,
+        on_round: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        super().__init__(
+            fraction_train=cfg.fraction_train,
+            fraction_evaluate=cfg.fraction_evaluate,
+            min_train_nodes=cfg.min_replies,
+            min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0,
+            min_available_nodes=cfg.min_replies,
+            weighted_by_key="num-examples",
+        )
+        self.cfg = cfg
+        self.template = template
+        self.ledger = ledger
+        self.round_offset = round_offset
+        self.on_round = on_round
+        self.current: dict[str, torch.Tensor] = dict(template)
+        self.rounds: list[dict[str, Any]] = []
+        self.federated_eval: dict[int, dict[str, float]] = {}
+
+    def summary(self) -> None:
+        log.info(
+            "fedrec strategy: aggregator=%s, fraction-train=%s, min-replies=%d, dp=%s",
+            self.cfg.aggregator,
+            self.cfg.fraction_train,
+            self.cfg.min_replies,
+            self.cfg.dp,
+        )
+
+    # --- train -----------------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.current = from_record(arrays)
+        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rnd = server_round + self.round_offset
+        replies = list(replies)
+        accepted: list[dict[str, torch.Tensor]] = []
+        losses, eps, refused, rejected, failed, seconds = [], [], 0, 0, 0, []
+        lines = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                failed += 1
+                log.warning("round %d: client node %d failed: %s", rnd, node, msg.error.reason)
+                continue
+            try:
+                name, metrics = self._check_reply(msg, TRAIN_METRICS)
+            except UpdateError as err:
+                rejected += 1
+                log.warning("round %d: reply from node %d rejected: %s", rnd, node, err)
+                continue
+            trained = bool(metrics.get("trained", 0))
+            if trained:
+                try:
+                    if "arrays" not in msg.content.array_records:
+                        raise UpdateError("trained=1 but no 'arrays' record")
+                    update = check_update(from_record(msg.content["arrays"]), self.template)
+                except UpdateError as err:
+                    rejected += 1
+                    log.warning(
+                        "round %d: update from %s (node %d) rejected: %s", rnd, name, node, err
+                    )
+                    continue
+                accepted.append(update)
+                losses.append(float(metrics["loss"]))
+                seconds.append(float(metrics.get("seconds", 0.0)))
+            else:
+                refused += 1
+                reason = str(msg.content["client"].get("reason", ""))
+                log.info("round %d: %s did not train: %s", rnd, name, reason)
+            if self.cfg.dp:
+                eps.append(float(metrics["epsilon"]))
+                lines.append(self._ledger_line(name, rnd, metrics, trained))
+        self._append_ledger(lines)
+        info: dict[str, Any] = {
+            "round": rnd,
+            "replies": len(replies),
+            "accepted": len(accepted),
+            "refused": refused,
+            "rejected": rejected,
+            "failed": failed,
+            "loss": statistics.fmean(losses) if losses else None,
+            "epsilon_max": max(eps) if eps else 0.0,
+            "epsilon_median": statistics.median(eps) if eps else 0.0,
+            "client_seconds_median": statistics.median(seconds) if seconds else None,
+        }
+        new = None
+        if len(accepted) < self.cfg.min_replies:
+            log.warning(
+                "round %d: %d accepted update(s) < min-replies=%d: aggregation skipped, "
+                "global model unchanged",
+                rnd,
+                len(accepted),
+                self.cfg.min_replies,
+            )
+            info["aggregated"] = False
+        else:
+            new = self._mean_step(accepted)
+            self.current = new
+            info["aggregated"] = True
+        self.rounds.append(info)
+        if self.on_round is not None:
+            self.on_round(info)
+        metrics_out = MetricRecord(
+            {
+                k: float(v)
+                for k, v in info.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+        )
+        return (to_record(new) if new is not None else None), metrics_out
+
+    def _check_reply(self, msg: Message, allowed: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
+        content = msg.content
+        if "metrics" not in content.metric_records:
+            raise UpdateError("no 'metrics' record")
+        metrics = dict(content["metrics"])
+        extra = set(metrics) - set(allowed)
+        if extra:
+            raise UpdateError(f"metrics outside the whitelist: {sorted(extra)}")
+        for k, v in metrics.items():
+            if not isinstance(v, (int, float)) or v != v:
+                raise UpdateError(f"metric '{k}' = {v!r} is not a finite number")
+        allowed_records = {"metrics", "arrays", "client"}
+        unknown = set(content.keys()) - allowed_records
+        if unknown:
+            raise UpdateError(f"unexpected record(s) {sorted(unknown)}")
+        name = f"n{msg.metadata.src_node_id}"
+        if "client" in content.config_records:
+            name = str(content["client"].get("name", name))
+        return name, metrics
+
+    def _mean_step(self, updates: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """global + server_lr * mean_k(update_k - global), per tensor."""
+        out = {}
+        for key, g in self.current.items():
+            mean = torch.stack([u[key] for u in updates]).mean(0)
+            out[key] = g + self.cfg.server_lr * (mean - g)
+        return out
+
+    def _ledger_line(
+        self, name: str, rnd: int, metrics: dict[str, Any], trained: bool
+    ) -> dict[str, Any]:
+        return {
+            "client": name,
+            "round": rnd,
+            "trained": trained,
+            "steps": int(metrics.get("steps", 0)),
+            "sample_rate": float(metrics["sample-rate"]),
+            "noise_multiplier": float(metrics["noise-multiplier"]),
+            "max_grad_norm": self.cfg.max_grad_norm,
+            "delta": self.cfg.delta,
+            "accountant": self.cfg.accountant,
+            "epsilon_after": float(metrics["epsilon"]),
+            "epsilon_max": self.cfg.epsilon,
+        }
+
+    def _append_ledger(self, lines: list[dict[str, Any]]) -> None:
+        if not lines:
+            return
+        self.ledger.parent.mkdir(parents=True, exist_ok=True)
+        with self.ledger.open("a") as f:
+            for line in sorted(lines, key=lambda x: x["client"]):
+                f.write(json.dumps(line, sort_keys=True) + "\n")
+            f.flush()
+
+    # --- evaluate --------------------------------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        last = server_round + self.round_offset >= self.cfg.num_rounds
+        if self.cfg.fraction_evaluate <= 0 or not last:
+            return []
+        return super().configure_evaluate(server_round + self.round_offset, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        total: dict[str, float] = {"HR@10": 0.0, "NDCG@10": 0.0}
+        n = 0
+        for msg in replies:
+            if msg.has_error():
+                log.warning(
+                    "federated evaluation: node %d failed: %s",
+                    msg.metadata.src_node_id,
+                    msg.error.reason,
+                )
+                continue
+            try:
+                _, m = self._check_reply(msg, EVAL_METRICS)
+            except UpdateError as err:
+                log.warning("federated evaluation: reply rejected: %s", err)
+                continue
+            k = int(m.get("num-queries", 0))
+            n += k
+            for key in total:
+                total[key] += k * float(m.get(key, 0.0))
+        if n == 0:
+            return None
+        result = {key: v / n for key, v in total.items()} | {"num-queries": float(n)}
+        self.federated_eval[server_round + self.round_offset] = result
+        return MetricRecord(result)
