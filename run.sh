@@ -33,8 +33,12 @@ case "$verb" in
   main)
     setup
     "$VENV/bin/fedrec" data fetch ml-100k
-    # Until federated training lands, the main job measures the protocol-A baselines.
-    "$VENV/bin/fedrec" baselines --protocol A --out "${FEDREC_RUN:-runs/main}" "$@"
+    # The main job: a federated simulation on ML-100K (Flower simulation runtime, local DP-SGD,
+    # the default MiniLM backbone), the --quick preset (minutes). The full default run:
+    # `bash run.sh fedrec simulate --out runs/full` (see README, Results).
+    # It rewrites its own run directory each time (a run directory never mixes two runs).
+    rm -rf "${FEDREC_RUN:-runs/main}"
+    "$VENV/bin/fedrec" simulate --quick --out "${FEDREC_RUN:-runs/main}" "$@"
     ;;
   test)
     setup

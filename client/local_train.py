@@ -253,7 +253,8 @@ def train_round(
     eps = 0.0
     if accountant is not None:
         store.save([tuple(h) for h in accountant.history])  # type: ignore[misc]
-        eps = float(accountant.get_epsilon(delta=cfg.delta))
+        # the same RDP maths as accountant.get_epsilon, memoized (tests/test_privacy.py)
+        eps = epsilon_spent(history=store.load(), delta=cfg.delta, accountant=cfg.accountant)
     loss_mean = float(np.mean(losses)) if losses else math.nan
     return RoundResult(True, len(data), done, loss_mean, eps, sigma, q)
 
@@ -268,6 +269,8 @@ def _step(
 ) -> float | None:
     """One (DP-)SGD step; an empty Poisson batch still takes a step (noise only under DP)."""
     context, targets = batch[0], batch[1]
+    filled = (context >= 0).any(0).nonzero()  # drop context columns empty for the whole batch
+    context = context[:, int(filled[0]) :] if filled.numel() else context[:, -1:]
     profile = batch[2] if len(batch) > 2 else None
     opt.zero_grad(set_to_none=True)
     if targets.shape[0] == 0:

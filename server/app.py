@@ -55,24 +55,32 @@ def split_run_config(raw: dict[str, Any]) -> tuple[FedConfig, dict[str, Any]]:
     return parse_run_config(raw), server
 
 
-def save_checkpoint(run: Path, rnd: int, state: dict[str, torch.Tensor]) -> None:
-    """``RUN/checkpoint/``: the global tensors after round ``rnd``, replaced atomically."""
+def save_checkpoint(
+    run: Path, rnd: int, state: dict[str, torch.Tensor], opt_state: dict[str, torch.Tensor]
+) -> None:
+    """``RUN/checkpoint/``: the global tensors (and the server optimizer's moments, ``opt.*``)
+    after round ``rnd``, replaced atomically."""
     ck = run / "checkpoint"
     ck.mkdir(parents=True, exist_ok=True)
     tmp = ck / f".global.{os.getpid()}.tmp"
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    both = {**state, **{f"opt.{k}": v for k, v in opt_state.items()}}
+    save_file({k: v.contiguous() for k, v in both.items()}, str(tmp))
     os.replace(tmp, ck / "global.safetensors")
     tmp_json = ck / f".round.{os.getpid()}.tmp"
     tmp_json.write_text(json.dumps({"round": rnd}))
     os.replace(tmp_json, ck / "round.json")  # written last: names a complete tensor file
 
 
-def load_checkpoint(run: Path) -> tuple[int, dict[str, torch.Tensor]] | None:
+def load_checkpoint(
+    run: Path,
+) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
     ck = run / "checkpoint"
     if not (ck / "round.json").is_file():
         return None
     rnd = int(json.loads((ck / "round.json").read_text())["round"])
-    return rnd, load_file(str(ck / "global.safetensors"))
+    both = load_file(str(ck / "global.safetensors"))
+    opt = {k[4:]: v for k, v in both.items() if k.startswith("opt.")}
+    return rnd, {k: v for k, v in both.items() if not k.startswith("opt.")}, opt
 
 
 def run_federation(
@@ -91,7 +99,7 @@ def run_federation(
     ds, split = dataset_and_split(data_dir, cfg.protocol, cfg.seed)
     model = model_for(cfg, ds, split)
     state = travelling_state(model)
-    offset = 0
+    offset, opt_state = 0, {}
     previous = run / "config.json"
     if resume and (ck := load_checkpoint(run)) is not None:
         old = json.loads(previous.read_text()).get("federation") if previous.is_file() else None
@@ -100,7 +108,7 @@ def run_federation(
                 f"cannot resume {run}: its config.json differs from this run's settings; "
                 "resume with the same settings or use a new --out"
             )
-        offset, state = ck
+        offset, state, opt_state = ck
         log.info("resuming after round %d from %s", offset, run / "checkpoint")
     elif (run / "privacy" / "ledger.jsonl").exists():
         raise ValueError(
@@ -119,7 +127,7 @@ def run_federation(
         current = from_record(arrays)
         load_travelling(model, current)
         if rnd > offset:
-            save_checkpoint(run, rnd, current)
+            save_checkpoint(run, rnd, current, strategy.optimizer.state())
         due = cfg.evaluate_every and (rnd % cfg.evaluate_every == 0 or rnd == cfg.num_rounds)
         if split.valid is None or not due:
             return None
@@ -136,6 +144,7 @@ def run_federation(
         round_offset=offset,
         on_round=on_round,
     )
+    strategy.optimizer.load(opt_state)
     train_config = ConfigRecord(
         {**cfg.to_flat(), "catalog": catalog_digest(ds.item_texts()), "run-dir": str(run.resolve())}
     )

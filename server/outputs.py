@@ -130,8 +130,8 @@ def statement(cfg: FedConfig, p: dict[str, Any]) -> str:
 - **Per-client epsilon** ({p["clients"]} clients that took part): max {p["epsilon_max"]:.4f},
   median {p["epsilon_median"]:.4f}. Rounds trained per client: {hist or "none"}.
   Refused rounds (budget): {p["refusals"]}.
-- **User-level DP**: {"on" if cfg.user_dp != "off" else "off"}. **Secure aggregation**: off (the
-  server sees each client's noised update).
+- **User-level DP**: off (not available yet). **Secure aggregation**: off (the server sees each
+  client's noised update).
 
 ## Not protected
 - A user's whole history: the guarantee is per interaction; a user with many interactions is

@@ -21,7 +21,7 @@ from fedrec.shared.federation.config import FedConfig, parse_run_config
 # Small enough for under 3 minutes on 2 cores, big enough to move the model off its init.
 QUICK: dict[str, Any] = {
     "num-rounds": 3,
-    "fraction-train": 0.1,
+    "fraction-train": 0.05,
     "evaluate-every": 3,
     "fraction-evaluate": 0.0,
 }

@@ -6,9 +6,10 @@ Flower's). What it adds:
 - every reply is checked before aggregation: metrics only from the whitelist, tensors exactly
   the expected keys and shapes, finite (:func:`fedrec.shared.federation.params.check_update`);
   a bad reply is logged and dropped, the round goes on with the others;
-- aggregation is an unweighted mean of the accepted clients' changes, applied with ``server-lr``
-  (each client weighs the same: weighting by example counts would make one user's influence
-  depend on their data size). ``ffa``: only B travels, and averaging B with A fixed is exact;
+- aggregation is an unweighted mean of the accepted clients' changes, applied by the server
+  optimizer (:mod:`fedrec.shared.federation.server_opt`); each client weighs the same
+  (weighting by example counts would make one user's influence depend on their data size).
+  ``ffa``: only B travels, and averaging B with A fixed is exact;
   ``fedavg``: A and B are averaged separately (the product of the means is not the mean of the
   products; that inexactness is FedAvg-LoRA's known cost);
 - fewer accepted replies than ``min-replies``: no aggregation, the global model is kept, and a
@@ -35,6 +36,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedrec.client.app import EVAL_METRICS, TRAIN_METRICS
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.federation.params import UpdateError, check_update, from_record, to_record
+from fedrec.shared.federation.server_opt import ServerOptimizer
 
 log = logging.getLogger("fedrec.server")
 
@@ -63,6 +65,7 @@ class FedRecStrategy(FedAvg):
         self.round_offset = round_offset
         self.on_round = on_round
         self.current: dict[str, torch.Tensor] = dict(template)
+        self.optimizer = ServerOptimizer(cfg.server_opt, cfg.server_lr)
         self.rounds: list[dict[str, Any]] = []
         self.federated_eval: dict[int, dict[str, float]] = {}
 
@@ -184,12 +187,11 @@ class FedRecStrategy(FedAvg):
         return name, metrics
 
     def _mean_step(self, updates: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """global + server_lr * mean_k(update_k - global), per tensor."""
-        out = {}
-        for key, g in self.current.items():
-            mean = torch.stack([u[key] for u in updates]).mean(0)
-            out[key] = g + self.cfg.server_lr * (mean - g)
-        return out
+        """The server optimizer applied to mean_k(update_k - global), per tensor."""
+        delta = {
+            k: torch.stack([u[k] for u in updates]).mean(0) - g for k, g in self.current.items()
+        }
+        return self.optimizer.step(self.current, delta)
 
     def _ledger_line(
         self, name: str, rnd: int, metrics: dict[str, Any], trained: bool

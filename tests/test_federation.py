@@ -91,3 +91,17 @@ def test_planned_rounds_cover_binomial_participation():
     p = np.random.default_rng(0).binomial(40, 0.25, size=200_000)
     assert 0.985 <= (p <= k).mean() and (p <= k - 1).mean() < 0.99
     assert FedConfig(num_rounds=5, fraction_train=1.0).rounds_planned() == 5
+
+
+def test_pyproject_flower_config_equals_defaults():
+    """One source of configuration: `flwr run .` and `fedrec simulate` start from the same."""
+    import tomllib
+    from pathlib import Path
+
+    from fedrec.server.app import split_run_config
+
+    data = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    cfg, server = split_run_config(data["tool"]["flwr"]["app"]["config"])
+    assert cfg == FedConfig()
+    assert set(server) == {"run-dir", "baselines"}
+    assert data["tool"]["flwr"]["app"]["components"]["serverapp"] == "fedrec.server.app:app"

@@ -89,3 +89,13 @@ def test_removing_one_interaction_changes_exactly_one_example():
             slot_of(int(a), int(ts[list(items).index(a)]), key=0, slots=8) for a, _ in changed
         }
         assert touched == {slot}
+
+
+def test_memoized_rdp_equals_opacus_accountant_object():
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = [(1.1, 0.5, 12), (0.9, 0.25, 3), (1.1, 0.5, 4)]
+    assert epsilon_spent(history=acc.history, delta=1e-5) == pytest.approx(
+        acc.get_epsilon(delta=1e-5), rel=1e-12
+    )

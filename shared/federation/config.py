@@ -22,7 +22,6 @@ from typing import Any
 from fedrec.shared.model.config import ModelConfig
 
 AGGREGATORS = ("ffa", "fedavg")
-USER_DP = ("off", "fixed")
 
 
 def _need(cond: bool, key: str, value: object, rule: str) -> None:
@@ -53,7 +52,7 @@ class FedConfig:
     aggregator: str = "ffa"
     lora_r: int = 8
     lora_alpha: float = 16.0
-    max_length: int = 48
+    max_length: int = 24
     history_len: int = 20
     use_profile: bool = False
     item_bias: bool = True
@@ -65,13 +64,14 @@ class FedConfig:
     evaluate_every: int = 5
     fraction_evaluate: float = 0.0  # federated evaluation on clients at the last round
     round_timeout: float = 600.0
-    server_lr: float = 1.0
+    server_opt: str = "adam"  # how the server applies the mean client change: sgd | adam
+    server_lr: float = 0.02
     # local training
     local_steps: int = 4
     sample_rate: float = 0.5
     lr: float = 0.05
-    negatives: int = 100
-    slots: int = 16
+    negatives: int = 50
+    slots: int = 32
     # local DP-SGD
     dp: bool = True
     epsilon: float = 8.0
@@ -80,10 +80,6 @@ class FedConfig:
     accountant: str = "rdp"
     noise_multiplier: float = 0.0
     planned_rounds: int = 0
-    # user-level DP (Flower's DP-FedAvg wrapper, server side)
-    user_dp: str = "off"
-    user_noise: float = 1.0
-    user_clip: float = 1.0
 
     def __post_init__(self) -> None:
         _need(self.protocol in ("A", "B", "C"), "protocol", self.protocol, "A, B or C")
@@ -102,6 +98,7 @@ class FedConfig:
             0 <= self.fraction_evaluate <= 1, "fraction-evaluate", self.fraction_evaluate, "[0, 1]"
         )
         _need(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0 seconds")
+        _need(self.server_opt in ("sgd", "adam"), "server-opt", self.server_opt, "sgd or adam")
         _need(0 < self.server_lr <= 10, "server-lr", self.server_lr, "(0, 10]")
         _need(self.local_steps >= 1, "local-steps", self.local_steps, ">= 1")
         _need(0 < self.sample_rate <= 1, "sample-rate", self.sample_rate, "(0, 1]")
@@ -114,9 +111,6 @@ class FedConfig:
         _need(self.accountant in ("rdp", "prv"), "accountant", self.accountant, "rdp or prv")
         _need(self.noise_multiplier >= 0, "noise-multiplier", self.noise_multiplier, ">= 0")
         _need(self.planned_rounds >= 0, "planned-rounds", self.planned_rounds, ">= 0")
-        _need(self.user_dp in USER_DP, "user-dp", self.user_dp, "off or fixed")
-        _need(self.user_noise >= 0, "user-noise", self.user_noise, ">= 0")
-        _need(self.user_clip > 0, "user-clip", self.user_clip, "> 0")
         if not self.dp:
             for key in ("epsilon", "delta", "max_grad_norm", "noise_multiplier", "planned_rounds"):
                 if getattr(self, key) != getattr(FedConfig, key):
@@ -142,6 +136,8 @@ class FedConfig:
             id_residual=False,  # a per-item vector table cannot travel each round: see candidates
             item_bias=self.item_bias,
             cold_dropout=self.cold_dropout,
+            # fixed: under per-example clipping its large gradient would eat the clip budget
+            train_scale=False,
             seed=self.seed,
         )
 

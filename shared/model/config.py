@@ -51,7 +51,8 @@ class ModelConfig:
     seeded init and only B trained. ``history_len``: how many most recent items the user tower
     reads. ``id_residual``: a learned per-item vector added to the text embedding of items seen
     in training (cold items fall back to text). ``item_bias``: a learned per-item score offset.
-    ``cold_dropout``: during training, the fraction of catalog items scored as if cold (text
+    ``train_scale``: learn the score scale (else it stays ``init_scale``). ``cold_dropout``: during
+    training, the fraction of catalog items scored as if cold (text
     only: no ID residual, no bias) on the candidate side, so that the model learns to rank
     items it has no ID for against users whose history it does (protocol B, new items).
     """
@@ -66,6 +67,7 @@ class ModelConfig:
     id_residual: bool = True
     item_bias: bool = True
     init_scale: float = 20.0
+    train_scale: bool = True
     cold_dropout: float = 0.0
     seed: int = 0
 

@@ -102,6 +102,7 @@ class RecModel(nn.Module):
         self.profile_gate = nn.Parameter(torch.tensor(0.5 if cfg.use_profile else 0.0))
         self.profile_gate.requires_grad_(cfg.use_profile)
         self.log_scale = nn.Parameter(torch.tensor(float(np.log(cfg.init_scale))))
+        self.log_scale.requires_grad_(cfg.train_scale)
 
     # --- the adapter -------------------------------------------------------------------------
     def lora_layer(self) -> Any:

@@ -1,0 +1,111 @@
+"""The server strategy: bad client updates are rejected and logged, the round goes on."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from fedrec.server.strategy import FedRecStrategy
+from fedrec.shared.federation.config import FedConfig
+from fedrec.shared.federation.params import UpdateError, check_update, to_record
+from fedrec.shared.federation.server_opt import ServerOptimizer
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Messages are built inside a Flower task; give this process one (as the runtime does)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+TEMPLATE = {"lora.B": torch.zeros(3, 2), "head.item_bias": torch.zeros(4)}
+
+
+def _metrics(**kw):
+    base = {"num-examples": 5, "trained": 1, "loss": 1.0, "epsilon": 0.5, "steps": 4,
+            "noise-multiplier": 1.1, "sample-rate": 0.5, "seconds": 0.1}  # fmt: skip
+    base.update(kw)
+    return MetricRecord(base)
+
+
+def _reply(node: int, arrays: dict | None, metrics: MetricRecord | None = None, name=None):
+    to_node = Message(content=RecordDict(), dst_node_id=node, message_type="train")
+    content = RecordDict(
+        {
+            "metrics": metrics or _metrics(),
+            "client": ConfigRecord({"name": name or f"p{node}", "reason": ""}),
+        }
+    )
+    if arrays is not None:
+        content["arrays"] = to_record(arrays)
+    return Message(content=content, reply_to=to_node)
+
+
+def _strategy(tmp_path, **kw):
+    cfg = FedConfig(min_replies=2, server_opt="sgd", server_lr=1.0, **kw)
+    return FedRecStrategy(cfg, template=dict(TEMPLATE), ledger=tmp_path / "ledger.jsonl")
+
+
+def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path, caplog):
+    s = _strategy(tmp_path)
+    good = lambda v: {"lora.B": torch.full((3, 2), v), "head.item_bias": torch.full((4,), v)}  # noqa: E731
+    nan = good(1.0) | {"head.item_bias": torch.tensor([1.0, float("nan"), 0, 0])}
+    shape = good(1.0) | {"lora.B": torch.zeros(2, 3)}
+    missing = {"lora.B": torch.zeros(3, 2)}
+    to_node = Message(content=RecordDict(), dst_node_id=9, message_type="train")
+    failed = Message(Error(code=0, reason="client crashed"), reply_to=to_node)
+    replies = [
+        _reply(1, good(1.0)), _reply(2, good(3.0)), _reply(3, nan), _reply(4, shape),
+        _reply(5, missing), _reply(6, good(100.0), _metrics(history_len=3.0)),  # not whitelisted
+        failed,
+    ]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="fedrec.server"):
+        arrays, metrics = s.aggregate_train(1, replies)
+    assert arrays is not None
+    new = {k: torch.from_numpy(a.numpy()) for k, a in arrays.items()}
+    assert torch.allclose(new["lora.B"], torch.full((3, 2), 2.0))  # mean of the two good ones
+    assert metrics["accepted"] == 2 and metrics["rejected"] == 4 and metrics["failed"] == 1
+    text = caplog.text
+    assert "NaN or Inf" in text and "shape" in text and "missing" in text
+    assert "whitelist" in text and "client crashed" in text
+    ledger = [json.loads(x) for x in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert [x["client"] for x in ledger] == ["p1", "p2"]  # only accepted clients trained
+    assert {"client", "round", "steps", "sample_rate", "noise_multiplier", "max_grad_norm",
+            "delta", "accountant", "epsilon_after"} <= set(ledger[0])  # fmt: skip
+
+
+def test_too_few_replies_skip_aggregation(tmp_path, caplog):
+    s = _strategy(tmp_path)
+    refused = _reply(2, None, _metrics(trained=0, steps=0, loss=0.0))
+    with caplog.at_level(logging.WARNING, logger="fedrec.server"):
+        arrays, _ = s.aggregate_train(3, [_reply(1, dict(TEMPLATE)), refused])
+    assert arrays is None
+    assert "aggregation skipped" in caplog.text
+    ledger = [json.loads(x) for x in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert [x["trained"] for x in ledger] == [True, False]  # the refusal is on the ledger
+
+
+def test_check_update_rejects_integer_dtype():
+    with pytest.raises(UpdateError, match="dtype"):
+        check_update({"lora.B": torch.zeros(3, 2, dtype=torch.int64),
+                      "head.item_bias": torch.zeros(4)}, TEMPLATE)  # fmt: skip
+
+
+def test_server_adam_matches_hand_computation():
+    opt = ServerOptimizer("adam", 0.1, beta1=0.9, beta2=0.99, tau=1e-3)
+    w = {"x": torch.tensor([0.0, 1.0])}
+    d = {"x": torch.tensor([0.5, -0.2])}
+    out = opt.step(w, d)
+    m, v = 0.1 * d["x"], 0.01 * d["x"] ** 2
+    assert torch.allclose(out["x"], w["x"] + 0.1 * m / (v.sqrt() + 1e-3))
+    out2 = opt.step(out, d)
+    m2, v2 = 0.9 * m + 0.1 * d["x"], 0.99 * v + 0.01 * d["x"] ** 2
+    assert torch.allclose(out2["x"], out["x"] + 0.1 * m2 / (v2.sqrt() + 1e-3))
+    assert np.isfinite(out2["x"].numpy()).all()
