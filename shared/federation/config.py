@@ -58,18 +58,18 @@ class FedConfig:
     item_bias: bool = True
     cold_dropout: float = 0.0
     # rounds
-    num_rounds: int = 30
-    fraction_train: float = 0.25
+    num_rounds: int = 20
+    fraction_train: float = 0.1
     min_replies: int = 2
     evaluate_every: int = 5
     fraction_evaluate: float = 0.0  # federated evaluation on clients at the last round
     round_timeout: float = 600.0
-    server_opt: str = "adam"  # how the server applies the mean client change: sgd | adam
-    server_lr: float = 0.02
+    server_opt: str = "sgd"  # how the server applies the mean client change: sgd | adam
+    server_lr: float = 1.0
     # local training
-    local_steps: int = 4
+    local_steps: int = 8
     sample_rate: float = 0.5
-    lr: float = 0.05
+    lr: float = 1.0
     negatives: int = 50
     slots: int = 32
     # local DP-SGD
