@@ -99,7 +99,7 @@ def train(msg: Message, context: Context) -> Message:
             f"catalog mismatch: the server's item catalog is {extra['catalog']}, this client's "
             f"is {client.catalog}; the client's items file must be the run's public catalog"
         )
-    load_travelling(client.model, from_record(msg.content["arrays"]))
+    load_travelling(client.model, from_record(msg.content.array_records["arrays"]))
     server_round = int(extra.get("server-round", 0))
     seed = cfg.seed * 1_000_003 + server_round * 7919 + hash(client.name) % 7919
     store = budget_store(context, client.name, extra)
@@ -133,17 +133,17 @@ def evaluate(msg: Message, context: Context) -> Message:
     """
     cfg, _extra = round_config(msg)
     client = client_state(cfg, context.node_config)
-    load_travelling(client.model, from_record(msg.content["arrays"]))
+    load_travelling(client.model, from_record(msg.content.array_records["arrays"]))
     evalset = client.split.tests.get("test")
-    sums = {"num-queries": 0, "HR@10": 0.0, "NDCG@10": 0.0}
+    sums: dict[str, int | float] = {"num-queries": 0, "HR@10": 0.0, "NDCG@10": 0.0}
     if evalset is not None:
         rows = np.flatnonzero(np.isin(evalset.users, client.users))
         sums = evaluate_rows(client.model, evalset, rows)
-    return Message(content=RecordDict({"metrics": MetricRecord(sums)}), reply_to=msg)
+    return Message(content=RecordDict({"metrics": MetricRecord(dict(sums.items()))}), reply_to=msg)
 
 
 @torch.no_grad()
-def evaluate_rows(model, evalset, rows: np.ndarray) -> dict[str, Any]:  # noqa: ANN001
+def evaluate_rows(model, evalset, rows: np.ndarray) -> dict[str, int | float]:  # noqa: ANN001
     """Mean HR@10/NDCG@10 over ``rows`` of ``evalset`` (with ``num-queries`` as the weight)."""
     model.eval()
     rows = rows[[evalset.relevant[r].shape[0] > 0 for r in rows]] if rows.size else rows

@@ -223,7 +223,7 @@ def train_round(
     accountant = None
     if cfg.dp:
         module = GradSampleModule(scorer, loss_reduction="mean")
-        opt: torch.optim.Optimizer = DPOptimizer(
+        dp_opt = DPOptimizer(
             base_opt,
             noise_multiplier=sigma,
             max_grad_norm=cfg.max_grad_norm,
@@ -233,7 +233,8 @@ def train_round(
         )
         accountant = RDPAccountant() if cfg.accountant == "rdp" else PRVAccountant()
         accountant.history = list(history)
-        opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
+        dp_opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
+        opt: torch.optim.Optimizer = dp_opt
     else:
         opt = base_opt
     module.train()
@@ -252,7 +253,7 @@ def train_round(
             module._close()  # remove Opacus hooks: the scorer is reused next round
     eps = 0.0
     if accountant is not None:
-        store.save([tuple(h) for h in accountant.history])  # type: ignore[misc]
+        store.save([tuple(h) for h in accountant.history])
         # the same RDP maths as accountant.get_epsilon, memoized (tests/test_privacy.py)
         eps = epsilon_spent(history=store.load(), delta=cfg.delta, accountant=cfg.accountant)
     loss_mean = float(np.mean(losses)) if losses else math.nan

@@ -99,7 +99,7 @@ def run_federation(
     ds, split = dataset_and_split(data_dir, cfg.protocol, cfg.seed)
     model = model_for(cfg, ds, split)
     state = travelling_state(model)
-    offset, opt_state = 0, {}
+    offset, opt_state = 0, dict[str, torch.Tensor]()
     previous = run / "config.json"
     if resume and (ck := load_checkpoint(run)) is not None:
         old = json.loads(previous.read_text()).get("federation") if previous.is_file() else None
@@ -191,7 +191,7 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         if cfg is not None:
-            run_cfg, server = cfg, {}
+            run_cfg, server = cfg, dict[str, Any]()
         else:
             run_cfg, server = split_run_config(dict(context.run_config))
         out = run_dir or Path(str(server.get("run-dir", f"runs/flwr-{int(time.time())}")))

@@ -89,7 +89,7 @@ def write_outputs(
 
 def privacy_summary(cfg: FedConfig, ledger: list[dict[str, Any]]) -> dict[str, Any]:
     last: dict[str, float] = {}
-    rounds = Counter()
+    rounds: Counter[str] = Counter()
     for line in ledger:
         last[line["client"]] = max(last.get(line["client"], 0.0), float(line["epsilon_after"]))
         rounds[line["client"]] += int(bool(line.get("trained", True)))

@@ -110,7 +110,9 @@ class FedRecStrategy(FedAvg):
                 try:
                     if "arrays" not in msg.content.array_records:
                         raise UpdateError("trained=1 but no 'arrays' record")
-                    update = check_update(from_record(msg.content["arrays"]), self.template)
+                    update = check_update(
+                        from_record(msg.content.array_records["arrays"]), self.template
+                    )
                 except UpdateError as err:
                     rejected += 1
                     log.warning(
@@ -252,6 +254,7 @@ class FedRecStrategy(FedAvg):
                 total[key] += k * float(m.get(key, 0.0))
         if n == 0:
             return None
-        result = {key: v / n for key, v in total.items()} | {"num-queries": float(n)}
-        self.federated_eval[server_round + self.round_offset] = result
-        return MetricRecord(result)
+        result: dict[str, int | float] = {key: v / n for key, v in total.items()}
+        result["num-queries"] = float(n)
+        self.federated_eval[server_round + self.round_offset] = dict(result)
+        return MetricRecord(dict(result.items()))

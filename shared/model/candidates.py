@@ -86,6 +86,11 @@ class CandidateScorer(nn.Module):
     token (r numbers instead of ``inter``), which is what makes FFA-LoRA cheap here.
     """
 
+    tok_x: torch.Tensor
+    tok_base: torch.Tensor
+    tok_mask: torch.Tensor
+    warm: torch.Tensor
+
     def __init__(self, model: RecModel) -> None:
         super().__init__()
         if model.id_emb is not None:
