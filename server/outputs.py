@@ -134,9 +134,12 @@ def statement(cfg: FedConfig, p: dict[str, Any]) -> str:
   client's noised update).
 
 ## Not protected
+The guarantee covers the adapter tensors each client sends. Everything below is outside it:
+- The number of training examples and the mean training loss each client reports per round:
+  computed from the client's data and sent without noise, so they can leak about single
+  interactions.
 - A user's whole history: the guarantee is per interaction; a user with many interactions is
   protected for each one, not for all of them together (user-level DP is off).
-- The number of training examples and the mean training loss each client reports per round.
 - Which clients took part in which round (client ids in the ledger).
 - Profile fields when `use-profile` is on ({cfg.use_profile} in this run): a profile feeds every
   example of its user, so it is not covered by the per-interaction guarantee.
