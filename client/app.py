@@ -108,7 +108,8 @@ def train(msg: Message, context: Context) -> Message:
         {
             "num-examples": res.examples,
             "trained": int(res.trained),
-            "loss": float(res.loss) if res.trained else 0.0,
+            # 0 when no step saw data (every Poisson batch empty): keeps the reply valid
+            "loss": float(res.loss) if res.trained and res.loss == res.loss else 0.0,
             "epsilon": float(res.epsilon),
             "steps": res.steps,
             "noise-multiplier": float(res.noise_multiplier),

@@ -104,8 +104,13 @@ class FedRecStrategy(FedAvg):
             except UpdateError as err:
                 rejected += 1
                 log.warning("round %d: reply from node %d rejected: %s", rnd, node, err)
+                # A rejected reply may still report spent budget: the ledger must show it.
+                salvaged = self._salvage(msg, rnd)
+                if salvaged is not None:
+                    lines.append(salvaged)
                 continue
             trained = bool(metrics.get("trained", 0))
+            line = self._ledger_line(name, rnd, metrics, trained) if self.cfg.dp else None
             if trained:
                 try:
                     if "arrays" not in msg.content.array_records:
@@ -118,6 +123,8 @@ class FedRecStrategy(FedAvg):
                     log.warning(
                         "round %d: update from %s (node %d) rejected: %s", rnd, name, node, err
                     )
+                    if line is not None:  # it trained, so it spent budget: on the ledger
+                        lines.append(line | {"accepted": False})
                     continue
                 accepted.append(update)
                 losses.append(float(metrics["loss"]))
@@ -126,9 +133,9 @@ class FedRecStrategy(FedAvg):
                 refused += 1
                 reason = str(msg.content["client"].get("reason", ""))
                 log.info("round %d: %s did not train: %s", rnd, name, reason)
-            if self.cfg.dp:
+            if line is not None:
                 eps.append(float(metrics["epsilon"]))
-                lines.append(self._ledger_line(name, rnd, metrics, trained))
+                lines.append(line)
         self._append_ledger(lines)
         info: dict[str, Any] = {
             "round": rnd,
@@ -195,6 +202,19 @@ class FedRecStrategy(FedAvg):
         }
         return self.optimizer.step(self.current, delta)
 
+    def _salvage(self, msg: Message, rnd: int) -> dict[str, Any] | None:
+        """The ledger line of a rejected reply whose privacy fields are still readable."""
+        if not self.cfg.dp or "metrics" not in msg.content.metric_records:
+            return None
+        m = dict(msg.content.metric_records["metrics"])
+        keys = ("epsilon", "steps", "noise-multiplier", "sample-rate", "trained")
+        if not all(isinstance(m.get(k), (int, float)) and m[k] == m[k] for k in keys):
+            return None
+        name = f"n{msg.metadata.src_node_id}"
+        if "client" in msg.content.config_records:
+            name = str(msg.content.config_records["client"].get("name", name))
+        return self._ledger_line(name, rnd, m, bool(m["trained"])) | {"accepted": False}
+
     def _ledger_line(
         self, name: str, rnd: int, metrics: dict[str, Any], trained: bool
     ) -> dict[str, Any]:
@@ -210,6 +230,7 @@ class FedRecStrategy(FedAvg):
             "accountant": self.cfg.accountant,
             "epsilon_after": float(metrics["epsilon"]),
             "epsilon_max": self.cfg.epsilon,
+            "accepted": trained,
         }
 
     def _append_ledger(self, lines: list[dict[str, Any]]) -> None:

@@ -76,7 +76,9 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path, caplog):
     assert "NaN or Inf" in text and "shape" in text and "missing" in text
     assert "whitelist" in text and "client crashed" in text
     ledger = [json.loads(x) for x in (tmp_path / "ledger.jsonl").read_text().splitlines()]
-    assert [x["client"] for x in ledger] == ["p1", "p2"]  # only accepted clients trained
+    # every client that reported spending budget is on the ledger, rejected or not
+    assert [x["client"] for x in ledger] == ["p1", "p2", "p3", "p4", "p5", "p6"]
+    assert [x["accepted"] for x in ledger] == [True, True, False, False, False, False]
     assert {"client", "round", "steps", "sample_rate", "noise_multiplier", "max_grad_norm",
             "delta", "accountant", "epsilon_after"} <= set(ledger[0])  # fmt: skip
 
