@@ -42,14 +42,13 @@ def _fail(message: str, code: int) -> None:
 
 def resolve_data(data: str) -> Path:
     """A data set name in the data home (``ml-100k``) or a folder in the fedrec layout."""
+    from fedrec.client.runtime import resolve_data_dir
     from fedrec.shared.data.movielens import default_data_home
 
-    path = Path(data)
-    if path.is_dir():
-        return path
-    home = default_data_home() / data
-    if home.is_dir():
-        return home
+    try:
+        return resolve_data_dir(data)
+    except FileNotFoundError:
+        home = default_data_home() / data
     if data == "ml-100k":
         _fail(f"ML-100K is not in {home.parent}: run `fedrec data fetch ml-100k` first.", 2)
     _fail(f"--data {data!r}: no such folder, and no data set of that name in {home.parent}.", 2)

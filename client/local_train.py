@@ -253,9 +253,10 @@ def train_round(
             module._close()  # remove Opacus hooks: the scorer is reused next round
     eps = 0.0
     if accountant is not None:
-        store.save([tuple(h) for h in accountant.history])
+        runs = [(float(s), float(q), int(n)) for s, q, n in accountant.history]
+        store.save(runs)
         # the same RDP maths as accountant.get_epsilon, memoized (tests/test_privacy.py)
-        eps = epsilon_spent(history=store.load(), delta=cfg.delta, accountant=cfg.accountant)
+        eps = epsilon_spent(history=runs, delta=cfg.delta, accountant=cfg.accountant)
     loss_mean = float(np.mean(losses)) if losses else math.nan
     return RoundResult(True, len(data), done, loss_mean, eps, sigma, q)
 

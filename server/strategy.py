@@ -190,10 +190,7 @@ class FedRecStrategy(FedAvg):
         unknown = set(content.keys()) - allowed_records
         if unknown:
             raise UpdateError(f"unexpected record(s) {sorted(unknown)}")
-        name = f"n{msg.metadata.src_node_id}"
-        if "client" in content.config_records:
-            name = str(content["client"].get("name", name))
-        return name, metrics
+        return _client_name(msg), metrics
 
     def _mean_step(self, updates: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """The server optimizer applied to mean_k(update_k - global), per tensor."""
@@ -210,10 +207,9 @@ class FedRecStrategy(FedAvg):
         keys = ("epsilon", "steps", "noise-multiplier", "sample-rate", "trained")
         if not all(isinstance(m.get(k), (int, float)) and m[k] == m[k] for k in keys):
             return None
-        name = f"n{msg.metadata.src_node_id}"
-        if "client" in msg.content.config_records:
-            name = str(msg.content.config_records["client"].get("name", name))
-        return self._ledger_line(name, rnd, m, bool(m["trained"])) | {"accepted": False}
+        return self._ledger_line(_client_name(msg), rnd, m, bool(m["trained"])) | {
+            "accepted": False
+        }
 
     def _ledger_line(
         self, name: str, rnd: int, metrics: dict[str, Any], trained: bool
@@ -279,3 +275,11 @@ class FedRecStrategy(FedAvg):
         result["num-queries"] = float(n)
         self.federated_eval[server_round + self.round_offset] = dict(result)
         return MetricRecord(dict(result.items()))
+
+
+def _client_name(msg: Message) -> str:
+    """The client's self-reported name (``p<partition>`` in simulation), else its node id."""
+    name = f"n{msg.metadata.src_node_id}"
+    if "client" in msg.content.config_records:
+        name = str(msg.content.config_records["client"].get("name", name))
+    return name

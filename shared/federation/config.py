@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from fedrec.shared.model.config import ModelConfig
+from fedrec.shared.model.config import ModelConfig, _bool
 
 AGGREGATORS = ("ffa", "fedavg")
 
@@ -187,14 +187,7 @@ def parse_run_config(raw: Mapping[str, Any], *, where: str = "run config") -> Fe
 
 def _coerce(kind: type, value: Any) -> Any:
     if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).lower()
-        if text in ("true", "1", "yes"):
-            return True
-        if text in ("false", "0", "no"):
-            return False
-        raise ValueError(value)
+        return _bool(value)
     if kind is int and isinstance(value, float) and not value.is_integer():
         raise ValueError(value)
     return kind(value)
