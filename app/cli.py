@@ -313,6 +313,40 @@ def simulate_cmd(
     out.print(f"wrote {out_dir} ({result['seconds']} s)")
 
 
+@app.command("audit")
+def audit_cmd(
+    run: Annotated[Path, typer.Argument(help="A federated run directory.")],
+    accountant: Annotated[
+        str | None,
+        typer.Option(
+            help="Accountant for the statement and budget view: rdp or prv "
+            "(default: the run's). Both are always recomputed."
+        ),  # fmt: skip
+    ] = None,
+    tolerance: Annotated[
+        float, typer.Option(help="Relative tolerance between reported and recomputed epsilon.")
+    ] = 0.01,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable report.")] = False,
+) -> None:
+    """Verify a run's privacy ledger: recompute every client's epsilon from the raw mechanism
+    parameters (Opacus RDP and PRV), check budgets, gaps and duplicates, print the privacy
+    statement and write RUN/privacy/epsilon.png. Exit code 1 if anything is inconsistent."""
+    from fedrec.shared.privacy.report import audit_run
+
+    if not 0 < tolerance < 1:
+        _fail(f"--tolerance {tolerance}: must be in (0, 1)", 2)
+    try:
+        report, text = audit_run(run, accountant=accountant, tolerance=tolerance)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e), 2)
+    if as_json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(text, end="")
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
 @app.command("recommend")
 def recommend_cmd(
     run: Annotated[Path, typer.Argument(help="A trained run directory.")],

@@ -148,6 +148,7 @@ class RoundResult:
     noise_multiplier: float
     sample_rate: float
     reason: str = ""  # why the round was refused
+    total_steps: int = 0  # DP steps in the client's whole history after this round
 
 
 _SIGMA: dict[tuple[Any, ...], float] = {}
@@ -204,9 +205,21 @@ def train_round(
                 q,
                 reason=f"budget: epsilon would reach {after:.3f} > {cfg.epsilon} "
                 f"(spent {spent:.3f} at delta={cfg.delta})",
+                total_steps=_total_steps(history),
             )
     if len(data) == 0:
-        return RoundResult(False, 0, 0, math.nan, 0.0, sigma, q, reason="no training examples")
+        spent = epsilon_spent(history=history, delta=cfg.delta, accountant=cfg.accountant)
+        return RoundResult(
+            False,
+            0,
+            0,
+            math.nan,
+            spent if cfg.dp else 0.0,
+            sigma,
+            q,
+            reason="no training examples",
+            total_steps=_total_steps(history),
+        )
     gen = torch.Generator().manual_seed(seed)  # negatives: public, may be reproducible
     # Sampling and noise must be unpredictable to anyone who knows the config (the server does):
     # their generator is seeded from OS entropy, never from `seed`.
@@ -251,14 +264,22 @@ def train_round(
     finally:
         if isinstance(module, GradSampleModule):
             module._close()  # remove Opacus hooks: the scorer is reused next round
-    eps = 0.0
+    eps, runs = 0.0, list(history)
     if accountant is not None:
         runs = [(float(s), float(q), int(n)) for s, q, n in accountant.history]
         store.save(runs)
         # the same RDP maths as accountant.get_epsilon, memoized (tests/test_privacy.py)
         eps = epsilon_spent(history=runs, delta=cfg.delta, accountant=cfg.accountant)
     loss_mean = float(np.mean(losses)) if losses else math.nan
-    return RoundResult(True, len(data), done, loss_mean, eps, sigma, q)
+    return RoundResult(
+        True, len(data), done, loss_mean, eps, sigma, q, total_steps=_total_steps(runs)
+    )
+
+
+def _total_steps(history: list[tuple[float, float, int]]) -> int:
+    """Steps in an accountant history. (Opacus merges consecutive steps with the same (sigma, q)
+    into one entry, so the number of entries is not the number of rounds.)"""
+    return sum(int(n) for _s, _q, n in history)
 
 
 def _step(

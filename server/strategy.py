@@ -219,6 +219,8 @@ class FedRecStrategy(FedAvg):
             "round": rnd,
             "trained": trained,
             "steps": int(metrics.get("steps", 0)),
+            # the client's whole-history step count: lets `fedrec audit` find missing rounds
+            "total_steps": int(metrics.get("total-steps", -1)),
             "sample_rate": float(metrics["sample-rate"]),
             "noise_multiplier": float(metrics["noise-multiplier"]),
             "max_grad_norm": self.cfg.max_grad_norm,

@@ -105,3 +105,18 @@ def test_pyproject_flower_config_equals_defaults():
     assert cfg == FedConfig()
     assert set(server) == {"run-dir", "baselines"}
     assert data["tool"]["flwr"]["app"]["components"]["serverapp"] == "fedrec.server.app:app"
+
+
+def test_audit_verifies_the_real_run(sim_run):
+    """`fedrec audit`'s independent recomputation agrees with what the real clients reported."""
+    from fedrec.shared.privacy.report import audit_run
+
+    cfg, out, _, _ = sim_run
+    report, text = audit_run(out)
+    assert report["ok"], [f for f in report["findings"] if f["severity"] == "error"]
+    lines = [json.loads(x) for x in (out / "privacy" / "ledger.jsonl").read_text().splitlines()]
+    assert all(x["total_steps"] >= x["steps"] > 0 for x in lines if x["trained"])
+    for name, c in report["clients"].items():
+        assert c["epsilon_rdp"] == pytest.approx(c["epsilon_reported"], rel=1e-9), name
+        assert c["epsilon_prv"] < c["epsilon_rdp"]
+    assert (out / "privacy" / "epsilon.png").is_file() and "Result: PASS" in text

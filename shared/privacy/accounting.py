@@ -48,6 +48,16 @@ def epsilon_spent(*, history: Sequence[Run], delta: float, accountant: str = "rd
             orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
         )
         return float(eps)
+    # Composition does not depend on order, and equal (sigma, q) runs merge: the canonical
+    # merged history is the cache key (PRV takes ~1 s per call; a federation repeats histories).
+    merged: dict[tuple[float, float], int] = {}
+    for s, q, n in runs:
+        merged[s, q] = merged.get((s, q), 0) + n
+    return _prv_epsilon(tuple(sorted((s, q, n) for (s, q), n in merged.items())), delta)
+
+
+@functools.lru_cache(maxsize=4096)
+def _prv_epsilon(runs: tuple[Run, ...], delta: float) -> float:
     acc = PRVAccountant()
     acc.history = list(runs)
     return float(acc.get_epsilon(delta=delta))

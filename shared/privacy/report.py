@@ -1,0 +1,185 @@
+"""``fedrec audit RUN``: the privacy statement re-derived from the ledger, the verification
+findings, the budget view and ``RUN/privacy/epsilon.png``.
+
+Nothing here trusts the epsilons the clients or the server reported: the statement printed is
+built from :mod:`fedrec.shared.privacy.audit`'s recomputation, and the run's own
+``metrics.json`` claim is checked against it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedrec.shared.federation.config import FedConfig, parse_run_config
+from fedrec.shared.privacy.accounting import ACCOUNTANTS
+from fedrec.shared.privacy.audit import TOLERANCE, Finding, LedgerAudit, audit_ledger, summary
+from fedrec.shared.privacy.statement import statement
+
+
+def load_fed_config(run: Path) -> FedConfig:
+    path = run / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: `fedrec audit` needs a federated run directory "
+            "(written by `fedrec simulate` or the ServerApp)"
+        )
+    try:
+        doc = json.loads(path.read_text())
+        fed = doc["federation"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{path} is not a federated run's config (no 'federation' section): {e}"
+        ) from None
+    return parse_run_config(fed, where=str(path))
+
+
+def audit_run(
+    run: Path,
+    *,
+    accountant: str | None = None,
+    tolerance: float = TOLERANCE,
+    plot: bool = True,
+) -> tuple[dict[str, Any], str]:
+    """The audit report (a JSON-able dict with ``ok``) and its human-readable text."""
+    if accountant is not None and accountant not in ACCOUNTANTS:
+        raise ValueError(f"--accountant {accountant!r}: use one of {ACCOUNTANTS}")
+    cfg = load_fed_config(run)
+    acc = accountant or cfg.accountant
+    if not cfg.dp:
+        text = statement(cfg, {}) + "\nNo ledger to verify: DP was off, nothing is claimed.\n"
+        return {"run": str(run), "ok": True, "dp": False, "findings": []}, text
+    audit = audit_ledger(
+        run / "privacy" / "ledger.jsonl",
+        tolerance=tolerance,
+        budget=cfg.epsilon,
+        num_rounds=cfg.num_rounds,
+    )
+    summ = summary(audit, acc)
+    _check_claim(run, audit, summ, tolerance)
+    if plot and audit.clients:
+        plot_epsilon(run / "privacy" / "epsilon.png", audit, cfg.epsilon, acc)
+    report = {
+        "run": str(run),
+        "ok": audit.ok,
+        "dp": True,
+        "accountant": acc,
+        "delta": cfg.delta,
+        "budget": cfg.epsilon,
+        "summary": summ,
+        "user_level_dp": False,
+        "secure_aggregation": False,
+        **{k: v for k, v in audit.as_dict().items() if k != "ok"},
+    }
+    return report, _text(cfg, audit, summ, acc)
+
+
+def _check_claim(run: Path, audit: LedgerAudit, summ: dict[str, Any], tol: float) -> None:
+    """The run's own claim (``metrics.json``) must not be below the recomputed epsilon."""
+    path = run / "metrics.json"
+    if not path.is_file():
+        audit.findings.append(
+            Finding("warning", f"{path} missing (run not finished?): no claim to compare")
+        )
+        return
+    claimed = json.loads(path.read_text()).get("privacy", {}).get("epsilon_max")
+    if isinstance(claimed, (int, float)) and claimed < summ["epsilon_max"] * (1 - tol):
+        audit.findings.append(
+            Finding(
+                "error",
+                f"metrics.json claims max epsilon {claimed:.6g}; the ledger gives "
+                f"{summ['epsilon_max']:.6g}",
+            )
+        )
+
+
+def _text(cfg: FedConfig, audit: LedgerAudit, summ: dict[str, Any], acc: str) -> str:
+    out = [statement(cfg, summ).rstrip(), "", f"## Verification ({audit.path})", ""]
+    trained = [c for c in audit.clients.values() if c.rounds]
+    if trained:
+        dev = max(
+            abs(c.epsilon_reported - (c.epsilon_rdp if c.accountant == "rdp" else c.epsilon_prv))
+            / max(c.epsilon_reported, 1e-12)
+            for c in trained
+        )
+        ratio = statistics.median(c.epsilon_prv / c.epsilon_rdp for c in trained if c.epsilon_rdp)
+        out += [
+            f"- {audit.lines} ledger lines, {len(audit.clients)} clients ({len(trained)} trained).",
+            f"- Reported vs recomputed epsilon (same accountant): largest relative difference "
+            f"{dev:.2e} (tolerance {audit.tolerance:.0e}).",
+            f"- PRV / RDP epsilon, median over clients: {ratio:.3f} (RDP is an upper bound; "
+            "PRV is tighter).",
+        ]
+    if audit.findings:
+        out += ["", *[f"- {f}" for f in audit.findings]]
+    out += [
+        "",
+        f"Result: {'PASS' if audit.ok else 'FAIL'}",
+        "",
+        "## Budget (highest epsilon first)",
+        "",
+    ]
+    key = (lambda c: c.epsilon_rdp) if acc == "rdp" else (lambda c: c.epsilon_prv)
+    rows = sorted(audit.clients.values(), key=key, reverse=True)
+    out.append(
+        f"{'client':>10} {'rounds':>6} {'refused':>7} {'reported':>9} {'RDP':>8} {'PRV':>8} "
+        f"{'left':>7} {'more rounds':>11}"
+    )
+    for c in rows[:15]:
+        left = f"{c.budget_left:.3f}" if c.budget_left is not None else "-"
+        more = str(c.more_rounds) if c.more_rounds is not None else "-"
+        out.append(
+            f"{c.client:>10} {len(c.rounds):>6} {len(c.refusals):>7} {c.epsilon_reported:>9.4f} "
+            f"{c.epsilon_rdp:>8.4f} {c.epsilon_prv:>8.4f} {left:>7} {more:>11}"
+        )
+    if len(rows) > 15:
+        out.append(f"... {len(rows) - 15} more clients: `fedrec audit RUN --json` lists all")
+    return "\n".join(out) + "\n"
+
+
+def plot_epsilon(path: Path, audit: LedgerAudit, budget: float, acc: str) -> None:
+    """Epsilon over rounds (max, median, 10-90 % band of clients that have trained so far) and
+    the distribution of final per-client epsilon."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    last_round = max((r for c in audit.clients.values() for r, _ in c.trajectory), default=0)
+    rounds = np.arange(1, last_round + 1)
+    current: dict[str, float] = {}
+    events = sorted((r, c.client, e) for c in audit.clients.values() for r, e in c.trajectory)
+    stats, i = [], 0
+    for r in rounds:
+        while i < len(events) and events[i][0] <= r:
+            current[events[i][1]] = events[i][2]
+            i += 1
+        v = np.array(list(current.values())) if current else np.zeros(1)
+        stats.append((v.max(), np.median(v), *np.percentile(v, [10, 90])))
+    s = np.array(stats) if stats else np.zeros((0, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    if len(s):
+        axes[0].fill_between(rounds, s[:, 2], s[:, 3], alpha=0.3, label="10-90 % of clients")
+        axes[0].plot(rounds, s[:, 0], "-", label="max")
+        axes[0].plot(rounds, s[:, 1], "--", label="median")
+    axes[0].axhline(budget, color="red", lw=1, label=f"budget {budget}")
+    axes[0].set(
+        title="epsilon spent by clients that trained so far (RDP, recomputed)",
+        xlabel="round",
+        ylabel="epsilon",
+    )
+    axes[0].legend(fontsize=7)
+    final = audit.epsilons(acc)
+    axes[1].hist(final, bins=20)
+    axes[1].axvline(budget, color="red", lw=1)
+    axes[1].set(
+        title=f"final per-client epsilon ({acc.upper()})", xlabel="epsilon", ylabel="clients"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,180 @@
+"""`fedrec audit`: epsilon recomputation pinned to Opacus, and every kind of bad ledger caught."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedrec.shared.federation.config import FedConfig
+from fedrec.shared.privacy.accounting import epsilon_spent
+from fedrec.shared.privacy.audit import audit_ledger, read_ledger_lines
+
+DELTA = 1e-5
+
+# Pinned from Opacus 1.6.0 (RDPAccountant / PRVAccountant.get_epsilon, history [(sigma, q, steps)]).
+GOLDEN = [
+    ((1.0, 0.01, 1000), 2.1013652716430564, 1.8383716376346455),
+    ((1.78, 0.5, 8), 4.570679056406147, 4.1414440689250105),
+    ((0.8, 0.04, 200), 7.101991794503481, 6.212587146904593),
+    ((2.0, 0.5, 24), 6.860559821849166, 6.28952684523725),
+]
+
+
+@pytest.mark.parametrize(("run", "rdp", "prv"), GOLDEN)
+def test_epsilon_pinned_to_opacus(run, rdp, prv):
+    assert epsilon_spent(history=[run], delta=DELTA, accountant="rdp") == pytest.approx(rdp, 1e-9)
+    assert epsilon_spent(history=[run], delta=DELTA, accountant="prv") == pytest.approx(prv, 1e-6)
+
+
+def test_prv_cache_is_order_free_composition():
+    a = epsilon_spent(history=[(1.78, 0.5, 8), (1.0, 0.1, 4)], delta=DELTA, accountant="prv")
+    b = epsilon_spent(history=[(1.0, 0.1, 4), (1.78, 0.5, 8)], delta=DELTA, accountant="prv")
+    assert a == pytest.approx(b, rel=1e-9)
+
+
+def honest_ledger(*, recreate: bool = False) -> list[dict]:
+    """What honest clients write: epsilon over the whole history (or, if ``recreate``, the bug
+    of an accountant re-created every round)."""
+    sigma, q, steps = 1.8, 0.5, 8
+    plan = {"c1": [1, 3, 4], "c2": [2, 4], "c3": [1]}
+    lines, hist = [], {}
+    for rnd in range(1, 5):
+        for client, rounds in plan.items():
+            if rnd not in rounds:
+                continue
+            hist.setdefault(client, []).append((sigma, q, steps))
+            h = hist[client][-1:] if recreate else hist[client]
+            lines.append(
+                {
+                    "client": client, "round": rnd, "trained": True, "steps": steps,
+                    "total_steps": steps * len(h), "sample_rate": q, "noise_multiplier": sigma,
+                    "max_grad_norm": 1.0, "delta": DELTA, "accountant": "rdp",
+                    "epsilon_after": epsilon_spent(history=h, delta=DELTA), "epsilon_max": 8.0,
+                    "accepted": True,
+                }
+            )  # fmt: skip
+    return lines
+
+
+def write(path: Path, lines: list[dict], tail: str = "") -> Path:
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines) + tail)
+    return path
+
+
+def errors(audit) -> list[str]:
+    return [str(f) for f in audit.errors]
+
+
+def test_honest_ledger_passes(tmp_path):
+    audit = audit_ledger(write(tmp_path / "l.jsonl", honest_ledger()), budget=8.0)
+    assert audit.ok, errors(audit)
+    c1 = audit.clients["c1"]
+    assert c1.rounds == [1, 3, 4]
+    assert c1.epsilon_rdp == pytest.approx(c1.epsilon_reported)
+    assert 0 < c1.epsilon_prv < c1.epsilon_rdp  # PRV is tighter than the RDP bound
+    # budget view: one more round of c3 (1 round so far) fits, c1 (3 rounds, eps ~8) none
+    assert audit.clients["c1"].more_rounds == 0
+    assert audit.clients["c3"].more_rounds == 2
+    assert audit.clients["c3"].budget_left == pytest.approx(8.0 - audit.clients["c3"].epsilon_rdp)
+
+
+def test_under_reported_epsilon_is_caught(tmp_path):
+    lines = honest_ledger()
+    lines[3]["epsilon_after"] *= 0.9  # c1, round 3
+    audit = audit_ledger(write(tmp_path / "l.jsonl", lines), budget=8.0)
+    assert not audit.ok
+    (msg,) = errors(audit)
+    assert "client c1" in msg and "round 3" in msg and "under-reports" in msg
+
+
+def test_recreated_accountant_is_caught(tmp_path):
+    audit = audit_ledger(write(tmp_path / "l.jsonl", honest_ledger(recreate=True)), budget=8.0)
+    bad = {(f.client, f.round) for f in audit.errors}
+    # every second-or-later round of a client under-reports; first rounds are fine
+    assert bad >= {("c1", 3), ("c1", 4), ("c2", 4)}
+    assert ("c1", 1) not in bad and ("c3", 1) not in bad
+
+
+def test_missing_round_is_caught_as_a_gap(tmp_path):
+    lines = [x for x in honest_ledger() if (x["client"], x["round"]) != ("c1", 3)]
+    audit = audit_ledger(write(tmp_path / "l.jsonl", lines), budget=8.0)
+    msgs = errors(audit)
+    assert any("client c1" in m and "round 4" in m and "gap" in m for m in msgs), msgs
+    # without total_steps the epsilon mismatch still gives it away
+    for x in lines:
+        x.pop("total_steps")
+    audit = audit_ledger(write(tmp_path / "l2.jsonl", lines), budget=8.0)
+    msgs = errors(audit)
+    assert any("client c1" in m and "round 4" in m and "more than the ledger" in m for m in msgs)
+
+
+def test_duplicate_over_budget_and_malformed_lines(tmp_path):
+    lines = honest_ledger()
+    dup = dict(lines[0])
+    lines.insert(2, dup)
+    audit = audit_ledger(write(tmp_path / "dup.jsonl", lines), budget=8.0)
+    assert any("duplicate" in m and "client c1" in m and "round 1" in m for m in errors(audit))
+
+    audit = audit_ledger(write(tmp_path / "b.jsonl", honest_ledger()), budget=7.0)
+    assert any("over budget" in m and "client c1" in m and "round 4" in m for m in errors(audit))
+
+    lines = honest_ledger()
+    lines[1]["sample_rate"] = 1.5
+    path = write(tmp_path / "m.jsonl", lines)
+    path.write_text(path.read_text().replace('"c2"', "{", 1))  # garbage in the middle
+    audit = audit_ledger(path, budget=8.0)
+    assert any("ledger line" in m and ("JSON" in m or "sample_rate" in m) for m in errors(audit))
+
+
+def test_truncated_last_line_is_reported_not_fatal(tmp_path):
+    lines = honest_ledger()
+    path = write(tmp_path / "t.jsonl", lines, tail=json.dumps(lines[-1])[:40])
+    entries, findings = read_ledger_lines(path)
+    assert len(entries) == len(lines)
+    (f,) = findings
+    assert f.severity == "warning" and "truncated" in f.message and f.line == len(lines) + 1
+    assert audit_ledger(path, budget=8.0).ok
+
+
+def make_run(tmp_path: Path, lines: list[dict], claim: float | None = None) -> Path:
+    run = tmp_path / "run"
+    (run / "privacy").mkdir(parents=True)
+    cfg = FedConfig(num_rounds=4, epsilon=8.0)
+    (run / "config.json").write_text(json.dumps({"federation": cfg.as_dict()}))
+    eps = max(x["epsilon_after"] for x in lines)
+    (run / "metrics.json").write_text(json.dumps({"privacy": {"epsilon_max": claim or eps}}))
+    write(run / "privacy" / "ledger.jsonl", lines)
+    return run
+
+
+def audit_cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "fedrec", "audit", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_exit_codes_and_outputs(tmp_path):
+    run = make_run(tmp_path, honest_ledger())
+    ok = audit_cli(str(run))
+    assert ok.returncode == 0, ok.stderr
+    assert "Result: PASS" in ok.stdout and "Unit of privacy" in ok.stdout
+    assert (run / "privacy" / "epsilon.png").stat().st_size > 0
+    js = json.loads(audit_cli(str(run), "--json", "--accountant", "prv").stdout)
+    assert js["ok"] and js["accountant"] == "prv"
+    assert js["summary"]["epsilon_max"] == pytest.approx(js["clients"]["c1"]["epsilon_prv"])
+
+    lines = honest_ledger()
+    lines[-1]["epsilon_after"] = 0.5  # c2, round 4
+    bad = audit_cli(str(make_run(tmp_path / "t", lines)))
+    assert bad.returncode == 1
+    assert "client c2, round 4" in bad.stdout and "Result: FAIL" in bad.stdout
+
+    # the run's own claim below the recomputed epsilon
+    low = audit_cli(str(make_run(tmp_path / "c", honest_ledger(), claim=1.0)))
+    assert low.returncode == 1 and "metrics.json claims" in low.stdout
+
+    missing = audit_cli(str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "config.json" in missing.stderr
