@@ -327,14 +327,40 @@ def audit_cmd(
         float, typer.Option(help="Relative tolerance between reported and recomputed epsilon.")
     ] = 0.01,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable report.")] = False,
+    empirical: Annotated[
+        bool,
+        typer.Option(
+            "--empirical",
+            help="Re-run RUN's federation with canaries and attack the "
+            "result: empirical epsilon lower bound (one-run audit).",
+        ),  # fmt: skip
+    ] = False,
+    canaries: Annotated[int, typer.Option(help="--empirical: number of canaries.")] = 1000,
+    seed: Annotated[int, typer.Option(help="--empirical: canary placement seed.")] = 0,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="--empirical: override a run-config key of the audit run, "
+            "e.g. dp=false (shows the audit detects leakage without DP).",
+        ),  # fmt: skip
+    ] = None,
 ) -> None:
     """Verify a run's privacy ledger: recompute every client's epsilon from the raw mechanism
     parameters (Opacus RDP and PRV), check budgets, gaps and duplicates, print the privacy
-    statement and write RUN/privacy/epsilon.png. Exit code 1 if anything is inconsistent."""
+    statement and write RUN/privacy/epsilon.png. Exit code 1 if anything is inconsistent.
+
+    With --empirical: train RUN's configuration again with canaries (each included with
+    probability 1/2), run a membership-inference attack on the global model and report the
+    one-run empirical lower bound on epsilon (Steinke, Nasr, Jagielski 2023) next to the
+    claimed epsilon. Exit code 1 if the lower bound exceeds the claim (a DP bug)."""
     from fedrec.shared.privacy.report import audit_run
 
     if not 0 < tolerance < 1:
         _fail(f"--tolerance {tolerance}: must be in (0, 1)", 2)
+    if empirical:
+        _empirical(run, canaries, seed, set_ or [], as_json)
+        return
     try:
         report, text = audit_run(run, accountant=accountant, tolerance=tolerance)
     except (ValueError, FileNotFoundError) as e:
@@ -344,6 +370,54 @@ def audit_cmd(
     else:
         print(text, end="")
     if not report["ok"]:
+        raise typer.Exit(1)
+
+
+def _empirical(run: Path, canaries: int, seed: int, sets: list[str], as_json: bool) -> None:
+    from dataclasses import replace
+
+    from fedrec.server.empirical import run_empirical
+    from fedrec.shared.federation.config import parse_run_config, parse_sets
+    from fedrec.shared.privacy.report import load_fed_config
+
+    try:
+        base = load_fed_config(run)
+        cfg = parse_run_config({**base.to_flat(), **parse_sets(sets)}, where="--set")
+        cfg = replace(cfg, audit_canaries="")
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e), 2)
+
+    def on_round(info: dict) -> None:
+        if "accepted" in info:
+            err.print(f"  audit run: round {info['round']}/{cfg.num_rounds} done")
+
+    try:
+        rep = run_empirical(run, cfg, canaries=canaries, seed=seed, on_round=on_round)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e), 2)
+    if as_json:
+        print(json.dumps(rep, indent=2, default=str))
+    else:
+        lb, mem = rep["lower_bound"], rep["membership"]
+        claim = (
+            f"claimed epsilon {rep['epsilon_spent_max']:.3f} (budget {rep['epsilon_budget']}) "
+            f"at delta={rep['delta']}"
+            if rep["dp"]
+            else "DP off: nothing claimed"
+        )
+        out.print(
+            f"empirical audit: {rep['canaries']} canaries ({rep['included']} included) over "
+            f"{rep['clients_with_canaries']} clients\n"
+            f"  membership inference: AUC {mem['auc']:.3f}, TPR at 1% FPR "
+            f"{mem['tpr_at_1pct_fpr']:.3f}\n"
+            f"  epsilon lower bound ({100 * lb['confidence']:.0f}% confidence): "
+            f"{lb['epsilon']:.3f} ({lb['correct']}/{lb['guesses']} guesses right; the most "
+            f"{rep['canaries']} canaries can show: {lb['ceiling']:.2f})\n"
+            f"  {claim}\n"
+            f"  wrote {run / 'privacy' / 'empirical.json'}"
+        )
+    if rep["bug"]:
+        err.print("FAIL: the empirical lower bound exceeds the claimed epsilon: a DP bug")
         raise typer.Exit(1)
 
 

@@ -15,6 +15,7 @@ Where a client's data comes from:
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from fedrec.shared.data.dataset import Dataset
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.model.candidates import CandidateScorer
 from fedrec.shared.model.central import ProfileBank
+from fedrec.shared.model.examples import right_aligned
 from fedrec.shared.model.towers import RecModel
 from fedrec.shared.partition import partition_users
 from fedrec.shared.splitting import Split, make_split
@@ -106,6 +108,28 @@ class ClientState:
     name: str
 
 
+def with_canaries(
+    examples: ClientExamples, path: Path, name: str, history_len: int
+) -> ClientExamples:
+    """``examples`` plus this client's canaries from an empirical-audit file (see
+    :mod:`fedrec.server.empirical`): ``{"clients": {name: [[target, context...], ...]}}`` in
+    catalog indices. Each canary is one more training example, i.e. one more interaction under
+    the per-interaction guarantee; profiles are not supported with canaries."""
+    try:
+        rows = json.loads(path.read_text())["clients"].get(name, [])
+    except (OSError, json.JSONDecodeError, KeyError, AttributeError) as e:
+        raise ValueError(f"audit-canaries file {path} is unreadable: {e}") from None
+    if not rows:
+        return examples
+    if examples.profile is not None:
+        raise ValueError("audit-canaries cannot be combined with use-profile=true")
+    targets = np.asarray([r[0] for r in rows], dtype=np.int64)
+    context = right_aligned([np.asarray(r[1:], dtype=np.int64) for r in rows], history_len)
+    return ClientExamples(
+        np.concatenate([examples.targets, targets]), np.concatenate([examples.context, context])
+    )
+
+
 _SCORERS: dict[int, CandidateScorer] = {}
 _CLIENTS: dict[tuple[Any, ...], ClientState] = {}
 
@@ -151,6 +175,8 @@ def client_state(cfg: FedConfig, node_config: dict[str, Any]) -> ClientState:
     examples = build_examples(
         per_user, slots=cfg.slots, history_len=cfg.history_len, key=cfg.seed, profiles=profiles
     )
+    if cfg.audit_canaries:
+        examples = with_canaries(examples, Path(cfg.audit_canaries), name, cfg.history_len)
     state = ClientState(
         model, _SCORERS[id(model)], split, users, examples, catalog_digest(ds.item_texts()), name
     )

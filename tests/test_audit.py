@@ -178,3 +178,73 @@ def test_cli_exit_codes_and_outputs(tmp_path):
 
     missing = audit_cli(str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "config.json" in missing.stderr
+
+
+# --- empirical audit (one-run, Steinke et al. 2023) ----------------------------------------------
+def test_lower_bound_matches_the_closed_form_when_all_guesses_are_right():
+    """delta = 0, v = r: P[Bin(r, q) >= r] = q^r, so the bound is logit(level^(1/r))."""
+    import math
+
+    from fedrec.server.empirical import epsilon_lower_bound, p_value
+
+    for r in (10, 50, 200):
+        q = 0.05 ** (1 / r)
+        assert epsilon_lower_bound(1000, r, r, 0.0, 0.05) == pytest.approx(
+            math.log(q / (1 - q)), abs=1e-6
+        )
+    # delta > 0 only weakens the bound; more wrong guesses weaken it; chance level gives 0
+    assert epsilon_lower_bound(1000, 100, 100, 1e-5, 0.05) < epsilon_lower_bound(
+        1000, 100, 100, 0.0, 0.05
+    )
+    assert epsilon_lower_bound(1000, 100, 90, 0.0, 0.05) < epsilon_lower_bound(
+        1000, 100, 100, 0.0, 0.05
+    )
+    assert epsilon_lower_bound(1000, 100, 50, 1e-5, 0.05) == 0.0
+    assert p_value(1000, 100, 60, 0.0, 0.0) == pytest.approx(0.02844, abs=1e-4)  # Bin(100, 1/2)
+    with pytest.raises(ValueError, match="v <= r <= m"):
+        p_value(10, 20, 5, 1.0, 0.0)
+
+
+def test_attack_statistics_on_known_score_distributions():
+    import numpy as np
+
+    from fedrec.server.empirical import membership_stats, one_run_bound
+
+    rng = np.random.default_rng(0)
+    included = rng.random(1000) < 0.5
+    noise = rng.normal(size=1000)
+    null = one_run_bound(noise, included, 1e-5)  # scores independent of membership
+    assert null["epsilon"] < 0.5 and 4.0 < null["ceiling"] < 5.0
+    assert 0.45 < membership_stats(noise, included)["auc"] < 0.55
+    leak = noise + 4.0 * included  # a model that memorises its canaries
+    stats = membership_stats(leak, included)
+    assert stats["auc"] > 0.97 and stats["tpr_at_1pct_fpr"] > 0.5
+    assert one_run_bound(leak, included, 1e-5)["epsilon"] > 3.0
+
+
+def test_canaries_join_only_their_clients_examples(tmp_path):
+    import numpy as np
+
+    from fedrec.client.local_train import ClientExamples
+    from fedrec.client.runtime import with_canaries
+    from fedrec.server.empirical import client_file, plan_canaries
+
+    rng = np.random.default_rng(3)
+    plan = plan_canaries(np.arange(100, 140), np.arange(50), ["p0", "p1", "p2"], 4, rng)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(client_file(plan)))
+    base = ClientExamples(np.array([1, 2]), np.array([[-1] * 5 + [3], [-1] * 4 + [3, 4]]))
+    for name in ("p0", "p1", "p2"):
+        mine = [
+            (i, c)
+            for i, c, inc, o in zip(
+                plan["item"], plan["context"], plan["included"], plan["client"], strict=True
+            )
+            if inc and o == name
+        ]
+        ex = with_canaries(base, path, name, history_len=6)
+        assert len(ex) == 2 + len(mine)
+        assert ex.targets[2:].tolist() == [i for i, _ in mine]
+        assert [row[-4:].tolist() for row in ex.context[2:]] == [c for _, c in mine]
+        assert (ex.context[:2] == base.context).all() and (ex.context[2:, :2] == -1).all()
+    assert sum(plan["included"]) == sum(len(v) for v in client_file(plan)["clients"].values())

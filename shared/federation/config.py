@@ -80,6 +80,9 @@ class FedConfig:
     accountant: str = "rdp"
     noise_multiplier: float = 0.0
     planned_rounds: int = 0
+    # empirical privacy audit only (`fedrec audit --empirical`): a JSON file of canary examples
+    # per client; each client adds its own to its training examples. Empty = no canaries.
+    audit_canaries: str = ""
 
     def __post_init__(self) -> None:
         _need(self.protocol in ("A", "B", "C"), "protocol", self.protocol, "A, B or C")
