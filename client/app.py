@@ -81,8 +81,12 @@ class ContextStore:
 
 def budget_store(context: Context, name: str, extra: dict[str, Any]):  # noqa: ANN201
     node = context.node_config
-    if "state-dir" in node:  # a device: its own file
-        return FileStore(Path(str(node["state-dir"])) / "privacy-budget.json")
+    if "state-dir" in node or "data-dir" in node:
+        # A device: its budget lives in a file on the device (default: next to its data), so a
+        # restarted SuperNode, or a new run, continues the same history instead of restarting
+        # from zero. The budget is the device's, across all runs.
+        state = Path(str(node.get("state-dir") or Path(str(node["data-dir"])) / "fedrec-state"))
+        return FileStore(state / "privacy-budget.json")
     run_dir = extra.get("run-dir")
     file = Path(str(run_dir)) / "privacy" / "clients" / f"{name}.json" if run_dir else None
     if "partition-id" in node:

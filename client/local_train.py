@@ -231,7 +231,13 @@ def train_round(
     )
     loader = DPDataLoader(dataset, sample_rate=q, generator=secret)  # Poisson sampling
     params = [p for p in scorer.parameters() if p.requires_grad]
-    base_opt = torch.optim.SGD(params, lr=cfg.lr)
+    # Adam's moments start fresh each round: they are computed from privatized gradients only
+    # (post-processing), and nothing but the adapter travels.
+    base_opt: torch.optim.Optimizer = (
+        torch.optim.Adam(params, lr=cfg.lr)
+        if cfg.local_opt == "adam"
+        else torch.optim.SGD(params, lr=cfg.lr)
+    )
     module: torch.nn.Module = scorer
     accountant = None
     if cfg.dp:

@@ -68,6 +68,7 @@ class FedConfig:
     server_lr: float = 1.0
     # local training
     local_steps: int = 8
+    local_opt: str = "sgd"  # the client's optimizer under DP-SGD's clipping and noise: sgd | adam
     sample_rate: float = 0.5
     lr: float = 1.0
     negatives: int = 50
@@ -104,6 +105,7 @@ class FedConfig:
         _need(self.server_opt in ("sgd", "adam"), "server-opt", self.server_opt, "sgd or adam")
         _need(0 < self.server_lr <= 10, "server-lr", self.server_lr, "(0, 10]")
         _need(self.local_steps >= 1, "local-steps", self.local_steps, ">= 1")
+        _need(self.local_opt in ("sgd", "adam"), "local-opt", self.local_opt, "sgd or adam")
         _need(0 < self.sample_rate <= 1, "sample-rate", self.sample_rate, "(0, 1]")
         _need(0 < self.lr < 100, "lr", self.lr, "(0, 100)")
         _need(1 <= self.negatives <= 100_000, "negatives", self.negatives, "1..100000")

@@ -1,0 +1,242 @@
+"""Deployment helpers: credentials for a SuperLink and its SuperNodes, and the exact commands.
+
+fedrec deploys with Flower's own runtime: ``flower-superlink`` (server side, Fleet API for the
+SuperNodes, Control API for ``flwr``), ``flower-supernode`` on each device (it runs fedrec's
+``ClientApp`` in a subprocess), and ``flwr run`` to submit the app. This module only writes the
+tedious parts:
+
+- a certificate authority (``ca.crt``/``ca.key``, EC P-384, self-signed) and a server certificate
+  for the SuperLink signed by it, valid for the host names/IPs given (TLS on every API);
+- one EC P-384 key pair per SuperNode in OpenSSH format (``<node>.key`` private, ``.pub``
+  public): with ``--enable-supernode-auth`` the SuperLink only accepts SuperNodes whose public key
+  was registered (``flwr supernode register <node>.pub``);
+- ``commands.sh``-style text with the commands to start everything.
+
+Keys are written with mode 0600 and never overwritten (delete the folder to start again). For a
+production deployment use your own PKI; these credentials are for tests and small deployments.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+VALID_DAYS = 365
+
+
+@dataclass(frozen=True)
+class Credentials:
+    root: Path
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    node_keys: dict[str, tuple[Path, Path]]  # name -> (private, public)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedrec"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
+    )
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def make_credentials(
+    root: Path, *, nodes: list[str], hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+) -> Credentials:
+    """CA + SuperLink certificate for ``hosts`` + one OpenSSH EC key pair per node name."""
+    if not nodes:
+        raise ValueError("give at least one node name")
+    bad = [n for n in nodes if not n or "/" in n or n.startswith(".")]
+    if bad:
+        raise ValueError(f"node names {bad} are not usable as file names")
+    root.mkdir(parents=True, exist_ok=True)
+    taken = [p for p in (root / "ca.key", root / "server.key") if p.exists()] + [
+        root / f"{n}.key" for n in nodes if (root / f"{n}.key").exists()
+    ]
+    if taken:
+        raise FileExistsError(
+            f"{taken[0]} already exists: credentials are never overwritten; use a new folder"
+        )
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(_name("fedrec test CA"))
+        .issuer_name(_name("fedrec test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )  # fmt: skip
+        .sign(ca_key, hashes.SHA384())
+    )
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    sans: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(_name(hosts[0]))
+        .issuer_name(ca.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    _write_private(root / "ca.key", _pem_key(ca_key))
+    (root / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    _write_private(root / "server.key", _pem_key(server_key))
+    (root / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    node_keys = {}
+    for n in nodes:
+        node_keys[n] = make_node_key(root, n)
+    return Credentials(root, root / "ca.crt", root / "server.pem", root / "server.key", node_keys)
+
+
+def make_node_key(root: Path, name: str) -> tuple[Path, Path]:
+    """One SuperNode's EC P-384 key pair in OpenSSH format: ``name.key``, ``name.pub``."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    priv = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    )
+    pub = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    _write_private(root / f"{name}.key", priv)
+    (root / f"{name}.pub").write_bytes(pub + f" fedrec-{name}\n".encode())
+    return root / f"{name}.key", root / f"{name}.pub"
+
+
+def flwr_home_config(home: Path, *, name: str, control: str, ca_cert: Path) -> Path:
+    """A ``FLWR_HOME/config.toml`` naming the SuperLink's Control API with its CA (for
+    ``flwr run`` and ``flwr supernode register``)."""
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "config.toml"
+    path.write_text(
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{control}"\n'
+        f'root-certificates = "{ca_cert.resolve()}"\n'
+    )
+    return path
+
+
+def commands(
+    creds: Credentials,
+    *,
+    superlink_host: str = "127.0.0.1",
+    fleet_port: int = 9092,
+    control_port: int = 9093,
+    data_dirs: dict[str, Path] | None = None,
+    project: Path = Path("."),
+) -> str:
+    """The shell commands for this deployment, in order, with these credentials."""
+    q = shlex.quote
+    lines = [
+        "# 1. server: the SuperLink (TLS on all APIs, only registered SuperNodes may connect)",
+        f"flower-superlink --ssl-ca-certfile {q(str(creds.ca_cert))} "
+        f"--ssl-certfile {q(str(creds.server_cert))} --ssl-keyfile {q(str(creds.server_key))} "
+        "--enable-supernode-auth --disable-runtime-dependency-installation "
+        "--database superlink.db",
+        "",
+        "# 2. server: register each SuperNode's public key (flwr talks to the Control API)",
+        f"export FLWR_HOME={q(str(creds.root / 'flwr-home'))}",
+    ]
+    for name, (_priv, pub) in creds.node_keys.items():
+        lines.append(f"flwr supernode register {q(str(pub))} --name {q(name)}")
+    lines += ["", "# 3. each device: a SuperNode with its own data folder and private key"]
+    for i, (name, (priv, _pub)) in enumerate(creds.node_keys.items()):
+        data = (data_dirs or {}).get(name, Path(f"/path/to/{name}/data"))
+        cfg = f"data-dir='{data}' client-id='{name}'"
+        lines.append(
+            f"flower-supernode --superlink {superlink_host}:{fleet_port} "
+            f"--root-certificates {q(str(creds.ca_cert))} --auth-supernode-private-key "
+            f"{q(str(priv))} --node-config {q(cfg)} --port {9094 + i}"
+        )
+    lines += [
+        "",
+        "# 4. server: submit the run (settings as in `fedrec simulate --set`)",
+        f"flwr run {q(str(project))} --run-config 'num-rounds=20 run-dir=\"runs/deployed\"' "
+        "--stream",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def device_folders(src: Path, out: Path, devices: int) -> list[Path]:
+    """Split a data folder by user into ``devices`` folders (``out/device-<i>``), each with the
+    whole public catalog (``items.tsv``, ``dataset.json``) and only its own users' interactions
+    and profiles: what each device would hold. For tests and demos of a deployment."""
+    from fedrec.shared.data import load_dataset
+    from fedrec.shared.data.layout import INTERACTIONS, ITEMS, META, USERS
+
+    load_dataset(src)  # refuse to split a folder that does not validate
+    if devices < 1:
+        raise ValueError(f"devices={devices} must be >= 1")
+    head, *rows = (src / INTERACTIONS).read_text(encoding="utf-8").rstrip("\n").split("\n")
+    col = head.split("\t").index("user_id")
+    users = sorted({int(r.split("\t")[col]) for r in rows})
+    if len(users) < devices:
+        raise ValueError(f"{len(users)} users cannot fill {devices} devices")
+    owner = {u: i % devices for i, u in enumerate(users)}
+    folders = []
+    for d in range(devices):
+        folder = out / f"device-{d}"
+        folder.mkdir(parents=True, exist_ok=False)
+        mine = [r for r in rows if owner[int(r.split("\t")[col])] == d]
+        (folder / INTERACTIONS).write_text("\n".join([head, *mine]) + "\n", encoding="utf-8")
+        for name in (ITEMS, META):
+            if (src / name).is_file():
+                (folder / name).write_bytes((src / name).read_bytes())
+        if (src / USERS).is_file():
+            uhead, *urows = (src / USERS).read_text(encoding="utf-8").rstrip("\n").split("\n")
+            ucol = uhead.split("\t").index("user_id")
+            keep = [r for r in urows if owner.get(int(r.split("\t")[ucol])) == d]
+            (folder / USERS).write_text("\n".join([uhead, *keep]) + "\n", encoding="utf-8")
+        folders.append(folder)
+    return folders
