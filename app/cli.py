@@ -30,6 +30,12 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Obtain, validate and generate data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+deploy_app = typer.Typer(
+    help="Edge deployment: credentials (TLS, node keys) and commands for Flower's SuperLink and "
+    "SuperNodes.",
+    no_args_is_help=True,
+)
+app.add_typer(deploy_app, name="deploy")
 # Not a terminal (a log, a pipe): rich would assume 80 columns and cut the metric tables.
 out = Console(width=shutil.get_terminal_size((120, 24)).columns)
 err = Console(stderr=True)
@@ -419,6 +425,68 @@ def _empirical(run: Path, canaries: int, seed: int, sets: list[str], as_json: bo
     if rep["bug"]:
         err.print("FAIL: the empirical lower bound exceeds the claimed epsilon: a DP bug")
         raise typer.Exit(1)
+
+
+@deploy_app.command("init")
+def deploy_init(
+    directory: Annotated[Path, typer.Argument(help="Where to write keys, config and commands.")],
+    nodes: Annotated[str, typer.Option(help="Comma-separated SuperNode names, e.g. n0,n1,n2.")],
+    superlink: Annotated[
+        str, typer.Option(help="SuperLink HOST:PORT the devices and flwr connect to.")
+    ] = "127.0.0.1:8000",
+    host: Annotated[
+        list[str] | None, typer.Option(help="Extra host name/IP for the server certificate.")
+    ] = None,
+) -> None:
+    """A test CA, the SuperLink's TLS certificate, one key pair per SuperNode, a FLWR_HOME for
+    `flwr`, and DIR/commands.sh with the exact commands (printed too)."""
+    from fedrec.server.deploy import init_deployment
+
+    names = [n.strip() for n in nodes.split(",") if n.strip()]
+    try:
+        _creds, text = init_deployment(
+            directory, nodes=names, superlink=superlink, hosts=tuple(host or ())
+        )
+    except (ValueError, FileExistsError) as e:
+        _fail(str(e), 2)
+    print(text, end="")
+
+
+@deploy_app.command("add-node")
+def deploy_add_node(
+    directory: Annotated[Path, typer.Argument(help="A folder written by `fedrec deploy init`.")],
+    name: Annotated[str, typer.Argument(help="The new SuperNode's name.")],
+) -> None:
+    """One more SuperNode key pair; prints how to register and start it."""
+    from fedrec.server.deploy import make_node_key
+
+    if not (directory / "ca.crt").is_file():
+        _fail(f"{directory} has no ca.crt: run `fedrec deploy init` first", 2)
+    if (directory / f"{name}.key").exists():
+        _fail(f"{directory / (name + '.key')} already exists: keys are never overwritten", 2)
+    priv, pub = make_node_key(directory, name)
+    print(
+        f"FLWR_HOME={directory / 'flwr-home'} flwr supernode register {pub} --name {name}\n"
+        f"flower-supernode --superlink HOST:PORT --root-certificates {directory / 'ca.crt'} "
+        f"--auth-supernode-private-key {priv} --node-config \"data-dir='/path/to/data'\""
+    )
+
+
+@deploy_app.command("split-data")
+def deploy_split_data(
+    source: Annotated[Path, typer.Argument(help="A data folder in the fedrec layout.")],
+    out: Annotated[Path, typer.Argument(help="Where to write device-0, device-1, ...")],
+    devices: Annotated[int, typer.Option(min=1, help="Number of devices.")] = 3,
+) -> None:
+    """Split a data folder by user into per-device folders (each with the public catalog)."""
+    from fedrec.server.deploy import device_folders
+    from fedrec.shared.data.errors import DataError
+
+    try:
+        for folder in device_folders(source, out, devices):
+            print(folder)
+    except (ValueError, DataError, FileExistsError) as e:
+        _fail(str(e), 2)
 
 
 @app.command("recommend")

@@ -23,7 +23,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrec.client.local_train import FileStore, MemoryStore, train_round
-from fedrec.client.runtime import client_state
+from fedrec.client.runtime import ClientState, client_state
 from fedrec.shared.evaluation import per_query_metrics
 from fedrec.shared.federation.config import FedConfig, parse_run_config
 from fedrec.shared.federation.params import (
@@ -94,6 +94,37 @@ def budget_store(context: Context, name: str, extra: dict[str, Any]):  # noqa: A
     return MemoryStore()
 
 
+def cache_global(client: ClientState, node: Any) -> Path | None:
+    """On a device, keep the latest global model the server sent in ``<state>/model-cache``, a
+    run directory ``fedrec recommend`` reads: the device ranks for its own user locally and its
+    history never leaves it. Replaced atomically (a crash leaves the previous cache)."""
+    if "data-dir" not in node:
+        return None
+    import os
+    import shutil
+    import tempfile
+
+    from fedrec.shared.model.artifacts import save_model
+    from fedrec.shared.model.run_central import item_titles
+
+    data = Path(str(node["data-dir"]))
+    state = Path(str(node.get("state-dir") or data / "fedrec-state"))
+    state.mkdir(parents=True, exist_ok=True)
+    ds = client.dataset
+    assert ds is not None
+    tmp = Path(tempfile.mkdtemp(dir=state, prefix=".model-cache-"))
+    save_model(client.model, tmp, item_ids=[int(i) for i in ds.item_ids], titles=item_titles(ds))
+    final = state / "model-cache"
+    old = state / ".model-cache-old"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
@@ -105,6 +136,7 @@ def train(msg: Message, context: Context) -> Message:
             f"is {client.catalog}; the client's items file must be the run's public catalog"
         )
     load_travelling(client.model, from_record(msg.content.array_records["arrays"]))
+    cache_global(client, context.node_config)
     server_round = int(extra.get("server-round", 0))
     seed = cfg.seed * 1_000_003 + server_round * 7919 + hash(client.name) % 7919
     store = budget_store(context, client.name, extra)
@@ -124,7 +156,18 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     content = RecordDict(
-        {"metrics": metrics, "client": ConfigRecord({"name": client.name, "reason": res.reason})}
+        {
+            "metrics": metrics,
+            "client": ConfigRecord(
+                {
+                    "name": client.name,
+                    "reason": res.reason,
+                    # the accountant's (sigma, q, steps) runs: public mechanism parameters, so
+                    # `fedrec audit` can verify budget a device carried over from earlier runs
+                    "history": json.dumps(res.history),
+                }
+            ),
+        }
     )
     if res.trained:
         content["arrays"] = to_record(travelling_state(client.model))
@@ -141,6 +184,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     cfg, _extra = round_config(msg)
     client = client_state(cfg, context.node_config)
     load_travelling(client.model, from_record(msg.content.array_records["arrays"]))
+    cache_global(client, context.node_config)
     evalset = client.split.tests.get("test")
     sums: dict[str, int | float] = {"num-queries": 0, "HR@10": 0.0, "NDCG@10": 0.0}
     if evalset is not None:

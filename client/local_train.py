@@ -149,6 +149,7 @@ class RoundResult:
     sample_rate: float
     reason: str = ""  # why the round was refused
     total_steps: int = 0  # DP steps in the client's whole history after this round
+    history: list[Run] = field(default_factory=list)  # the accountant history after this round
 
 
 _SIGMA: dict[tuple[Any, ...], float] = {}
@@ -206,6 +207,7 @@ def train_round(
                 reason=f"budget: epsilon would reach {after:.3f} > {cfg.epsilon} "
                 f"(spent {spent:.3f} at delta={cfg.delta})",
                 total_steps=_total_steps(history),
+                history=list(history),
             )
     if len(data) == 0:
         spent = epsilon_spent(history=history, delta=cfg.delta, accountant=cfg.accountant)
@@ -219,6 +221,7 @@ def train_round(
             q,
             reason="no training examples",
             total_steps=_total_steps(history),
+            history=list(history),
         )
     gen = torch.Generator().manual_seed(seed)  # negatives: public, may be reproducible
     # Sampling and noise must be unpredictable to anyone who knows the config (the server does):
@@ -277,8 +280,9 @@ def train_round(
         # the same RDP maths as accountant.get_epsilon, memoized (tests/test_privacy.py)
         eps = epsilon_spent(history=runs, delta=cfg.delta, accountant=cfg.accountant)
     loss_mean = float(np.mean(losses)) if losses else math.nan
+    total = _total_steps(runs)
     return RoundResult(
-        True, len(data), done, loss_mean, eps, sigma, q, total_steps=_total_steps(runs)
+        True, len(data), done, loss_mean, eps, sigma, q, total_steps=total, history=runs
     )
 
 

@@ -106,6 +106,7 @@ class ClientState:
     examples: ClientExamples
     catalog: str
     name: str
+    dataset: Dataset | None = None
 
 
 def with_canaries(
@@ -178,7 +179,14 @@ def client_state(cfg: FedConfig, node_config: dict[str, Any]) -> ClientState:
     if cfg.audit_canaries:
         examples = with_canaries(examples, Path(cfg.audit_canaries), name, cfg.history_len)
     state = ClientState(
-        model, _SCORERS[id(model)], split, users, examples, catalog_digest(ds.item_texts()), name
+        model,
+        _SCORERS[id(model)],
+        split,
+        users,
+        examples,
+        catalog_digest(ds.item_texts()),
+        name,
+        ds,
     )
     _CLIENTS[key] = state
     return state

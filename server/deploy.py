@@ -170,40 +170,55 @@ def flwr_home_config(home: Path, *, name: str, control: str, ca_cert: Path) -> P
 def commands(
     creds: Credentials,
     *,
-    superlink_host: str = "127.0.0.1",
-    fleet_port: int = 9092,
-    control_port: int = 9093,
+    superlink: str = "127.0.0.1:8000",
     data_dirs: dict[str, Path] | None = None,
     project: Path = Path("."),
 ) -> str:
-    """The shell commands for this deployment, in order, with these credentials."""
+    """The shell commands for this deployment, in order, with these credentials.
+
+    Flower 1.41's SuperLink serves the Fleet API (SuperNodes), the Control API (``flwr``) and
+    the runtime API over one HTTPS port (``--host``/``--port``, default 127.0.0.1:8000); bind
+    ``--host 0.0.0.0`` to accept devices from other machines.
+    """
     q = shlex.quote
+    host, _, port = superlink.rpartition(":")
+    home = creds.root / "flwr-home"
     lines = [
         "# 1. server: the SuperLink (TLS on all APIs, only registered SuperNodes may connect)",
         f"flower-superlink --ssl-ca-certfile {q(str(creds.ca_cert))} "
         f"--ssl-certfile {q(str(creds.server_cert))} --ssl-keyfile {q(str(creds.server_key))} "
-        "--enable-supernode-auth --disable-runtime-dependency-installation "
-        "--database superlink.db",
+        f"--enable-supernode-auth --disable-runtime-dependency-installation "
+        f"--database {q(str(creds.root / 'superlink.db'))} --host {q(host)} --port {q(port)}",
         "",
         "# 2. server: register each SuperNode's public key (flwr talks to the Control API)",
-        f"export FLWR_HOME={q(str(creds.root / 'flwr-home'))}",
+        f"export FLWR_HOME={q(str(home))}",
     ]
     for name, (_priv, pub) in creds.node_keys.items():
         lines.append(f"flwr supernode register {q(str(pub))} --name {q(name)}")
-    lines += ["", "# 3. each device: a SuperNode with its own data folder and private key"]
+    lines += [
+        "",
+        "# 3. each device: a SuperNode with its own data folder and private key",
+        "#    (its privacy budget and the latest global model live in <data-dir>/fedrec-state/)",
+    ]
     for i, (name, (priv, _pub)) in enumerate(creds.node_keys.items()):
         data = (data_dirs or {}).get(name, Path(f"/path/to/{name}/data"))
         cfg = f"data-dir='{data}' client-id='{name}'"
         lines.append(
-            f"flower-supernode --superlink {superlink_host}:{fleet_port} "
-            f"--root-certificates {q(str(creds.ca_cert))} --auth-supernode-private-key "
-            f"{q(str(priv))} --node-config {q(cfg)} --port {9094 + i}"
+            f"flower-supernode --superlink {q(superlink)} --root-certificates "
+            f"{q(str(creds.ca_cert))} --auth-supernode-private-key {q(str(priv))} "
+            f"--node-config {q(cfg)} --port {9094 + i}"
         )
     lines += [
         "",
-        "# 4. server: submit the run (settings as in `fedrec simulate --set`)",
-        f"flwr run {q(str(project))} --run-config 'num-rounds=20 run-dir=\"runs/deployed\"' "
-        "--stream",
+        "# 4. server: submit the run from the fedrec source folder (keys as in `fedrec simulate",
+        "#    --set`; 'data' is the server's evaluation data with the same public catalog)",
+        f"export FLWR_HOME={q(str(home))}",
+        f"flwr run {q(str(project))} fedrec --run-config "
+        + q("num-rounds=20 fraction-train=1.0 run-dir='runs/deployed'")
+        + " --stream",
+        "",
+        "# 5. a device: rank for its own user with the latest global model, offline",
+        "fedrec recommend /path/to/n0/data/fedrec-state/model-cache --history 1,50,181",
     ]
     return "\n".join(lines) + "\n"
 
@@ -240,3 +255,18 @@ def device_folders(src: Path, out: Path, devices: int) -> list[Path]:
             (folder / USERS).write_text("\n".join([uhead, *keep]) + "\n", encoding="utf-8")
         folders.append(folder)
     return folders
+
+
+def init_deployment(
+    root: Path, *, nodes: list[str], superlink: str = "127.0.0.1:8000", hosts: tuple[str, ...] = ()
+) -> tuple[Credentials, str]:
+    """Credentials, ``root/flwr-home/config.toml`` and ``root/commands.sh`` for a deployment."""
+    host = superlink.rpartition(":")[0]
+    if not host or not superlink.rpartition(":")[2].isdigit():
+        raise ValueError(f"--superlink {superlink!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
+    names = tuple(dict.fromkeys((host, *hosts, "localhost", "127.0.0.1")))
+    creds = make_credentials(root, nodes=nodes, hosts=names)
+    flwr_home_config(root / "flwr-home", name="fedrec", control=superlink, ca_cert=creds.ca_cert)
+    text = commands(creds, superlink=superlink)
+    (root / "commands.sh").write_text("#!/usr/bin/env bash\n" + text)
+    return creds, text

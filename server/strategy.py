@@ -110,7 +110,11 @@ class FedRecStrategy(FedAvg):
                     lines.append(salvaged)
                 continue
             trained = bool(metrics.get("trained", 0))
-            line = self._ledger_line(name, rnd, metrics, trained) if self.cfg.dp else None
+            line = (
+                self._ledger_line(name, rnd, metrics, trained) | _history_field(msg)
+                if self.cfg.dp
+                else None
+            )
             if trained:
                 try:
                     if "arrays" not in msg.content.array_records:
@@ -207,9 +211,8 @@ class FedRecStrategy(FedAvg):
         keys = ("epsilon", "steps", "noise-multiplier", "sample-rate", "trained")
         if not all(isinstance(m.get(k), (int, float)) and m[k] == m[k] for k in keys):
             return None
-        return self._ledger_line(_client_name(msg), rnd, m, bool(m["trained"])) | {
-            "accepted": False
-        }
+        line = self._ledger_line(_client_name(msg), rnd, m, bool(m["trained"]))
+        return line | _history_field(msg) | {"accepted": False}
 
     def _ledger_line(
         self, name: str, rnd: int, metrics: dict[str, Any], trained: bool
@@ -277,6 +280,20 @@ class FedRecStrategy(FedAvg):
         result["num-queries"] = float(n)
         self.federated_eval[server_round + self.round_offset] = dict(result)
         return MetricRecord(dict(result.items()))
+
+
+def _history_field(msg: Message) -> dict[str, Any]:
+    """``{"history": [[sigma, q, steps], ...]}`` from a reply's client record, when well formed
+    (the client's whole accountant history; the audit uses it for budget carried over from
+    earlier runs on the same device). Malformed or absent: nothing."""
+    if "client" not in msg.content.config_records:
+        return {}
+    try:
+        runs = json.loads(str(msg.content.config_records["client"].get("history", "")))
+        hist = [[float(s), float(q), int(n)] for s, q, n in runs]
+    except (ValueError, TypeError):
+        return {}
+    return {"history": hist}
 
 
 def _client_name(msg: Message) -> str:

@@ -248,3 +248,26 @@ def test_canaries_join_only_their_clients_examples(tmp_path):
         assert [row[-4:].tolist() for row in ex.context[2:]] == [c for _, c in mine]
         assert (ex.context[:2] == base.context).all() and (ex.context[2:, :2] == -1).all()
     assert sum(plan["included"]) == sum(len(v) for v in client_file(plan)["clients"].values())
+
+
+def test_budget_carried_from_an_earlier_run_is_verified(tmp_path):
+    """A device's budget spans runs: its first line in a new run carries earlier spending."""
+    sigma, q, steps = 1.8, 0.5, 8
+    line = {
+        "client": "dev", "round": 1, "trained": True, "steps": steps, "total_steps": 2 * steps,
+        "sample_rate": q, "noise_multiplier": sigma, "delta": DELTA, "accountant": "rdp",
+        "epsilon_after": epsilon_spent(history=[(sigma, q, 2 * steps)], delta=DELTA),
+        "history": [[sigma, q, 2 * steps]],
+    }  # fmt: skip
+    audit = audit_ledger(write(tmp_path / "l.jsonl", [line]), budget=8.0)
+    assert audit.ok, errors(audit)
+    assert audit.clients["dev"].carried_steps == steps
+    assert any(f.severity == "note" and "carries 8" in f.message for f in audit.findings)
+    # without the reported history the earlier spending is an unexplained gap
+    del line["history"]
+    audit = audit_ledger(write(tmp_path / "l2.jsonl", [line]), budget=8.0)
+    assert any("gap" in m for m in errors(audit))
+    # a history that does not add up to the total is not believed either
+    line["history"] = [[sigma, q, steps]]
+    audit = audit_ledger(write(tmp_path / "l3.jsonl", [line]), budget=8.0)
+    assert not audit.ok

@@ -38,7 +38,31 @@ from fedrec.shared.privacy.accounting import ACCOUNTANTS, Run, epsilon_spent
 TOLERANCE = 0.01  # relative; the issue's target is agreement within 1 %
 _ABS_TOL = 1e-6  # epsilon values this small are compared absolutely
 
+
 # field -> (accepted JSON types, check, rule shown in the error message)
+def _carried(first: dict[str, Any]) -> list[Run] | None:
+    """The history a client had before its first line in this ledger, from the line's reported
+    ``history`` (after the round) minus the round itself; None when it carried nothing or did
+    not report it (then any earlier spending shows up as a gap)."""
+    hist, total = first.get("history"), int(first.get("total_steps", -1))
+    trained = bool(first.get("trained", first["steps"] > 0)) and first["steps"] > 0
+    own = first["steps"] if trained else 0
+    if not isinstance(hist, list) or total <= own:
+        return None
+    try:
+        runs = [(float(s), float(q), int(n)) for s, q, n in hist]
+    except (TypeError, ValueError):
+        return None
+    if trained:  # remove this round from the end (Opacus merges equal (sigma, q) runs)
+        s, q, n = runs[-1]
+        if (s, q) != (float(first["noise_multiplier"]), float(first["sample_rate"])) or n < own:
+            return None
+        runs = runs[:-1] + ([(s, q, n - own)] if n > own else [])
+    if sum(n for _s, _q, n in runs) != total - own:
+        return None
+    return runs
+
+
 _FIELDS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "client": ((str,), lambda v: v != "", "a non-empty string"),
     "round": ((int,), lambda v: v >= 1, "an integer >= 1"),
@@ -55,12 +79,13 @@ _OPTIONAL: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "epsilon_max": ((int, float), lambda v: v > 0, "a number > 0"),
     "total_steps": ((int,), lambda v: v >= -1, "an integer (-1 = not reported)"),
     "max_grad_norm": ((int, float), lambda v: v > 0, "a number > 0"),
+    "history": ((list,), lambda v: True, "a list of [sigma, q, steps]"),
 }
 
 
 @dataclass
 class Finding:
-    severity: str  # "error" | "warning"
+    severity: str  # "error" | "warning" | "note"
     message: str
     client: str | None = None
     round: int | None = None
@@ -95,6 +120,7 @@ class ClientAudit:
     budget_left: float | None = None
     more_rounds: int | None = None  # rounds it could still join at its last round's settings
     history: list[Run] = field(default_factory=list)
+    carried_steps: int = 0  # steps spent before this run (a device's budget spans runs)
     trajectory: list[tuple[int, float]] = field(default_factory=list)  # (round, recomputed eps)
 
 
@@ -254,6 +280,20 @@ def audit_ledger(
         first = rows[0][1]
         c.delta, c.accountant = float(first["delta"]), str(first["accountant"])
         steps_so_far = 0
+        prior = _carried(rows[0][1])
+        if prior is not None:
+            c.history = list(prior)
+            steps_so_far = c.carried_steps = sum(n for _s, _q, n in prior)
+            findings.append(
+                Finding(
+                    "note",
+                    f"carries {steps_so_far} DP steps from before this run (the device's own "
+                    "budget history, reported by the client; included in every epsilon here)",
+                    name,
+                    rows[0][1]["round"],
+                    rows[0][0],
+                )
+            )
         for no, e in rows:
             rnd = e["round"]
             trained = bool(e.get("trained", e["steps"] > 0))
