@@ -216,6 +216,9 @@ def test_deployment_on_loopback(deployment, tiny_backbone, synth_dir):
     assert n2["trained"] and n2["steps"] == 2
     assert n2["total_steps"] == steps_before + n2["steps"]
     assert n2["epsilon_after"] > eps_before
+    audit = run([str(BIN / "fedrec"), "audit", str(run2), "--json"], env)
+    assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr
+    assert json.loads(audit.stdout)["clients"]["n2"]["carried_steps"] == steps_before
 
     # on-device inference from the device's cache of the global model, no network
     cache = d["devices"][0] / "fedrec-state" / "model-cache"
