@@ -294,7 +294,8 @@ def simulate_cmd(
         loss = "-" if info["loss"] is None else f"{info['loss']:.3f}"
         err.print(
             f"  round {info['round']:>3}/{cfg.num_rounds}: clients {info['accepted']}"
-            f" (refused {info['refused']}, rejected {info['rejected']}, failed {info['failed']})"
+            f" (refused {info['refused']}, rejected {info['rejected']}, failed {info['failed']},"
+            f" no reply {info.get('no_reply', 0)})"
             f" | loss {loss} | epsilon max {info['epsilon_max']:.3f}"
         )
 
@@ -342,6 +343,9 @@ def audit_cmd(
         ),  # fmt: skip
     ] = False,
     canaries: Annotated[int, typer.Option(help="--empirical: number of canaries.")] = 1000,
+    rescore: Annotated[
+        bool, typer.Option(help="--empirical: attack the existing audit run again, no training.")
+    ] = False,
     seed: Annotated[int, typer.Option(help="--empirical: canary placement seed.")] = 0,
     set_: Annotated[
         list[str] | None,
@@ -365,7 +369,7 @@ def audit_cmd(
     if not 0 < tolerance < 1:
         _fail(f"--tolerance {tolerance}: must be in (0, 1)", 2)
     if empirical:
-        _empirical(run, canaries, seed, set_ or [], as_json)
+        _empirical(run, canaries, seed, set_ or [], as_json, rescore)
         return
     try:
         report, text = audit_run(run, accountant=accountant, tolerance=tolerance)
@@ -379,7 +383,9 @@ def audit_cmd(
         raise typer.Exit(1)
 
 
-def _empirical(run: Path, canaries: int, seed: int, sets: list[str], as_json: bool) -> None:
+def _empirical(
+    run: Path, canaries: int, seed: int, sets: list[str], as_json: bool, rescore: bool
+) -> None:
     from dataclasses import replace
 
     from fedrec.server.empirical import run_empirical
@@ -398,7 +404,9 @@ def _empirical(run: Path, canaries: int, seed: int, sets: list[str], as_json: bo
             err.print(f"  audit run: round {info['round']}/{cfg.num_rounds} done")
 
     try:
-        rep = run_empirical(run, cfg, canaries=canaries, seed=seed, on_round=on_round)
+        rep = run_empirical(
+            run, cfg, canaries=canaries, seed=seed, on_round=on_round, rescore=rescore
+        )
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e), 2)
     if as_json:

@@ -12,14 +12,15 @@ items) to its data. That example is one interaction under the per-interaction gu
 run's claimed epsilon covers it. Clients only receive the canaries included for them (the
 ``audit-canaries`` run-config file); the in/out assignment stays with the auditor.
 
-Attack. The membership score of a canary is the global model's logit for the canary item given
-its context (item bias + user-item similarity): training on the canary pushes it up. Reported:
+Attack. The membership score of a canary is what training moved that only the canary can move:
+its item's bias in the global model (a white-box attack on the released model; without an item
+bias, the canary's logit given its context minus the untrained model's). Reported:
 ROC AUC of the score between included and excluded canaries, TPR at 1 % FPR, and the one-run
 lower bound on epsilon.
 
 Lower bound. The auditor guesses "in" for the ``k+`` highest scores and "out" for the ``k-``
-lowest, abstaining on the rest; ``r = k+ + k-`` guesses, ``v`` correct. If the training is
-(eps, delta)-DP, P[v >= observed] is at most
+lowest (``k-`` = 0 or ``k+``), abstaining on the rest; ``r = k+ + k-`` guesses, ``v``
+correct. If the training is (eps, delta)-DP, P[v >= observed] is at most
 ``P[Binomial(r, q) >= v] + 2 m delta max_i P[v - i <= Binomial(r, q) < v] / i``, with
 ``q = e^eps / (1 + e^eps)`` (their Theorem for (eps, delta)). The bound is the largest eps whose
 p-value is below ``1 - confidence``. The guess sizes are a fixed list declared here, and the
@@ -101,22 +102,28 @@ def membership_stats(scores: np.ndarray, included: np.ndarray) -> dict[str, floa
 def one_run_bound(
     scores: np.ndarray, included: np.ndarray, delta: float, confidence: float = CONFIDENCE
 ) -> dict[str, Any]:
-    """Best Bonferroni-corrected lower bound over the declared guess sizes, and the ceiling."""
+    """Best Bonferroni-corrected lower bound over the declared guesses, and the ceiling.
+
+    Declared guesses, for each fraction f: "in" for the top f*m scores only, and "in" for the
+    top f*m with "out" for the bottom f*m. (Top-only suits canaries of clients that never
+    trained: they look exactly like excluded ones, so "out" guesses on them are coin flips.)
+    """
     m = len(scores)
     order = np.argsort(-scores, kind="stable")
-    level = (1 - confidence) / len(GUESS_FRACTIONS)
+    plans = [(max(1, int(f * m)), b) for f in GUESS_FRACTIONS for b in (False, True)]
+    plans = [(k, b) for k, b in plans if (2 * k if b else k) <= m]
+    level = (1 - confidence) / len(plans)
     best: dict[str, Any] = {"epsilon": 0.0, "guesses": 0, "correct": 0}
     ceiling = 0.0
-    for frac in GUESS_FRACTIONS:
-        k = max(1, int(frac * m))
-        if 2 * k > m:
-            continue
-        top, bottom = order[:k], order[m - k :]
-        v = int(included[top].sum() + (~included[bottom]).sum())
-        eps = epsilon_lower_bound(m, 2 * k, v, delta, level)
-        ceiling = max(ceiling, epsilon_lower_bound(m, 2 * k, 2 * k, delta, level))
+    for k, both in plans:
+        top = order[:k]
+        v, r = int(included[top].sum()), k
+        if both:
+            v, r = v + int((~included[order[m - k :]]).sum()), 2 * k
+        eps = epsilon_lower_bound(m, r, v, delta, level)
+        ceiling = max(ceiling, epsilon_lower_bound(m, r, r, delta, level))
         if eps > best["epsilon"]:
-            best = {"epsilon": eps, "guesses": 2 * k, "correct": v}
+            best = {"epsilon": eps, "guesses": r, "correct": v}
     return {**best, "ceiling": ceiling, "confidence": confidence, "canaries": m}
 
 
@@ -178,8 +185,8 @@ def client_file(plan: dict[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def canary_scores(model: Any, plan: dict[str, Any]) -> np.ndarray:
-    """The global model's logit for each canary item given its context."""
+def canary_logits(model: Any, plan: dict[str, Any]) -> np.ndarray:
+    """The model's logit for each canary item given its context."""
     from fedrec.shared.model.examples import right_aligned
 
     model.eval()
@@ -196,6 +203,23 @@ def canary_scores(model: Any, plan: dict[str, Any]) -> np.ndarray:
     return logits[torch.arange(len(idx)), idx].numpy()
 
 
+def canary_scores(model: Any, plan: dict[str, Any]) -> np.ndarray:
+    """Membership score of each canary: how far training moved what only the canary can move.
+
+    With an item bias (the default), the canary item's own bias: it starts at 0 and only the
+    canary's example (as a target) pushes it up; as a sampled negative anywhere it moves down a
+    little, included or not. Without one, the final model's logit minus the initial model's
+    (same config and seed, untrained), which cancels what the random text alone gives it."""
+    if getattr(model, "item_bias", None) is not None:
+        return model.item_bias.detach().numpy()[np.asarray(plan["item"])].astype(np.float64)
+    from fedrec.shared.backbone import load_backbone
+    from fedrec.shared.model.towers import RecModel
+
+    base, tok = load_backbone(model.cfg.backbone)
+    initial = RecModel(base, tok, model.item_texts, model.cfg, with_cache=False)
+    return canary_logits(model, plan) - canary_logits(initial, plan)
+
+
 # --- the audit run -----------------------------------------------------------------------------
 def run_empirical(
     run: Path,
@@ -205,19 +229,28 @@ def run_empirical(
     seed: int = 0,
     context_len: int = 5,
     on_round: Any = None,
+    rescore: bool = False,
 ) -> dict[str, Any]:
-    """Train ``cfg`` with canaries under ``RUN/privacy/empirical/`` and attack the result."""
+    """Train ``cfg`` with canaries under ``RUN/privacy/empirical/`` and attack the result
+    (``rescore``: attack the existing audit run again instead of training)."""
     from fedrec.client.runtime import resolve_data_dir
     from fedrec.server.simulate import n_clients, simulate
     from fedrec.shared.data import load_dataset
-    from fedrec.shared.model.artifacts import load_model
-    from fedrec.shared.privacy.report import audit_run
+    from fedrec.shared.privacy.report import load_fed_config
 
     if canaries < 20:
         raise ValueError(f"--canaries {canaries}: use at least 20 (1000 is typical)")
     if cfg.use_profile:
         raise ValueError("the empirical audit does not support use-profile=true")
     base = run / "privacy" / "empirical"
+    out = base / "run"
+    if rescore:
+        if not (out / "metrics.json").is_file() or not (base / "plan.json").is_file():
+            raise FileNotFoundError(f"{base}: no finished audit run to rescore")
+        plan = json.loads((base / "plan.json").read_text())
+        result = json.loads((out / "metrics.json").read_text())
+        cfg = replace(load_fed_config(out), audit_canaries="")
+        return _report(run, cfg, plan, result, out, canaries=len(plan["item"]), seed=seed)
     rng = np.random.default_rng(seed)
     data = base / "data"
     ids = write_canary_data(resolve_data_dir(cfg.data), data, canaries, rng)
@@ -230,10 +263,25 @@ def run_empirical(
     (base / "plan.json").write_text(json.dumps(plan))  # the auditor's secret: who is in
     (base / "canaries.json").write_text(json.dumps(client_file(plan)))
     audit_cfg = replace(cfg, data=str(data), audit_canaries=str(base / "canaries.json"))
-    out = base / "run"
     if out.exists():
         shutil.rmtree(out)
     result = simulate(audit_cfg, out, baselines="none", on_round=on_round)
+    return _report(run, cfg, plan, result, out, canaries=canaries, seed=seed)
+
+
+def _report(
+    run: Path,
+    cfg: FedConfig,
+    plan: dict[str, Any],
+    result: dict[str, Any],
+    out: Path,
+    *,
+    canaries: int,
+    seed: int,
+) -> dict[str, Any]:
+    from fedrec.shared.model.artifacts import load_model
+    from fedrec.shared.privacy.report import audit_run
+
     model, _ = load_model(out, backbone=cfg.backbone)
     scores = canary_scores(model, plan)
     included = np.asarray(plan["included"])

@@ -62,6 +62,7 @@ class FedRecStrategy(FedAvg):
         self.cfg = cfg
         self.template = template
         self.ledger = ledger
+        self._sent: dict[int, int] = {}  # round -> messages sent (to count silent clients)
         self.round_offset = round_offset
         self.on_round = on_round
         self.current: dict[str, torch.Tensor] = dict(template)
@@ -83,7 +84,11 @@ class FedRecStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.current = from_record(arrays)
-        return super().configure_train(server_round + self.round_offset, arrays, config, grid)
+        messages = list(
+            super().configure_train(server_round + self.round_offset, arrays, config, grid)
+        )
+        self._sent[server_round + self.round_offset] = len(messages)
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -141,8 +146,21 @@ class FedRecStrategy(FedAvg):
                 eps.append(float(metrics["epsilon"]))
                 lines.append(line)
         self._append_ledger(lines)
+        silent = max(0, self._sent.get(rnd, len(replies)) - len(replies))
+        if silent:
+            log.warning(
+                "round %d: %d sampled client(s) did not reply within round-timeout=%ss: their "
+                "updates are lost and, if they trained, their spending is not on this round's "
+                "ledger (their own budget files have it; `fedrec audit` reports the gap at their "
+                "next reply)",
+                rnd,
+                silent,
+                self.cfg.round_timeout,
+            )
         info: dict[str, Any] = {
             "round": rnd,
+            "sent": self._sent.get(rnd, len(replies)),
+            "no_reply": silent,
             "replies": len(replies),
             "accepted": len(accepted),
             "refused": refused,

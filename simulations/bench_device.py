@@ -66,16 +66,15 @@ def main() -> None:
     from fedrec.shared.federation.params import nbytes, to_record, travelling_state
     from fedrec.shared.rundir import versions, write_json
 
-    TaskIdentity._run_id = 1  # type: ignore[assignment]  # Messages need a run identity
-    TaskIdentity._node_id = 0  # type: ignore[assignment]  # outside a Flower run
-    TaskIdentity._task_id = 1  # type: ignore[assignment]
+    # Messages need a run identity outside a Flower run
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = 1, 0, 1
     cfg = FedConfig()
     work = Path(tempfile.mkdtemp(prefix="fedrec-device-"))
     src = resolve_data_dir(cfg.data)
     one = work / "one-user"
     _single_user_folder(src, one, args.user)
     device = device_folders(one, work / "devices", 1)[0]
-    node = {"data-dir": str(device), "client-id": "bench"}
+    node: dict[str, bool | float | int | str] = {"data-dir": str(device), "client-id": "bench"}
     context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
 
     from fedrec.client.runtime import client_state
