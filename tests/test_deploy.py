@@ -228,3 +228,45 @@ def test_deployment_on_loopback(deployment, tiny_backbone, synth_dir):
     )
     assert rec.returncode == 0, rec.stderr
     assert len(json.loads(rec.stdout)) == 5
+
+
+def test_deploy_cli_credentials_and_device_folders(tmp_path, synth_dir):
+    """`fedrec deploy init/add-node/split-data`: files, modes, SANs, no overwrite, clear errors."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    fedrec = [str(BIN / "fedrec"), "deploy"]
+    env = dict(os.environ)
+    out = run([*fedrec, "init", str(tmp_path / "d"), "--nodes", "a,b", "--superlink",
+               "10.1.2.3:8443", "--host", "fedrec.example"], env)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "--enable-supernode-auth" in out.stdout and "flwr supernode register" in out.stdout
+    d = tmp_path / "d"
+    for key in ("ca.key", "server.key", "a.key", "b.key"):
+        assert (d / key).stat().st_mode & 0o777 == 0o600, key
+    cert = x509.load_pem_x509_certificate((d / "server.pem").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    names = {str(v) for v in sans.get_values_for_type(x509.IPAddress)} | set(
+        sans.get_values_for_type(x509.DNSName)
+    )
+    assert {"10.1.2.3", "127.0.0.1", "fedrec.example", "localhost"} <= names
+    load_ssh_public_key((d / "a.pub").read_bytes())  # the format `flwr supernode register` reads
+    assert '"10.1.2.3:8443"' in (d / "flwr-home" / "config.toml").read_text()
+    again = run([*fedrec, "init", str(d), "--nodes", "a"], env)
+    assert again.returncode == 2 and "never overwritten" in again.stderr
+    assert run([*fedrec, "add-node", str(d), "c"], env).returncode == 0
+    assert (d / "c.key").is_file()
+    bad = run([*fedrec, "init", str(tmp_path / "e"), "--nodes", "a", "--superlink", "nohost"], env)
+    assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
+    split = run(
+        [*fedrec, "split-data", str(synth_dir), str(tmp_path / "dev"), "--devices", "3"], env
+    )
+    assert split.returncode == 0, split.stderr
+    users = set()
+    for i in range(3):
+        folder = tmp_path / "dev" / f"device-{i}"
+        assert (folder / "items.tsv").read_bytes() == (synth_dir / "items.tsv").read_bytes()
+        rows = (folder / "interactions.tsv").read_text().splitlines()[1:]
+        mine = {r.split("\t")[0] for r in rows}
+        assert mine and not (mine & users)  # every device has its own users only
+        users |= mine
