@@ -79,13 +79,23 @@ class ContextStore:
             self.file.save(history)
 
 
+def device_state_dir(node: Any) -> Path | None:
+    """A device's own state folder (``state-dir``, default ``<data-dir>/fedrec-state``); None in
+    simulation, where clients have no folder of their own."""
+    if "state-dir" in node:
+        return Path(str(node["state-dir"]))
+    if "data-dir" in node:
+        return Path(str(node["data-dir"])) / "fedrec-state"
+    return None
+
+
 def budget_store(context: Context, name: str, extra: dict[str, Any]):  # noqa: ANN201
     node = context.node_config
-    if "state-dir" in node or "data-dir" in node:
+    state = device_state_dir(node)
+    if state is not None:
         # A device: its budget lives in a file on the device (default: next to its data), so a
         # restarted SuperNode, or a new run, continues the same history instead of restarting
         # from zero. The budget is the device's, across all runs.
-        state = Path(str(node.get("state-dir") or Path(str(node["data-dir"])) / "fedrec-state"))
         return FileStore(state / "privacy-budget.json")
     run_dir = extra.get("run-dir")
     file = Path(str(run_dir)) / "privacy" / "clients" / f"{name}.json" if run_dir else None
@@ -107,8 +117,8 @@ def cache_global(client: ClientState, node: Any) -> Path | None:
     from fedrec.shared.model.artifacts import save_model
     from fedrec.shared.model.run_central import item_titles
 
-    data = Path(str(node["data-dir"]))
-    state = Path(str(node.get("state-dir") or data / "fedrec-state"))
+    state = device_state_dir(node)
+    assert state is not None
     state.mkdir(parents=True, exist_ok=True)
     ds = client.dataset
     assert ds is not None
