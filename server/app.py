@@ -34,6 +34,13 @@ from fedrec.client.runtime import (
 )
 from fedrec.server.outputs import write_outputs
 from fedrec.server.strategy import FedRecStrategy
+from fedrec.server.user_dp import (
+    UserLevelDP,
+    reseed_numpy,
+    sample_size,
+    user_level_summary,
+    user_noise_multiplier,
+)
 from fedrec.shared.evaluation import evaluate
 from fedrec.shared.federation.config import FedConfig, parse_run_config
 from fedrec.shared.federation.params import (
@@ -145,12 +152,32 @@ def run_federation(
         on_round=on_round,
     )
     strategy.optimizer.load(opt_state)
+    runner: FedRecStrategy | UserLevelDP = strategy
+    user_dp: dict[str, Any] | None = None
+    if cfg.user_dp:
+        reseed_numpy()
+        clients = len(list(grid.get_node_ids()))
+        sampled = sample_size(cfg, clients)
+        z = user_noise_multiplier(cfg)
+        runner = UserLevelDP(strategy, num_sampled=sampled, noise_multiplier=z)
+        user_dp = {"noise_multiplier": z, "sampled": sampled, "clients": clients}
+        log.info(
+            "user-level DP: %d of %d clients per round, clip %.3g, noise multiplier %.4f "
+            "(calibrated for %d releases at epsilon %.3g, delta %.3g, no amplification)",
+            sampled,
+            clients,
+            cfg.user_clip,
+            z,
+            cfg.num_rounds,
+            cfg.user_epsilon,
+            cfg.user_delta,
+        )
     train_config = ConfigRecord(
         {**cfg.to_flat(), "catalog": catalog_digest(ds.item_texts()), "run-dir": str(run.resolve())}
     )
     remaining = cfg.num_rounds - offset
     if remaining > 0:
-        result = strategy.start(
+        result = runner.start(
             grid=grid,
             initial_arrays=to_record(state),
             num_rounds=remaining,
@@ -161,6 +188,16 @@ def run_federation(
         )
         if result.arrays is not None and len(result.arrays):
             load_travelling(model, from_record(result.arrays))
+    user_level = None
+    if user_dp is not None:
+        releases = offset + sum(1 for r in strategy.rounds if r.get("aggregated"))
+        user_level = user_level_summary(
+            cfg,
+            noise_multiplier=user_dp["noise_multiplier"],
+            releases=releases,
+            sampled=user_dp["sampled"],
+            clients=user_dp["clients"],
+        )
     return write_outputs(
         run,
         cfg,
@@ -174,6 +211,7 @@ def run_federation(
         upload_bytes=nbytes(state),
         baselines=baselines,
         seconds=time.perf_counter() - t0,
+        user_level=user_level,
     )
 
 

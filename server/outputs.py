@@ -53,6 +53,7 @@ def write_outputs(
     upload_bytes: int,
     baselines: str,
     seconds: float,
+    user_level: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     scorer = ModelScorer(model, bank)
     result: dict[str, Any] = {"protocol": cfg.protocol, "command": "simulate"}
@@ -71,6 +72,7 @@ def write_outputs(
     result["baselines"] = base["baselines"]
     ledger = read_ledger(run / "privacy" / "ledger.jsonl")
     result["privacy"] = privacy_summary(cfg, ledger)
+    result["privacy"]["user_level"] = user_level or {"enabled": False}
     result["seconds"] = round(seconds, 1)
     write_json(
         run / "config.json",

@@ -68,6 +68,11 @@ class FedRecStrategy(FedAvg):
         self.current: dict[str, torch.Tensor] = dict(template)
         self.optimizer = ServerOptimizer(cfg.server_opt, cfg.server_lr)
         self.rounds: list[dict[str, Any]] = []
+        # user-level DP (fedrec.server.user_dp): divide the sum of changes by the round's sample
+        # size instead of the number accepted; failures the wrapper took out; pre-clip norms
+        self.fixed_denominator: int | None = None
+        self.extra_failed = 0
+        self.pre_clip_norms: list[float] | None = None
         self.federated_eval: dict[int, dict[str, float]] = {}
 
     def summary(self) -> None:
@@ -96,7 +101,8 @@ class FedRecStrategy(FedAvg):
         rnd = server_round + self.round_offset
         replies = list(replies)
         accepted: list[dict[str, torch.Tensor]] = []
-        losses, eps, refused, rejected, failed, seconds = [], [], 0, 0, 0, []
+        losses, eps, refused, rejected, failed, seconds = [], [], 0, 0, self.extra_failed, []
+        self.extra_failed = 0
         lines = []
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -170,7 +176,9 @@ class FedRecStrategy(FedAvg):
             "epsilon_max": max(eps) if eps else 0.0,
             "epsilon_median": statistics.median(eps) if eps else 0.0,
             "client_seconds_median": statistics.median(seconds) if seconds else None,
+            "update_norm_median": _median_norm(accepted, self.current, self.pre_clip_norms),
         }
+        self.pre_clip_norms = None
         new = None
         if len(accepted) < self.cfg.min_replies:
             log.warning(
@@ -215,9 +223,13 @@ class FedRecStrategy(FedAvg):
         return _client_name(msg), metrics
 
     def _mean_step(self, updates: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The server optimizer applied to mean_k(update_k - global), per tensor."""
+        """The server optimizer applied to mean_k(update_k - global), per tensor.
+
+        With a fixed denominator (user-level DP) the sum of changes is divided by the round's
+        sample size: clients that sent no accepted update count as a zero change."""
+        n = self.fixed_denominator or len(updates)
         delta = {
-            k: torch.stack([u[k] for u in updates]).mean(0) - g for k, g in self.current.items()
+            k: torch.stack([u[k] - g for u in updates]).sum(0) / n for k, g in self.current.items()
         }
         return self.optimizer.step(self.current, delta)
 
@@ -298,6 +310,23 @@ class FedRecStrategy(FedAvg):
         result["num-queries"] = float(n)
         self.federated_eval[server_round + self.round_offset] = dict(result)
         return MetricRecord(dict(result.items()))
+
+
+def _median_norm(
+    updates: list[dict[str, torch.Tensor]],
+    current: dict[str, torch.Tensor],
+    given: list[float] | None,
+) -> float | None:
+    """Median L2 norm of the clients' whole changes (what user-level DP's ``user-clip`` clips)."""
+    if given:
+        return statistics.median(given)
+    if not updates:
+        return None
+    norms = [
+        sum(float(((u[k] - g).double() ** 2).sum()) for k, g in current.items()) ** 0.5
+        for u in updates
+    ]
+    return statistics.median(norms)
 
 
 def _history_field(msg: Message) -> dict[str, Any]:

@@ -111,3 +111,53 @@ def test_server_adam_matches_hand_computation():
     m2, v2 = 0.9 * m + 0.1 * d["x"], 0.99 * v + 0.01 * d["x"] ** 2
     assert torch.allclose(out2["x"], out["x"] + 0.1 * m2 / (v2.sqrt() + 1e-3))
     assert np.isfinite(out2["x"].numpy()).all()
+
+
+def test_user_level_dp_clips_divides_by_the_sample_and_adds_calibrated_noise(tmp_path, caplog):
+    """Flower's fixed-clipping wrapper under fedrec: clip to C, sum / n (fixed), noise z*C/n."""
+    from fedrec.server.user_dp import UserLevelDP
+
+    big = {"lora.B": torch.zeros(100, 100)}
+    cfg = FedConfig(min_replies=2, server_opt="sgd", server_lr=1.0, user_dp=True, user_clip=2.0)
+    inner = FedRecStrategy(cfg, template=dict(big), ledger=tmp_path / "ledger.jsonl")
+    z, n = 0.5, 5
+    w = UserLevelDP(inner, num_sampled=n, noise_multiplier=z)
+    w.current_arrays = to_record(big)
+    inner.current = dict(big)
+    up = {"lora.B": torch.full((100, 100), 0.1)}  # norm 10: clipped to 2
+    small = {"lora.B": torch.full((100, 100), 0.001)}  # norm 0.1: kept
+    to_node = Message(content=RecordDict(), dst_node_id=9, message_type="train")
+    failed = Message(Error(code=0, reason="client crashed"), reply_to=to_node)
+    bad = _reply(4, {"lora.B": torch.zeros(3, 3)})  # wrong shape: would crash the clipping
+    replies = [_reply(1, up), _reply(2, small), failed, bad]
+    with caplog.at_level(logging.WARNING, logger="fedrec.server"):
+        arrays, metrics = w.aggregate_train(1, replies)
+    assert arrays is not None  # one failed client does not stop the round
+    got = torch.from_numpy(arrays["lora.B"].numpy()).double()
+    expected = (0.1 * 2.0 / 10.0 + 0.001) / n  # clipped sum over the FIXED sample size n
+    noise = got - expected
+    assert abs(float(noise.mean())) < 5 * z * 2.0 / n / 100  # 10,000 draws: mean ~ 0
+    assert float(noise.std()) == pytest.approx(z * 2.0 / n, rel=0.05)
+    assert metrics["failed"] == 1 and metrics["rejected"] == 1 and metrics["accepted"] == 2
+    assert "client crashed" in caplog.text and "removed before clipping" in caplog.text
+    assert metrics["update_norm_median"] == pytest.approx((10.0 + 0.1) / 2, rel=1e-4)
+
+
+def test_user_level_dp_needs_plain_server_averaging():
+    with pytest.raises(ValueError, match="user-dp=true needs server-opt=sgd"):
+        FedConfig(user_dp=True, server_opt="adam")
+    with pytest.raises(ValueError, match="user-dp=true needs server-opt=sgd"):
+        FedConfig(user_dp=True, server_lr=2.0)
+
+
+def test_user_level_noise_is_calibrated_without_amplification():
+    from fedrec.shared.privacy.accounting import epsilon_spent
+    from fedrec.shared.privacy.user_level import user_level_summary, user_noise_multiplier
+
+    cfg = FedConfig(user_dp=True, num_rounds=10, user_epsilon=4.0, user_delta=1e-3)
+    z = user_noise_multiplier(cfg)
+    assert epsilon_spent(history=[(z, 1.0, 10)], delta=1e-3) <= 4.0
+    assert epsilon_spent(history=[(z * 0.97, 1.0, 10)], delta=1e-3) > 4.0  # not over-noised
+    s = user_level_summary(cfg, noise_multiplier=z, releases=10, sampled=94, clients=943)
+    assert s["epsilon"] <= 4.0 and s["epsilon_if_poisson_sampling"] < s["epsilon"]
+    assert s["noise_std"] == pytest.approx(z * cfg.user_clip / 94)

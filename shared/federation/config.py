@@ -81,6 +81,18 @@ class FedConfig:
     accountant: str = "rdp"
     noise_multiplier: float = 0.0
     planned_rounds: int = 0
+    # user-level DP (DP-FedAvg, Flower's DifferentialPrivacyServerSideFixedClipping wrapper):
+    # each client's whole update is clipped to ``user-clip`` (L2) on the server, the sum over the
+    # round's fixed sample is divided by the sample size and Gaussian noise of std
+    # ``z * user-clip / sample`` is added. ``z`` is calibrated so that ``num-rounds`` releases,
+    # accounted with no sampling amplification, spend (``user-epsilon``, ``user-delta``);
+    # ``user-noise-multiplier`` > 0 fixes it instead. Unit: one client (= one user with
+    # partition=user; a whole silo with partition=silo).
+    user_dp: bool = False
+    user_clip: float = 1.0
+    user_epsilon: float = 8.0
+    user_delta: float = 1e-3
+    user_noise_multiplier: float = 0.0
     # empirical privacy audit only (`fedrec audit --empirical`): a JSON file of canary examples
     # per client; each client adds its own to its training examples. Empty = no canaries.
     audit_canaries: str = ""
@@ -116,6 +128,23 @@ class FedConfig:
         _need(self.accountant in ("rdp", "prv"), "accountant", self.accountant, "rdp or prv")
         _need(self.noise_multiplier >= 0, "noise-multiplier", self.noise_multiplier, ">= 0")
         _need(self.planned_rounds >= 0, "planned-rounds", self.planned_rounds, ">= 0")
+        _need(self.user_clip > 0, "user-clip", self.user_clip, "> 0")
+        _need(self.user_epsilon > 0, "user-epsilon", self.user_epsilon, "> 0")
+        _need(0 < self.user_delta < 1, "user-delta", self.user_delta, "0 < delta < 1")
+        _need(
+            self.user_noise_multiplier >= 0,
+            "user-noise-multiplier",
+            self.user_noise_multiplier,
+            ">= 0",
+        )
+        if self.user_dp:
+            _need(
+                self.server_opt == "sgd" and self.server_lr == 1.0,
+                "server-opt",
+                f"{self.server_opt} (server-lr {self.server_lr})",
+                "user-dp=true needs server-opt=sgd and server-lr=1.0: the noise is added to the "
+                "mean update, and a server optimizer after it would change its sensitivity",
+            )
         if not self.dp:
             for key in ("epsilon", "delta", "max_grad_norm", "noise_multiplier", "planned_rounds"):
                 if getattr(self, key) != getattr(FedConfig, key):

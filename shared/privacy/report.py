@@ -19,6 +19,7 @@ from fedrec.shared.federation.config import FedConfig, parse_run_config
 from fedrec.shared.privacy.accounting import ACCOUNTANTS
 from fedrec.shared.privacy.audit import TOLERANCE, Finding, LedgerAudit, audit_ledger, summary
 from fedrec.shared.privacy.statement import statement
+from fedrec.shared.privacy.user_level import audit_user_level
 
 
 def load_fed_config(run: Path) -> FedConfig:
@@ -50,9 +51,25 @@ def audit_run(
         raise ValueError(f"--accountant {accountant!r}: use one of {ACCOUNTANTS}")
     cfg = load_fed_config(run)
     acc = accountant or cfg.accountant
+    user: dict[str, Any] = {"enabled": False}
+    user_problems: list[str] = []
+    if cfg.user_dp:
+        user, user_problems = audit_user_level(run, cfg, tolerance)
     if not cfg.dp:
-        text = statement(cfg, {}) + "\nNo ledger to verify: DP was off, nothing is claimed.\n"
-        return {"run": str(run), "ok": True, "dp": False, "findings": []}, text
+        p = {"user_level": user}
+        text = statement(cfg, p)
+        if cfg.user_dp:
+            text += _user_text(user, user_problems)
+        else:
+            text += "\nNo ledger to verify: DP was off, nothing is claimed.\n"
+        report = {
+            "run": str(run),
+            "ok": not user_problems,
+            "dp": False,
+            "user_level_dp": user,
+            "findings": [{"severity": "error", "message": m} for m in user_problems],
+        }
+        return report, text
     audit = audit_ledger(
         run / "privacy" / "ledger.jsonl",
         tolerance=tolerance,
@@ -71,11 +88,31 @@ def audit_run(
         "delta": cfg.delta,
         "budget": cfg.epsilon,
         "summary": summ,
-        "user_level_dp": False,
+        "user_level_dp": user,
         "secure_aggregation": False,
         **{k: v for k, v in audit.as_dict().items() if k != "ok"},
     }
-    return report, _text(cfg, audit, summ, acc)
+    if user_problems:
+        report["ok"] = False
+        report["findings"] = list(audit.as_dict()["findings"]) + [
+            {"severity": "error", "message": m} for m in user_problems
+        ]
+    text = _text(cfg, audit, summ | {"user_level": user}, acc)
+    if cfg.user_dp:
+        text += _user_text(user, user_problems)
+    return report, text
+
+
+def _user_text(user: dict[str, Any], problems: list[str]) -> str:
+    lines = ["", "## User-level DP verification", ""]
+    if "epsilon_recomputed" in user:
+        lines.append(
+            f"Recomputed from config.json and the aggregated rounds: epsilon "
+            f"{user['epsilon_recomputed']:.4f} at delta {user.get('delta')} over "
+            f"{user['releases_recomputed']} release(s) (claimed {user.get('epsilon', 0):.4f})."
+        )
+    lines += [f"FAIL: {m}" for m in problems] or ["PASS"]
+    return "\n".join(lines) + "\n"
 
 
 def _check_claim(run: Path, audit: LedgerAudit, summ: dict[str, Any], tol: float) -> None:

@@ -13,12 +13,27 @@ from fedrec.shared.federation.config import FedConfig
 
 def statement(cfg: FedConfig, p: dict[str, Any]) -> str:
     """The run's privacy statement (``RUN/privacy/statement.md``); ``fedrec audit`` checks it."""
-    if not cfg.dp:
+    user = p.get("user_level") or {}
+    if not cfg.dp and not cfg.user_dp:
         return (
             "# Privacy statement\n\nDifferential privacy was OFF for this run: client updates are "
             "the plain result of local SGD and carry no formal guarantee. Only adapter tensors "
             "and whitelisted metrics left the clients.\n"
         )
+    parts = ["# Privacy statement", ""]
+    if cfg.dp:
+        parts.append(_local(cfg, p))
+    else:
+        parts.append(
+            "- **Local DP-SGD**: off. Clients train with plain SGD; only the user-level guarantee "
+            "below applies."
+        )
+    parts.append(_user_level(cfg, user))
+    parts.append(_not_protected(cfg))
+    return "\n".join(parts)
+
+
+def _local(cfg: FedConfig, p: dict[str, Any]) -> str:
     hist = ", ".join(f"{k} round(s): {v} client(s)" for k, v in p["rounds_per_client"].items())
     bars = ""
     if p.get("histogram"):
@@ -28,7 +43,7 @@ def statement(cfg: FedConfig, p: dict[str, Any]) -> str:
             for lo, hi, n in p["histogram"]
         ]
         bars = "\n  Distribution of per-client epsilon:\n\n" + "\n".join(rows) + "\n"
-    return f"""# Privacy statement
+    return f"""## Local DP-SGD (per interaction)
 
 - **Unit of privacy**: one interaction (user, item, timestamp) of a client's data.
 - **Adjacency**: add/remove one interaction.
@@ -43,19 +58,46 @@ def statement(cfg: FedConfig, p: dict[str, Any]) -> str:
 - **Per-client epsilon** ({p["clients"]} clients that took part): max {p["epsilon_max"]:.4f},
   median {p["epsilon_median"]:.4f}. Rounds trained per client: {hist or "none"}.
   Refused rounds (budget): {p["refusals"]}.{bars}
-- **User-level DP**: off (not available yet). **Secure aggregation**: off (the server sees each
-  client's noised update).
+"""
 
-## Not protected
-The guarantee covers the adapter tensors each client sends. Everything below is outside it:
+
+def _user_level(cfg: FedConfig, u: dict[str, Any]) -> str:
+    if not cfg.user_dp:
+        return (
+            "- **User-level DP**: off (`user-dp=false`). **Secure aggregation**: off (the server "
+            "sees each client's update).\n"
+        )
+    if not u.get("enabled"):
+        return "## User-level DP\n\nOn, but the run ended before any round was accounted.\n"
+    return f"""## User-level DP (DP-FedAvg, server side)
+
+- **Unit of privacy**: {u["unit"]}. **Adjacency**: {u["adjacency"]}.
+- **Mechanism**: {u["mechanism"]}. Each client's whole update is clipped to L2 norm
+  {u["clip"]}; the clipped sum is divided by the fixed sample size {u["sampled_per_round"]}
+  (of {u["clients"]} clients; missing or rejected clients count as zero) and Gaussian noise of
+  std {u["noise_std"]:.4g} (noise multiplier {u["noise_multiplier"]:.4f}) is added.
+- **epsilon = {u["epsilon"]:.4f} at delta = {u["delta"]}** after {u["releases"]} noisy
+  release(s) (budget {u["epsilon_budget"]}), {u["accounting"]}. Flower samples a fixed number
+  of clients without replacement, which is not the Poisson sampling the amplification bound
+  assumes; under that assumption it would be {u["epsilon_if_poisson_sampling"]:.4f} (not claimed).
+- **Trust**: the server is trusted to clip and add the noise (no secure aggregation: it sees
+  each client's update before noise). The noise is drawn from NumPy's global generator, seeded
+  from OS entropy at server start; not a cryptographically secure generator.
+"""
+
+
+def _not_protected(cfg: FedConfig) -> str:
+    return f"""## Not protected
+The guarantees cover the adapter tensors each client sends (local DP-SGD) and the global model
+the server releases (user-level DP, when on). Everything below is outside them:
 - The number of training examples and the mean training loss each client reports per round:
   computed from the client's data and sent without noise, so they can leak about single
   interactions.
-- A user's whole history: the guarantee is per interaction; a user with many interactions is
-  protected for each one, not for all of them together (user-level DP is off).
+- A user's whole history, unless user-level DP is on: the local guarantee is per interaction; a
+  user with many interactions is protected for each one, not for all of them together.
 - Which clients took part in which round (client ids in the ledger).
 - Profile fields when `use-profile` is on ({cfg.use_profile} in this run): a profile feeds every
   example of its user, so it is not covered by the per-interaction guarantee.
-- Randomness: sampling and noise come from PyTorch's generator seeded from OS entropy, not a
-  cryptographically secure generator (Opacus' secure mode is not used).
+- Randomness: client sampling and noise come from PyTorch's generator seeded from OS entropy,
+  not a cryptographically secure generator (Opacus' secure mode is not used).
 """

@@ -1,0 +1,141 @@
+"""User-level DP (DP-FedAvg) on top of fedrec's strategy, through Flower's own DP wrapper.
+
+``user-dp=true`` wraps :class:`fedrec.server.strategy.FedRecStrategy` in
+:class:`UserLevelDP`, a subclass of Flower's
+``flwr.serverapp.strategy.DifferentialPrivacyServerSideFixedClipping``. Per round, Flower's
+wrapper clips every client's whole update (all travelling tensors together) to L2 norm
+``user-clip`` around the global model it sent, lets the inner strategy aggregate, and adds
+Gaussian noise of standard deviation ``z * user-clip / n`` to the result, ``n`` being the
+round's fixed sample size. That is the Gaussian mechanism on the clipped sum divided by ``n``:
+adding or removing one client's data changes that sum by at most ``user-clip``.
+
+Two things make that true here and are what this module adds around the wrapper:
+
+- **A fixed denominator.** The inner strategy divides the sum of accepted changes by ``n``,
+  the number of clients the round sampled, not by the number that replied: a client that
+  refused (its local budget), failed, timed out or was rejected adds a zero change. Averaging
+  over the replies instead would make the sensitivity ``user-clip / replies``, larger than the
+  noise was calibrated for (McMahan et al. 2018 use the same fixed-denominator estimator).
+- **A round that goes on.** Flower's wrapper skips aggregation when any reply carries an error;
+  fedrec must not stop a round for one failed client (and must still write the ledger lines of
+  the clients that trained). Failed replies are taken out before the wrapper sees them, and
+  updates with wrong keys or shapes, which would make the wrapper's clipping raise, are taken
+  out of their messages so the inner strategy rejects them and logs why.
+
+Accounting. ``z`` is calibrated with Opacus' RDP so that ``num-rounds`` releases spend
+(``user-epsilon``, ``user-delta``) with **no amplification** from client sampling: Flower samples
+a fixed number of clients without replacement, which is not the Poisson sampling the standard
+amplification bound assumes, so no amplification is claimed. The amplified value under a
+Poisson assumption (q = n / clients) is reported beside it, marked as not claimed. A round that
+is not aggregated releases nothing; resumed runs count every round before the checkpoint as a
+release (an over-count, never an under-count).
+
+Unit and adjacency: one client's whole data set, add/remove (user-level with ``partition=user``;
+a whole silo with ``partition=silo``). The noise comes from NumPy's global generator (Flower's
+implementation); :func:`reseed_numpy` seeds it from OS entropy at server start so it does not
+follow a seed anyone else knows. It is not a cryptographically secure generator.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+from fedrec.server.strategy import FedRecStrategy
+from fedrec.shared.federation.config import FedConfig
+from fedrec.shared.federation.params import UpdateError, check_update, from_record
+from fedrec.shared.privacy.user_level import user_level_summary, user_noise_multiplier
+
+__all__ = [
+    "UserLevelDP",
+    "reseed_numpy",
+    "sample_size",
+    "user_level_summary",
+    "user_noise_multiplier",
+]
+
+log = logging.getLogger("fedrec.server")
+
+
+def reseed_numpy() -> None:
+    """Seed NumPy's global generator (Flower's DP noise) from OS entropy."""
+    np.random.seed(secrets.randbits(32))
+
+
+def sample_size(cfg: FedConfig, num_clients: int) -> int:
+    """The number of clients Flower's FedAvg samples per round (its own formula)."""
+    return max(int(num_clients * cfg.fraction_train), cfg.min_replies)
+
+
+class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side fixed-clipping DP wrapper, made safe for fedrec's round semantics."""
+
+    def __init__(self, inner: FedRecStrategy, *, num_sampled: int, noise_multiplier: float):
+        super().__init__(
+            inner,
+            noise_multiplier=noise_multiplier,
+            clipping_norm=inner.cfg.user_clip,
+            num_sampled_clients=num_sampled,
+        )
+        self.inner = inner
+        inner.fixed_denominator = num_sampled
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any):
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if len(messages) != self.num_sampled_clients:
+            raise RuntimeError(
+                f"user-level DP: round {server_round} sampled {len(messages)} clients, but the "
+                f"noise was calibrated for {self.num_sampled_clients}; the number of connected "
+                "clients changed. Stop the run and restart it with the right fraction-train."
+            )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        clean: list[Message] = []
+        failed = 0
+        norms: list[float] = []
+        for msg in replies:
+            if msg.has_error():
+                failed += 1
+                log.warning(
+                    "round %d: client node %d failed: %s (counts as a zero update)",
+                    server_round + self.inner.round_offset,
+                    msg.metadata.src_node_id,
+                    msg.error.reason,
+                )
+                continue
+            if "arrays" in msg.content.array_records:
+                try:
+                    update = check_update(
+                        from_record(msg.content.array_records["arrays"]), self.inner.template
+                    )
+                    current = from_record(self.current_arrays) if len(self.current_arrays) else {}
+                    norms.append(
+                        float(
+                            sum(
+                                float(((update[k] - g).double() ** 2).sum())
+                                for k, g in current.items()
+                            )
+                            ** 0.5
+                        )
+                    )
+                except UpdateError as err:
+                    log.warning(
+                        "round %d: update from node %d removed before clipping: %s",
+                        server_round + self.inner.round_offset,
+                        msg.metadata.src_node_id,
+                        err,
+                    )
+                    del msg.content["arrays"]
+            clean.append(msg)
+        self.inner.extra_failed = failed
+        self.inner.pre_clip_norms = norms
+        return super().aggregate_train(server_round, clean)
