@@ -320,6 +320,48 @@ def simulate_cmd(
     out.print(f"wrote {out_dir} ({result['seconds']} s)")
 
 
+@app.command("suite")
+def suite_cmd(
+    name: Annotated[
+        str, typer.Argument(help="A suite in simulations/suites/ (quick, full) or a TOML path.")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Results folder (resumable).")],
+    only: Annotated[
+        str | None, typer.Option(help="Comma-separated experiment names to run (default: all).")
+    ] = None,
+    report_only: Annotated[
+        bool, typer.Option("--report-only", help="Rebuild report.md and the plots only.")
+    ] = False,
+    list_: Annotated[bool, typer.Option("--list", help="List the suite's experiments.")] = False,
+) -> None:
+    """Run an experiment suite (federated runs, central training, baselines, benchmarks) and
+    write OUT/report.md, OUT/summary.json and the plots. Complete experiments are skipped."""
+    from fedrec.simulations.suite import command, load_suite, run_suite
+    from fedrec.simulations.suite_report import write_report
+
+    try:
+        suite = load_suite(name)
+    except ValueError as e:
+        _fail(str(e), 2)
+    if list_:
+        for exp in suite.experiments:
+            cmd = command(suite, exp, out_dir / "runs" / exp.name)
+            out.print(f"{exp.name:<24} {exp.kind:<10} {exp.protocol}  {' '.join(cmd[2:])}")
+        return
+    if report_only:
+        summary = write_report(suite, out_dir)
+    else:
+        names = [n.strip() for n in only.split(",") if n.strip()] if only else None
+        try:
+            summary = run_suite(suite, out_dir, only=names, log=lambda m: err.print(m))
+        except ValueError as e:
+            _fail(str(e), 2)
+    failed = [k for k, v in summary["experiments"].items() if v["status"] == "failed"]
+    out.print(f"wrote {out_dir / 'report.md'}")
+    if failed:
+        _fail(f"failed experiment(s): {', '.join(failed)} (see their log.txt)", 1)
+
+
 @app.command("audit")
 def audit_cmd(
     run: Annotated[Path, typer.Argument(help="A federated run directory.")],

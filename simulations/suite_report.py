@@ -1,0 +1,339 @@
+"""The report of a suite's results folder: ``report.md``, ``summary.json`` and the plots.
+
+Reads only what the experiments wrote (``runs/<name>/metrics.json``, ``config.json``,
+``bench.json``, ``suite.json``); an experiment that has not run (or failed) is listed as such,
+never filled in. Run it alone with ``fedrec suite NAME --out OUT --report-only``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fedrec.simulations.suite import Experiment, Suite, machine
+
+BASELINE_ORDER = ("popularity", "itemknn", "als", "bpr", "zeroshot", "random")
+TESTS = {"A": ["test"], "B": ["cold_items"], "C": ["k=0", "k=3"]}
+COLS = {"A": ["HR@10", "NDCG@10", "Recall@20", "NDCG@20"], "B": ["Recall@10", "NDCG@10",
+        "Recall@20"], "C": ["Recall@10", "NDCG@10"]}  # fmt: skip
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def collect(suite: Suite, out: Path) -> list[dict[str, Any]]:
+    """One entry per experiment: its status and whatever results files it has."""
+    rows = []
+    for e in suite.experiments:
+        run = out / "runs" / e.name
+        done = _load(run / "suite.json")
+        failed = _load(run / "failed.json")
+        rows.append(
+            {
+                "exp": e,
+                "run": run,
+                "status": "done" if done else ("failed" if failed else "not run"),
+                "suite": done or failed or {},
+                "metrics": _load(run / "metrics.json") if done else None,
+                "config": _load(run / "config.json") if done else None,
+                "bench": _load(run / "bench.json") if done else None,
+            }
+        )
+    return rows
+
+
+def _privacy(r: dict[str, Any]) -> tuple[str, float]:
+    """A label for the privacy column and the epsilon to plot (inf = no DP)."""
+    m, e = r["metrics"], r["exp"]
+    if e.kind == "central":
+        return "none (central)", math.inf
+    p = m.get("privacy", {})
+    parts, eps = [], math.inf
+    if p.get("dp"):
+        eps = float(p["epsilon_max"])
+        parts.append(f"{eps:.2f} / interaction (delta {p['delta']:g})")
+    u = p.get("user_level") or {}
+    if u.get("enabled"):
+        parts.append(f"{u['epsilon']:.2f} / user (delta {u['delta']:g})")
+        eps = min(eps, float(u["epsilon"])) if p.get("dp") else float(u["epsilon"])
+    return ("; ".join(parts) or "none"), eps
+
+
+def _fed_desc(cfg: dict[str, Any]) -> str:
+    f = cfg.get("federation", {})
+    part = "1 user/client" if f.get("partition") == "user" else f"{f.get('silos')} silos"
+    return f"{f.get('aggregator')}, {part}, {f.get('num_rounds')} rounds"
+
+
+def _table(protocol: str, rows: list[dict[str, Any]], base: dict[str, Any] | None) -> list[str]:
+    out: list[str] = []
+    for test in TESTS[protocol]:
+        cols = COLS[protocol]
+        head = f"| protocol {protocol}, {test} | " + " | ".join(cols) + " | privacy (epsilon) |"
+        lines = [head, "|---" * (len(cols) + 2) + "|"]
+        for r in rows:
+            if r["status"] != "done" or r["metrics"] is None or r["exp"].protocol != protocol:
+                continue
+            if r["exp"].kind not in ("central", "simulate"):
+                continue
+            mm = r["metrics"]["model"]["metrics"].get(test)
+            if mm is None:
+                continue
+            label = f"**{r['exp'].label}**"
+            priv, _ = _privacy(r)
+            if r["exp"].kind == "simulate":
+                label += f" ({_fed_desc(r['config'] or {})})"
+            lines.append(
+                f"| {label} | " + " | ".join(f"{mm[c]:.4f}" for c in cols) + f" | {priv} |"
+            )
+        if base:
+            for name in BASELINE_ORDER:
+                b = base["baselines"].get(name)
+                if b is None or test not in b["metrics"]:
+                    continue
+                mm = b["metrics"][test]
+                lines.append(
+                    f"| {name} | " + " | ".join(f"{mm[c]:.4f}" for c in cols) + " | none |"
+                )
+        out += [*lines, ""]
+    return out
+
+
+def _baselines_for(rows: list[dict[str, Any]], protocol: str) -> dict[str, Any] | None:
+    for r in rows:
+        if r["exp"].kind == "baselines" and r["exp"].protocol == protocol and r["metrics"]:
+            return r["metrics"]
+    return None
+
+
+def _plots(out: Path, rows: list[dict[str, Any]]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: list[str] = []
+    sims = [r for r in rows if r["exp"].kind == "simulate" and r["metrics"]]
+    base_a = _baselines_for(rows, "A")
+    central_a = [r for r in rows if r["exp"].kind == "central" and r["exp"].protocol == "A"
+                 and r["metrics"]]  # fmt: skip
+
+    # privacy-utility: NDCG@10 against epsilon for protocol A federated runs
+    pu = [r for r in sims if r["exp"].protocol == "A"]
+    if pu:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        groups: dict[str, list[tuple[float, float]]] = {}
+        finite = [e for r in pu if math.isfinite(e := _privacy(r)[1])]
+        inf_x = (max(finite) * 2.5) if finite else 16.0
+        for r in pu:
+            _, eps = _privacy(r)
+            key = _fed_desc(r["config"] or {})
+            if (r["metrics"]["privacy"].get("user_level") or {}).get("enabled"):
+                key += ", user-level DP"
+            ndcg = r["metrics"]["model"]["metrics"]["test"]["NDCG@10"]
+            groups.setdefault(key, []).append((eps if math.isfinite(eps) else inf_x, ndcg))
+        for i, (key, pts) in enumerate(sorted(groups.items())):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i}", label=key)
+        for j, name in enumerate(("popularity", "itemknn", "bpr", "als", "zeroshot")):
+            b = (base_a or {}).get("baselines", {}).get(name)
+            if b:
+                ax.axhline(b["metrics"]["test"]["NDCG@10"], ls="--", lw=1, color=f"C{j + 4}",
+                           label=f"{name} (central, no DP)")  # fmt: skip
+        for r in central_a:
+            ax.axhline(r["metrics"]["model"]["metrics"]["test"]["NDCG@10"], ls=":", color="k",
+                       label="fedrec train-central (no DP)")  # fmt: skip
+        ax.set_xscale("log")
+        ax.axvline(inf_x / 1.6, color="0.8", lw=0.8)
+        ax.text(inf_x, ax.get_ylim()[0], "no DP", ha="center", va="bottom", fontsize=8)
+        ax.set(xlabel="epsilon (max over clients; log scale)", ylabel="test NDCG@10",
+               title="Privacy-utility, ML-100K protocol A (test)")  # fmt: skip
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        fig.savefig(out / "privacy_utility.png", dpi=110)
+        plt.close(fig)
+        made.append("privacy_utility.png")
+
+    if sims:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+        for i, r in enumerate(sims):
+            m = r["metrics"]["model"]
+            ce = m.get("central_evaluation") or {}
+            if ce and r["exp"].protocol == "A":
+                ks = sorted(ce, key=int)
+                axes[0].plot([int(k) for k in ks], [ce[k]["valid_NDCG@10"] for k in ks], "o-",
+                             color=f"C{i % 10}", label=r["exp"].name)  # fmt: skip
+            rs = m.get("rounds") or []
+            if rs and r["metrics"]["privacy"].get("dp"):
+                axes[1].plot([x["round"] for x in rs], [x["epsilon_max"] for x in rs], ".-",
+                             color=f"C{i % 10}", label=r["exp"].name)  # fmt: skip
+        for name in ("popularity", "itemknn", "bpr", "als"):
+            b = (base_a or {}).get("baselines", {}).get(name)
+            if b and "valid" in b:
+                axes[0].axhline(b["valid"]["NDCG@10"], ls="--", lw=1, color="0.6")
+                axes[0].text(0, b["valid"]["NDCG@10"], name, fontsize=7, va="bottom")
+        axes[0].set(title="validation NDCG@10 per round (protocol A)", xlabel="round")
+        axes[1].set(title="epsilon per round (max over the round's clients)", xlabel="round",
+                    ylabel="epsilon (per interaction)")  # fmt: skip
+        for ax in axes:
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "rounds.png", dpi=110)
+        plt.close(fig)
+        made.append("rounds.png")
+
+    # cold start: B Recall@10, C NDCG@10 at k=0 and k=3
+    bars: dict[str, dict[str, float]] = {}
+    for proto, test, metric in (("B", "cold_items", "Recall@10"), ("C", "k=0", "NDCG@10"),
+                                ("C", "k=3", "NDCG@10")):  # fmt: skip
+        key = f"{proto} {test}\n{metric}"
+        for r in rows:
+            if r["metrics"] and r["exp"].protocol == proto and r["exp"].kind != "bench":
+                if r["exp"].kind == "baselines":
+                    for name in ("popularity", "zeroshot", "itemknn", "random"):
+                        b = r["metrics"]["baselines"].get(name)
+                        if b and test in b["metrics"]:
+                            bars.setdefault(name, {})[key] = b["metrics"][test][metric]
+                else:
+                    mm = r["metrics"]["model"]["metrics"].get(test)
+                    if mm:
+                        bars.setdefault(r["exp"].label, {})[key] = mm[metric]
+    if bars:
+        keys = sorted({k for v in bars.values() for k in v})
+        fig, ax = plt.subplots(figsize=(9, 4.2))
+        width = 0.8 / len(bars)
+        for i, (name, vals) in enumerate(bars.items()):
+            xs = [j + i * width for j in range(len(keys))]
+            ax.bar(xs, [vals.get(k, 0.0) for k in keys], width, label=name, color=f"C{i % 10}")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys, fontsize=8)
+        ax.set(title="Cold start: new items (B) and new users (C)", ylabel="metric")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "cold_start.png", dpi=110)
+        plt.close(fig)
+        made.append("cold_start.png")
+
+    scaling = [r for r in rows if r["bench"] and r["bench"].get("kind") == "simulation-scaling"]
+    for r in scaling:
+        pts = r["bench"]["points"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([p["clients"] for p in pts], [p["seconds_median"] / 60 for p in pts], "o-")
+        ax.set(xlabel="clients in the federation", ylabel="wall time (min)",
+               title="Simulation time vs number of clients (2 CPU cores)")  # fmt: skip
+        fig.tight_layout()
+        fig.savefig(out / "scaling.png", dpi=110)
+        plt.close(fig)
+        made.append("scaling.png")
+    return made
+
+
+def _bench_lines(rows: list[dict[str, Any]]) -> list[str]:
+    out: list[str] = []
+    for r in rows:
+        b = r["bench"]
+        if not b:
+            continue
+        out.append(f"**{r['exp'].label}** (`{r['exp'].name}`, module `{r['exp'].module}`):")
+        out.append("")
+        for line in bench_summary(b):
+            out.append(f"- {line}")
+        out.append("")
+    return out
+
+
+def bench_summary(b: dict[str, Any]) -> list[str]:
+    """Human-readable lines for the benchmarks' results files (medians, with their reference)."""
+    if b.get("kind") in ("aggregation", "simulation-scaling"):
+        return list(b.get("summary", []))
+    if "round_seconds_dp" in b:  # bench_client
+        return [
+            f"client DP round median {b['round_seconds_dp']['median']:.2f} s (p90 "
+            f"{b['round_seconds_dp']['p90']:.2f} s) vs {b['round_seconds_no_dp']['median']:.2f} s "
+            f"without DP (ratio {b['dp_over_no_dp_median']:.2f}), {b['clients']} clients, "
+            f"{b['torch_threads']} torch thread",
+            f"upload per client per round {b['upload_bytes_per_round']:,} bytes",
+            f"client set-up once per process {b['client_setup_seconds']:.1f} s; "
+            f"peak RSS {b['peak_rss_mb']:.0f} MB",
+        ]
+    if "round_seconds_all" in b:  # bench_device
+        return [
+            f"device round median {b['round_seconds']['median']:.2f} s over {b['rounds']} rounds "
+            f"({b['torch_threads']} torch threads); set-up {b['client_setup_seconds']:.1f} s",
+            f"messages per round: up {b['upload_bytes_per_round']:,} bytes, down "
+            f"{b['download_bytes_per_round']:,} bytes, vs {b['travelling_tensor_bytes']:,} bytes "
+            f"of tensors (ratios {b['upload_over_tensors']:.3f}, {b['download_over_tensors']:.3f})",
+            f"peak RSS {b['peak_rss_mb']:.0f} MB; install size "
+            f"{b['install_bytes']['total'] / 2**20:.0f} MB",
+        ]
+    if "recommend" in b:  # bench_inference
+        return [
+            f"recommend (warm index, {b['catalog_items']} items): p50 {b['recommend']['p50_ms']} "
+            f"ms, p99 {b['recommend']['p99_ms']} ms; with explanations p50 "
+            f"{b['recommend_explain']['p50_ms']} ms",
+            f"cold start from a free-text query p50 {b['cold_start_query']['p50_ms']} ms; "
+            f"add_items (one item) p50 {b['add_items_one']['p50_ms']} ms",
+            f"index build {b['index_build_s']} s; load with a warm index "
+            f"{b['load_with_warm_index_s']} s",
+        ]
+    return [json.dumps(b)[:300]]
+
+
+def write_report(suite: Suite, out: Path) -> dict[str, Any]:
+    rows = collect(suite, out)
+    mach = machine()
+    v = mach["versions"]
+    lines = [
+        f"# fedrec results: suite `{suite.name}`",
+        "",
+        suite.description,
+        "",
+        f"Command: `fedrec suite {suite.name} --out {out}`. Machine: {mach['cpus']} CPU cores, "
+        f"{mach['memory_gib']} GiB RAM, no GPU, {mach['platform']}. Versions: "
+        + ", ".join(f"{k} {val}" for k, val in v.items())
+        + ". Data: "
+        + suite.data
+        + " (one split per protocol, seed 0, shared by every row).",
+        "",
+        "## Experiments",
+        "",
+        "| experiment | kind | protocol | status | wall time (min) |",
+        "|---|---|---|---|---|",
+    ]
+    total = 0.0
+    for r in rows:
+        e: Experiment = r["exp"]
+        secs = r["suite"].get("seconds")
+        total += float(secs or 0)
+        t = f"{secs / 60:.1f}" if secs is not None else "-"
+        lines.append(f"| `{e.name}` | {e.kind} | {e.protocol} | {r['status']} | {t} |")
+    lines += ["", f"Sum of the experiments' wall times: {total / 60:.1f} min.", ""]
+    for proto in ("A", "B", "C"):
+        base = _baselines_for(rows, proto)
+        table = _table(proto, rows, base)
+        if any(ln.startswith("| **") or ln.startswith("| pop") for ln in table):
+            lines += [f"## Protocol {proto}", "", *table]
+    made = _plots(out, rows)
+    if made:
+        lines += ["## Plots", ""] + [f"![{m}]({m})" for m in made] + [""]
+    bench = _bench_lines(rows)
+    if bench:
+        lines += ["## Benchmarks", "", *bench]
+    missing = [r["exp"].name for r in rows if r["status"] != "done"]
+    if missing:
+        lines += ["## Not in this report", "", "Not run or failed: " + ", ".join(missing), ""]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    summary = {
+        "suite": suite.name,
+        "machine": mach,
+        "experiments": {r["exp"].name: {"status": r["status"], **r["suite"]} for r in rows},
+        "plots": made,
+        "total_seconds": round(total, 1),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
