@@ -353,7 +353,9 @@ def suite_cmd(
     else:
         names = [n.strip() for n in only.split(",") if n.strip()] if only else None
         try:
-            summary = run_suite(suite, out_dir, only=names, log=lambda m: err.print(m))
+            summary = run_suite(
+                suite, out_dir, only=names, log=lambda m: err.print(m, markup=False, soft_wrap=True)
+            )
         except ValueError as e:
             _fail(str(e), 2)
     failed = [k for k, v in summary["experiments"].items() if v["status"] == "failed"]

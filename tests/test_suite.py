@@ -1,0 +1,109 @@
+"""`fedrec suite`: suite files are validated, a tiny suite really runs, the report is built
+from the results files (real subprocesses: `fedrec baselines`, `fedrec simulate`, a bench)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from fedrec.simulations.suite import load_suite
+
+
+def _write(tmp_path, text: str):
+    p = tmp_path / "s.toml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('[[experiment]]\nname="a"\nkind="nope"\n', "kind 'nope'"),
+        ('[[experiment]]\nname="a"\nkind="baselines"\n[[experiment]]\nname="a"\nkind="central"\n',
+         "duplicate name"),
+        ('[[experiment]]\nname="a b"\nkind="baselines"\n', "'name' must be"),
+        ('[[experiment]]\nname="a"\nkind="bench"\n', "needs 'module'"),
+        ('[[experiment]]\nname="a"\nkind="simulate"\nset={num-rounds=0}\n', "num-rounds"),
+        ('[[experiment]]\nname="a"\nkind="simulate"\nset={nonsense=1}\n', "unknown key"),
+        ('[[experiment]]\nname="a"\nkind="central"\ncolour="red"\n', "unknown key(s)"),
+        ("[suite]\nname='x'\n", "no [[experiment]]"),
+        ("[suite\n", "not valid TOML"),
+    ],
+)  # fmt: skip
+def test_bad_suite_files_are_rejected_with_the_reason(tmp_path, body, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_suite(str(_write(tmp_path, body)))
+
+
+def test_shipped_suites_parse():
+    for name in ("quick", "full"):
+        suite = load_suite(name)
+        assert suite.experiments and len({e.name for e in suite.experiments}) == len(
+            suite.experiments
+        )
+
+
+def test_a_tiny_suite_runs_resumes_and_reports(tmp_path, synth_dir, tiny_backbone):
+    suite = _write(
+        tmp_path,
+        f"""
+[suite]
+name = "tiny"
+data = "{synth_dir}"
+baselines = "popularity,itemknn"
+[simulate]
+backbone = "{tiny_backbone}"
+max-length = 16
+history-len = 8
+num-rounds = 2
+fraction-train = 0.5
+local-steps = 2
+sample-rate = 0.5
+negatives = 10
+slots = 6
+lr = 0.5
+evaluate-every = 1
+[[experiment]]
+name = "A-baselines"
+kind = "baselines"
+[[experiment]]
+name = "A-fed-eps3"
+kind = "simulate"
+label = "fedrec federated eps 3"
+set = {{ epsilon = 3.0 }}
+[[experiment]]
+name = "bench-agg"
+kind = "bench"
+module = "bench_aggregation"
+args = ["--clients", "4,8", "--repeats", "1"]
+[[experiment]]
+name = "broken"
+kind = "simulate"
+set = {{ data = "{tmp_path / "missing"}" }}
+""",
+    )
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fedrec", "suite", str(suite), "--out", str(out)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 1, first.stderr  # the broken experiment fails; the rest ran
+    assert "failed experiment(s): broken" in first.stderr + first.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    status = {k: v["status"] for k, v in summary["experiments"].items()}
+    assert status == {"A-baselines": "done", "A-fed-eps3": "done", "bench-agg": "done",
+                      "broken": "failed"}  # fmt: skip
+    report = (out / "report.md").read_text()
+    fed = json.loads((out / "runs" / "A-fed-eps3" / "metrics.json").read_text())
+    ndcg = fed["model"]["metrics"]["test"]["NDCG@10"]
+    base = json.loads((out / "runs" / "A-baselines" / "metrics.json").read_text())
+    pop = base["baselines"]["popularity"]["metrics"]["test"]["NDCG@10"]
+    assert f"{ndcg:.4f}" in report and f"{pop:.4f}" in report  # numbers from the results files
+    assert "Not run or failed: broken" in report and "updates/s" in report
+    for png in ("privacy_utility.png", "rounds.png"):
+        assert (out / png).stat().st_size > 1000, png
+    # a second invocation skips complete experiments and only retries the failed one
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.stderr.count("[skip]") == 3 and "[run ] broken" in again.stderr
