@@ -271,6 +271,12 @@ def simulate_cmd(
     baselines: Annotated[
         str, typer.Option(help="Baselines in metrics.json: comma list, 'all' or 'none'.")
     ] = "popularity,itemknn",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Join a running Ray cluster ('auto' or HOST:PORT) instead of a local one."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout.")] = False,
 ) -> None:
     """Federated training in Flower's simulation runtime (one user per client by default),
@@ -301,13 +307,15 @@ def simulate_cmd(
 
     try:
         result = simulate(cfg, out_dir, resume=resume or bool(server.get("resume")),
-                          baselines=baselines, on_round=on_round)  # fmt: skip
+                          baselines=baselines, on_round=on_round,
+                          ray_address=ray_address)  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e), 2)
     if as_json:
         print(json.dumps(result, indent=2, default=str))
         return
-    label = "fedrec (federated" + (f", DP eps<={cfg.epsilon})" if cfg.dp else ", no DP)")
+    label = "fedrec (federated" + (f", DP eps<={cfg.epsilon}" if cfg.dp else ", no local DP")
+    label += f", user-level eps<={cfg.user_epsilon})" if cfg.user_dp else ")"
     shown = {"baselines": {label: result["model"], **result["baselines"]},
              "protocol": cfg.protocol}  # fmt: skip
     _print_metrics(shown)
@@ -316,6 +324,13 @@ def simulate_cmd(
         out.print(
             f"privacy: epsilon max {p['epsilon_max']:.3f} / median {p['epsilon_median']:.3f}"
             f" at delta={cfg.delta} over {p['clients']} clients (budget {cfg.epsilon})"
+        )
+    u = p.get("user_level") or {}
+    if u.get("enabled"):
+        out.print(
+            f"user-level DP: epsilon {u['epsilon']:.3f} at delta={u['delta']} after "
+            f"{u['releases']} releases (noise multiplier {u['noise_multiplier']:.3f}, clip "
+            f"{u['clip']}, {u['sampled_per_round']} of {u['clients']} clients per round)"
         )
     out.print(f"wrote {out_dir} ({result['seconds']} s)")
 
@@ -333,6 +348,10 @@ def suite_cmd(
         bool, typer.Option("--report-only", help="Rebuild report.md and the plots only.")
     ] = False,
     list_: Annotated[bool, typer.Option("--list", help="List the suite's experiments.")] = False,
+    readme: Annotated[
+        Path | None,
+        typer.Option(help="Also replace the suite-results block of this README with the report."),
+    ] = None,
 ) -> None:
     """Run an experiment suite (federated runs, central training, baselines, benchmarks) and
     write OUT/report.md, OUT/summary.json and the plots. Complete experiments are skipped."""
@@ -360,6 +379,14 @@ def suite_cmd(
             _fail(str(e), 2)
     failed = [k for k, v in summary["experiments"].items() if v["status"] == "failed"]
     out.print(f"wrote {out_dir / 'report.md'}")
+    if readme is not None:
+        from fedrec.simulations.suite_report import embed_in_readme
+
+        try:
+            embed_in_readme(out_dir, readme)
+        except (OSError, ValueError) as e:
+            _fail(str(e), 2)
+        out.print(f"updated {readme}")
     if failed:
         _fail(f"failed experiment(s): {', '.join(failed)} (see their log.txt)", 1)
 

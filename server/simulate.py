@@ -62,9 +62,16 @@ def simulate(
     resume: bool = False,
     baselines: str = "popularity,itemknn",
     num_cpus: int | None = None,
+    ray_address: str | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the federation in Flower's simulation runtime; returns metrics.json's content."""
+    """Run the federation in Flower's simulation runtime; returns metrics.json's content.
+
+    ``ray_address`` (e.g. ``"auto"`` or ``"10.0.0.5:6379"``) joins an existing Ray cluster
+    (started with ``ray start --head`` / ``ray start --address=...``) instead of starting a
+    local one: Flower's Ray backend then places one client actor per CPU of the whole cluster.
+    Every node needs fedrec installed and the data at the same ``FEDREC_DATA`` path; the run
+    directory is written by this (driver) process only."""
     import json
     import os
 
@@ -83,19 +90,22 @@ def simulate(
     # this (driver) process; with hundreds of nodes that loop keeps a core busy. Ray runs the
     # client actors at nice 15: without this the driver's polling would starve them.
     os.nice(max(0, 15 - os.nice(0)))
+    init_args: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": "error",
+        "log_to_driver": True,
+    }
+    if ray_address:
+        init_args["address"] = ray_address  # the cluster's resources, not this machine's
+    else:
+        init_args |= {"num_cpus": cpus, "num_gpus": 0}
     run_simulation(
         server_app=server_app,
         client_app=client_app,
         num_supernodes=n,
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-            "init_args": {
-                "num_cpus": cpus,
-                "num_gpus": 0,
-                "include_dashboard": False,
-                "logging_level": "error",
-                "log_to_driver": True,
-            },
+            "init_args": init_args,
         },
     )
     metrics = out / "metrics.json"

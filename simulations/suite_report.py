@@ -337,3 +337,31 @@ def write_report(suite: Suite, out: Path) -> dict[str, Any]:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+BEGIN, END = "<!-- suite-results:begin -->", "<!-- suite-results:end -->"
+
+
+def embed_in_readme(out: Path, readme: Path) -> None:
+    """Replace the block between the suite-results markers in ``readme`` with ``out/report.md``
+    (headings demoted one level, image links made relative to the README). All or nothing: the
+    README is rewritten atomically, and left alone when the markers are missing."""
+    import os
+
+    text = readme.read_text()
+    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"{readme}: needs exactly one '{BEGIN}' ... '{END}' block")
+    rel = os.path.relpath(out, readme.parent)
+    body = []
+    for line in (out / "report.md").read_text().splitlines():
+        if line.startswith("#"):
+            line = "#" + line
+        if line.startswith("![") and "](" in line:
+            name = line[line.index("](") + 2 : -1]
+            line = line[: line.index("](") + 2] + f"{rel}/{name})"
+        body.append(line)
+    new = text[: text.index(BEGIN) + len(BEGIN)] + "\n" + "\n".join(body).strip() + "\n"
+    new += text[text.index(END) :]
+    tmp = readme.with_suffix(".tmp")
+    tmp.write_text(new)
+    tmp.replace(readme)

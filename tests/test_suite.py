@@ -107,3 +107,22 @@ set = {{ data = "{tmp_path / "missing"}" }}
     # a second invocation skips complete experiments and only retries the failed one
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.stderr.count("[skip]") == 3 and "[run ] broken" in again.stderr
+
+
+def test_report_is_embedded_in_the_readme_between_markers(tmp_path):
+    from fedrec.simulations.suite_report import BEGIN, END, embed_in_readme
+
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "report.md").write_text("# fedrec results\n\n| a | b |\n\n![rounds.png](rounds.png)\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{BEGIN}\nold text\n{END}\noutro\n")
+    embed_in_readme(out, readme)
+    text = readme.read_text()
+    assert "old text" not in text and "## fedrec results" in text
+    assert "![rounds.png](results/rounds.png)" in text
+    assert text.startswith("intro\n") and text.endswith(f"{END}\noutro\n")
+    readme.write_text("no markers here\n")
+    with pytest.raises(ValueError, match="needs exactly one"):
+        embed_in_readme(out, readme)
+    assert readme.read_text() == "no markers here\n"  # untouched
