@@ -102,6 +102,7 @@ class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
         clean: list[Message] = []
         failed = 0
         norms: list[float] = []
+        current = from_record(self.current_arrays) if len(self.current_arrays) else {}
         for msg in replies:
             if msg.has_error():
                 failed += 1
@@ -117,7 +118,6 @@ class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
                     update = check_update(
                         from_record(msg.content.array_records["arrays"]), self.inner.template
                     )
-                    current = from_record(self.current_arrays) if len(self.current_arrays) else {}
                     norms.append(
                         float(
                             sum(
