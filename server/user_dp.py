@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+from flwr.serverapp.strategy import dp_fixed_clipping as _dp_fixed_clipping
 
 from fedrec.server.strategy import FedRecStrategy
 from fedrec.shared.federation.config import FedConfig
@@ -61,6 +62,25 @@ __all__ = [
 ]
 
 log = logging.getLogger("fedrec.server")
+
+
+def _clip_update_zero_safe(param1: Any, param2: Any, clipping_norm: float) -> None:
+    """Flower's ``compute_clip_model_update``, except that a zero update is left as it is.
+
+    Flower's clipping divides the clip norm by the update's norm, so a client that returns the
+    global adapter unchanged (no example drawn by Poisson sampling in any of its steps, for
+    instance) raises ZeroDivisionError and stops the whole run. A zero update needs no clipping.
+    """
+    if all(np.array_equal(a, b) for a, b in zip(param1, param2, strict=True)):
+        return
+    _flower_clip(param1=param1, param2=param2, clipping_norm=clipping_norm)
+
+
+# The wrapper calls the clipping function through its own module's namespace; point that name
+# at the zero-safe version (checked by tests/test_strategy.py with a zero update).
+_flower_clip = _dp_fixed_clipping.compute_clip_model_update
+if _flower_clip is not _clip_update_zero_safe:
+    _dp_fixed_clipping.compute_clip_model_update = _clip_update_zero_safe
 
 
 def reseed_numpy() -> None:

@@ -143,6 +143,23 @@ def test_user_level_dp_clips_divides_by_the_sample_and_adds_calibrated_noise(tmp
     assert metrics["update_norm_median"] == pytest.approx((10.0 + 0.1) / 2, rel=1e-4)
 
 
+def test_user_level_dp_survives_a_zero_update(tmp_path):
+    """A client returning the global adapter unchanged (update norm 0) must not stop the run."""
+    from fedrec.server.user_dp import UserLevelDP
+
+    g = {"lora.B": torch.ones(4, 4)}
+    cfg = FedConfig(min_replies=2, server_opt="sgd", server_lr=1.0, user_dp=True, user_clip=1.0)
+    inner = FedRecStrategy(cfg, template=dict(g), ledger=tmp_path / "ledger.jsonl")
+    w = UserLevelDP(inner, num_sampled=2, noise_multiplier=0.0)
+    w.current_arrays = to_record(g)
+    inner.current = dict(g)
+    moved = {"lora.B": torch.ones(4, 4) + 0.5}  # update norm 2: clipped to 1
+    arrays, metrics = w.aggregate_train(1, [_reply(1, dict(g)), _reply(2, moved)])
+    assert arrays is not None and metrics["accepted"] == 2
+    got = torch.from_numpy(arrays["lora.B"].numpy())
+    assert torch.allclose(got, torch.ones(4, 4) + 0.5 * (1.0 / 2.0) / 2)  # (0 + clipped) / 2
+
+
 def test_user_level_dp_needs_plain_server_averaging():
     with pytest.raises(ValueError, match="user-dp=true needs server-opt=sgd"):
         FedConfig(user_dp=True, server_opt="adam")
