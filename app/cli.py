@@ -11,7 +11,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich import box
@@ -41,7 +41,7 @@ out = Console(width=shutil.get_terminal_size((120, 24)).columns)
 err = Console(stderr=True)
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
@@ -340,7 +340,10 @@ def suite_cmd(
     name: Annotated[
         str, typer.Argument(help="A suite in simulations/suites/ (quick, full) or a TOML path.")
     ],
-    out_dir: Annotated[Path, typer.Option("--out", help="Results folder (resumable).")],
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="Results folder (resumable); not needed with --list."),
+    ] = None,
     only: Annotated[
         str | None, typer.Option(help="Comma-separated experiment names to run (default: all).")
     ] = None,
@@ -363,10 +366,17 @@ def suite_cmd(
     except ValueError as e:
         _fail(str(e), 2)
     if list_:
+        base = out_dir if out_dir is not None else Path("OUT")
         for exp in suite.experiments:
-            cmd = command(suite, exp, out_dir / "runs" / exp.name)
+            cmd = command(suite, exp, base / "runs" / exp.name)
             out.print(f"{exp.name:<24} {exp.kind:<10} {exp.protocol}  {' '.join(cmd[2:])}")
         return
+    if out_dir is None:
+        _fail(
+            f"fedrec suite {name}: --out DIR is required (the results folder), "
+            f"e.g. --out runs/suite-{suite.name}",
+            2,
+        )
     if report_only:
         summary = write_report(suite, out_dir)
     else:

@@ -47,6 +47,24 @@ def test_shipped_suites_parse():
         )
 
 
+def test_suite_list_needs_no_out_folder_and_running_does():
+    """`fedrec suite full --list` (as the README shows it) prints every experiment's command;
+    running a suite without --out is a usage error that says what to add."""
+    from typer.testing import CliRunner
+
+    from fedrec.cli import app
+
+    runner = CliRunner()
+    listed = runner.invoke(app, ["suite", "full", "--list"])
+    assert listed.exit_code == 0, listed.output
+    names = [e.name for e in load_suite("full").experiments]
+    assert all(n in listed.output for n in names)
+    assert "OUT/runs/A-fed-eps8" in listed.output
+    ran = runner.invoke(app, ["suite", "full"])
+    assert ran.exit_code == 2
+    assert "--out DIR is required" in ran.output
+
+
 def test_a_tiny_suite_runs_resumes_and_reports(tmp_path, synth_dir, tiny_backbone):
     suite = _write(
         tmp_path,
