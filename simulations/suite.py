@@ -146,7 +146,13 @@ def _check_simulate_configs(suite: Suite) -> None:
 
 
 def sim_settings(suite: Suite, e: Experiment) -> dict[str, Any]:
-    return {"data": suite.data, "protocol": e.protocol, **suite.simulate, **e.sets}
+    """The suite's [simulate] defaults under the experiment's own settings. A suite-wide
+    ``silos`` is dropped for a one-user-per-client experiment (it does not apply there, and every
+    client would warn that it is ignored); an experiment that sets both keeps both."""
+    s = {"data": suite.data, "protocol": e.protocol, **suite.simulate, **e.sets}
+    if s.get("partition") == "user" and "silos" not in e.sets:
+        s.pop("silos", None)
+    return s
 
 
 def _fmt(v: Any) -> str:

@@ -47,6 +47,17 @@ def test_shipped_suites_parse():
         )
 
 
+def test_suite_wide_silos_is_not_passed_to_one_user_per_client_runs(tmp_path):
+    from fedrec.simulations.suite import command
+
+    suite = load_suite("full")
+    by_name = {e.name: e for e in suite.experiments}
+    user = " ".join(command(suite, by_name["A-user-eps8"], tmp_path))
+    silo = " ".join(command(suite, by_name["A-fed-eps8"], tmp_path))
+    assert "partition=user" in user and "silos=" not in user
+    assert "partition=silo" in silo and "silos=10" in silo
+
+
 def test_suite_list_needs_no_out_folder_and_running_does():
     """`fedrec suite full --list` (as the README shows it) prints every experiment's command;
     running a suite without --out is a usage error that says what to add."""
