@@ -128,11 +128,10 @@ class FedRecStrategy(FedAvg):
             )
             if trained:
                 try:
-                    if "arrays" not in msg.content.array_records:
+                    arrays = _record(msg, "arrays", ArrayRecord)
+                    if arrays is None:
                         raise UpdateError("trained=1 but no 'arrays' record")
-                    update = check_update(
-                        from_record(msg.content.array_records["arrays"]), self.template
-                    )
+                    update = check_update(from_record(arrays), self.template)
                 except UpdateError as err:
                     rejected += 1
                     log.warning(
@@ -146,7 +145,8 @@ class FedRecStrategy(FedAvg):
                 seconds.append(float(metrics.get("seconds", 0.0)))
             else:
                 refused += 1
-                reason = str(msg.content["client"].get("reason", ""))
+                client = _record(msg, "client", ConfigRecord)
+                reason = str(client.get("reason", "")) if client is not None else ""
                 log.info("round %d: %s did not train: %s", rnd, name, reason)
             if line is not None:
                 eps.append(float(metrics["epsilon"]))
@@ -207,9 +207,10 @@ class FedRecStrategy(FedAvg):
 
     def _check_reply(self, msg: Message, allowed: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
         content = msg.content
-        if "metrics" not in content.metric_records:
+        record = _record(msg, "metrics", MetricRecord)
+        if record is None:
             raise UpdateError("no 'metrics' record")
-        metrics = dict(content["metrics"])
+        metrics = dict(record)
         extra = set(metrics) - set(allowed)
         if extra:
             raise UpdateError(f"metrics outside the whitelist: {sorted(extra)}")
@@ -235,9 +236,10 @@ class FedRecStrategy(FedAvg):
 
     def _salvage(self, msg: Message, rnd: int) -> dict[str, Any] | None:
         """The ledger line of a rejected reply whose privacy fields are still readable."""
-        if not self.cfg.dp or "metrics" not in msg.content.metric_records:
+        record = _record(msg, "metrics", MetricRecord)
+        if not self.cfg.dp or record is None:
             return None
-        m = dict(msg.content.metric_records["metrics"])
+        m = dict(record)
         keys = ("epsilon", "steps", "noise-multiplier", "sample-rate", "trained")
         if not all(isinstance(m.get(k), (int, float)) and m[k] == m[k] for k in keys):
             return None
@@ -333,10 +335,11 @@ def _history_field(msg: Message) -> dict[str, Any]:
     """``{"history": [[sigma, q, steps], ...]}`` from a reply's client record, when well formed
     (the client's whole accountant history; the audit uses it for budget carried over from
     earlier runs on the same device). Malformed or absent: nothing."""
-    if "client" not in msg.content.config_records:
+    client = _record(msg, "client", ConfigRecord)
+    if client is None:
         return {}
     try:
-        runs = json.loads(str(msg.content.config_records["client"].get("history", "")))
+        runs = json.loads(str(client.get("history", "")))
         hist = [[float(s), float(q), int(n)] for s, q, n in runs]
     except (ValueError, TypeError):
         return {}
@@ -346,6 +349,18 @@ def _history_field(msg: Message) -> dict[str, Any]:
 def _client_name(msg: Message) -> str:
     """The client's self-reported name (``p<partition>`` in simulation), else its node id."""
     name = f"n{msg.metadata.src_node_id}"
-    if "client" in msg.content.config_records:
-        name = str(msg.content.config_records["client"].get("name", name))
+    client = _record(msg, "client", ConfigRecord)
+    if client is not None:
+        name = str(client.get("name", name))
     return name
+
+
+def _record(msg: Message, key: str, kind: type[Any]) -> Any:
+    """The reply's record ``key`` if it is there and of type ``kind``, else None. (Reads the one
+    record directly: ``RecordDict.config_records`` and friends rebuild a dict on every access,
+    which was a third of the server's aggregation time with 1,000 replies.)"""
+    content = msg.content
+    if key not in content:
+        return None
+    record = content[key]
+    return record if isinstance(record, kind) else None

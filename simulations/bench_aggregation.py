@@ -6,10 +6,12 @@ Synthetic updates with the default model's travelling tensors (FFA-LoRA: the B m
 bias, recency weights; ``--aggregator fedavg`` adds the A matrices) go through fedrec's real
 ``FedRecStrategy.aggregate_train``: Flower ``Message`` replies, the metric whitelist, key /
 shape / finiteness checks, the unweighted mean, the server optimizer and one ledger line per
-client (a temporary file). The reference, measured in the same run on the same tensors, is the
-bare mean (``torch.stack(...).mean(0)`` per tensor): the ratio is what fedrec's checks and
-ledger cost on top of the arithmetic. Medians of ``--repeats`` runs; message construction is
-not timed (in a real round it happens in Flower's transport).
+client (a temporary file). Two references, measured in the same run on the same replies:
+Flower's stock ``flwr.serverapp.strategy.FedAvg.aggregate_train`` (its reply consistency
+check, decoding every array, the weighted mean, the metric mean), which is what fedrec's checks
+and ledger cost on top of, and the bare mean of already decoded tensors
+(``torch.stack(...).mean(0)`` per tensor), the arithmetic alone. Medians of ``--repeats`` runs;
+message construction is not timed (in a real round it happens in Flower's transport).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 
 from fedrec.server.strategy import FedRecStrategy
 from fedrec.shared.federation.config import FedConfig
@@ -73,7 +76,7 @@ def bench(ns: list[int], *, aggregator: str, repeats: int) -> dict[str, Any]:
     points = []
     for n in ns:
         msgs = replies(tmpl, n, seed=n)
-        t_fed, t_ref = [], []
+        t_fed, t_ref, t_flwr = [], [], []
         for rep in range(repeats):
             with tempfile.TemporaryDirectory() as d:
                 s = FedRecStrategy(cfg, template=dict(tmpl), ledger=Path(d) / "ledger.jsonl")
@@ -82,14 +85,23 @@ def bench(ns: list[int], *, aggregator: str, repeats: int) -> dict[str, Any]:
                 arrays, _ = s.aggregate_train(rep + 1, msgs)
                 t_fed.append(time.perf_counter() - t)
                 assert arrays is not None
+            stock = FedAvg(fraction_evaluate=0.0)
+            t = time.perf_counter()
+            arrays, _ = stock.aggregate_train(rep + 1, msgs)
+            t_flwr.append(time.perf_counter() - t)
+            assert arrays is not None
             ups = [from_record(m.content.array_records["arrays"]) for m in msgs]
             t = time.perf_counter()
             {k: torch.stack([u[k] for u in ups]).mean(0) for k in tmpl}
             t_ref.append(time.perf_counter() - t)
         fed, ref = statistics.median(t_fed), statistics.median(t_ref)
+        flwr = statistics.median(t_flwr)
         points.append({"clients": n, "seconds_median": fed, "reference_seconds_median": ref,
-                       "updates_per_second": n / fed, "ratio_to_bare_mean": fed / ref})  # fmt: skip
-        print(f"{n:>6} clients: {n / fed:,.0f} updates/s ({fed:.3f} s; bare mean {ref:.4f} s)")
+                       "flower_fedavg_seconds_median": flwr, "updates_per_second": n / fed,
+                       "ratio_to_flower_fedavg": fed / flwr,
+                       "ratio_to_bare_mean": fed / ref})  # fmt: skip
+        print(f"{n:>6} clients: {n / fed:,.0f} updates/s ({fed:.3f} s; Flower FedAvg "
+              f"{flwr:.3f} s; bare mean {ref:.4f} s)")  # fmt: skip
     return {
         "kind": "aggregation",
         "aggregator": aggregator,
@@ -98,8 +110,10 @@ def bench(ns: list[int], *, aggregator: str, repeats: int) -> dict[str, Any]:
         "points": points,
         "summary": [
             f"{p['clients']:,} clients: {p['updates_per_second']:,.0f} updates/s "
-            f"(round aggregation {p['seconds_median']:.3f} s; {p['ratio_to_bare_mean']:.0f}x the "
-            f"bare mean's {p['reference_seconds_median'] * 1000:.1f} ms)"
+            f"(round aggregation {p['seconds_median']:.3f} s; "
+            f"{p['ratio_to_flower_fedavg']:.2f}x Flower's stock FedAvg "
+            f"({p['flower_fedavg_seconds_median']:.3f} s); {p['ratio_to_bare_mean']:.0f}x the "
+            f"bare mean of decoded tensors ({p['reference_seconds_median'] * 1000:.1f} ms))"
             for p in points
         ]
         + [f"update size {nbytes(tmpl):,} bytes ({aggregator}); medians of {repeats} runs"],

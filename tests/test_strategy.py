@@ -94,6 +94,24 @@ def test_too_few_replies_skip_aggregation(tmp_path, caplog):
     assert [x["trained"] for x in ledger] == [True, False]  # the refusal is on the ledger
 
 
+def test_replies_with_missing_or_mistyped_records_do_not_stop_the_round(tmp_path):
+    """A refusal without its 'client' record, 'arrays' sent as the wrong record type, and
+    'metrics' sent as a config record: each is handled (counted, logged), never a crash."""
+    s = _strategy(tmp_path)
+    good = {"lora.B": torch.ones(3, 2), "head.item_bias": torch.ones(4)}
+    bare_refusal = _reply(3, None, _metrics(trained=0, steps=0, loss=0.0))
+    del bare_refusal.content["client"]
+    wrong_arrays = _reply(4, None)
+    wrong_arrays.content["arrays"] = ConfigRecord({"lora.B": 1.0})
+    wrong_metrics = _reply(5, good)
+    wrong_metrics.content["metrics"] = ConfigRecord({"trained": 1})
+    arrays, metrics = s.aggregate_train(
+        1, [_reply(1, good), _reply(2, good), bare_refusal, wrong_arrays, wrong_metrics]
+    )
+    assert arrays is not None
+    assert metrics["accepted"] == 2 and metrics["refused"] == 1 and metrics["rejected"] == 2
+
+
 def test_check_update_rejects_integer_dtype():
     with pytest.raises(UpdateError, match="dtype"):
         check_update({"lora.B": torch.zeros(3, 2, dtype=torch.int64),
