@@ -127,35 +127,54 @@ def _plots(out: Path, rows: list[dict[str, Any]]) -> list[str]:
     # privacy-utility: NDCG@10 against epsilon for protocol A federated runs
     pu = [r for r in sims if r["exp"].protocol == "A"]
     if pu:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
+        fig, ax = plt.subplots(figsize=(7.5, 6))
         groups: dict[str, list[tuple[float, float]]] = {}
         finite = [e for r in pu if math.isfinite(e := _privacy(r)[1])]
         inf_x = (max(finite) * 2.5) if finite else 16.0
         for r in pu:
             _, eps = _privacy(r)
-            key = _fed_desc(r["config"] or {})
+            f = (r["config"] or {}).get("federation", {})
+            # a series is one federation set-up (aggregator, clients, rounds, sample rate):
+            # only its epsilon varies along the line
+            key = f"{_fed_desc(r['config'] or {})}, q {f.get('sample_rate')}"
             if (r["metrics"]["privacy"].get("user_level") or {}).get("enabled"):
                 key += ", user-level DP"
             ndcg = r["metrics"]["model"]["metrics"]["test"]["NDCG@10"]
             groups.setdefault(key, []).append((eps if math.isfinite(eps) else inf_x, ndcg))
+        markers = "os^Dvp<>h*"
         for i, (key, pts) in enumerate(sorted(groups.items())):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i}", label=key)
-        for j, name in enumerate(("popularity", "itemknn", "bpr", "als", "zeroshot")):
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", marker=markers[i % 10],
+                    color=f"C{i % 10}", label=key)  # fmt: skip
+        # reference lines in grey, each labelled on the plot itself (no legend lookup needed)
+        refs: list[tuple[str, float, str]] = []
+        for name in ("popularity", "itemknn", "bpr", "als", "zeroshot"):
             b = (base_a or {}).get("baselines", {}).get(name)
             if b:
-                ax.axhline(b["metrics"]["test"]["NDCG@10"], ls="--", lw=1, color=f"C{j + 4}",
-                           label=f"{name} (central, no DP)")  # fmt: skip
+                refs.append((name, b["metrics"]["test"]["NDCG@10"], "--"))
         for r in central_a:
-            ax.axhline(r["metrics"]["model"]["metrics"]["test"]["NDCG@10"], ls=":", color="k",
-                       label="fedrec train-central (no DP)")  # fmt: skip
+            refs.append((r["exp"].name, r["metrics"]["model"]["metrics"]["test"]["NDCG@10"], ":"))
+        x_left = min(min(finite, default=1.0), inf_x) * 0.8
+        ys = [y for _, y, _ in refs] + [p[1] for pts in groups.values() for p in pts]
+        span = (max(ys) - min(ys)) or 1.0
+        refs.sort(key=lambda t: t[1])
+        for i, (name, y, ls) in enumerate(refs):
+            ax.axhline(y, ls=ls, lw=1, color="0.45")
+            # a label sits above its line, unless the next line up is too close: then below
+            below = i + 1 < len(refs) and refs[i + 1][1] - y < 0.04 * span
+            ax.text(x_left, y, f"{name} {y:.3f} (central, no DP)", fontsize=7, color="0.3",
+                    va="top" if below else "bottom", ha="left")  # fmt: skip
         ax.set_xscale("log")
-        ticks = sorted({round(e, 2) for e in finite}) + [inf_x]
+        ax.set_xlim(x_left * 0.95, inf_x * 1.3)
+        # one tick per distinct budget: 7.99 and 8.00 are the same budget of 8
+        ticks = sorted({float(f"{e:.1g}") if e < 1.5 else float(round(e)) for e in finite})
+        ticks.append(inf_x)
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks[:-1]] + ["no DP"])
         ax.minorticks_off()
         ax.set(xlabel="epsilon (max over clients; log scale)", ylabel="test NDCG@10",
                title="Privacy-utility, ML-100K protocol A (test)")  # fmt: skip
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2,
+                  title="fedrec federated (q = sample rate)", title_fontsize=7)  # fmt: skip
         fig.tight_layout()
         fig.savefig(out / "privacy_utility.png", dpi=110)
         plt.close(fig)

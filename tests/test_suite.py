@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fedrec.simulations.suite import load_suite
+from fedrec.simulations.suite import load_suite, sim_settings
 
 
 def _write(tmp_path, text: str):
@@ -56,6 +56,16 @@ def test_suite_wide_silos_is_not_passed_to_one_user_per_client_runs(tmp_path):
     silo = " ".join(command(suite, by_name["A-fed-eps8"], tmp_path))
     assert "partition=user" in user and "silos=" not in user
     assert "partition=silo" in silo and "silos=10" in silo
+
+
+def test_the_default_experiment_is_exactly_fedrec_simulates_defaults():
+    """`A-default` is reported as the wall time of `fedrec simulate --out RUN` with no settings:
+    every suite-wide setting must be set back to the default."""
+    from fedrec.shared.federation.config import parse_run_config
+
+    suite = load_suite("full")
+    e = {x.name: x for x in suite.experiments}["A-default"]
+    assert parse_run_config(sim_settings(suite, e)) == parse_run_config({})
 
 
 def test_suite_list_needs_no_out_folder_and_running_does():
