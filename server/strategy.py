@@ -176,8 +176,14 @@ class FedRecStrategy(FedAvg):
             "epsilon_max": max(eps) if eps else 0.0,
             "epsilon_median": statistics.median(eps) if eps else 0.0,
             "client_seconds_median": statistics.median(seconds) if seconds else None,
-            "update_norm_median": _median_norm(accepted, self.current, self.pre_clip_norms),
         }
+        # every accepted client's change, stacked once per tensor: (n_accepted, *shape)
+        changes = (
+            {k: torch.stack([u[k] for u in accepted]) - g for k, g in self.current.items()}
+            if accepted
+            else {}
+        )
+        info["update_norm_median"] = _median_norm(changes, self.pre_clip_norms)
         self.pre_clip_norms = None
         new = None
         if len(accepted) < self.cfg.min_replies:
@@ -190,7 +196,7 @@ class FedRecStrategy(FedAvg):
             )
             info["aggregated"] = False
         else:
-            new = self._mean_step(accepted)
+            new = self._mean_step(changes)
             self.current = new
             info["aggregated"] = True
         self.rounds.append(info)
@@ -223,15 +229,14 @@ class FedRecStrategy(FedAvg):
             raise UpdateError(f"unexpected record(s) {sorted(unknown)}")
         return _client_name(msg), metrics
 
-    def _mean_step(self, updates: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """The server optimizer applied to mean_k(update_k - global), per tensor.
+    def _mean_step(self, changes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The server optimizer applied to mean_k(update_k - global), per tensor; ``changes``
+        holds each tensor's stacked client changes, shape ``(n_accepted, *shape)``.
 
         With a fixed denominator (user-level DP) the sum of changes is divided by the round's
         sample size: clients that sent no accepted update count as a zero change."""
-        n = self.fixed_denominator or len(updates)
-        delta = {
-            k: torch.stack([u[k] - g for u in updates]).sum(0) / n for k, g in self.current.items()
-        }
+        n = self.fixed_denominator or next(iter(changes.values())).shape[0]
+        delta = {k: c.sum(0) / n for k, c in changes.items()}
         return self.optimizer.step(self.current, delta)
 
     def _salvage(self, msg: Message, rnd: int) -> dict[str, Any] | None:
@@ -314,21 +319,15 @@ class FedRecStrategy(FedAvg):
         return MetricRecord(dict(result.items()))
 
 
-def _median_norm(
-    updates: list[dict[str, torch.Tensor]],
-    current: dict[str, torch.Tensor],
-    given: list[float] | None,
-) -> float | None:
-    """Median L2 norm of the clients' whole changes (what user-level DP's ``user-clip`` clips)."""
+def _median_norm(changes: dict[str, torch.Tensor], given: list[float] | None) -> float | None:
+    """Median L2 norm of the clients' whole changes (what user-level DP's ``user-clip`` clips);
+    ``changes`` as in :meth:`FedRecStrategy._mean_step`."""
     if given:
         return statistics.median(given)
-    if not updates:
+    if not changes:
         return None
-    norms = [
-        sum(float(((u[k] - g).double() ** 2).sum()) for k, g in current.items()) ** 0.5
-        for u in updates
-    ]
-    return statistics.median(norms)
+    sq = sum(c.double().pow(2).flatten(1).sum(1) for c in changes.values())
+    return statistics.median(sq.sqrt().tolist())
 
 
 def _history_field(msg: Message) -> dict[str, Any]:

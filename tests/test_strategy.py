@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from fedrec.server.strategy import FedRecStrategy
 from fedrec.shared.federation.config import FedConfig
-from fedrec.shared.federation.params import UpdateError, check_update, to_record
+from fedrec.shared.federation.params import (
+    UpdateError,
+    check_update,
+    decode_array,
+    to_record,
+)
 from fedrec.shared.federation.server_opt import ServerOptimizer
 
 
@@ -110,6 +116,87 @@ def test_replies_with_missing_or_mistyped_records_do_not_stop_the_round(tmp_path
     )
     assert arrays is not None
     assert metrics["accepted"] == 2 and metrics["refused"] == 1 and metrics["rejected"] == 2
+
+
+def _npy(arr: np.ndarray, version=None) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, arr, version=version, allow_pickle=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4)),
+        np.arange(6, dtype=">f4").reshape(2, 3),  # big-endian
+        np.array(2.5, dtype=np.float32),  # 0-d
+        np.zeros((0, 3), dtype=np.float16),
+        np.arange(5, dtype=np.int64),
+    ],
+)  # fmt: skip
+def test_decode_array_equals_flowers_own_decoding(arr):
+    a = Array(arr)
+    got, ref = decode_array("x", a), a.numpy()
+    assert got.shape == ref.shape and got.dtype.newbyteorder("=") == ref.dtype.newbyteorder("=")
+    assert np.array_equal(got, ref)
+    assert got.flags.writeable and got.dtype.isnative
+    v2 = Array(dtype=str(arr.dtype), shape=arr.shape, stype="numpy.ndarray", data=_npy(arr, (2, 0)))
+    assert np.array_equal(decode_array("x", v2), arr)
+
+
+@pytest.mark.parametrize(
+    ("stype", "data", "message"),
+    [
+        ("torch", _npy(np.zeros(3, np.float32)), "serialization type 'torch'"),
+        ("numpy.ndarray", b"garbage bytes", "not .npy bytes"),
+        ("numpy.ndarray", _npy(np.zeros(3, np.float32))[:-4], "data bytes"),
+        ("numpy.ndarray", _npy(np.zeros(3, np.float32)) + b"\0" * 4, "data bytes"),
+        ("numpy.ndarray", _npy(np.array([{"a": 1}], dtype=object)), "object arrays"),
+        ("numpy.ndarray", b"\x93NUMPY\x01\x00\x10\x00{'descr': 1}     \n", "malformed .npy header"),
+        ("numpy.ndarray", b"\x93NUMPY\x01\x00\xff\xff{}", "header length"),
+        ("numpy.ndarray", b"\x93NUMPY\x09\x00\x10\x00", "format version 9"),
+    ],
+)  # fmt: skip
+def test_decode_array_rejects_malformed_payloads_by_name(stype, data, message):
+    a = Array(dtype="float32", shape=(3,), stype=stype, data=data)
+    with pytest.raises(UpdateError, match=re.escape(message)) as err:
+        decode_array("lora.B", a)
+    assert "'lora.B'" in str(err.value)
+
+
+def test_an_undecodable_update_is_rejected_and_the_round_goes_on(tmp_path, caplog):
+    """Bytes a client can send that are not a valid array: one rejected reply, not a failed
+    round (before decode_array, np.load's ValueError / Array.numpy's TypeError escaped)."""
+    s = _strategy(tmp_path)
+    good = {"lora.B": torch.ones(3, 2), "head.item_bias": torch.ones(4)}
+    garbage = _reply(3, good)
+    arrays = garbage.content["arrays"]
+    arrays["lora.B"] = Array(dtype="float32", shape=(3, 2), stype="numpy.ndarray", data=b"x" * 40)
+    torchy = _reply(4, good)
+    torchy.content["arrays"]["head.item_bias"] = Array(
+        dtype="float32", shape=(4,), stype="torch", data=b"\0" * 16
+    )
+    with caplog.at_level(logging.WARNING, logger="fedrec.server"):
+        new, metrics = s.aggregate_train(1, [_reply(1, good), _reply(2, good), garbage, torchy])
+    assert new is not None
+    assert metrics["accepted"] == 2 and metrics["rejected"] == 2
+    assert "not .npy bytes" in caplog.text and "serialization type 'torch'" in caplog.text
+    ledger = [json.loads(x) for x in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    assert [x["accepted"] for x in ledger] == [True, True, False, False]
+
+
+def test_update_norm_median_is_the_median_of_whole_change_norms(tmp_path):
+    s = _strategy(tmp_path, dp=False)
+    ups = [{"lora.B": torch.full((3, 2), v), "head.item_bias": torch.full((4,), -v)}
+           for v in (1.0, 2.0, 5.0)]  # fmt: skip
+    _, metrics = s.aggregate_train(1, [_reply(i + 1, u) for i, u in enumerate(ups)])
+    # change norm of client v: sqrt(6 v^2 + 4 v^2) = v sqrt(10); median over v = 2
+    assert metrics["update_norm_median"] == pytest.approx(2.0 * 10**0.5)
+    arrays = s.current
+    assert torch.allclose(arrays["lora.B"], torch.full((3, 2), 8.0 / 3))
 
 
 def test_check_update_rejects_integer_dtype():

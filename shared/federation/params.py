@@ -13,6 +13,9 @@ validated by :func:`check_update` before they touch the global model.
 
 from __future__ import annotations
 
+import ast
+import functools
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -69,7 +72,74 @@ def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
 
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in record.items()}
+    """Decode every array of a record (see :func:`decode_array`); :class:`UpdateError` if any
+    is malformed."""
+    return {k: torch.from_numpy(decode_array(k, a)) for k, a in record.items()}
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+_MAX_HEADER = 10_000  # numpy's own default limit for np.load
+
+
+@functools.lru_cache(maxsize=1024)
+def _npy_header(header: bytes, encoding: str) -> tuple[np.dtype, tuple[int, ...], bool]:
+    """Parse an ``.npy`` header dict. Memoized: every client's tensor of one name carries the
+    same header, so a round with N clients parses each distinct header once."""
+    try:
+        d = ast.literal_eval(header.decode(encoding))
+        dtype = np.lib.format.descr_to_dtype(d["descr"])
+        shape = tuple(int(n) for n in d["shape"])
+        fortran = d["fortran_order"]
+    except (ValueError, TypeError, KeyError, SyntaxError, UnicodeDecodeError, MemoryError,
+            RecursionError) as err:  # fmt: skip
+        raise UpdateError(f"malformed .npy header ({type(err).__name__}: {err})") from None
+    if not isinstance(fortran, bool) or any(n < 0 for n in shape):
+        raise UpdateError(f"malformed .npy header {header[:200]!r}")
+    return dtype, shape, fortran
+
+
+def decode_array(name: str, a: Array) -> np.ndarray:
+    """A Flower ``Array`` (``numpy.ndarray`` serialization: ``.npy`` bytes) as a writable,
+    native-byte-order NumPy array, or :class:`UpdateError` saying what is wrong with it.
+
+    Same result as ``Array.numpy()`` (``np.load(allow_pickle=False)``, tested), but the header is
+    parsed once per distinct header rather than once per array, and the data is read in place:
+    decoding was about half of the server's aggregation time with ``Array.numpy()``. Anything a
+    client can send wrong (another serialization type, bytes that are not ``.npy``, a truncated
+    or oversized payload, object dtypes) is an :class:`UpdateError`, so the strategy rejects that
+    one reply instead of failing the round.
+    """
+    if a.stype != "numpy.ndarray":
+        raise UpdateError(f"'{name}': serialization type {a.stype!r}, expected 'numpy.ndarray'")
+    data = a.data
+    if not isinstance(data, bytes) or len(data) < 10 or data[:6] != _NPY_MAGIC:
+        raise UpdateError(f"'{name}': the payload is not .npy bytes")
+    major = data[6]
+    if major == 1:
+        hlen, start, enc = int.from_bytes(data[8:10], "little"), 10, "latin1"
+    elif major in (2, 3) and len(data) >= 12:
+        hlen, start = int.from_bytes(data[8:12], "little"), 12
+        enc = "latin1" if major == 2 else "utf8"
+    else:
+        raise UpdateError(f"'{name}': unsupported .npy format version {major}")
+    if hlen > _MAX_HEADER or start + hlen > len(data):
+        raise UpdateError(f"'{name}': .npy header length {hlen} is invalid")
+    try:
+        dtype, shape, fortran = _npy_header(data[start : start + hlen], enc)
+    except UpdateError as err:
+        raise UpdateError(f"'{name}': {err}") from None
+    if dtype.hasobject:
+        raise UpdateError(f"'{name}': object arrays are not accepted")
+    count, off = math.prod(shape), start + hlen
+    if len(data) - off != count * dtype.itemsize:
+        raise UpdateError(
+            f"'{name}': {len(data) - off} data bytes, the header ({dtype}, {shape}) needs "
+            f"{count * dtype.itemsize}"
+        )
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=off)
+    arr = arr.reshape(shape, order="F" if fortran else "C")
+    native = dtype.newbyteorder("=") if not dtype.isnative else dtype
+    return np.array(arr, dtype=native, order="C", copy=True)
 
 
 def check_update(
@@ -91,10 +161,21 @@ def check_update(
             raise UpdateError(f"'{name}' has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
         if not t.dtype.is_floating_point:
             raise UpdateError(f"'{name}' has dtype {t.dtype}, expected a float tensor")
-        if not bool(torch.isfinite(t).all()):
+        if not _finite(t):
             raise UpdateError(f"'{name}' contains NaN or Inf")
         out[name] = t.float()
     return out
+
+
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf. NumPy's check when the dtype allows (a tenth of torch's per-call overhead,
+    which dominates for the small tensors of one update), else torch's (e.g. bfloat16)."""
+    if t.dtype in _NUMPY_FLOATS:
+        return bool(np.isfinite(t.detach().cpu().numpy()).all())
+    return bool(torch.isfinite(t).all())
 
 
 def nbytes(state: Mapping[str, torch.Tensor]) -> int:
