@@ -326,7 +326,8 @@ def _median_norm(changes: dict[str, torch.Tensor], given: list[float] | None) ->
         return statistics.median(given)
     if not changes:
         return None
-    sq = sum(c.double().pow(2).flatten(1).sum(1) for c in changes.values())
+    per_tensor = [c.double().pow(2).reshape(len(c), -1).sum(1) for c in changes.values()]
+    sq = torch.stack(per_tensor).sum(0)  # (n_accepted,): squared norm of each whole change
     return statistics.median(sq.sqrt().tolist())
 
 

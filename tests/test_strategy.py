@@ -197,6 +197,16 @@ def test_update_norm_median_is_the_median_of_whole_change_norms(tmp_path):
     assert metrics["update_norm_median"] == pytest.approx(2.0 * 10**0.5)
     arrays = s.current
     assert torch.allclose(arrays["lora.B"], torch.full((3, 2), 8.0 / 3))
+    # a scalar tensor (e.g. the head's log_scale) travels too
+    scalar = {"lora.B": torch.zeros(3, 2), "head.log_scale": torch.tensor(0.0)}
+    cfg = FedConfig(min_replies=2, server_opt="sgd", server_lr=1.0, dp=False)
+    s2 = FedRecStrategy(cfg, template=dict(scalar), ledger=tmp_path / "ledger2.jsonl")
+    ups = [
+        {"lora.B": torch.full((3, 2), v), "head.log_scale": torch.tensor(2 * v)} for v in (1.0, 3.0)
+    ]
+    _, metrics = s2.aggregate_train(1, [_reply(i + 1, u) for i, u in enumerate(ups)])
+    assert metrics["update_norm_median"] == pytest.approx(2.0 * 10**0.5)  # median of v sqrt(10)
+    assert float(s2.current["head.log_scale"]) == pytest.approx(4.0)
 
 
 def test_check_update_rejects_integer_dtype():
