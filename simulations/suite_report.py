@@ -280,7 +280,7 @@ def _bench_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def bench_summary(b: dict[str, Any]) -> list[str]:
     """Human-readable lines for the benchmarks' results files (medians, with their reference)."""
-    if b.get("kind") in ("aggregation", "simulation-scaling"):
+    if b.get("kind") in ("aggregation", "simulation-scaling", "dp-step"):
         return list(b.get("summary", []))
     if "round_seconds_dp" in b:  # bench_client
         return [

@@ -13,6 +13,15 @@ frozen catalog cache, padded to ``T`` tokens::
     user     (batch, dim)               recency-weighted context (+ gated profile), unit
     logits   (batch, M)                 scale * <user, item> + bias
 
+With FFA-LoRA (A frozen, the default) on a LayerNorm backbone, the item tower is
+:class:`FFAItemTower`: it embeds each distinct item of the batch once from the packed token
+cache (an item's vector does not depend on which example asks for it) and gives Opacus each
+example's gradient of B in closed form from the gradient at the example's item vectors, instead
+of letting Opacus' Linear sampler work through the ``(batch, L + M, T, dim)`` token activations
+and gradients. Same numbers (``tests/test_candidates.py`` compares the per-example gradients
+with the token path and with one backward pass per example); its speed against the token path
+is measured by ``simulations/bench_dp_step.py``.
+
 The trainable tensors are the SAME Parameter objects as the :class:`~.towers.RecModel`'s (LoRA A/B,
 item bias, recency logits, scale, profile gate), wrapped in small modules with Opacus grad
 samplers registered below, so a DP step updates the model that inference and the server use. The
@@ -77,21 +86,138 @@ def _broadcast_grad_sample(
     return {layer.weight: backprops.reshape(backprops.shape[0], *layer.weight.shape)}
 
 
+class FFAItemTower(nn.Module):
+    """``forward(items (batch, k))`` -> ``(batch, k, dim)`` adapted unit item vectors, FFA-LoRA.
+
+    Per catalog token ``z = base + s * B a`` (``a = A(x)`` frozen and cached, ``B`` = ``weight``,
+    the only trainable tensor), ``h = LayerNorm(z)``, ``p = mean of h over the item's tokens``,
+    ``e = p / |p|``. The forward embeds each of the batch's distinct items once from the packed
+    token cache (an item's vector does not depend on which example asks for it). Opacus
+    calls :func:`_ffa_tower_grad_sample` with ``g = dloss_b/de`` (batch, k, dim); with the item's
+    ``w = gamma * (g - e (e.g)) / (|p| n)`` (``n`` tokens) and LayerNorm's backward, example b's
+    gradient of ``B`` is::
+
+        s * sum_k [ (w - mean(w)) S^T  -  (1/dim) sum_t xhat_t (xhat_t . w) abar_t^T ]
+
+    with ``abar_t = rstd_t a_t`` over the item's tokens and ``S = sum_t abar_t``. Only ``xhat``
+    is gathered per (example, item); Opacus' Linear sampler needed the full token activations
+    and gradients per (example, item) instead.
+    """
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        a: torch.Tensor,  # (n_tokens, r) A(x) per packed catalog token
+        base: torch.Tensor,  # (n_tokens, dim)
+        segment: torch.Tensor,  # (n_tokens,) int64 item of each token, items in order
+        counts: torch.Tensor,  # (n_items,) tokens per item
+        norm: nn.LayerNorm,
+        scaling: float,
+    ) -> None:
+        super().__init__()
+        if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None:
+            raise ValueError(
+                f"FFAItemTower needs an affine LayerNorm after the adapter, got {type(norm)}"
+            )
+        self.weight = weight  # the shared lora_B Parameter (dim, r)
+        # Plain attributes, not buffers: Opacus refuses trainable modules with buffers.
+        self.a, self.base = a, base
+        if not torch.equal(
+            segment, torch.repeat_interleave(torch.arange(counts.shape[0]), counts.long())
+        ):
+            raise ValueError("the catalog cache's tokens are not packed in item order")
+        self.counts_long = counts.long()
+        self.counts = counts.to(base.dtype)
+        self.start = torch.cumsum(self.counts_long, 0) - self.counts_long  # first token per item
+        self.ln_weight = norm.weight.detach()
+        self.ln_bias = norm.bias.detach()
+        self.eps = float(norm.eps)
+        self.scaling = scaling
+        self._saved: tuple[torch.Tensor, ...] | None = None
+
+    def tokens(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For unique items ``u`` (U,): their packed token indices, each token's row in ``u``
+        and its slot within its item."""
+        cu = self.counts_long[u]
+        first = torch.cumsum(cu, 0) - cu
+        row = torch.repeat_interleave(torch.arange(u.shape[0]), cu)
+        slot = torch.arange(int(cu.sum())) - first[row]
+        return self.start[u][row] + slot, row, slot
+
+    def embed(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(z (tokens, dim), pooled (U, dim), e (U, dim))`` for unique items ``u``, current B."""
+        tok, row, _ = self.tokens(u)
+        z = self.base[tok] + self.scaling * (self.a[tok] @ self.weight.T)
+        h = F.layer_norm(z, z.shape[-1:], self.ln_weight, self.ln_bias, self.eps)
+        pooled = torch.zeros(u.shape[0], h.shape[1], dtype=h.dtype).index_add(0, row, h)
+        pooled = pooled / self.counts[u].unsqueeze(1)
+        return z, pooled, F.normalize(pooled, dim=-1)
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        # only the batch's distinct items: a small batch touches a small part of the catalog
+        u, inv = torch.unique(items, return_inverse=True)
+        z, pooled, e = self.embed(u)
+        # what the grad sampler needs, at this forward's items and B (else it recomputes)
+        self._saved = (items, z.detach(), pooled.detach(), self.weight.detach().clone())
+        return e[inv]  # (batch, k, dim)
+
+
+@register_grad_sampler(FFAItemTower)
+def _ffa_tower_grad_sample(
+    layer: FFAItemTower, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    items = activations[0]  # (batch, k)
+    g = backprops  # (batch, k, dim)
+    with torch.no_grad():
+        u, inv = torch.unique(items, return_inverse=True)
+        saved = layer._saved
+        if (
+            saved is not None
+            and saved[0].shape == items.shape
+            and torch.equal(saved[0], items)
+            and torch.equal(saved[3], layer.weight)
+        ):
+            z, pooled = saved[1], saved[2]
+        else:
+            z, pooled, _ = layer.embed(u)
+        _, row, slot = layer.tokens(u)
+        dim = z.shape[-1]
+        var, mu = torch.var_mean(z, dim=-1, unbiased=False, keepdim=True)
+        rstd = torch.rsqrt(var + layer.eps)  # (tokens, 1)
+        t_max = int(slot.max()) + 1 if slot.numel() else 1
+        xhat = torch.zeros(u.shape[0], t_max, dim, dtype=z.dtype)
+        xhat[row, slot] = (z - mu) * rstd  # (U, T, dim), 0 on padding
+        tok, _, _ = layer.tokens(u)
+        abar = torch.zeros(u.shape[0], t_max, layer.a.shape[1], dtype=z.dtype)
+        abar[row, slot] = rstd * layer.a[tok]  # (U, T, r)
+        norm = pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # as F.normalize
+        e = (pooled / norm)[inv]  # (batch, k, dim)
+        g_pooled = (g - e * (e * g).sum(-1, keepdim=True)) / norm[inv]
+        w = layer.ln_weight * g_pooled / layer.counts[u][inv].unsqueeze(-1)  # dloss/dh_t
+        term1 = torch.einsum("bkd,bkr->bdr", w - w.mean(-1, keepdim=True), abar.sum(1)[inv])
+        xg = xhat[inv]  # (batch, k, T, dim): the one per-(example, item) token tensor
+        c = torch.einsum("bktd,bkd->bkt", xg, w)
+        term2 = torch.einsum("bktd,bktr->bdr", xg, c.unsqueeze(-1) * abar[inv]) / dim
+    return {layer.weight: layer.scaling * (term1 - term2)}
+
+
 class CandidateScorer(nn.Module):
     """Batch-first scoring of per-example candidate sets, sharing ``model``'s parameters.
 
     ``forward(context (batch, L), candidates (batch, M), profile (batch, dim) | None)`` returns
     logits ``(batch, M)``. Context is right-aligned item indices with -1 padding (as in
     :func:`~.examples.right_aligned`). With ``model.cfg.ffa`` the frozen ``A(x)`` is cached per
-    token (r numbers instead of ``inter``), which is what makes FFA-LoRA cheap here.
+    token (r numbers instead of ``inter``), and on a LayerNorm backbone the item tower is an
+    :class:`FFAItemTower`. ``tower=False`` keeps FFA-LoRA on the token path (the reference the
+    tower is tested and benchmarked against).
     """
 
-    tok_x: torch.Tensor
+    tok_x: torch.Tensor  # the token path only (not with an FFAItemTower)
     tok_base: torch.Tensor
     tok_mask: torch.Tensor
     warm: torch.Tensor
 
-    def __init__(self, model: RecModel) -> None:
+    def __init__(self, model: RecModel, *, tower: bool = True) -> None:
         super().__init__()
         if model.id_emb is not None:
             raise ValueError(
@@ -104,36 +230,57 @@ class CandidateScorer(nn.Module):
         self.ffa = bool(model.cfg.ffa)
         site = adapter_site(model.backbone.base_model.model)
         lora = site.proj
-        self.lora_A: nn.Linear = lora.lora_A["default"]
-        self.lora_B: nn.Linear = lora.lora_B["default"]
+        lora_A: nn.Linear = lora.lora_A["default"]
         self.scaling = float(lora.scaling["default"])
-        self.norm = site.norm
+        # FFA-LoRA after a LayerNorm (BERT-style backbones): the catalog tower. Otherwise
+        # (FedAvg-LoRA, or an RMSNorm backbone) the token path with Opacus' own Linear sampler.
+        norm = site.norm
+        fast = (
+            tower
+            and self.ffa
+            and isinstance(norm, nn.LayerNorm)
+            and norm.weight is not None
+            and norm.bias is not None
+        )
+        if not fast:
+            self.lora_A = lora_A
+            self.lora_B: nn.Linear = lora.lora_B["default"]
+            self.norm = norm
         self.bias = Gather(model.item_bias) if model.item_bias is not None else None
         self.recency = Gather(model.pos_logits)
         self.scale = Broadcast(model.log_scale)
         self.gate = Broadcast(model.profile_gate)
         self.use_profile = bool(model.cfg.use_profile)
         self.history_len = int(model.cfg.history_len)
-        # Pad the packed token cache to (n_items, T, .) once: gathers are then plain indexing.
-        n_items, counts = cache.n_items, cache.counts.long()
-        t_max = int(counts.max())
-        start = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(cache.segment.shape[0]) - start[cache.segment]
-        feats = self.lora_A(cache.x).detach() if self.ffa else cache.x  # (n_tokens, r | inter)
-        x = torch.zeros(n_items, t_max, feats.shape[1])
-        x[cache.segment, pos] = feats
-        base = torch.zeros(n_items, t_max, cache.base.shape[1])
-        base[cache.segment, pos] = cache.base
-        mask = torch.zeros(n_items, t_max, dtype=torch.bool)
-        mask[cache.segment, pos] = True
-        self.register_buffer("tok_x", x, persistent=False)  # (n_items, T, r | inter)
-        self.register_buffer("tok_base", base, persistent=False)  # (n_items, T, dim)
-        self.register_buffer("tok_mask", mask, persistent=False)  # (n_items, T)
+        feats = lora_A(cache.x).detach() if self.ffa else cache.x  # (n_tokens, r | inter)
+        self.tower: FFAItemTower | None = None
+        if fast:
+            weight = lora.lora_B["default"].weight
+            self.tower = FFAItemTower(
+                weight, feats, cache.base, cache.segment, cache.counts, norm, self.scaling
+            )
+        else:
+            # Pad the packed token cache to (n_items, T, .) once: gathers are then plain indexing.
+            counts = cache.counts.long()
+            start = torch.cumsum(counts, 0) - counts
+            pos = torch.arange(cache.segment.shape[0]) - start[cache.segment]
+            shape = (cache.n_items, int(counts.max()))
+            x = torch.zeros(*shape, feats.shape[1])
+            x[cache.segment, pos] = feats
+            base = torch.zeros(*shape, cache.base.shape[1])
+            base[cache.segment, pos] = cache.base
+            mask = torch.zeros(*shape, dtype=torch.bool)
+            mask[cache.segment, pos] = True
+            self.register_buffer("tok_x", x, persistent=False)  # (n_items, T, r | inter)
+            self.register_buffer("tok_base", base, persistent=False)  # (n_items, T, dim)
+            self.register_buffer("tok_mask", mask, persistent=False)  # (n_items, T)
         self.register_buffer("warm", model.warm.clone(), persistent=False)
-        self.n_items = n_items
+        self.n_items = cache.n_items
 
     def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
         """``items`` (batch, k) indices >= 0 -> (batch, k, dim) adapted unit text embeddings."""
+        if self.tower is not None:
+            return self.tower(items)
         x = self.tok_x[items]  # (batch, k, T, r | inter)
         low = x if self.ffa else self.lora_A(x)  # (batch, k, T, r)
         h = self.norm(self.tok_base[items] + self.scaling * self.lora_B(low))  # (batch, k, T, dim)
