@@ -126,9 +126,8 @@ class FFAItemTower(nn.Module):
             segment, torch.repeat_interleave(torch.arange(counts.shape[0]), counts.long())
         ):
             raise ValueError("the catalog cache's tokens are not packed in item order")
-        self.counts_long = counts.long()
-        self.counts = counts.to(base.dtype)
-        self.start = torch.cumsum(self.counts_long, 0) - self.counts_long  # first token per item
+        self.counts = counts.long()  # tokens per item
+        self.start = torch.cumsum(self.counts, 0) - self.counts  # first token per item
         self.ln_weight = norm.weight.detach()
         self.ln_bias = norm.bias.detach()
         self.eps = float(norm.eps)
@@ -138,15 +137,17 @@ class FFAItemTower(nn.Module):
     def tokens(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For unique items ``u`` (U,): their packed token indices, each token's row in ``u``
         and its slot within its item."""
-        cu = self.counts_long[u]
+        cu = self.counts[u]
         first = torch.cumsum(cu, 0) - cu
         row = torch.repeat_interleave(torch.arange(u.shape[0]), cu)
         slot = torch.arange(int(cu.sum())) - first[row]
         return self.start[u][row] + slot, row, slot
 
-    def embed(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(z (tokens, dim), pooled (U, dim), e (U, dim))`` for unique items ``u``, current B."""
-        tok, row, _ = self.tokens(u)
+    def embed(
+        self, u: torch.Tensor, tok: torch.Tensor, row: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(z (tokens, dim), pooled (U, dim), e (U, dim))`` for unique items ``u`` (with their
+        ``tokens(u)``), at the current B."""
         z = self.base[tok] + self.scaling * (self.a[tok] @ self.weight.T)
         h = F.layer_norm(z, z.shape[-1:], self.ln_weight, self.ln_bias, self.eps)
         pooled = torch.zeros(u.shape[0], h.shape[1], dtype=h.dtype).index_add(0, row, h)
@@ -156,9 +157,11 @@ class FFAItemTower(nn.Module):
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         # only the batch's distinct items: a small batch touches a small part of the catalog
         u, inv = torch.unique(items, return_inverse=True)
-        z, pooled, e = self.embed(u)
+        tok, row, slot = self.tokens(u)
+        z, pooled, e = self.embed(u, tok, row)
         # what the grad sampler needs, at this forward's items and B (else it recomputes)
-        self._saved = (items, z.detach(), pooled.detach(), self.weight.detach().clone())
+        self._saved = (items, u, inv, tok, row, slot, z.detach(), pooled.detach(),
+                       self.weight.detach().clone())  # fmt: skip
         return e[inv]  # (batch, k, dim)
 
 
@@ -169,25 +172,23 @@ def _ffa_tower_grad_sample(
     items = activations[0]  # (batch, k)
     g = backprops  # (batch, k, dim)
     with torch.no_grad():
-        u, inv = torch.unique(items, return_inverse=True)
         saved = layer._saved
         if (
             saved is not None
-            and saved[0].shape == items.shape
             and torch.equal(saved[0], items)
-            and torch.equal(saved[3], layer.weight)
+            and torch.equal(saved[-1], layer.weight)
         ):
-            z, pooled = saved[1], saved[2]
+            u, inv, tok, row, slot, z, pooled = saved[1:-1]
         else:
-            z, pooled, _ = layer.embed(u)
-        _, row, slot = layer.tokens(u)
+            u, inv = torch.unique(items, return_inverse=True)
+            tok, row, slot = layer.tokens(u)
+            z, pooled, _ = layer.embed(u, tok, row)
         dim = z.shape[-1]
         var, mu = torch.var_mean(z, dim=-1, unbiased=False, keepdim=True)
         rstd = torch.rsqrt(var + layer.eps)  # (tokens, 1)
         t_max = int(slot.max()) + 1 if slot.numel() else 1
         xhat = torch.zeros(u.shape[0], t_max, dim, dtype=z.dtype)
         xhat[row, slot] = (z - mu) * rstd  # (U, T, dim), 0 on padding
-        tok, _, _ = layer.tokens(u)
         abar = torch.zeros(u.shape[0], t_max, layer.a.shape[1], dtype=z.dtype)
         abar[row, slot] = rstd * layer.a[tok]  # (U, T, r)
         norm = pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # as F.normalize
