@@ -7,6 +7,7 @@ import pytest
 import torch
 from opacus import GradSampleModule
 
+from fedrec.shared.model import candidates
 from fedrec.shared.model.candidates import CandidateScorer, candidate_loss, sample_candidates
 from fedrec.shared.model.examples import right_aligned
 
@@ -80,30 +81,69 @@ def test_candidate_loss_masks_collisions():
     assert loss.item() == pytest.approx(np.log(2.0))  # target vs item 9 only
 
 
-def test_catalog_tower_equals_the_token_path(ds, tiny_backbone):  # noqa: F811
-    """FFA-LoRA's catalog tower (closed-form per-example gradient of B) against the token path
-    (Opacus' own Linear sampler) on the same batch: same logits, same per-example gradients,
-    with an item repeated within an example and across examples."""
-    model = make_model(ds, tiny_backbone, id_residual=False, ffa=True)
-    perturb_lora(model, seed=5)
-    context, cands, prof = _batch(model, seed=2)
-    cands[1, 4] = cands[0, 2]  # one item in two examples
-    cands[2, 5] = cands[2, 6]  # one item twice in one example
-    grads, logits = [], []
+def _tower_vs_token(model, context, cands, prof, forget_forward=False):
+    """Logits and per-example gradients of the trainable LoRA matrices, tower then token path."""
+    lora = model.lora_layer()
+    weights = [lora.lora_B["default"].weight, lora.lora_A["default"].weight]
+    weights = [w for w in weights if w.requires_grad]
+    out = []
     for tower in (True, False):
         scorer = CandidateScorer(model, tower=tower)
         assert (scorer.tower is not None) is tower
+        if tower and forget_forward:  # the grad sampler then recomputes the forward's state
+            forward = scorer.tower.forward
+
+            def forgetful(items, _forward=forward, _tower=scorer.tower):
+                e = _forward(items)
+                _tower._saved = None
+                return e
+
+            scorer.tower.forward = forgetful
         gsm = GradSampleModule(scorer, loss_reduction="mean")
-        out = gsm(context, cands, prof)
-        candidate_loss(out, context, cands).backward()
-        weight = model.lora_layer().lora_B["default"].weight
-        grads.append(weight.grad_sample.clone())
-        logits.append(out.detach())
+        logits = gsm(context, cands, prof)
+        candidate_loss(logits, context, cands).backward()
+        out.append((logits.detach(), [w.grad_sample.clone() for w in weights]))
         gsm._close()
         for p in scorer.parameters():
             p.grad_sample = None
             p.grad = None
-    assert grads[0].shape == (context.shape[0], *weight.shape)
-    assert grads[0].abs().max() > 0
-    assert torch.allclose(logits[0], logits[1], atol=1e-5)
-    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+    return weights, out
+
+
+@pytest.mark.parametrize("ffa", [True, False])
+def test_catalog_tower_equals_the_token_path(ds, tiny_backbone, ffa):  # noqa: F811
+    """The catalog tower (closed-form per-example gradients of B, and of A with FedAvg-LoRA)
+    against the token path (Opacus' own Linear sampler) on the same batch: same logits, same
+    per-example gradients, with an item repeated within an example and across examples."""
+    model = make_model(ds, tiny_backbone, id_residual=False, ffa=ffa)
+    perturb_lora(model, seed=5)
+    context, cands, prof = _batch(model, seed=2)
+    cands[1, 4] = cands[0, 2]  # one item in two examples
+    cands[2, 5] = cands[2, 6]  # one item twice in one example
+    weights, [(logits_t, grads_t), (logits_p, grads_p)] = _tower_vs_token(
+        model, context, cands, prof
+    )
+    assert len(weights) == (1 if ffa else 2)
+    assert torch.allclose(logits_t, logits_p, atol=1e-5)
+    for w, gt, gp in zip(weights, grads_t, grads_p, strict=True):
+        assert gt.shape == (context.shape[0], *w.shape)
+        assert gt.abs().max() > 0
+        assert torch.allclose(gt, gp, atol=1e-6, rtol=1e-4)
+
+
+def test_catalog_tower_recomputes_when_the_forward_is_not_saved(
+    ds,  # noqa: F811
+    tiny_backbone,
+    monkeypatch,
+):
+    """The grad sampler's fallback (no saved forward for these items and weights) gives the same
+    per-example gradients as the token path; dA gathered one example at a time."""
+    monkeypatch.setattr(candidates, "_CHUNK_FLOATS", 1)
+    model = make_model(ds, tiny_backbone, id_residual=False, ffa=False)
+    perturb_lora(model, seed=6)
+    context, cands, prof = _batch(model, seed=3)
+    _, [(_, grads_t), (_, grads_p)] = _tower_vs_token(
+        model, context, cands, prof, forget_forward=True
+    )
+    for gt, gp in zip(grads_t, grads_p, strict=True):
+        assert torch.allclose(gt, gp, atol=1e-6, rtol=1e-4)

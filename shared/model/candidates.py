@@ -13,12 +13,12 @@ frozen catalog cache, padded to ``T`` tokens::
     user     (batch, dim)               recency-weighted context (+ gated profile), unit
     logits   (batch, M)                 scale * <user, item> + bias
 
-With FFA-LoRA (A frozen, the default) on a LayerNorm backbone, the item tower is
-:class:`FFAItemTower`: it embeds each distinct item of the batch once from the packed token
-cache (an item's vector does not depend on which example asks for it) and gives Opacus each
-example's gradient of B in closed form from the gradient at the example's item vectors, instead
-of letting Opacus' Linear sampler work through the ``(batch, L + M, T, dim)`` token activations
-and gradients. Same numbers (``tests/test_candidates.py`` compares the per-example gradients
+On a LayerNorm backbone (MiniLM, BERT-style) the item tower is :class:`LoRAItemTower`: it embeds
+each distinct item of the batch once from the packed token cache (an item's vector does not
+depend on which example asks for it) and gives Opacus each example's gradient of B (and of A with
+FedAvg-LoRA) in closed form from the gradient at the example's item vectors, instead of letting
+Opacus' Linear sampler work through the ``(batch, L + M, T, dim)`` token activations and
+gradients. Same numbers (``tests/test_candidates.py`` compares the per-example gradients
 with the token path and with one backward pass per example); its speed against the token path
 is measured by ``simulations/bench_dp_step.py``.
 
@@ -86,42 +86,53 @@ def _broadcast_grad_sample(
     return {layer.weight: backprops.reshape(backprops.shape[0], *layer.weight.shape)}
 
 
-class FFAItemTower(nn.Module):
-    """``forward(items (batch, k))`` -> ``(batch, k, dim)`` adapted unit item vectors, FFA-LoRA.
+class LoRAItemTower(nn.Module):
+    """``forward(items (batch, k))`` -> ``(batch, k, dim)`` adapted unit item vectors.
 
-    Per catalog token ``z = base + s * B a`` (``a = A(x)`` frozen and cached, ``B`` = ``weight``,
-    the only trainable tensor), ``h = LayerNorm(z)``, ``p = mean of h over the item's tokens``,
-    ``e = p / |p|``. The forward embeds each of the batch's distinct items once from the packed
-    token cache (an item's vector does not depend on which example asks for it). Opacus
-    calls :func:`_ffa_tower_grad_sample` with ``g = dloss_b/de`` (batch, k, dim); with the item's
-    ``w = gamma * (g - e (e.g)) / (|p| n)`` (``n`` tokens) and LayerNorm's backward, example b's
-    gradient of ``B`` is::
+    Per catalog token ``z = base + s * B a`` with ``a = A x``, ``h = LayerNorm(z)``, ``p = mean
+    of h over the item's tokens``, ``e = p / |p|``. With FFA-LoRA (``a_weight=None``) ``A`` is
+    frozen and ``feats`` holds ``a`` per token (cached); with FedAvg-LoRA ``feats`` holds ``x``
+    (the FFN's intermediate activations, frozen) and ``a_weight`` is the trainable ``A``. The
+    forward embeds each of the batch's distinct items once from the packed token cache (an item's
+    vector does not depend on which example asks for it). Opacus calls
+    :func:`_lora_tower_grad_sample` with ``g = dloss_b/de`` (batch, k, dim). With the item's
+    ``w = gamma * (g - e (e.g)) / (|p| n)`` (``n`` tokens), ``w' = w - mean(w)``,
+    ``xhat_t`` LayerNorm's normalised input, ``rstd_t`` its inverse std and
+    ``c_t = xhat_t . w``, LayerNorm's backward gives
+    ``dloss_b/dz_t = rstd_t (w' - xhat_t c_t / dim)``, so example b's gradients are::
 
-        s * sum_k [ (w - mean(w)) S^T  -  (1/dim) sum_t xhat_t (xhat_t . w) abar_t^T ]
+        dB = s * sum_k [ w' S_a^T  -  (1/dim) sum_t c_t xhat_t (rstd_t a_t)^T ]
+        dA = s * sum_k [ (B^T w') S_x^T  -  (1/dim) sum_t c_t (B^T xhat_t) (rstd_t x_t)^T ]
 
-    with ``abar_t = rstd_t a_t`` over the item's tokens and ``S = sum_t abar_t``. Only ``xhat``
-    is gathered per (example, item); Opacus' Linear sampler needed the full token activations
-    and gradients per (example, item) instead.
+    with ``S_a = sum_t rstd_t a_t`` and ``S_x = sum_t rstd_t x_t`` over the item's tokens. The
+    per-(example, item, token) tensors left are ``xhat`` (dim) and, for ``dA`` only, ``x``
+    (gathered in chunks of examples); Opacus' Linear sampler needed the token activations and
+    their gradients per (example, item) for both LoRA matrices instead.
     """
 
     def __init__(
         self,
         weight: nn.Parameter,
-        a: torch.Tensor,  # (n_tokens, r) A(x) per packed catalog token
+        feats: torch.Tensor,  # (n_tokens, r) A(x) [ffa] or (n_tokens, inter) x [fedavg]
         base: torch.Tensor,  # (n_tokens, dim)
         segment: torch.Tensor,  # (n_tokens,) int64 item of each token, items in order
         counts: torch.Tensor,  # (n_items,) tokens per item
         norm: nn.LayerNorm,
         scaling: float,
+        a_weight: nn.Parameter | None = None,  # the shared lora_A Parameter (r, inter), fedavg
     ) -> None:
         super().__init__()
         if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None:
             raise ValueError(
-                f"FFAItemTower needs an affine LayerNorm after the adapter, got {type(norm)}"
+                f"LoRAItemTower needs an affine LayerNorm after the adapter, got {type(norm)}"
             )
+        want = weight.shape[1] if a_weight is None else a_weight.shape[1]
+        if feats.shape[1] != want:
+            raise ValueError(f"token features have width {feats.shape[1]}, expected {want}")
         self.weight = weight  # the shared lora_B Parameter (dim, r)
+        self.a_weight = a_weight  # registered as this module's parameter when given
         # Plain attributes, not buffers: Opacus refuses trainable modules with buffers.
-        self.a, self.base = a, base
+        self.feats, self.base = feats, base
         if not torch.equal(
             segment, torch.repeat_interleave(torch.arange(counts.shape[0]), counts.long())
         ):
@@ -134,6 +145,10 @@ class FFAItemTower(nn.Module):
         self.scaling = scaling
         self._saved: tuple[torch.Tensor, ...] | None = None
 
+    def _state(self) -> list[torch.Tensor]:
+        """The trainable tensors' current values (to tell whether a saved forward is stale)."""
+        return [self.weight] if self.a_weight is None else [self.weight, self.a_weight]
+
     def tokens(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For unique items ``u`` (U,): their packed token indices, each token's row in ``u``
         and its slot within its item."""
@@ -145,61 +160,91 @@ class FFAItemTower(nn.Module):
 
     def embed(
         self, u: torch.Tensor, tok: torch.Tensor, row: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(z (tokens, dim), pooled (U, dim), e (U, dim))`` for unique items ``u`` (with their
-        ``tokens(u)``), at the current B."""
-        z = self.base[tok] + self.scaling * (self.a[tok] @ self.weight.T)
+    ) -> tuple[torch.Tensor, ...]:
+        """``(x, a (tokens, r), z (tokens, dim), pooled (U, dim), e (U, dim))`` for unique items
+        ``u`` (with their ``tokens(u)``), at the current A and B; ``x`` (tokens, inter) is the
+        tokens' frozen input of A with FedAvg-LoRA (else ``a`` itself)."""
+        x = a = self.feats[tok]
+        if self.a_weight is not None:
+            a = x @ self.a_weight.T
+        z = self.base[tok] + self.scaling * (a @ self.weight.T)
         h = F.layer_norm(z, z.shape[-1:], self.ln_weight, self.ln_bias, self.eps)
         pooled = torch.zeros(u.shape[0], h.shape[1], dtype=h.dtype).index_add(0, row, h)
         pooled = pooled / self.counts[u].unsqueeze(1)
-        return z, pooled, F.normalize(pooled, dim=-1)
+        return x, a, z, pooled, F.normalize(pooled, dim=-1)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         # only the batch's distinct items: a small batch touches a small part of the catalog
         u, inv = torch.unique(items, return_inverse=True)
         tok, row, slot = self.tokens(u)
-        z, pooled, e = self.embed(u, tok, row)
-        # what the grad sampler needs, at this forward's items and B (else it recomputes)
-        self._saved = (items, u, inv, tok, row, slot, z.detach(), pooled.detach(),
-                       self.weight.detach().clone())  # fmt: skip
+        x, a, z, pooled, e = self.embed(u, tok, row)
+        # what the grad sampler needs, at this forward's items, A and B (else it recomputes)
+        self._saved = (items, u, inv, tok, row, slot, x, a.detach(), z.detach(), pooled.detach(),
+                       *(p.detach().clone() for p in self._state()))  # fmt: skip
         return e[inv]  # (batch, k, dim)
 
 
-@register_grad_sampler(FFAItemTower)
-def _ffa_tower_grad_sample(
-    layer: FFAItemTower, activations: list[torch.Tensor], backprops: torch.Tensor
+# Per-(example, item, token) floats of x gathered at once for dA (about 64 MB in float32).
+_CHUNK_FLOATS = 16 * 2**20
+
+
+@register_grad_sampler(LoRAItemTower)
+def _lora_tower_grad_sample(
+    layer: LoRAItemTower, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
     items = activations[0]  # (batch, k)
     g = backprops  # (batch, k, dim)
+    state = layer._state()
     with torch.no_grad():
         saved = layer._saved
         if (
             saved is not None
             and torch.equal(saved[0], items)
-            and torch.equal(saved[-1], layer.weight)
+            and all(torch.equal(s, p) for s, p in zip(saved[10:], state, strict=True))
         ):
-            u, inv, tok, row, slot, z, pooled = saved[1:-1]
+            u, inv, tok, row, slot, x, a, z, pooled = saved[1:10]
         else:
             u, inv = torch.unique(items, return_inverse=True)
             tok, row, slot = layer.tokens(u)
-            z, pooled, _ = layer.embed(u, tok, row)
+            x, a, z, pooled, _ = layer.embed(u, tok, row)
         dim = z.shape[-1]
         var, mu = torch.var_mean(z, dim=-1, unbiased=False, keepdim=True)
         rstd = torch.rsqrt(var + layer.eps)  # (tokens, 1)
         t_max = int(slot.max()) + 1 if slot.numel() else 1
         xhat = torch.zeros(u.shape[0], t_max, dim, dtype=z.dtype)
         xhat[row, slot] = (z - mu) * rstd  # (U, T, dim), 0 on padding
-        abar = torch.zeros(u.shape[0], t_max, layer.a.shape[1], dtype=z.dtype)
-        abar[row, slot] = rstd * layer.a[tok]  # (U, T, r)
+        abar = torch.zeros(u.shape[0], t_max, a.shape[1], dtype=z.dtype)
+        abar[row, slot] = rstd * a  # (U, T, r)
         norm = pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # as F.normalize
         e = (pooled / norm)[inv]  # (batch, k, dim)
         g_pooled = (g - e * (e * g).sum(-1, keepdim=True)) / norm[inv]
-        w = layer.ln_weight * g_pooled / layer.counts[u][inv].unsqueeze(-1)  # dloss/dh_t
-        term1 = torch.einsum("bkd,bkr->bdr", w - w.mean(-1, keepdim=True), abar.sum(1)[inv])
-        xg = xhat[inv]  # (batch, k, T, dim): the one per-(example, item) token tensor
+        w = layer.ln_weight * g_pooled / layer.counts[u][inv].unsqueeze(-1)  # dloss/dxhat_t
+        wc = w - w.mean(-1, keepdim=True)  # (batch, k, dim)
+        xg = xhat[inv]  # (batch, k, T, dim): the one per-(example, item) token tensor of dB
         c = torch.einsum("bktd,bkd->bkt", xg, w)
+        term1 = torch.einsum("bkd,bkr->bdr", wc, abar.sum(1)[inv])
         term2 = torch.einsum("bktd,bktr->bdr", xg, c.unsqueeze(-1) * abar[inv]) / dim
-    return {layer.weight: layer.scaling * (term1 - term2)}
+        out = {layer.weight: layer.scaling * (term1 - term2)}
+        if layer.a_weight is not None:
+            b_w = layer.weight  # (dim, r)
+            xr = rstd * x  # (tokens, inter)
+            s_x = torch.zeros(u.shape[0], xr.shape[1], dtype=xr.dtype).index_add(0, row, xr)
+            term1_a = torch.einsum("bkr,bki->bri", wc @ b_w, s_x[inv])
+            q = c.unsqueeze(-1) * (xhat @ b_w)[inv]  # (batch, k, T, r)
+            # x of every (example, item, token) is the big tensor: gather it a few examples
+            # at a time, padding slots point at token 0 with weight 0 (their xhat is 0)
+            pad = torch.zeros(u.shape[0], t_max, dtype=torch.long)
+            pad[row, slot] = torch.arange(tok.shape[0])
+            per_example = max(1, items.shape[1] * t_max * xr.shape[1])
+            step = max(1, _CHUNK_FLOATS // per_example)
+            term2_a = torch.cat(
+                [
+                    torch.einsum("bktr,bkti->bri", q[i : i + step], xr[pad[inv[i : i + step]]])
+                    for i in range(0, items.shape[0], step)
+                ]
+            )
+            out[layer.a_weight] = layer.scaling * (term1_a - term2_a / dim)
+    return out
 
 
 class CandidateScorer(nn.Module):
@@ -208,12 +253,12 @@ class CandidateScorer(nn.Module):
     ``forward(context (batch, L), candidates (batch, M), profile (batch, dim) | None)`` returns
     logits ``(batch, M)``. Context is right-aligned item indices with -1 padding (as in
     :func:`~.examples.right_aligned`). With ``model.cfg.ffa`` the frozen ``A(x)`` is cached per
-    token (r numbers instead of ``inter``), and on a LayerNorm backbone the item tower is an
-    :class:`FFAItemTower`. ``tower=False`` keeps FFA-LoRA on the token path (the reference the
-    tower is tested and benchmarked against).
+    token (r numbers instead of ``inter``). On a LayerNorm backbone the item tower is a
+    :class:`LoRAItemTower` (FFA-LoRA and FedAvg-LoRA); ``tower=False`` keeps the token path (the
+    reference the tower is tested and benchmarked against).
     """
 
-    tok_x: torch.Tensor  # the token path only (not with an FFAItemTower)
+    tok_x: torch.Tensor  # the token path only (not with a LoRAItemTower)
     tok_base: torch.Tensor
     tok_mask: torch.Tensor
     warm: torch.Tensor
@@ -233,12 +278,11 @@ class CandidateScorer(nn.Module):
         lora = site.proj
         lora_A: nn.Linear = lora.lora_A["default"]
         self.scaling = float(lora.scaling["default"])
-        # FFA-LoRA after a LayerNorm (BERT-style backbones): the catalog tower. Otherwise
-        # (FedAvg-LoRA, or an RMSNorm backbone) the token path with Opacus' own Linear sampler.
+        # LoRA before an affine LayerNorm (BERT-style backbones): the catalog tower. Otherwise
+        # (an RMSNorm backbone, or tower=False) the token path with Opacus' own Linear sampler.
         norm = site.norm
         fast = (
             tower
-            and self.ffa
             and isinstance(norm, nn.LayerNorm)
             and norm.weight is not None
             and norm.bias is not None
@@ -254,11 +298,17 @@ class CandidateScorer(nn.Module):
         self.use_profile = bool(model.cfg.use_profile)
         self.history_len = int(model.cfg.history_len)
         feats = lora_A(cache.x).detach() if self.ffa else cache.x  # (n_tokens, r | inter)
-        self.tower: FFAItemTower | None = None
+        self.tower: LoRAItemTower | None = None
         if fast:
-            weight = lora.lora_B["default"].weight
-            self.tower = FFAItemTower(
-                weight, feats, cache.base, cache.segment, cache.counts, norm, self.scaling
+            self.tower = LoRAItemTower(
+                lora.lora_B["default"].weight,
+                feats,
+                cache.base,
+                cache.segment,
+                cache.counts,
+                norm,
+                self.scaling,
+                a_weight=None if self.ffa else lora_A.weight,
             )
         else:
             # Pad the packed token cache to (n_items, T, .) once: gathers are then plain indexing.
