@@ -161,26 +161,30 @@ class LoRAItemTower(nn.Module):
     def embed(
         self, u: torch.Tensor, tok: torch.Tensor, row: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
-        """``(x, a (tokens, r), z (tokens, dim), pooled (U, dim), e (U, dim))`` for unique items
-        ``u`` (with their ``tokens(u)``), at the current A and B; ``x`` (tokens, inter) is the
-        tokens' frozen input of A with FedAvg-LoRA (else ``a`` itself)."""
+        """``(x, a (tokens, r), z (tokens, dim), mu, rstd (tokens, 1), pooled (U, dim), e (U,
+        dim))`` for unique items ``u`` (with their ``tokens(u)``), at the current A and B: ``x``
+        (tokens, inter) is the tokens' frozen input of A with FedAvg-LoRA (else ``a`` itself),
+        ``mu`` and ``rstd`` LayerNorm's mean and inverse std of ``z``."""
         x = a = self.feats[tok]
         if self.a_weight is not None:
             a = x @ self.a_weight.T
         z = self.base[tok] + self.scaling * (a @ self.weight.T)
-        h = F.layer_norm(z, z.shape[-1:], self.ln_weight, self.ln_bias, self.eps)
+        # F.layer_norm's op, which also returns the statistics the grad sampler needs
+        h, mu, rstd = torch.native_layer_norm(
+            z, z.shape[-1:], self.ln_weight, self.ln_bias, self.eps
+        )
         pooled = torch.zeros(u.shape[0], h.shape[1], dtype=h.dtype).index_add(0, row, h)
         pooled = pooled / self.counts[u].unsqueeze(1)
-        return x, a, z, pooled, F.normalize(pooled, dim=-1)
+        return x, a, z, mu.detach(), rstd.detach(), pooled, F.normalize(pooled, dim=-1)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         # only the batch's distinct items: a small batch touches a small part of the catalog
         u, inv = torch.unique(items, return_inverse=True)
         tok, row, slot = self.tokens(u)
-        x, a, z, pooled, e = self.embed(u, tok, row)
+        x, a, z, mu, rstd, pooled, e = self.embed(u, tok, row)
         # what the grad sampler needs, at this forward's items, A and B (else it recomputes)
-        self._saved = (items, u, inv, tok, row, slot, x, a.detach(), z.detach(), pooled.detach(),
-                       *(p.detach().clone() for p in self._state()))  # fmt: skip
+        self._saved = (items, u, inv, tok, row, slot, x, a.detach(), z.detach(), mu, rstd,
+                       pooled.detach(), *(p.detach().clone() for p in self._state()))  # fmt: skip
         return e[inv]  # (batch, k, dim)
 
 
@@ -200,16 +204,14 @@ def _lora_tower_grad_sample(
         if (
             saved is not None
             and torch.equal(saved[0], items)
-            and all(torch.equal(s, p) for s, p in zip(saved[10:], state, strict=True))
+            and all(torch.equal(s, p) for s, p in zip(saved[12:], state, strict=True))
         ):
-            u, inv, tok, row, slot, x, a, z, pooled = saved[1:10]
+            u, inv, tok, row, slot, x, a, z, mu, rstd, pooled = saved[1:12]
         else:
             u, inv = torch.unique(items, return_inverse=True)
             tok, row, slot = layer.tokens(u)
-            x, a, z, pooled, _ = layer.embed(u, tok, row)
+            x, a, z, mu, rstd, pooled, _ = layer.embed(u, tok, row)
         dim = z.shape[-1]
-        var, mu = torch.var_mean(z, dim=-1, unbiased=False, keepdim=True)
-        rstd = torch.rsqrt(var + layer.eps)  # (tokens, 1)
         t_max = int(slot.max()) + 1 if slot.numel() else 1
         xhat = torch.zeros(u.shape[0], t_max, dim, dtype=z.dtype)
         xhat[row, slot] = (z - mu) * rstd  # (U, T, dim), 0 on padding
