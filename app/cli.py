@@ -353,7 +353,10 @@ def suite_cmd(
     list_: Annotated[bool, typer.Option("--list", help="List the suite's experiments.")] = False,
     readme: Annotated[
         Path | None,
-        typer.Option(help="Also replace the suite-results block of this README with the report."),
+        typer.Option(
+            help="Also replace this suite's results block in this README with the report "
+            "(between <!-- suite-results:NAME:begin --> and <!-- suite-results:NAME:end -->)."
+        ),
     ] = None,
 ) -> None:
     """Run an experiment suite (federated runs, central training, baselines, benchmarks) and
@@ -393,7 +396,7 @@ def suite_cmd(
         from fedrec.simulations.suite_report import embed_in_readme
 
         try:
-            embed_in_readme(out_dir, readme)
+            embed_in_readme(out_dir, readme, suite.name)
         except (OSError, ValueError) as e:
             _fail(str(e), 2)
         out.print(f"updated {readme}")

@@ -6,7 +6,11 @@ hashed into exactly one example (as its target or as context), independently of 
 interaction, so adding or removing one interaction changes exactly one example and per-example
 DP-SGD is DP for the interaction with no group-privacy factor (``tests/test_dp_training.py``
 checks this on the example builder). Negatives are public catalog items drawn independently of
-the data (:mod:`fedrec.shared.model.candidates`).
+the data (:mod:`fedrec.shared.model.candidates`). Without local DP (``dp=false``, e.g. with
+user-level DP only, or none) ``examples=sequence`` builds central training's sliding-window
+examples instead: more examples and the most recent history as context, and no per-interaction
+guarantee, which is why :class:`~fedrec.shared.federation.config.FedConfig` refuses it with
+``dp=true``.
 
 Mechanism: Poisson sampling at ``sample-rate`` q (Opacus ``DPDataLoader``), per-example clipping
 to ``max-grad-norm`` C, Gaussian noise ``sigma * C`` on the clipped sum (Opacus ``DPOptimizer``),
@@ -48,7 +52,7 @@ from torch.utils.data import TensorDataset
 
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.model.candidates import CandidateScorer, candidate_loss, sample_candidates
-from fedrec.shared.model.examples import disjoint_examples
+from fedrec.shared.model.examples import disjoint_examples, sequence_examples
 from fedrec.shared.privacy.accounting import Run, epsilon_spent, noise_for_budget
 
 
@@ -71,11 +75,16 @@ def build_examples(
     history_len: int,
     key: int,
     profiles: Sequence[torch.Tensor | None] | None = None,
+    sequence: bool = False,
 ) -> ClientExamples:
-    """Per user ``(items, timestamps)`` in time order -> disjoint examples (see module doc)."""
+    """Per user ``(items, timestamps)`` in time order -> disjoint examples (see module doc), or
+    with ``sequence=True`` (no local DP only) central training's sliding-window examples."""
     targets, contexts, profs = [], [], []
     for u, (items, times) in enumerate(users):
-        t, c = disjoint_examples(items, times, slots=slots, history_len=history_len, key=key)
+        if sequence:
+            _, t, c = sequence_examples([items], history_len)
+        else:
+            t, c = disjoint_examples(items, times, slots=slots, history_len=history_len, key=key)
         targets.append(t)
         contexts.append(c)
         if profiles is not None:

@@ -174,7 +174,12 @@ def client_state(cfg: FedConfig, node_config: dict[str, Any]) -> ClientState:
         rows = np.flatnonzero(split.train_user == u)  # time order within a user
         per_user.append((split.train_item[rows], split.train_time[rows]))
     examples = build_examples(
-        per_user, slots=cfg.slots, history_len=cfg.history_len, key=cfg.seed, profiles=profiles
+        per_user,
+        slots=cfg.slots,
+        history_len=cfg.history_len,
+        key=cfg.seed,
+        profiles=profiles,
+        sequence=cfg.examples == "sequence",  # only without local DP (FedConfig checks)
     )
     if cfg.audit_canaries:
         examples = with_canaries(examples, Path(cfg.audit_canaries), name, cfg.history_len)

@@ -370,18 +370,25 @@ def write_report(suite: Suite, out: Path) -> dict[str, Any]:
     return summary
 
 
-BEGIN, END = "<!-- suite-results:begin -->", "<!-- suite-results:end -->"
+def markers(suite: str) -> tuple[str, str]:
+    """The README markers around suite ``suite``'s results block."""
+    return f"<!-- suite-results:{suite}:begin -->", f"<!-- suite-results:{suite}:end -->"
 
 
-def embed_in_readme(out: Path, readme: Path) -> None:
-    """Replace the block between the suite-results markers in ``readme`` with ``out/report.md``
+def embed_in_readme(out: Path, readme: Path, suite: str) -> None:
+    """Replace the block between suite ``suite``'s markers in ``readme`` with ``out/report.md``
     (headings demoted one level, image links made relative to the README). All or nothing: the
-    README is rewritten atomically, and left alone when the markers are missing."""
+    README is rewritten atomically, and left alone when the markers are missing. Each suite has
+    its own block, so the README can hold several."""
     import os
 
+    begin, end = markers(suite)
     text = readme.read_text()
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(BEGIN) > text.index(END):
-        raise ValueError(f"{readme}: needs exactly one '{BEGIN}' ... '{END}' block")
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(
+            f"{readme}: needs exactly one '{begin}' ... '{end}' block (where suite {suite!r}'s "
+            "report goes); add the two lines where it should be"
+        )
     rel = os.path.relpath(out, readme.parent)
     body = []
     for line in (out / "report.md").read_text().splitlines():
@@ -391,8 +398,8 @@ def embed_in_readme(out: Path, readme: Path) -> None:
             name = line[line.index("](") + 2 : -1]
             line = line[: line.index("](") + 2] + f"{rel}/{name})"
         body.append(line)
-    new = text[: text.index(BEGIN) + len(BEGIN)] + "\n" + "\n".join(body).strip() + "\n"
-    new += text[text.index(END) :]
+    new = text[: text.index(begin) + len(begin)] + "\n" + "\n".join(body).strip() + "\n"
+    new += text[text.index(end) :]
     tmp = readme.with_suffix(".tmp")
     tmp.write_text(new)
     tmp.replace(readme)

@@ -138,3 +138,32 @@ def test_non_dp_round_reports_no_epsilon(ds, tiny_backbone):  # noqa: F811
     cfg = _cfg(backbone=str(tiny_backbone), dp=False, epsilon=FedConfig.epsilon)
     r = train_round(CandidateScorer(model), _data(ds), cfg, MemoryStore(), seed=0)
     assert r.trained and r.epsilon == 0.0 and r.noise_multiplier == 0.0
+
+
+def test_sequence_examples_only_without_local_dp(ds, tiny_backbone):  # noqa: F811
+    """examples=sequence (central training's sliding windows) is refused with local DP-SGD, where
+    one interaction would sit in several examples; without it, a round trains on them."""
+    from fedrec.shared.model.examples import sequence_examples
+    from fedrec.shared.splitting import protocol_a
+
+    with pytest.raises(ValueError, match="examples=sequence needs dp=false"):
+        _cfg(examples="sequence")
+    with pytest.raises(ValueError, match="'examples'"):
+        _cfg(examples="windows", dp=False, epsilon=FedConfig.epsilon)
+    sp = protocol_a(ds)
+    users = []
+    for u in range(3):
+        rows = np.flatnonzero(sp.train_user == u)
+        users.append((sp.train_item[rows], sp.train_time[rows]))
+    seq = build_examples(users, slots=6, history_len=8, key=0, sequence=True)
+    _, targets, context = sequence_examples([items for items, _ in users], 8)
+    assert np.array_equal(seq.targets, targets) and np.array_equal(seq.context, context)
+    assert len(seq) == sum(len(items) for items, _ in users) > len(_data(ds))
+    model = make_model(ds, tiny_backbone, id_residual=False, ffa=True)
+    cfg = _cfg(
+        backbone=str(tiny_backbone), dp=False, epsilon=FedConfig.epsilon, examples="sequence"
+    )
+    before = model.lora_layer().lora_B["default"].weight.detach().clone()
+    r = train_round(CandidateScorer(model), seq, cfg, MemoryStore(), seed=0)
+    assert r.trained and r.examples == len(seq) and r.epsilon == 0.0
+    assert not torch.equal(before, model.lora_layer().lora_B["default"].weight)

@@ -149,19 +149,22 @@ set = {{ data = "{tmp_path / "missing"}" }}
 
 
 def test_report_is_embedded_in_the_readme_between_markers(tmp_path):
-    from fedrec.simulations.suite_report import BEGIN, END, embed_in_readme
+    from fedrec.simulations.suite_report import embed_in_readme, markers
 
     out = tmp_path / "results"
     out.mkdir()
     (out / "report.md").write_text("# fedrec results\n\n| a | b |\n\n![rounds.png](rounds.png)\n")
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{BEGIN}\nold text\n{END}\noutro\n")
-    embed_in_readme(out, readme)
+    (b1, e1), (b2, e2) = markers("full"), markers("ablations")
+    readme.write_text(f"intro\n{b1}\nold text\n{e1}\nmiddle\n{b2}\nother suite\n{e2}\noutro\n")
+    embed_in_readme(out, readme, "full")
     text = readme.read_text()
     assert "old text" not in text and "## fedrec results" in text
     assert "![rounds.png](results/rounds.png)" in text
-    assert text.startswith("intro\n") and text.endswith(f"{END}\noutro\n")
-    readme.write_text("no markers here\n")
+    assert text.startswith("intro\n") and text.endswith(
+        f"{e1}\nmiddle\n{b2}\nother suite\n{e2}\noutro\n"
+    )
+    readme.write_text(f"no markers for this suite here\n{b2}\n{e2}\n")
     with pytest.raises(ValueError, match="needs exactly one"):
-        embed_in_readme(out, readme)
-    assert readme.read_text() == "no markers here\n"  # untouched
+        embed_in_readme(out, readme, "full")
+    assert readme.read_text() == f"no markers for this suite here\n{b2}\n{e2}\n"  # untouched

@@ -73,6 +73,11 @@ class FedConfig:
     lr: float = 1.0
     negatives: int = 50
     slots: int = 32
+    # how a client builds its training examples: "disjoint" (each interaction in exactly one
+    # example, what makes per-example DP-SGD DP for the interaction) or, only without local DP,
+    # "sequence" (central training's sliding windows: every interaction a target, its
+    # ``history-len`` predecessors the context; see fedrec.shared.model.examples)
+    examples: str = "disjoint"
     # local DP-SGD
     dp: bool = True
     epsilon: float = 8.0
@@ -122,6 +127,20 @@ class FedConfig:
         _need(0 < self.lr < 100, "lr", self.lr, "(0, 100)")
         _need(1 <= self.negatives <= 100_000, "negatives", self.negatives, "1..100000")
         _need(1 <= self.slots <= 10_000, "slots", self.slots, "1..10000")
+        _need(
+            self.examples in ("disjoint", "sequence"),
+            "examples",
+            self.examples,
+            "disjoint or sequence",
+        )
+        _need(
+            not (self.dp and self.examples == "sequence"),
+            "examples",
+            self.examples,
+            "examples=sequence needs dp=false: with local DP-SGD one interaction would sit in up "
+            "to 1 + history-len examples, so the per-interaction epsilon would not hold; use "
+            "examples=disjoint (user-level DP, user-dp=true, works with either)",
+        )
         _need(self.epsilon > 0, "epsilon", self.epsilon, "> 0")
         _need(0 < self.delta < 1, "delta", self.delta, "0 < delta < 1")
         _need(self.max_grad_norm > 0, "max-grad-norm", self.max_grad_norm, "> 0")
@@ -153,6 +172,10 @@ class FedConfig:
                         UserWarning,
                         stacklevel=3,
                     )
+        if self.examples == "sequence" and self.slots != FedConfig.slots:
+            warnings.warn(
+                "run config 'slots' is ignored: examples=sequence", UserWarning, stacklevel=3
+            )
         if self.partition == "user" and self.silos != FedConfig.silos:
             warnings.warn(
                 "run config 'silos' is ignored: partition=user", UserWarning, stacklevel=3
