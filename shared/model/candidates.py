@@ -36,7 +36,7 @@ are masked out.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -310,7 +310,7 @@ class CandidateScorer(nn.Module):
                 cache.counts,
                 norm,
                 self.scaling,
-                a_weight=None if self.ffa else lora_A.weight,
+                a_weight=None if self.ffa else cast(nn.Parameter, lora_A.weight),
             )
         else:
             # Pad the packed token cache to (n_items, T, .) once: gathers are then plain indexing.
