@@ -266,6 +266,8 @@ class FedRecStrategy(FedAvg):
             "max_grad_norm": self.cfg.max_grad_norm,
             "delta": self.cfg.delta,
             "accountant": self.cfg.accountant,
+            # examples one interaction can change: epsilon_after is for groups of this size
+            "group_size": self.cfg.dp_group(),
             "epsilon_after": float(metrics["epsilon"]),
             "epsilon_max": self.cfg.epsilon,
             "accepted": trained,

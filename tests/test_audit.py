@@ -271,3 +271,25 @@ def test_budget_carried_from_an_earlier_run_is_verified(tmp_path):
     line["history"] = [[sigma, q, steps]]
     audit = audit_ledger(write(tmp_path / "l3.jsonl", [line]), budget=8.0)
     assert not audit.ok
+
+
+def test_group_size_is_used_to_recompute_epsilon(tmp_path):
+    """A ledger of sliding-window clients (group_size 3) is recomputed with group privacy: the
+    group epsilon passes, the smaller per-example epsilon is caught as under-reported."""
+    lines = honest_ledger()
+    h: dict[str, list] = {}
+    for line in lines:
+        h.setdefault(line["client"], []).append((1.8, 0.5, 8))
+        line["group_size"] = 3
+        line["epsilon_max"] = 100.0
+        line["epsilon_after"] = epsilon_spent(history=h[line["client"]], delta=DELTA, group=3)
+    audit = audit_ledger(write(tmp_path / "g.jsonl", lines), budget=100.0)
+    assert audit.ok, errors(audit)
+    c1 = audit.clients["c1"]
+    assert c1.group == 3 and c1.epsilon_rdp == pytest.approx(c1.epsilon_reported)
+    for line in lines:  # what a client that forgot the group would report
+        line["epsilon_after"] = epsilon_spent(
+            history=h[line["client"]][: line["total_steps"] // 8], delta=DELTA
+        )
+    audit = audit_ledger(write(tmp_path / "u.jsonl", lines), budget=100.0)
+    assert not audit.ok and any("c1" in e for e in errors(audit))

@@ -141,13 +141,13 @@ def test_non_dp_round_reports_no_epsilon(ds, tiny_backbone):  # noqa: F811
 
 
 def test_sequence_examples_only_without_local_dp(ds, tiny_backbone):  # noqa: F811
-    """examples=sequence (central training's sliding windows) is refused with local DP-SGD, where
-    one interaction would sit in several examples; without it, a round trains on them."""
+    """examples=sequence (central training's sliding windows): with local DP only under the RDP
+    accountant (group privacy); without local DP a round trains on them, epsilon 0."""
     from fedrec.shared.model.examples import sequence_examples
     from fedrec.shared.splitting import protocol_a
 
-    with pytest.raises(ValueError, match="examples=sequence needs dp=false"):
-        _cfg(examples="sequence")
+    with pytest.raises(ValueError, match="accountant=rdp"):
+        _cfg(examples="sequence", accountant="prv")
     with pytest.raises(ValueError, match="'examples'"):
         _cfg(examples="windows", dp=False, epsilon=FedConfig.epsilon)
     sp = protocol_a(ds)
@@ -167,3 +167,55 @@ def test_sequence_examples_only_without_local_dp(ds, tiny_backbone):  # noqa: F8
     r = train_round(CandidateScorer(model), seq, cfg, MemoryStore(), seed=0)
     assert r.trained and r.examples == len(seq) and r.epsilon == 0.0
     assert not torch.equal(before, model.lora_layer().lora_B["default"].weight)
+
+
+def test_sliding_windows_change_at_most_the_group_size_of_examples():
+    """Removing one interaction from a sequence changes at most 1 + 2 * history-len examples in
+    add/remove terms (FedConfig.dp_group), and the bound is reached."""
+    from collections import Counter
+
+    from fedrec.shared.model.examples import sequence_examples
+
+    rng = np.random.default_rng(1)
+    items = rng.integers(0, 500, 40)
+    hl = 4
+    k = _cfg(examples="sequence", history_len=hl).dp_group()
+    assert k == 1 + 2 * hl
+    assert _cfg(history_len=hl).dp_group() == 1
+    assert _cfg(examples="sequence", history_len=hl, dp=False, epsilon=8.0).dp_group() == 1
+
+    def rows(seq):
+        _, t, c = sequence_examples([seq], history_len=hl)
+        return Counter(zip(t.tolist(), map(tuple, c.tolist()), strict=True))
+
+    full = rows(items)
+    worst = 0
+    for drop in range(len(items)):
+        part = rows(np.delete(items, drop))
+        distance = sum(((full - part) + (part - full)).values())  # removals + additions
+        assert distance <= k
+        worst = max(worst, distance)
+    assert worst == k
+
+
+def test_dp_round_on_sliding_windows_reports_group_epsilon(ds, tiny_backbone):  # noqa: F811
+    from fedrec.shared.splitting import protocol_a
+
+    sp = protocol_a(ds)
+    users = []
+    for u in range(3):
+        rows = np.flatnonzero(sp.train_user == u)
+        users.append((sp.train_item[rows], sp.train_time[rows]))
+    seq = build_examples(users, slots=6, history_len=8, key=0, sequence=True)
+    model = make_model(ds, tiny_backbone, id_residual=False, ffa=True)
+    cfg = _cfg(backbone=str(tiny_backbone), examples="sequence", epsilon=8.0)
+    r = train_round(CandidateScorer(model), seq, cfg, MemoryStore(), seed=0)
+    k = cfg.dp_group()
+    assert r.trained and k == 17
+    hist = [(r.noise_multiplier, cfg.sample_rate, cfg.local_steps)]
+    assert r.epsilon == pytest.approx(epsilon_spent(history=hist, delta=cfg.delta, group=k))
+    assert r.epsilon > epsilon_spent(history=hist, delta=cfg.delta)  # the larger, group bound
+    disjoint = _cfg(backbone=str(tiny_backbone), epsilon=8.0)
+    from fedrec.client.local_train import calibrated_noise
+
+    assert r.noise_multiplier > calibrated_noise(disjoint)  # more noise for the same budget

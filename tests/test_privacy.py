@@ -99,3 +99,40 @@ def test_memoized_rdp_equals_opacus_accountant_object():
     assert epsilon_spent(history=acc.history, delta=1e-5) == pytest.approx(
         acc.get_epsilon(delta=1e-5), rel=1e-12
     )
+
+
+def test_group_epsilon_is_the_group_privacy_bound():
+    """group_epsilon against a brute-force search of the same bound, on a made-up privacy curve,
+    and on the RDP accountant: the reported epsilon's delta condition holds."""
+    import math
+
+    from fedrec.shared.privacy.accounting import group_epsilon
+
+    def curve(d):  # a Gaussian-like curve: epsilon grows like sqrt(log 1/d)
+        return 0.2 * math.sqrt(2 * math.log(1.25 / d))
+
+    delta, k = 1e-5, 5
+    got = group_epsilon(curve, delta, k)
+    grid = [delta / k * 10 ** (-j / 8) for j in range(321)]
+    ok = [d for d in grid if d * sum(math.exp(i * curve(d)) for i in range(k)) <= delta]
+    assert got == pytest.approx(k * curve(max(ok)))
+    assert got > k * curve(delta)  # the example-level delta is smaller than delta
+    # on the accountant: group 1 is the plain epsilon; larger groups cost more
+    h = [(1.0, 0.05, 200)]
+    e1 = epsilon_spent(history=h, delta=delta)
+    assert epsilon_spent(history=h, delta=delta, group=1) == e1
+    e3, e9 = (epsilon_spent(history=h, delta=delta, group=g) for g in (3, 9))
+    assert 3 * e1 < e3 < e9
+
+
+def test_noise_for_a_group_budget_never_exceeds_it_and_is_tight():
+    for k in (3, 9):
+        sigma = noise_for_budget(epsilon=8.0, delta=1e-5, sample_rate=0.05, steps=100, group=k)
+        run = [(sigma, 0.05, 100)]
+        assert epsilon_spent(history=run, delta=1e-5, group=k) <= 8.0
+        less = [(sigma * 0.99, 0.05, 100)]
+        assert epsilon_spent(history=less, delta=1e-5, group=k) > 8.0
+    with pytest.raises(ValueError, match="accountant='rdp'"):
+        noise_for_budget(
+            epsilon=8.0, delta=1e-5, sample_rate=0.05, steps=100, group=3, accountant="prv"
+        )

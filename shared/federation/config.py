@@ -74,9 +74,11 @@ class FedConfig:
     negatives: int = 50
     slots: int = 32
     # how a client builds its training examples: "disjoint" (each interaction in exactly one
-    # example, what makes per-example DP-SGD DP for the interaction) or, only without local DP,
-    # "sequence" (central training's sliding windows: every interaction a target, its
-    # ``history-len`` predecessors the context; see fedrec.shared.model.examples)
+    # example, what makes per-example DP-SGD DP for the interaction) or "sequence" (central
+    # training's sliding windows: every interaction a target, its ``history-len`` predecessors
+    # the context; see fedrec.shared.model.examples). With local DP, "sequence" is accounted by
+    # group privacy over the 1 + 2 * history-len examples one interaction can change
+    # (``dp_group``), RDP accountant only.
     examples: str = "disjoint"
     # local DP-SGD
     dp: bool = True
@@ -134,12 +136,11 @@ class FedConfig:
             "disjoint or sequence",
         )
         _need(
-            not (self.dp and self.examples == "sequence"),
+            not (self.dp and self.examples == "sequence" and self.accountant != "rdp"),
             "examples",
             self.examples,
-            "examples=sequence needs dp=false: with local DP-SGD one interaction would sit in up "
-            "to 1 + history-len examples, so the per-interaction epsilon would not hold; use "
-            "examples=disjoint (user-level DP, user-dp=true, works with either)",
+            "examples=sequence with local DP is accounted by group privacy, which fedrec "
+            "calibrates with the RDP accountant only: set accountant=rdp (or examples=disjoint)",
         )
         _need(self.epsilon > 0, "epsilon", self.epsilon, "> 0")
         _need(0 < self.delta < 1, "delta", self.delta, "0 < delta < 1")
@@ -197,6 +198,15 @@ class FedConfig:
             train_scale=False,
             seed=self.seed,
         )
+
+    def dp_group(self) -> int:
+        """How many training examples one interaction can change (add/remove distance), the
+        group size of the local DP-SGD guarantee. Disjoint examples: 1. Sliding windows: the
+        interaction's own example goes, and each of the next ``history-len`` examples has it
+        in its context, so changes (a replacement: one removal plus one addition)."""
+        if self.dp and self.examples == "sequence":
+            return 1 + 2 * self.history_len
+        return 1
 
     def rounds_planned(self) -> int:
         """Rounds each client budgets for: set explicitly, or the 99th percentile of

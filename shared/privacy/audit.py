@@ -117,6 +117,7 @@ class ClientAudit:
     budget: float | None = None
     delta: float | None = None
     accountant: str = "rdp"
+    group: int = 1  # examples one interaction can change (ledger "group_size"; 1 if absent)
     budget_left: float | None = None
     more_rounds: int | None = None  # rounds it could still join at its last round's settings
     history: list[Run] = field(default_factory=list)
@@ -279,6 +280,7 @@ def audit_ledger(
         clients[name] = c
         first = rows[0][1]
         c.delta, c.accountant = float(first["delta"]), str(first["accountant"])
+        c.group = int(first.get("group_size", 1))
         steps_so_far = 0
         prior = _carried(rows[0][1])
         if prior is not None:
@@ -297,12 +299,17 @@ def audit_ledger(
         for no, e in rows:
             rnd = e["round"]
             trained = bool(e.get("trained", e["steps"] > 0))
-            if float(e["delta"]) != c.delta or e["accountant"] != c.accountant:
+            if (
+                float(e["delta"]) != c.delta
+                or e["accountant"] != c.accountant
+                or int(e.get("group_size", 1)) != c.group
+            ):
                 findings.append(
                     Finding(
                         "error",
-                        f"delta/accountant changed to {e['delta']}/{e['accountant']} from "
-                        f"{c.delta}/{c.accountant}: one client's history must use one of each",
+                        f"delta/accountant/group_size changed to {e['delta']}/{e['accountant']}/"
+                        f"{e.get('group_size', 1)} from {c.delta}/{c.accountant}/{c.group}: one "
+                        "client's history must use one of each",
                         name,
                         rnd,
                         no,
@@ -340,7 +347,9 @@ def audit_ledger(
                     )
                 c.refusals.append(rnd)
             reported = float(e["epsilon_after"])
-            recomputed = epsilon_spent(history=c.history, delta=c.delta, accountant=c.accountant)
+            recomputed = epsilon_spent(
+                history=c.history, delta=c.delta, accountant=c.accountant, group=c.group
+            )
             if not _close(reported, recomputed, tolerance):
                 why = (
                     "the client under-reports (did it re-create its accountant, or drop earlier "
@@ -389,8 +398,15 @@ def audit_ledger(
                     )
             c.epsilon_reported = reported
             c.trajectory.append((rnd, recomputed))
-        c.epsilon_rdp = epsilon_spent(history=c.history, delta=c.delta, accountant="rdp")
-        c.epsilon_prv = epsilon_spent(history=c.history, delta=c.delta, accountant="prv")
+        c.epsilon_rdp = epsilon_spent(
+            history=c.history, delta=c.delta, accountant="rdp", group=c.group
+        )
+        # PRV cannot reach group privacy's tiny example-level deltas: no PRV bound then
+        c.epsilon_prv = (
+            epsilon_spent(history=c.history, delta=c.delta, accountant="prv")
+            if c.group == 1
+            else math.inf
+        )
     audit = LedgerAudit(str(path), len(entries), findings, clients, tolerance)
     for c in clients.values():
         budget_view(c, by_client[c.client])
@@ -414,7 +430,9 @@ def budget_view(c: ClientAudit, rows: list[tuple[int, dict[str, Any]]], cap: int
     run = (float(last["noise_multiplier"]), float(last["sample_rate"]), int(last["steps"]))
 
     def fits(k: int) -> bool:
-        eps = epsilon_spent(history=[*c.history, *[run] * k], delta=delta, accountant=c.accountant)
+        eps = epsilon_spent(
+            history=[*c.history, *[run] * k], delta=delta, accountant=c.accountant, group=c.group
+        )
         return eps <= budget
 
     if not fits(1):

@@ -9,6 +9,7 @@ built from :mod:`fedrec.shared.privacy.audit`'s recomputation, and the run's own
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -143,13 +144,19 @@ def _text(cfg: FedConfig, audit: LedgerAudit, summ: dict[str, Any], acc: str) ->
             / max(c.epsilon_reported, 1e-12)
             for c in trained
         )
-        ratio = statistics.median(c.epsilon_prv / c.epsilon_rdp for c in trained if c.epsilon_rdp)
+        ratios = [
+            c.epsilon_prv / c.epsilon_rdp
+            for c in trained
+            if c.epsilon_rdp and math.isfinite(c.epsilon_prv)
+        ]
         out += [
             f"- {audit.lines} ledger lines, {len(audit.clients)} clients ({len(trained)} trained).",
             f"- Reported vs recomputed epsilon (same accountant): largest relative difference "
             f"{dev:.2e} (tolerance {audit.tolerance:.0e}).",
-            f"- PRV / RDP epsilon, median over clients: {ratio:.3f} (RDP is an upper bound; "
-            "PRV is tighter).",
+            f"- PRV / RDP epsilon, median over clients: {statistics.median(ratios):.3f} (RDP is "
+            "an upper bound; PRV is tighter)."
+            if ratios
+            else "- PRV: no bound (group privacy, examples=sequence: computed with RDP only).",
         ]
     if audit.findings:
         out += ["", *[f"- {f}" for f in audit.findings]]

@@ -49,8 +49,7 @@ def _local(cfg: FedConfig, p: dict[str, Any]) -> str:
 - **Adjacency**: add/remove one interaction.
 - **Mechanism**: local DP-SGD with Opacus at every client: Poisson sampling at rate
   {cfg.sample_rate}, per-example clipping to L2 norm {cfg.max_grad_norm}, Gaussian noise,
-  {cfg.local_steps} steps per round. Each interaction is in exactly one training example
-  (keyed-hash groups, see `fedrec.client.local_train`), so per-example DP is per-interaction DP.
+  {cfg.local_steps} steps per round. {_examples(cfg)}
 - **Accountant**: Opacus {cfg.accountant.upper()}, over each client's whole history (persistent
   across rounds); sampling assumption: Poisson subsampling within the client's own examples.
   No amplification from client sampling by the server is claimed.
@@ -59,6 +58,21 @@ def _local(cfg: FedConfig, p: dict[str, Any]) -> str:
   median {p["epsilon_median"]:.4f}. Rounds trained per client: {hist or "none"}.
   Refused rounds (budget): {p["refusals"]}.{bars}
 """
+
+
+def _examples(cfg: FedConfig) -> str:
+    k = cfg.dp_group()
+    if k == 1:
+        return (
+            "Each interaction is in exactly one training example\n  (keyed-hash groups, see "
+            "`fedrec.client.local_train`), so per-example DP is per-interaction DP."
+        )
+    return (
+        f"Training examples are sliding windows (`examples=sequence`): one interaction\n  "
+        f"changes up to {k} examples (1 + 2 x history-len {cfg.history_len}), so every epsilon "
+        f"here is the\n  group-privacy bound for {k} examples at the stated delta "
+        "(`fedrec.shared.privacy.accounting.group_epsilon`),\n  not the per-example one."
+    )
 
 
 def _user_level(cfg: FedConfig, u: dict[str, Any]) -> str:
