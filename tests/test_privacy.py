@@ -136,3 +136,15 @@ def test_noise_for_a_group_budget_never_exceeds_it_and_is_tight():
         noise_for_budget(
             epsilon=8.0, delta=1e-5, sample_rate=0.05, steps=100, group=3, accountant="prv"
         )
+
+
+def test_statement_names_the_group_for_sliding_window_examples():
+    from fedrec.shared.federation.config import FedConfig
+    from fedrec.shared.privacy.statement import statement
+
+    p = {"rounds_per_client": {"2": 3}, "clients": 3, "epsilon_max": 7.9, "epsilon_median": 7.9,
+         "refusals": 0}  # fmt: skip
+    seq = statement(FedConfig(examples="sequence", history_len=4), p)
+    assert "group-privacy bound for 9 examples" in seq
+    plain = statement(FedConfig(), p)
+    assert "exactly one training example" in plain and "group-privacy" not in plain
