@@ -68,7 +68,12 @@ def _privacy(r: dict[str, Any]) -> tuple[str, float]:
 def _fed_desc(cfg: dict[str, Any]) -> str:
     f = cfg.get("federation", {})
     part = "1 user/client" if f.get("partition") == "user" else f"{f.get('silos')} silos"
-    return f"{f.get('aggregator')}, {part}, {f.get('num_rounds')} rounds"
+    desc = f"{f.get('aggregator')}, {part}, {f.get('num_rounds')} rounds"
+    if f.get("examples") == "sequence":
+        desc += f", sliding windows of {f.get('history_len')}"
+        if f.get("dp"):
+            desc += f", epsilon for groups of {1 + 2 * int(f.get('history_len', 0))}"
+    return desc
 
 
 def _table(protocol: str, rows: list[dict[str, Any]], base: dict[str, Any] | None) -> list[str]:
