@@ -22,9 +22,9 @@ is 2.0. Measured at the same interaction-level epsilon 8 (ML-100K protocol A, 10
 rounds of 10 steps at q 0.025): sliding windows with ``history-len=4`` under group privacy reach
 test NDCG@10 0.0657 and 0.0623 in two runs (ablations suite ``A-fed-eps8-seq-h4`` and ``-r2``,
 RDP), against 0.0569 and 0.0591 in two runs of disjoint examples (``A-fed-eps8``, PRV,
-``history-len`` 20). About four times the
-examples, each with its most recent history, outweigh 3.5x the noise multiplier: the batch per
-noise draw grows 4x too. It costs 4x the compute per step. The default stays ``disjoint`` (no
+``history-len`` 20). About four times the examples, each with its most recent history,
+outweigh 3.5x the noise multiplier: the batch per noise draw grows 4x too. It costs 4x the
+compute per step. The default stays ``disjoint`` (no
 group factor, any accountant, what every other run here uses); the README has the numbers.
 
 Mechanism: Poisson sampling at ``sample-rate`` q (Opacus ``DPDataLoader``), per-example clipping
