@@ -24,8 +24,8 @@ test NDCG@10 0.0657 and 0.0623 in two runs (ablations suite ``A-fed-eps8-seq-h4`
 RDP), against 0.0569 and 0.0591 in two runs of disjoint examples (``A-fed-eps8``, PRV,
 ``history-len`` 20). About four times the examples, each with its most recent history,
 outweigh 3.5x the noise multiplier: the batch per noise draw grows 4x too. It costs 4x the
-compute per step. The default stays ``disjoint`` (no
-group factor, any accountant, what every other run here uses); the README has the numbers.
+compute per step. The default stays ``disjoint`` (no group factor, any accountant, what every
+other run here uses); the README has the numbers.
 
 Mechanism: Poisson sampling at ``sample-rate`` q (Opacus ``DPDataLoader``), per-example clipping
 to ``max-grad-norm`` C, Gaussian noise ``sigma * C`` on the clipped sum (Opacus ``DPOptimizer``),
@@ -93,7 +93,8 @@ def build_examples(
     sequence: bool = False,
 ) -> ClientExamples:
     """Per user ``(items, timestamps)`` in time order -> disjoint examples (see module doc), or
-    with ``sequence=True`` (no local DP only) central training's sliding-window examples."""
+    with ``sequence=True`` central training's sliding-window examples (under local DP: group
+    privacy, ``FedConfig.dp_group``)."""
     targets, contexts, profs = [], [], []
     for u, (items, times) in enumerate(users):
         if sequence:

@@ -179,7 +179,7 @@ def client_state(cfg: FedConfig, node_config: dict[str, Any]) -> ClientState:
         history_len=cfg.history_len,
         key=cfg.seed,
         profiles=profiles,
-        sequence=cfg.examples == "sequence",  # only without local DP (FedConfig checks)
+        sequence=cfg.examples == "sequence",  # under local DP: group privacy (cfg.dp_group())
     )
     if cfg.audit_canaries:
         examples = with_canaries(examples, Path(cfg.audit_canaries), name, cfg.history_len)

@@ -29,28 +29,19 @@ from fedrec.shared.federation.params import load_travelling, travelling_state
 from fedrec.shared.model.candidates import CandidateScorer
 from fedrec.shared.rundir import versions, write_json
 
+_SILO: dict[str, Any] = {  # the full suite's federated settings (simulations/suites/full.toml)
+    "partition": "silo",
+    "silos": 10,
+    "sample-rate": 0.025,
+    "local-steps": 10,
+    "lr": 8.0,
+    "num-rounds": 10,
+    "accountant": "prv",
+}
 KINDS: dict[str, dict[str, Any]] = {
-    # the full suite's federated settings (simulations/suites/full.toml [simulate])
-    "silo": {
-        "partition": "silo",
-        "silos": 10,
-        "sample-rate": 0.025,
-        "local-steps": 10,
-        "lr": 8.0,
-        "num-rounds": 10,
-        "accountant": "prv",
-    },
+    "silo": _SILO,
     # the same silo with FedAvg-LoRA (A trains too: the tower also gives dA in closed form)
-    "silo-fedavg": {
-        "partition": "silo",
-        "silos": 10,
-        "sample-rate": 0.025,
-        "local-steps": 10,
-        "lr": 8.0,
-        "num-rounds": 10,
-        "accountant": "prv",
-        "aggregator": "fedavg",
-    },
+    "silo-fedavg": {**_SILO, "aggregator": "fedavg"},
     # fedrec simulate's defaults
     "user": {},
 }

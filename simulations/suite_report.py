@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
+from fedrec.shared.federation.config import FedConfig
 from fedrec.simulations.suite import Experiment, Suite, machine
 
 BASELINE_ORDER = ("popularity", "itemknn", "als", "bpr", "zeroshot", "random")
@@ -71,8 +73,11 @@ def _fed_desc(cfg: dict[str, Any]) -> str:
     desc = f"{f.get('aggregator')}, {part}, {f.get('num_rounds')} rounds"
     if f.get("examples") == "sequence":
         desc += f", sliding windows of {f.get('history_len')}"
-        if f.get("dp"):
-            desc += f", epsilon for groups of {1 + 2 * int(f.get('history_len', 0))}"
+        with warnings.catch_warnings():  # the run's own config: its warnings were given then
+            warnings.simplefilter("ignore")
+            group = FedConfig(**f).dp_group()
+        if group > 1:
+            desc += f", epsilon for groups of {group}"
     return desc
 
 

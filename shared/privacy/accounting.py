@@ -150,9 +150,7 @@ def noise_for_budget(
             history=[(sigma, sample_rate, steps)], delta=delta, accountant=accountant, group=group
         )
 
-    if group > 1:
-        if accountant != "rdp":
-            raise ValueError("noise calibration with group > 1 needs accountant='rdp'")
+    if group > 1:  # spent() refuses accountants other than RDP
         lo, hi = 0.1, 1.0
         while spent(hi) > epsilon:
             lo, hi = hi, hi * 2
