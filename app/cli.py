@@ -6,7 +6,6 @@ done), 2 usage error (bad arguments or bad input files for a command that consum
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -19,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedrec import __version__
+from fedrec.shared.rundir import dumps
 
 app = typer.Typer(
     name="fedrec",
@@ -119,12 +119,12 @@ def data_validate(
         summary = summarize(load_dataset(directory))
     except DataError as e:
         if as_json:
-            print(json.dumps({"ok": False, "error": str(e), "file": e.file, "line": e.line,
+            print(dumps({"ok": False, "error": str(e), "file": e.file, "line": e.line,
                               "column": e.column}))  # fmt: skip
             raise typer.Exit(1) from None
         _fail(str(e), 1)
     if as_json:
-        print(json.dumps({"ok": True, **summary}, indent=2))
+        print(dumps({"ok": True, **summary}, indent=2))
         return
     table = Table(title=f"{directory}: valid", show_header=False)
     for k, v in summary.items():
@@ -189,7 +189,7 @@ def baselines(
     write_json(out_dir / "config.json", config)
     write_json(out_dir / "metrics.json", result)
     if as_json:
-        print(json.dumps(result, indent=2))
+        print(dumps(result, indent=2))
         return
     _print_metrics(result)
     out.print(f"wrote {out_dir / 'metrics.json'}")
@@ -243,7 +243,7 @@ def train_central_cmd(
         except ValueError as e:
             _fail(str(e), 2)
     if as_json:
-        print(json.dumps(result, indent=2, default=str))
+        print(dumps(result, indent=2, default=str))
         return
     shown = {"baselines": {"fedrec (central)": result["model"], **result["baselines"]},
              "protocol": protocol}  # fmt: skip
@@ -312,7 +312,7 @@ def simulate_cmd(
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e), 2)
     if as_json:
-        print(json.dumps(result, indent=2, default=str))
+        print(dumps(result, indent=2, default=str))
         return
     label = "fedrec (federated" + (f", DP eps<={cfg.epsilon}" if cfg.dp else ", no local DP")
     label += f", user-level eps<={cfg.user_epsilon})" if cfg.user_dp else ")"
@@ -460,7 +460,7 @@ def audit_cmd(
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e), 2)
     if as_json:
-        print(json.dumps(report, indent=2, default=str))
+        print(dumps(report, indent=2, default=str))
     else:
         print(text, end="")
     if not report["ok"]:
@@ -494,7 +494,7 @@ def _empirical(
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e), 2)
     if as_json:
-        print(json.dumps(rep, indent=2, default=str))
+        print(dumps(rep, indent=2, default=str))
     else:
         lb, mem = rep["lower_bound"], rep["membership"]
         claim = (
@@ -614,7 +614,7 @@ def recommend_cmd(
     except (ModelFileError, KeyError, ValueError) as e:
         _fail(str(e).strip("'\""), 2)
     if as_json:
-        print(json.dumps([r.as_dict() for r in recs], indent=2))
+        print(dumps([r.as_dict() for r in recs], indent=2))
         return
     table = Table(box=box.SIMPLE)
     for col in ("#", "item", "title", "score", "because"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -180,6 +181,30 @@ def test_cli_exit_codes_and_outputs(tmp_path):
     assert missing.returncode == 2 and "config.json" in missing.stderr
 
 
+def _strict_json(text: str):
+    """json.loads that rejects Python's non-standard Infinity/NaN, as jq or JavaScript do."""
+
+    def reject(name: str):
+        raise ValueError(f"not JSON: {name}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def test_cli_json_is_strict_json_when_prv_has_no_bound(tmp_path):
+    """A group-privacy ledger has no PRV bound (epsilon inf internally): --json must still be
+    valid JSON, with null for that value, not Python's Infinity."""
+    lines, h = honest_ledger(), {}
+    for line in lines:
+        h.setdefault(line["client"], []).append((1.8, 0.5, 8))
+        line["group_size"] = 3
+        line["epsilon_after"] = epsilon_spent(history=h[line["client"]], delta=DELTA, group=3)
+    run = make_run(tmp_path, lines)
+    r = audit_cli(str(run), "--json")
+    js = _strict_json(r.stdout)
+    c1 = js["clients"]["c1"]
+    assert c1["epsilon_prv"] is None and c1["epsilon_rdp"] == pytest.approx(c1["epsilon_reported"])
+
+
 # --- empirical audit (one-run, Steinke et al. 2023) ----------------------------------------------
 def test_lower_bound_matches_the_closed_form_when_all_guesses_are_right():
     """delta = 0, v = r: P[Bin(r, q) >= r] = q^r, so the bound is logit(level^(1/r))."""
@@ -293,3 +318,12 @@ def test_group_size_is_used_to_recompute_epsilon(tmp_path):
         )
     audit = audit_ledger(write(tmp_path / "u.jsonl", lines), budget=100.0)
     assert not audit.ok and any("c1" in e for e in errors(audit))
+
+
+def test_write_json_writes_null_for_non_finite_floats(tmp_path):
+    from fedrec.shared.rundir import write_json
+
+    write_json(tmp_path / "m.json", {"a": [1.0, math.inf], "b": {"c": -math.inf, "d": math.nan}})
+    assert _strict_json((tmp_path / "m.json").read_text()) == {
+        "a": [1.0, None], "b": {"c": None, "d": None}
+    }  # fmt: skip
