@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -325,6 +326,28 @@ def bench_summary(b: dict[str, Any]) -> list[str]:
     return [json.dumps(b)[:300]]
 
 
+def _span(rows: list[dict[str, Any]]) -> tuple[str, str, float] | None:
+    """When the suite's experiments ran: the first one's start and the last one's end (each
+    ``suite.json`` records when it finished and how long it took), and the minutes between."""
+    fmt = "%Y-%m-%d %H:%M:%S %Z"
+    starts, ends = [], []
+    for r in rows:
+        rec = r["suite"]
+        if r["status"] != "done" or "finished" not in rec or rec.get("seconds") is None:
+            continue
+        try:
+            end = datetime.strptime(rec["finished"], fmt)
+        except ValueError:
+            continue
+        ends.append(end)
+        starts.append(end - timedelta(seconds=float(rec["seconds"])))
+    if not ends:
+        return None
+    first, last = min(starts), max(ends)
+    return (first.strftime("%Y-%m-%d %H:%M"), last.strftime("%Y-%m-%d %H:%M"),
+            (last - first).total_seconds() / 60)  # fmt: skip
+
+
 def write_report(suite: Suite, out: Path) -> dict[str, Any]:
     rows = collect(suite, out)
     mach = machine()
@@ -354,6 +377,15 @@ def write_report(suite: Suite, out: Path) -> dict[str, Any]:
         t = f"{secs / 60:.1f}" if secs is not None else "-"
         lines.append(f"| `{e.name}` | {e.kind} | {e.protocol} | {r['status']} | {t} |")
     lines += ["", f"Sum of the experiments' wall times: {total / 60:.1f} min.", ""]
+    span = _span(rows)
+    if span is not None:
+        start, end, minutes = span
+        lines += [
+            f"First experiment started {start}, last finished {end}: {minutes:.1f} min from "
+            "start to end. Equal to the sum (up to the seconds between experiments) when the "
+            "suite ran in one invocation; much longer when it ran in pieces (`--only`, resumed).",
+            "",
+        ]
     for proto in ("A", "B", "C"):
         base = _baselines_for(rows, proto)
         table = _table(proto, rows, base)
@@ -375,6 +407,7 @@ def write_report(suite: Suite, out: Path) -> dict[str, Any]:
         "experiments": {r["exp"].name: {"status": r["status"], **r["suite"]} for r in rows},
         "plots": made,
         "total_seconds": round(total, 1),
+        "span_minutes": None if span is None else round(span[2], 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -141,6 +141,10 @@ set = {{ data = "{tmp_path / "missing"}" }}
     pop = base["baselines"]["popularity"]["metrics"]["test"]["NDCG@10"]
     assert f"{ndcg:.4f}" in report and f"{pop:.4f}" in report  # numbers from the results files
     assert "Not run or failed: broken" in report and "updates/s" in report
+    # one invocation: start-to-end span equals the done experiments' summed wall time
+    done = sum(v["seconds"] for v in summary["experiments"].values() if v["status"] == "done")
+    assert abs(summary["span_minutes"] - done / 60) < 0.2, (summary["span_minutes"], done)
+    assert "min from start to end" in report
     for png in ("privacy_utility.png", "rounds.png"):
         assert (out / png).stat().st_size > 1000, png
     # a second invocation skips complete experiments and only retries the failed one
@@ -168,3 +172,17 @@ def test_report_is_embedded_in_the_readme_between_markers(tmp_path):
     with pytest.raises(ValueError, match="needs exactly one"):
         embed_in_readme(out, readme, "full")
     assert readme.read_text() == f"no markers for this suite here\n{b2}\n{e2}\n"  # untouched
+
+
+def test_span_of_a_suite_run_in_pieces():
+    """Experiments run on different days: the span says so instead of looking like one run."""
+    from fedrec.simulations.suite_report import _span
+
+    rows = [
+        {"status": "done", "suite": {"finished": "2026-11-23 10:00:00 UTC", "seconds": 600}},
+        {"status": "done", "suite": {"finished": "2026-11-24 10:00:00 UTC", "seconds": 60}},
+        {"status": "failed", "suite": {"finished": "2026-11-25 10:00:00 UTC", "seconds": 60}},
+        {"status": "not run", "suite": {}},
+    ]
+    assert _span(rows) == ("2026-11-23 09:50", "2026-11-24 10:00", 24 * 60 + 10)
+    assert _span([{"status": "not run", "suite": {}}]) is None
