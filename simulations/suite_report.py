@@ -123,6 +123,14 @@ def _baselines_for(rows: list[dict[str, Any]], protocol: str) -> dict[str, Any] 
     return None
 
 
+def _style(i: int) -> dict[str, str]:
+    """Line style of the i-th series: ten colours with round markers, then the same colours
+    dashed with square markers, then dotted with triangles, so that no two of up to 30 series
+    in one legend look alike."""
+    block = (i // 10) % 3
+    return {"color": f"C{i % 10}", "linestyle": ("-", "--", ":")[block], "marker": "os^"[block]}
+
+
 def _plots(out: Path, rows: list[dict[str, Any]]) -> list[str]:
     import matplotlib
 
@@ -198,12 +206,12 @@ def _plots(out: Path, rows: list[dict[str, Any]]) -> list[str]:
             ce = m.get("central_evaluation") or {}
             if ce and r["exp"].protocol == "A":
                 ks = sorted(ce, key=int)
-                axes[0].plot([int(k) for k in ks], [ce[k]["valid_NDCG@10"] for k in ks], "o-",
-                             color=f"C{i % 10}", label=r["exp"].name)  # fmt: skip
+                axes[0].plot([int(k) for k in ks], [ce[k]["valid_NDCG@10"] for k in ks],
+                             **_style(i), label=r["exp"].name)  # fmt: skip
             rs = m.get("rounds") or []
             if rs and r["metrics"]["privacy"].get("dp"):
-                axes[1].plot([x["round"] for x in rs], [x["epsilon_max"] for x in rs], ".-",
-                             color=f"C{i % 10}", label=r["exp"].name)  # fmt: skip
+                axes[1].plot([x["round"] for x in rs], [x["epsilon_max"] for x in rs],
+                             markersize=4, **_style(i), label=r["exp"].name)  # fmt: skip
         for name in ("popularity", "itemknn", "bpr", "als"):
             b = (base_a or {}).get("baselines", {}).get(name)
             if b and "valid" in b:
@@ -213,7 +221,7 @@ def _plots(out: Path, rows: list[dict[str, Any]]) -> list[str]:
         axes[1].set(title="epsilon per round (max over the round's clients)", xlabel="round",
                     ylabel="epsilon (per interaction)")  # fmt: skip
         for ax in axes:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, handlelength=3)
         fig.tight_layout()
         fig.savefig(out / "rounds.png", dpi=110)
         plt.close(fig)
