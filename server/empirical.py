@@ -49,6 +49,7 @@ import scipy.stats
 import torch
 
 from fedrec.shared.federation.config import FedConfig
+from fedrec.shared.rundir import write_json
 
 CONFIDENCE = 0.95
 GUESS_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2)  # k+ = k- = fraction * m, declared in advance
@@ -306,5 +307,5 @@ def _report(
         report["bug"] = report["lower_bound"]["epsilon"] > claimed
     else:
         report["bug"] = False
-    (run / "privacy" / "empirical.json").write_text(json.dumps(report, indent=2))
+    write_json(run / "privacy" / "empirical.json", report)
     return report

@@ -27,7 +27,6 @@ Every number in the report is read from the run directories' ``metrics.json`` an
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
@@ -38,6 +37,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from fedrec.shared.rundir import write_json
 
 SUITES = Path(__file__).parent / "suites"
 KINDS = ("baselines", "central", "simulate", "bench")
@@ -214,10 +215,10 @@ def run_suite(
                   "returncode": rc, "seconds": round(seconds, 1),
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z")}  # fmt: skip
         if rc == 0:
-            (run / "suite.json").write_text(json.dumps(record, indent=2))
+            write_json(run / "suite.json", record)  # the completion marker: atomic
             log(f"[done] {e.name}: {seconds / 60:.1f} min")
         else:
-            (run / "failed.json").write_text(json.dumps(record, indent=2))
+            write_json(run / "failed.json", record)
             log(f"[FAIL] {e.name}: exit {rc} after {seconds / 60:.1f} min; see {run / 'log.txt'}")
     log(f"suite {suite.name}: {(time.perf_counter() - t0) / 60:.1f} min this invocation")
     from fedrec.simulations.suite_report import write_report

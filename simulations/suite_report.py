@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedrec.shared.federation.config import FedConfig
+from fedrec.shared.rundir import write_json
 from fedrec.simulations.suite import Experiment, Suite, machine
 
 BASELINE_ORDER = ("popularity", "itemknn", "als", "bpr", "zeroshot", "random")
@@ -417,7 +418,7 @@ def write_report(suite: Suite, out: Path) -> dict[str, Any]:
         "total_seconds": round(total, 1),
         "span_minutes": None if span is None else round(span[2], 1),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary
 
 
