@@ -311,6 +311,13 @@ def simulate_cmd(
                           ray_address=ray_address)  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e), 2)
+    rounds = result["model"].get("rounds", [])
+    if rounds and not any(r.get("aggregated") for r in rounds):
+        failed = sum(r.get("failed", 0) for r in rounds)
+        err.print(
+            f"warning: no round aggregated ({failed} client failures): the model is the initial "
+            f"one. The clients' errors are in {out_dir / 'flower.log'}"
+        )
     if as_json:
         print(dumps(result, indent=2, default=str))
         return

@@ -1,7 +1,8 @@
 """fedrec's Flower ServerApp: federated LoRA training with a checkpoint per round and a run dir.
 
-Runs under Flower's runtimes only: ``fedrec simulate`` (the simulation runtime, in-process),
-``flwr run .`` (settings from ``[tool.flwr.app.config]``), or a SuperLink deployment.
+Runs under Flower's runtimes only, always submitted with ``flwr run``: by ``fedrec simulate``
+(a private local SuperLink in simulation mode), by hand with ``flwr run .`` (settings from
+``[tool.flwr.app.config]``), or to a SuperLink deployment.
 
 Server-only run-config keys (not sent to clients): ``run-dir`` (where RUN/ goes), ``resume``
 (continue from ``RUN/checkpoint`` after a crash), ``baselines`` (comma list, ``none`` or ``all``).
@@ -51,6 +52,7 @@ from fedrec.shared.federation.params import (
     travelling_state,
 )
 from fedrec.shared.model.central import ModelScorer, ProfileBank
+from fedrec.shared.rundir import dumps
 
 SERVER_KEYS = ("run-dir", "resume", "baselines")
 log = logging.getLogger("fedrec.server")
@@ -90,6 +92,39 @@ def load_checkpoint(
     return rnd, {k: v for k, v in both.items() if not k.startswith("opt.")}, opt
 
 
+def check_run_dir(run: Path, cfg: FedConfig, resume: bool) -> None:
+    """Refuse to mix runs: a new run in a folder that holds one, or a resume with other
+    settings than the checkpointed run's."""
+    previous = run / "config.json"
+    if resume and (run / "checkpoint" / "round.json").is_file():
+        old = json.loads(previous.read_text()).get("federation") if previous.is_file() else None
+        if old != cfg.as_dict():
+            raise ValueError(
+                f"cannot resume {run}: its config.json differs from this run's settings; "
+                "resume with the same settings or use a new --out"
+            )
+    elif (run / "privacy" / "ledger.jsonl").exists():
+        raise ValueError(
+            f"{run} already holds a run (privacy/ledger.jsonl exists): use a new run directory, "
+            "or resume=true to continue it"
+        )
+
+
+class ProgressFile:
+    """``RUN/progress.jsonl``: one JSON line per finished round (the strategy's round record)
+    and per central validation, appended as they happen; ``fedrec simulate`` follows it for
+    its progress display, and ``tail -f`` does for ``flwr run``."""
+
+    def __init__(self, path: Path, then: Callable[[dict[str, Any]], None] | None) -> None:
+        self.path, self.then = path, then
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(dumps(info) + "\n")
+        if self.then is not None:
+            self.then(info)
+
+
 def run_federation(
     grid: Grid,
     cfg: FedConfig,
@@ -107,24 +142,14 @@ def run_federation(
     model = model_for(cfg, ds, split)
     state = travelling_state(model)
     offset, opt_state = 0, dict[str, torch.Tensor]()
-    previous = run / "config.json"
+    check_run_dir(run, cfg, resume)
     if resume and (ck := load_checkpoint(run)) is not None:
-        old = json.loads(previous.read_text()).get("federation") if previous.is_file() else None
-        if old != cfg.as_dict():
-            raise ValueError(
-                f"cannot resume {run}: its config.json differs from this run's settings; "
-                "resume with the same settings or use a new --out"
-            )
         offset, state, opt_state = ck
         log.info("resuming after round %d from %s", offset, run / "checkpoint")
-    elif (run / "privacy" / "ledger.jsonl").exists():
-        raise ValueError(
-            f"{run} already holds a run (privacy/ledger.jsonl exists): use a new run directory, "
-            "or resume=true to continue it"
-        )
     (run / "config.json").write_text(
         json.dumps({"command": "simulate", "federation": cfg.as_dict()}, indent=2)
     )
+    on_round = ProgressFile(run / "progress.jsonl", on_round)
     load_travelling(model, state)
     bank = ProfileBank(model)
     trace: dict[int, dict[str, Any]] = {}
@@ -140,8 +165,7 @@ def run_federation(
             return None
         m = evaluate(ModelScorer(model, bank), split.valid, ks=(10,), with_auc=False)
         trace[rnd] = {"valid_NDCG@10": m["NDCG@10"], "valid_HR@10": m["HR@10"]}
-        if on_round is not None:
-            on_round({"round": rnd, "valid_NDCG@10": m["NDCG@10"]})
+        on_round({"round": rnd, "valid_NDCG@10": m["NDCG@10"]})
         return MetricRecord({"valid-NDCG@10": m["NDCG@10"], "valid-HR@10": m["HR@10"]})
 
     strategy = FedRecStrategy(
@@ -215,31 +239,21 @@ def run_federation(
     )
 
 
-def make_server_app(
-    cfg: FedConfig | None = None,
-    *,
-    run_dir: Path | None = None,
-    resume: bool = False,
-    baselines: str | None = None,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
-) -> ServerApp:
-    """A ServerApp bound to ``cfg`` (``fedrec simulate``) or reading ``context.run_config``."""
+def make_server_app() -> ServerApp:
+    """fedrec's ServerApp: its settings are the run config (``[tool.flwr.app.config]`` with
+    ``flwr run``'s overrides; ``fedrec simulate`` passes the whole config)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        if cfg is not None:
-            run_cfg, server = cfg, dict[str, Any]()
-        else:
-            run_cfg, server = split_run_config(dict(context.run_config))
-        out = run_dir or Path(str(server.get("run-dir", f"runs/flwr-{int(time.time())}")))
+        run_cfg, server = split_run_config(dict(context.run_config))
+        out = Path(str(server.get("run-dir", f"runs/flwr-{int(time.time())}")))
         run_federation(
             grid,
             run_cfg,
             out,
-            resume=resume or str(server.get("resume", "false")).lower() == "true",
-            baselines=baselines or str(server.get("baselines", "popularity,itemknn")),
-            on_round=on_round,
+            resume=str(server.get("resume", "false")).lower() == "true",
+            baselines=str(server.get("baselines", "popularity,itemknn")),
         )
 
     return app

@@ -1,8 +1,15 @@
-"""A real Flower simulation (Flower's simulation runtime, Ray) on tiny data with a tiny model."""
+"""A real Flower simulation (`flwr run` on a local SuperLink in simulation mode, Ray) on tiny
+data with a tiny model."""
 
 from __future__ import annotations
 
 import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +44,86 @@ def test_simulation_writes_the_run_directory(sim_run):
     assert all(r["accepted"] >= cfg.min_replies and r["aggregated"] for r in trained)
     assert result["model"]["metrics"]["test"]["n_queries"] > 0
     assert "popularity" in result["baselines"]
+    # submitted with `flwr run`, not the deprecated run_simulation; progress came from the file
+    log = (out / "flower.log").read_text()
+    assert "Successfully started run" in log and "deprecated" not in log.lower()
+    progress = [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines()]
+    assert progress == json.loads(json.dumps(rounds))
+    assert not flower_processes(log)  # the SuperLink and all under it are gone
+
+
+def flower_processes(flower_log: str) -> list[int]:
+    """Live processes started for the run whose log this is (found by their FLWR_HOME)."""
+    home = re.search(r"FLWR_HOME=(\S+)", flower_log)
+    assert home, flower_log[:500]
+    needle = f"FLWR_HOME={home.group(1)}".encode()
+    pids = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if needle in env.read_bytes().split(b"\0"):
+                pids.append(int(env.parent.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_run_config_travels_through_the_generated_app_exactly(tmp_path):
+    """`fedrec simulate` hands its whole config to `flwr run` as the app's config: every key,
+    type and odd string survives."""
+    import tomllib
+
+    from fedrec.server.app import split_run_config
+    from fedrec.server.simulate import app_project
+
+    cfg = FedConfig(data='/tmp/a "quoted" dir\\x', lr=0.25, delta=1e-06, dp=False, silos=7)
+    flat = {**cfg.to_flat(), "run-dir": str(tmp_path / "r"), "resume": True, "baselines": "all"}
+    project = app_project(tmp_path / "app", flat)
+    data = tomllib.loads((project / "pyproject.toml").read_text())
+    assert data["tool"]["flwr"]["app"]["components"]["serverapp"] == "fedrec.server.app:app"
+    back, server = split_run_config(data["tool"]["flwr"]["app"]["config"])
+    assert back == cfg
+    assert server == {"run-dir": str(tmp_path / "r"), "resume": True, "baselines": "all"}
+
+
+def test_simulate_refuses_a_folder_holding_a_run_before_starting_flower(sim_run, tmp_path):
+    from fedrec.server.simulate import simulate
+
+    cfg, out, _, _ = sim_run
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match="already holds a run"):
+        simulate(cfg, out, baselines="none", num_cpus=2)
+    with pytest.raises(ValueError, match="config.json differs"):
+        simulate(FedConfig(**{**cfg.as_dict(), "lr": 0.1}), out, resume=True, num_cpus=2)
+    assert time.perf_counter() - t < 10  # refused up front, no SuperLink started
+
+
+def test_sigterm_stops_flower_and_ray(synth_dir, tiny_backbone, tmp_path):
+    """A simulation stopped mid-run (SIGTERM) leaves no SuperLink, flwr-simulation or Ray
+    process behind."""
+    out = tmp_path / "stopped"
+    code = (
+        "import sys; from pathlib import Path; from fedrec.server.simulate import simulate; "
+        "from fedrec.shared.federation.config import FedConfig; "
+        f"cfg = FedConfig(data={str(synth_dir)!r}, backbone={str(tiny_backbone)!r}, "
+        "max_length=16, history_len=8, num_rounds=50, fraction_train=0.5, evaluate_every=1, "
+        "local_steps=2, negatives=10, slots=6); "
+        f"simulate(cfg, Path({str(out)!r}), baselines='none', num_cpus=2)"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    try:
+        end = time.time() + 240
+        while not (out / "progress.jsonl").is_file() and time.time() < end:
+            assert p.poll() is None, p.stderr.read().decode() if p.stderr else ""
+            time.sleep(0.5)
+        log = (out / "flower.log").read_text()
+        assert flower_processes(log)  # it is running
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=60) == 128 + signal.SIGTERM
+        assert not flower_processes(log)
+        assert not (out / "metrics.json").exists()
+    finally:
+        if p.poll() is None:
+            p.kill()
 
 
 def test_ledger_is_truthful_and_within_budget(sim_run):
@@ -103,7 +190,7 @@ def test_pyproject_flower_config_equals_defaults():
     data = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     cfg, server = split_run_config(data["tool"]["flwr"]["app"]["config"])
     assert cfg == FedConfig()
-    assert set(server) == {"run-dir", "baselines"}
+    assert set(server) == {"run-dir", "resume", "baselines"}
     assert data["tool"]["flwr"]["app"]["components"]["serverapp"] == "fedrec.server.app:app"
 
 
