@@ -113,6 +113,35 @@ def test_missing_round_is_caught_as_a_gap(tmp_path):
     assert any("client c1" in m and "round 4" in m and "more than the ledger" in m for m in msgs)
 
 
+def test_lost_round_explained_by_the_clients_history_is_a_counted_warning(tmp_path):
+    """A reply lost to a timeout or a stopped run: the client spent, the ledger lacks the round.
+    With the client's reported history the audit counts the steps (warning); a history that
+    lacks what the ledger has is not believed (error)."""
+    lines = honest_ledger()
+    hist: dict[str, int] = {}
+    for x in lines:
+        hist[x["client"]] = hist.get(x["client"], 0) + x["steps"]
+        x["history"] = [[x["noise_multiplier"], x["sample_rate"], hist[x["client"]]]]
+    lost = [x for x in lines if (x["client"], x["round"]) != ("c1", 3)]
+    audit = audit_ledger(write(tmp_path / "l.jsonl", lost), budget=8.0)
+    assert audit.ok, errors(audit)
+    (gap,) = [f for f in audit.findings if "gap" in f.message]
+    assert gap.severity == "warning" and (gap.client, gap.round) == ("c1", 4)
+    c1 = audit.clients["c1"]
+    assert c1.unledgered_steps == 8 and c1.rounds == [1, 4]
+    assert c1.epsilon_rdp == pytest.approx(c1.epsilon_reported)  # 3 rounds' worth, not 2
+    full = audit_ledger(write(tmp_path / "full.jsonl", lines), budget=8.0).clients["c1"]
+    assert c1.epsilon_rdp == pytest.approx(full.epsilon_rdp)
+    assert c1.epsilon_prv == pytest.approx(full.epsilon_prv)
+    # a history claiming less than the ledger's lines is not believed
+    short = [dict(x) for x in lost]
+    for x in short:
+        if (x["client"], x["round"]) == ("c1", 4):
+            x["history"] = [[x["noise_multiplier"], x["sample_rate"], 4]]
+    audit = audit_ledger(write(tmp_path / "s.jsonl", short), budget=8.0)
+    assert any("client c1" in m and "round 4" in m and "gap" in m for m in errors(audit))
+
+
 def test_duplicate_over_budget_and_malformed_lines(tmp_path):
     lines = honest_ledger()
     dup = dict(lines[0])

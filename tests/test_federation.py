@@ -97,33 +97,70 @@ def test_simulate_refuses_a_folder_holding_a_run_before_starting_flower(sim_run,
     assert time.perf_counter() - t < 10  # refused up front, no SuperLink started
 
 
-def test_sigterm_stops_flower_and_ray(synth_dir, tiny_backbone, tmp_path):
-    """A simulation stopped mid-run (SIGTERM) leaves no SuperLink, flwr-simulation or Ray
-    process behind."""
-    out = tmp_path / "stopped"
+def start_stoppable(code_cfg: str, out: Path, resume: bool = False) -> subprocess.Popen:
     code = (
-        "import sys; from pathlib import Path; from fedrec.server.simulate import simulate; "
-        "from fedrec.shared.federation.config import FedConfig; "
-        f"cfg = FedConfig(data={str(synth_dir)!r}, backbone={str(tiny_backbone)!r}, "
-        "max_length=16, history_len=8, num_rounds=50, fraction_train=0.5, evaluate_every=1, "
-        "local_steps=2, negatives=10, slots=6); "
-        f"simulate(cfg, Path({str(out)!r}), baselines='none', num_cpus=2)"
+        "from pathlib import Path; from fedrec.server.simulate import simulate; "
+        f"from fedrec.shared.federation.config import FedConfig; cfg = FedConfig({code_cfg}); "
+        f"simulate(cfg, Path({str(out)!r}), baselines='none', num_cpus=2, resume={resume})"
     )
-    p = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
+
+
+def wait_for_round(p: subprocess.Popen, out: Path, rnd: int, timeout: float = 240) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        assert p.poll() is None, p.stderr.read().decode() if p.stderr else ""
+        path = out / "progress.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        if any(json.loads(x).get("round") == rnd and "accepted" in json.loads(x) for x in lines):
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"round {rnd} did not finish in {timeout} s")
+
+
+def test_sigterm_stops_flower_and_ray_and_resume_continues(synth_dir, tiny_backbone, tmp_path):
+    """A simulation stopped mid-run (SIGTERM, as a crash or a scheduler would) leaves no
+    SuperLink, flwr-simulation or Ray process behind; `resume` continues from the checkpoint,
+    and every client's epsilon continues from its history before the stop (the audit
+    recomputes each client's epsilon from all its ledger lines, before and after)."""
+    from fedrec.server.app import load_checkpoint
+    from fedrec.shared.privacy.report import audit_run
+
+    out = tmp_path / "stopped"
+    code_cfg = (
+        f"data={str(synth_dir)!r}, backbone={str(tiny_backbone)!r}, max_length=16, "
+        "history_len=8, num_rounds=3, fraction_train=1.0, evaluate_every=0, local_steps=2, "
+        "negatives=10, slots=6, epsilon=6.0, lr=0.5"
+    )
+    p = start_stoppable(code_cfg, out)
     try:
-        end = time.time() + 240
-        while not (out / "progress.jsonl").is_file() and time.time() < end:
-            assert p.poll() is None, p.stderr.read().decode() if p.stderr else ""
-            time.sleep(0.5)
+        wait_for_round(p, out, 1)
         log = (out / "flower.log").read_text()
         assert flower_processes(log)  # it is running
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=60) == 128 + signal.SIGTERM
         assert not flower_processes(log)
-        assert not (out / "metrics.json").exists()
     finally:
         if p.poll() is None:
             p.kill()
+    assert not (out / "metrics.json").exists()
+    ck = load_checkpoint(out)
+    assert ck is not None and 1 <= ck[0] < 3
+    before = ledger_lines(out)
+    p = start_stoppable(code_cfg, out, resume=True)
+    assert p.wait(timeout=300) == 0, p.stderr.read().decode() if p.stderr else ""
+    assert (out / "metrics.json").is_file()
+    after = ledger_lines(out)
+    assert after[: len(before)] == before and max(x["round"] for x in after) == 3
+    for client in {x["client"] for x in before}:
+        eps = [x["epsilon_after"] for x in after if x["client"] == client]
+        assert eps == sorted(eps) and eps[-1] > eps[0], client  # did not restart from zero
+    report, text = audit_run(out, plot=False)
+    assert report["ok"], text
+
+
+def ledger_lines(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "privacy" / "ledger.jsonl").read_text().splitlines()]
 
 
 def test_ledger_is_truthful_and_within_budget(sim_run):

@@ -15,7 +15,11 @@ Opacus' RDP and PRV accountants, then checks:
   (relative). Reported < recomputed: the client under-reports (e.g. it re-created its accountant
   each round). Reported > recomputed: the ledger misses spending the client did;
 - when the client reports ``total_steps`` (its accountant's whole-history step count), it equals
-  the sum of the ledger's steps: a mismatch means a missing (or invented) round;
+  the sum of the ledger's steps: a mismatch means a missing (or invented) round. A round the
+  client spent but the ledger lacks (its reply lost to the round timeout, or a run stopped after
+  the client trained and before the server recorded the round, then resumed) is a warning when
+  the client's reported ``history`` accounts for it exactly: the missing steps are then added
+  to the recomputation, so every epsilon counts them. Without such a history it is an error;
 - no client is over its budget, by its own report or by the recomputation;
 - one delta and one accountant per client, refusals carry no steps.
 
@@ -40,6 +44,30 @@ _ABS_TOL = 1e-6  # epsilon values this small are compared absolutely
 
 
 # field -> (accepted JSON types, check, rule shown in the error message)
+def _unledgered(reported: Any, ledger: list[Run]) -> list[Run] | None:
+    """The spending in a client's reported ``history`` that the ledger lacks, per (sigma, q)
+    (composition is order-free); None when the report is missing or malformed, or lacks
+    spending the ledger has (then it cannot be believed)."""
+    if not isinstance(reported, list):
+        return None
+
+    def tally(runs: Any) -> dict[tuple[float, float], int]:
+        out: dict[tuple[float, float], int] = {}
+        for s, q, n in runs:
+            out[(float(s), float(q))] = out.get((float(s), float(q)), 0) + int(n)
+        return out
+
+    try:
+        mine = tally(reported)
+    except (TypeError, ValueError):
+        return None
+    ledger_steps = tally(ledger)
+    if any(mine.get(k, 0) < n for k, n in ledger_steps.items()):
+        return None
+    return [(s, q, n - ledger_steps.get((s, q), 0)) for (s, q), n in mine.items()
+            if n > ledger_steps.get((s, q), 0)]  # fmt: skip
+
+
 def _carried(first: dict[str, Any]) -> list[Run] | None:
     """The history a client had before its first line in this ledger, from the line's reported
     ``history`` (after the round) minus the round itself; None when it carried nothing or did
@@ -122,6 +150,7 @@ class ClientAudit:
     more_rounds: int | None = None  # rounds it could still join at its last round's settings
     history: list[Run] = field(default_factory=list)
     carried_steps: int = 0  # steps spent before this run (a device's budget spans runs)
+    unledgered_steps: int = 0  # spent in this run but on no ledger line (lost replies)
     trajectory: list[tuple[int, float]] = field(default_factory=list)  # (round, recomputed eps)
 
 
@@ -346,6 +375,36 @@ def audit_ledger(
                         )
                     )
                 c.refusals.append(rnd)
+            total = int(e.get("total_steps", -1))
+            if total >= 0 and total != steps_so_far:
+                extra = _unledgered(e.get("history"), c.history)
+                if extra and sum(n for _s, _q, n in extra) == total - steps_so_far:
+                    c.history += extra
+                    c.unledgered_steps += total - steps_so_far
+                    findings.append(
+                        Finding(
+                            "warning",
+                            f"gap: {total - steps_so_far} DP steps the client spent are on no "
+                            "ledger line (a reply lost to the round timeout, or a run stopped "
+                            "before the round was recorded); the client's reported history has "
+                            "them, and every epsilon here counts them",
+                            name,
+                            rnd,
+                            no,
+                        )
+                    )
+                else:
+                    findings.append(
+                        Finding(
+                            "error",
+                            f"gap: the client's accountant holds {total} steps, the ledger's "
+                            f"lines up to here hold {steps_so_far}",
+                            name,
+                            rnd,
+                            no,
+                        )
+                    )
+                steps_so_far = total  # report each gap once
             reported = float(e["epsilon_after"])
             recomputed = epsilon_spent(
                 history=c.history, delta=c.delta, accountant=c.accountant, group=c.group
@@ -369,19 +428,6 @@ def audit_ledger(
                         no,
                     )
                 )
-            total = int(e.get("total_steps", -1))
-            if total >= 0 and total != steps_so_far:
-                findings.append(
-                    Finding(
-                        "error",
-                        f"gap: the client's accountant holds {total} steps, the ledger's lines "
-                        f"up to here hold {steps_so_far}",
-                        name,
-                        rnd,
-                        no,
-                    )
-                )
-                steps_so_far = total  # report each gap once
             limit = budget if budget is not None else e.get("epsilon_max")
             if limit is not None:
                 c.budget = float(limit)
