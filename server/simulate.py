@@ -313,7 +313,10 @@ def simulate(
         )
         project = app_project(home / "app", run_config)
         link_log = home / "superlink.log"
-        nice = "import os, sys; os.nice(15); os.execv(sys.argv[1], sys.argv[1:])"
+        # this interpreter runs Flower's scripts: a copied venv's scripts may name another one
+        nice = (
+            "import os, sys; os.nice(15); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+        )
         with link_log.open("ab") as f:
             link = subprocess.Popen(
                 [
@@ -344,7 +347,7 @@ def simulate(
                 f.flush()
                 run = subprocess.Popen(
                     [
-                        str(bindir / "flwr"), "run", str(project), "fedrec-sim",
+                        sys.executable, str(bindir / "flwr"), "run", str(project), "fedrec-sim",
                         "--federation-config", " ".join(sim), "--stream",
                     ],
                     stdout=f, stderr=subprocess.STDOUT, env=env, cwd=home,
