@@ -85,6 +85,24 @@ def test_run_config_travels_through_the_generated_app_exactly(tmp_path):
     assert server == {"run-dir": str(tmp_path / "r"), "resume": True, "baselines": "all"}
 
 
+def test_progress_follows_whole_lines_only_and_skips_a_resumed_runs_past(tmp_path):
+    from fedrec.server.simulate import _Progress
+
+    path = tmp_path / "progress.jsonl"
+    path.write_text('{"round": 1}\n')  # a resumed run's earlier rounds: not shown again
+    seen: list[dict] = []
+    p = _Progress(path, seen.append)
+    with path.open("a") as f:
+        f.write('{"round": 2, "loss": 4.1}\n{"round": 3')  # the ServerApp is mid-write
+    p.poll()
+    assert seen == [{"round": 2, "loss": 4.1}]
+    with path.open("a") as f:
+        f.write(', "loss": null}\n')
+    p.poll()
+    p.poll()
+    assert seen == [{"round": 2, "loss": 4.1}, {"round": 3, "loss": None}]
+
+
 def test_simulate_refuses_a_folder_holding_a_run_before_starting_flower(sim_run, tmp_path):
     from fedrec.server.simulate import simulate
 
