@@ -43,7 +43,6 @@ TOLERANCE = 0.01  # relative; the issue's target is agreement within 1 %
 _ABS_TOL = 1e-6  # epsilon values this small are compared absolutely
 
 
-# field -> (accepted JSON types, check, rule shown in the error message)
 def _unledgered(reported: Any, ledger: list[Run]) -> list[Run] | None:
     """The spending in a client's reported ``history`` that the ledger lacks, per (sigma, q)
     (composition is order-free); None when the report is missing or malformed, or lacks
@@ -75,22 +74,16 @@ def _carried(first: dict[str, Any]) -> list[Run] | None:
     hist, total = first.get("history"), int(first.get("total_steps", -1))
     trained = bool(first.get("trained", first["steps"] > 0)) and first["steps"] > 0
     own = first["steps"] if trained else 0
-    if not isinstance(hist, list) or total <= own:
+    if total <= own:
         return None
-    try:
-        runs = [(float(s), float(q), int(n)) for s, q, n in hist]
-    except (TypeError, ValueError):
-        return None
-    if trained:  # remove this round from the end (Opacus merges equal (sigma, q) runs)
-        s, q, n = runs[-1]
-        if (s, q) != (float(first["noise_multiplier"]), float(first["sample_rate"])) or n < own:
-            return None
-        runs = runs[:-1] + ([(s, q, n - own)] if n > own else [])
-    if sum(n for _s, _q, n in runs) != total - own:
+    this = [(float(first["noise_multiplier"]), float(first["sample_rate"]), own)] if trained else []
+    runs = _unledgered(hist, this)  # the reported history minus this round
+    if not runs or sum(n for _s, _q, n in runs) != total - own:
         return None
     return runs
 
 
+# field -> (accepted JSON types, check, rule shown in the error message)
 _FIELDS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "client": ((str,), lambda v: v != "", "a non-empty string"),
     "round": ((int,), lambda v: v >= 1, "an integer >= 1"),
