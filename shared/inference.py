@@ -146,7 +146,7 @@ class Recommender:
             {"item_id": int(self.item_ids[i]), "title": self.titles[i]} for i in hist_items.tolist()
         ]
         if profile and m.cfg.use_profile:
-            terms.append((m.profile_gate * self._text(profile, adapted=False)).unsqueeze(0))
+            terms.append(m.profile_term(self._text(profile, adapted=False)).unsqueeze(0))
             labels.append({"profile": profile})
         if query:
             terms.append(F.normalize(self._text(query, adapted=True), dim=-1).unsqueeze(0))
@@ -155,7 +155,8 @@ class Recommender:
         raw_norm = parts.sum(0).norm()  # |unnormalized user vector|
         if raw_norm < 1e-12:
             parts = parts * 0.0  # nothing to personalize on: the ranking is by item bias
-        norm = raw_norm.clamp(min=1e-12)
+        # the recency tower normalizes the user vector; the additive one keeps its length
+        norm = torch.tensor(1.0) if m.additive else raw_norm.clamp(min=1e-12)
         contrib = m.log_scale.exp() * (parts @ self.items.T) / norm  # (n_terms, n_items)
         scores = contrib.sum(0) + self.bias
         scores[self._positions(exclude, "exclude")] = -torch.inf

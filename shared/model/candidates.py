@@ -272,6 +272,11 @@ class CandidateScorer(nn.Module):
                 "DP training does not support model.id_residual=true: a per-item vector table "
                 "is too large to send each round and to noise; set model.id_residual=false"
             )
+        if model.additive:
+            raise ValueError(
+                "DP training implements the recency user tower only; "
+                "model.user_tower='additive' is for central training"
+            )
         cache = model.cache
         if cache is None:
             raise ValueError("CandidateScorer needs the model's catalog cache (with_cache=True)")

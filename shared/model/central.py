@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from fedrec.shared.backbone import load_backbone
 from fedrec.shared.evaluation import evaluate
 from fedrec.shared.model.config import ModelConfig, TrainConfig
-from fedrec.shared.model.examples import right_aligned, sequence_examples
+from fedrec.shared.model.examples import right_aligned, sequence_examples, set_examples
 from fedrec.shared.model.towers import RecModel
 from fedrec.shared.splitting import Split
 
@@ -131,7 +131,8 @@ def train_central(
     """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    users, targets, context = sequence_examples(split.train_histories(), model.cfg.history_len)
+    histories = split.train_histories()
+    users, targets, context = sequence_examples(histories, model.cfg.history_len)
     bank = ProfileBank(model)
     bank.add(user_profiles)
     zero = torch.zeros(model.dim)
@@ -152,6 +153,8 @@ def train_central(
     t0 = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         model.train()
+        if cfg.examples == "set":  # a fresh random context per example each epoch
+            users, targets, context = set_examples(histories, model.cfg.history_len, rng)
         perm = rng.permutation(n)
         losses = []
         for s in range(steps_per_epoch):

@@ -42,6 +42,10 @@ def _bool(value: object) -> bool:
     raise ValueError(value)
 
 
+USER_TOWERS = ("recency", "additive")
+EXAMPLES = ("sequence", "set")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The recommender's shape.
@@ -55,6 +59,11 @@ class ModelConfig:
     training, the fraction of catalog items scored as if cold (text
     only: no ID residual, no bias) on the candidate side, so that the model learns to rank
     items it has no ID for against users whose history it does (protocol B, new items).
+    ``user_tower``: how history and profile combine (see :mod:`fedrec.shared.model.towers`):
+    ``recency`` renormalizes the weights over the items present and the sum to unit length;
+    ``additive`` keeps the weights over all ``history_len`` slots and does not renormalize, so a
+    short or empty history gives a short user vector and the learned item bias (popularity)
+    carries more of the ranking (cold users).
     """
 
     backbone: str = "minilm"
@@ -69,9 +78,13 @@ class ModelConfig:
     init_scale: float = 20.0
     train_scale: bool = True
     cold_dropout: float = 0.0
+    user_tower: str = "recency"
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check(
+            self.user_tower in USER_TOWERS, "user_tower", self.user_tower, " or ".join(USER_TOWERS)
+        )
         _check(0 <= self.cold_dropout < 1, "cold_dropout", self.cold_dropout, "0 <= p < 1")
         _check(8 <= self.max_length <= 512, "max_length", self.max_length, "8..512 tokens")
         _check(1 <= self.lora_r <= 256, "lora_r", self.lora_r, "1..256")
@@ -82,7 +95,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Central training: epochs over all examples, Adam, best epoch kept by validation NDCG@10."""
+    """Central training: epochs over all examples, Adam, best epoch kept by validation NDCG@10.
+
+    ``examples``: ``sequence`` (next item from the items before it, the warm protocol's task) or
+    ``set`` (an item from a random subset of the user's other items, of random size, resampled
+    every epoch: the cold protocols' task, where the items to find lie anywhere in the user's
+    timeline); see :mod:`fedrec.shared.model.examples`.
+    """
 
     epochs: int = 8
     batch_size: int = 512
@@ -91,9 +110,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     patience: int = 2
     max_steps: int = 0  # 0 = no cap; a cap is for smoke runs
+    examples: str = "sequence"
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _check(self.examples in EXAMPLES, "examples", self.examples, " or ".join(EXAMPLES))
         _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         _check(1 <= self.batch_size <= 65536, "batch_size", self.batch_size, "1..65536")
         _check(0 < self.lr < 1, "lr", self.lr, "0 < lr < 1")

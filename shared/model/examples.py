@@ -7,6 +7,14 @@ therefore sits in up to ``1 + history_len`` examples (as a target once, as conte
 be that group of examples, not the interaction, so federated DP training must build its examples
 differently (or account for the group).
 
+``set_examples`` (central training for the cold protocols): one example per interaction, its
+context a uniformly random subset of the user's *other* interactions (earlier or later), of a
+size drawn uniformly from 0 to ``min(history_len, n - 1)``, kept in time order; resampled every
+epoch. Protocol B asks for items anywhere in a user's timeline from all their warm items, and
+protocol C for all of a new user's future items from 0 or 3 items: next-item examples teach a
+recency weighting and long contexts only, which both tasks punish. Same group size as
+``sequence_examples``; no DP.
+
 ``disjoint_examples`` (per-interaction DP): each interaction is hashed, by its own (item,
 timestamp) and a key, into one of ``slots`` groups; a non-empty group is one example whose
 target is its latest interaction and whose context is the group's other interactions. Every
@@ -49,6 +57,32 @@ def sequence_examples(
             users.append(u)
             targets.append(int(seq[p]))
             contexts.append(seq[max(0, p - history_len) : p])
+    return (
+        np.asarray(users, dtype=np.int64),
+        np.asarray(targets, dtype=np.int64),
+        right_aligned(contexts, history_len),
+    )
+
+
+def set_examples(
+    histories: Sequence[np.ndarray], history_len: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per user index u and position p: target = [u][p], context = a random subset of the other
+    positions of u, of uniform random size in ``0..min(history_len, len - 1)``, in time order.
+
+    Returns ``users`` (n,), ``targets`` (n,), ``context`` (n, L) right-aligned with -1 padding.
+    """
+    users, targets, contexts = [], [], []
+    for u, seq in enumerate(histories):
+        seq = np.asarray(seq, dtype=np.int64)
+        n = seq.shape[0]
+        for p in range(n):
+            others = np.delete(np.arange(n), p)
+            size = int(rng.integers(0, min(history_len, n - 1) + 1))
+            pick = np.sort(rng.choice(others, size=size, replace=False)) if size else others[:0]
+            users.append(u)
+            targets.append(int(seq[p]))
+            contexts.append(seq[pick])
     return (
         np.asarray(users, dtype=np.int64),
         np.asarray(targets, dtype=np.int64),

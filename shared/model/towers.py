@@ -10,6 +10,14 @@ User tower
     items ``h_j`` (time order), with ``w = softmax(position logits)`` learned per recency
     position (the model learns how much the last item matters versus older ones), and ``p`` the
     profile text embedding (frozen backbone) scaled by a learned gate ``g``.
+    That is the default ``recency`` tower. Its final normalization gives a user with one item,
+    or with only a profile, a vector as long as a user with fifty: the learned gate ``g`` (small,
+    since with a history the profile is a slight tilt) is undone, and the profile alone decides
+    the ranking of a new user. The ``additive`` tower, for cold users, is
+    ``u = sum_j w_j e_{h_j} + g * normalize(p)`` with ``w`` the softmax over all ``history_len``
+    slots (an empty slot keeps its share, as zero) and no normalization: a new user's vector is
+    short, so the item bias (the model's popularity) carries the ranking, the profile tilting
+    it by as much as training found useful, and each item given moves it further.
     A free-text query is encoded by the adapted item tower, as if it were an item description.
 Score
     ``s(u, i) = scale * <u, e_i> + b_i``, ``b_i`` an optional learned item bias (0 for items
@@ -175,11 +183,25 @@ class RecModel(nn.Module):
         return torch.where(as_cold.unsqueeze(1), cold, items)
 
     # --- user tower --------------------------------------------------------------------------
+    @property
+    def additive(self) -> bool:
+        return self.cfg.user_tower == "additive"
+
     def history_weights(self, mask: torch.Tensor) -> torch.Tensor:
-        """``(batch, L)`` weights over right-aligned history slots; 0 where ``mask`` is False."""
+        """``(batch, L)`` weights over right-aligned history slots; 0 where ``mask`` is False.
+
+        ``recency`` tower: they sum to 1 over the items present; ``additive``: to the present
+        slots' share of all ``history_len`` slots.
+        """
+        if self.additive:
+            return torch.softmax(self.pos_logits, dim=0) * mask
         logits = self.pos_logits.expand(mask.shape[0], -1).masked_fill(~mask, -torch.inf)
         w = torch.softmax(logits, dim=1)
         return torch.nan_to_num(w, nan=0.0)  # an empty history: all weights 0
+
+    def profile_term(self, profile: torch.Tensor) -> torch.Tensor:
+        """The profile's part of the user vector, before any normalization."""
+        return self.profile_gate * (F.normalize(profile, dim=-1) if self.additive else profile)
 
     def user_embeddings(
         self,
@@ -188,14 +210,14 @@ class RecModel(nn.Module):
         profile: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``items`` (n_items, dim); ``history`` (batch, L) item indices right-aligned, -1 = pad;
-        ``profile`` (batch, dim) or None. Returns (batch, dim) unit vectors (0 when empty)."""
-        mask = history >= 0
-        w = self.history_weights(mask)  # (batch, L)
+        ``profile`` (batch, dim) or None. Returns (batch, dim): unit vectors (0 when empty) for
+        the ``recency`` tower, vectors of norm <= 1 + gate for the ``additive`` one."""
+        w = self.history_weights(history >= 0)  # (batch, L)
         e = items[history.clamp(min=0)]  # (batch, L, dim)
         u = (w.unsqueeze(-1) * e).sum(1)  # (batch, dim)
         if profile is not None and self.cfg.use_profile:
-            u = u + self.profile_gate * profile
-        return F.normalize(u, dim=-1)
+            u = u + self.profile_term(profile)
+        return u if self.additive else F.normalize(u, dim=-1)
 
     def scores(
         self, users: torch.Tensor, items: torch.Tensor, as_cold: torch.Tensor | None = None
