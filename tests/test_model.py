@@ -11,7 +11,7 @@ from fedrec.shared.data import load_dataset
 from fedrec.shared.evaluation import evaluate
 from fedrec.shared.model.central import ModelScorer, ProfileBank, example_loss, train_central
 from fedrec.shared.model.config import ModelConfig, TrainConfig, from_dict
-from fedrec.shared.model.examples import right_aligned, sequence_examples
+from fedrec.shared.model.examples import right_aligned, sequence_examples, set_examples
 from fedrec.shared.model.towers import RecModel, mean_pool
 from fedrec.shared.splitting import protocol_a
 
@@ -84,6 +84,53 @@ def test_sequence_examples_hand_built():
     assert right_aligned([np.array([1, 2, 3])], 5).tolist() == [[-1, -1, 1, 2, 3]]
 
 
+def test_set_examples_draw_other_items_of_any_size_in_time_order():
+    seqs = [np.arange(100, 130), np.array([7, 8]), np.array([9])]
+    users, targets, ctx = set_examples(seqs, history_len=10, rng=np.random.default_rng(0))
+    assert users.tolist() == [0] * 30 + [1, 1, 2] and targets.tolist()[-3:] == [7, 8, 9]
+    sizes = (ctx >= 0).sum(1)
+    for row in range(30):
+        c = ctx[row][ctx[row] >= 0]
+        assert targets[row] not in c  # never its own target
+        assert np.all(np.diff(c) > 0)  # time order (seq 0 increases with time)
+        assert np.all(ctx[row][: 10 - c.size] == -1)  # right-aligned
+    assert sizes[:30].min() == 0 and sizes[:30].max() == 10  # 0..min(L, n-1) are drawn
+    assert set(ctx[30][ctx[30] >= 0]) <= {8} and sizes[32] == 0  # a one-item user: no context
+    # later items appear in contexts too (not only the items before the target)
+    assert any(np.any(ctx[r][ctx[r] >= 0] > targets[r]) for r in range(30))
+    again = set_examples(seqs, history_len=10, rng=np.random.default_rng(0))
+    assert np.array_equal(again[2], ctx)  # a seeded generator reproduces them
+
+
+def test_additive_tower_keeps_length_so_bias_leads_short_histories(ds, tiny_backbone):
+    model = make_model(ds, tiny_backbone, user_tower="additive")
+    with torch.no_grad():
+        model.profile_gate.fill_(0.1)
+        items = model.item_embeddings()
+        none = torch.full((1, 8), -1)
+        assert torch.all(model.user_embeddings(items, none) == 0)  # ranks by bias alone
+        prof = torch.randn(1, model.dim) * 7
+        u = model.user_embeddings(items, none, prof)
+        assert torch.allclose(u.norm(), torch.tensor(0.1), atol=1e-6)  # gate * unit profile
+        two = torch.tensor([[-1] * 6 + [3, 4]])
+        full = torch.arange(8).unsqueeze(0)
+        w = model.history_weights(two >= 0)  # zero position logits: 1/8 per slot present
+        assert torch.allclose(w, torch.tensor([[0.0] * 6 + [0.125, 0.125]]))
+        assert torch.allclose(model.user_embeddings(items, two), (items[3] + items[4]) / 8)
+        assert model.user_embeddings(items, two).norm() < model.user_embeddings(items, full).norm()
+    recency = make_model(ds, tiny_backbone)
+    with torch.no_grad():
+        assert torch.allclose(recency.user_embeddings(items, two).norm(), torch.tensor(1.0))
+
+
+def test_candidate_scorer_refuses_the_additive_tower(ds, tiny_backbone):
+    from fedrec.shared.model.candidates import CandidateScorer
+
+    model = make_model(ds, tiny_backbone, user_tower="additive", id_residual=False)
+    with pytest.raises(ValueError, match="recency user tower only"):
+        CandidateScorer(model)
+
+
 def test_example_loss_is_per_example_and_masks_context(ds, tiny_backbone):
     model = make_model(ds, tiny_backbone)
     model.eval()
@@ -143,6 +190,10 @@ def test_config_rejects_unknown_and_bad_values():
         from_dict(ModelConfig, {"lora_r": "0"})
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="user_tower.*recency or additive"):
+        from_dict(ModelConfig, {"user_tower": "attention"})
+    with pytest.raises(ValueError, match="examples.*sequence or set"):
+        from_dict(TrainConfig, {"examples": "sets"})
     assert from_dict(ModelConfig, {"ffa": "true", "lora-r": "4"}).lora_r == 4
 
 
