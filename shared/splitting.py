@@ -228,6 +228,83 @@ def protocol_c(ds: Dataset, seed: int = 0, ks: tuple[int, ...] = COLD_USER_KS) -
     )
 
 
+def holdout_split(
+    split: Split, fraction: float, profiles: list[str | None], seed: int = 1
+) -> Split:
+    """A validation split carved from a cold protocol's (B, C) training data, for model selection.
+
+    B and C have no validation queries, and choosing epochs on their test queries would be tuning
+    on test. This repeats the protocol inside the training data: B holds out the first
+    ``fraction`` of ``default_rng(seed).permutation`` of the trained items as pseudo-cold items
+    (each user with one ranks that pool from its other items); C holds out that fraction of the
+    trained users as pseudo-cold users (each given its profile and first k = 0 and 3 items, both
+    queries in one validation set). Their interactions leave the training data, so the model
+    never sees them, as with the real cold items or users. ``profiles[u]``: user u's profile.
+    """
+    if split.protocol not in ("B", "C"):
+        raise ValueError(
+            f"holdout is for the cold protocols B and C; protocol {split.protocol} has its own "
+            "validation queries (set train.holdout=0)"
+        )
+    if not 0 < fraction < 1:
+        raise ValueError(f"holdout fraction {fraction!r} must be in (0, 1)")
+    u, i = split.train_user, split.train_item
+    bounds = _user_bounds(u, split.n_users)
+    users, hist, rel, excl = [], [], [], []
+    if split.protocol == "B":
+        pseudo = cold_ids(np.unique(i), fraction, seed)
+        held = np.isin(i, pseudo)
+        for x in range(split.n_users):
+            seq, c = i[bounds[x] : bounds[x + 1]], held[bounds[x] : bounds[x + 1]]
+            if c.any():
+                users.append(x)
+                hist.append(seq[~c])
+                rel.append(np.unique(seq[c]))
+                excl.append(np.empty(0, dtype=np.int64))
+        prior = split.cold_items if split.cold_items is not None else np.empty(0, np.int64)
+        cold_items, cold_users, candidates = np.union1d(prior, pseudo), split.cold_users, pseudo
+        warm = True
+    else:
+        pseudo = cold_ids(np.unique(u), fraction, seed)
+        held = np.isin(u, pseudo)
+        for x in np.sort(pseudo):
+            seq = i[bounds[x] : bounds[x + 1]]
+            for k in COLD_USER_KS:
+                given = seq[:k]
+                relevant = np.setdiff1d(seq[k:], given)
+                if relevant.size:
+                    users.append(int(x))
+                    hist.append(given)
+                    rel.append(relevant)
+                    excl.append(given)
+        prior = split.cold_users if split.cold_users is not None else np.empty(0, np.int64)
+        cold_items, cold_users, candidates = split.cold_items, np.union1d(prior, pseudo), None
+        warm = False
+    users_arr = np.array(users, dtype=np.int64)
+    valid = EvalSet(
+        name=f"holdout_{split.protocol}",
+        users=users_arr,
+        history=hist,
+        exclude=excl,
+        relevant=rel,
+        warm=np.full(len(users), warm, dtype=bool),
+        candidates=None if candidates is None else np.sort(candidates),
+        profiles=[profiles[x] for x in users],
+    )
+    return Split(
+        protocol=split.protocol,
+        user_ids=split.user_ids,
+        item_ids=split.item_ids,
+        train_user=u[~held],
+        train_item=i[~held],
+        train_time=split.train_time[~held],
+        valid=valid,
+        tests=split.tests,
+        cold_items=cold_items,
+        cold_users=cold_users,
+    )
+
+
 def make_split(ds: Dataset, protocol: str) -> Split:
     """Dispatch on the protocol name (``A``, ``B`` or ``C``)."""
     builders = {"A": protocol_a, "B": protocol_b, "C": protocol_c}

@@ -7,7 +7,14 @@ import pytest
 
 from fedrec.shared.data import load_dataset, write_dataset
 from fedrec.shared.partition import partition_users
-from fedrec.shared.splitting import cold_ids, make_split, protocol_a, protocol_b, protocol_c
+from fedrec.shared.splitting import (
+    cold_ids,
+    holdout_split,
+    make_split,
+    protocol_a,
+    protocol_b,
+    protocol_c,
+)
 
 
 @pytest.fixture
@@ -66,6 +73,51 @@ def test_protocol_c_cold_users_never_train(synth_dir):
         assert not np.isin(r, h).any()
         assert h.tolist() == full[u][:3].tolist()
     assert all(p is not None for p in k3.profiles)
+
+
+def test_holdout_b_repeats_the_protocol_inside_training(synth_dir):
+    ds = load_dataset(synth_dir)
+    sp = protocol_b(ds)
+    profiles = [ds.user_text(int(u)) for u in sp.user_ids]
+    fit = holdout_split(sp, 0.2, profiles)
+    pseudo = fit.valid.candidates
+    trained = np.unique(sp.train_item)
+    assert pseudo.size == int(0.2 * trained.size) and np.all(np.isin(pseudo, trained))
+    assert not np.isin(fit.train_item, pseudo).any()  # held-out items never train
+    assert np.array_equal(fit.train_item, sp.train_item[~np.isin(sp.train_item, pseudo)])
+    assert set(fit.cold_items) == set(sp.cold_items) | set(pseudo)
+    hist = sp.train_histories()
+    for q, u in enumerate(fit.valid.users):
+        assert set(fit.valid.relevant[q]) == set(hist[u]) & set(pseudo)
+        assert not np.isin(fit.valid.history[q], pseudo).any()
+    assert fit.tests is sp.tests  # the real test queries are untouched
+
+
+def test_holdout_c_holds_out_whole_users_with_k0_and_k3_queries(synth_dir):
+    ds = load_dataset(synth_dir)
+    sp = protocol_c(ds)
+    profiles = [ds.user_text(int(u)) for u in sp.user_ids]
+    fit = holdout_split(sp, 0.1, profiles)
+    held = np.unique(fit.valid.users)
+    assert held.size == int(0.1 * np.unique(sp.train_user).size)
+    assert not np.isin(fit.train_user, held).any() and np.isin(sp.train_user, held).any()
+    assert not np.isin(held, sp.cold_users).any()
+    hist = sp.train_histories()
+    sizes = sorted({len(h) for h in fit.valid.history})
+    assert sizes == [0, 3]
+    for q, u in enumerate(fit.valid.users):
+        given = fit.valid.history[q]
+        assert np.array_equal(given, hist[u][: len(given)])
+        assert set(fit.valid.relevant[q]) == set(hist[u][len(given) :]) - set(given)
+        assert fit.valid.profiles[q] == profiles[u]
+
+
+def test_holdout_refuses_protocol_a_and_bad_fractions(synth_dir):
+    ds = load_dataset(synth_dir)
+    with pytest.raises(ValueError, match="protocol A has its own validation"):
+        holdout_split(protocol_a(ds), 0.1, [])
+    with pytest.raises(ValueError, match="must be in"):
+        holdout_split(protocol_c(ds), 1.0, [])
 
 
 def test_unknown_protocol():

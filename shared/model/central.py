@@ -124,8 +124,9 @@ def train_central(
 ) -> dict[str, Any]:
     """Train ``model`` in place on ``split``'s training data; keep the best validation epoch.
 
-    Without validation queries (protocols B and C) it runs all ``cfg.epochs`` and keeps the last:
-    early stopping on training loss would measure nothing useful.
+    Without validation queries (protocols B and C, unless ``train.holdout`` carved some out of the
+    training data: :func:`fedrec.shared.splitting.holdout_split`) it runs all ``cfg.epochs`` and
+    keeps the last: early stopping on training loss would measure nothing useful.
 
     ``user_profiles[u]``: profile text of user index u (or None). Returns the training trace.
     """

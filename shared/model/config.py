@@ -100,7 +100,10 @@ class TrainConfig:
     ``examples``: ``sequence`` (next item from the items before it, the warm protocol's task) or
     ``set`` (an item from a random subset of the user's other items, of random size, resampled
     every epoch: the cold protocols' task, where the items to find lie anywhere in the user's
-    timeline); see :mod:`fedrec.shared.model.examples`.
+    timeline); see :mod:`fedrec.shared.model.examples`. ``holdout`` (protocols B and C only,
+    which have no validation queries): the fraction of trained items (B) or users (C) held out
+    of training as pseudo-cold ones, to choose the best epoch on (see
+    :func:`fedrec.shared.splitting.holdout_split`); 0 = train on everything, keep the last epoch.
     """
 
     epochs: int = 8
@@ -111,10 +114,12 @@ class TrainConfig:
     patience: int = 2
     max_steps: int = 0  # 0 = no cap; a cap is for smoke runs
     examples: str = "sequence"
+    holdout: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check(self.examples in EXAMPLES, "examples", self.examples, " or ".join(EXAMPLES))
+        _check(0 <= self.holdout < 1, "holdout", self.holdout, "0 <= fraction < 1")
         _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         _check(1 <= self.batch_size <= 65536, "batch_size", self.batch_size, "1..65536")
         _check(0 < self.lr < 1, "lr", self.lr, "0 < lr < 1")

@@ -21,7 +21,7 @@ from fedrec.shared.model.central import ModelScorer, build_model, train_central
 from fedrec.shared.model.config import ModelConfig, TrainConfig, as_dict, from_dict
 from fedrec.shared.plots import plot_training
 from fedrec.shared.rundir import versions, write_json
-from fedrec.shared.splitting import make_split
+from fedrec.shared.splitting import holdout_split, make_split
 
 QUICK_TRAIN: dict[str, Any] = {"epochs": 1, "max_steps": 60}
 QUICK_BASELINES = ["popularity", "itemknn"]
@@ -72,11 +72,19 @@ def run_train_central(
         (QUICK_BASELINES if quick else BASELINES) if baselines is None else baselines
     )
     split = make_split(ds, protocol)
-    log(f"protocol {protocol}: {split.train_item.shape[0]} training interactions")
-    model = build_model(split, ds.item_texts(), model_cfg)
-    log(f"model ready: {sum(p.numel() for p in model.adapter_parameters())} LoRA parameters")
     profiles = [ds.user_text(int(u)) for u in split.user_ids]
-    trace = train_central(model, split, profiles, train_cfg, log=log, on_step=on_step)
+    fit = split
+    if train_cfg.holdout > 0:
+        fit = holdout_split(split, train_cfg.holdout, profiles, seed=train_cfg.seed + 1)
+        assert fit.valid is not None
+        log(
+            f"holdout: {split.train_item.shape[0] - fit.train_item.shape[0]} interactions held "
+            f"out for validation ({len(fit.valid)} queries)"
+        )
+    log(f"protocol {protocol}: {fit.train_item.shape[0]} training interactions")
+    model = build_model(fit, ds.item_texts(), model_cfg)
+    log(f"model ready: {sum(p.numel() for p in model.adapter_parameters())} LoRA parameters")
+    trace = train_central(model, fit, profiles, train_cfg, log=log, on_step=on_step)
     bank = trace.pop("profile_bank")
     scorer = ModelScorer(model, bank)
     result: dict[str, Any] = {"protocol": protocol}
@@ -84,8 +92,8 @@ def run_train_central(
         "metrics": {k: evaluate(scorer, es) for k, es in split.tests.items()},
         "training": trace,
     }
-    if split.valid is not None:
-        result["model"]["valid"] = evaluate(scorer, split.valid)
+    if fit.valid is not None:
+        result["model"]["valid"] = evaluate(scorer, fit.valid)
     save_model(model, out, item_ids=[int(i) for i in ds.item_ids], titles=item_titles(ds))
     base = run_baselines(ds, protocol, names=names, backbone=model_cfg.backbone, log=log)
     result["split"] = base["split"]
