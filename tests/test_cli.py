@@ -105,3 +105,17 @@ def test_train_central_bad_settings(synth_dir, tmp_path, setting, needle):
     r = fedrec("train-central", "--data", synth_dir, "--out", tmp_path / "r", "--set", setting)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_profile_template_rerenders_profiles_and_refuses_unknown_fields(synth_dir):
+    from fedrec.shared.data import load_dataset
+    from fedrec.shared.model.run_central import with_profile_template
+
+    ds = load_dataset(synth_dir)
+    uid = int(next(iter(ds.user_fields)))
+    field = sorted(ds.user_fields[uid])[0]
+    plain = with_profile_template(ds, f"Only {{{field}}}.")
+    assert plain.user_text(uid) == f"Only {ds.user_fields[uid][field]}."
+    assert with_profile_template(ds, "") is ds
+    with pytest.raises(ValueError, match="cannot be filled.*profile fields are"):
+        with_profile_template(ds, "A {no_such_field}")

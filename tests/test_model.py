@@ -100,6 +100,8 @@ def test_set_examples_draw_other_items_of_any_size_in_time_order():
     assert any(np.any(ctx[r][ctx[r] >= 0] > targets[r]) for r in range(30))
     again = set_examples(seqs, history_len=10, rng=np.random.default_rng(0))
     assert np.array_equal(again[2], ctx)  # a seeded generator reproduces them
+    few = set_examples(seqs, history_len=10, rng=np.random.default_rng(1), max_context=3)[2]
+    assert (few >= 0).sum(1).max() == 3  # contexts of 0..3 items: a new user's regime
 
 
 def test_additive_tower_keeps_length_so_bias_leads_short_histories(ds, tiny_backbone):

@@ -155,7 +155,9 @@ def train_central(
     for epoch in range(1, cfg.epochs + 1):
         model.train()
         if cfg.examples == "set":  # a fresh random context per example each epoch
-            users, targets, context = set_examples(histories, model.cfg.history_len, rng)
+            users, targets, context = set_examples(
+                histories, model.cfg.history_len, rng, cfg.set_max_context
+            )
         perm = rng.permutation(n)
         losses = []
         for s in range(steps_per_epoch):

@@ -63,7 +63,10 @@ class ModelConfig:
     ``recency`` renormalizes the weights over the items present and the sum to unit length;
     ``additive`` keeps the weights over all ``history_len`` slots and does not renormalize, so a
     short or empty history gives a short user vector and the learned item bias (popularity)
-    carries more of the ranking (cold users).
+    carries more of the ranking (cold users). ``profile_template``: how a user's profile fields
+    become the profile text the model reads, e.g. ``"A {age}-year-old {gender} {occupation}."``
+    ("" = the data set's own template), see
+    :func:`fedrec.shared.model.run_central.with_profile_template`.
     """
 
     backbone: str = "minilm"
@@ -79,6 +82,7 @@ class ModelConfig:
     train_scale: bool = True
     cold_dropout: float = 0.0
     user_tower: str = "recency"
+    profile_template: str = ""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -100,7 +104,8 @@ class TrainConfig:
     ``examples``: ``sequence`` (next item from the items before it, the warm protocol's task) or
     ``set`` (an item from a random subset of the user's other items, of random size, resampled
     every epoch: the cold protocols' task, where the items to find lie anywhere in the user's
-    timeline); see :mod:`fedrec.shared.model.examples`. ``holdout`` (protocols B and C only,
+    timeline); see :mod:`fedrec.shared.model.examples`. ``set_max_context``: the largest context
+    a ``set`` example draws (0 = ``history_len``). ``holdout`` (protocols B and C only,
     which have no validation queries): the fraction of trained items (B) or users (C) held out
     of training as pseudo-cold ones, to choose the best epoch on (see
     :func:`fedrec.shared.splitting.holdout_split`); 0 = train on everything, keep the last epoch.
@@ -114,11 +119,13 @@ class TrainConfig:
     patience: int = 2
     max_steps: int = 0  # 0 = no cap; a cap is for smoke runs
     examples: str = "sequence"
+    set_max_context: int = 0
     holdout: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
         _check(self.examples in EXAMPLES, "examples", self.examples, " or ".join(EXAMPLES))
+        _check(self.set_max_context >= 0, "set_max_context", self.set_max_context, ">= 0")
         _check(0 <= self.holdout < 1, "holdout", self.holdout, "0 <= fraction < 1")
         _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         _check(1 <= self.batch_size <= 65536, "batch_size", self.batch_size, "1..65536")

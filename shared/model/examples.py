@@ -65,10 +65,14 @@ def sequence_examples(
 
 
 def set_examples(
-    histories: Sequence[np.ndarray], history_len: int, rng: np.random.Generator
+    histories: Sequence[np.ndarray],
+    history_len: int,
+    rng: np.random.Generator,
+    max_context: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per user index u and position p: target = [u][p], context = a random subset of the other
-    positions of u, of uniform random size in ``0..min(history_len, len - 1)``, in time order.
+    positions of u, of uniform random size in ``0..min(m, len - 1)``, in time order, where
+    ``m = max_context or history_len`` (a small ``m`` trains for users who gave a few items).
 
     Returns ``users`` (n,), ``targets`` (n,), ``context`` (n, L) right-aligned with -1 padding.
     """
@@ -78,7 +82,7 @@ def set_examples(
         n = seq.shape[0]
         for p in range(n):
             others = np.delete(np.arange(n), p)
-            size = int(rng.integers(0, min(history_len, n - 1) + 1))
+            size = int(rng.integers(0, min(max_context or history_len, history_len, n - 1) + 1))
             pick = np.sort(rng.choice(others, size=size, replace=False)) if size else others[:0]
             users.append(u)
             targets.append(int(seq[p]))

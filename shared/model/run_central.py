@@ -6,6 +6,7 @@ RUN/ gets ``config.json`` (resolved), ``metrics.json`` (fedrec and baselines, sa
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 
 from fedrec.shared.baselines import BASELINES, run_baselines
-from fedrec.shared.data.dataset import Dataset
+from fedrec.shared.data.dataset import Dataset, render
 from fedrec.shared.evaluation import evaluate
 from fedrec.shared.model.artifacts import save_model
 from fedrec.shared.model.central import ModelScorer, build_model, train_central
@@ -52,6 +53,30 @@ def item_titles(ds: Dataset) -> list[str]:
     return out
 
 
+def with_profile_template(ds: Dataset, template: str) -> Dataset:
+    """``ds`` whose profile texts use ``template`` (its own when ``template`` is empty).
+
+    The profile text is what the user tower reads for every user, trained or cold, so training,
+    validation and test queries all get the same rendering. ML-100K's own template ends in the
+    zip code, which makes almost every profile unique: a model can then learn the training users'
+    profiles by heart, and nothing of that carries over to a new user.
+    """
+    if not template:
+        return ds
+    if not ds.user_fields:
+        raise ValueError(f"model.profile_template is set but data set {ds.name!r} has no profiles")
+    known = sorted(next(iter(ds.user_fields.values())))
+    try:
+        for fields in ds.user_fields.values():
+            render(template, fields)
+    except (KeyError, IndexError, ValueError) as err:
+        raise ValueError(
+            f"model.profile_template {template!r} cannot be filled ({err!r}); the data set's "
+            f"profile fields are {known}, written as {{field}}"
+        ) from None
+    return dataclasses.replace(ds, user_text_template=template)
+
+
 def run_train_central(
     ds: Dataset,
     protocol: str,
@@ -71,6 +96,7 @@ def run_train_central(
     names: Sequence[str] = (
         (QUICK_BASELINES if quick else BASELINES) if baselines is None else baselines
     )
+    ds = with_profile_template(ds, model_cfg.profile_template)
     split = make_split(ds, protocol)
     profiles = [ds.user_text(int(u)) for u in split.user_ids]
     fit = split
