@@ -148,6 +148,13 @@ def test_example_loss_is_per_example_and_masks_context(ds, tiny_backbone):
         keep[[3, 4]] = False
         ref = -(logits[7] - torch.logsumexp(logits[keep], 0))
         assert torch.allclose(per[0], ref, atol=1e-5)
+        # the user's other items (positives) leave the softmax too; the target stays
+        pos = torch.zeros(2, len(model.item_texts), dtype=torch.bool)
+        pos[0, [5, 6, 7]] = True
+        masked = example_loss(model, items, ctx, targets, None, reduction="none", positives=pos)
+        keep[[5, 6]] = False
+        assert torch.allclose(masked[0], -(logits[7] - torch.logsumexp(logits[keep], 0)), atol=1e-5)
+        assert torch.allclose(masked[1], per[1])
         # one example's loss does not depend on the other examples in the batch
         alone = example_loss(model, items, ctx[1:], targets[1:], None, reduction="none")
         assert torch.allclose(per[1], alone[0], atol=1e-6)

@@ -37,11 +37,13 @@ def example_loss(
     reduction: str = "mean",
     text: torch.Tensor | None = None,
     as_cold: torch.Tensor | None = None,
+    positives: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Full-catalog softmax cross-entropy; ``context`` (batch, L) is masked out of the softmax.
 
     With ``as_cold`` (n_items,) bool and the items' ``text`` embeddings, the flagged items are
-    scored as cold items are (text only, no bias) on the candidate side.
+    scored as cold items are (text only, no bias) on the candidate side. ``positives`` (batch,
+    n_items) bool: more items to mask out (the user's other items, which are not negatives).
     """
     users = model.user_embeddings(items, context, profiles)  # (batch, dim)
     if as_cold is not None and text is not None:
@@ -53,6 +55,8 @@ def example_loss(
     rows = torch.arange(context.shape[0]).unsqueeze(1).expand_as(context)
     valid = context >= 0
     known[rows[valid], context[valid]] = True
+    if positives is not None:
+        known |= positives
     known[torch.arange(targets.shape[0]), targets] = False  # a repeated item stays a target
     return F.cross_entropy(logits.masked_fill(known, -torch.inf), targets, reduction=reduction)
 
@@ -133,6 +137,11 @@ def train_central(
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     histories = split.train_histories()
+    positives = None
+    if cfg.mask_positives:  # (n_users, n_items): each user's training items
+        positives = torch.zeros(split.n_users, len(model.item_texts), dtype=torch.bool)
+        for u, h in enumerate(histories):
+            positives[u, torch.as_tensor(h, dtype=torch.long)] = True
     users, targets, context = sequence_examples(histories, model.cfg.history_len)
     bank = ProfileBank(model)
     bank.add(user_profiles)
@@ -175,6 +184,7 @@ def train_central(
                 prof[users[idx]] if model.cfg.use_profile else None,
                 text=text,
                 as_cold=as_cold,
+                positives=None if positives is None else positives[users[idx]],
             )
             opt.zero_grad(set_to_none=True)
             loss.backward()

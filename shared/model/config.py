@@ -105,7 +105,9 @@ class TrainConfig:
     ``set`` (an item from a random subset of the user's other items, of random size, resampled
     every epoch: the cold protocols' task, where the items to find lie anywhere in the user's
     timeline); see :mod:`fedrec.shared.model.examples`. ``set_max_context``: the largest context
-    a ``set`` example draws (0 = ``history_len``). ``holdout`` (protocols B and C only,
+    a ``set`` example draws (0 = ``history_len``). ``mask_positives``: leave all of the user's
+    training items out of each example's softmax, not only its context (they are not
+    negatives; set-style prediction). ``holdout`` (protocols B and C only,
     which have no validation queries): the fraction of trained items (B) or users (C) held out
     of training as pseudo-cold ones, to choose the best epoch on (see
     :func:`fedrec.shared.splitting.holdout_split`); 0 = train on everything, keep the last epoch.
@@ -120,6 +122,7 @@ class TrainConfig:
     max_steps: int = 0  # 0 = no cap; a cap is for smoke runs
     examples: str = "sequence"
     set_max_context: int = 0
+    mask_positives: bool = False
     holdout: float = 0.0
     seed: int = 0
 
