@@ -251,6 +251,9 @@ def holdout_split(
     u, i = split.train_user, split.train_item
     bounds = _user_bounds(u, split.n_users)
     users, hist, rel, excl = [], [], [], []
+    candidates: np.ndarray | None
+    cold_items: np.ndarray | None
+    cold_users: np.ndarray | None
     if split.protocol == "B":
         pseudo = cold_ids(np.unique(i), fraction, seed)
         held = np.isin(i, pseudo)

@@ -125,7 +125,7 @@ def diagnose_users(model: RecModel, split: Split, profiles: list[str | None]) ->
         def score(self, users, history, profiles, warm):  # noqa: ANN001, ANN202, ARG002
             return np.tile(pop, (len(users), 1))
 
-    out = {
+    out: dict[str, object] = {
         "gate": round(float(model.profile_gate), 4),
         "scale": round(float(model.log_scale.exp()), 2),
     }
