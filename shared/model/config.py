@@ -62,8 +62,8 @@ class ModelConfig:
     ``user_tower``: how history and profile combine (see :mod:`fedrec.shared.model.towers`):
     ``recency`` renormalizes the weights over the items present and the sum to unit length;
     ``additive`` keeps the weights over all ``history_len`` slots and does not renormalize, so a
-    short or empty history gives a short user vector and the learned item bias (popularity)
-    carries more of the ranking (cold users). ``profile_template``: how a user's profile fields
+    short or empty history gives a short user vector, and the weight a profile or a few items
+    get is the one training found (cold users). ``profile_template``: how a user's profile fields
     become the profile text the model reads, e.g. ``"A {age}-year-old {gender} {occupation}."``
     ("" = the data set's own template), see
     :func:`fedrec.shared.model.run_central.with_profile_template`.

@@ -15,9 +15,11 @@ User tower
     since with a history the profile is a slight tilt) is undone, and the profile alone decides
     the ranking of a new user. The ``additive`` tower, for cold users, is
     ``u = sum_j w_j e_{h_j} + g * normalize(p)`` with ``w`` the softmax over all ``history_len``
-    slots (an empty slot keeps its share, as zero) and no normalization: a new user's vector is
-    short, so the item bias (the model's popularity) carries the ranking, the profile tilting
-    it by as much as training found useful, and each item given moves it further.
+    slots (an empty slot keeps its share, as zero) and no normalization: how much a profile, or
+    each item given, counts is what training found, not reset by a normalization. What carries
+    a new user's ranking is then learned: in the trained protocol C models it is the profile
+    term (every profile text shares a common direction in the frozen encoder's space, and
+    training lines popular items up with it), while the item bias stays small (std 0.02).
     A free-text query is encoded by the adapted item tower, as if it were an item description.
 Score
     ``s(u, i) = scale * <u, e_i> + b_i``, ``b_i`` an optional learned item bias (0 for items
