@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from fedrec.client.runtime import resolve_data_dir
+from fedrec.shared.baselines.popularity import Popularity
 from fedrec.shared.data import load_dataset
 from fedrec.shared.evaluation import evaluate
 from fedrec.shared.model.artifacts import load_model
@@ -119,12 +120,6 @@ def diagnose_users(model: RecModel, split: Split, profiles: list[str | None]) ->
         warm=np.zeros(users.size, dtype=bool),
         profiles=[profiles[u] for u in users],
     )
-    pop = np.bincount(split.train_item, minlength=split.n_items).astype(float)
-
-    class _Popularity:
-        def score(self, users, history, profiles, warm):  # noqa: ANN001, ANN202, ARG002
-            return np.tile(pop, (len(users), 1))
-
     out: dict[str, object] = {
         "gate": round(float(model.profile_gate), 4),
         "scale": round(float(model.log_scale.exp()), 2),
@@ -133,7 +128,7 @@ def diagnose_users(model: RecModel, split: Split, profiles: list[str | None]) ->
     with torch.no_grad():
         model.profile_gate.zero_()
     out["item_bias_alone"] = _round(evaluate(_Scorer(model, items, items), es, ks=(10,)))
-    out["popularity"] = _round(evaluate(_Popularity(), es, ks=(10,)))
+    out["popularity"] = _round(evaluate(Popularity(split), es, ks=(10,)))
     return out
 
 
