@@ -104,6 +104,38 @@ def cold_ids(ids: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
     return perm[: int(fraction * ids.shape[0])]
 
 
+def _cold_item_queries(
+    items: np.ndarray, held: np.ndarray, bounds: np.ndarray
+) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
+    """Protocol B's queries: each user with a ``held`` interaction ranks from its other items;
+    relevant = its held items. ``items``/``held`` per-user time order, ``bounds`` per user."""
+    users, hist, rel = [], [], []
+    for x in range(bounds.shape[0] - 1):
+        seq, c = items[bounds[x] : bounds[x + 1]], held[bounds[x] : bounds[x + 1]]
+        if c.any():
+            users.append(x)
+            hist.append(seq[~c])
+            rel.append(np.unique(seq[c]))
+    return users, hist, rel
+
+
+def _cold_user_queries(
+    items: np.ndarray, bounds: np.ndarray, cold: np.ndarray, k: int
+) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
+    """Protocol C's queries: each ``cold`` user is given its first ``k`` items; relevant = the
+    rest (those with nothing left are skipped)."""
+    users, hist, rel = [], [], []
+    for x in cold:
+        seq = items[bounds[x] : bounds[x + 1]]
+        given = seq[:k]
+        relevant = np.setdiff1d(seq[k:], given)
+        if relevant.size:
+            users.append(int(x))
+            hist.append(given)
+            rel.append(relevant)
+    return users, hist, rel
+
+
 def _profiles(ds: Dataset, users: np.ndarray, user_ids: np.ndarray) -> list[str | None]:
     return [ds.user_text(int(user_ids[u])) for u in users]
 
@@ -155,14 +187,7 @@ def protocol_b(ds: Dataset, seed: int = 0) -> Split:
     cold = np.searchsorted(ds.item_ids, cold_ids(ds.item_ids, COLD_ITEM_FRACTION, seed))
     is_cold = np.isin(i, cold)
     bounds = _user_bounds(u, user_ids.shape[0])
-    users, hist, rel = [], [], []
-    for x in range(user_ids.shape[0]):
-        lo, hi = bounds[x], bounds[x + 1]
-        c = is_cold[lo:hi]
-        if c.any():
-            users.append(x)
-            hist.append(i[lo:hi][~c])
-            rel.append(np.unique(i[lo:hi][c]))
+    users, hist, rel = _cold_item_queries(i, is_cold, bounds)
     users_arr = np.array(users, dtype=np.int64)
     test = EvalSet(
         name="cold_items",
@@ -196,15 +221,7 @@ def protocol_c(ds: Dataset, seed: int = 0, ks: tuple[int, ...] = COLD_USER_KS) -
     bounds = _user_bounds(u, user_ids.shape[0])
     tests = {}
     for k in ks:
-        users, hist, rel = [], [], []
-        for x in cold:
-            seq = i[bounds[x] : bounds[x + 1]]
-            given = seq[:k]
-            relevant = np.setdiff1d(seq[k:], given)
-            if relevant.size:
-                users.append(x)
-                hist.append(given)
-                rel.append(relevant)
+        users, hist, rel = _cold_user_queries(i, bounds, cold, k)
         users_arr = np.array(users, dtype=np.int64)
         tests[f"k={k}"] = EvalSet(
             name=f"cold_users_k{k}",
@@ -250,36 +267,30 @@ def holdout_split(
         raise ValueError(f"holdout fraction {fraction!r} must be in (0, 1)")
     u, i = split.train_user, split.train_item
     bounds = _user_bounds(u, split.n_users)
-    users, hist, rel, excl = [], [], [], []
+    users: list[int] = []
+    hist: list[np.ndarray] = []
+    rel: list[np.ndarray] = []
     candidates: np.ndarray | None
     cold_items: np.ndarray | None
     cold_users: np.ndarray | None
     if split.protocol == "B":
         pseudo = cold_ids(np.unique(i), fraction, seed)
         held = np.isin(i, pseudo)
-        for x in range(split.n_users):
-            seq, c = i[bounds[x] : bounds[x + 1]], held[bounds[x] : bounds[x + 1]]
-            if c.any():
-                users.append(x)
-                hist.append(seq[~c])
-                rel.append(np.unique(seq[c]))
-                excl.append(np.empty(0, dtype=np.int64))
+        users, hist, rel = _cold_item_queries(i, held, bounds)
+        excl = [np.empty(0, dtype=np.int64)] * len(users)
         prior = split.cold_items if split.cold_items is not None else np.empty(0, np.int64)
         cold_items, cold_users, candidates = np.union1d(prior, pseudo), split.cold_users, pseudo
         warm = True
     else:
         pseudo = cold_ids(np.unique(u), fraction, seed)
         held = np.isin(u, pseudo)
-        for x in np.sort(pseudo):
-            seq = i[bounds[x] : bounds[x + 1]]
+        for x in np.sort(pseudo):  # the k = 0 and k = 3 queries of one user side by side
             for k in COLD_USER_KS:
-                given = seq[:k]
-                relevant = np.setdiff1d(seq[k:], given)
-                if relevant.size:
-                    users.append(int(x))
-                    hist.append(given)
-                    rel.append(relevant)
-                    excl.append(given)
+                qu, qh, qr = _cold_user_queries(i, bounds, np.array([x]), k)
+                users += qu
+                hist += qh
+                rel += qr
+        excl = hist
         prior = split.cold_users if split.cold_users is not None else np.empty(0, np.int64)
         cold_items, cold_users, candidates = split.cold_items, np.union1d(prior, pseudo), None
         warm = False
