@@ -267,13 +267,21 @@ def train_round(
         *([data.profile] if data.profile is not None else []),
     )
     loader = DPDataLoader(dataset, sample_rate=q, generator=secret)  # Poisson sampling
-    params = [p for p in scorer.parameters() if p.requires_grad]
+    id_emb = scorer.id_emb
+    if cfg.dp and id_emb is not None:
+        raise ValueError(
+            "local DP-SGD cannot train the per-item ID table (id-residual=true): set dp=false"
+        )
+    params = [p for p in scorer.parameters() if p.requires_grad and p is not id_emb]
+    groups: list[dict[str, Any]] = [{"params": params}]
+    if id_emb is not None:
+        groups.append({"params": [id_emb], "lr": cfg.lr_id or cfg.lr})
     # Adam's moments start fresh each round: they are computed from privatized gradients only
     # (post-processing), and nothing but the adapter travels.
     base_opt: torch.optim.Optimizer = (
-        torch.optim.Adam(params, lr=cfg.lr)
+        torch.optim.Adam(groups, lr=cfg.lr)
         if cfg.local_opt == "adam"
-        else torch.optim.SGD(params, lr=cfg.lr)
+        else torch.optim.SGD(groups, lr=cfg.lr)
     )
     module: torch.nn.Module = scorer
     accountant = None
@@ -343,7 +351,7 @@ def _step(
     profile = batch[2] if len(batch) > 2 else None
     opt.zero_grad(set_to_none=True)
     if targets.shape[0] == 0:
-        for p in opt.param_groups[0]["params"]:
+        for p in (p for g in opt.param_groups for p in g["params"]):
             p.grad_sample = torch.zeros((0, *p.shape))  # nothing sampled: noise only
             p.grad = torch.zeros_like(p) if not isinstance(opt, DPOptimizer) else None
         opt.step()

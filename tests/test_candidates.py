@@ -147,3 +147,45 @@ def test_catalog_tower_recomputes_when_the_forward_is_not_saved(
     )
     for gt, gp in zip(grads_t, grads_p, strict=True):
         assert torch.allclose(gt, gp, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tower", [True, False])
+def test_id_table_scores_and_gradients_equal_recmodel(ds, tiny_backbone, tower):  # noqa: F811
+    """With an ID table (federated training without DP): the scorer's logits, with some
+    candidates flagged cold, and its gradients for the table and B equal RecModel's."""
+    model = make_model(ds, tiny_backbone, id_residual=True, ffa=True)
+    perturb_lora(model, seed=3)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        model.id_emb.normal_(generator=g)
+        model.item_bias.normal_(generator=g)
+        model.warm[:5] = False  # cold items: text only, no residual, no bias
+    context, cands, prof = _batch(model, seed=6)
+    cands[1, 2] = 0  # a cold item among the candidates
+    as_cold = torch.zeros_like(cands, dtype=torch.bool)
+    as_cold[0, 1:4] = True  # dropout-flagged candidates: text only for them
+    scorer = CandidateScorer(model, tower=tower)
+    assert scorer.id_emb is model.id_emb
+    got = scorer(context, cands, prof, as_cold)
+    loss = candidate_loss(got, context, cands)
+    grads = torch.autograd.grad(loss, [model.id_emb, model.lora_layer().lora_B["default"].weight])
+
+    text = model.text_embeddings()
+    items = model.item_embeddings(text)
+    users = model.user_embeddings(items, context, prof)
+    rows = []
+    for b in range(cands.shape[0]):
+        flags = torch.zeros(len(model.item_texts), dtype=torch.bool)
+        flags[cands[b][as_cold[b]]] = True
+        cand = model.candidate_embeddings(text, items, flags)
+        rows.append(model.scores(users[b : b + 1], cand, flags)[0, cands[b]])
+    want = torch.stack(rows)
+    assert torch.allclose(got, want, atol=1e-4)
+    want_grads = torch.autograd.grad(
+        candidate_loss(want, context, cands),
+        [model.id_emb, model.lora_layer().lora_B["default"].weight],
+    )
+    for a, b in zip(grads, want_grads, strict=True):
+        assert a.abs().max() > 0
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+    assert grads[0][:5].abs().max() == 0  # cold rows get no gradient

@@ -219,3 +219,40 @@ def test_dp_round_on_sliding_windows_reports_group_epsilon(ds, tiny_backbone):  
     from fedrec.client.local_train import calibrated_noise
 
     assert r.noise_multiplier > calibrated_noise(disjoint)  # more noise for the same budget
+
+
+def test_id_table_trains_without_dp_only_at_its_own_rate(ds, tiny_backbone):  # noqa: F811
+    """id-residual=true: refused with local or user-level DP (config and round); without DP one
+    full-batch SGD step moves the table by exactly lr-id times its gradient (twice lr-id, twice
+    the change) while B moves at lr."""
+    with pytest.raises(ValueError, match="id-residual=true needs dp=false"):
+        _cfg(id_residual=True)
+    with pytest.raises(ValueError, match="id-residual=true needs dp=false"):
+        _cfg(id_residual=True, dp=False, epsilon=FedConfig.epsilon, user_dp=True)
+    with pytest.warns(UserWarning, match="'lr-id' is ignored"):
+        _cfg(dp=False, epsilon=FedConfig.epsilon, lr_id=3.0)
+    model = make_model(ds, tiny_backbone, id_residual=True, ffa=True)
+    with pytest.raises(ValueError, match="cannot train the per-item ID table"):
+        train_round(CandidateScorer(model), _data(ds), _cfg(), MemoryStore(), seed=0)
+
+    def one_step(lr_id):
+        m = make_model(ds, tiny_backbone, id_residual=True, ffa=True)
+        with torch.no_grad():
+            m.id_emb.normal_(generator=torch.Generator().manual_seed(1))
+        before = m.id_emb.detach().clone(), m.lora_layer().lora_B["default"].weight.detach().clone()
+        cfg = _cfg(
+            backbone=str(tiny_backbone), dp=False, epsilon=FedConfig.epsilon, id_residual=True,
+            lr_id=lr_id, sample_rate=1.0, local_steps=1,
+        )  # fmt: skip
+        r = train_round(CandidateScorer(m), _data(ds), cfg, MemoryStore(), seed=0)
+        assert r.trained and r.epsilon == 0.0
+        after = m.id_emb.detach(), m.lora_layer().lora_B["default"].weight.detach()
+        return after[0] - before[0], after[1] - before[1]
+
+    d_id, d_b = one_step(2.0)
+    d_id2, d_b2 = one_step(4.0)
+    assert d_id.abs().max() > 0 and d_b.abs().max() > 0
+    assert torch.allclose(d_id2, 2 * d_id, atol=1e-6)
+    assert torch.allclose(d_b2, d_b, atol=1e-6)
+    d_same, _ = one_step(0.0)  # 0: the table follows lr (0.5)
+    assert torch.allclose(d_same, d_id / 4, atol=1e-6)

@@ -177,6 +177,13 @@ class LoRAItemTower(nn.Module):
         pooled = pooled / self.counts[u].unsqueeze(1)
         return x, a, z, mu.detach(), rstd.detach(), pooled, F.normalize(pooled, dim=-1)
 
+    def pooled(self, items: torch.Tensor) -> torch.Tensor:
+        """``(batch, k, dim)`` mean-pooled adapted embeddings before normalization, by plain
+        autograd (no per-example gradients: for training without DP, e.g. with an ID table)."""
+        u, inv = torch.unique(items, return_inverse=True)
+        tok, row, _ = self.tokens(u)
+        return self.embed(u, tok, row)[5][inv]
+
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         # only the batch's distinct items: a small batch touches a small part of the catalog
         u, inv = torch.unique(items, return_inverse=True)
@@ -267,11 +274,6 @@ class CandidateScorer(nn.Module):
 
     def __init__(self, model: RecModel, *, tower: bool = True) -> None:
         super().__init__()
-        if model.id_emb is not None:
-            raise ValueError(
-                "DP training does not support model.id_residual=true: a per-item vector table "
-                "is too large to send each round and to noise; set model.id_residual=false"
-            )
         if model.additive:
             raise ValueError(
                 "DP training implements the recency user tower only; "
@@ -299,6 +301,9 @@ class CandidateScorer(nn.Module):
             self.lora_B: nn.Linear = lora.lora_B["default"]
             self.norm = norm
         self.bias = Gather(model.item_bias) if model.item_bias is not None else None
+        # the per-item ID table (no-DP training only: Opacus has no per-example sampler for it,
+        # and a GradSampleModule around this scorer refuses it, see client.local_train)
+        self.id_emb: nn.Parameter | None = model.id_emb
         self.recency = Gather(model.pos_logits)
         self.scale = Broadcast(model.log_scale)
         self.gate = Broadcast(model.profile_gate)
@@ -335,16 +340,29 @@ class CandidateScorer(nn.Module):
         self.register_buffer("warm", model.warm.clone(), persistent=False)
         self.n_items = cache.n_items
 
-    def item_vectors(self, items: torch.Tensor) -> torch.Tensor:
-        """``items`` (batch, k) indices >= 0 -> (batch, k, dim) adapted unit text embeddings."""
-        if self.tower is not None:
+    def item_vectors(
+        self, items: torch.Tensor, text_only: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``items`` (batch, k) indices >= 0 -> (batch, k, dim) adapted unit item vectors.
+
+        Text only, or with an ID table ``normalize(text + id_emb)`` for warm items not flagged
+        ``text_only`` (batch, k) (as :meth:`RecModel.item_embeddings` and
+        :meth:`RecModel.candidate_embeddings`)."""
+        if self.id_emb is None and self.tower is not None:
             return self.tower(items)
+        pooled = self.tower.pooled(items) if self.tower is not None else self._pooled(items)
+        if self.id_emb is not None:
+            keep = self.warm[items] if text_only is None else self.warm[items] & ~text_only
+            pooled = pooled + self.id_emb[items] * keep.unsqueeze(-1)
+        return F.normalize(pooled, dim=-1)
+
+    def _pooled(self, items: torch.Tensor) -> torch.Tensor:
+        """The token path's mean-pooled adapted text embeddings (batch, k, dim), not normalized."""
         x = self.tok_x[items]  # (batch, k, T, r | inter)
         low = x if self.ffa else self.lora_A(x)  # (batch, k, T, r)
         h = self.norm(self.tok_base[items] + self.scaling * self.lora_B(low))  # (batch, k, T, dim)
         m = self.tok_mask[items].unsqueeze(-1).to(h.dtype)  # (batch, k, T, 1)
-        pooled = (h * m).sum(2) / m.sum(2)  # (batch, k, dim)
-        return F.normalize(pooled, dim=-1)
+        return (h * m).sum(2) / m.sum(2)
 
     def forward(
         self,
@@ -356,7 +374,10 @@ class CandidateScorer(nn.Module):
         b, n_ctx = context.shape
         valid = context >= 0  # (batch, L)
         both = torch.cat([context.clamp(min=0), candidates], dim=1)  # (batch, L + M)
-        vecs = self.item_vectors(both)
+        text_only = None
+        if self.id_emb is not None and as_cold is not None:
+            text_only = torch.cat([torch.zeros_like(context, dtype=torch.bool), as_cold], dim=1)
+        vecs = self.item_vectors(both, text_only)
         ctx_vecs, cand_vecs = vecs[:, :n_ctx], vecs[:, n_ctx:]
         pos = torch.arange(self.history_len - n_ctx, self.history_len).expand(b, -1)
         logits_w = self.recency(pos).masked_fill(~valid, -torch.inf)  # (batch, L)

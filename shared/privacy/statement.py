@@ -15,10 +15,17 @@ def statement(cfg: FedConfig, p: dict[str, Any]) -> str:
     """The run's privacy statement (``RUN/privacy/statement.md``); ``fedrec audit`` checks it."""
     user = p.get("user_level") or {}
     if not cfg.dp and not cfg.user_dp:
+        table = ""
+        if cfg.id_residual:
+            table = (
+                " With `id-residual=true` the update includes the per-item ID table: its rows "
+                "that changed most show which items a client trained on, i.e. its users' "
+                "interactions, in the clear."
+            )
         return (
             "# Privacy statement\n\nDifferential privacy was OFF for this run: client updates are "
-            "the plain result of local SGD and carry no formal guarantee. Only adapter tensors "
-            "and whitelisted metrics left the clients.\n"
+            "the plain result of local SGD and carry no formal guarantee. Only adapter tensors, "
+            f"the model head and whitelisted metrics left the clients.{table}\n"
         )
     parts = ["# Privacy statement", ""]
     if cfg.dp:
