@@ -80,6 +80,9 @@ def _fed_desc(cfg: dict[str, Any]) -> str:
             group = FedConfig(**f).dp_group()
         if group > 1:
             desc += f", epsilon for groups of {group}"
+    if f.get("id_residual"):
+        lr_id = f.get("lr_id") or f.get("lr")
+        desc += f", per-item ID table (lr {lr_id:g})"
     return desc
 
 
