@@ -275,7 +275,7 @@ def train_round(
     params = [p for p in scorer.parameters() if p.requires_grad and p is not id_emb]
     groups: list[dict[str, Any]] = [{"params": params}]
     if id_emb is not None:
-        groups.append({"params": [id_emb], "lr": cfg.lr_id or cfg.lr})
+        groups.append({"params": [id_emb], "lr": cfg.id_lr()})
     # Adam's moments start fresh each round: they are computed from privatized gradients only
     # (post-processing), and nothing but the adapter travels.
     base_opt: torch.optim.Optimizer = (

@@ -73,16 +73,15 @@ def _fed_desc(cfg: dict[str, Any]) -> str:
     f = cfg.get("federation", {})
     part = "1 user/client" if f.get("partition") == "user" else f"{f.get('silos')} silos"
     desc = f"{f.get('aggregator')}, {part}, {f.get('num_rounds')} rounds"
-    if f.get("examples") == "sequence":
-        desc += f", sliding windows of {f.get('history_len')}"
-        with warnings.catch_warnings():  # the run's own config: its warnings were given then
-            warnings.simplefilter("ignore")
-            group = FedConfig(**f).dp_group()
-        if group > 1:
-            desc += f", epsilon for groups of {group}"
-    if f.get("id_residual"):
-        lr_id = f.get("lr_id") or f.get("lr")
-        desc += f", per-item ID table (lr {lr_id:g})"
+    with warnings.catch_warnings():  # the run's own config: its warnings were given then
+        warnings.simplefilter("ignore")
+        fc = FedConfig(**f)
+    if fc.examples == "sequence":
+        desc += f", sliding windows of {fc.history_len}"
+        if fc.dp_group() > 1:
+            desc += f", epsilon for groups of {fc.dp_group()}"
+    if fc.id_residual:
+        desc += f", per-item ID table (lr {fc.id_lr():g})"
     return desc
 
 

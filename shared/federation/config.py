@@ -218,6 +218,10 @@ class FedConfig:
             seed=self.seed,
         )
 
+    def id_lr(self) -> float:
+        """The per-item ID table's SGD learning rate: ``lr-id``, or ``lr`` when it is 0."""
+        return self.lr_id or self.lr
+
     def dp_group(self) -> int:
         """How many training examples one interaction can change (add/remove distance), the
         group size of the local DP-SGD guarantee. Disjoint examples: 1. Sliding windows: the
