@@ -414,13 +414,6 @@ def suite_cmd(
 @app.command("audit")
 def audit_cmd(
     run: Annotated[Path, typer.Argument(help="A federated run directory.")],
-    accountant: Annotated[
-        str | None,
-        typer.Option(
-            help="Accountant for the statement and budget view: rdp or prv "
-            "(default: the run's). Both are always recomputed."
-        ),  # fmt: skip
-    ] = None,
     tolerance: Annotated[
         float, typer.Option(help="Relative tolerance between reported and recomputed epsilon.")
     ] = 0.01,
@@ -448,8 +441,9 @@ def audit_cmd(
     ] = None,
 ) -> None:
     """Verify a run's privacy ledger: recompute every client's epsilon from the raw mechanism
-    parameters (Opacus RDP and PRV), check budgets, gaps and duplicates, print the privacy
-    statement and write RUN/privacy/epsilon.png. Exit code 1 if anything is inconsistent.
+    parameters under the mechanism config.json gives (the run's accountant, and a second,
+    independent one), check budgets, gaps and duplicates, print the privacy statement and write
+    RUN/privacy/epsilon.png. Exit code 1 if anything is inconsistent.
 
     With --empirical: train RUN's configuration again with canaries (each included with
     probability 1/2), run a membership-inference attack on the global model and report the
@@ -463,7 +457,7 @@ def audit_cmd(
         _empirical(run, canaries, seed, set_ or [], as_json, rescore)
         return
     try:
-        report, text = audit_run(run, accountant=accountant, tolerance=tolerance)
+        report, text = audit_run(run, tolerance=tolerance)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e), 2)
     if as_json:

@@ -22,7 +22,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedrec.client.local_train import FileStore, MemoryStore, train_round
+from fedrec.client.local_train import Budget, FileStore, MemoryStore, train_round
 from fedrec.client.runtime import ClientState, client_state
 from fedrec.shared.evaluation import per_query_metrics
 from fedrec.shared.federation.config import FedConfig, parse_run_config
@@ -65,18 +65,21 @@ class ContextStore:
     def __init__(self, context: Context, file: Path | None) -> None:
         self.context, self.file = context, FileStore(file) if file else None
 
-    def load(self) -> list[tuple[float, float, int]]:
+    def load(self) -> Budget:
         rec = self.context.state.get("privacy")
-        mem = json.loads(str(rec["history"])) if isinstance(rec, ConfigRecord) else []
-        disk = self.file.load() if self.file else []
-        steps = lambda h: sum(int(r[2]) for r in h)  # noqa: E731
-        best = mem if steps(mem) >= steps(disk) else disk  # the longer history wins
-        return [(float(s), float(q), int(n)) for s, q, n in best]
+        mem = (
+            Budget.from_json(json.loads(str(rec["budget"])), "in Context.state")
+            if isinstance(rec, ConfigRecord)
+            else Budget()
+        )
+        disk = self.file.load() if self.file else Budget()
+        steps = lambda b: sum(int(r[2]) for r in b.history)  # noqa: E731
+        return mem if steps(mem) >= steps(disk) else disk  # the longer history wins
 
-    def save(self, history: list[tuple[float, float, int]]) -> None:
-        self.context.state["privacy"] = ConfigRecord({"history": json.dumps(history)})
+    def save(self, budget: Budget) -> None:
+        self.context.state["privacy"] = ConfigRecord({"budget": json.dumps(budget.to_json())})
         if self.file:
-            self.file.save(history)
+            self.file.save(budget)
 
 
 def device_state_dir(node: Any) -> Path | None:
@@ -150,19 +153,33 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(extra.get("server-round", 0))
     seed = cfg.seed * 1_000_003 + server_round * 7919 + hash(client.name) % 7919
     store = budget_store(context, client.name, extra)
-    res = train_round(client.scorer, client.examples, cfg, store, seed=seed)
+    cap = context.node_config.get("epsilon-max")  # the device owner's own cap, if set
+    res = train_round(
+        client.scorer,
+        client.examples,
+        cfg,
+        store,
+        seed=seed,
+        device_cap=float(cap) if cap is not None else None,
+    )
+    # Under DP (local or user-level) nothing computed from the data leaves without noise: the
+    # example count, the training loss and the round's duration are sent as constants (the
+    # keys stay: the reply format does not depend on the setting).
+    private = cfg.dp or cfg.user_dp
     metrics = MetricRecord(
         {
-            "num-examples": res.examples,
+            "num-examples": 1 if private else res.examples,
             "trained": int(res.trained),
             # 0 when no step saw data (every Poisson batch empty): keeps the reply valid
-            "loss": float(res.loss) if res.trained and res.loss == res.loss else 0.0,
+            "loss": float(res.loss)
+            if res.trained and res.loss == res.loss and not private
+            else 0.0,
             "epsilon": float(res.epsilon),
             "steps": res.steps,
             "total-steps": res.total_steps,
             "noise-multiplier": float(res.noise_multiplier),
             "sample-rate": float(res.sample_rate),
-            "seconds": time.perf_counter() - t0,
+            "seconds": 0.0 if private else time.perf_counter() - t0,
         }
     )
     content = RecordDict(

@@ -46,13 +46,14 @@ that user when ``use-profile`` is on).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import secrets
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -60,13 +61,13 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants import RDPAccountant
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import TensorDataset
 
 from fedrec.shared.federation.config import FedConfig
-from fedrec.shared.model.candidates import CandidateScorer, candidate_loss, sample_candidates
+from fedrec.shared.model.candidates import CandidateScorer, candidate_loss, keyed_candidates
 from fedrec.shared.model.examples import disjoint_examples, sequence_examples
 from fedrec.shared.privacy.accounting import Run, epsilon_spent, noise_for_budget
 
@@ -78,6 +79,7 @@ class ClientExamples:
     targets: np.ndarray
     context: np.ndarray
     profile: torch.Tensor | None = None
+    users: int = 1  # how many users' data the client holds (public: it sets the divisor)
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
@@ -109,29 +111,74 @@ def build_examples(
     prof = torch.stack(profs) if profiles is not None and profs else None
     if not targets:
         return ClientExamples(np.zeros(0, np.int64), np.zeros((0, history_len), np.int64))
-    return ClientExamples(np.concatenate(targets), np.concatenate(contexts), prof)
+    return ClientExamples(np.concatenate(targets), np.concatenate(contexts), prof, len(users))
 
 
 # --- the persistent privacy state --------------------------------------------------------------
+@dataclass
+class Budget:
+    """A client's privacy state: the accountant history, the mechanism it was spent under (the
+    accounting parameters of :meth:`FedConfig.dp_mechanism`: accountant, adjacency, group size,
+    delta) and the client's own cap. A device keeps all three, so a later run cannot re-account
+    its history under another adjacency or group size, or raise its cap."""
+
+    history: list[Run] = field(default_factory=list)
+    mechanism: dict[str, Any] | None = None
+    epsilon_max: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "history": [list(r) for r in self.history],
+            "mechanism": self.mechanism,
+            "epsilon_max": self.epsilon_max,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str) -> Budget:
+        """Parse; a history without a mechanism (an older fedrec's file) is refused: its epsilon
+        cannot be recomputed without knowing what it was spent under."""
+        try:
+            history = [(float(s), float(q), int(n)) for s, q, n in raw["history"]]
+            mech = raw.get("mechanism")
+            cap = raw.get("epsilon_max")
+            if mech is not None and set(mech) != {"accountant", "adjacency", "group_size", "delta"}:
+                raise ValueError(f"mechanism {mech!r} lacks fields or has unknown ones")
+            budget = cls(history, mech, None if cap is None else float(cap))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(
+                f"privacy state {where} is unreadable ({err}); refusing to train: a lost "
+                "accountant would restart epsilon from zero. Restore it from a backup."
+            ) from None
+        if budget.history and budget.mechanism is None:
+            raise ValueError(
+                f"privacy state {where} holds {sum(n for *_x, n in history)} DP steps but not "
+                "the mechanism they were spent under (a file from an older fedrec, which "
+                "accounted disjoint examples as add/remove): refusing to train. Keep it as a "
+                "record and start this device's budget afresh only if you accept that its "
+                "earlier spending is not counted."
+            )
+        return budget
+
+
 class BudgetStore(Protocol):
-    """Where a client keeps its accountant history between rounds (and process restarts)."""
+    """Where a client keeps its :class:`Budget` between rounds (and process restarts)."""
 
-    def load(self) -> list[Run]: ...
+    def load(self) -> Budget: ...
 
-    def save(self, history: list[Run]) -> None: ...
+    def save(self, budget: Budget) -> None: ...
 
 
 @dataclass
 class MemoryStore:
-    """Simulation: the history lives in Flower's ``Context.state`` (see ``client.app``)."""
+    """Tests and benchmarks: the budget lives in this object."""
 
-    history: list[Run] = field(default_factory=list)
+    budget: Budget = field(default_factory=Budget)
 
-    def load(self) -> list[Run]:
-        return list(self.history)
+    def load(self) -> Budget:
+        return Budget(list(self.budget.history), self.budget.mechanism, self.budget.epsilon_max)
 
-    def save(self, history: list[Run]) -> None:
-        self.history = list(history)
+    def save(self, budget: Budget) -> None:
+        self.budget = Budget(list(budget.history), budget.mechanism, budget.epsilon_max)
 
 
 @dataclass
@@ -140,23 +187,20 @@ class FileStore:
 
     path: Path
 
-    def load(self) -> list[Run]:
+    def load(self) -> Budget:
         if not self.path.exists():
-            return []
+            return Budget()
         try:
             raw = json.loads(self.path.read_text())
-            return [(float(s), float(q), int(n)) for s, q, n in raw["history"]]
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(
-                f"privacy state file {self.path} is unreadable ({err}); refusing to train: a "
-                "lost accountant would restart epsilon from zero. Restore it from a backup."
-            ) from None
+        except (OSError, ValueError) as err:
+            raw = {"unreadable": str(err)}
+        return Budget.from_json(raw, f"file {self.path}")
 
-    def save(self, history: list[Run]) -> None:
+    def save(self, budget: Budget) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".budget-")
         with os.fdopen(fd, "w") as f:
-            json.dump({"history": [list(r) for r in history]}, f)
+            json.dump(budget.to_json(), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
@@ -181,17 +225,16 @@ _SIGMA: dict[tuple[Any, ...], float] = {}
 
 
 def calibrated_noise(cfg: FedConfig) -> float:
-    """sigma for the budget over the planned rounds (or the configured fixed value)."""
+    """sigma for the budget over the planned rounds (or the configured fixed value), at the
+    interaction-level adjacency of ``cfg`` (:meth:`FedConfig.dp_adjacency`)."""
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
     key = (
         cfg.epsilon,
-        cfg.delta,
         cfg.sample_rate,
         cfg.local_steps,
         cfg.rounds_planned(),
-        cfg.accountant,
-        cfg.dp_group(),
+        *cfg.dp_mechanism().values(),
     )
     if key not in _SIGMA:
         _SIGMA[key] = noise_for_budget(
@@ -201,8 +244,49 @@ def calibrated_noise(cfg: FedConfig) -> float:
             steps=cfg.local_steps * cfg.rounds_planned(),
             accountant=cfg.accountant,
             group=cfg.dp_group(),
+            adjacency=cfg.dp_adjacency(),
         )
     return _SIGMA[key]
+
+
+def spent(cfg: FedConfig, history: Sequence[Run]) -> float:
+    """Interaction-level epsilon of ``history`` under ``cfg``'s mechanism."""
+    return epsilon_spent(
+        history=history,
+        delta=cfg.delta,
+        accountant=cfg.accountant,
+        group=cfg.dp_group(),
+        adjacency=cfg.dp_adjacency(),
+    )
+
+
+def batch_divisor(cfg: FedConfig, users: int) -> float:
+    """What the clipped, noised gradient sum is divided by: a constant that does not depend on
+    the client's data (the expected batch ``q * n`` would: one interaction that adds an example
+    would rescale every other example's contribution, a change clipping does not bound).
+    ``batch-divisor`` when set, else ``sample-rate * slots * users``: the expected batch if each
+    of the client's users filled every slot. ``users`` (how many people's data the client
+    holds) is public here: the guarantee is per interaction."""
+    if cfg.batch_divisor > 0:
+        return cfg.batch_divisor
+    return max(1.0, cfg.sample_rate * cfg.slots * max(1, users))
+
+
+def _refusal(
+    reason: str, data: ClientExamples, eps: float, sigma: float, q: float, history: list[Run]
+) -> RoundResult:
+    return RoundResult(
+        False,
+        len(data),
+        0,
+        math.nan,
+        eps,
+        sigma,
+        q,
+        reason=reason,
+        total_steps=_total_steps(history),
+        history=list(history),
+    )
 
 
 def train_round(
@@ -212,55 +296,55 @@ def train_round(
     store: BudgetStore,
     *,
     seed: int,
+    device_cap: float | None = None,
 ) -> RoundResult:
-    """Train ``scorer``'s parameters in place for one round; update ``store`` when DP is on."""
+    """Train ``scorer``'s parameters in place for one round; update ``store`` when DP is on.
+
+    ``seed`` is derived from the run config, which the server knows: under DP it seeds nothing
+    (sampling, noise, negatives and cold-dropout masks all come from OS entropy drawn here);
+    without DP it keys the negatives, so that a run without DP repeats exactly.
+    ``device_cap``: the device owner's own epsilon cap (node config ``epsilon-max``); without
+    it the cap stored with the budget (the first run's budget) holds. The client trains only
+    while the whole history stays within ``min(epsilon, cap)``, whatever the server asks.
+    """
     q, steps = cfg.sample_rate, cfg.local_steps
-    history = store.load()
+    budget = store.load()
+    history = budget.history
     sigma = calibrated_noise(cfg) if cfg.dp else 0.0
+    mech = cfg.dp_mechanism()
     if cfg.dp:
-        after = epsilon_spent(
-            history=[*history, (sigma, q, steps)],
-            delta=cfg.delta,
-            accountant=cfg.accountant,
-            group=cfg.dp_group(),
-        )
-        if after > cfg.epsilon:
-            spent = epsilon_spent(
-                history=history, delta=cfg.delta, accountant=cfg.accountant, group=cfg.dp_group()
-            )
-            return RoundResult(
-                False,
-                len(data),
-                0,
+        if history and budget.mechanism != mech:
+            return _refusal(
+                f"mechanism: this client's {_total_steps(history)} DP steps were spent under "
+                f"{budget.mechanism}, this run accounts {mech}; one history cannot mix them",
+                data,
                 math.nan,
-                spent,
                 sigma,
                 q,
-                reason=f"budget: epsilon would reach {after:.3f} > {cfg.epsilon} "
-                f"(spent {spent:.3f} at delta={cfg.delta})",
-                total_steps=_total_steps(history),
-                history=list(history),
+                history,
+            )
+        cap = device_cap if device_cap is not None else budget.epsilon_max
+        limit = min(cfg.epsilon, cap) if cap is not None else cfg.epsilon
+        after = spent(cfg, [*history, (sigma, q, steps)])
+        if after > limit:
+            before = spent(cfg, history)
+            return _refusal(
+                f"budget: epsilon would reach {after:.3f} > {limit} "
+                f"(spent {before:.3f} at delta={cfg.delta})",
+                data,
+                before,
+                sigma,
+                q,
+                history,
             )
     if len(data) == 0:
-        spent = epsilon_spent(
-            history=history, delta=cfg.delta, accountant=cfg.accountant, group=cfg.dp_group()
+        return _refusal(
+            "no training examples", data, spent(cfg, history) if cfg.dp else 0.0, sigma, q, history
         )
-        return RoundResult(
-            False,
-            0,
-            0,
-            math.nan,
-            spent if cfg.dp else 0.0,
-            sigma,
-            q,
-            reason="no training examples",
-            total_steps=_total_steps(history),
-            history=list(history),
-        )
-    gen = torch.Generator().manual_seed(seed)  # negatives: public, may be reproducible
-    # Sampling and noise must be unpredictable to anyone who knows the config (the server does):
-    # their generator is seeded from OS entropy, never from `seed`.
+    # Sampling, noise, negatives and masks must be unpredictable to anyone who knows the config
+    # (the server does): all come from OS entropy, never from `seed`.
     secret = torch.Generator().manual_seed(secrets.randbits(63))
+    key = secrets.token_bytes(32) if cfg.dp else seed.to_bytes(16, "little", signed=True)
     dataset = TensorDataset(
         torch.as_tensor(data.context),
         torch.as_tensor(data.targets),
@@ -286,16 +370,19 @@ def train_round(
     module: torch.nn.Module = scorer
     accountant = None
     if cfg.dp:
-        module = GradSampleModule(scorer, loss_reduction="mean")
+        # Opacus divides the noised sum by expected_batch_size; "sum" reduction of the loss
+        # below keeps each example's gradient its own (no division by the batch it sits in)
+        module = GradSampleModule(scorer, loss_reduction="sum")
         dp_opt = DPOptimizer(
             base_opt,
             noise_multiplier=sigma,
             max_grad_norm=cfg.max_grad_norm,
-            expected_batch_size=max(1, round(q * len(data))),
+            expected_batch_size=batch_divisor(cfg, data.users),
             loss_reduction="mean",
             generator=secret,
         )
-        accountant = RDPAccountant() if cfg.accountant == "rdp" else PRVAccountant()
+        # the accountant records (sigma, q) per step; fedrec computes epsilon itself
+        accountant = RDPAccountant()
         accountant.history = list(history)
         dp_opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
         opt: torch.optim.Optimizer = dp_opt
@@ -308,7 +395,7 @@ def train_round(
             for batch in loader:
                 if done >= steps:
                     break
-                loss = _step(module, opt, batch, scorer.n_items, cfg, gen)
+                loss = _step(module, opt, batch, scorer.n_items, cfg, key, done)
                 if loss is not None:
                     losses.append(loss)
                 done += 1
@@ -318,11 +405,10 @@ def train_round(
     eps, runs = 0.0, list(history)
     if accountant is not None:
         runs = [(float(s), float(q), int(n)) for s, q, n in accountant.history]
-        store.save(runs)
-        # the same RDP maths as accountant.get_epsilon, memoized (tests/test_privacy.py)
-        eps = epsilon_spent(
-            history=runs, delta=cfg.delta, accountant=cfg.accountant, group=cfg.dp_group()
-        )
+        if budget.epsilon_max is None or device_cap is not None:
+            budget.epsilon_max = device_cap if device_cap is not None else cfg.epsilon
+        store.save(Budget(runs, mech, budget.epsilon_max))
+        eps = spent(cfg, runs)
     loss_mean = float(np.mean(losses)) if losses else math.nan
     total = _total_steps(runs)
     return RoundResult(
@@ -342,13 +428,16 @@ def _step(
     batch: list[torch.Tensor],
     n_items: int,
     cfg: FedConfig,
-    gen: torch.Generator,
+    key: bytes,
+    step: int,
 ) -> float | None:
-    """One (DP-)SGD step; an empty Poisson batch still takes a step (noise only under DP)."""
-    context, targets = batch[0], batch[1]
-    filled = (context >= 0).any(0).nonzero()  # drop context columns empty for the whole batch
-    context = context[:, int(filled[0]) :] if filled.numel() else context[:, -1:]
-    profile = batch[2] if len(batch) > 2 else None
+    """One (DP-)SGD step; an empty Poisson batch still takes a step (noise only under DP).
+
+    Under DP each example's loss is summed, not averaged, so its per-example gradient is its
+    own (``DPOptimizer`` divides the noised sum by :func:`batch_divisor`); its negatives and
+    masks come from :func:`keyed_candidates` (a function of the example, ``key`` and ``step``).
+    """
+    targets = batch[1]
     opt.zero_grad(set_to_none=True)
     if targets.shape[0] == 0:
         for p in (p for g in opt.param_groups for p in g["params"]):
@@ -356,22 +445,54 @@ def _step(
             p.grad = torch.zeros_like(p) if not isinstance(opt, DPOptimizer) else None
         opt.step()
         return None
-    cands = sample_candidates(targets, n_items, cfg.negatives, gen)  # (batch, 1 + negatives)
-    as_cold = None
-    if cfg.cold_dropout > 0:
-        as_cold = torch.rand(cands.shape, generator=gen) < cfg.cold_dropout
-    with warnings.catch_warnings():
-        # Opacus' backward hooks fire on modules whose inputs need no grad (the index tensors);
-        # torch says so once per module. Expected with Opacus; nothing to fix on our side.
-        warnings.filterwarnings(
-            "ignore", message="Full backward hook is firing", category=UserWarning
-        )
-        logits = module(context, cands, profile, as_cold)
-        loss = candidate_loss(logits, context, cands)
+    dp = isinstance(opt, DPOptimizer)
+    loss = batch_loss(module, batch, n_items, cfg, key=key, step=step, summed=dp)
+    with quiet_opacus_hooks():
         loss.backward()
     for p in opt.param_groups[0]["params"]:
-        if isinstance(opt, DPOptimizer) and getattr(p, "grad_sample", None) is None:
+        if dp and getattr(p, "grad_sample", None) is None:
             # unused this step (e.g. the profile gate with no profile): its gradient is 0
             p.grad_sample = torch.zeros((targets.shape[0], *p.shape))
     opt.step()
-    return float(loss.item())
+    return float(loss.item()) / (targets.shape[0] if dp else 1)
+
+
+def batch_loss(
+    module: torch.nn.Module,
+    batch: list[torch.Tensor],
+    n_items: int,
+    cfg: FedConfig,
+    *,
+    key: bytes,
+    step: int,
+    summed: bool,
+) -> torch.Tensor:
+    """The loss of a non-empty batch ``[context, targets, (profile)]``: summed over examples
+    (DP: each per-example gradient is that example's own) or averaged (no DP)."""
+    context, targets = batch[0], batch[1]
+    filled = (context >= 0).any(0).nonzero()  # drop context columns empty for the whole batch
+    context = context[:, int(filled[0]) :] if filled.numel() else context[:, -1:]
+    profile = batch[2] if len(batch) > 2 else None
+    cands, as_cold = keyed_candidates(  # (batch, 1 + negatives) each
+        targets,
+        context,
+        n_items=n_items,
+        negatives=cfg.negatives,
+        key=key,
+        step=step,
+        cold_dropout=cfg.cold_dropout,
+    )
+    with quiet_opacus_hooks():
+        logits = module(context, cands, profile, as_cold)
+    return candidate_loss(logits, context, cands, reduction="sum" if summed else "mean")
+
+
+@contextlib.contextmanager
+def quiet_opacus_hooks() -> Iterator[None]:
+    """Opacus' backward hooks fire on modules whose inputs need no grad (the index tensors);
+    torch says so once per module. Expected with Opacus; nothing to fix on our side."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="Full backward hook is firing", category=UserWarning
+        )
+        yield

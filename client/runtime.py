@@ -30,7 +30,6 @@ from fedrec.shared.data.dataset import Dataset
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.model.candidates import CandidateScorer
 from fedrec.shared.model.central import ProfileBank
-from fedrec.shared.model.examples import right_aligned
 from fedrec.shared.model.towers import RecModel
 from fedrec.shared.partition import partition_users
 from fedrec.shared.splitting import Split, make_split
@@ -110,25 +109,37 @@ class ClientState:
 
 
 def with_canaries(
-    examples: ClientExamples, path: Path, name: str, history_len: int
-) -> ClientExamples:
-    """``examples`` plus this client's canaries from an empirical-audit file (see
-    :mod:`fedrec.server.empirical`): ``{"clients": {name: [[target, context...], ...]}}`` in
-    catalog indices. Each canary is one more training example, i.e. one more interaction under
-    the per-interaction guarantee; profiles are not supported with canaries."""
+    per_user: list[tuple[np.ndarray, np.ndarray]], path: Path, name: str
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``per_user`` histories ``(items, timestamps)`` plus this client's canaries from an
+    empirical-audit file (see :mod:`fedrec.server.empirical`):
+    ``{"unit": "interaction", "clients": {name: [item, ...]}}`` in catalog indices.
+
+    Each canary is ONE INTERACTION, the unit the privacy statement claims: it joins the client's
+    first user's history after that user's last interaction, one second apart, and goes through
+    the same example builder as the real data (under disjoint examples it adds its slot's
+    example or replaces it, becoming its target)."""
     try:
-        rows = json.loads(path.read_text())["clients"].get(name, [])
-    except (OSError, json.JSONDecodeError, KeyError, AttributeError) as e:
+        doc = json.loads(path.read_text())
+        unit = doc.get("unit")
+        if unit != "interaction":
+            raise ValueError(
+                f"unit {unit!r}: fedrec's canaries are interactions ('interaction'); write "
+                "the file with `fedrec audit RUN --empirical`"
+            )
+        items = np.asarray([int(r) for r in doc["clients"].get(name, [])], dtype=np.int64)
+    except (OSError, json.JSONDecodeError, KeyError, AttributeError, TypeError, ValueError) as e:
         raise ValueError(f"audit-canaries file {path} is unreadable: {e}") from None
-    if not rows:
-        return examples
-    if examples.profile is not None:
-        raise ValueError("audit-canaries cannot be combined with use-profile=true")
-    targets = np.asarray([r[0] for r in rows], dtype=np.int64)
-    context = right_aligned([np.asarray(r[1:], dtype=np.int64) for r in rows], history_len)
-    return ClientExamples(
-        np.concatenate([examples.targets, targets]), np.concatenate([examples.context, context])
+    if not items.size or not per_user:
+        return per_user
+    hist_items, hist_times = per_user[0]
+    start = int(hist_times.max()) + 1 if hist_times.size else 0
+    times = start + np.arange(items.size, dtype=np.int64)
+    first = (
+        np.concatenate([hist_items, items.astype(hist_items.dtype)]),
+        np.concatenate([hist_times, times.astype(hist_times.dtype)]),
     )
+    return [first, *per_user[1:]]
 
 
 _SCORERS: dict[int, CandidateScorer] = {}
@@ -173,6 +184,8 @@ def client_state(cfg: FedConfig, node_config: dict[str, Any]) -> ClientState:
     for u in users:
         rows = np.flatnonzero(split.train_user == u)  # time order within a user
         per_user.append((split.train_item[rows], split.train_time[rows]))
+    if cfg.audit_canaries:
+        per_user = with_canaries(per_user, Path(cfg.audit_canaries), name)
     examples = build_examples(
         per_user,
         slots=cfg.slots,
@@ -181,8 +194,6 @@ def client_state(cfg: FedConfig, node_config: dict[str, Any]) -> ClientState:
         profiles=profiles,
         sequence=cfg.examples == "sequence",  # under local DP: group privacy (cfg.dp_group())
     )
-    if cfg.audit_canaries:
-        examples = with_canaries(examples, Path(cfg.audit_canaries), name, cfg.history_len)
     state = ClientState(
         model,
         _SCORERS[id(model)],

@@ -4,13 +4,17 @@
 Flower simulation, real Opacus DP-SGD) with ``m`` canaries and tests how well an attacker who
 sees only the final global model can tell which canaries were trained on.
 
-Canaries. Each canary is a new catalog item with random text (so nothing but the canary example
-itself can move its embedding or its item bias) plus a fixed context of real public items. Each
-canary is assigned to one client, chosen uniformly, and independently with probability 1/2 it is
-*included*: the client adds one training example (target = the canary item, context = the fixed
-items) to its data. That example is one interaction under the per-interaction guarantee, so the
-run's claimed epsilon covers it. Clients only receive the canaries included for them (the
-``audit-canaries`` run-config file); the in/out assignment stays with the auditor.
+Canaries. Each canary is a new catalog item with random text (so nothing but the canary's own
+interaction can move its embedding or its item bias). Each canary is assigned to one client,
+chosen uniformly, and independently with probability 1/2 it is *included*: the client inserts
+ONE INTERACTION with the canary item into its (first) user's history, after that user's last
+one, and builds its examples from the result with the same example builder as always. That is
+exactly the unit and adjacency the statement claims: under disjoint examples the canary adds
+its slot's example or replaces it (as its target), so the test covers the replacement the
+accounting is for, not an appended example. Clients only receive the canaries included for them
+(the ``audit-canaries`` run-config file); the in/out assignment stays with the auditor. The
+plan's fixed context of real items is the attacker's guess of a context (used only without an
+item bias).
 
 Attack. The membership score of a canary is what training moved that only the canary can move:
 its item's bias in the global model (a white-box attack on the released model; without an item
@@ -175,14 +179,13 @@ def plan_canaries(
 
 
 def client_file(plan: dict[str, Any]) -> dict[str, Any]:
-    """What clients get: only the included canaries, grouped by client, as [target, context...]."""
-    out: dict[str, list[list[int]]] = {}
-    for item, client, inc, ctx in zip(
-        plan["item"], plan["client"], plan["included"], plan["context"], strict=True
-    ):
+    """What clients get: only the included canaries, grouped by client, as interactions (the
+    canary item; the client places it in its history: ``client.runtime.with_canaries``)."""
+    out: dict[str, list[int]] = {}
+    for item, client, inc in zip(plan["item"], plan["client"], plan["included"], strict=True):
         if inc:
-            out.setdefault(client, []).append([int(item), *map(int, ctx)])
-    return {"clients": out}
+            out.setdefault(client, []).append(int(item))
+    return {"unit": "interaction", "clients": out}
 
 
 @torch.no_grad()

@@ -72,7 +72,6 @@ class FedRecStrategy(FedAvg):
         # size instead of the number accepted; failures the wrapper took out; pre-clip norms
         self.fixed_denominator: int | None = None
         self.extra_failed = 0
-        self.pre_clip_norms: list[float] | None = None
         self.federated_eval: dict[int, dict[str, float]] = {}
 
     def summary(self) -> None:
@@ -141,8 +140,9 @@ class FedRecStrategy(FedAvg):
                         lines.append(line | {"accepted": False})
                     continue
                 accepted.append(update)
-                losses.append(float(metrics["loss"]))
-                seconds.append(float(metrics.get("seconds", 0.0)))
+                if not (self.cfg.dp or self.cfg.user_dp):  # under DP clients send constants
+                    losses.append(float(metrics["loss"]))
+                    seconds.append(float(metrics.get("seconds", 0.0)))
             else:
                 refused += 1
                 client = _record(msg, "client", ConfigRecord)
@@ -183,8 +183,9 @@ class FedRecStrategy(FedAvg):
             if accepted
             else {}
         )
-        info["update_norm_median"] = _median_norm(changes, self.pre_clip_norms)
-        self.pre_clip_norms = None
+        # the clients' update norms are not released under DP (they are not noised)
+        private = self.cfg.dp or self.cfg.user_dp
+        info["update_norm_median"] = None if private else _median_norm(changes)
         new = None
         if len(accepted) < self.cfg.min_replies:
             log.warning(
@@ -266,7 +267,8 @@ class FedRecStrategy(FedAvg):
             "max_grad_norm": self.cfg.max_grad_norm,
             "delta": self.cfg.delta,
             "accountant": self.cfg.accountant,
-            # examples one interaction can change: epsilon_after is for groups of this size
+            # what one interaction does to the examples: epsilon_after is for this adjacency
+            "adjacency": self.cfg.dp_adjacency(),
             "group_size": self.cfg.dp_group(),
             "epsilon_after": float(metrics["epsilon"]),
             "epsilon_max": self.cfg.epsilon,
@@ -321,11 +323,9 @@ class FedRecStrategy(FedAvg):
         return MetricRecord(dict(result.items()))
 
 
-def _median_norm(changes: dict[str, torch.Tensor], given: list[float] | None) -> float | None:
-    """Median L2 norm of the clients' whole changes (what user-level DP's ``user-clip`` clips);
-    ``changes`` as in :meth:`FedRecStrategy._mean_step`."""
-    if given:
-        return statistics.median(given)
+def _median_norm(changes: dict[str, torch.Tensor]) -> float | None:
+    """Median L2 norm of the clients' whole changes (what user-level DP's ``user-clip`` would
+    clip); ``changes`` as in :meth:`FedRecStrategy._mean_step`. Runs without DP only."""
     if not changes:
         return None
     per_tensor = [c.double().pow(2).reshape(len(c), -1).sum(1) for c in changes.values()]

@@ -121,8 +121,6 @@ class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         clean: list[Message] = []
         failed = 0
-        norms: list[float] = []
-        current = from_record(self.current_arrays) if len(self.current_arrays) else {}
         for msg in replies:
             if msg.has_error():
                 failed += 1
@@ -135,17 +133,8 @@ class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
                 continue
             if "arrays" in msg.content.array_records:
                 try:
-                    update = check_update(
+                    check_update(
                         from_record(msg.content.array_records["arrays"]), self.inner.template
-                    )
-                    norms.append(
-                        float(
-                            sum(
-                                float(((update[k] - g).double() ** 2).sum())
-                                for k, g in current.items()
-                            )
-                            ** 0.5
-                        )
                     )
                 except UpdateError as err:
                     log.warning(
@@ -157,5 +146,4 @@ class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
                     del msg.content["arrays"]
             clean.append(msg)
         self.inner.extra_failed = failed
-        self.inner.pre_clip_norms = norms
         return super().aggregate_train(server_round, clean)

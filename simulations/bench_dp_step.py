@@ -36,7 +36,7 @@ _SILO: dict[str, Any] = {  # the full suite's federated settings (simulations/su
     "local-steps": 10,
     "lr": 8.0,
     "num-rounds": 10,
-    "accountant": "prv",
+    "accountant": "pld",
 }
 KINDS: dict[str, dict[str, Any]] = {
     "silo": _SILO,

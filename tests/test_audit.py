@@ -15,6 +15,7 @@ from fedrec.shared.privacy.accounting import epsilon_spent
 from fedrec.shared.privacy.audit import audit_ledger, read_ledger_lines
 
 DELTA = 1e-5
+REPLACE = {"delta": DELTA, "accountant": "pld", "adjacency": "replace-one"}
 
 # Pinned from Opacus 1.6.0 (RDPAccountant / PRVAccountant.get_epsilon, history [(sigma, q, steps)]).
 GOLDEN = [
@@ -40,7 +41,7 @@ def test_prv_cache_is_order_free_composition():
 def honest_ledger(*, recreate: bool = False) -> list[dict]:
     """What honest clients write: epsilon over the whole history (or, if ``recreate``, the bug
     of an accountant re-created every round)."""
-    sigma, q, steps = 1.8, 0.5, 8
+    sigma, q, steps = 3.0, 0.5, 8
     plan = {"c1": [1, 3, 4], "c2": [2, 4], "c3": [1]}
     lines, hist = [], {}
     for rnd in range(1, 5):
@@ -53,8 +54,9 @@ def honest_ledger(*, recreate: bool = False) -> list[dict]:
                 {
                     "client": client, "round": rnd, "trained": True, "steps": steps,
                     "total_steps": steps * len(h), "sample_rate": q, "noise_multiplier": sigma,
-                    "max_grad_norm": 1.0, "delta": DELTA, "accountant": "rdp",
-                    "epsilon_after": epsilon_spent(history=h, delta=DELTA), "epsilon_max": 8.0,
+                    "max_grad_norm": 1.0, "delta": DELTA, "accountant": "pld",
+                    "adjacency": "replace-one", "group_size": 1,
+                    "epsilon_after": epsilon_spent(history=h, **REPLACE), "epsilon_max": 8.0,
                     "accepted": True,
                 }
             )  # fmt: skip
@@ -75,12 +77,14 @@ def test_honest_ledger_passes(tmp_path):
     assert audit.ok, errors(audit)
     c1 = audit.clients["c1"]
     assert c1.rounds == [1, 3, 4]
-    assert c1.epsilon_rdp == pytest.approx(c1.epsilon_reported)
-    assert 0 < c1.epsilon_prv < c1.epsilon_rdp  # PRV is tighter than the RDP bound
+    assert c1.epsilon == pytest.approx(c1.epsilon_reported)
+    # the independent accountant (Opacus PRV numerics) agrees within 2 %
+    assert c1.independent == "prv"
+    assert c1.epsilon_independent == pytest.approx(c1.epsilon, rel=0.02)
     # budget view: one more round of c3 (1 round so far) fits, c1 (3 rounds, eps ~8) none
     assert audit.clients["c1"].more_rounds == 0
     assert audit.clients["c3"].more_rounds == 2
-    assert audit.clients["c3"].budget_left == pytest.approx(8.0 - audit.clients["c3"].epsilon_rdp)
+    assert audit.clients["c3"].budget_left == pytest.approx(8.0 - audit.clients["c3"].epsilon)
 
 
 def test_under_reported_epsilon_is_caught(tmp_path):
@@ -129,10 +133,10 @@ def test_lost_round_explained_by_the_clients_history_is_a_counted_warning(tmp_pa
     assert gap.severity == "warning" and (gap.client, gap.round) == ("c1", 4)
     c1 = audit.clients["c1"]
     assert c1.unledgered_steps == 8 and c1.rounds == [1, 4]
-    assert c1.epsilon_rdp == pytest.approx(c1.epsilon_reported)  # 3 rounds' worth, not 2
+    assert c1.epsilon == pytest.approx(c1.epsilon_reported)  # 3 rounds' worth, not 2
     full = audit_ledger(write(tmp_path / "full.jsonl", lines), budget=8.0).clients["c1"]
-    assert c1.epsilon_rdp == pytest.approx(full.epsilon_rdp)
-    assert c1.epsilon_prv == pytest.approx(full.epsilon_prv)
+    assert c1.epsilon == pytest.approx(full.epsilon)
+    assert c1.epsilon_independent == pytest.approx(full.epsilon_independent)
     # a history claiming less than the ledger's lines is not believed
     short = [dict(x) for x in lost]
     for x in short:
@@ -170,10 +174,10 @@ def test_truncated_last_line_is_reported_not_fatal(tmp_path):
     assert audit_ledger(path, budget=8.0).ok
 
 
-def make_run(tmp_path: Path, lines: list[dict], claim: float | None = None) -> Path:
+def make_run(tmp_path: Path, lines: list[dict], claim: float | None = None, **cfg_kw) -> Path:
     run = tmp_path / "run"
     (run / "privacy").mkdir(parents=True)
-    cfg = FedConfig(num_rounds=4, epsilon=8.0)
+    cfg = FedConfig(num_rounds=4, epsilon=8.0, **cfg_kw)
     (run / "config.json").write_text(json.dumps({"federation": cfg.as_dict()}))
     eps = max(x["epsilon_after"] for x in lines)
     (run / "metrics.json").write_text(json.dumps({"privacy": {"epsilon_max": claim or eps}}))
@@ -192,9 +196,10 @@ def test_cli_exit_codes_and_outputs(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert "Result: PASS" in ok.stdout and "Unit of privacy" in ok.stdout
     assert (run / "privacy" / "epsilon.png").stat().st_size > 0
-    js = json.loads(audit_cli(str(run), "--json", "--accountant", "prv").stdout)
-    assert js["ok"] and js["accountant"] == "prv"
-    assert js["summary"]["epsilon_max"] == pytest.approx(js["clients"]["c1"]["epsilon_prv"])
+    js = json.loads(audit_cli(str(run), "--json").stdout)
+    assert js["ok"] and js["accountant"] == "pld"
+    assert js["summary"]["epsilon_max"] == pytest.approx(js["clients"]["c1"]["epsilon"])
+    assert js["clients"]["c1"]["independent"] == "prv"
 
     lines = honest_ledger()
     lines[-1]["epsilon_after"] = 0.5  # c2, round 4
@@ -219,19 +224,35 @@ def _strict_json(text: str):
     return json.loads(text, parse_constant=reject)
 
 
-def test_cli_json_is_strict_json_when_prv_has_no_bound(tmp_path):
-    """A group-privacy ledger has no PRV bound (epsilon inf internally): --json must still be
-    valid JSON, with null for that value, not Python's Infinity."""
-    lines, h = honest_ledger(), {}
-    for line in lines:
-        h.setdefault(line["client"], []).append((1.8, 0.5, 8))
-        line["group_size"] = 3
-        line["epsilon_after"] = epsilon_spent(history=h[line["client"]], delta=DELTA, group=3)
-    run = make_run(tmp_path, lines)
+def test_cli_json_is_strict_json_when_a_bound_is_infinite(tmp_path):
+    """A client whose epsilon is infinite (sliding windows in config.json: group privacy over 41
+    examples at this sigma has no finite bound) must still give valid JSON, null for that value,
+    not Python's Infinity."""
+    run = make_run(tmp_path, honest_ledger(), accountant="rdp", examples="sequence")
     r = audit_cli(str(run), "--json")
     js = _strict_json(r.stdout)
+    assert r.returncode == 1  # the ledger's replace-one claims are not the config's mechanism
     c1 = js["clients"]["c1"]
-    assert c1["epsilon_prv"] is None and c1["epsilon_rdp"] == pytest.approx(c1["epsilon_reported"])
+    assert c1["independent"] == "dp-accounting-rdp" and c1["group"] == 41
+    assert c1["epsilon"] is None and c1["epsilon_independent"] is None
+
+
+def test_audit_recomputes_under_the_config_mechanism_not_the_ledgers_word(tmp_path):
+    """An older ledger claimed add/remove for disjoint examples: the audit takes the adjacency
+    from config.json (one interaction replaces an example), names the mismatch and recomputes
+    the larger replace-one epsilon, so the claim fails."""
+    lines, h = honest_ledger(), {}
+    for line in lines:  # what fedrec wrote before: add/remove epsilon, no adjacency field
+        h.setdefault(line["client"], []).append((3.0, 0.5, 8))
+        del line["adjacency"]
+        line["epsilon_after"] = epsilon_spent(history=h[line["client"]], delta=DELTA,
+                                              accountant="pld")  # fmt: skip
+    assert audit_ledger(write(tmp_path / "old.jsonl", lines), budget=8.0).ok  # its own word
+    run = make_run(tmp_path, lines)
+    r = audit_cli(str(run))
+    assert r.returncode == 1
+    assert "adjacency 'add-remove' (config.json: 'replace-one')" in r.stdout
+    assert "under-reports" in r.stdout
 
 
 # --- empirical audit (one-run, Steinke et al. 2023) ----------------------------------------------
@@ -276,10 +297,14 @@ def test_attack_statistics_on_known_score_distributions():
     assert one_run_bound(leak, included, 1e-5)["epsilon"] > 3.0
 
 
-def test_canaries_join_only_their_clients_examples(tmp_path):
+def test_canaries_are_interactions_through_the_example_builder(tmp_path):
+    """Empirical-audit canaries at the claimed unit: one interaction each, inserted into the
+    client's history after its last one and turned into examples by the real builder (each
+    included canary is in exactly one example); other clients' canaries never appear; a file
+    of another unit is refused."""
     import numpy as np
 
-    from fedrec.client.local_train import ClientExamples
+    from fedrec.client.local_train import build_examples
     from fedrec.client.runtime import with_canaries
     from fedrec.server.empirical import client_file, plan_canaries
 
@@ -287,30 +312,31 @@ def test_canaries_join_only_their_clients_examples(tmp_path):
     plan = plan_canaries(np.arange(100, 140), np.arange(50), ["p0", "p1", "p2"], 4, rng)
     path = tmp_path / "c.json"
     path.write_text(json.dumps(client_file(plan)))
-    base = ClientExamples(np.array([1, 2]), np.array([[-1] * 5 + [3], [-1] * 4 + [3, 4]]))
+    items, times = np.arange(1, 13), np.arange(1000, 1012)
     for name in ("p0", "p1", "p2"):
-        mine = [
-            (i, c)
-            for i, c, inc, o in zip(
-                plan["item"], plan["context"], plan["included"], plan["client"], strict=True
-            )
-            if inc and o == name
-        ]
-        ex = with_canaries(base, path, name, history_len=6)
-        assert len(ex) == 2 + len(mine)
-        assert ex.targets[2:].tolist() == [i for i, _ in mine]
-        assert [row[-4:].tolist() for row in ex.context[2:]] == [c for _, c in mine]
-        assert (ex.context[:2] == base.context).all() and (ex.context[2:, :2] == -1).all()
+        mine = [i for i, inc, o in zip(plan["item"], plan["included"], plan["client"], strict=True)
+                if inc and o == name]  # fmt: skip
+        ((got_items, got_times),) = with_canaries([(items, times)], path, name)
+        assert got_items.tolist() == items.tolist() + mine
+        assert got_times[:12].tolist() == times.tolist() and (np.diff(got_times) > 0).all()
+        ex = build_examples([(got_items, got_times)], slots=5, history_len=20, key=0)
+        seen = np.concatenate([ex.targets, ex.context[ex.context >= 0]]).tolist()
+        assert all(seen.count(c) == 1 for c in mine)  # each canary in exactly one example
+        assert not set(seen) & (set(range(100, 140)) - set(mine))
     assert sum(plan["included"]) == sum(len(v) for v in client_file(plan)["clients"].values())
+    path.write_text(json.dumps({"clients": {"p0": [[100, 1, 2]]}}))  # an older example file
+    with pytest.raises(ValueError, match="unit None"):
+        with_canaries([(items, times)], path, "p0")
 
 
 def test_budget_carried_from_an_earlier_run_is_verified(tmp_path):
     """A device's budget spans runs: its first line in a new run carries earlier spending."""
-    sigma, q, steps = 1.8, 0.5, 8
+    sigma, q, steps = 3.0, 0.5, 8
     line = {
         "client": "dev", "round": 1, "trained": True, "steps": steps, "total_steps": 2 * steps,
-        "sample_rate": q, "noise_multiplier": sigma, "delta": DELTA, "accountant": "rdp",
-        "epsilon_after": epsilon_spent(history=[(sigma, q, 2 * steps)], delta=DELTA),
+        "sample_rate": q, "noise_multiplier": sigma, "delta": DELTA, "accountant": "pld",
+        "adjacency": "replace-one",
+        "epsilon_after": epsilon_spent(history=[(sigma, q, 2 * steps)], **REPLACE),
         "history": [[sigma, q, 2 * steps]],
     }  # fmt: skip
     audit = audit_ledger(write(tmp_path / "l.jsonl", [line]), budget=8.0)
@@ -333,17 +359,18 @@ def test_group_size_is_used_to_recompute_epsilon(tmp_path):
     lines = honest_ledger()
     h: dict[str, list] = {}
     for line in lines:
-        h.setdefault(line["client"], []).append((1.8, 0.5, 8))
-        line["group_size"] = 3
+        h.setdefault(line["client"], []).append((3.0, 0.5, 8))
+        line["group_size"], line["adjacency"], line["accountant"] = 3, "add-remove", "rdp"
         line["epsilon_max"] = 100.0
         line["epsilon_after"] = epsilon_spent(history=h[line["client"]], delta=DELTA, group=3)
     audit = audit_ledger(write(tmp_path / "g.jsonl", lines), budget=100.0)
     assert audit.ok, errors(audit)
     c1 = audit.clients["c1"]
-    assert c1.group == 3 and c1.epsilon_rdp == pytest.approx(c1.epsilon_reported)
+    assert c1.group == 3 and c1.epsilon == pytest.approx(c1.epsilon_reported)
+    assert c1.epsilon_independent == pytest.approx(c1.epsilon, rel=0.02)
     for line in lines:  # what a client that forgot the group would report
         line["epsilon_after"] = epsilon_spent(
-            history=h[line["client"]][: line["total_steps"] // 8], delta=DELTA
+            history=h[line["client"]][: line["total_steps"] // 8], delta=DELTA, accountant="rdp"
         )
     audit = audit_ledger(write(tmp_path / "u.jsonl", lines), budget=100.0)
     assert not audit.ok and any("c1" in e for e in errors(audit))

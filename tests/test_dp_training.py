@@ -52,22 +52,37 @@ def _cfg(**kw):
     return FedConfig(**base)
 
 
-def test_removing_one_interaction_changes_exactly_one_example():
-    rng = np.random.default_rng(0)
-    items, times = rng.integers(0, 500, 60), np.sort(rng.integers(0, 10**6, 60))
-    full = disjoint_examples(items, times, slots=8, history_len=20, key=3)
-    rows = {(t, tuple(c)) for t, c in zip(full[0].tolist(), full[1].tolist(), strict=True)}
-    for drop in range(60):
-        keep = np.arange(60) != drop
-        part = disjoint_examples(items[keep], times[keep], slots=8, history_len=20, key=3)
-        rows2 = {(t, tuple(c)) for t, c in zip(part[0].tolist(), part[1].tolist(), strict=True)}
-        assert len(rows - rows2) == 1  # exactly one example differs (or vanished)
-        assert len(rows2 - rows) <= 1
-    # the naive sliding window does NOT have this property: one interaction is in many examples
-    from fedrec.shared.model.examples import sequence_examples
+def _rows(examples):
+    from collections import Counter
 
-    _, _, ctx = sequence_examples([items], history_len=20)
-    assert (ctx == items[10]).any(axis=1).sum() > 1
+    t, c = examples
+    return Counter(zip(t.tolist(), map(tuple, c.tolist()), strict=True))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_one_interaction_is_one_replacement_of_disjoint_examples(seed):
+    """The claimed unit mapped onto the examples, on random histories: adding or removing one
+    interaction either adds/removes one example or replaces one example by another (never
+    more), which is the ``replace-one`` adjacency FedConfig declares for disjoint examples; and
+    both cases occur, so add/remove accounting (the old claim) would be wrong."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 80))
+    items, times = rng.integers(0, 500, n), np.sort(rng.choice(10**6, n, replace=False))
+    slots, key = int(rng.integers(2, 12)), int(rng.integers(0, 100))
+    full = _rows(disjoint_examples(items, times, slots=slots, history_len=20, key=key))
+    kinds = set()
+    for drop in range(n):  # removing interaction `drop` = adding it to the smaller history
+        keep = np.arange(n) != drop
+        part = _rows(disjoint_examples(items[keep], times[keep], slots=slots, history_len=20,
+                                       key=key))  # fmt: skip
+        gone, new = full - part, part - full
+        # (nothing changes when the interaction falls outside its slot's history-len window)
+        assert sum(gone.values()) <= 1 and sum(new.values()) <= 1
+        kinds.add("replace" if new and gone else "add-remove" if gone else "none")
+    assert _cfg(history_len=20).dp_adjacency() == "replace-one"
+    assert _cfg(history_len=20).dp_group() == 1
+    if n > 3 * slots:
+        assert "replace" in kinds
 
 
 @pytest.mark.parametrize("ffa", [True, False])
@@ -85,11 +100,15 @@ def test_dp_round_changes_adapter_and_accounts(ds, tiny_backbone, ffa):  # noqa:
     assert (b - before).abs().max() > 0  # a DP step really changed the LoRA B (DESIGN 7)
     assert (model.item_bias - bias_before).abs().max() > 0
     sigma = calibrated_noise(cfg)
-    assert store.history == [(sigma, 0.5, 3)]
-    assert r1.epsilon == pytest.approx(epsilon_spent(history=[(sigma, 0.5, 3)], delta=1e-5))
+    assert store.budget.history == [(sigma, 0.5, 3)]
+    assert store.budget.mechanism == cfg.dp_mechanism()
+    replace = dict(delta=1e-5, accountant="pld", adjacency="replace-one")
+    assert r1.epsilon == pytest.approx(epsilon_spent(history=[(sigma, 0.5, 3)], **replace))
     r2 = train_round(scorer, data, cfg, store, seed=1)
     # the accountant persisted: epsilon is the two rounds', not a fresh round's
-    assert r2.epsilon == pytest.approx(epsilon_spent(history=[(sigma, 0.5, 6)], delta=1e-5))
+    assert r2.epsilon == pytest.approx(epsilon_spent(history=[(sigma, 0.5, 6)], **replace))
+    # replace-one costs more than the add/remove epsilon the same history would claim
+    assert r2.epsilon > epsilon_spent(history=[(sigma, 0.5, 6)], delta=1e-5, accountant="pld")
     assert r2.epsilon > r1.epsilon * 1.2
     # Opacus' hooks were removed: a plain forward/backward no longer fills grad_sample
     for p in scorer.parameters():
@@ -110,15 +129,45 @@ def test_budget_is_never_exceeded(ds, tiny_backbone):  # noqa: F811
     assert [r.trained for r in eps] == [True, True, True, False, False]
     assert eps[2].epsilon <= cfg.epsilon and eps[2].epsilon > 0.9 * cfg.epsilon
     assert "budget" in eps[3].reason and eps[3].epsilon == pytest.approx(eps[2].epsilon)
-    assert len(store.history) == 1 and store.history[0][2] == 9  # refused rounds took no steps
+    hist = store.budget.history
+    assert len(hist) == 1 and hist[0][2] == 9  # refused rounds took no steps
+
+
+def test_device_keeps_its_mechanism_and_cap_whatever_the_server_says(ds, tiny_backbone):  # noqa: F811
+    """The budget stores the mechanism and the cap: a later run with a larger epsilon, or with
+    another adjacency (sliding windows), cannot re-account or extend the device's history."""
+    model = make_model(ds, tiny_backbone, id_residual=False, ffa=True)
+    scorer, data = CandidateScorer(model), _data(ds)
+    store = MemoryStore()
+    first = _cfg(backbone=str(tiny_backbone), num_rounds=2)
+    assert all(train_round(scorer, data, first, store, seed=r).trained for r in range(2))
+    assert store.budget.epsilon_max == first.epsilon
+    # a second run asks for 4x the budget: the device's cap (the first run's) still holds
+    greedy = _cfg(backbone=str(tiny_backbone), num_rounds=2, epsilon=16.0)
+    r = train_round(scorer, data, greedy, store, seed=2)
+    assert not r.trained and "budget" in r.reason and f"> {first.epsilon}" in r.reason
+    # the owner may set the device's cap explicitly (node config epsilon-max)
+    r = train_round(scorer, data, greedy, store, seed=3, device_cap=16.0)
+    assert r.trained and store.budget.epsilon_max == 16.0
+    # a run under sliding windows would account the same history at another adjacency: refused
+    seq = _cfg(backbone=str(tiny_backbone), examples="sequence", accountant="rdp", epsilon=50.0)
+    r = train_round(scorer, data, seq, store, seed=4)
+    assert not r.trained and r.reason.startswith("mechanism")
 
 
 def test_file_store_survives_restart_and_rejects_garbage(tmp_path):
+    from fedrec.client.local_train import Budget
+
     path = tmp_path / "dev" / "budget.json"
-    FileStore(path).save([(1.2, 0.5, 4)])
-    assert FileStore(path).load() == [(1.2, 0.5, 4)]
+    mech = _cfg().dp_mechanism()
+    FileStore(path).save(Budget([(1.2, 0.5, 4)], mech, 8.0))
+    assert FileStore(path).load() == Budget([(1.2, 0.5, 4)], mech, 8.0)
     path.write_text("{not json")
     with pytest.raises(ValueError, match="refusing to train"):
+        FileStore(path).load()
+    # an older fedrec's file: steps without the mechanism they were spent under
+    path.write_text('{"history": [[1.2, 0.5, 4]]}')
+    with pytest.raises(ValueError, match="not the mechanism"):
         FileStore(path).load()
 
 
@@ -146,8 +195,9 @@ def test_sequence_examples_only_without_local_dp(ds, tiny_backbone):  # noqa: F8
     from fedrec.shared.model.examples import sequence_examples
     from fedrec.shared.splitting import protocol_a
 
-    with pytest.raises(ValueError, match="accountant=rdp"):
-        _cfg(examples="sequence", accountant="prv")
+    for acc in ("prv", "pld"):
+        with pytest.raises(ValueError, match="accountant=rdp"):
+            _cfg(examples="sequence", accountant=acc)
     with pytest.raises(ValueError, match="'examples'"):
         _cfg(examples="windows", dp=False, epsilon=FedConfig.epsilon)
     sp = protocol_a(ds)
@@ -179,9 +229,12 @@ def test_sliding_windows_change_at_most_the_group_size_of_examples():
     rng = np.random.default_rng(1)
     items = rng.integers(0, 500, 40)
     hl = 4
-    k = _cfg(examples="sequence", history_len=hl).dp_group()
+    k = _cfg(examples="sequence", history_len=hl, accountant="rdp").dp_group()
     assert k == 1 + 2 * hl
     assert _cfg(history_len=hl).dp_group() == 1
+    assert _cfg(examples="sequence", history_len=hl, accountant="rdp").dp_adjacency() == (
+        "add-remove"
+    )
     assert _cfg(examples="sequence", history_len=hl, dp=False, epsilon=8.0).dp_group() == 1
 
     def rows(seq):
@@ -208,14 +261,14 @@ def test_dp_round_on_sliding_windows_reports_group_epsilon(ds, tiny_backbone):  
         users.append((sp.train_item[rows], sp.train_time[rows]))
     seq = build_examples(users, slots=6, history_len=8, key=0, sequence=True)
     model = make_model(ds, tiny_backbone, id_residual=False, ffa=True)
-    cfg = _cfg(backbone=str(tiny_backbone), examples="sequence", epsilon=8.0)
+    cfg = _cfg(backbone=str(tiny_backbone), examples="sequence", epsilon=8.0, accountant="rdp")
     r = train_round(CandidateScorer(model), seq, cfg, MemoryStore(), seed=0)
     k = cfg.dp_group()
     assert r.trained and k == 17
     hist = [(r.noise_multiplier, cfg.sample_rate, cfg.local_steps)]
     assert r.epsilon == pytest.approx(epsilon_spent(history=hist, delta=cfg.delta, group=k))
     assert r.epsilon > epsilon_spent(history=hist, delta=cfg.delta)  # the larger, group bound
-    disjoint = _cfg(backbone=str(tiny_backbone), epsilon=8.0)
+    disjoint = _cfg(backbone=str(tiny_backbone), epsilon=8.0, accountant="rdp")
     from fedrec.client.local_train import calibrated_noise
 
     assert r.noise_multiplier > calibrated_noise(disjoint)  # more noise for the same budget
@@ -256,3 +309,59 @@ def test_id_table_trains_without_dp_only_at_its_own_rate(ds, tiny_backbone):  # 
     assert torch.allclose(d_b2, d_b, atol=1e-6)
     d_same, _ = one_step(0.0)  # 0: the table follows lr (0.5)
     assert torch.allclose(d_same, d_id / 4, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_per_example_gradients_depend_on_their_example_alone(ds, tiny_backbone, seed):  # noqa: F811
+    """Property test on random histories: with one interaction added, every example other than
+    the affected one has a bit-identical per-example gradient (negatives and cold-dropout masks
+    included), through the training path's own loss (``batch_loss``) and Opacus' per-sample
+    gradients. Negatives drawn from one stream in batch order fail this: the added example
+    shifts every later example's draws."""
+    from opacus import GradSampleModule
+
+    from fedrec.client.local_train import batch_loss, quiet_opacus_hooks
+
+    rng = np.random.default_rng(seed)
+    model = make_model(ds, tiny_backbone, id_residual=False, ffa=True)
+    scorer = CandidateScorer(model)
+    cfg = _cfg(backbone=str(tiny_backbone), cold_dropout=0.3, negatives=12)
+    n = int(rng.integers(20, 50))
+    times = np.sort(rng.choice(10**6, n + 1, replace=False))
+    items = rng.integers(0, scorer.n_items, n + 1)
+    extra = int(rng.integers(0, n + 1))  # the interaction in one history and not the other
+    key, step = rng.bytes(32), int(rng.integers(0, 100))
+
+    def per_example(keep: np.ndarray) -> dict[tuple, torch.Tensor]:
+        ex = build_examples([(items[keep], times[keep])], slots=7, history_len=8, key=seed)
+        gsm = GradSampleModule(scorer, loss_reduction="sum")
+        try:
+            batch = [torch.as_tensor(ex.context), torch.as_tensor(ex.targets)]
+            loss = batch_loss(gsm, batch, scorer.n_items, cfg, key=key, step=step, summed=True)
+            with quiet_opacus_hooks():
+                loss.backward()
+            params = [p for p in scorer.parameters() if p.requires_grad]
+            grads = torch.cat(
+                [
+                    p.grad_sample.reshape(len(ex), -1)
+                    if getattr(p, "grad_sample", None) is not None
+                    else torch.zeros(len(ex), p.numel())
+                    for p in params
+                ],
+                dim=1,
+            )
+        finally:
+            gsm._close()
+            for p in scorer.parameters():
+                p.grad_sample, p.grad = None, None
+        rows = zip(ex.targets.tolist(), map(tuple, ex.context.tolist()), strict=True)
+        return {row: grads[i] for i, row in enumerate(rows)}
+
+    with_it = per_example(np.ones(n + 1, dtype=bool))
+    without = per_example(np.arange(n + 1) != extra)
+    shared = with_it.keys() & without.keys()
+    assert len(with_it) - len(shared) == 1 and len(without) - len(shared) <= 1
+    assert len(shared) >= 3
+    assert all(with_it[r].abs().sum() > 0 for r in shared)  # the gradients are not trivially 0
+    for row in shared:
+        assert torch.equal(with_it[row], without[row]), row

@@ -144,7 +144,13 @@ def test_statement_names_the_group_for_sliding_window_examples():
 
     p = {"rounds_per_client": {"2": 3}, "clients": 3, "epsilon_max": 7.9, "epsilon_median": 7.9,
          "refusals": 0}  # fmt: skip
-    seq = statement(FedConfig(examples="sequence", history_len=4), p)
-    assert "group-privacy bound for 9 examples" in seq
+    seq = statement(FedConfig(examples="sequence", history_len=4, accountant="rdp"), p)
+    assert "group-privacy bound for 9" in seq
     plain = statement(FedConfig(), p)
-    assert "exactly one training example" in plain and "group-privacy" not in plain
+    assert "exactly one training" in plain and "group-privacy" not in plain
+    # the statement says the example-level adjacency is a replacement, what is released in the
+    # clear, and that the catalog is assumed public
+    assert "REPLACES it" in plain and "replace-one" in plain
+    assert "item catalog (ids and texts) is public" in plain
+    assert "Federated evaluation was off" in plain
+    assert "sends its HR@10" in statement(FedConfig(fraction_evaluate=0.5), p)

@@ -255,7 +255,8 @@ def test_user_level_dp_clips_divides_by_the_sample_and_adds_calibrated_noise(tmp
     assert float(noise.std()) == pytest.approx(z * 2.0 / n, rel=0.05)
     assert metrics["failed"] == 1 and metrics["rejected"] == 1 and metrics["accepted"] == 2
     assert "client crashed" in caplog.text and "removed before clipping" in caplog.text
-    assert metrics["update_norm_median"] == pytest.approx((10.0 + 0.1) / 2, rel=1e-4)
+    # the clients' update norms are not noised: under DP they are not released
+    assert "update_norm_median" not in metrics
 
 
 def test_user_level_dp_survives_a_zero_update(tmp_path):

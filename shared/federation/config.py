@@ -79,6 +79,9 @@ class FedConfig:
     lr: float = 1.0
     negatives: int = 50
     slots: int = 32
+    # what a DP client divides its noised gradient sum by: a constant, never the data's size
+    # (0 = sample-rate * slots * the client's users; see client.local_train.batch_divisor)
+    batch_divisor: float = 0.0
     # how a client builds its training examples: "disjoint" (each interaction in exactly one
     # example, what makes per-example DP-SGD DP for the interaction) or "sequence" (central
     # training's sliding windows: every interaction a target, its ``history-len`` predecessors
@@ -91,7 +94,9 @@ class FedConfig:
     epsilon: float = 8.0
     delta: float = 1e-5
     max_grad_norm: float = 1.0
-    accountant: str = "rdp"
+    # pld: dp-accounting's privacy-loss distributions (tight for replace-one); prv: Opacus' PRV
+    # numerics; rdp: Opacus' RDP (loose for replace-one: two add/remove steps)
+    accountant: str = "pld"
     noise_multiplier: float = 0.0
     planned_rounds: int = 0
     # user-level DP (DP-FedAvg, Flower's DifferentialPrivacyServerSideFixedClipping wrapper):
@@ -145,6 +150,12 @@ class FedConfig:
         _need(1 <= self.negatives <= 100_000, "negatives", self.negatives, "1..100000")
         _need(1 <= self.slots <= 10_000, "slots", self.slots, "1..10000")
         _need(
+            0 <= self.batch_divisor <= 1e7,
+            "batch-divisor",
+            self.batch_divisor,
+            "0 (sample-rate * slots * users) or a positive constant up to 1e7",
+        )
+        _need(
             self.examples in ("disjoint", "sequence"),
             "examples",
             self.examples,
@@ -160,7 +171,12 @@ class FedConfig:
         _need(self.epsilon > 0, "epsilon", self.epsilon, "> 0")
         _need(0 < self.delta < 1, "delta", self.delta, "0 < delta < 1")
         _need(self.max_grad_norm > 0, "max-grad-norm", self.max_grad_norm, "> 0")
-        _need(self.accountant in ("rdp", "prv"), "accountant", self.accountant, "rdp or prv")
+        _need(
+            self.accountant in ("pld", "prv", "rdp"),
+            "accountant",
+            self.accountant,
+            "pld, prv or rdp",
+        )
         _need(self.noise_multiplier >= 0, "noise-multiplier", self.noise_multiplier, ">= 0")
         _need(self.planned_rounds >= 0, "planned-rounds", self.planned_rounds, ">= 0")
         _need(self.user_clip > 0, "user-clip", self.user_clip, "> 0")
@@ -192,10 +208,6 @@ class FedConfig:
             warnings.warn(
                 "run config 'lr-id' is ignored: id-residual=false", UserWarning, stacklevel=3
             )
-        if self.examples == "sequence" and self.slots != FedConfig.slots:
-            warnings.warn(
-                "run config 'slots' is ignored: examples=sequence", UserWarning, stacklevel=3
-            )
         if self.partition == "user" and self.silos != FedConfig.silos:
             warnings.warn(
                 "run config 'silos' is ignored: partition=user", UserWarning, stacklevel=3
@@ -223,13 +235,33 @@ class FedConfig:
         return self.lr_id or self.lr
 
     def dp_group(self) -> int:
-        """How many training examples one interaction can change (add/remove distance), the
-        group size of the local DP-SGD guarantee. Disjoint examples: 1. Sliding windows: the
-        interaction's own example goes, and each of the next ``history-len`` examples has it
-        in its context, so changes (a replacement: one removal plus one addition)."""
+        """How many training examples one interaction can change, in add/remove steps, when the
+        adjacency is ``add-remove`` (:meth:`dp_adjacency`). Sliding windows: the interaction's
+        own example goes, and each of the next ``history-len`` examples has it in its context,
+        so changes (a replacement: one removal plus one addition): 1 + 2 * history-len.
+        Disjoint examples: 1, with ``replace-one`` adjacency."""
         if self.dp and self.examples == "sequence":
             return 1 + 2 * self.history_len
         return 1
+
+    def dp_adjacency(self) -> str:
+        """What one interaction does to the training examples (see
+        :mod:`fedrec.shared.privacy.accounting`). Disjoint examples: adding or removing an
+        interaction adds or removes one example (its slot was empty) or REPLACES the one example
+        of its slot (its target or its context changes): ``replace-one``. Sliding windows: up to
+        :meth:`dp_group` add/remove steps (``add-remove``). ``tests/test_dp_training.py`` checks
+        both mappings on random histories."""
+        return "add-remove" if self.dp and self.examples == "sequence" else "replace-one"
+
+    def dp_mechanism(self) -> dict[str, Any]:
+        """The local DP mechanism's accounting parameters (all but the noise and sampling, which
+        each accountant-history run carries): what a device stores beside its history."""
+        return {
+            "accountant": self.accountant,
+            "adjacency": self.dp_adjacency(),
+            "group_size": self.dp_group(),
+            "delta": self.delta,
+        }
 
     def rounds_planned(self) -> int:
         """Rounds each client budgets for: set explicitly, or the 99th percentile of

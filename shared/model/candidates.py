@@ -36,8 +36,10 @@ are masked out.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler
@@ -403,6 +405,45 @@ def sample_candidates(
     """``(batch, 1 + negatives)``: each target followed by uniform draws from the catalog."""
     neg = torch.randint(n_items, (targets.shape[0], negatives), generator=generator)
     return torch.cat([targets.unsqueeze(1), neg], dim=1)
+
+
+def keyed_candidates(
+    targets: torch.Tensor,
+    context: torch.Tensor,
+    *,
+    n_items: int,
+    negatives: int,
+    key: bytes,
+    step: int,
+    cold_dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-example candidates ``(batch, 1 + negatives)`` and cold-dropout mask (same shape, or
+    None when ``cold_dropout`` is 0), each row a function of that example's own content
+    (target and context), a secret ``key`` and the public ``step`` only.
+
+    Under per-example DP-SGD every example's loss must depend on that example and public data
+    alone: negatives drawn from one stream in batch order would shift every later example's
+    negatives when one example is added or removed, and the change to the clipped sum would no
+    longer be bounded by the clip norm. Here example ``i`` seeds its own generator with
+    ``blake2b(key, step, target_i, context_i)``; the same example gets the same draws whatever
+    else is in the batch (``tests/test_dp_training.py``). ``key`` is fresh OS randomness per
+    round (the server must not know it). Two identical examples draw the same negatives, which
+    is harmless: each still depends on itself only.
+    """
+    t = targets.numpy().astype(np.int64)
+    c = context.numpy().astype(np.int64)
+    neg = np.empty((t.shape[0], negatives), dtype=np.int64)
+    cold = np.empty((t.shape[0], 1 + negatives), dtype=bool) if cold_dropout > 0 else None
+    head = key + int(step).to_bytes(8, "little")
+    for i in range(t.shape[0]):
+        ctx = c[i][c[i] >= 0]  # the padding width depends on the batch: hash the items only
+        digest = hashlib.blake2b(head + t[i].tobytes() + ctx.tobytes(), digest_size=16).digest()
+        rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest, "little")))
+        neg[i] = rng.integers(n_items, size=negatives)
+        if cold is not None:
+            cold[i] = rng.random(1 + negatives) < cold_dropout
+    cands = torch.cat([targets.unsqueeze(1), torch.from_numpy(neg)], dim=1)
+    return cands, (torch.from_numpy(cold) if cold is not None else None)
 
 
 def candidate_loss(

@@ -5,8 +5,15 @@ The ledger (``RUN/privacy/ledger.jsonl``, DESIGN 6) holds one JSON line per clie
 with the mechanism of that round: ``noise_multiplier``, ``sample_rate``, ``steps`` (Poisson
 sampled DP-SGD steps), ``delta``, ``accountant`` and the ``epsilon_after`` the client reported
 for its whole history. The audit trusts none of the reported epsilons. For each client it
-rebuilds the mechanism history from the ledger lines in round order and recomputes epsilon with
-Opacus' RDP and PRV accountants, then checks:
+rebuilds the mechanism history from the ledger lines in round order and recomputes epsilon under
+the mechanism the run's config gives (accountant, adjacency, group size, delta: never the
+ledger's word for them), and again with a second, independent accountant
+(:func:`fedrec.shared.privacy.accounting.independent_epsilon`), then checks:
+
+- every line's mechanism fields equal the config's (a ledger that claims add/remove where the
+  examples make one interaction a replacement is an error);
+- the reported epsilon is not below the independent recomputation by more than
+  ``INDEPENDENT_TOLERANCE``;
 
 - every line parses and has the required fields with valid values (a truncated LAST line, the
   trace of a crash mid-write, is a warning; any other unreadable line is an error);
@@ -37,9 +44,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedrec.shared.privacy.accounting import ACCOUNTANTS, Run, epsilon_spent
+from fedrec.shared.privacy.accounting import (
+    ACCOUNTANTS,
+    ADJACENCIES,
+    Run,
+    epsilon_spent,
+    independent_epsilon,
+)
 
-TOLERANCE = 0.01  # relative; the issue's target is agreement within 1 %
+TOLERANCE = 0.01  # relative: reported vs recomputed with the same accountant
+# relative: the claim vs a second, independent accountant (different numerics, same bound)
+INDEPENDENT_TOLERANCE = 0.02
 _ABS_TOL = 1e-6  # epsilon values this small are compared absolutely
 
 
@@ -101,6 +116,8 @@ _OPTIONAL: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "total_steps": ((int,), lambda v: v >= -1, "an integer (-1 = not reported)"),
     "max_grad_norm": ((int, float), lambda v: v > 0, "a number > 0"),
     "history": ((list,), lambda v: True, "a list of [sigma, q, steps]"),
+    "adjacency": ((str,), lambda v: v in ADJACENCIES, f"one of {ADJACENCIES}"),
+    "group_size": ((int,), lambda v: v >= 1, "an integer >= 1"),
 }
 
 
@@ -133,12 +150,14 @@ class ClientAudit:
     rounds: list[int] = field(default_factory=list)  # rounds it trained in
     refusals: list[int] = field(default_factory=list)  # rounds it refused (budget, no data)
     epsilon_reported: float = 0.0
-    epsilon_rdp: float = 0.0
-    epsilon_prv: float = 0.0
+    epsilon: float = 0.0  # recomputed with the run's accountant and adjacency
+    epsilon_independent: float = 0.0  # recomputed by a second, independent accountant
+    independent: str = ""  # that accountant's name
     budget: float | None = None
     delta: float | None = None
-    accountant: str = "rdp"
-    group: int = 1  # examples one interaction can change (ledger "group_size"; 1 if absent)
+    accountant: str = "pld"
+    adjacency: str = "replace-one"
+    group: int = 1  # add/remove steps one interaction can make (adjacency add-remove)
     budget_left: float | None = None
     more_rounds: int | None = None  # rounds it could still join at its last round's settings
     history: list[Run] = field(default_factory=list)
@@ -163,9 +182,9 @@ class LedgerAudit:
     def ok(self) -> bool:
         return not self.errors
 
-    def epsilons(self, accountant: str) -> list[float]:
-        key = "epsilon_rdp" if accountant == "rdp" else "epsilon_prv"
-        return [getattr(c, key) for c in self.clients.values() if c.rounds]
+    def epsilons(self) -> list[float]:
+        """The recomputed epsilon of every client that trained."""
+        return [c.epsilon for c in self.clients.values() if c.rounds]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -257,9 +276,13 @@ def audit_ledger(
     tolerance: float = TOLERANCE,
     budget: float | None = None,
     num_rounds: int | None = None,
+    mechanism: dict[str, Any] | None = None,
 ) -> LedgerAudit:
-    """Verify ``path`` (see the module docstring). ``budget`` / ``num_rounds`` come from the run
-    config when known; a line's own ``epsilon_max`` is used when ``budget`` is None."""
+    """Verify ``path`` (see the module docstring). ``budget`` / ``num_rounds`` / ``mechanism``
+    (:meth:`FedConfig.dp_mechanism`: accountant, adjacency, group_size, delta) come from the
+    run's config when known; then every line's mechanism fields must agree with it, and every
+    epsilon is recomputed under the config's mechanism, not the ledger's. Without it the
+    ledger's own fields are used (a line without ``adjacency`` is an older add/remove claim)."""
     entries, findings = read_ledger_lines(path)
     clients: dict[str, ClientAudit] = {}
     seen: dict[tuple[str, int], int] = {}
@@ -301,8 +324,10 @@ def audit_ledger(
         c = ClientAudit(client=name)
         clients[name] = c
         first = rows[0][1]
-        c.delta, c.accountant = float(first["delta"]), str(first["accountant"])
-        c.group = int(first.get("group_size", 1))
+        claimed = _line_mechanism(first)
+        truth = dict(mechanism) if mechanism is not None else claimed
+        c.accountant, c.adjacency = str(truth["accountant"]), str(truth["adjacency"])
+        c.group, c.delta = int(truth["group_size"]), float(truth["delta"])
         steps_so_far = 0
         prior = _carried(rows[0][1])
         if prior is not None:
@@ -321,23 +346,31 @@ def audit_ledger(
         for no, e in rows:
             rnd = e["round"]
             trained = bool(e.get("trained", e["steps"] > 0))
-            if (
-                float(e["delta"]) != c.delta
-                or e["accountant"] != c.accountant
-                or int(e.get("group_size", 1)) != c.group
-            ):
+            line_mech = _line_mechanism(e)
+            if line_mech != claimed:
                 findings.append(
                     Finding(
                         "error",
-                        f"delta/accountant/group_size changed to {e['delta']}/{e['accountant']}/"
-                        f"{e.get('group_size', 1)} from {c.delta}/{c.accountant}/{c.group}: one "
-                        "client's history must use one of each",
+                        f"mechanism changed to {line_mech} from {claimed}: one client's history "
+                        "must use one accountant, adjacency, group size and delta",
                         name,
                         rnd,
                         no,
                     )
                 )
                 continue
+            if mechanism is not None and line_mech != truth:
+                findings.append(
+                    Finding(
+                        "error",
+                        f"the ledger claims {_differences(line_mech, truth)}; the run's "
+                        "config.json gives the mechanism actually run: every epsilon here is "
+                        "recomputed under config.json's",
+                        name,
+                        rnd,
+                        no,
+                    )
+                )
             if trained:
                 if e["steps"] > 0:
                     if not e["noise_multiplier"] > 0:
@@ -399,9 +432,7 @@ def audit_ledger(
                     )
                 steps_so_far = total  # report each gap once
             reported = float(e["epsilon_after"])
-            recomputed = epsilon_spent(
-                history=c.history, delta=c.delta, accountant=c.accountant, group=c.group
-            )
+            recomputed = epsilon_spent(history=c.history, **_kw(c))
             if not _close(reported, recomputed, tolerance):
                 why = (
                     "the client under-reports (did it re-create its accountant, or drop earlier "
@@ -414,8 +445,8 @@ def audit_ledger(
                     Finding(
                         "error",
                         f"reported epsilon {reported:.6g}, recomputed {recomputed:.6g} from the "
-                        f"ledger's mechanism history ({c.accountant.upper()}, delta={c.delta}): "
-                        f"{why}",
+                        f"ledger's mechanism history ({c.accountant.upper()}, {c.adjacency}, "
+                        f"group {c.group}, delta={c.delta}): {why}",
                         name,
                         rnd,
                         no,
@@ -437,19 +468,48 @@ def audit_ledger(
                     )
             c.epsilon_reported = reported
             c.trajectory.append((rnd, recomputed))
-        c.epsilon_rdp = epsilon_spent(
-            history=c.history, delta=c.delta, accountant="rdp", group=c.group
-        )
-        # PRV cannot reach group privacy's tiny example-level deltas: no PRV bound then
-        c.epsilon_prv = (
-            epsilon_spent(history=c.history, delta=c.delta, accountant="prv")
-            if c.group == 1
-            else math.inf
-        )
+        c.epsilon = epsilon_spent(history=c.history, **_kw(c))
+        c.epsilon_independent, c.independent = independent_epsilon(history=c.history, **_kw(c))
+        if c.rounds and c.epsilon_reported < c.epsilon_independent * (1 - INDEPENDENT_TOLERANCE):
+            findings.append(
+                Finding(
+                    "error",
+                    f"reported epsilon {c.epsilon_reported:.6g} is below the independent "
+                    f"recomputation ({c.independent}) {c.epsilon_independent:.6g} by more than "
+                    f"{INDEPENDENT_TOLERANCE:.0%}",
+                    name,
+                )
+            )
     audit = LedgerAudit(str(path), len(entries), findings, clients, tolerance)
     for c in clients.values():
         budget_view(c, by_client[c.client])
     return audit
+
+
+def _line_mechanism(e: dict[str, Any]) -> dict[str, Any]:
+    """A ledger line's claimed mechanism; lines written before fedrec recorded the adjacency
+    claimed add/remove."""
+    return {
+        "accountant": str(e["accountant"]),
+        "adjacency": str(e.get("adjacency", "add-remove")),
+        "group_size": int(e.get("group_size", 1)),
+        "delta": float(e["delta"]),
+    }
+
+
+def _differences(claimed: dict[str, Any], truth: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {claimed[k]!r} (config.json: {truth[k]!r})" for k in truth
+                     if claimed.get(k) != truth[k])  # fmt: skip
+
+
+def _kw(c: ClientAudit) -> dict[str, Any]:
+    assert c.delta is not None
+    return {
+        "delta": c.delta,
+        "accountant": c.accountant,
+        "group": c.group,
+        "adjacency": c.adjacency,
+    }
 
 
 def budget_view(c: ClientAudit, rows: list[tuple[int, dict[str, Any]]], cap: int = 10_000) -> None:
@@ -457,9 +517,8 @@ def budget_view(c: ClientAudit, rows: list[tuple[int, dict[str, Any]]], cap: int
     the client could join before its next round would exceed the budget."""
     if c.budget is None or c.delta is None:
         return
-    budget, delta = c.budget, c.delta
-    spent = c.epsilon_rdp if c.accountant == "rdp" else c.epsilon_prv
-    c.budget_left = max(0.0, c.budget - spent)
+    budget = c.budget
+    c.budget_left = max(0.0, c.budget - c.epsilon)
     last = next(
         (e for _no, e in reversed(rows) if e.get("trained", e["steps"] > 0) and e["steps"] > 0),
         None,
@@ -469,10 +528,7 @@ def budget_view(c: ClientAudit, rows: list[tuple[int, dict[str, Any]]], cap: int
     run = (float(last["noise_multiplier"]), float(last["sample_rate"]), int(last["steps"]))
 
     def fits(k: int) -> bool:
-        eps = epsilon_spent(
-            history=[*c.history, *[run] * k], delta=delta, accountant=c.accountant, group=c.group
-        )
-        return eps <= budget
+        return epsilon_spent(history=[*c.history, *[run] * k], **_kw(c)) <= budget
 
     if not fits(1):
         c.more_rounds = 0
@@ -490,19 +546,23 @@ def budget_view(c: ClientAudit, rows: list[tuple[int, dict[str, Any]]], cap: int
 
 
 def histogram(values: list[float], bins: int = 10) -> list[tuple[float, float, int]]:
-    """``(low, high, count)`` bins over ``[0, max]`` (equal width)."""
+    """``(low, high, count)`` bins over ``[0, max]`` (equal width) of the finite values; an
+    infinite epsilon (no finite bound) gets a last ``(max, inf, count)`` bin."""
+    infinite = sum(1 for v in values if not math.isfinite(v))
+    values = [v for v in values if math.isfinite(v)]
     if not values:
-        return []
+        return [(0.0, math.inf, infinite)] if infinite else []
     top = max(values) or 1.0
     width = top / bins
     counts = [0] * bins
     for v in values:
         counts[min(bins - 1, int(v / width))] += 1
-    return [(i * width, (i + 1) * width, n) for i, n in enumerate(counts)]
+    bins_out = [(i * width, (i + 1) * width, n) for i, n in enumerate(counts)]
+    return bins_out + ([(top, math.inf, infinite)] if infinite else [])
 
 
-def summary(audit: LedgerAudit, accountant: str) -> dict[str, Any]:
-    eps = audit.epsilons(accountant)
+def summary(audit: LedgerAudit) -> dict[str, Any]:
+    eps = audit.epsilons()
     rounds = [len(c.rounds) for c in audit.clients.values()]
     return {
         "clients": len(audit.clients),

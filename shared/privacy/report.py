@@ -17,8 +17,14 @@ from typing import Any
 import numpy as np
 
 from fedrec.shared.federation.config import FedConfig, parse_run_config
-from fedrec.shared.privacy.accounting import ACCOUNTANTS
-from fedrec.shared.privacy.audit import TOLERANCE, Finding, LedgerAudit, audit_ledger, summary
+from fedrec.shared.privacy.audit import (
+    INDEPENDENT_TOLERANCE,
+    TOLERANCE,
+    Finding,
+    LedgerAudit,
+    audit_ledger,
+    summary,
+)
 from fedrec.shared.privacy.statement import statement
 from fedrec.shared.privacy.user_level import audit_user_level
 
@@ -43,15 +49,12 @@ def load_fed_config(run: Path) -> FedConfig:
 def audit_run(
     run: Path,
     *,
-    accountant: str | None = None,
     tolerance: float = TOLERANCE,
     plot: bool = True,
 ) -> tuple[dict[str, Any], str]:
     """The audit report (a JSON-able dict with ``ok``) and its human-readable text."""
-    if accountant is not None and accountant not in ACCOUNTANTS:
-        raise ValueError(f"--accountant {accountant!r}: use one of {ACCOUNTANTS}")
     cfg = load_fed_config(run)
-    acc = accountant or cfg.accountant
+    acc = cfg.accountant
     user: dict[str, Any] = {"enabled": False}
     user_problems: list[str] = []
     if cfg.user_dp:
@@ -71,13 +74,15 @@ def audit_run(
             "findings": [{"severity": "error", "message": m} for m in user_problems],
         }
         return report, text
+    mech = cfg.dp_mechanism()
     audit = audit_ledger(
         run / "privacy" / "ledger.jsonl",
         tolerance=tolerance,
         budget=cfg.epsilon,
         num_rounds=cfg.num_rounds,
+        mechanism=mech,
     )
-    summ = summary(audit, acc)
+    summ = summary(audit)
     _check_claim(run, audit, summ, tolerance)
     if plot and audit.clients:
         plot_epsilon(run / "privacy" / "epsilon.png", audit, cfg.epsilon, acc)
@@ -140,23 +145,26 @@ def _text(cfg: FedConfig, audit: LedgerAudit, summ: dict[str, Any], acc: str) ->
     trained = [c for c in audit.clients.values() if c.rounds]
     if trained:
         dev = max(
-            abs(c.epsilon_reported - (c.epsilon_rdp if c.accountant == "rdp" else c.epsilon_prv))
-            / max(c.epsilon_reported, 1e-12)
-            for c in trained
+            abs(c.epsilon_reported - c.epsilon) / max(c.epsilon_reported, 1e-12) for c in trained
         )
         ratios = [
-            c.epsilon_prv / c.epsilon_rdp
+            c.epsilon_independent / c.epsilon
             for c in trained
-            if c.epsilon_rdp and math.isfinite(c.epsilon_prv)
-        ]
+            if 0 < c.epsilon < math.inf and math.isfinite(c.epsilon_independent)
+        ] or [math.nan]
+        first = trained[0]
         out += [
             f"- {audit.lines} ledger lines, {len(audit.clients)} clients ({len(trained)} trained).",
+            f"- Mechanism recomputed from config.json: {first.accountant.upper()} accountant, "
+            f"{first.adjacency} adjacency"
+            + (f" (group of {first.group})" if first.group > 1 else "")
+            + f", delta {first.delta}.",
             f"- Reported vs recomputed epsilon (same accountant): largest relative difference "
             f"{dev:.2e} (tolerance {audit.tolerance:.0e}).",
-            f"- PRV / RDP epsilon, median over clients: {statistics.median(ratios):.3f} (RDP is "
-            "an upper bound; PRV is tighter)."
-            if ratios
-            else "- PRV: no bound (group privacy, examples=sequence: computed with RDP only).",
+            f"- Independent recomputation ({first.independent}) / recomputed, over clients: "
+            f"min {min(ratios):.4f}, median {statistics.median(ratios):.4f}, max "
+            f"{max(ratios):.4f} (a claim more than {INDEPENDENT_TOLERANCE:.0%} below the "
+            "independent value fails).",
         ]
     if audit.findings:
         out += ["", *[f"- {f}" for f in audit.findings]]
@@ -167,18 +175,17 @@ def _text(cfg: FedConfig, audit: LedgerAudit, summ: dict[str, Any], acc: str) ->
         "## Budget (highest epsilon first)",
         "",
     ]
-    key = (lambda c: c.epsilon_rdp) if acc == "rdp" else (lambda c: c.epsilon_prv)
-    rows = sorted(audit.clients.values(), key=key, reverse=True)
+    rows = sorted(audit.clients.values(), key=lambda c: c.epsilon, reverse=True)
     out.append(
-        f"{'client':>10} {'rounds':>6} {'refused':>7} {'reported':>9} {'RDP':>8} {'PRV':>8} "
-        f"{'left':>7} {'more rounds':>11}"
+        f"{'client':>10} {'rounds':>6} {'refused':>7} {'reported':>9} {'recomputed':>10} "
+        f"{'independent':>11} {'left':>7} {'more rounds':>11}"
     )
     for c in rows[:15]:
         left = f"{c.budget_left:.3f}" if c.budget_left is not None else "-"
         more = str(c.more_rounds) if c.more_rounds is not None else "-"
         out.append(
             f"{c.client:>10} {len(c.rounds):>6} {len(c.refusals):>7} {c.epsilon_reported:>9.4f} "
-            f"{c.epsilon_rdp:>8.4f} {c.epsilon_prv:>8.4f} {left:>7} {more:>11}"
+            f"{c.epsilon:>10.4f} {c.epsilon_independent:>11.4f} {left:>7} {more:>11}"
         )
     if len(rows) > 15:
         out.append(f"... {len(rows) - 15} more clients: `fedrec audit RUN --json` lists all")
@@ -202,7 +209,8 @@ def plot_epsilon(path: Path, audit: LedgerAudit, budget: float, acc: str) -> Non
         while i < len(events) and events[i][0] <= r:
             current[events[i][1]] = events[i][2]
             i += 1
-        v = np.array(list(current.values())) if current else np.zeros(1)
+        finite = [x for x in current.values() if math.isfinite(x)]
+        v = np.array(finite) if finite else np.zeros(1)
         stats.append((v.max(), np.median(v), *np.percentile(v, [10, 90])))
     s = np.array(stats) if stats else np.zeros((0, 4))
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -212,12 +220,12 @@ def plot_epsilon(path: Path, audit: LedgerAudit, budget: float, acc: str) -> Non
         axes[0].plot(rounds, s[:, 1], "--", label="median")
     axes[0].axhline(budget, color="red", lw=1, label=f"budget {budget}")
     axes[0].set(
-        title="epsilon spent by clients that trained so far (RDP, recomputed)",
+        title=f"epsilon spent by clients that trained so far ({acc.upper()}, recomputed)",
         xlabel="round",
         ylabel="epsilon",
     )
     axes[0].legend(fontsize=7)
-    final = audit.epsilons(acc)
+    final = [e for e in audit.epsilons() if math.isfinite(e)]  # inf: no finite bound
     axes[1].hist(final, bins=20)
     axes[1].axvline(budget, color="red", lw=1)
     axes[1].set(

@@ -53,13 +53,18 @@ def _local(cfg: FedConfig, p: dict[str, Any]) -> str:
     return f"""## Local DP-SGD (per interaction)
 
 - **Unit of privacy**: one interaction (user, item, timestamp) of a client's data.
-- **Adjacency**: add/remove one interaction.
+- **Adjacency**: add/remove one interaction. {_examples(cfg)}
 - **Mechanism**: local DP-SGD with Opacus at every client: Poisson sampling at rate
   {cfg.sample_rate}, per-example clipping to L2 norm {cfg.max_grad_norm}, Gaussian noise,
-  {cfg.local_steps} steps per round. {_examples(cfg)}
-- **Accountant**: Opacus {cfg.accountant.upper()}, over each client's whole history (persistent
-  across rounds); sampling assumption: Poisson subsampling within the client's own examples.
-  No amplification from client sampling by the server is claimed.
+  {cfg.local_steps} steps per round. The noised sum is divided by a constant
+  ({_divisor(cfg)}), never by the data's size. Each example's
+  negatives and cold-dropout mask are a keyed hash of that example and a per-round secret
+  (fresh OS randomness), so no example's gradient depends on another's.
+- **Accountant**: {_ACCOUNTANTS[cfg.accountant]}, over each client's whole history
+  (persistent across rounds, stored with its mechanism and the client's own cap); sampling
+  assumption: Poisson subsampling within the client's own examples. No amplification from
+  client sampling by the server is claimed. `fedrec audit` recomputes every epsilon under this
+  mechanism and again with an independent accountant.
 - **delta** = {cfg.delta}; **budget** epsilon_max = {cfg.epsilon} per client.
 - **Per-client epsilon** ({p["clients"]} clients that took part): max {p["epsilon_max"]:.4f},
   median {p["epsilon_median"]:.4f}. Rounds trained per client: {hist or "none"}.
@@ -67,18 +72,38 @@ def _local(cfg: FedConfig, p: dict[str, Any]) -> str:
 """
 
 
+_ACCOUNTANTS = {
+    "pld": "Google's dp-accounting privacy-loss distributions (PLD; tight for replace-one)",
+    "prv": "Opacus' PRV numerics (replace-one through fedrec's own privacy random variable)",
+    "rdp": "Opacus RDP (a replacement bounded as two add/remove steps: loose)",
+}
+
+
+def _divisor(cfg: FedConfig) -> str:
+    if cfg.batch_divisor > 0:
+        return f"batch-divisor = {cfg.batch_divisor}"
+    return (
+        f"sample-rate x slots x the client's users = {cfg.sample_rate} x {cfg.slots} x users; "
+        "the number of users on a client is public here"
+    )
+
+
 def _examples(cfg: FedConfig) -> str:
     k = cfg.dp_group()
-    if k == 1:
+    if cfg.dp_adjacency() == "replace-one":
         return (
-            "Each interaction is in exactly one training example\n  (keyed-hash groups, see "
-            "`fedrec.client.local_train`), so per-example DP is per-interaction DP."
+            "Each interaction is in exactly one training\n  example (keyed-hash groups, "
+            "`fedrec.shared.model.examples.disjoint_examples`): adding or removing it\n  adds "
+            "or removes that example, or REPLACES it (the example's target or context changes).\n"
+            "  Every epsilon here is for that example-level adjacency (replace-one, or add/remove "
+            "one;\n  the larger of the two)."
         )
     return (
         f"Training examples are sliding windows (`examples=sequence`): one interaction\n  "
-        f"changes up to {k} examples (1 + 2 x history-len {cfg.history_len}), so every epsilon "
-        f"here is the\n  group-privacy bound for {k} examples at the stated delta "
-        "(`fedrec.shared.privacy.accounting.group_epsilon`),\n  not the per-example one."
+        f"changes up to {k} examples in add/remove steps (1 + 2 x history-len "
+        f"{cfg.history_len}), so every\n  epsilon here is the group-privacy bound for {k} "
+        "examples at the stated delta\n  (`fedrec.shared.privacy.accounting.group_epsilon`), "
+        "not the per-example one."
     )
 
 
@@ -98,7 +123,11 @@ def _user_level(cfg: FedConfig, u: dict[str, Any]) -> str:
   (of {u["clients"]} clients; missing or rejected clients count as zero) and Gaussian noise of
   std {u["noise_std"]:.4g} (noise multiplier {u["noise_multiplier"]:.4f}) is added.
 - **epsilon = {u["epsilon"]:.4f} at delta = {u["delta"]}** after {u["releases"]} noisy
-  release(s) (budget {u["epsilon_budget"]}), {u["accounting"]}. Flower samples a fixed number
+  release(s) (budget {u["epsilon_budget"]}), {u["accounting"]}, for zero-out adjacency. With
+  a fixed number of clients per round, adding or removing a client (or swapping it for another)
+  changes the sum by up to twice the clip: for that adjacency epsilon is
+  {u.get("epsilon_replace_one", float("nan")):.4f} (the same releases at half the noise
+  multiplier). Flower samples a fixed number
   of clients without replacement, which is not the Poisson sampling the amplification bound
   assumes; under that assumption it would be {u["epsilon_if_poisson_sampling"]:.4f} (not claimed).
 - **Trust**: the server is trusted to clip and add the noise (no secure aggregation: it sees
@@ -108,17 +137,31 @@ def _user_level(cfg: FedConfig, u: dict[str, Any]) -> str:
 
 
 def _not_protected(cfg: FedConfig) -> str:
+    evaluation = (
+        f"- Federated evaluation (`fraction-evaluate` = {cfg.fraction_evaluate} in this run): "
+        "each evaluated client\n  sends its HR@10, NDCG@10 and number of held-out queries on "
+        "its own held-out items without\n  noise; the run's federated metrics are computed from "
+        "them.\n"
+        if cfg.fraction_evaluate > 0
+        else "- Federated evaluation was off (`fraction-evaluate` = 0): clients sent no metrics "
+        "on held-out items.\n"
+    )
     return f"""## Not protected
 The guarantees cover the adapter tensors each client sends (local DP-SGD) and the global model
 the server releases (user-level DP, when on). Everything below is outside them:
-- The number of training examples and the mean training loss each client reports per round:
-  computed from the client's data and sent without noise, so they can leak about single
-  interactions.
+- Under DP a reply's example count, training loss and duration are constants (1, 0, 0): they
+  are computed from the data, so they are not sent. Its epsilon, steps and accountant
+  history are functions of the public mechanism and of which rounds the client joined.
+{evaluation}- The item catalog (ids and texts) is public by assumption: negatives are drawn from it
+  and every client holds it.
 - A user's whole history, unless user-level DP is on: the local guarantee is per interaction; a
   user with many interactions is protected for each one, not for all of them together.
 - Which clients took part in which round (client ids in the ledger).
 - Profile fields when `use-profile` is on ({cfg.use_profile} in this run): a profile feeds every
   example of its user, so it is not covered by the per-interaction guarantee.
-- Randomness: client sampling and noise come from PyTorch's generator seeded from OS entropy,
-  not a cryptographically secure generator (Opacus' secure mode is not used).
+- Randomness: Poisson sampling and noise come from PyTorch's generator seeded from OS entropy,
+  not a cryptographically secure generator (Opacus' secure mode is not used); negatives and
+  masks from NumPy's PCG64 keyed by BLAKE2b of a 32-byte OS secret per round.
+- Partial replies: a client whose reply is lost after it trained has spent budget that the
+  server's ledger misses; the client's own budget file has it.
 """

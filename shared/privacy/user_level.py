@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from fedrec.shared.federation.config import FedConfig
-from fedrec.shared.privacy.accounting import epsilon_spent, noise_for_budget
+from fedrec.shared.privacy.accounting import epsilon_spent, independent_epsilon, noise_for_budget
+from fedrec.shared.privacy.audit import INDEPENDENT_TOLERANCE
 
 
 def user_noise_multiplier(cfg: FedConfig) -> float:
@@ -36,7 +37,11 @@ def user_level_summary(
         "unit": "one client's whole data set ("
         + ("one user" if cfg.partition == "user" else "one silo of users")
         + ")",
-        "adjacency": "add/remove one client",
+        # with a fixed number of clients per round, adding or removing one client swaps its
+        # update for another's (sensitivity 2 x clip / n); the calibration covers one client's
+        # update replaced by zeros (sensitivity clip / n): zero-out adjacency
+        "adjacency": "zero-out one client (its update replaced by zeros: the client present "
+        "with no data)",
         "mechanism": "DP-FedAvg: server-side fixed clipping (Flower wrapper) + Gaussian noise",
         "clip": cfg.user_clip,
         "noise_multiplier": noise_multiplier,
@@ -47,6 +52,13 @@ def user_level_summary(
         "delta": cfg.user_delta,
         "epsilon": epsilon_spent(history=hist, delta=cfg.user_delta) if releases else 0.0,
         "epsilon_budget": cfg.user_epsilon,
+        # the same releases for replace-one (one client's update swapped for another's, or
+        # add/remove at a fixed sample size): twice the sensitivity, i.e. noise multiplier z / 2
+        "epsilon_replace_one": (
+            epsilon_spent(history=[(noise_multiplier / 2, 1.0, releases)], delta=cfg.user_delta)
+            if releases
+            else 0.0
+        ),
         "accounting": "Opacus RDP, no amplification by client sampling (claimed)",
         "epsilon_if_poisson_sampling": (
             epsilon_spent(history=[(noise_multiplier, q, releases)], delta=cfg.user_delta)
@@ -93,11 +105,21 @@ def audit_user_level(
         problems.append(
             f"claimed user-level epsilon {claim.get('epsilon')} is below the recomputed {eps:.6g}"
         )
+    independent, name = independent_epsilon(
+        history=[(z, 1.0, releases)], delta=cfg.user_delta, accountant="rdp"
+    )
+    if float(claim.get("epsilon", 0.0)) < independent * (1 - INDEPENDENT_TOLERANCE):
+        problems.append(
+            f"claimed user-level epsilon {claim.get('epsilon')} is below the independent "
+            f"recomputation ({name}) {independent:.6g}"
+        )
     if eps > cfg.user_epsilon * (1 + 1e-9):
         problems.append(f"user-level epsilon {eps:.6g} exceeds the budget {cfg.user_epsilon}")
     out = dict(claim) | {
         "verified": not problems,
         "epsilon_recomputed": eps,
+        "epsilon_independent": independent,
+        "independent": name,
         "releases_recomputed": releases,
     }
     return out, problems
