@@ -92,6 +92,28 @@ def device_state_dir(node: Any) -> Path | None:
     return None
 
 
+def device_guard(cfg: FedConfig, node: Any) -> None:
+    """A device (a SuperNode with ``data-dir``) decides what it trains under, not the server:
+    without ``allow-no-dp=true`` in its node config it refuses a round without local DP (which
+    would send its raw update and the counts DP hides), ``id-residual`` (the per-item table
+    shows which items it trained on) and ``use-profile`` (not covered by the per-interaction
+    guarantee); with ``delta-max`` set it refuses a larger delta. Raises ``ValueError``: the
+    server sees a failed reply, and nothing was trained or sent."""
+    if "data-dir" not in node:
+        return
+    allow = str(node.get("allow-no-dp", "false")).lower() == "true"
+    if not allow and (not cfg.dp or cfg.id_residual or cfg.use_profile):
+        raise ValueError(
+            "this device trains only under local DP without id-residual or use-profile; the "
+            f"server asked dp={cfg.dp}, id-residual={cfg.id_residual}, use-profile="
+            f"{cfg.use_profile}. Set node config allow-no-dp=true to accept such rounds."
+        )
+    if "delta-max" in node and cfg.delta > float(node["delta-max"]):
+        raise ValueError(
+            f"the server asked delta={cfg.delta}, above this device's delta-max={node['delta-max']}"
+        )
+
+
 def budget_store(context: Context, name: str, extra: dict[str, Any]):  # noqa: ANN201
     node = context.node_config
     state = device_state_dir(node)
@@ -153,6 +175,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(extra.get("server-round", 0))
     seed = cfg.seed * 1_000_003 + server_round * 7919 + hash(client.name) % 7919
     store = budget_store(context, client.name, extra)
+    device_guard(cfg, context.node_config)
     cap = context.node_config.get("epsilon-max")  # the device owner's own cap, if set
     res = train_round(
         client.scorer,

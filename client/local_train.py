@@ -3,10 +3,14 @@
 Privacy unit: ONE INTERACTION (user, item, timestamp) of the client's data, add/remove adjacency.
 Examples are built by :func:`fedrec.shared.model.examples.disjoint_examples`: each interaction is
 hashed into exactly one example (as its target or as context), independently of every other
-interaction, so adding or removing one interaction changes exactly one example and per-example
-DP-SGD is DP for the interaction with no group-privacy factor (``tests/test_dp_training.py``
-checks this on the example builder). Negatives are public catalog items drawn independently of
-the data (:mod:`fedrec.shared.model.candidates`).
+interaction. Adding or removing one interaction therefore adds or removes that example or
+REPLACES it (its target or context changes): the example-level adjacency is replace-one
+(``FedConfig.dp_adjacency``), and every epsilon is accounted for it
+(:mod:`fedrec.shared.privacy.accounting`; ``tests/test_dp_training.py`` checks the mapping on
+random histories). Each example's loss depends on that example and public data only: negatives
+and cold-dropout masks are keyed on the example and a per-round secret
+(:func:`fedrec.shared.model.candidates.keyed_candidates`), and the noised sum is divided by a
+constant (:func:`batch_divisor`).
 
 ``examples=sequence`` builds central training's sliding-window examples instead: about four
 times as many, with the most recent history as context. Without local DP (no DP, or user-level
@@ -15,33 +19,23 @@ examples (its own, removed, and the next ``history-len``, whose contexts hold it
 replacement, two add/remove steps), so the guarantee per interaction is group privacy over k:
 :func:`fedrec.shared.privacy.accounting.group_epsilon` turns the example-level RDP curve into
 the interaction-level epsilon, the noise is calibrated for that, and every reported epsilon is
-the interaction-level one (``FedConfig.dp_group``; the ledger records ``group_size``). At the
-default ``history-len`` 20 (k = 41) the noise this needs is prohibitive (sigma 7.4 against 0.6
-for disjoint examples at the full suite's epsilon-8 settings); with ``history-len=4`` (k = 9) it
-is 2.0. Measured at the same interaction-level epsilon 8 (ML-100K protocol A, 10 silos, 10
-rounds of 10 steps at q 0.025): sliding windows with ``history-len=4`` under group privacy reach
-test NDCG@10 0.0657 and 0.0623 in two runs (ablations suite ``A-fed-eps8-seq-h4`` and ``-r2``,
-RDP), against 0.0569 and 0.0591 in two runs of disjoint examples (``A-fed-eps8``, PRV,
-``history-len`` 20). About four times the examples, each with its most recent history,
-outweigh 3.5x the noise multiplier: the batch per noise draw grows 4x too. It costs 4x the
-compute per step. The default stays ``disjoint`` (no group factor, any accountant, what every
-other run here uses); the README has the numbers.
+the interaction-level one (``FedConfig.dp_group``; the ledger records ``group_size``). The
+ablations suite measures it against disjoint examples (results in ``simulations/results/``).
 
 Mechanism: Poisson sampling at ``sample-rate`` q (Opacus ``DPDataLoader``), per-example clipping
 to ``max-grad-norm`` C, Gaussian noise ``sigma * C`` on the clipped sum (Opacus ``DPOptimizer``),
-``local-steps`` steps per round. The accountant's history ``[(sigma, q, steps), ...]`` persists
-across rounds in a :class:`BudgetStore`; epsilon is always the whole history's. sigma is
-calibrated ONCE from the budget over the planned rounds (``FedConfig.rounds_planned``); a round
-that would take epsilon over the budget is refused before any data is touched.
+``local-steps`` steps per round. The client's :class:`Budget` (accountant history, mechanism,
+cap) persists across rounds in a :class:`BudgetStore`; epsilon is always the whole history's.
+sigma is calibrated ONCE from the budget over the planned rounds (``FedConfig.rounds_planned``);
+a round that would take epsilon over the budget is refused before any data is touched.
 
 Randomness: Poisson sampling and the Gaussian noise use a generator seeded from OS entropy
 (``secrets``), never from the run config, which the server knows. It is PyTorch's Mersenne
 Twister, not a cryptographic generator (Opacus' ``secure_mode`` needs torchcsprng, not installed):
 the privacy statement says so.
 
-What this does NOT protect (stated in the run's privacy statement): the number of examples and the
-mean loss reported in the reply metrics, and profile text (used as a feature of every example of
-that user when ``use-profile`` is on).
+What this does NOT protect is listed in the run's privacy statement
+(:mod:`fedrec.shared.privacy.statement`).
 """
 
 from __future__ import annotations

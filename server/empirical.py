@@ -308,6 +308,9 @@ def _report(
         report["audit_run_ledger_ok"] = ledger["ok"]
         claimed = report["epsilon_spent_max"]
         report["bug"] = report["lower_bound"]["epsilon"] > claimed
+        # with too few canaries even a perfect attack cannot show a bound at the claim: then
+        # "no bug" says nothing about this claim (compare with the same run without DP)
+        report["conclusive"] = report["lower_bound"]["ceiling"] >= claimed
     else:
         report["bug"] = False
     write_json(run / "privacy" / "empirical.json", report)

@@ -7,7 +7,10 @@ wrapper clips every client's whole update (all travelling tensors together) to L
 ``user-clip`` around the global model it sent, lets the inner strategy aggregate, and adds
 Gaussian noise of standard deviation ``z * user-clip / n`` to the result, ``n`` being the
 round's fixed sample size. That is the Gaussian mechanism on the clipped sum divided by ``n``:
-adding or removing one client's data changes that sum by at most ``user-clip``.
+replacing one client's update by zeros (the client present with no data: zero-out adjacency)
+changes that sum by at most ``user-clip``. With ``n`` fixed, adding or removing a client, or
+swapping it for another, swaps one update for another: up to twice that, and the statement gives
+the epsilon for that adjacency beside the claimed one.
 
 Two things make that true here and are what this module adds around the wrapper:
 
@@ -30,7 +33,7 @@ Poisson assumption (q = n / clients) is reported beside it, marked as not claime
 is not aggregated releases nothing; resumed runs count every round before the checkpoint as a
 release (an over-count, never an under-count).
 
-Unit and adjacency: one client's whole data set, add/remove (user-level with ``partition=user``;
+Unit and adjacency: one client's whole data set, zero-out (user-level with ``partition=user``;
 a whole silo with ``partition=silo``). The noise comes from NumPy's global generator (Flower's
 implementation); :func:`reseed_numpy` seeds it from OS entropy at server start so it does not
 follow a seed anyone else knows. It is not a cryptographically secure generator.

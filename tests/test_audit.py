@@ -177,7 +177,8 @@ def test_truncated_last_line_is_reported_not_fatal(tmp_path):
 def make_run(tmp_path: Path, lines: list[dict], claim: float | None = None, **cfg_kw) -> Path:
     run = tmp_path / "run"
     (run / "privacy").mkdir(parents=True)
-    cfg = FedConfig(num_rounds=4, epsilon=8.0, **cfg_kw)
+    # the honest ledgers' mechanism: noise multiplier 3.0, q 0.5, 8 steps (the defaults' q, steps)
+    cfg = FedConfig(**({"num_rounds": 4, "epsilon": 8.0, "noise_multiplier": 3.0} | cfg_kw))
     (run / "config.json").write_text(json.dumps({"federation": cfg.as_dict()}))
     eps = max(x["epsilon_after"] for x in lines)
     (run / "metrics.json").write_text(json.dumps({"privacy": {"epsilon_max": claim or eps}}))
@@ -235,6 +236,24 @@ def test_cli_json_is_strict_json_when_a_bound_is_infinite(tmp_path):
     c1 = js["clients"]["c1"]
     assert c1["independent"] == "dp-accounting-rdp" and c1["group"] == 41
     assert c1["epsilon"] is None and c1["epsilon_independent"] is None
+
+
+def test_audit_checks_each_line_against_the_configs_mechanism(tmp_path):
+    """A ledger whose lines claim less noise or more steps than config.json calibrates fails,
+    even when every epsilon on it is recomputed consistently; and a claim a hair below the
+    recomputation is caught (no two-sided slack for under-reporting)."""
+    lines, h = honest_ledger(), {}
+    for line in lines:  # a consistent ledger, but at noise 2.5 where config.json says 3.0
+        h.setdefault(line["client"], []).append((2.5, 0.5, 8))
+        line["noise_multiplier"] = 2.5
+        line["epsilon_max"] = 100.0
+        line["epsilon_after"] = epsilon_spent(history=h[line["client"]], **REPLACE)
+    r = audit_cli(str(make_run(tmp_path / "n", lines, epsilon=100.0)))
+    assert r.returncode == 1 and "is not the one config.json calibrates" in r.stdout
+    lines = honest_ledger()
+    lines[-1]["epsilon_after"] *= 1 - 0.005  # 0.5 % low: inside the old two-sided 1 %
+    audit = audit_ledger(write(tmp_path / "low.jsonl", lines), budget=8.0)
+    assert any("under-reports" in m for m in errors(audit))
 
 
 def test_audit_recomputes_under_the_config_mechanism_not_the_ledgers_word(tmp_path):

@@ -365,3 +365,23 @@ def test_per_example_gradients_depend_on_their_example_alone(ds, tiny_backbone, 
     assert all(with_it[r].abs().sum() > 0 for r in shared)  # the gradients are not trivially 0
     for row in shared:
         assert torch.equal(with_it[row], without[row]), row
+
+
+def test_a_device_refuses_rounds_its_owner_did_not_allow():
+    """On a device (node config with data-dir) the server cannot switch DP off, turn on the ID
+    table or profiles, or raise delta past the device's delta-max; in simulation nothing
+    changes."""
+    from fedrec.client.app import device_guard
+
+    dev = {"data-dir": "/data/me"}
+    device_guard(_cfg(), dev)  # local DP: fine
+    for bad in (
+        _cfg(dp=False, epsilon=FedConfig.epsilon),
+        _cfg(use_profile=True),
+    ):
+        with pytest.raises(ValueError, match="allow-no-dp=true"):
+            device_guard(bad, dev)
+    device_guard(_cfg(dp=False, epsilon=FedConfig.epsilon), dev | {"allow-no-dp": "true"})
+    with pytest.raises(ValueError, match="delta-max"):
+        device_guard(_cfg(delta=1e-3), dev | {"delta-max": 1e-5})
+    device_guard(_cfg(dp=False, epsilon=FedConfig.epsilon), {"partition-id": 0})  # simulation

@@ -277,12 +277,16 @@ def audit_ledger(
     budget: float | None = None,
     num_rounds: int | None = None,
     mechanism: dict[str, Any] | None = None,
+    expected_run: Run | None = None,
 ) -> LedgerAudit:
     """Verify ``path`` (see the module docstring). ``budget`` / ``num_rounds`` / ``mechanism``
     (:meth:`FedConfig.dp_mechanism`: accountant, adjacency, group_size, delta) come from the
     run's config when known; then every line's mechanism fields must agree with it, and every
     epsilon is recomputed under the config's mechanism, not the ledger's. Without it the
-    ledger's own fields are used (a line without ``adjacency`` is an older add/remove claim)."""
+    ledger's own fields are used (a line without ``adjacency`` is an older add/remove claim).
+    ``expected_run``: the (noise multiplier, sample rate, steps) every trained line of this run
+    must have, from the run's config (a ledger with less noise or more steps than the config's
+    calibration is an error)."""
     entries, findings = read_ledger_lines(path)
     clients: dict[str, ClientAudit] = {}
     seen: dict[tuple[str, int], int] = {}
@@ -371,6 +375,20 @@ def audit_ledger(
                         no,
                     )
                 )
+            if trained and expected_run is not None and e["steps"] > 0:
+                got = (float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
+                sig, q, n = expected_run
+                if not (math.isclose(got[0], sig, rel_tol=1e-9) and got[1] == q and got[2] == n):
+                    findings.append(
+                        Finding(
+                            "error",
+                            f"mechanism (noise multiplier, sample rate, steps) {got} is not the "
+                            f"one config.json calibrates: {expected_run}",
+                            name,
+                            rnd,
+                            no,
+                        )
+                    )
             if trained:
                 if e["steps"] > 0:
                     if not e["noise_multiplier"] > 0:
@@ -433,7 +451,9 @@ def audit_ledger(
                 steps_so_far = total  # report each gap once
             reported = float(e["epsilon_after"])
             recomputed = epsilon_spent(history=c.history, **_kw(c))
-            if not _close(reported, recomputed, tolerance):
+            # under-reporting is never tolerated beyond rounding (the client runs this same
+            # code on the same history); over-reporting within ``tolerance`` is
+            if reported < recomputed * (1 - 1e-9) or not _close(reported, recomputed, tolerance):
                 why = (
                     "the client under-reports (did it re-create its accountant, or drop earlier "
                     "rounds?)"

@@ -140,8 +140,8 @@ def _not_protected(cfg: FedConfig) -> str:
     evaluation = (
         f"- Federated evaluation (`fraction-evaluate` = {cfg.fraction_evaluate} in this run): "
         "each evaluated client\n  sends its HR@10, NDCG@10 and number of held-out queries on "
-        "its own held-out items without\n  noise; the run's federated metrics are computed from "
-        "them.\n"
+        "its own held-out items without\n  noise (they also depend on the training history it "
+        "ranks from); the run's federated metrics\n  are computed from them.\n"
         if cfg.fraction_evaluate > 0
         else "- Federated evaluation was off (`fraction-evaluate` = 0): clients sent no metrics "
         "on held-out items.\n"
@@ -153,7 +153,16 @@ the server releases (user-level DP, when on). Everything below is outside them:
   are computed from the data, so they are not sent. Its epsilon, steps and accountant
   history are functions of the public mechanism and of which rounds the client joined.
 {evaluation}- The item catalog (ids and texts) is public by assumption: negatives are drawn from it
-  and every client holds it.
+  and every client holds it. So is each client's roster (which users' data it holds): it sets
+  the divisor, and a client with no training data refuses ("no training examples") instead of
+  sending a noise-only update, so whether a client has any data at all is visible.
+- Per round, `metrics.json` records how many replies were accepted, refused (with the client's
+  reason on the ledger), rejected or failed, and whether the round was aggregated (below
+  `min-replies` it is not): these counts are not noised.
+- Reply timing and dropouts: a client's round takes longer with more data (its negatives are
+  drawn per sampled example), and the server sees when each reply arrives.
+- A client's reply carries its whole accountant history (`history`, `total-steps`), which shows
+  what it spent in earlier runs on the same device.
 - A user's whole history, unless user-level DP is on: the local guarantee is per interaction; a
   user with many interactions is protected for each one, not for all of them together.
 - Which clients took part in which round (client ids in the ledger).
