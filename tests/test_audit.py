@@ -402,3 +402,26 @@ def test_write_json_writes_null_for_non_finite_floats(tmp_path):
     assert _strict_json((tmp_path / "m.json").read_text()) == {
         "a": [1.0, None], "b": {"c": None, "d": None}
     }  # fmt: skip
+
+
+def test_reaudit_reports_what_an_old_add_remove_claim_really_spent(tmp_path):
+    """simulations/reaudit on a run whose ledger claimed add/remove epsilon for disjoint
+    examples: the recomputed replace-one epsilon is larger, and the independent accountant
+    agrees with it within 2 %."""
+    from fedrec.simulations.reaudit import find_runs, main, reaudit_run
+
+    lines, h = honest_ledger(), {}
+    for line in lines:
+        h.setdefault(line["client"], []).append((3.0, 0.5, 8))
+        del line["adjacency"]
+        line["epsilon_after"] = epsilon_spent(history=h[line["client"]], delta=DELTA,
+                                              accountant="pld")  # fmt: skip
+    run = make_run(tmp_path, lines)
+    assert find_runs([tmp_path]) == [run]
+    row = reaudit_run(run)
+    assert row["adjacency"] == "replace-one" and row["accountant_recomputed"] == "pld"
+    assert row["epsilon_claimed_max"] == pytest.approx(max(x["epsilon_after"] for x in lines))
+    assert row["epsilon_recomputed_max"] > 1.3 * row["epsilon_claimed_max"]
+    assert row["epsilon_independent_max"] == pytest.approx(row["epsilon_recomputed_max"], rel=0.02)
+    assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert "replace-one" in (tmp_path / "out" / "reaudit.md").read_text()
