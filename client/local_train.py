@@ -63,7 +63,8 @@ from torch.utils.data import TensorDataset
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.model.candidates import CandidateScorer, candidate_loss, keyed_candidates
 from fedrec.shared.model.examples import disjoint_examples, sequence_examples
-from fedrec.shared.privacy.accounting import Run, epsilon_spent, noise_for_budget
+from fedrec.shared.privacy.accounting import Run, epsilon_spent
+from fedrec.shared.privacy.calibration import calibrated_noise
 
 
 @dataclass
@@ -213,34 +214,6 @@ class RoundResult:
     reason: str = ""  # why the round was refused
     total_steps: int = 0  # DP steps in the client's whole history after this round
     history: list[Run] = field(default_factory=list)  # the accountant history after this round
-
-
-_SIGMA: dict[tuple[Any, ...], float] = {}
-
-
-def calibrated_noise(cfg: FedConfig) -> float:
-    """sigma for the budget over the planned rounds (or the configured fixed value), at the
-    interaction-level adjacency of ``cfg`` (:meth:`FedConfig.dp_adjacency`)."""
-    if cfg.noise_multiplier > 0:
-        return cfg.noise_multiplier
-    key = (
-        cfg.epsilon,
-        cfg.sample_rate,
-        cfg.local_steps,
-        cfg.rounds_planned(),
-        *cfg.dp_mechanism().values(),
-    )
-    if key not in _SIGMA:
-        _SIGMA[key] = noise_for_budget(
-            epsilon=cfg.epsilon,
-            delta=cfg.delta,
-            sample_rate=cfg.sample_rate,
-            steps=cfg.local_steps * cfg.rounds_planned(),
-            accountant=cfg.accountant,
-            group=cfg.dp_group(),
-            adjacency=cfg.dp_adjacency(),
-        )
-    return _SIGMA[key]
 
 
 def spent(cfg: FedConfig, history: Sequence[Run]) -> float:

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from fedrec.shared.federation.config import FedConfig, parse_run_config
-from fedrec.shared.privacy.accounting import noise_for_budget
 from fedrec.shared.privacy.audit import (
     INDEPENDENT_TOLERANCE,
     TOLERANCE,
@@ -26,6 +25,7 @@ from fedrec.shared.privacy.audit import (
     audit_ledger,
     summary,
 )
+from fedrec.shared.privacy.calibration import calibrated_noise
 from fedrec.shared.privacy.statement import statement
 from fedrec.shared.privacy.user_level import audit_user_level
 
@@ -82,7 +82,7 @@ def audit_run(
         budget=cfg.epsilon,
         num_rounds=cfg.num_rounds,
         mechanism=mech,
-        expected_run=(calibrated_sigma(cfg), cfg.sample_rate, cfg.local_steps),
+        expected_run=(calibrated_noise(cfg), cfg.sample_rate, cfg.local_steps),
     )
     summ = summary(audit)
     _check_claim(run, audit, summ, tolerance)
@@ -109,21 +109,6 @@ def audit_run(
     if cfg.user_dp:
         text += _user_text(user, user_problems)
     return report, text
-
-
-def calibrated_sigma(cfg: FedConfig) -> float:
-    """The noise multiplier the run's clients calibrate (the same rule as the client's)."""
-    if cfg.noise_multiplier > 0:
-        return cfg.noise_multiplier
-    return noise_for_budget(
-        epsilon=cfg.epsilon,
-        delta=cfg.delta,
-        sample_rate=cfg.sample_rate,
-        steps=cfg.local_steps * cfg.rounds_planned(),
-        accountant=cfg.accountant,
-        group=cfg.dp_group(),
-        adjacency=cfg.dp_adjacency(),
-    )
 
 
 def _user_text(user: dict[str, Any], problems: list[str]) -> str:
