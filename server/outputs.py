@@ -1,4 +1,4 @@
-"""The run directory of a federated run (DESIGN 6): model, metrics, privacy statement, plots."""
+"""The run directory of a federated run: model, metrics, privacy statement, plots."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ Flower's). What it adds:
   products; that inexactness is FedAvg-LoRA's known cost);
 - fewer accepted replies than ``min-replies``: no aggregation, the global model is kept, and a
   log line says so;
-- one ledger line per client per round in ``RUN/privacy/ledger.jsonl`` (DESIGN 6), also for a
+- one ledger line per client per round in ``RUN/privacy/ledger.jsonl``, also for a
   client that refused because of its budget (``trained: false``);
 - ``round_offset`` numbers rounds after a resumed checkpoint.
 """

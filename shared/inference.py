@@ -185,7 +185,7 @@ class Recommender:
             )
         return out
 
-    # --- the public API (DESIGN section 6) ----------------------------------------------------
+    # --- the public API (README: command line) ---------------------------------------------
     def recommend(
         self,
         history: Sequence[int],

@@ -1,6 +1,6 @@
 """Partitioning a split's training users into federated clients.
 
-``user`` (default): one client per training user (943 clients on ML-100K, DESIGN section 3).
+``user`` (default): one client per training user (943 clients on ML-100K).
 ``silo``: K silos of whole users (a user's data never spans two silos), users shuffled with
 ``default_rng(seed)`` and split as evenly as possible. Cold users (protocol C) get no client.
 """

@@ -97,7 +97,7 @@ def test_dp_round_changes_adapter_and_accounts(ds, tiny_backbone, ffa):  # noqa:
     data = _data(ds)
     r1 = train_round(scorer, data, cfg, store, seed=0)
     assert r1.trained and r1.steps == 3 and np.isfinite(r1.loss)
-    assert (b - before).abs().max() > 0  # a DP step really changed the LoRA B (DESIGN 7)
+    assert (b - before).abs().max() > 0  # a DP step really changed the LoRA B
     assert (model.item_bias - bias_before).abs().max() > 0
     sigma = calibrated_noise(cfg)
     assert store.budget.history == [(sigma, 0.5, 3)]

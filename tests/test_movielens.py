@@ -76,7 +76,7 @@ def test_ml100k_counts_and_protocols(ml100k):
 
 
 def test_ml100k_popularity_protocol_check(ml100k):
-    """DESIGN section 5: popularity on protocol A gives HR@10 0.0859 and NDCG@10 0.0449."""
+    """Popularity on protocol A gives HR@10 0.0859 and NDCG@10 0.0449."""
     a = protocol_a(ml100k)
     m = evaluate(Popularity(a), a.tests["test"], ks=(10,), with_auc=False)
     assert round(m["HR@10"], 4) == 0.0859 and round(m["NDCG@10"], 4) == 0.0449

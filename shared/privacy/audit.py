@@ -1,7 +1,7 @@
 """Ledger verification for ``fedrec audit``: re-derive every client's epsilon from raw mechanism
 parameters and check the ledger is complete, consistent and within budget.
 
-The ledger (``RUN/privacy/ledger.jsonl``, DESIGN 6) holds one JSON line per client per round
+The ledger (``RUN/privacy/ledger.jsonl``) holds one JSON line per client per round
 with the mechanism of that round: ``noise_multiplier``, ``sample_rate``, ``steps`` (Poisson
 sampled DP-SGD steps), ``delta``, ``accountant`` and the ``epsilon_after`` the client reported
 for its whole history. The audit trusts none of the reported epsilons. For each client it

@@ -1,4 +1,4 @@
-"""The privacy statement of a run (``RUN/privacy/statement.md``, DESIGN 4).
+"""The privacy statement of a run (``RUN/privacy/statement.md``).
 
 The server writes it at the end of a run from the ledger; ``fedrec audit`` prints it again from
 its own recomputation of every client's epsilon, so the two can be compared.
