@@ -8,7 +8,7 @@ import torch
 from opacus import GradSampleModule
 
 from fedrec.shared.model import candidates
-from fedrec.shared.model.candidates import CandidateScorer, candidate_loss, sample_candidates
+from fedrec.shared.model.candidates import CandidateScorer, candidate_loss, keyed_candidates
 from fedrec.shared.model.examples import right_aligned
 
 from .test_model import ds, make_model, perturb_lora  # noqa: F401 - fixture re-export
@@ -20,7 +20,9 @@ def _batch(model, seed=0):
     hist = [np.array([3, 7, 11]), np.array([], dtype=np.int64), np.array([5, 5, 20, 31, 2])]
     context = torch.as_tensor(right_aligned(hist, model.cfg.history_len))
     targets = torch.tensor([1, 9, 3])
-    cands = sample_candidates(targets, n, 12, g)
+    cands, _ = keyed_candidates(
+        targets, context, n_items=n, negatives=12, key=seed.to_bytes(8, "little"), step=0
+    )
     cands[0, 3] = 7  # a negative that is in the context: must be masked
     prof = torch.randn(3, model.dim, generator=g)
     return context, cands, prof

@@ -399,14 +399,6 @@ class CandidateScorer(nn.Module):
         return scores
 
 
-def sample_candidates(
-    targets: torch.Tensor, n_items: int, negatives: int, generator: torch.Generator
-) -> torch.Tensor:
-    """``(batch, 1 + negatives)``: each target followed by uniform draws from the catalog."""
-    neg = torch.randint(n_items, (targets.shape[0], negatives), generator=generator)
-    return torch.cat([targets.unsqueeze(1), neg], dim=1)
-
-
 def keyed_candidates(
     targets: torch.Tensor,
     context: torch.Tensor,
