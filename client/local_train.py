@@ -231,12 +231,13 @@ def batch_divisor(cfg: FedConfig, users: int) -> float:
     """What the clipped, noised gradient sum is divided by: a constant that does not depend on
     the client's data (the expected batch ``q * n`` would: one interaction that adds an example
     would rescale every other example's contribution, a change clipping does not bound).
-    ``batch-divisor`` when set, else ``sample-rate * slots * users``: the expected batch if each
-    of the client's users filled every slot. ``users`` (how many people's data the client
+    ``batch-divisor`` when set, else ``q * slots * users`` with the client's sampling rate q
+    (:meth:`FedConfig.client_sample_rate`): the expected batch if each of the client's users
+    filled every slot. ``users`` (how many people's data the client
     holds) is public here: the guarantee is per interaction."""
     if cfg.batch_divisor > 0:
         return cfg.batch_divisor
-    return max(1.0, cfg.sample_rate * cfg.slots * max(1, users))
+    return max(1.0, cfg.client_sample_rate(users) * cfg.slots * max(1, users))
 
 
 def _refusal(
@@ -274,10 +275,10 @@ def train_round(
     it the cap stored with the budget (the first run's budget) holds. The client trains only
     while the whole history stays within ``min(epsilon, cap)``, whatever the server asks.
     """
-    q, steps = cfg.sample_rate, cfg.local_steps
+    q, steps = cfg.client_sample_rate(data.users), cfg.local_steps
     budget = store.load()
     history = budget.history
-    sigma = calibrated_noise(cfg) if cfg.dp else 0.0
+    sigma = calibrated_noise(cfg, q) if cfg.dp else 0.0
     mech = cfg.dp_mechanism()
     if cfg.dp:
         if history and budget.mechanism != mech:
@@ -398,30 +399,57 @@ def _step(
     key: bytes,
     step: int,
 ) -> float | None:
-    """One (DP-)SGD step; an empty Poisson batch still takes a step (noise only under DP).
+    """One (DP-)SGD step on a logical (Poisson) batch; an empty batch still takes a step (noise
+    only under DP).
 
     Under DP each example's loss is summed, not averaged, so its per-example gradient is its
     own (``DPOptimizer`` divides the noised sum by :func:`batch_divisor`); its negatives and
     masks come from :func:`keyed_candidates` (a function of the example, ``key`` and ``step``).
+
+    Memory: the batch goes through forward/backward in physical batches of at most
+    ``physical-batch`` examples. Under DP each physical batch's per-example gradients are
+    clipped and added to the running sum (Opacus' ``signal_skip_step``: no noise, no update),
+    and the noise is added once, at the last one: the same step, and the same accountant step,
+    as one pass. Without DP each part's mean loss is weighted by its share of the batch.
     """
     targets = batch[1]
     opt.zero_grad(set_to_none=True)
-    if targets.shape[0] == 0:
+    n = int(targets.shape[0])
+    if n == 0:
         for p in (p for g in opt.param_groups for p in g["params"]):
             p.grad_sample = torch.zeros((0, *p.shape))  # nothing sampled: noise only
             p.grad = torch.zeros_like(p) if not isinstance(opt, DPOptimizer) else None
         opt.step()
         return None
     dp = isinstance(opt, DPOptimizer)
-    loss = batch_loss(module, batch, n_items, cfg, key=key, step=step, summed=dp)
-    with quiet_opacus_hooks():
-        loss.backward()
-    for p in opt.param_groups[0]["params"]:
-        if dp and getattr(p, "grad_sample", None) is None:
-            # unused this step (e.g. the profile gate with no profile): its gradient is 0
-            p.grad_sample = torch.zeros((targets.shape[0], *p.shape))
+    size = cfg.physical_batch if 0 < cfg.physical_batch < n else n
+    total, parts = 0.0, 0
+    for start in range(0, n, size):
+        parts += 1
+        part = [t[start : start + size] for t in batch]
+        m = int(part[1].shape[0])
+        last = start + size >= n
+        loss = batch_loss(module, part, n_items, cfg, key=key, step=step, summed=dp)
+        total += float(loss.item()) * (1 if dp else m)
+        if not dp and size < n:
+            loss = loss * (m / n)  # the mean over the whole batch
+        with quiet_opacus_hooks():
+            loss.backward()
+        if dp:
+            for p in opt.param_groups[0]["params"]:
+                if getattr(p, "grad_sample", None) is None:
+                    # unused this step (e.g. the profile gate with no profile): its gradient is 0
+                    p.grad_sample = torch.zeros((m, *p.shape))
+            assert isinstance(opt, DPOptimizer)
+            if not last:
+                # clip this part's per-example gradients into the running sum; no noise yet
+                opt.signal_skip_step(do_skip=True)
+                opt.step()
+                opt.zero_grad(set_to_none=True)  # keeps the clipped sum, drops the rest
     opt.step()
-    return float(loss.item()) / (targets.shape[0] if dp else 1)
+    if parts == 1:  # one pass: the batch's own loss, as computed
+        return float(loss.item()) / (n if dp else 1)
+    return total / n
 
 
 def batch_loss(

@@ -249,7 +249,7 @@ def test_audit_checks_each_line_against_the_configs_mechanism(tmp_path):
         line["epsilon_max"] = 100.0
         line["epsilon_after"] = epsilon_spent(history=h[line["client"]], **REPLACE)
     r = audit_cli(str(make_run(tmp_path / "n", lines, epsilon=100.0)))
-    assert r.returncode == 1 and "is not the one config.json calibrates" in r.stdout
+    assert r.returncode == 1 and "not the one config.json calibrates" in r.stdout
     lines = honest_ledger()
     lines[-1]["epsilon_after"] *= 1 - 0.005  # 0.5 % low: inside the old two-sided 1 %
     audit = audit_ledger(write(tmp_path / "low.jsonl", lines), budget=8.0)

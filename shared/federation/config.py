@@ -82,6 +82,17 @@ class FedConfig:
     # what a DP client divides its noised gradient sum by: a constant, never the data's size
     # (0 = sample-rate * slots * the client's users; see client.local_train.batch_divisor)
     batch_divisor: float = 0.0
+    # How each client's Poisson sampling rate q is set. 0: every client samples at
+    # ``sample-rate`` (a one-user client holds about 30 examples, a silo thousands). > 0: each
+    # client samples at q = min(1, expected-batch / (slots * its users)), from the public
+    # roster, never from the data: one-user clients and silos then take batches of about the
+    # same size; each client's sigma is calibrated for its own q, which the ledger records.
+    expected_batch: int = 0
+    # At most this many examples go through one forward/backward pass: a logical (Poisson)
+    # batch is split into physical batches of this size, their clipped per-example gradients
+    # summed, and the noise added once, so the DP step is the same and memory depends on this
+    # bound, not on the data. 0 = no bound (one pass per logical batch).
+    physical_batch: int = 16
     # how a client builds its training examples: "disjoint" (each interaction in exactly one
     # example, what makes per-example DP-SGD DP for the interaction) or "sequence" (central
     # training's sliding windows: every interaction a target, its ``history-len`` predecessors
@@ -154,6 +165,18 @@ class FedConfig:
             "batch-divisor",
             self.batch_divisor,
             "0 (sample-rate * slots * users) or a positive constant up to 1e7",
+        )
+        _need(
+            0 <= self.expected_batch <= 1_000_000,
+            "expected-batch",
+            self.expected_batch,
+            "0 (every client samples at sample-rate) or an expected batch size up to 1000000",
+        )
+        _need(
+            0 <= self.physical_batch <= 1_000_000,
+            "physical-batch",
+            self.physical_batch,
+            "0 (no bound) or the most examples per forward/backward pass, up to 1000000",
         )
         _need(
             self.examples in ("disjoint", "sequence"),
@@ -233,6 +256,14 @@ class FedConfig:
     def id_lr(self) -> float:
         """The per-item ID table's SGD learning rate: ``lr-id``, or ``lr`` when it is 0."""
         return self.lr_id or self.lr
+
+    def client_sample_rate(self, users: int) -> float:
+        """A client's Poisson sampling rate: ``sample-rate``, or with ``expected-batch`` set,
+        ``min(1, expected-batch / (slots * users))`` for a client holding ``users`` people's data
+        (the roster, public here: the guarantee is per interaction, not per user)."""
+        if self.expected_batch > 0:
+            return min(1.0, self.expected_batch / (self.slots * max(1, users)))
+        return self.sample_rate
 
     def dp_group(self) -> int:
         """How many training examples one interaction can change, in add/remove steps, when the

@@ -109,14 +109,22 @@ def build_catalog_cache(
         site.proj.register_forward_pre_hook(take_x),
         site.residual_module.register_forward_pre_hook(take_residual),
     ]
-    xs, bases, segs = [], [], []
     was_training = model.training
     model.eval()
-    # Batches of similar length waste little on padding; rows are mapped back by `order`.
-    lengths = [
-        len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    ]
-    order = torch.as_tensor(sorted(range(len(texts)), key=lambda i: lengths[i]), dtype=torch.long)
+    lengths = torch.as_tensor(
+        [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]],
+        dtype=torch.long,
+    )
+    # The outputs are allocated once, tokens grouped by item in item order, and each batch
+    # writes its rows in place: peak memory is the cache plus one batch's activations (not
+    # two or three copies of the cache, as concatenating per-batch pieces would take).
+    start_of = torch.cumsum(lengths, 0) - lengths  # first token row of each item
+    n_tok = int(lengths.sum())
+    x_out = torch.empty((n_tok, base_proj.in_features))
+    base_out = torch.empty((n_tok, base_proj.out_features))
+    segment = torch.repeat_interleave(torch.arange(len(texts)), lengths)
+    # Batches of similar length waste little on padding.
+    order = torch.argsort(lengths, stable=True)
     try:
         for start in range(0, len(texts), batch_size):
             rows_here = order[start : start + batch_size]
@@ -129,18 +137,17 @@ def build_catalog_cache(
             )
             model(**tok)
             mask = tok["attention_mask"].bool()  # (batch, tokens)
-            x = captured["x"][mask]  # (n_tok, intermediate)
-            base = base_proj(captured["x"])[mask] + captured["residual"][mask]  # (n_tok, hidden)
-            rows = rows_here.unsqueeze(1).expand_as(mask)
-            xs.append(x)
-            bases.append(base)
-            segs.append(rows[mask])
+            if not torch.equal(mask.sum(1), lengths[rows_here]):
+                raise RuntimeError("tokenizer lengths differ between two calls on the same texts")
+            # destination rows: item i's tokens at start_of[i] .. start_of[i] + len_i - 1
+            pos = start_of[rows_here].unsqueeze(1) + torch.cumsum(mask, 1) - 1
+            dest = pos[mask]
+            x_out[dest] = captured["x"][mask]
+            base_out[dest] = (base_proj(captured["x"]) + captured["residual"])[mask]
+            captured.clear()
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    segment = torch.cat(segs)
-    by_item = torch.argsort(segment, stable=True)  # tokens grouped by item, in item order
-    xs, bases, segment = [torch.cat(xs)[by_item]], [torch.cat(bases)[by_item]], segment[by_item]
-    counts = torch.bincount(segment, minlength=len(texts)).float()
-    return CatalogCache(torch.cat(xs), torch.cat(bases), segment, counts)
+    counts = lengths.float()
+    return CatalogCache(x_out, base_out, segment, counts)

@@ -40,6 +40,7 @@ import json
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,16 +278,17 @@ def audit_ledger(
     budget: float | None = None,
     num_rounds: int | None = None,
     mechanism: dict[str, Any] | None = None,
-    expected_run: Run | None = None,
+    expected_run: Callable[[Run], str | None] | None = None,
 ) -> LedgerAudit:
     """Verify ``path`` (see the module docstring). ``budget`` / ``num_rounds`` / ``mechanism``
     (:meth:`FedConfig.dp_mechanism`: accountant, adjacency, group_size, delta) come from the
     run's config when known; then every line's mechanism fields must agree with it, and every
     epsilon is recomputed under the config's mechanism, not the ledger's. Without it the
     ledger's own fields are used (a line without ``adjacency`` is an older add/remove claim).
-    ``expected_run``: the (noise multiplier, sample rate, steps) every trained line of this run
-    must have, from the run's config (a ledger with less noise or more steps than the config's
-    calibration is an error)."""
+    ``expected_run``: checks each trained line's (noise multiplier, sample rate, steps) against
+    the run's config and returns what is wrong, or None
+    (:func:`fedrec.shared.privacy.calibration.run_checker`; a ledger with less noise or more
+    steps than the config's calibration is an error)."""
     entries, findings = read_ledger_lines(path)
     clients: dict[str, ClientAudit] = {}
     seen: dict[tuple[str, int], int] = {}
@@ -377,13 +379,12 @@ def audit_ledger(
                 )
             if trained and expected_run is not None and e["steps"] > 0:
                 got = (float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
-                sig, q, n = expected_run
-                if not (math.isclose(got[0], sig, rel_tol=1e-9) and got[1] == q and got[2] == n):
+                problem = expected_run(got)
+                if problem is not None:
                     findings.append(
                         Finding(
                             "error",
-                            f"mechanism (noise multiplier, sample rate, steps) {got} is not the "
-                            f"one config.json calibrates: {expected_run}",
+                            f"mechanism (noise multiplier, sample rate, steps) {got}: {problem}",
                             name,
                             rnd,
                             no,

@@ -7,6 +7,8 @@ the same value to check every ledger line against it.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from typing import Any
 
 from fedrec.shared.federation.config import FedConfig
@@ -15,15 +17,18 @@ from fedrec.shared.privacy.accounting import noise_for_budget
 _SIGMA: dict[tuple[Any, ...], float] = {}
 
 
-def calibrated_noise(cfg: FedConfig) -> float:
+def calibrated_noise(cfg: FedConfig, sample_rate: float | None = None) -> float:
     """sigma for the budget over the planned rounds (or the configured fixed value), at the
-    interaction-level adjacency of ``cfg`` (:meth:`FedConfig.dp_adjacency`). Memoized per
-    process: the search takes seconds and every round of a run asks again."""
+    interaction-level adjacency of ``cfg`` (:meth:`FedConfig.dp_adjacency`), for a client that
+    samples at ``sample_rate`` (default ``cfg.sample_rate``; with ``expected-batch`` each client
+    has its own, :meth:`FedConfig.client_sample_rate`). Memoized per process: the search takes
+    seconds and every round of a run asks again."""
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
+    q = cfg.sample_rate if sample_rate is None else sample_rate
     key = (
         cfg.epsilon,
-        cfg.sample_rate,
+        q,
         cfg.local_steps,
         cfg.rounds_planned(),
         *cfg.dp_mechanism().values(),
@@ -32,10 +37,39 @@ def calibrated_noise(cfg: FedConfig) -> float:
         _SIGMA[key] = noise_for_budget(
             epsilon=cfg.epsilon,
             delta=cfg.delta,
-            sample_rate=cfg.sample_rate,
+            sample_rate=q,
             steps=cfg.local_steps * cfg.rounds_planned(),
             accountant=cfg.accountant,
             group=cfg.dp_group(),
             adjacency=cfg.dp_adjacency(),
         )
     return _SIGMA[key]
+
+
+def run_checker(cfg: FedConfig) -> Callable[[tuple[float, float, int]], str | None]:
+    """What ``fedrec audit`` holds each trained ledger line's ``(sigma, q, steps)`` to: the
+    config's steps, a sampling rate the config allows (``sample-rate``; with ``expected-batch``
+    any q up to ``min(1, expected-batch / slots)``, the rate of a one-user client, since clients
+    with more users sample less), and the noise this module calibrates for that q. Returns what
+    is wrong, or None."""
+
+    def check(run: tuple[float, float, int]) -> str | None:
+        sigma, q, steps = run
+        if cfg.expected_batch > 0:
+            q_max = min(1.0, cfg.expected_batch / cfg.slots)
+            if not 0 < q <= q_max * (1 + 1e-12):
+                return (
+                    f"sample rate {q} is not in (0, min(1, expected-batch / slots) = {q_max}] "
+                    "that config.json allows"
+                )
+        elif q != cfg.sample_rate:
+            return f"sample rate {q} is not config.json's sample-rate {cfg.sample_rate}"
+        want = calibrated_noise(cfg, q)
+        if not math.isclose(sigma, want, rel_tol=1e-9) or steps != cfg.local_steps:
+            return (
+                f"not the one config.json calibrates: ({want}, {q}, {cfg.local_steps}) at that "
+                "sample rate"
+            )
+        return None
+
+    return check

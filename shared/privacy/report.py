@@ -25,7 +25,7 @@ from fedrec.shared.privacy.audit import (
     audit_ledger,
     summary,
 )
-from fedrec.shared.privacy.calibration import calibrated_noise
+from fedrec.shared.privacy.calibration import run_checker
 from fedrec.shared.privacy.statement import statement
 from fedrec.shared.privacy.user_level import audit_user_level
 
@@ -82,7 +82,7 @@ def audit_run(
         budget=cfg.epsilon,
         num_rounds=cfg.num_rounds,
         mechanism=mech,
-        expected_run=(calibrated_noise(cfg), cfg.sample_rate, cfg.local_steps),
+        expected_run=run_checker(cfg),
     )
     summ = summary(audit)
     _check_claim(run, audit, summ, tolerance)

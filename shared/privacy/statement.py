@@ -55,7 +55,7 @@ def _local(cfg: FedConfig, p: dict[str, Any]) -> str:
 - **Unit of privacy**: one interaction (user, item, timestamp) of a client's data.
 - **Adjacency**: add/remove one interaction. {_examples(cfg)}
 - **Mechanism**: local DP-SGD with Opacus at every client: Poisson sampling at rate
-  {cfg.sample_rate}, per-example clipping to L2 norm {cfg.max_grad_norm}, Gaussian noise,
+  {_rate(cfg)}, per-example clipping to L2 norm {cfg.max_grad_norm}, Gaussian noise,
   {cfg.local_steps} steps per round. The noised sum is divided by a constant
   ({_divisor(cfg)}), never by the data's size. Each example's
   negatives and cold-dropout mask are a keyed hash of that example and a per-round secret
@@ -79,13 +79,27 @@ _ACCOUNTANTS = {
 }
 
 
+def _rate(cfg: FedConfig) -> str:
+    if cfg.expected_batch > 0:
+        return (
+            f"q = min(1, expected-batch / (slots x the client's users)) = min(1, "
+            f"{cfg.expected_batch} / ({cfg.slots} x users)), each client's noise calibrated for "
+            "its own q (the ledger records it; the number of users on a client is public here)"
+        )
+    return str(cfg.sample_rate)
+
+
 def _divisor(cfg: FedConfig) -> str:
     if cfg.batch_divisor > 0:
         return f"batch-divisor = {cfg.batch_divisor}"
     return (
-        f"sample-rate x slots x the client's users = {cfg.sample_rate} x {cfg.slots} x users; "
+        f"q x slots x the client's users = {_q(cfg)} x {cfg.slots} x users; "
         "the number of users on a client is public here"
     )
+
+
+def _q(cfg: FedConfig) -> str:
+    return "q" if cfg.expected_batch > 0 else str(cfg.sample_rate)
 
 
 def _examples(cfg: FedConfig) -> str:

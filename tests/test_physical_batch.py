@@ -1,0 +1,112 @@
+"""Physical batches (``physical-batch``) and per-client sampling (``expected-batch``).
+
+A logical Poisson batch split into physical batches must be the same DP step: the same
+examples, the same clipped per-example gradients summed, the noise added once, the same
+accountant history. These tests pin the OS randomness of a round so two runs can be compared.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fedrec.client.local_train as lt
+from fedrec.client.local_train import MemoryStore, train_round
+from fedrec.shared.model.candidates import CandidateScorer
+from fedrec.shared.privacy.calibration import calibrated_noise, run_checker
+
+from .test_dp_training import _cfg, _data
+from .test_model import ds, make_model  # noqa: F401 - fixture re-export
+
+
+@pytest.fixture
+def fixed_secrets(monkeypatch):
+    """The round's OS randomness (sampling, noise, negatives' key) made repeatable."""
+    monkeypatch.setattr(lt.secrets, "randbits", lambda k: 12345)
+    monkeypatch.setattr(lt.secrets, "token_bytes", lambda n: bytes(range(n)))
+
+
+def _round(ds, tiny_backbone, state, **kw):  # noqa: F811
+    model = make_model(ds, tiny_backbone, id_residual=False, ffa=True)
+    model.load_state_dict(state)
+    scorer = CandidateScorer(model)
+    sizes: list[int] = []
+    scorer.register_forward_pre_hook(lambda _m, args: sizes.append(int(args[0].shape[0])))
+    store = MemoryStore()
+    cfg = _cfg(backbone=str(tiny_backbone), local_steps=4, **kw)
+    res = train_round(scorer, _data(ds), cfg, store, seed=0)
+    return model, res, store, sizes
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_physical_batches_are_the_same_step_and_the_same_ledger(
+    ds,  # noqa: F811
+    tiny_backbone,
+    fixed_secrets,
+    dp,
+):
+    state = make_model(ds, tiny_backbone, id_residual=False, ffa=True).state_dict()
+    extra = {} if dp else {"dp": False, "epsilon": 8.0}
+    whole, r0, s0, sizes0 = _round(ds, tiny_backbone, state, physical_batch=0, **extra)
+    split, r2, s2, sizes2 = _round(ds, tiny_backbone, state, physical_batch=2, **extra)
+    # the bound binds: logical batches of more than 2 went through in parts of at most 2
+    assert max(sizes0) > 2 and max(sizes2) <= 2
+    assert sum(sizes0) == sum(sizes2)  # the same examples were sampled
+    # identical accounting (the accountant counts logical steps only)
+    assert r0.history == r2.history and s0.budget.history == s2.budget.history
+    assert r0.epsilon == r2.epsilon and r0.steps == r2.steps == 4
+    if dp:
+        assert r0.history == [(calibrated_noise(_cfg(local_steps=4)), 0.5, 4)]
+    # the same update, up to float summation order
+    a, b = whole.state_dict(), split.state_dict()
+    changed = [k for k in a if not torch.equal(a[k], state[k])]
+    assert changed, "the round changed nothing"
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert r0.loss == pytest.approx(r2.loss, rel=1e-4)
+
+
+def test_an_unbinding_bound_changes_nothing(ds, tiny_backbone, fixed_secrets):  # noqa: F811
+    """Where every logical batch fits, the default bound is bit-for-bit the unbounded run."""
+    state = make_model(ds, tiny_backbone, id_residual=False, ffa=True).state_dict()
+    whole, r0, _, sizes = _round(ds, tiny_backbone, state, physical_batch=0)
+    bounded, r1, _, _ = _round(ds, tiny_backbone, state, physical_batch=max(sizes))
+    assert r0.loss == r1.loss and r0.history == r1.history
+    a, b = whole.state_dict(), bounded.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_expected_batch_sets_each_clients_rate_from_its_roster(ds, tiny_backbone):  # noqa: F811
+    cfg = _cfg(backbone=str(tiny_backbone), expected_batch=4, slots=6)
+    assert cfg.client_sample_rate(1) == pytest.approx(4 / 6)
+    assert cfg.client_sample_rate(3) == pytest.approx(4 / 18)
+    assert _cfg(expected_batch=100, slots=6).client_sample_rate(3) == 1.0
+    assert _cfg(slots=6).client_sample_rate(3) == 0.5  # expected-batch 0: sample-rate
+    data = _data(ds)  # 3 users, 6 slots each
+    assert data.users == 3
+    model = make_model(ds, tiny_backbone, id_residual=False, ffa=True)
+    store = MemoryStore()
+    r = train_round(CandidateScorer(model), data, cfg, store, seed=0)
+    q = 4 / 18
+    sigma = calibrated_noise(cfg, q)
+    assert r.trained and r.sample_rate == pytest.approx(q) and r.noise_multiplier == sigma
+    assert store.budget.history == [(sigma, q, cfg.local_steps)]
+    # a smaller q buys less noise for the same budget
+    assert sigma < calibrated_noise(_cfg(slots=6, sample_rate=4 / 6))
+    assert lt.batch_divisor(cfg, 3) == pytest.approx(4.0)
+    # the audit's rule accepts it, and refuses a rate above the one-user client's or a sigma
+    # calibrated for another rate
+    check = run_checker(cfg)
+    assert check((sigma, q, cfg.local_steps)) is None
+    assert "not in" in check((sigma, 0.9, cfg.local_steps))
+    assert "calibrates" in check((calibrated_noise(cfg, 4 / 6), q, cfg.local_steps))
+    assert "calibrates" in check((sigma, q, cfg.local_steps + 1))
+
+
+@pytest.mark.parametrize(("key", "value"), [("physical-batch", -1), ("expected-batch", -3)])
+def test_bad_batch_settings_are_refused_by_name(key, value):
+    from fedrec.shared.federation.config import parse_run_config
+
+    with pytest.raises(ValueError, match=key):
+        parse_run_config({key: value})
+
