@@ -298,12 +298,23 @@ def simulate_cmd(
             err.print(f"  round {info['round']:>3}: valid NDCG@10 {info['valid_NDCG@10']:.4f}")
             return
         loss = "-" if info["loss"] is None else f"{info['loss']:.3f}"
+        why = ", ".join(
+            f"{k.removeprefix('failed_').replace('_', ' ')} {n}"
+            for k, n in info.items()
+            if k.startswith("failed_") and n
+        )
         err.print(
             f"  round {info['round']:>3}/{cfg.num_rounds}: clients {info['accepted']}"
-            f" (refused {info['refused']}, rejected {info['rejected']}, failed {info['failed']},"
-            f" no reply {info.get('no_reply', 0)})"
+            f" (refused {info['refused']}, rejected {info['rejected']}, failed {info['failed']}"
+            + (f" [{why}]" if why else "")
+            + f", no reply {info.get('no_reply', 0)})"
             f" | loss {loss} | epsilon max {info['epsilon_max']:.3f}"
         )
+        if info.get("failed_out_of_memory"):
+            err.print(
+                "    out of memory: lower physical-batch (examples per forward/backward pass) "
+                f"or run fewer clients at once; details in {out_dir / 'flower.log'}"
+            )
 
     try:
         result = simulate(cfg, out_dir, resume=resume or bool(server.get("resume")),

@@ -34,9 +34,11 @@ def baseline_names(spec: str) -> list[str]:
 
 
 def read_ledger(path: Path) -> list[dict[str, Any]]:
+    """The ledger's client lines (not the server's notes on missing clients)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [x for x in lines if "client" in x]
 
 
 def write_outputs(

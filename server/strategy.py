@@ -41,6 +41,52 @@ from fedrec.shared.federation.server_opt import ServerOptimizer
 log = logging.getLogger("fedrec.server")
 
 
+FAILURE_KINDS = ("out-of-memory", "timeout", "exception")
+FAILURE_HINTS = {
+    "out-of-memory": "lower physical-batch (examples per forward/backward pass), or give each "
+    "client more memory (simulation: fewer Ray actors per core)",
+    "timeout": "raise round-timeout, or lower local-steps or expected-batch",
+}
+_OOM = (
+    "outofmemory",
+    "out of memory",
+    "low on memory",
+    "memory usage threshold",
+    "memoryerror",
+    "cannot allocate memory",
+    "can't allocate memory",
+    "oom killer",
+)
+
+
+def failure_kind(reason: str) -> str:
+    """Why a client's reply is an error, from Flower's error reason: ``out-of-memory`` (Ray's
+    memory monitor killed the actor, the kernel's OOM killer, or an allocation failed),
+    ``timeout``, or ``exception`` (anything else the ClientApp raised)."""
+    text = reason.lower()
+    if any(p in text for p in _OOM):
+        return "out-of-memory"
+    if "timeout" in text or "timed out" in text:
+        return "timeout"
+    return "exception"
+
+
+def failure_note(kinds: dict[str, int], silent: int, timeout: float) -> str:
+    """One sentence for the ledger: how many sampled clients are missing from the round, why,
+    and what to do."""
+    parts = [f"{n} failed: {k}" for k, n in kinds.items() if n]
+    if silent:
+        parts.append(f"{silent} sent nothing within round-timeout={timeout}s")
+    hints = [FAILURE_HINTS[k] for k, n in kinds.items() if n and k in FAILURE_HINTS]
+    if silent and "timeout" not in [k for k, n in kinds.items() if n]:
+        hints.append(FAILURE_HINTS["timeout"])
+    return (
+        f"{sum(kinds.values()) + silent} sampled client(s) are not on this round's ledger "
+        f"({'; '.join(parts)}); if they trained, their own budget files have it"
+        + (f". Hint: {'; '.join(hints)}" if hints else "")
+    )
+
+
 class FedRecStrategy(FedAvg):
     def __init__(
         self,
@@ -71,7 +117,7 @@ class FedRecStrategy(FedAvg):
         # user-level DP (fedrec.server.user_dp): divide the sum of changes by the round's sample
         # size instead of the number accepted; failures the wrapper took out; pre-clip norms
         self.fixed_denominator: int | None = None
-        self.extra_failed = 0
+        self.extra_failures: list[str] = []  # error reasons of failed replies the wrapper removed
         self.federated_eval: dict[int, dict[str, float]] = {}
 
     def summary(self) -> None:
@@ -100,14 +146,23 @@ class FedRecStrategy(FedAvg):
         rnd = server_round + self.round_offset
         replies = list(replies)
         accepted: list[dict[str, torch.Tensor]] = []
-        losses, eps, refused, rejected, failed, seconds = [], [], 0, 0, self.extra_failed, []
-        self.extra_failed = 0
-        lines = []
+        losses, eps, refused, rejected, seconds = [], [], 0, 0, []
+        failures = [failure_kind(r) for r in self.extra_failures]
+        self.extra_failures = []
+        lines: list[dict[str, Any]] = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                failed += 1
-                log.warning("round %d: client node %d failed: %s", rnd, node, msg.error.reason)
+                kind = failure_kind(msg.error.reason)
+                failures.append(kind)
+                log.warning(
+                    "round %d: client node %d failed (%s): %s%s",
+                    rnd,
+                    node,
+                    kind,
+                    msg.error.reason,
+                    f". Hint: {FAILURE_HINTS[kind]}" if kind in FAILURE_HINTS else "",
+                )
                 continue
             try:
                 name, metrics = self._check_reply(msg, TRAIN_METRICS)
@@ -151,8 +206,14 @@ class FedRecStrategy(FedAvg):
             if line is not None:
                 eps.append(float(metrics["epsilon"]))
                 lines.append(line)
-        self._append_ledger(lines)
         silent = max(0, self._sent.get(rnd, len(replies)) - len(replies))
+        failed = len(failures)
+        kinds = {k: failures.count(k) for k in FAILURE_KINDS}
+        if self.cfg.dp and (failed or silent):
+            # the ledger says which clients it cannot show: failed and silent ones are not on it
+            note = failure_note(kinds, silent, self.cfg.round_timeout)
+            lines.append({"round": rnd, "note": note})
+        self._append_ledger(lines)
         if silent:
             log.warning(
                 "round %d: %d sampled client(s) did not reply within round-timeout=%ss: their "
@@ -172,6 +233,9 @@ class FedRecStrategy(FedAvg):
             "refused": refused,
             "rejected": rejected,
             "failed": failed,
+            # why replies were errors (they sum to "failed"; "no_reply" are the clients that
+            # sent nothing within round-timeout)
+            **{f"failed_{k.replace('-', '_')}": n for k, n in kinds.items()},
             "loss": statistics.fmean(losses) if losses else None,
             "epsilon_max": max(eps) if eps else 0.0,
             "epsilon_median": statistics.median(eps) if eps else 0.0,
@@ -280,7 +344,7 @@ class FedRecStrategy(FedAvg):
             return
         self.ledger.parent.mkdir(parents=True, exist_ok=True)
         with self.ledger.open("a") as f:
-            for line in sorted(lines, key=lambda x: x["client"]):
+            for line in sorted(lines, key=lambda x: (x.get("client") is None, x.get("client", ""))):
                 f.write(json.dumps(line, sort_keys=True) + "\n")
             f.flush()
 

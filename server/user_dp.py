@@ -123,10 +123,10 @@ class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         clean: list[Message] = []
-        failed = 0
+        failures: list[str] = []
         for msg in replies:
             if msg.has_error():
-                failed += 1
+                failures.append(msg.error.reason)
                 log.warning(
                     "round %d: client node %d failed: %s (counts as a zero update)",
                     server_round + self.inner.round_offset,
@@ -148,5 +148,5 @@ class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
                     )
                     del msg.content["arrays"]
             clean.append(msg)
-        self.inner.extra_failed = failed
+        self.inner.extra_failures = failures
         return super().aggregate_train(server_round, clean)

@@ -12,6 +12,7 @@ import torch
 
 import fedrec.client.local_train as lt
 from fedrec.client.local_train import MemoryStore, train_round
+from fedrec.shared.federation.config import FedConfig, parse_run_config
 from fedrec.shared.model.candidates import CandidateScorer
 from fedrec.shared.privacy.calibration import calibrated_noise, run_checker
 
@@ -77,11 +78,14 @@ def test_an_unbinding_bound_changes_nothing(ds, tiny_backbone, fixed_secrets):  
 
 
 def test_expected_batch_sets_each_clients_rate_from_its_roster(ds, tiny_backbone):  # noqa: F811
-    cfg = _cfg(backbone=str(tiny_backbone), expected_batch=4, slots=6)
+    cfg = _cfg(backbone=str(tiny_backbone), sample_rate=0.0, expected_batch=4, slots=6)
     assert cfg.client_sample_rate(1) == pytest.approx(4 / 6)
     assert cfg.client_sample_rate(3) == pytest.approx(4 / 18)
-    assert _cfg(expected_batch=100, slots=6).client_sample_rate(3) == 1.0
-    assert _cfg(slots=6).client_sample_rate(3) == 0.5  # expected-batch 0: sample-rate
+    assert _cfg(sample_rate=0.0, expected_batch=100, slots=6).client_sample_rate(3) == 1.0
+    assert _cfg(slots=6).client_sample_rate(3) == 0.5  # sample-rate set: the same for all
+    # the default: a one-user client samples at 16 / 32 = 0.5, the rate it always had
+    assert FedConfig().client_sample_rate(1) == 0.5
+    assert FedConfig().client_sample_rate(236) == pytest.approx(16 / (32 * 236))
     data = _data(ds)  # 3 users, 6 slots each
     assert data.users == 3
     model = make_model(ds, tiny_backbone, id_residual=False, ffa=True)
@@ -93,6 +97,9 @@ def test_expected_batch_sets_each_clients_rate_from_its_roster(ds, tiny_backbone
     assert store.budget.history == [(sigma, q, cfg.local_steps)]
     # a smaller q buys less noise for the same budget
     assert sigma < calibrated_noise(_cfg(slots=6, sample_rate=4 / 6))
+    assert calibrated_noise(_cfg(slots=6, sample_rate=0.0, expected_batch=4)) == calibrated_noise(
+        _cfg(slots=6, sample_rate=4 / 6)
+    )  # the default rate is a one-user client's
     assert lt.batch_divisor(cfg, 3) == pytest.approx(4.0)
     # the audit's rule accepts it, and refuses a rate above the one-user client's or a sigma
     # calibrated for another rate
@@ -103,10 +110,15 @@ def test_expected_batch_sets_each_clients_rate_from_its_roster(ds, tiny_backbone
     assert "calibrates" in check((sigma, q, cfg.local_steps + 1))
 
 
-@pytest.mark.parametrize(("key", "value"), [("physical-batch", -1), ("expected-batch", -3)])
-def test_bad_batch_settings_are_refused_by_name(key, value):
-    from fedrec.shared.federation.config import parse_run_config
-
-    with pytest.raises(ValueError, match=key):
-        parse_run_config({key: value})
-
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"physical-batch": -1},
+        {"expected-batch": -3},
+        {"expected-batch": 0},  # and sample-rate 0: nothing sets the rate
+        {"sample-rate": 1.5},
+    ],
+)
+def test_bad_batch_settings_are_refused_by_name(raw):
+    with pytest.raises(ValueError, match=next(iter(raw))):
+        parse_run_config(raw)

@@ -82,11 +82,70 @@ def test_bad_updates_are_rejected_and_the_round_goes_on(tmp_path, caplog):
     assert "NaN or Inf" in text and "shape" in text and "missing" in text
     assert "whitelist" in text and "client crashed" in text
     ledger = [json.loads(x) for x in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    # the failed client is named in the round's note (it cannot be on a client line)
+    note = ledger.pop()
+    assert note["round"] == 1 and "1 failed: exception" in note["note"]
     # every client that reported spending budget is on the ledger, rejected or not
     assert [x["client"] for x in ledger] == ["p1", "p2", "p3", "p4", "p5", "p6"]
     assert [x["accepted"] for x in ledger] == [True, True, False, False, False, False]
     assert {"client", "round", "steps", "sample_rate", "noise_multiplier", "max_grad_norm",
             "delta", "accountant", "epsilon_after"} <= set(ledger[0])  # fmt: skip
+
+
+RAY_OOM = (
+    "<class 'ray.exceptions.ActorDiedError'>:<'The actor died unexpectedly before finishing this "
+    "task. ... Worker exit detail: Task was killed due to the node running low on memory. Memory "
+    "on the node (IP: 10.0.0.2, ID: ab12) was 22.80GB / 23.47GB (0.971), which exceeds the memory "
+    "usage threshold of 0.95'>"
+)
+
+
+@pytest.mark.parametrize(
+    ("reason", "kind"),
+    [
+        (RAY_OOM, "out-of-memory"),
+        ("<class 'flwr.clientapp.ClientAppException'>:<'MemoryError: '>", "out-of-memory"),
+        ("RuntimeError: [enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate "
+         "memory: you tried to allocate 10737418240 bytes", "out-of-memory"),
+        ("<class 'ray.exceptions.GetTimeoutError'>:<'Get timed out: some object(s) not ready.'>",
+         "timeout"),
+        ("<class 'flwr.clientapp.ClientAppException'>:<'ValueError: catalog mismatch'>",
+         "exception"),
+    ],
+)  # fmt: skip
+def test_failure_kinds_are_told_apart(reason, kind):
+    from fedrec.server.strategy import failure_kind
+
+    assert failure_kind(reason) == kind
+
+
+def test_a_round_with_failures_says_why_in_metrics_and_ledger(tmp_path, caplog):
+    from fedrec.shared.privacy.audit import audit_ledger
+
+    s = _strategy(tmp_path)
+    s._sent[2] = 6  # six sampled: two reply, three fail, one is silent
+    to_node = Message(content=RecordDict(), dst_node_id=9, message_type="train")
+    fails = [Message(Error(code=2, reason=r), reply_to=to_node)
+             for r in (RAY_OOM, RAY_OOM, "ValueError: boom")]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="fedrec.server"):
+        _, metrics = s.aggregate_train(2, [_reply(1, dict(TEMPLATE)), _reply(2, dict(TEMPLATE)),
+                                           *fails])  # fmt: skip
+    assert metrics["failed"] == 3 and metrics["no_reply"] == 1
+    assert metrics["failed_out_of_memory"] == 2 and metrics["failed_exception"] == 1
+    assert metrics["failed_timeout"] == 0
+    assert "lower physical-batch" in caplog.text  # the hint, in the log
+    info = s.rounds[-1]
+    assert info["failed_out_of_memory"] == 2
+    lines = (tmp_path / "ledger.jsonl").read_text().splitlines()
+    note = json.loads(lines[-1])
+    assert note["round"] == 2
+    assert "2 failed: out-of-memory" in note["note"] and "1 failed: exception" in note["note"]
+    assert "1 sent nothing within round-timeout" in note["note"]
+    # the audit reads the note as a note, not as a malformed client line (the fake replies'
+    # epsilons are not consistent, so their own lines have findings of their own)
+    audit = audit_ledger(tmp_path / "ledger.jsonl")
+    on_note = [(f.severity, f.round) for f in audit.findings if f.line == len(lines)]
+    assert on_note == [("note", 2)]
 
 
 def test_too_few_replies_skip_aggregation(tmp_path, caplog):

@@ -75,19 +75,20 @@ class FedConfig:
     # local training
     local_steps: int = 8
     local_opt: str = "sgd"  # the client's optimizer under DP-SGD's clipping and noise: sgd | adam
-    sample_rate: float = 0.5
+    # each client's Poisson sampling rate q; 0 = from expected-batch (below)
+    sample_rate: float = 0.0
     lr: float = 1.0
     negatives: int = 50
     slots: int = 32
     # what a DP client divides its noised gradient sum by: a constant, never the data's size
     # (0 = sample-rate * slots * the client's users; see client.local_train.batch_divisor)
     batch_divisor: float = 0.0
-    # How each client's Poisson sampling rate q is set. 0: every client samples at
-    # ``sample-rate`` (a one-user client holds about 30 examples, a silo thousands). > 0: each
-    # client samples at q = min(1, expected-batch / (slots * its users)), from the public
-    # roster, never from the data: one-user clients and silos then take batches of about the
-    # same size; each client's sigma is calibrated for its own q, which the ledger records.
-    expected_batch: int = 0
+    # With sample-rate 0 (the default), each client samples at
+    # q = min(1, expected-batch / (slots * its users)), from the public roster, never from the
+    # data: a one-user client (q = 16 / 32 = 0.5) and a silo of hundreds of users both take
+    # batches of about expected-batch examples; each client's sigma is calibrated for its own q,
+    # which the ledger records. sample-rate > 0 fixes q for every client instead.
+    expected_batch: int = 16
     # At most this many examples go through one forward/backward pass: a logical (Poisson)
     # batch is split into physical batches of this size, their clipped per-example gradients
     # summed, and the noise added once, so the DP step is the same and memory depends on this
@@ -147,7 +148,12 @@ class FedConfig:
         _need(0 < self.server_lr <= 10, "server-lr", self.server_lr, "(0, 10]")
         _need(self.local_steps >= 1, "local-steps", self.local_steps, ">= 1")
         _need(self.local_opt in ("sgd", "adam"), "local-opt", self.local_opt, "sgd or adam")
-        _need(0 < self.sample_rate <= 1, "sample-rate", self.sample_rate, "(0, 1]")
+        _need(
+            0 <= self.sample_rate <= 1,
+            "sample-rate",
+            self.sample_rate,
+            "(0, 1], or 0 to derive each client's rate from expected-batch",
+        )
         _need(0 < self.lr < 100, "lr", self.lr, "(0, 100)")
         _need(0 <= self.lr_id < 10_000, "lr-id", self.lr_id, "[0, 10000); 0 = the same as lr")
         _need(
@@ -170,7 +176,13 @@ class FedConfig:
             0 <= self.expected_batch <= 1_000_000,
             "expected-batch",
             self.expected_batch,
-            "0 (every client samples at sample-rate) or an expected batch size up to 1000000",
+            "an expected batch size up to 1000000 (used when sample-rate is 0)",
+        )
+        _need(
+            self.sample_rate > 0 or self.expected_batch > 0,
+            "expected-batch",
+            self.expected_batch,
+            "> 0 when sample-rate is 0: one of them sets each client's sampling rate",
         )
         _need(
             0 <= self.physical_batch <= 1_000_000,
@@ -258,12 +270,12 @@ class FedConfig:
         return self.lr_id or self.lr
 
     def client_sample_rate(self, users: int) -> float:
-        """A client's Poisson sampling rate: ``sample-rate``, or with ``expected-batch`` set,
+        """A client's Poisson sampling rate: ``sample-rate`` when set (> 0), else
         ``min(1, expected-batch / (slots * users))`` for a client holding ``users`` people's data
         (the roster, public here: the guarantee is per interaction, not per user)."""
-        if self.expected_batch > 0:
-            return min(1.0, self.expected_batch / (self.slots * max(1, users)))
-        return self.sample_rate
+        if self.sample_rate > 0:
+            return self.sample_rate
+        return min(1.0, self.expected_batch / (self.slots * max(1, users)))
 
     def dp_group(self) -> int:
         """How many training examples one interaction can change, in add/remove steps, when the

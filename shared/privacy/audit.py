@@ -229,6 +229,18 @@ def read_ledger_lines(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], lis
             else:
                 findings.append(Finding("error", f"not valid JSON ({e.msg})", line=no))
             continue
+        if isinstance(entry, dict) and "note" in entry and "client" not in entry:
+            # the server's note on a round's missing clients (failed or silent)
+            rnd = entry.get("round")
+            findings.append(
+                Finding(
+                    "note",
+                    str(entry["note"]),
+                    round=rnd if isinstance(rnd, int) else None,
+                    line=no,
+                )
+            )
+            continue
         problem = _schema_problem(entry)
         if problem:
             client = entry.get("client") if isinstance(entry, dict) else None

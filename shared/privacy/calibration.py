@@ -20,12 +20,12 @@ _SIGMA: dict[tuple[Any, ...], float] = {}
 def calibrated_noise(cfg: FedConfig, sample_rate: float | None = None) -> float:
     """sigma for the budget over the planned rounds (or the configured fixed value), at the
     interaction-level adjacency of ``cfg`` (:meth:`FedConfig.dp_adjacency`), for a client that
-    samples at ``sample_rate`` (default ``cfg.sample_rate``; with ``expected-batch`` each client
-    has its own, :meth:`FedConfig.client_sample_rate`). Memoized per process: the search takes
-    seconds and every round of a run asks again."""
+    samples at ``sample_rate`` (default: a one-user client's,
+    :meth:`FedConfig.client_sample_rate`; with ``expected-batch`` each client has its own).
+    Memoized per process: the search takes seconds and every round of a run asks again."""
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
-    q = cfg.sample_rate if sample_rate is None else sample_rate
+    q = cfg.client_sample_rate(1) if sample_rate is None else sample_rate
     key = (
         cfg.epsilon,
         q,
@@ -48,15 +48,15 @@ def calibrated_noise(cfg: FedConfig, sample_rate: float | None = None) -> float:
 
 def run_checker(cfg: FedConfig) -> Callable[[tuple[float, float, int]], str | None]:
     """What ``fedrec audit`` holds each trained ledger line's ``(sigma, q, steps)`` to: the
-    config's steps, a sampling rate the config allows (``sample-rate``; with ``expected-batch``
-    any q up to ``min(1, expected-batch / slots)``, the rate of a one-user client, since clients
-    with more users sample less), and the noise this module calibrates for that q. Returns what
+    config's steps, a sampling rate the config allows (``sample-rate`` when set; else any q up
+    to ``min(1, expected-batch / slots)``, the rate of a one-user client, since clients with
+    more users sample less), and the noise this module calibrates for that q. Returns what
     is wrong, or None."""
 
     def check(run: tuple[float, float, int]) -> str | None:
         sigma, q, steps = run
-        if cfg.expected_batch > 0:
-            q_max = min(1.0, cfg.expected_batch / cfg.slots)
+        if cfg.sample_rate == 0:
+            q_max = cfg.client_sample_rate(1)
             if not 0 < q <= q_max * (1 + 1e-12):
                 return (
                     f"sample rate {q} is not in (0, min(1, expected-batch / slots) = {q_max}] "

@@ -80,7 +80,7 @@ _ACCOUNTANTS = {
 
 
 def _rate(cfg: FedConfig) -> str:
-    if cfg.expected_batch > 0:
+    if cfg.sample_rate == 0:
         return (
             f"q = min(1, expected-batch / (slots x the client's users)) = min(1, "
             f"{cfg.expected_batch} / ({cfg.slots} x users)), each client's noise calibrated for "
@@ -99,7 +99,7 @@ def _divisor(cfg: FedConfig) -> str:
 
 
 def _q(cfg: FedConfig) -> str:
-    return "q" if cfg.expected_batch > 0 else str(cfg.sample_rate)
+    return "q" if cfg.sample_rate == 0 else str(cfg.sample_rate)
 
 
 def _examples(cfg: FedConfig) -> str:
