@@ -342,3 +342,41 @@ def test_id_table_federation_without_dp(synth_dir, tiny_backbone, tmp_path):
     assert len(rec.recommend(history=list(rec.item_ids[:2]), k=5)) == 5
     statement = (out / "privacy" / "statement.md").read_text()
     assert "OFF" in statement and "per-item ID table" in statement
+
+
+def test_physical_batches_leave_the_ledger_unchanged(synth_dir, tiny_backbone, tmp_path):
+    """Two real simulations of silos whose Poisson batches (about 40 examples: q from
+    expected-batch) are split into physical batches of 4 in one and not split in the other:
+    the ledgers (every client's mechanism and epsilon per round) are identical, the per-client
+    q is the roster's, and `fedrec audit` passes both."""
+    from fedrec.server.simulate import simulate
+    from fedrec.shared.privacy.report import audit_run
+
+    keep = ("client", "round", "trained", "noise_multiplier", "sample_rate", "steps",
+            "epsilon_after", "total_steps", "adjacency")  # fmt: skip
+    ledgers = []
+    for bound in (0, 4):
+        cfg = FedConfig(
+            data=str(synth_dir), backbone=str(tiny_backbone), max_length=16, history_len=8,
+            partition="silo", silos=3, num_rounds=2, fraction_train=1.0, min_replies=3,
+            evaluate_every=0, local_steps=2, sample_rate=0.0, expected_batch=40, negatives=10,
+            slots=6, epsilon=3.0, lr=0.5, physical_batch=bound,
+        )  # fmt: skip
+        out = tmp_path / f"bound-{bound}"
+        rounds: list[dict] = []
+        simulate(cfg, out, baselines="none", num_cpus=2, on_round=rounds.append)
+        trained = [r for r in rounds if "accepted" in r]
+        assert [r["accepted"] for r in trained] == [3, 3], trained
+        assert all(r["failed"] == 0 for r in trained)
+        report, text = audit_run(out, plot=False)
+        assert report["ok"], text
+        ledgers.append([{k: x.get(k) for k in keep} for x in ledger_lines(out)])
+    assert ledgers[0] == ledgers[1]
+    from fedrec.client.runtime import dataset_and_split
+    from fedrec.shared.partition import partition_users
+
+    _, split = dataset_and_split(synth_dir, "A", 0)
+    parts = partition_users(split, scheme="silo", n_silos=3, seed=0)
+    q = {f"p{i}": min(1.0, 40 / (6 * len(users))) for i, users in enumerate(parts)}
+    assert all(x["sample_rate"] == pytest.approx(q[x["client"]]) for x in ledgers[0])
+    assert all(v < 0.5 for v in q.values())
