@@ -90,8 +90,26 @@ def model_for(cfg: FedConfig, ds: Dataset, split: Split) -> RecModel:
     key = (mcfg, catalog_digest(ds.item_texts()))
     if key not in _MODELS:
         base, tok = load_backbone(mcfg.backbone)
-        _MODELS[key] = RecModel(base, tok, ds.item_texts(), mcfg, warm_items=warm_items(split))
+        model = RecModel(base, tok, ds.item_texts(), mcfg, warm_items=warm_items(split))
+        _release_freed_memory()
+        _MODELS[key] = model
     return _MODELS[key]
+
+
+def _release_freed_memory() -> None:
+    """Give the heap memory freed while building the model (the catalog pass's activations)
+    back to the OS (glibc ``malloc_trim``), so that it does not stay in the
+    client's resident set. A no-op where glibc is not the C library."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
 
 
 @dataclass

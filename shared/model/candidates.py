@@ -311,7 +311,10 @@ class CandidateScorer(nn.Module):
         self.gate = Broadcast(model.profile_gate)
         self.use_profile = bool(model.cfg.use_profile)
         self.history_len = int(model.cfg.history_len)
-        feats = lora_A(cache.x).detach() if self.ffa else cache.x  # (n_tokens, r | inter)
+        if not self.ffa and cache.x is None:
+            raise ValueError("FedAvg-LoRA trains A: it needs a catalog cache that holds x")
+        # (n_tokens, r | inter)
+        feats = cache.a_of(lora_A).detach() if self.ffa else cast(torch.Tensor, cache.x)
         self.tower: LoRAItemTower | None = None
         if fast:
             self.tower = LoRAItemTower(

@@ -29,17 +29,36 @@ from torch import nn
 
 @dataclass
 class CatalogCache:
-    x: torch.Tensor  # (n_tokens, intermediate) input of the adapted projection
+    # (n_tokens, intermediate) input of the adapted projection; None when only A(x) is kept
+    x: torch.Tensor | None
     base: torch.Tensor  # (n_tokens, hidden) dense(x) + bias + attention_output, base weights
     segment: torch.Tensor  # (n_tokens,) int64 item index of each token
     counts: torch.Tensor  # (n_items,) float tokens per item
+    # With a frozen LoRA A (FFA-LoRA) only A(x) is ever used: the cache then holds that,
+    # (n_tokens, r), and the A it was computed with, and no x (``build_catalog_cache(project=)``)
+    ax: torch.Tensor | None = None
+    a_weight: torch.Tensor | None = None
 
     @property
     def n_items(self) -> int:
         return int(self.counts.shape[0])
 
     def nbytes(self) -> int:
-        return sum(t.element_size() * t.numel() for t in (self.x, self.base, self.segment))
+        held = (self.x, self.base, self.segment, self.ax)
+        return sum(t.element_size() * t.numel() for t in held if t is not None)
+
+    def a_of(self, lora_a: nn.Linear) -> torch.Tensor:
+        """``lora_a(x)`` per token: from ``ax`` (when A is the one it was computed with) or
+        computed from ``x``."""
+        if self.x is not None:
+            return lora_a(self.x)
+        assert self.ax is not None and self.a_weight is not None
+        if not torch.equal(lora_a.weight, self.a_weight):
+            raise RuntimeError(
+                "the catalog cache holds A(x) for a frozen LoRA A (FFA-LoRA) and this A differs: "
+                "A must not change under FFA-LoRA (build the model with ffa=false to train it)"
+            )
+        return self.ax
 
 
 @dataclass
@@ -89,8 +108,13 @@ def build_catalog_cache(
     *,
     max_length: int,
     batch_size: int = 256,
+    project: nn.Linear | None = None,
 ) -> CatalogCache:
     """Run the frozen base model over ``texts`` once and keep the adapter site's inputs.
+
+    ``project``: a frozen LoRA A (FFA-LoRA). Then each batch's ``x`` is kept only as
+    ``project(x)`` (``ax``; r numbers per token instead of the intermediate size), and the full
+    ``x`` is never held.
 
     ``model`` must be the base model without an active adapter (the inputs captured here do
     not depend on it, but ``base`` uses the projection's base weights only).
@@ -109,7 +133,7 @@ def build_catalog_cache(
         site.proj.register_forward_pre_hook(take_x),
         site.residual_module.register_forward_pre_hook(take_residual),
     ]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # restored exactly afterwards
     model.eval()
     lengths = torch.as_tensor(
         [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]],
@@ -120,7 +144,7 @@ def build_catalog_cache(
     # two or three copies of the cache, as concatenating per-batch pieces would take).
     start_of = torch.cumsum(lengths, 0) - lengths  # first token row of each item
     n_tok = int(lengths.sum())
-    x_out = torch.empty((n_tok, base_proj.in_features))
+    x_out = torch.empty((n_tok, project.out_features if project else base_proj.in_features))
     base_out = torch.empty((n_tok, base_proj.out_features))
     segment = torch.repeat_interleave(torch.arange(len(texts)), lengths)
     # Batches of similar length waste little on padding.
@@ -142,12 +166,17 @@ def build_catalog_cache(
             # destination rows: item i's tokens at start_of[i] .. start_of[i] + len_i - 1
             pos = start_of[rows_here].unsqueeze(1) + torch.cumsum(mask, 1) - 1
             dest = pos[mask]
-            x_out[dest] = captured["x"][mask]
+            x = captured["x"][mask]
+            x_out[dest] = project(x) if project is not None else x
             base_out[dest] = (base_proj(captured["x"]) + captured["residual"])[mask]
             captured.clear()
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     counts = lengths.float()
+    if project is not None:
+        a = project.weight.detach().clone()
+        return CatalogCache(None, base_out, segment, counts, ax=x_out, a_weight=a)
     return CatalogCache(x_out, base_out, segment, counts)

@@ -81,9 +81,11 @@ class RecModel(nn.Module):
             p.requires_grad_(False)
         # Captured BEFORE the adapter is attached: the cached inputs do not depend on it.
         # Inference needs no cache: it embeds the catalog once by the plain path and keeps that.
+        # With FFA-LoRA (A frozen) the cache keeps A(x), built after the adapter is attached.
+        compact = with_cache and cfg.ffa
         self.cache: CatalogCache | None = (
             build_catalog_cache(base, tokenizer, self.item_texts, max_length=cfg.max_length)
-            if with_cache
+            if with_cache and not compact
             else None
         )
         torch.manual_seed(cfg.seed)  # LoRA's A init is seeded: FFA-LoRA needs a shared A
@@ -100,6 +102,16 @@ class RecModel(nn.Module):
         lora = self.lora_layer()
         if cfg.ffa:
             lora.lora_A["default"].weight.requires_grad_(False)
+        if compact:
+            # the adapter site's input x is upstream of the adapter: attaching it first changes
+            # nothing captured, and x is kept only as A(x) (never held whole: less memory)
+            self.cache = build_catalog_cache(
+                base,
+                tokenizer,
+                self.item_texts,
+                max_length=cfg.max_length,
+                project=lora.lora_A["default"],
+            )
         dim = int(base.config.hidden_size)
         self.dim = dim
         warm = torch.zeros(n_items, dtype=torch.bool)
@@ -132,7 +144,7 @@ class RecModel(nn.Module):
         c = self.cache
         if c is None:
             raise RuntimeError("built with with_cache=False: use encode_texts(self.item_texts)")
-        delta = lora.lora_B["default"](lora.lora_A["default"](c.x)) * lora.scaling["default"]
+        delta = lora.lora_B["default"](c.a_of(lora.lora_A["default"])) * lora.scaling["default"]
         h = site.norm(c.base + delta)  # (n_tokens, dim)
         pooled = torch.zeros(c.n_items, h.shape[1], dtype=h.dtype).index_add_(0, c.segment, h)
         return pooled / c.counts.unsqueeze(1)
