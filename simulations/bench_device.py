@@ -116,7 +116,7 @@ def main() -> None:
         "download_over_tensors": float(np.median(down) / raw),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "install_bytes": {**sizes, "total": sum(sizes.values())},
-        "budget_history_after": ledger,
+        "budget_history_after": ledger.to_json(),
         "model_cache_bytes": sum(
             p.stat().st_size for p in (device / "fedrec-state" / "model-cache").rglob("*")
         ),
