@@ -153,7 +153,7 @@ class FedRecStrategy(FedAvg):
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                kind = failure_kind(msg.error.reason)
+                kind = failure_kind(msg.error.reason or "")
                 failures.append(kind)
                 log.warning(
                     "round %d: client node %d failed (%s): %s%s",

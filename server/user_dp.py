@@ -126,7 +126,7 @@ class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
         failures: list[str] = []
         for msg in replies:
             if msg.has_error():
-                failures.append(msg.error.reason)
+                failures.append(msg.error.reason or "")
                 log.warning(
                     "round %d: client node %d failed: %s (counts as a zero update)",
                     server_round + self.inner.round_offset,

@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-SIZES = {  # name -> run-config keys of the partition; the client measured is partition 0
+# name -> run-config keys of the partition; the client measured is partition 0
+SIZES: dict[str, dict[str, Any]] = {
     "one-user": {"partition": "user"},
     "silo-of-10": {"partition": "silo", "silos": 10},
     "silo-of-4": {"partition": "silo", "silos": 4},
@@ -131,7 +132,7 @@ def main() -> None:
                 continue
             raw = {**SIZES[size], **SETTINGS[setting], **common}
             parse_run_config(raw, where="bench_footprint")  # bad keys fail before any work
-            runs = []
+            runs: list[dict[str, Any]] = []
             for _ in range(args.repeats):
                 proc = subprocess.run(
                     [sys.executable, "-m", "fedrec.simulations.bench_footprint",
@@ -146,7 +147,7 @@ def main() -> None:
                     continue
                 runs.append(json.loads(found[-1].removeprefix("RESULT ")))
             ok = [r for r in runs if not r.get("failed")]
-            row = {"size": size, "setting": setting, "config": raw, "runs": runs}
+            row: dict[str, Any] = {"size": size, "setting": setting, "config": raw, "runs": runs}
             if ok:
                 row |= {
                     "users": ok[0]["users"],
