@@ -66,7 +66,7 @@ def failure_kind(reason: str) -> str:
     text = reason.lower()
     if any(p in text for p in _OOM):
         return "out-of-memory"
-    if "timeout" in text or "timed out" in text:
+    if any(p in text for p in ("timeouterror", "timed out", "deadline exceeded")):
         return "timeout"
     return "exception"
 
@@ -147,6 +147,8 @@ class FedRecStrategy(FedAvg):
         replies = list(replies)
         accepted: list[dict[str, torch.Tensor]] = []
         losses, eps, refused, rejected, seconds = [], [], 0, 0, []
+        # failures the user-level DP wrapper took out before this call (not silent ones)
+        removed = len(self.extra_failures)
         failures = [failure_kind(r) for r in self.extra_failures]
         self.extra_failures = []
         lines: list[dict[str, Any]] = []
@@ -206,7 +208,7 @@ class FedRecStrategy(FedAvg):
             if line is not None:
                 eps.append(float(metrics["epsilon"]))
                 lines.append(line)
-        silent = max(0, self._sent.get(rnd, len(replies)) - len(replies))
+        silent = max(0, self._sent.get(rnd, len(replies)) - len(replies) - removed)
         failed = len(failures)
         kinds = {k: failures.count(k) for k in FAILURE_KINDS}
         if self.cfg.dp and (failed or silent):

@@ -105,7 +105,10 @@ def test_expected_batch_sets_each_clients_rate_from_its_roster(ds, tiny_backbone
     # calibrated for another rate
     check = run_checker(cfg)
     assert check((sigma, q, cfg.local_steps)) is None
-    assert "not in" in check((sigma, 0.9, cfg.local_steps))
+    assert "whole number" in check((sigma, 0.9, cfg.local_steps))  # above a one-user client's
+    assert "whole number" in check((sigma, 0.25, cfg.local_steps))  # 4 / (6 x 2.67 users)
+    q2 = 4 / 12  # a client of 2 users
+    assert check((calibrated_noise(cfg, q2), q2, cfg.local_steps)) is None
     assert "calibrates" in check((calibrated_noise(cfg, 4 / 6), q, cfg.local_steps))
     assert "calibrates" in check((sigma, q, cfg.local_steps + 1))
 

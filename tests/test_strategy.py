@@ -298,6 +298,7 @@ def test_user_level_dp_clips_divides_by_the_sample_and_adds_calibrated_noise(tmp
     w = UserLevelDP(inner, num_sampled=n, noise_multiplier=z)
     w.current_arrays = to_record(big)
     inner.current = dict(big)
+    inner._sent[1] = 4  # four sampled, four replies (one of them an error)
     up = {"lora.B": torch.full((100, 100), 0.1)}  # norm 10: clipped to 2
     small = {"lora.B": torch.full((100, 100), 0.001)}  # norm 0.1: kept
     to_node = Message(content=RecordDict(), dst_node_id=9, message_type="train")
@@ -313,6 +314,8 @@ def test_user_level_dp_clips_divides_by_the_sample_and_adds_calibrated_noise(tmp
     assert abs(float(noise.mean())) < 5 * z * 2.0 / n / 100  # 10,000 draws: mean ~ 0
     assert float(noise.std()) == pytest.approx(z * 2.0 / n, rel=0.05)
     assert metrics["failed"] == 1 and metrics["rejected"] == 1 and metrics["accepted"] == 2
+    # the failure the wrapper took out is counted once, as an exception, not also as silent
+    assert metrics["failed_exception"] == 1 and metrics["no_reply"] == 0
     assert "client crashed" in caplog.text and "removed before clipping" in caplog.text
     # the clients' update norms are not noised: under DP they are not released
     assert "update_norm_median" not in metrics

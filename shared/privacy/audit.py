@@ -229,7 +229,12 @@ def read_ledger_lines(path: Path) -> tuple[list[tuple[int, dict[str, Any]]], lis
             else:
                 findings.append(Finding("error", f"not valid JSON ({e.msg})", line=no))
             continue
-        if isinstance(entry, dict) and "note" in entry and "client" not in entry:
+        if (
+            isinstance(entry, dict)
+            and set(entry) == {"round", "note"}
+            and isinstance(entry["note"], str)
+            and isinstance(entry["round"], int)
+        ):
             # the server's note on a round's missing clients (failed or silent)
             rnd = entry.get("round")
             findings.append(

@@ -48,19 +48,22 @@ def calibrated_noise(cfg: FedConfig, sample_rate: float | None = None) -> float:
 
 def run_checker(cfg: FedConfig) -> Callable[[tuple[float, float, int]], str | None]:
     """What ``fedrec audit`` holds each trained ledger line's ``(sigma, q, steps)`` to: the
-    config's steps, a sampling rate the config allows (``sample-rate`` when set; else any q up
-    to ``min(1, expected-batch / slots)``, the rate of a one-user client, since clients with
-    more users sample less), and the noise this module calibrates for that q. Returns what
-    is wrong, or None."""
+    config's steps, a sampling rate the config allows (``sample-rate`` when set; else
+    ``min(1, expected-batch / (slots * users))`` for some whole number of users: the ledger does
+    not say how many users a client holds), and the noise this module calibrates for that q.
+    Returns what is wrong, or None."""
 
     def check(run: tuple[float, float, int]) -> str | None:
         sigma, q, steps = run
         if cfg.sample_rate == 0:
-            q_max = cfg.client_sample_rate(1)
-            if not 0 < q <= q_max * (1 + 1e-12):
+            # q = min(1, expected-batch / (slots * users)) for a whole number of users >= 1
+            users = cfg.expected_batch / (cfg.slots * q) if q > 0 else math.inf
+            whole = users >= 1 - 1e-9 and math.isclose(users, round(users), rel_tol=1e-9)
+            if not (q == 1.0 and cfg.client_sample_rate(1) == 1.0 or 0 < q < 1 and whole):
                 return (
-                    f"sample rate {q} is not in (0, min(1, expected-batch / slots) = {q_max}] "
-                    "that config.json allows"
+                    f"sample rate {q} is not min(1, expected-batch / (slots x users)) = "
+                    f"min(1, {cfg.expected_batch} / ({cfg.slots} x users)) for any whole number "
+                    "of users, the rates config.json allows"
                 )
         elif q != cfg.sample_rate:
             return f"sample rate {q} is not config.json's sample-rate {cfg.sample_rate}"

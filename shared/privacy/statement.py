@@ -168,8 +168,12 @@ the server releases (user-level DP, when on). Everything below is outside them:
   history are functions of the public mechanism and of which rounds the client joined.
 {evaluation}- The item catalog (ids and texts) is public by assumption: negatives are drawn from it
   and every client holds it. So is each client's roster (which users' data it holds): it sets
-  the divisor, and a client with no training data refuses ("no training examples") instead of
-  sending a noise-only update, so whether a client has any data at all is visible.
+  the divisor and, with `sample-rate` 0, the client's sampling rate and noise (published on the
+  ledger). fedrec counts a client's users as those with at least one training interaction, and
+  in silo runs assigns users to silos from that list: an interaction that is a user's only
+  training interaction changes the count (and the assignment), which the per-interaction
+  guarantee does not cover. A client with no training data refuses ("no training examples")
+  instead of sending a noise-only update, so whether a client has any data at all is visible.
 - Per round, `metrics.json` records how many replies were accepted, refused (with the client's
   reason on the ledger), rejected or failed, and whether the round was aggregated (below
   `min-replies` it is not): these counts are not noised.
