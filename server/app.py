@@ -176,6 +176,10 @@ def run_federation(
         on_round=on_round,
     )
     strategy.optimizer.load(opt_state)
+    # a federated evaluation reply cannot count more test queries than the split has (clients
+    # evaluate their own users' test items); unknown (None) when the server holds none
+    test = split.tests.get("test")
+    strategy.max_queries = len(test.users) if test is not None and len(test.users) else None
     runner: FedRecStrategy | UserLevelDP = strategy
     user_dp: dict[str, Any] | None = None
     if cfg.user_dp:

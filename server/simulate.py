@@ -54,6 +54,16 @@ def resolve(config: Path | None, sets: dict[str, str], quick: bool) -> tuple[Fed
         raw.update(load_config_file(config))
     raw.update(sets)
     server = {k: raw.pop(k) for k in ("resume", "baselines") if k in raw}
+    if "resume" in server:
+        from fedrec.shared.model.config import _bool
+
+        try:
+            server["resume"] = _bool(server["resume"])  # "false" is False, not bool("false")
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"run config: key 'resume' = {server['resume']!r} is not a valid bool "
+                "(true or false)"
+            ) from None
     return parse_run_config(raw), server
 
 

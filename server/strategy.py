@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -35,7 +36,13 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedrec.client.app import EVAL_METRICS, TRAIN_METRICS
 from fedrec.shared.federation.config import FedConfig
-from fedrec.shared.federation.params import UpdateError, check_update, from_record, to_record
+from fedrec.shared.federation.params import (
+    UpdateError,
+    change_norm,
+    check_update,
+    from_record,
+    to_record,
+)
 from fedrec.shared.federation.server_opt import ServerOptimizer
 
 log = logging.getLogger("fedrec.server")
@@ -118,6 +125,10 @@ class FedRecStrategy(FedAvg):
         # size instead of the number accepted; failures the wrapper took out; pre-clip norms
         self.fixed_denominator: int | None = None
         self.extra_failures: list[str] = []  # error reasons of failed replies the wrapper removed
+        self._names: dict[str, int] = {}  # client name -> the node id that first used it
+        # the most test queries a federated evaluation reply may count (set by the ServerApp
+        # from the split it holds; None = not known, e.g. a deployment)
+        self.max_queries: int | None = None
         self.federated_eval: dict[int, dict[str, float]] = {}
 
     def summary(self) -> None:
@@ -187,7 +198,7 @@ class FedRecStrategy(FedAvg):
                     arrays = _record(msg, "arrays", ArrayRecord)
                     if arrays is None:
                         raise UpdateError("trained=1 but no 'arrays' record")
-                    update = check_update(from_record(arrays), self.template)
+                    update = self._bounded(check_update(from_record(arrays), self.template))
                 except UpdateError as err:
                     rejected += 1
                     log.warning(
@@ -287,14 +298,81 @@ class FedRecStrategy(FedAvg):
         extra = set(metrics) - set(allowed)
         if extra:
             raise UpdateError(f"metrics outside the whitelist: {sorted(extra)}")
+        missing = set(allowed) - set(metrics)
+        if missing:
+            raise UpdateError(f"required metric(s) missing: {sorted(missing)}")
         for k, v in metrics.items():
-            if not isinstance(v, (int, float)) or v != v:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise UpdateError(f"metric '{k}' = {v!r} is not a finite number")
+            problem = self._metric_range(k, float(v), metrics)
+            if problem:
+                raise UpdateError(f"metric '{k}' = {v!r} {problem}")
         allowed_records = {"metrics", "arrays", "client"}
         unknown = set(content.keys()) - allowed_records
         if unknown:
             raise UpdateError(f"unexpected record(s) {sorted(unknown)}")
-        return _client_name(msg), metrics
+        return self._identity(msg), metrics
+
+    def _metric_range(self, key: str, v: float, metrics: dict[str, Any]) -> str | None:
+        """What is wrong with a finite metric value for what the server knows, or None."""
+        whole = v == int(v)
+        if key in ("trained",) and v not in (0, 1):
+            return "is not 0 or 1"
+        if key == "steps" and not (whole and 0 <= v <= self.cfg.local_steps):
+            return f"is not a whole number of steps in [0, local-steps={self.cfg.local_steps}]"
+        if key == "total-steps" and not (whole and v >= 0):
+            return "is not a whole number >= 0"
+        if key == "total-steps" and self.cfg.dp and v < float(metrics.get("steps", 0)):
+            return "is below this round's steps (a DP client's history holds them)"
+        if key in ("num-examples", "num-queries") and not (whole and 0 <= v <= 1e9):
+            return "is not a whole count in [0, 1e9]"
+        if key == "num-queries" and self.max_queries is not None and v > self.max_queries:
+            return f"exceeds the {self.max_queries} test queries this run has"
+        if key == "sample-rate" and not 0 <= v <= 1:
+            return "is not in [0, 1]"
+        if key in ("epsilon", "noise-multiplier", "seconds") and v < 0:
+            return "is negative"
+        if key in ("HR@10", "NDCG@10") and not 0 <= v <= 1:
+            return "is not in [0, 1]"
+        return None
+
+    def _identity(self, msg: Message) -> str:
+        """The reply's client name, bound to the Flower node that first used it in this run.
+
+        The name is what the client reports (``p<partition>`` in simulation, ``client-id`` or
+        the data folder's name on a device); a name already bound to another node id is a
+        forgery (or a misconfigured device) and the reply is rejected: one client cannot write
+        ledger lines under another's name."""
+        node = int(msg.metadata.src_node_id)
+        name = _client_name(msg)
+        if len(name) > 128 or not name.isprintable():
+            raise UpdateError(
+                f"client name {name[:40]!r}... is not a printable name of <= 128 chars"
+            )
+        bound = self._names.setdefault(name, node)
+        if bound != node:
+            raise UpdateError(
+                f"client name {name!r} belongs to node {bound} in this run, not node {node}: "
+                "two nodes cannot share a name (set a distinct client-id in each node config)"
+            )
+        return name
+
+    def _bounded(self, update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``update`` whose change to the current global tensors has L2 norm at most
+        ``update-norm-max``: larger ones are refused, or scaled down with
+        ``update-norm-action=clip``."""
+        norm = change_norm(update, self.current)
+        limit = self.cfg.update_norm_max
+        if norm <= limit:
+            return update
+        if self.cfg.update_norm_action == "reject":
+            raise UpdateError(
+                f"its change has L2 norm {norm:.4g} > update-norm-max={limit:g} (raise it, or "
+                "set update-norm-action=clip to scale such changes down)"
+            )
+        log.warning("an update's change of L2 norm %.4g clipped to update-norm-max=%g", norm, limit)
+        scale = limit / norm
+        return {k: self.current[k] + (u - self.current[k]) * scale for k, u in update.items()}
 
     def _mean_step(self, changes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The server optimizer applied to mean_k(update_k - global), per tensor; ``changes``
@@ -315,7 +393,13 @@ class FedRecStrategy(FedAvg):
         keys = ("epsilon", "steps", "noise-multiplier", "sample-rate", "trained")
         if not all(isinstance(m.get(k), (int, float)) and m[k] == m[k] for k in keys):
             return None
-        line = self._ledger_line(_client_name(msg), rnd, m, bool(m["trained"]))
+        if not all(math.isfinite(float(m[k])) for k in keys):
+            return None
+        try:
+            name = self._identity(msg)
+        except UpdateError:
+            name = f"n{msg.metadata.src_node_id}"  # never under another client's name
+        line = self._ledger_line(name, rnd, m, bool(m["trained"]))
         return line | _history_field(msg) | {"accepted": False}
 
     def _ledger_line(

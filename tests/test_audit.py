@@ -425,3 +425,46 @@ def test_reaudit_reports_what_an_old_add_remove_claim_really_spent(tmp_path):
     assert row["epsilon_independent_max"] == pytest.approx(row["epsilon_recomputed_max"], rel=0.02)
     assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
     assert "replace-one" in (tmp_path / "out" / "reaudit.md").read_text()
+
+
+def _with_round_counts(run: Path, lines: list[dict], counts: dict[int, int]) -> Path:
+    doc = json.loads((run / "metrics.json").read_text())
+    doc["model"] = {"rounds": [{"round": r, "accepted": n, "refused": 0, "rejected": 0}
+                               for r, n in counts.items()]}  # fmt: skip
+    (run / "metrics.json").write_text(json.dumps(doc))
+    return run
+
+
+def test_audit_finds_ledger_lines_missing_against_the_rounds_counts(tmp_path):
+    """metrics.json counts each round's accepted replies; a ledger with fewer lines for a round
+    (here: a client's only line deleted) fails, although every remaining line is consistent."""
+    from fedrec.shared.privacy.report import audit_run
+
+    counts = {1: 2, 2: 1, 3: 1, 4: 2}  # honest_ledger's plan
+    honest = _with_round_counts(make_run(tmp_path / "a", honest_ledger()), honest_ledger(), counts)
+    report, text = audit_run(honest, plot=False)
+    assert report["ok"], text
+    lines = [x for x in honest_ledger() if x["client"] != "c3"]  # c3 trained in round 1 only
+    gap = _with_round_counts(make_run(tmp_path / "b", lines), lines, counts)
+    report, text = audit_run(gap, plot=False)
+    assert not report["ok"] and "ledger lines are missing" in text
+
+
+def test_audit_reports_spending_only_a_budget_file_shows(tmp_path):
+    """privacy/clients/<name>.json holds a client's whole history: steps beyond the ledger's
+    are reported (a warning within the budget, an error above it); garbage is an error."""
+    from fedrec.shared.privacy.report import audit_run
+
+    run = make_run(tmp_path, honest_ledger())
+    clients = run / "privacy" / "clients"
+    clients.mkdir()
+    (clients / "c3.json").write_text(json.dumps({"history": [[3.0, 0.5, 16]]}))  # one lost round
+    report, text = audit_run(run, plot=False)
+    assert report["ok"], text
+    assert "records 16 DP steps, the ledger accounts for 8" in text and "within the budget" in text
+    (clients / "c3.json").write_text(json.dumps({"history": [[3.0, 0.5, 400]]}))
+    report, text = audit_run(run, plot=False)
+    assert not report["ok"] and "> the budget 8.0" in text
+    (clients / "c3.json").write_text("{not json")
+    report, text = audit_run(run, plot=False)
+    assert not report["ok"] and "not a readable budget file" in text

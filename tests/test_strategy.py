@@ -36,7 +36,8 @@ TEMPLATE = {"lora.B": torch.zeros(3, 2), "head.item_bias": torch.zeros(4)}
 
 def _metrics(**kw):
     base = {"num-examples": 5, "trained": 1, "loss": 1.0, "epsilon": 0.5, "steps": 4,
-            "noise-multiplier": 1.1, "sample-rate": 0.5, "seconds": 0.1}  # fmt: skip
+            "total-steps": 4, "noise-multiplier": 1.1, "sample-rate": 0.5,
+            "seconds": 0.1}  # fmt: skip
     base.update(kw)
     return MetricRecord(base)
 

@@ -70,6 +70,12 @@ class FedConfig:
     evaluate_every: int = 5
     fraction_evaluate: float = 0.0  # federated evaluation on clients at the last round
     round_timeout: float = 600.0
+    # The server refuses (or, with update-norm-action=clip, scales down) a client's change to
+    # the global tensors whose L2 norm exceeds this: one client cannot move the model
+    # arbitrarily far (or overflow the float32 mean). Generous by default (local DP's noise
+    # alone moves a one-user client's tensors by tens); lower it to bound poisoning.
+    update_norm_max: float = 1e4
+    update_norm_action: str = "reject"
     server_opt: str = "sgd"  # how the server applies the mean client change: sgd | adam
     server_lr: float = 1.0
     # local training
@@ -136,7 +142,7 @@ class FedConfig:
         _need(self.lora_alpha > 0, "lora-alpha", self.lora_alpha, "> 0")
         _need(1 <= self.history_len <= 200, "history-len", self.history_len, "1..200")
         _need(0 <= self.cold_dropout < 1, "cold-dropout", self.cold_dropout, "0 <= p < 1")
-        _need(self.num_rounds >= 1, "num-rounds", self.num_rounds, ">= 1")
+        _need(1 <= self.num_rounds <= 100_000, "num-rounds", self.num_rounds, "1..100000")
         _need(0 < self.fraction_train <= 1, "fraction-train", self.fraction_train, "(0, 1]")
         _need(self.min_replies >= 1, "min-replies", self.min_replies, ">= 1")
         _need(self.evaluate_every >= 0, "evaluate-every", self.evaluate_every, ">= 0")
@@ -144,6 +150,18 @@ class FedConfig:
             0 <= self.fraction_evaluate <= 1, "fraction-evaluate", self.fraction_evaluate, "[0, 1]"
         )
         _need(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0 seconds")
+        _need(
+            0 < self.update_norm_max <= 1e12,
+            "update-norm-max",
+            self.update_norm_max,
+            "an L2 norm in (0, 1e12]",
+        )
+        _need(
+            self.update_norm_action in ("reject", "clip"),
+            "update-norm-action",
+            self.update_norm_action,
+            "reject or clip",
+        )
         _need(self.server_opt in ("sgd", "adam"), "server-opt", self.server_opt, "sgd or adam")
         _need(0 < self.server_lr <= 10, "server-lr", self.server_lr, "(0, 10]")
         _need(self.local_steps >= 1, "local-steps", self.local_steps, ">= 1")
@@ -315,10 +333,24 @@ class FedConfig:
         if p >= 1:
             return n
         cdf, k = 0.0, 0
-        for k in range(n + 1):
-            cdf += math.comb(n, k) * p**k * (1 - p) ** (n - k)
-            if cdf >= 0.99:
-                break
+        try:
+            for k in range(n + 1):
+                cdf += math.comb(n, k) * p**k * (1 - p) ** (n - k)
+                if cdf >= 0.99:
+                    break
+        except OverflowError:  # math.comb(n, k) exceeds a float (n ~ 1,000): in log space
+            cdf, k = 0.0, 0
+            for k in range(n + 1):
+                log_pmf = (
+                    math.lgamma(n + 1)
+                    - math.lgamma(k + 1)
+                    - math.lgamma(n - k + 1)
+                    + k * math.log(p)
+                    + (n - k) * math.log1p(-p)
+                )
+                cdf += math.exp(log_pmf)
+                if cdf >= 0.99:
+                    break
         return max(1, k)
 
     def to_flat(self) -> dict[str, Any]:
@@ -343,10 +375,12 @@ def parse_run_config(raw: Mapping[str, Any], *, where: str = "run config") -> Fe
         kind = type(getattr(FedConfig, name))
         try:
             kwargs[name] = _coerce(kind, value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(
                 f"{where}: key '{key}' = {value!r} is not a valid {kind.__name__}"
             ) from None
+        if kind is float and not math.isfinite(kwargs[name]):
+            raise ValueError(f"{where}: key '{key}' = {value!r} is not a finite number")
     return FedConfig(**kwargs)
 
 

@@ -162,10 +162,17 @@ def check_update(
             raise UpdateError(f"'{name}' has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
         if not t.dtype.is_floating_point:
             raise UpdateError(f"'{name}' has dtype {t.dtype}, expected a float tensor")
+        t = t.float()  # checked AFTER the cast: a float64 1e300 is inf in float32
         if not _finite(t):
-            raise UpdateError(f"'{name}' contains NaN or Inf")
-        out[name] = t.float()
+            raise UpdateError(f"'{name}' contains NaN or Inf (as float32)")
+        out[name] = t
     return out
+
+
+def change_norm(update: Mapping[str, torch.Tensor], current: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of the whole change ``update - current`` over every tensor (in float64)."""
+    sq = sum(float((update[k].double() - current[k].double()).pow(2).sum()) for k in current)
+    return math.sqrt(sq)
 
 
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)

@@ -17,12 +17,14 @@ from typing import Any
 import numpy as np
 
 from fedrec.shared.federation.config import FedConfig, parse_run_config
+from fedrec.shared.privacy.accounting import epsilon_spent
 from fedrec.shared.privacy.audit import (
     INDEPENDENT_TOLERANCE,
     TOLERANCE,
     Finding,
     LedgerAudit,
     audit_ledger,
+    read_ledger_lines,
     summary,
 )
 from fedrec.shared.privacy.calibration import run_checker
@@ -86,7 +88,9 @@ def audit_run(
     )
     summ = summary(audit)
     _check_claim(run, audit, summ, tolerance)
-    if plot and audit.clients:
+    _check_complete(run, cfg, audit, tolerance)
+    beyond = [r for c in audit.clients.values() for r in c.rounds if r > cfg.num_rounds]
+    if plot and audit.clients and not beyond:  # (absurd rounds would make an absurd plot)
         plot_epsilon(run / "privacy" / "epsilon.png", audit, cfg.epsilon, acc)
     report = {
         "run": str(run),
@@ -121,6 +125,80 @@ def _user_text(user: dict[str, Any], problems: list[str]) -> str:
         )
     lines += [f"FAIL: {m}" for m in problems] or ["PASS"]
     return "\n".join(lines) + "\n"
+
+
+def _check_complete(run: Path, cfg: FedConfig, audit: LedgerAudit, tol: float) -> None:
+    """The ledger against the run's other records. ``metrics.json`` counts, per round, the
+    replies the server accepted and the refusals: each wrote a ledger line, so a round with
+    fewer lines has lost some (an error). ``privacy/clients/<name>.json`` (simulation) is each
+    client's own accountant history: steps beyond what the ledger accounts for are spending
+    no ledger line shows (e.g. a round interrupted after the clients trained); the audit
+    reports them with the epsilon of the file's history, an error above the budget."""
+    per_round: dict[int, int] = {}
+    entries, _ = read_ledger_lines(run / "privacy" / "ledger.jsonl")
+    for _no, e in entries:
+        per_round[e["round"]] = per_round.get(e["round"], 0) + 1
+    metrics = run / "metrics.json"
+    try:
+        doc = json.loads(metrics.read_text()) if metrics.is_file() else {}
+    except (OSError, ValueError):
+        doc = None
+    rounds = doc.get("model", {}).get("rounds", []) if isinstance(doc, dict) else None
+    if not isinstance(rounds, list):
+        audit.findings.append(
+            Finding("error", f"{metrics} is not a fedrec metrics object: cannot check the ledger")
+        )
+        rounds = []
+    for info in rounds:
+        if not isinstance(info, dict) or not isinstance(info.get("round"), int):
+            continue
+        need = int(info.get("accepted", 0) or 0) + int(info.get("refused", 0) or 0)
+        have = per_round.get(info["round"], 0)
+        if have < need:
+            audit.findings.append(
+                Finding(
+                    "error",
+                    f"metrics.json counts {need} accepted or refused replies in this round, the "
+                    f"ledger has {have} line(s) for it: ledger lines are missing",
+                    round=info["round"],
+                )
+            )
+    folder = run / "privacy" / "clients"
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        name = path.stem
+        try:
+            raw = json.loads(path.read_text())
+            hist = [(float(s), float(q), int(n)) for s, q, n in raw["history"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            audit.findings.append(Finding("error", f"{path} is not a readable budget file", name))
+            continue
+        spent = sum(n for *_, n in hist)
+        c = audit.clients.get(name)
+        ledgered = sum(n for *_, n in c.history) if c is not None else 0
+        if spent <= ledgered:
+            continue
+        eps = epsilon_spent(
+            history=hist,
+            delta=cfg.delta,
+            accountant=cfg.accountant,
+            group=cfg.dp_group(),
+            adjacency=cfg.dp_adjacency(),
+        )
+        over = eps > cfg.epsilon * (1 + tol)
+        audit.findings.append(
+            Finding(
+                "error" if over else "warning",
+                f"its budget file {path.name} records {spent} DP steps, the ledger accounts for "
+                f"{ledgered}: spending no ledger line shows (an interrupted round?); epsilon of "
+                f"the file's history {eps:.4f}"
+                + (
+                    f" > the budget {cfg.epsilon}"
+                    if over
+                    else f" (within the budget {cfg.epsilon})"
+                ),
+                name,
+            )
+        )
 
 
 def _check_claim(run: Path, audit: LedgerAudit, summ: dict[str, Any], tol: float) -> None:

@@ -1,0 +1,195 @@
+"""Faulty and malicious replies: each is refused by name, the round goes on, the global model
+stays finite, and no client writes ledger lines under another client's name."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedrec.shared.federation.params import UpdateError, check_update
+
+from .test_strategy import TEMPLATE, _metrics, _reply, _strategy, task_identity  # noqa: F401
+
+
+def _good(v: float) -> dict[str, torch.Tensor]:
+    return {"lora.B": torch.full((3, 2), v), "head.item_bias": torch.full((4,), v)}
+
+
+def _new(arrays) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    return {k: torch.from_numpy(a.numpy()) for k, a in arrays.items()}
+
+
+def _ledger(tmp_path) -> list[dict]:  # noqa: ANN001
+    lines = [json.loads(x) for x in (tmp_path / "ledger.jsonl").read_text().splitlines()]
+    return [x for x in lines if "client" in x]
+
+
+def test_a_float64_value_that_overflows_float32_is_refused():
+    huge = {"lora.B": torch.full((3, 2), 1e300, dtype=torch.float64),
+            "head.item_bias": torch.zeros(4, dtype=torch.float64)}  # fmt: skip
+    with pytest.raises(UpdateError, match="NaN or Inf"):
+        check_update(huge, TEMPLATE)
+
+
+def test_huge_float32_replies_cannot_overflow_the_mean(tmp_path, caplog):
+    s = _strategy(tmp_path)
+    replies = [_reply(1, _good(1.0)), _reply(2, _good(3.0)),
+               _reply(3, _good(3e38)), _reply(4, _good(3e38))]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="fedrec.server"):
+        arrays, metrics = s.aggregate_train(1, replies)
+    assert metrics["accepted"] == 2 and metrics["rejected"] == 2
+    new = _new(arrays)
+    assert all(torch.isfinite(t).all() for t in new.values())
+    assert torch.allclose(new["lora.B"], torch.full((3, 2), 2.0))
+    assert "update-norm-max" in caplog.text
+
+
+def test_clip_action_scales_a_large_change_to_the_bound(tmp_path):
+    s = _strategy(tmp_path, update_norm_max=1.0, update_norm_action="clip")
+    arrays, metrics = s.aggregate_train(1, [_reply(1, _good(10.0)), _reply(2, _good(0.0))])
+    assert metrics["accepted"] == 2
+    new = _new(arrays)
+    # client 1's change (norm 10 * sqrt(10)) scaled to norm 1, averaged with client 2's zero
+    norm = math.sqrt(sum(float(t.pow(2).sum()) for t in new.values()))
+    assert norm == pytest.approx(0.5, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "message"),
+    [
+        ({"loss": float("inf")}, "not a finite number"),
+        ({"epsilon": float("-inf")}, "not a finite number"),
+        ({"steps": float("inf")}, "not a finite number"),
+        ({"steps": 2.5}, "whole number of steps"),
+        ({"steps": 10_000}, "local-steps"),
+        ({"sample-rate": 1.5}, "not in [0, 1]"),
+        ({"trained": 7}, "not 0 or 1"),
+        ({"epsilon": -1.0}, "negative"),
+        ({"num-examples": 1e12}, "whole count"),
+        ({"total-steps": -1}, ">= 0"),
+    ],
+)
+def test_bad_train_metrics_are_refused_by_name_and_the_round_goes_on(tmp_path, metrics, message,
+                                                                      caplog):  # fmt: skip
+    s = _strategy(tmp_path)
+    bad = _reply(3, _good(5.0), _metrics(**metrics))
+    good = [_reply(1, _good(1.0), _metrics()),
+            _reply(2, _good(3.0), _metrics())]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="fedrec.server"):
+        arrays, out = s.aggregate_train(1, [*good, bad])
+    assert out["accepted"] == 2 and out["rejected"] == 1, caplog.text
+    assert message in caplog.text
+    assert torch.allclose(_new(arrays)["lora.B"], torch.full((3, 2), 2.0))
+    for line in (tmp_path / "ledger.jsonl").read_text().splitlines():
+        json.loads(line)  # strict JSON: no Infinity or NaN on the ledger
+        assert "Infinity" not in line and "NaN" not in line
+
+
+@pytest.mark.parametrize("key", ["loss", "epsilon", "sample-rate", "steps", "trained"])
+def test_a_reply_missing_a_required_metric_is_refused(tmp_path, caplog, key):
+    s = _strategy(tmp_path)
+    m = dict(_metrics())
+    del m[key]
+    with caplog.at_level(logging.WARNING, logger="fedrec.server"):
+        _, out = s.aggregate_train(
+            1,
+            [_reply(1, _good(1.0), MetricRecord(m)), _reply(2, _good(1.0)), _reply(3, _good(1.0))],
+        )
+    assert out["rejected"] == 1 and out["accepted"] == 2
+    assert "required metric(s) missing" in caplog.text and key in caplog.text
+
+
+def test_a_dp_client_history_shorter_than_its_round_is_refused(tmp_path, caplog):
+    s = _strategy(tmp_path, dp=True)
+    with caplog.at_level(logging.WARNING, logger="fedrec.server"):
+        short = _reply(3, _good(1.0), _metrics(**{"total-steps": 1}))
+        _, out = s.aggregate_train(1, [_reply(1, _good(1.0)), _reply(2, _good(1.0)), short])
+    assert out["rejected"] == 1 and "below this round's steps" in caplog.text
+
+
+def test_a_client_cannot_write_under_another_clients_name(tmp_path, caplog):
+    s = _strategy(tmp_path, dp=True)
+    m = _metrics()
+    s.aggregate_train(1, [_reply(1, _good(1.0), m), _reply(2, _good(1.0), m)])
+    # round 2: node 5 claims to be p2 (bound to node 2 in round 1)
+    with caplog.at_level(logging.WARNING, logger="fedrec.server"):
+        _, out = s.aggregate_train(
+            2, [_reply(1, _good(1.0), m), _reply(2, _good(1.0), m), _reply(5, _good(9.0), m, "p2")]
+        )
+    assert out["rejected"] == 1 and out["accepted"] == 2
+    assert "belongs to node 2" in caplog.text
+    round2 = [(x["client"], x["accepted"]) for x in _ledger(tmp_path) if x["round"] == 2]
+    # the forger's spending is on the ledger under its own node, never under p2
+    assert sorted(round2) == [("n5", False), ("p1", True), ("p2", True)]
+
+
+def test_an_unprintable_or_huge_name_is_refused(tmp_path, caplog):
+    s = _strategy(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="fedrec.server"):
+        _, out = s.aggregate_train(1, [_reply(1, _good(1.0), name="x" * 500),
+                                       _reply(2, _good(1.0), name="a\nb"),
+                                       _reply(3, _good(1.0)), _reply(4, _good(1.0))])  # fmt: skip
+    assert out["rejected"] == 2 and out["accepted"] == 2
+    assert "printable name" in caplog.text
+
+
+def _eval_reply(node: int, m: dict | None = None):
+    to_node = Message(content=RecordDict(), dst_node_id=node, message_type="evaluate")
+    base = {"num-queries": 1, "HR@10": 1.0, "NDCG@10": 0.5} | (m or {})
+    content = RecordDict({"metrics": MetricRecord(base),
+                          "client": ConfigRecord({"name": f"p{node}"})})  # fmt: skip
+    return Message(content=content, reply_to=to_node)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"num-queries": 10**12}, "whole count"),
+        ({"num-queries": 50}, "exceeds the 10 test queries"),
+        ({"HR@10": 1000.0}, "not in [0, 1]"),
+        ({"NDCG@10": float("inf")}, "not a finite number"),
+        ({"num-queries": 1.5}, "whole count"),
+    ],
+)
+def test_federated_evaluation_refuses_counts_and_metrics_out_of_range(tmp_path, caplog, bad,
+                                                                       message):  # fmt: skip
+    s = _strategy(tmp_path)
+    s.max_queries = 10
+    with caplog.at_level(logging.WARNING, logger="fedrec.server"):
+        out = s.aggregate_evaluate(1, [_eval_reply(1), _eval_reply(2, {"HR@10": 0.0}),
+                                       _eval_reply(3, bad)])  # fmt: skip
+    assert out is not None and out["num-queries"] == 2 and out["HR@10"] == 0.5
+    assert message in caplog.text
+
+
+@pytest.mark.parametrize("key", ["epsilon", "lr", "delta", "update-norm-max"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e999"])
+def test_non_finite_settings_are_refused_naming_the_key(key, value):
+    from fedrec.shared.federation.config import parse_run_config
+
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        parse_run_config({key: value})
+
+
+def test_resume_false_means_false():
+    from fedrec.server.simulate import resolve
+
+    assert resolve(None, {"resume": "false"}, False)[1]["resume"] is False
+    assert resolve(None, {"resume": "true"}, False)[1]["resume"] is True
+    with pytest.raises(ValueError, match="'resume'"):
+        resolve(None, {"resume": "maybe"}, False)
+
+
+def test_many_rounds_plan_without_overflow_and_absurd_ones_are_refused():
+    from fedrec.shared.federation.config import FedConfig
+
+    planned = FedConfig(num_rounds=5000, fraction_train=0.1).rounds_planned()
+    assert 540 < planned < 560  # the 99th percentile of Binomial(5000, 0.1): about 549
+    assert FedConfig(num_rounds=20, fraction_train=0.1).rounds_planned() == 6
+    with pytest.raises(ValueError, match="num-rounds"):
+        FedConfig(num_rounds=10**7)
