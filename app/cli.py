@@ -46,6 +46,19 @@ def _fail(message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _check_out(out_dir: Path) -> None:
+    """``--out`` must be a folder this process can create or write, checked before any work."""
+    import os
+
+    if out_dir.exists() and not out_dir.is_dir():
+        _fail(f"--out {out_dir} is an existing file, not a folder: give a folder path", 2)
+    parent = out_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        _fail(f"--out {out_dir}: cannot write in {parent} (permissions): choose another folder", 2)
+
+
 def resolve_data(data: str) -> Path:
     """A data set name in the data home (``ml-100k``) or a folder in the fedrec layout."""
     from fedrec.client.runtime import resolve_data_dir
@@ -168,6 +181,7 @@ def baselines(
     from fedrec.shared.rundir import versions, write_json
     from fedrec.shared.splitting import PROTOCOLS
 
+    _check_out(out_dir)
     if protocol not in PROTOCOLS:
         _fail(f"--protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}.", 2)
     names = list(BASELINES) if only is None else [n.strip() for n in only.split(",") if n.strip()]
@@ -219,6 +233,7 @@ def train_central_cmd(
     from fedrec.shared.model.run_central import parse_overrides, run_train_central
     from fedrec.shared.splitting import PROTOCOLS
 
+    _check_out(out_dir)
     if protocol not in PROTOCOLS:
         _fail(f"--protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}.", 2)
     try:
@@ -285,6 +300,7 @@ def simulate_cmd(
     from fedrec.server.simulate import resolve, simulate
     from fedrec.shared.federation.config import parse_sets
 
+    _check_out(out_dir)
     try:
         cfg, server = resolve(config, parse_sets(set_ or []), quick)
         baseline_names(baselines)
@@ -317,7 +333,7 @@ def simulate_cmd(
             )
 
     try:
-        result = simulate(cfg, out_dir, resume=resume or bool(server.get("resume")),
+        result = simulate(cfg, out_dir, resume=resume or server.get("resume") is True,
                           baselines=baselines, on_round=on_round,
                           ray_address=ray_address)  # fmt: skip
     except (ValueError, FileNotFoundError) as e:

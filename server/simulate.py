@@ -41,10 +41,30 @@ QUICK: dict[str, Any] = {
 def load_config_file(path: Path) -> dict[str, Any]:
     """A TOML file with the run-config keys at top level or under ``[tool.flwr.app.config]``."""
     try:
-        data = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise ValueError(f"--config {path}: cannot read it as TOML ({err})") from None
-    return data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data)
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"--config {path}: cannot read it as UTF-8 TOML ({err})") from None
+    node: Any = data
+    for key in ("tool", "flwr", "app", "config"):
+        if key not in node:
+            return _flat(path, data)
+        node = node[key]
+        if not isinstance(node, dict):
+            raise ValueError(
+                f"--config {path}: '{key}' is {type(node).__name__}, expected a table: write "
+                "the keys at top level or under [tool.flwr.app.config]"
+            )
+    return _flat(path, node)
+
+
+def _flat(path: Path, table: dict[str, Any]) -> dict[str, Any]:
+    nested = [k for k, v in table.items() if isinstance(v, dict)]
+    if nested:
+        raise ValueError(
+            f"--config {path}: {nested} are tables; run-config keys are flat (key = value), at "
+            "top level or under [tool.flwr.app.config]"
+        )
+    return table
 
 
 def resolve(config: Path | None, sets: dict[str, str], quick: bool) -> tuple[FedConfig, dict]:

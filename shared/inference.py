@@ -82,8 +82,9 @@ class Recommender:
             ]  # fmt: skip
         )
         index = run / "index" / f"{key}.pt"
-        if index.is_file():
-            rec.items = torch.load(index)
+        cached = _load_index(index, (len(meta["item_texts"]), model.dim))
+        if cached is not None:
+            rec.items = cached
         else:
             rec.items = rec._embed_catalog()
             index.parent.mkdir(parents=True, exist_ok=True)
@@ -265,3 +266,22 @@ class Recommender:
         self.items, self.bias = self.items[t], self.bias[t]
         self.titles = [self.titles[i] for i in order.tolist()]
         self.position = {int(i): k for k, i in enumerate(self.item_ids)}
+
+
+def _load_index(path: Path, shape: tuple[int, int]) -> torch.Tensor | None:
+    """The cached catalog embeddings at ``path`` if they are a finite float tensor of ``shape``
+    (loaded with ``weights_only``: a planted pickle cannot run code), else None: the caller
+    recomputes them and replaces the file."""
+    if not path.is_file():
+        return None
+    try:
+        t = torch.load(path, weights_only=True)
+    except Exception:  # a truncated or foreign file: rebuilt
+        return None
+    ok = (
+        isinstance(t, torch.Tensor)
+        and t.dtype.is_floating_point
+        and tuple(t.shape) == shape
+        and bool(torch.isfinite(t).all())
+    )
+    return t if ok else None

@@ -193,3 +193,83 @@ def test_many_rounds_plan_without_overflow_and_absurd_ones_are_refused():
     assert FedConfig(num_rounds=20, fraction_train=0.1).rounds_planned() == 6
     with pytest.raises(ValueError, match="num-rounds"):
         FedConfig(num_rounds=10**7)
+
+
+# --- damaged run folders: a clear ModelFileError naming the file, never a traceback ----------
+@pytest.fixture
+def run_copy(trained_run, tmp_path):  # noqa: F811
+    import shutil
+
+    run, _, _ = trained_run
+    dst = tmp_path / "run"
+    shutil.copytree(run, dst)
+    return dst
+
+
+from .test_inference import trained_run  # noqa: E402, F401 - fixture re-export
+
+
+@pytest.mark.parametrize(
+    ("rel", "damage", "message"),
+    [
+        ("adapter/adapter_model.safetensors", b"\x00\x01garbage", "not a readable safetensors"),
+        ("model/head.safetensors", b"", "not a readable safetensors"),
+        ("adapter/adapter_config.json", b"{not json", "not readable JSON"),
+        ("model/model.json", b"[1, 2]", "expected a JSON object"),
+        ("model/model.json", b"\xff\xfe\x00", "not readable JSON"),
+    ],
+)
+def test_damaged_model_files_are_named(run_copy, rel, damage, message):
+    from fedrec.shared.inference import Recommender
+    from fedrec.shared.model.artifacts import ModelFileError
+
+    (run_copy / rel).write_bytes(damage)
+    with pytest.raises(ModelFileError, match=message) as e:
+        Recommender.load(run_copy)
+    assert rel.split("/")[-1] in str(e.value)
+
+
+def test_model_json_with_fewer_item_ids_is_refused(run_copy):
+    from fedrec.shared.inference import Recommender
+    from fedrec.shared.model.artifacts import ModelFileError
+
+    path = run_copy / "model" / "model.json"
+    meta = json.loads(path.read_text())
+    meta["item_ids"] = meta["item_ids"][:-3]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError, match="item ids for"):
+        Recommender.load(run_copy)
+
+
+def test_a_planted_or_corrupt_index_is_rebuilt_not_served(run_copy):
+    from fedrec.shared.inference import Recommender
+
+    good = Recommender.load(run_copy)
+    (index,) = list((run_copy / "index").glob("*.pt"))
+    torch.save(torch.zeros(3, 3), index)  # wrong shape
+    again = Recommender.load(run_copy)
+    assert torch.equal(again.items, good.items)
+    index.write_bytes(b"\x80\x04garbage")  # not a torch file
+    assert torch.equal(Recommender.load(run_copy).items, good.items)
+
+
+def test_bad_config_files_and_out_paths_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedrec.cli import app
+
+    runner = CliRunner()
+    cases = {"tool.toml": b"tool = 1\n", "bytes.toml": b"\xff\xfe = 1\n",
+             "nested.toml": b"[model]\nlr = 1\n"}  # fmt: skip
+    for name, body in cases.items():
+        (tmp_path / name).write_bytes(body)
+        r = runner.invoke(app, ["simulate", "--out", str(tmp_path / "o"),
+                                "--config", str(tmp_path / name)])  # fmt: skip
+        assert r.exit_code == 2, (name, r.output)
+        assert "--config" in r.output and not (tmp_path / "o").exists(), name
+    (tmp_path / "afile").write_text("x")
+    for cmd in (["simulate"], ["baselines"], ["train-central"]):
+        r = runner.invoke(app, [*cmd, "--out", str(tmp_path / "afile")])
+        assert r.exit_code == 2 and "existing file" in r.output, (cmd, r.output)
+    r = runner.invoke(app, ["simulate", "--out", str(tmp_path / "o"), "--set", "epsilon=inf"])
+    assert r.exit_code == 2 and "'epsilon'" in r.output and not (tmp_path / "o").exists()

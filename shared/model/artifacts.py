@@ -58,7 +58,42 @@ def read_meta(run: Path) -> dict[str, Any]:
             f"{path} not found: {run} is not a trained fedrec run (train one with "
             "`fedrec train-central` or `fedrec simulate`)"
         )
-    return json.loads(path.read_text())
+    meta = _json_object(path)
+    need = {"config": dict, "backbone_fingerprint": str, "item_ids": list, "item_texts": list}
+    for key, kind in need.items():
+        if not isinstance(meta.get(key), kind):
+            raise ModelFileError(
+                f"{path}: field '{key}' is missing or not a {kind.__name__}; the file is not "
+                "one fedrec wrote (retrain, or restore it from the run)"
+            )
+    if len(meta["item_ids"]) != len(meta["item_texts"]):
+        raise ModelFileError(
+            f"{path}: {len(meta['item_ids'])} item ids for {len(meta['item_texts'])} item texts; "
+            "the catalog is damaged (retrain, or restore the file from the run)"
+        )
+    return meta
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``, or a :class:`ModelFileError` naming the file."""
+    try:
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelFileError(f"{path}: not readable JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ModelFileError(f"{path}: expected a JSON object, found {type(doc).__name__}")
+    return doc
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or a :class:`ModelFileError` naming the file."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError, or OSError
+        raise ModelFileError(
+            f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); retrain, or "
+            "restore the file from the run"
+        ) from None
 
 
 def load_model(run: Path, *, backbone: str | None = None) -> tuple[RecModel, dict[str, Any]]:
@@ -83,7 +118,7 @@ def load_model(run: Path, *, backbone: str | None = None) -> tuple[RecModel, dic
         raise ModelFileError(
             f"{adapter_dir}: adapter_config.json or adapter_model.safetensors missing"
         )
-    adapter_cfg = json.loads(adapter_cfg_path.read_text())
+    adapter_cfg = _json_object(adapter_cfg_path)
     if adapter_cfg.get("r") != cfg.lora_r:
         raise ModelFileError(
             f"{adapter_cfg_path}: LoRA rank r={adapter_cfg.get('r')} but the model config says "
@@ -91,7 +126,7 @@ def load_model(run: Path, *, backbone: str | None = None) -> tuple[RecModel, dic
         )
     base, tokenizer = load_backbone(cfg.backbone)
     model = RecModel(base, tokenizer, meta["item_texts"], cfg, with_cache=False)
-    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    state = _tensors(adapter_dir / "adapter_model.safetensors")
     if not any("lora_A" in k for k in state) or not any("lora_B" in k for k in state):
         raise ModelFileError(f"{adapter_dir}: no LoRA A/B tensors in adapter_model.safetensors")
     try:
@@ -104,7 +139,9 @@ def load_model(run: Path, *, backbone: str | None = None) -> tuple[RecModel, dic
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
         raise ModelFileError(f"{adapter_dir}: unexpected adapter tensors {unexpected}")
-    head = load_file(str(run / "model" / "head.safetensors"))
+    head = _tensors(run / "model" / "head.safetensors")
+    if "warm" not in head or head["warm"].shape != model.warm.shape:
+        raise ModelFileError(f"{run}/model/head.safetensors: 'warm' missing or mis-shaped")
     with torch.no_grad():
         for name in HEAD:
             param = getattr(model, name)
