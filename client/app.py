@@ -108,6 +108,10 @@ def device_guard(cfg: FedConfig, node: Any) -> None:
             f"server asked dp={cfg.dp}, id-residual={cfg.id_residual}, use-profile="
             f"{cfg.use_profile}. Set node config allow-no-dp=true to accept such rounds."
         )
+    if cfg.poison:
+        raise ValueError(
+            "the server asked for a simulated attack (poison): a device never runs one"
+        )
     if "delta-max" in node and cfg.delta > float(node["delta-max"]):
         raise ValueError(
             f"the server asked delta={cfg.delta}, above this device's delta-max={node['delta-max']}"
@@ -170,7 +174,8 @@ def train(msg: Message, context: Context) -> Message:
             f"catalog mismatch: the server's item catalog is {extra['catalog']}, this client's "
             f"is {client.catalog}; the client's items file must be the run's public catalog"
         )
-    load_travelling(client.model, from_record(msg.content.array_records["arrays"]))
+    received = from_record(msg.content.array_records["arrays"])
+    load_travelling(client.model, received)
     cache_global(client, context.node_config)
     server_round = int(extra.get("server-round", 0))
     seed = cfg.seed * 1_000_003 + server_round * 7919 + hash(client.name) % 7919
@@ -220,8 +225,20 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     if res.trained:
-        content["arrays"] = to_record(travelling_state(client.model))
+        state = travelling_state(client.model)
+        spec = cfg.poison_spec()
+        part = context.node_config.get("partition-id")
+        if spec is not None and part is not None and int(part) % spec[0] == 0:
+            state = poisoned(state, received, spec[1], spec[2])  # simulation only
+        content["arrays"] = to_record(state)
     return Message(content=content, reply_to=msg)
+
+
+def poisoned(state: dict, received: dict, kind: str, scale: float) -> dict:
+    """A simulated attacker's reply: the honest change scaled (``scale``) or reversed and
+    scaled (``sign-flip``), for measuring robust aggregation (``poison`` run config)."""
+    sign = -1.0 if kind == "sign-flip" else 1.0
+    return {k: received[k] + sign * scale * (v - received[k]) for k, v in state.items()}
 
 
 @app.evaluate()

@@ -381,7 +381,11 @@ class FedRecStrategy(FedAvg):
         With a fixed denominator (user-level DP) the sum of changes is divided by the round's
         sample size: clients that sent no accepted update count as a zero change."""
         n = self.fixed_denominator or next(iter(changes.values())).shape[0]
-        delta = {k: c.sum(0) / n for k, c in changes.items()}
+        if self.cfg.robust == "none" or self.fixed_denominator:
+            delta = {k: c.sum(0) / n for k, c in changes.items()}
+        else:
+            delta = {k: robust_mean(c, self.cfg.robust, self.cfg.trim_fraction)
+                     for k, c in changes.items()}  # fmt: skip
         return self.optimizer.step(self.current, delta)
 
     def _salvage(self, msg: Message, rnd: int) -> dict[str, Any] | None:
@@ -471,6 +475,22 @@ class FedRecStrategy(FedAvg):
         result["num-queries"] = float(n)
         self.federated_eval[server_round + self.round_offset] = dict(result)
         return MetricRecord(dict(result.items()))
+
+
+def robust_mean(stacked: torch.Tensor, how: str, trim: float) -> torch.Tensor:
+    """Per-coordinate combination of ``stacked`` changes ``(n, *shape)``: the median, or the
+    mean after dropping the ``floor(trim * n)`` largest and smallest values (the median when
+    that would drop everything)."""
+    n = stacked.shape[0]
+    k = int(trim * n)
+    if how == "median" or n - 2 * k < 1:
+        return (
+            stacked.median(0).values
+            if n % 2
+            else stacked.sort(0).values[n // 2 - 1 : n // 2 + 1].mean(0)
+        )
+    ordered = stacked.sort(0).values
+    return ordered[k : n - k].mean(0)
 
 
 def _median_norm(changes: dict[str, torch.Tensor]) -> float | None:

@@ -273,3 +273,45 @@ def test_bad_config_files_and_out_paths_exit_2(tmp_path):
         assert r.exit_code == 2 and "existing file" in r.output, (cmd, r.output)
     r = runner.invoke(app, ["simulate", "--out", str(tmp_path / "o"), "--set", "epsilon=inf"])
     assert r.exit_code == 2 and "'epsilon'" in r.output and not (tmp_path / "o").exists()
+
+
+# --- robust aggregation -------------------------------------------------------------------------
+def test_robust_means_per_coordinate():
+    from fedrec.server.strategy import robust_mean
+
+    x = torch.tensor([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [4.0, 40.0], [1000.0, -1000.0]])
+    assert torch.equal(robust_mean(x, "median", 0.1), torch.tensor([3.0, 20.0]))
+    # trim 0.2 of 5: one value dropped at each end, per coordinate
+    assert torch.allclose(robust_mean(x, "trimmed-mean", 0.2), torch.tensor([3.0, 20.0]))
+    assert torch.allclose(robust_mean(x[:4], "median", 0.1), torch.tensor([2.5, 25.0]))
+    # trim 0.1 of 5 drops nothing: the plain mean
+    assert torch.allclose(robust_mean(x, "trimmed-mean", 0.1), x.mean(0))
+
+
+def test_trimmed_mean_resists_a_sign_flipped_client(tmp_path):
+    honest = [_reply(i, _good(1.0 + 0.1 * i)) for i in range(1, 10)]
+    attacker = _reply(10, _good(-500.0))  # a flipped, scaled change (within update-norm-max)
+    plain = _strategy(tmp_path / "a")
+    robust = _strategy(tmp_path / "b", robust="trimmed-mean", trim_fraction=0.1)
+    mean = _new(plain.aggregate_train(1, [*honest, attacker])[0])["lora.B"][0, 0]
+    trimmed = _new(robust.aggregate_train(1, [*honest, attacker])[0])["lora.B"][0, 0]
+    assert mean < -40  # one client in ten drags the mean far off
+    assert 1.1 <= float(trimmed) <= 1.9  # the trimmed mean stays among the honest changes
+
+
+def test_poison_is_parsed_validated_and_refused_on_devices():
+    from fedrec.client.app import device_guard, poisoned
+    from fedrec.shared.federation.config import FedConfig
+
+    assert FedConfig(poison="0.1:sign-flip:4").poison_spec() == (10, "sign-flip", 4.0)
+    for bad in ("0.1", "2:scale:1", "0.1:flip:1", "0.1:scale:-1", "0.1:scale:inf"):
+        with pytest.raises(ValueError, match="'poison'"):
+            FedConfig(poison=bad)
+    with pytest.raises(ValueError, match="user-dp"):
+        FedConfig(robust="median", user_dp=True, dp=False)
+    with pytest.raises(ValueError, match="simulated attack"):
+        device_guard(FedConfig(poison="0.1:scale:2"), {"data-dir": "/x", "allow-no-dp": "true"})
+    got = {"w": torch.tensor([3.0])}
+    base = {"w": torch.tensor([1.0])}
+    assert torch.equal(poisoned(got, base, "sign-flip", 4.0)["w"], torch.tensor([-7.0]))
+    assert torch.equal(poisoned(got, base, "scale", 4.0)["w"], torch.tensor([9.0]))

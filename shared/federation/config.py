@@ -76,6 +76,17 @@ class FedConfig:
     # alone moves a one-user client's tensors by tens); lower it to bound poisoning.
     update_norm_max: float = 1e4
     update_norm_action: str = "reject"
+    # How the server combines the accepted changes: "none" (their mean, FedAvg), or per
+    # coordinate "trimmed-mean" (the trim-fraction largest and smallest values dropped) or
+    # "median": robust to a minority of poisoned updates. Not with user-dp (its noise is
+    # calibrated for the mean's sensitivity).
+    robust: str = "none"
+    trim_fraction: float = 0.1
+    # SIMULATION ONLY, to measure robustness: "FRACTION:KIND:SCALE" makes every round(1 /
+    # FRACTION)-th partition (p0, p10, ...) send a poisoned change after training honestly:
+    # KIND "scale" sends SCALE x its change, "sign-flip" -SCALE x its change. "" = no attack.
+    # A device (a SuperNode with data-dir) refuses a run that sets it.
+    poison: str = ""
     server_opt: str = "sgd"  # how the server applies the mean client change: sgd | adam
     server_lr: float = 1.0
     # local training
@@ -156,6 +167,22 @@ class FedConfig:
             self.update_norm_max,
             "an L2 norm in (0, 1e12]",
         )
+        _need(
+            self.robust in ("none", "trimmed-mean", "median"),
+            "robust",
+            self.robust,
+            "none, trimmed-mean or median",
+        )
+        _need(0 <= self.trim_fraction < 0.5, "trim-fraction", self.trim_fraction, "[0, 0.5)")
+        _need(
+            not (self.user_dp and self.robust != "none"),
+            "robust",
+            self.robust,
+            "robust aggregation with user-dp=true: user-level DP's noise is calibrated for the "
+            "mean of clipped updates; set robust=none",
+        )
+        if self.poison:
+            self.poison_spec()  # raises ValueError naming the key
         _need(
             self.update_norm_action in ("reject", "clip"),
             "update-norm-action",
@@ -286,6 +313,24 @@ class FedConfig:
     def id_lr(self) -> float:
         """The per-item ID table's SGD learning rate: ``lr-id``, or ``lr`` when it is 0."""
         return self.lr_id or self.lr
+
+    def poison_spec(self) -> tuple[int, str, float] | None:
+        """``poison`` parsed: (every how many partitions, kind, scale), or None."""
+        if not self.poison:
+            return None
+        parts = self.poison.split(":")
+        try:
+            fraction, kind, scale = float(parts[0]), parts[1], float(parts[2])
+            if len(parts) != 3 or not 0 < fraction <= 1 or kind not in ("scale", "sign-flip"):
+                raise ValueError
+            if not math.isfinite(scale) or scale <= 0:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise ValueError(
+                f"run config 'poison' = {self.poison!r} is invalid: FRACTION:KIND:SCALE with "
+                "FRACTION in (0, 1], KIND scale or sign-flip, SCALE > 0 (e.g. 0.1:sign-flip:4)"
+            ) from None
+        return max(1, round(1 / fraction)), kind, scale
 
     def client_sample_rate(self, users: int) -> float:
         """A client's Poisson sampling rate: ``sample-rate`` when set (> 0), else
