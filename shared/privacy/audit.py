@@ -174,6 +174,9 @@ class LedgerAudit:
     findings: list[Finding]
     clients: dict[str, ClientAudit]
     tolerance: float
+    # valid client lines per round (what fedrec.shared.privacy.report checks against the
+    # per-round reply counts in metrics.json)
+    lines_per_round: dict[int, int] = field(default_factory=dict)
 
     @property
     def errors(self) -> list[Finding]:
@@ -519,6 +522,8 @@ def audit_ledger(
                 )
             )
     audit = LedgerAudit(str(path), len(entries), findings, clients, tolerance)
+    for _no, e in entries:
+        audit.lines_per_round[e["round"]] = audit.lines_per_round.get(e["round"], 0) + 1
     for c in clients.values():
         budget_view(c, by_client[c.client])
     return audit

@@ -24,7 +24,6 @@ from fedrec.shared.privacy.audit import (
     Finding,
     LedgerAudit,
     audit_ledger,
-    read_ledger_lines,
     summary,
 )
 from fedrec.shared.privacy.calibration import run_checker
@@ -134,10 +133,7 @@ def _check_complete(run: Path, cfg: FedConfig, audit: LedgerAudit, tol: float) -
     client's own accountant history: steps beyond what the ledger accounts for are spending
     no ledger line shows (e.g. a round interrupted after the clients trained); the audit
     reports them with the epsilon of the file's history, an error above the budget."""
-    per_round: dict[int, int] = {}
-    entries, _ = read_ledger_lines(run / "privacy" / "ledger.jsonl")
-    for _no, e in entries:
-        per_round[e["round"]] = per_round.get(e["round"], 0) + 1
+    per_round = audit.lines_per_round
     metrics = run / "metrics.json"
     try:
         doc = json.loads(metrics.read_text()) if metrics.is_file() else {}
