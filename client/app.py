@@ -5,9 +5,11 @@ Run inside a simulation (``fedrec simulate``, ``flwr run .``) or a SuperNode
 the server's ``ConfigRecord``.
 
 A train reply carries only: the travelling tensors (:mod:`fedrec.shared.federation.params`) when
-the client trained, a ``MetricRecord`` with the whitelisted numbers in :data:`TRAIN_METRICS`, and a
-``ConfigRecord`` with the client's name (``p<partition>`` in simulation) and, when it refused, the
-reason. Never item ids, histories or texts.
+the client trained, a ``MetricRecord`` with the whitelisted numbers in
+:data:`fedrec.shared.federation.contract.TRAIN_METRICS`, and a ``ConfigRecord`` with the client's
+name (``p<partition>`` in simulation) and, when it refused, the reason. Never item ids, histories
+or texts. The whole message contract: :mod:`fedrec.shared.federation.contract`; the budget store:
+:mod:`fedrec.client.budget`.
 """
 
 from __future__ import annotations
@@ -22,10 +24,13 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedrec.client.local_train import Budget, FileStore, MemoryStore, train_round
+from fedrec.client.budget import budget_store, device_state_dir
+from fedrec.client.local_train import train_round
 from fedrec.client.runtime import ClientState, client_state
 from fedrec.shared.evaluation import per_query_metrics
+from fedrec.shared.federation import contract
 from fedrec.shared.federation.config import FedConfig, parse_run_config
+from fedrec.shared.federation.contract import EVAL_METRICS, EXTRA_KEYS, TRAIN_METRICS
 from fedrec.shared.federation.params import (
     from_record,
     load_travelling,
@@ -34,62 +39,13 @@ from fedrec.shared.federation.params import (
 )
 from fedrec.shared.model.examples import right_aligned
 
-TRAIN_METRICS = (
-    "num-examples",
-    "trained",
-    "loss",
-    "epsilon",
-    "steps",
-    "total-steps",
-    "noise-multiplier",
-    "sample-rate",
-    "seconds",
-)
-EVAL_METRICS = ("num-queries", "HR@10", "NDCG@10")
-EXTRA_KEYS = ("server-round", "catalog", "run-dir")  # sent by the server beside FedConfig keys
-
 app = ClientApp()
 
 
 def round_config(msg: Message) -> tuple[FedConfig, dict[str, Any]]:
-    raw = dict(msg.content["config"])
+    raw = dict(msg.content[contract.CONFIG])
     extra = {k: raw.pop(k) for k in EXTRA_KEYS if k in raw}
     return parse_run_config(raw, where="round config from the server"), extra
-
-
-class ContextStore:
-    """The accountant history in Flower's ``Context.state`` (simulation), mirrored to a file in
-    the run directory when the server names one, so a resumed run restores it (a process crash
-    loses ``Context.state``; epsilon must not restart from zero)."""
-
-    def __init__(self, context: Context, file: Path | None) -> None:
-        self.context, self.file = context, FileStore(file) if file else None
-
-    def load(self) -> Budget:
-        rec = self.context.state.get("privacy")
-        mem = (
-            Budget.from_json(json.loads(str(rec["budget"])), "in Context.state")
-            if isinstance(rec, ConfigRecord)
-            else Budget()
-        )
-        disk = self.file.load() if self.file else Budget()
-        steps = lambda b: sum(int(r[2]) for r in b.history)  # noqa: E731
-        return mem if steps(mem) >= steps(disk) else disk  # the longer history wins
-
-    def save(self, budget: Budget) -> None:
-        self.context.state["privacy"] = ConfigRecord({"budget": json.dumps(budget.to_json())})
-        if self.file:
-            self.file.save(budget)
-
-
-def device_state_dir(node: Any) -> Path | None:
-    """A device's own state folder (``state-dir``, default ``<data-dir>/fedrec-state``); None in
-    simulation, where clients have no folder of their own."""
-    if "state-dir" in node:
-        return Path(str(node["state-dir"]))
-    if "data-dir" in node:
-        return Path(str(node["data-dir"])) / "fedrec-state"
-    return None
 
 
 def device_guard(cfg: FedConfig, node: Any) -> None:
@@ -116,21 +72,6 @@ def device_guard(cfg: FedConfig, node: Any) -> None:
         raise ValueError(
             f"the server asked delta={cfg.delta}, above this device's delta-max={node['delta-max']}"
         )
-
-
-def budget_store(context: Context, name: str, extra: dict[str, Any]):  # noqa: ANN201
-    node = context.node_config
-    state = device_state_dir(node)
-    if state is not None:
-        # A device: its budget lives in a file on the device (default: next to its data), so a
-        # restarted SuperNode, or a new run, continues the same history instead of restarting
-        # from zero. The budget is the device's, across all runs.
-        return FileStore(state / "privacy-budget.json")
-    run_dir = extra.get("run-dir")
-    file = Path(str(run_dir)) / "privacy" / "clients" / f"{name}.json" if run_dir else None
-    if "partition-id" in node:
-        return ContextStore(context, file)
-    return MemoryStore()
 
 
 def cache_global(client: ClientState, node: Any) -> Path | None:
@@ -174,7 +115,7 @@ def train(msg: Message, context: Context) -> Message:
             f"catalog mismatch: the server's item catalog is {extra['catalog']}, this client's "
             f"is {client.catalog}; the client's items file must be the run's public catalog"
         )
-    received = from_record(msg.content.array_records["arrays"])
+    received = from_record(msg.content.array_records[contract.ARRAYS])
     load_travelling(client.model, received)
     cache_global(client, context.node_config)
     server_round = int(extra.get("server-round", 0))
@@ -210,10 +151,11 @@ def train(msg: Message, context: Context) -> Message:
             "seconds": 0.0 if private else time.perf_counter() - t0,
         }
     )
+    assert set(metrics) == set(TRAIN_METRICS), "the reply must carry exactly TRAIN_METRICS"
     content = RecordDict(
         {
-            "metrics": metrics,
-            "client": ConfigRecord(
+            contract.METRICS: metrics,
+            contract.CLIENT: ConfigRecord(
                 {
                     "name": client.name,
                     "reason": res.reason,
@@ -230,7 +172,7 @@ def train(msg: Message, context: Context) -> Message:
         part = context.node_config.get("partition-id")
         if spec is not None and part is not None and int(part) % spec[0] == 0:
             state = poisoned(state, received, spec[1], spec[2])  # simulation only
-        content["arrays"] = to_record(state)
+        content[contract.ARRAYS] = to_record(state)
     return Message(content=content, reply_to=msg)
 
 
@@ -250,14 +192,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     """
     cfg, _extra = round_config(msg)
     client = client_state(cfg, context.node_config)
-    load_travelling(client.model, from_record(msg.content.array_records["arrays"]))
+    load_travelling(client.model, from_record(msg.content.array_records[contract.ARRAYS]))
     cache_global(client, context.node_config)
     evalset = client.split.tests.get("test")
     sums: dict[str, int | float] = {"num-queries": 0, "HR@10": 0.0, "NDCG@10": 0.0}
     if evalset is not None:
         rows = np.flatnonzero(np.isin(evalset.users, client.users))
         sums = evaluate_rows(client.model, evalset, rows)
-    return Message(content=RecordDict({"metrics": MetricRecord(dict(sums.items()))}), reply_to=msg)
+    assert set(sums) == set(EVAL_METRICS), "the reply must carry exactly EVAL_METRICS"
+    content = RecordDict({contract.METRICS: MetricRecord(dict(sums.items()))})
+    return Message(content=content, reply_to=msg)
 
 
 @torch.no_grad()

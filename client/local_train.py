@@ -1,4 +1,4 @@
-"""One client's round of local training with Opacus DP-SGD, and its privacy budget.
+"""One client's round of local training with Opacus DP-SGD, spending its privacy budget.
 
 Privacy unit: ONE INTERACTION (user, item, timestamp) of the client's data, add/remove adjacency.
 Examples are built by :func:`fedrec.shared.model.examples.disjoint_examples`: each interaction is
@@ -24,8 +24,9 @@ ablations suite measures it against disjoint examples (results in ``simulations/
 
 Mechanism: Poisson sampling at ``sample-rate`` q (Opacus ``DPDataLoader``), per-example clipping
 to ``max-grad-norm`` C, Gaussian noise ``sigma * C`` on the clipped sum (Opacus ``DPOptimizer``),
-``local-steps`` steps per round. The client's :class:`Budget` (accountant history, mechanism,
-cap) persists across rounds in a :class:`BudgetStore`; epsilon is always the whole history's.
+``local-steps`` steps per round. The client's :class:`~fedrec.client.budget.Budget` (accountant
+history, mechanism, cap) persists across rounds in a :class:`~fedrec.client.budget.BudgetStore`;
+epsilon is always the whole history's.
 sigma is calibrated ONCE from the budget over the planned rounds (``FedConfig.rounds_planned``);
 a round that would take epsilon over the budget is refused before any data is touched.
 
@@ -41,16 +42,12 @@ What this does NOT protect is listed in the run's privacy statement
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import secrets
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,6 +57,7 @@ from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import TensorDataset
 
+from fedrec.client.budget import Budget, BudgetStore
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.model.candidates import CandidateScorer, candidate_loss, keyed_candidates
 from fedrec.shared.model.examples import disjoint_examples, sequence_examples
@@ -107,98 +105,6 @@ def build_examples(
     if not targets:
         return ClientExamples(np.zeros(0, np.int64), np.zeros((0, history_len), np.int64))
     return ClientExamples(np.concatenate(targets), np.concatenate(contexts), prof, len(users))
-
-
-# --- the persistent privacy state --------------------------------------------------------------
-@dataclass
-class Budget:
-    """A client's privacy state: the accountant history, the mechanism it was spent under (the
-    accounting parameters of :meth:`FedConfig.dp_mechanism`: accountant, adjacency, group size,
-    delta) and the client's own cap. A device keeps all three, so a later run cannot re-account
-    its history under another adjacency or group size, or raise its cap."""
-
-    history: list[Run] = field(default_factory=list)
-    mechanism: dict[str, Any] | None = None
-    epsilon_max: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "history": [list(r) for r in self.history],
-            "mechanism": self.mechanism,
-            "epsilon_max": self.epsilon_max,
-        }
-
-    @classmethod
-    def from_json(cls, raw: Any, where: str) -> Budget:
-        """Parse; a history without a mechanism (an older fedrec's file) is refused: its epsilon
-        cannot be recomputed without knowing what it was spent under."""
-        try:
-            history = [(float(s), float(q), int(n)) for s, q, n in raw["history"]]
-            mech = raw.get("mechanism")
-            cap = raw.get("epsilon_max")
-            if mech is not None and set(mech) != {"accountant", "adjacency", "group_size", "delta"}:
-                raise ValueError(f"mechanism {mech!r} lacks fields or has unknown ones")
-            budget = cls(history, mech, None if cap is None else float(cap))
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise ValueError(
-                f"privacy state {where} is unreadable ({err}); refusing to train: a lost "
-                "accountant would restart epsilon from zero. Restore it from a backup."
-            ) from None
-        if budget.history and budget.mechanism is None:
-            raise ValueError(
-                f"privacy state {where} holds {sum(n for *_x, n in history)} DP steps but not "
-                "the mechanism they were spent under (a file from an older fedrec, which "
-                "accounted disjoint examples as add/remove): refusing to train. Keep it as a "
-                "record and start this device's budget afresh only if you accept that its "
-                "earlier spending is not counted."
-            )
-        return budget
-
-
-class BudgetStore(Protocol):
-    """Where a client keeps its :class:`Budget` between rounds (and process restarts)."""
-
-    def load(self) -> Budget: ...
-
-    def save(self, budget: Budget) -> None: ...
-
-
-@dataclass
-class MemoryStore:
-    """Tests and benchmarks: the budget lives in this object."""
-
-    budget: Budget = field(default_factory=Budget)
-
-    def load(self) -> Budget:
-        return Budget(list(self.budget.history), self.budget.mechanism, self.budget.epsilon_max)
-
-    def save(self, budget: Budget) -> None:
-        self.budget = Budget(list(budget.history), budget.mechanism, budget.epsilon_max)
-
-
-@dataclass
-class FileStore:
-    """Deployment: a JSON file on the device, replaced atomically (never half-written)."""
-
-    path: Path
-
-    def load(self) -> Budget:
-        if not self.path.exists():
-            return Budget()
-        try:
-            raw = json.loads(self.path.read_text())
-        except (OSError, ValueError) as err:
-            raw = {"unreadable": str(err)}
-        return Budget.from_json(raw, f"file {self.path}")
-
-    def save(self, budget: Budget) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".budget-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(budget.to_json(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
 
 
 # --- one round ----------------------------------------------------------------------------------

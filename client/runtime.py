@@ -1,8 +1,10 @@
-"""What a client process keeps between rounds: its data, its examples, the model, its budget.
+"""What a client process keeps between rounds: its users, its examples, the model and scorer.
 
 A Flower simulation runs many virtual clients in a few worker processes, and a SuperNode runs one
-client for many rounds: loading the backbone and the catalog cache once per process (not once
-per round) is what keeps a round cheap. Everything here is keyed by the settings it depends on.
+client for many rounds: the data set, split and model come from
+:mod:`fedrec.shared.federation.data_and_model` (built once per process, as the server builds
+them); each client's state is cached here, keyed by the settings it depends on. Its privacy
+budget is kept in :mod:`fedrec.client.budget`.
 
 Where a client's data comes from:
 
@@ -14,7 +16,6 @@ Where a client's data comes from:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,92 +25,19 @@ import numpy as np
 import torch
 
 from fedrec.client.local_train import ClientExamples, build_examples
-from fedrec.shared.backbone import load_backbone
-from fedrec.shared.data import load_dataset
 from fedrec.shared.data.dataset import Dataset
 from fedrec.shared.federation.config import FedConfig
+from fedrec.shared.federation.data_and_model import (  # built as the server builds them
+    catalog_digest,
+    dataset_and_split,
+    model_for,
+    resolve_data_dir,
+)
 from fedrec.shared.model.candidates import CandidateScorer
 from fedrec.shared.model.central import ProfileBank
 from fedrec.shared.model.towers import RecModel
 from fedrec.shared.partition import partition_users
-from fedrec.shared.splitting import Split, make_split
-
-
-def resolve_data_dir(data: str) -> Path:
-    """``ml-100k`` (in the data home) or a folder in the fedrec layout."""
-    from fedrec.shared.data.movielens import default_data_home
-
-    path = Path(data)
-    if path.is_dir():
-        return path
-    home = default_data_home() / data
-    if home.is_dir():
-        return home
-    raise FileNotFoundError(
-        f"data '{data}': no such folder and no data set of that name in {home.parent}. "
-        "Run `fedrec data fetch ml-100k` or point 'data' at a folder in the fedrec layout."
-    )
-
-
-def catalog_digest(texts: list[str]) -> str:
-    """A short fingerprint of the public catalog: server and clients must index it the same."""
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(t.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def warm_items(split: Split) -> np.ndarray:
-    """Items the model may give a learned bias: the catalog minus the protocol's cold items.
-
-    Public knowledge (the catalog and which items are new), never derived from interactions.
-    """
-    warm = np.ones(split.n_items, dtype=bool)
-    if split.cold_items is not None:
-        warm[split.cold_items] = False
-    return np.flatnonzero(warm)
-
-
-_DATA: dict[tuple[Any, ...], tuple[Dataset, Split]] = {}
-_MODELS: dict[tuple[Any, ...], RecModel] = {}
-
-
-def dataset_and_split(data_dir: Path, protocol: str, seed: int) -> tuple[Dataset, Split]:
-    key = (str(data_dir), protocol, seed)
-    if key not in _DATA:
-        ds = load_dataset(data_dir)
-        _DATA[key] = (ds, make_split(ds, protocol))
-    return _DATA[key]
-
-
-def model_for(cfg: FedConfig, ds: Dataset, split: Split) -> RecModel:
-    """The process's model for these settings (built once; its tensors are overwritten each
-    round with the global state)."""
-    mcfg = cfg.model_config()
-    key = (mcfg, catalog_digest(ds.item_texts()))
-    if key not in _MODELS:
-        base, tok = load_backbone(mcfg.backbone)
-        model = RecModel(base, tok, ds.item_texts(), mcfg, warm_items=warm_items(split))
-        _release_freed_memory()
-        _MODELS[key] = model
-    return _MODELS[key]
-
-
-def _release_freed_memory() -> None:
-    """Give the heap memory freed while building the model (the catalog pass's activations)
-    back to the OS (glibc ``malloc_trim``), so that it does not stay in the
-    client's resident set. A no-op where glibc is not the C library."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-    except OSError:
-        pass
+from fedrec.shared.splitting import Split
 
 
 @dataclass
@@ -130,7 +58,7 @@ def with_canaries(
     per_user: list[tuple[np.ndarray, np.ndarray]], path: Path, name: str
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """``per_user`` histories ``(items, timestamps)`` plus this client's canaries from an
-    empirical-audit file (see :mod:`fedrec.server.empirical`):
+    empirical-audit file (see :mod:`fedrec.shared.privacy.empirical`):
     ``{"unit": "interaction", "clients": {name: [item, ...]}}`` in catalog indices.
 
     Each canary is ONE INTERACTION, the unit the privacy statement claims: it joins the client's

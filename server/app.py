@@ -27,12 +27,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import load_file, save_file
 
-from fedrec.client.runtime import (
-    catalog_digest,
-    dataset_and_split,
-    model_for,
-    resolve_data_dir,
-)
 from fedrec.server.outputs import write_outputs
 from fedrec.server.strategy import FedRecStrategy
 from fedrec.server.user_dp import (
@@ -44,6 +38,12 @@ from fedrec.server.user_dp import (
 )
 from fedrec.shared.evaluation import evaluate
 from fedrec.shared.federation.config import FedConfig, parse_run_config
+from fedrec.shared.federation.data_and_model import (
+    catalog_digest,
+    dataset_and_split,
+    model_for,
+    resolve_data_dir,
+)
 from fedrec.shared.federation.params import (
     from_record,
     load_travelling,

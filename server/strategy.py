@@ -34,8 +34,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedrec.client.app import EVAL_METRICS, TRAIN_METRICS
+from fedrec.shared.federation import contract
 from fedrec.shared.federation.config import FedConfig
+from fedrec.shared.federation.contract import EVAL_METRICS, TRAIN_METRICS
 from fedrec.shared.federation.params import (
     UpdateError,
     change_norm,
@@ -195,7 +196,7 @@ class FedRecStrategy(FedAvg):
             )
             if trained:
                 try:
-                    arrays = _record(msg, "arrays", ArrayRecord)
+                    arrays = _record(msg, contract.ARRAYS, ArrayRecord)
                     if arrays is None:
                         raise UpdateError("trained=1 but no 'arrays' record")
                     update = self._bounded(check_update(from_record(arrays), self.template))
@@ -213,7 +214,7 @@ class FedRecStrategy(FedAvg):
                     seconds.append(float(metrics.get("seconds", 0.0)))
             else:
                 refused += 1
-                client = _record(msg, "client", ConfigRecord)
+                client = _record(msg, contract.CLIENT, ConfigRecord)
                 reason = str(client.get("reason", "")) if client is not None else ""
                 log.info("round %d: %s did not train: %s", rnd, name, reason)
             if line is not None:
@@ -291,7 +292,7 @@ class FedRecStrategy(FedAvg):
 
     def _check_reply(self, msg: Message, allowed: tuple[str, ...]) -> tuple[str, dict[str, Any]]:
         content = msg.content
-        record = _record(msg, "metrics", MetricRecord)
+        record = _record(msg, contract.METRICS, MetricRecord)
         if record is None:
             raise UpdateError("no 'metrics' record")
         metrics = dict(record)
@@ -307,8 +308,7 @@ class FedRecStrategy(FedAvg):
             problem = self._metric_range(k, float(v), metrics)
             if problem:
                 raise UpdateError(f"metric '{k}' = {v!r} {problem}")
-        allowed_records = {"metrics", "arrays", "client"}
-        unknown = set(content.keys()) - allowed_records
+        unknown = set(content.keys()) - contract.REPLY_RECORDS
         if unknown:
             raise UpdateError(f"unexpected record(s) {sorted(unknown)}")
         return self._identity(msg), metrics
@@ -390,7 +390,7 @@ class FedRecStrategy(FedAvg):
 
     def _salvage(self, msg: Message, rnd: int) -> dict[str, Any] | None:
         """The ledger line of a rejected reply whose privacy fields are still readable."""
-        record = _record(msg, "metrics", MetricRecord)
+        record = _record(msg, contract.METRICS, MetricRecord)
         if not self.cfg.dp or record is None:
             return None
         m = dict(record)
@@ -507,7 +507,7 @@ def _history_field(msg: Message) -> dict[str, Any]:
     """``{"history": [[sigma, q, steps], ...]}`` from a reply's client record, when well formed
     (the client's whole accountant history; the audit uses it for budget carried over from
     earlier runs on the same device). Malformed or absent: nothing."""
-    client = _record(msg, "client", ConfigRecord)
+    client = _record(msg, contract.CLIENT, ConfigRecord)
     if client is None:
         return {}
     try:
@@ -521,7 +521,7 @@ def _history_field(msg: Message) -> dict[str, Any]:
 def _client_name(msg: Message) -> str:
     """The client's self-reported name (``p<partition>`` in simulation), else its node id."""
     name = f"n{msg.metadata.src_node_id}"
-    client = _record(msg, "client", ConfigRecord)
+    client = _record(msg, contract.CLIENT, ConfigRecord)
     if client is not None:
         name = str(client.get("name", name))
     return name

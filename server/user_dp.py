@@ -52,6 +52,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from flwr.serverapp.strategy import dp_fixed_clipping as _dp_fixed_clipping
 
 from fedrec.server.strategy import FedRecStrategy
+from fedrec.shared.federation import contract
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.federation.params import UpdateError, check_update, from_record
 from fedrec.shared.privacy.user_level import user_level_summary, user_noise_multiplier
@@ -134,10 +135,10 @@ class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
                     msg.error.reason,
                 )
                 continue
-            if "arrays" in msg.content.array_records:
+            if contract.ARRAYS in msg.content.array_records:
                 try:
                     check_update(
-                        from_record(msg.content.array_records["arrays"]), self.inner.template
+                        from_record(msg.content.array_records[contract.ARRAYS]), self.inner.template
                     )
                 except UpdateError as err:
                     log.warning(
@@ -146,7 +147,7 @@ class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
                         msg.metadata.src_node_id,
                         err,
                     )
-                    del msg.content["arrays"]
+                    del msg.content[contract.ARRAYS]
             clean.append(msg)
         self.inner.extra_failures = failures
         return super().aggregate_train(server_round, clean)

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedrec.client.local_train import MemoryStore, train_round
+from fedrec.client.budget import MemoryStore
+from fedrec.client.local_train import train_round
 from fedrec.client.runtime import client_state
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.federation.params import load_travelling, nbytes, travelling_state

@@ -60,9 +60,9 @@ def main() -> None:
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedrec.client import app as client_app
-    from fedrec.client.runtime import resolve_data_dir
     from fedrec.server.deploy import device_folders
     from fedrec.shared.federation.config import FedConfig
+    from fedrec.shared.federation.data_and_model import resolve_data_dir
     from fedrec.shared.federation.params import nbytes, to_record, travelling_state
     from fedrec.shared.rundir import versions, write_json
 

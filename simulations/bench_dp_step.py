@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedrec.client.local_train import MemoryStore, train_round
+from fedrec.client.budget import MemoryStore
+from fedrec.client.local_train import train_round
 from fedrec.client.runtime import client_state
 from fedrec.shared.federation.config import FedConfig, parse_run_config
 from fedrec.shared.federation.params import load_travelling, travelling_state

@@ -59,7 +59,8 @@ def child(raw: dict[str, Any], rounds: int) -> dict[str, Any]:
     import flwr.simulation  # noqa: F401 - what a ClientApp actor process has imported
     import ray  # noqa: F401
 
-    from fedrec.client.local_train import MemoryStore, train_round
+    from fedrec.client.budget import MemoryStore
+    from fedrec.client.local_train import train_round
     from fedrec.client.runtime import client_state
     from fedrec.shared.federation.config import parse_run_config
 

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedrec.client.runtime import resolve_data_dir
 from fedrec.shared.baselines.popularity import Popularity
 from fedrec.shared.data import load_dataset
 from fedrec.shared.evaluation import evaluate
+from fedrec.shared.federation.data_and_model import resolve_data_dir
 from fedrec.shared.model.artifacts import load_model
 from fedrec.shared.model.central import ProfileBank
 from fedrec.shared.model.examples import right_aligned

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from fedrec.client.budget import FileStore, MemoryStore
 from fedrec.client.local_train import (
     ClientExamples,
-    FileStore,
-    MemoryStore,
     build_examples,
     calibrated_noise,
     train_round,
@@ -156,7 +155,7 @@ def test_device_keeps_its_mechanism_and_cap_whatever_the_server_says(ds, tiny_ba
 
 
 def test_file_store_survives_restart_and_rejects_garbage(tmp_path):
-    from fedrec.client.local_train import Budget
+    from fedrec.client.budget import Budget
 
     path = tmp_path / "dev" / "budget.json"
     mech = _cfg().dp_mechanism()

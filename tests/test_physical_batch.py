@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import fedrec.client.local_train as lt
-from fedrec.client.local_train import MemoryStore, train_round
+from fedrec.client.budget import MemoryStore
+from fedrec.client.local_train import train_round
 from fedrec.shared.federation.config import FedConfig, parse_run_config
 from fedrec.shared.model.candidates import CandidateScorer
 from fedrec.shared.privacy.calibration import calibrated_noise, run_checker

@@ -1,0 +1,169 @@
+"""A client's privacy budget and where it is kept between rounds, runs and process restarts.
+
+:class:`Budget` is the state (the accountant history, the mechanism it was spent under, the
+client's own cap); a :class:`BudgetStore` keeps it. Which store a client gets
+(:func:`budget_store`):
+
+- a device (a SuperNode with ``data-dir``): :class:`FileStore`, ``<state-dir>/privacy-budget.json``
+  on the device, across all runs (the budget is the device's, not a run's);
+- a simulated client (``partition-id``): :class:`ContextStore`, Flower's ``Context.state``
+  mirrored to ``RUN/privacy/clients/<name>.json`` so a resumed run restores it;
+- otherwise (tests, benchmarks): :class:`MemoryStore`.
+
+Losing a budget would restart epsilon from zero: every reader refuses a file it cannot parse.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from flwr.app import ConfigRecord, Context
+
+from fedrec.shared.privacy.accounting import Run
+
+
+@dataclass
+class Budget:
+    """A client's privacy state: the accountant history, the mechanism it was spent under (the
+    accounting parameters of :meth:`FedConfig.dp_mechanism`: accountant, adjacency, group size,
+    delta) and the client's own cap. A device keeps all three, so a later run cannot re-account
+    its history under another adjacency or group size, or raise its cap."""
+
+    history: list[Run] = field(default_factory=list)
+    mechanism: dict[str, Any] | None = None
+    epsilon_max: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "history": [list(r) for r in self.history],
+            "mechanism": self.mechanism,
+            "epsilon_max": self.epsilon_max,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any, where: str) -> Budget:
+        """Parse; a history without a mechanism (an older fedrec's file) is refused: its epsilon
+        cannot be recomputed without knowing what it was spent under."""
+        try:
+            history = [(float(s), float(q), int(n)) for s, q, n in raw["history"]]
+            mech = raw.get("mechanism")
+            cap = raw.get("epsilon_max")
+            if mech is not None and set(mech) != {"accountant", "adjacency", "group_size", "delta"}:
+                raise ValueError(f"mechanism {mech!r} lacks fields or has unknown ones")
+            budget = cls(history, mech, None if cap is None else float(cap))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(
+                f"privacy state {where} is unreadable ({err}); refusing to train: a lost "
+                "accountant would restart epsilon from zero. Restore it from a backup."
+            ) from None
+        if budget.history and budget.mechanism is None:
+            raise ValueError(
+                f"privacy state {where} holds {sum(n for *_x, n in history)} DP steps but not "
+                "the mechanism they were spent under (a file from an older fedrec, which "
+                "accounted disjoint examples as add/remove): refusing to train. Keep it as a "
+                "record and start this device's budget afresh only if you accept that its "
+                "earlier spending is not counted."
+            )
+        return budget
+
+
+class BudgetStore(Protocol):
+    """Where a client keeps its :class:`Budget` between rounds (and process restarts)."""
+
+    def load(self) -> Budget: ...
+
+    def save(self, budget: Budget) -> None: ...
+
+
+@dataclass
+class MemoryStore:
+    """Tests and benchmarks: the budget lives in this object."""
+
+    budget: Budget = field(default_factory=Budget)
+
+    def load(self) -> Budget:
+        return Budget(list(self.budget.history), self.budget.mechanism, self.budget.epsilon_max)
+
+    def save(self, budget: Budget) -> None:
+        self.budget = Budget(list(budget.history), budget.mechanism, budget.epsilon_max)
+
+
+@dataclass
+class FileStore:
+    """Deployment: a JSON file on the device, replaced atomically (never half-written)."""
+
+    path: Path
+
+    def load(self) -> Budget:
+        if not self.path.exists():
+            return Budget()
+        try:
+            raw = json.loads(self.path.read_text())
+        except (OSError, ValueError) as err:
+            raw = {"unreadable": str(err)}
+        return Budget.from_json(raw, f"file {self.path}")
+
+    def save(self, budget: Budget) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".budget-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(budget.to_json(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+class ContextStore:
+    """The accountant history in Flower's ``Context.state`` (simulation), mirrored to a file in
+    the run directory when the server names one, so a resumed run restores it (a process crash
+    loses ``Context.state``; epsilon must not restart from zero)."""
+
+    def __init__(self, context: Context, file: Path | None) -> None:
+        self.context, self.file = context, FileStore(file) if file else None
+
+    def load(self) -> Budget:
+        rec = self.context.state.get("privacy")
+        mem = (
+            Budget.from_json(json.loads(str(rec["budget"])), "in Context.state")
+            if isinstance(rec, ConfigRecord)
+            else Budget()
+        )
+        disk = self.file.load() if self.file else Budget()
+        steps = lambda b: sum(int(r[2]) for r in b.history)  # noqa: E731
+        return mem if steps(mem) >= steps(disk) else disk  # the longer history wins
+
+    def save(self, budget: Budget) -> None:
+        self.context.state["privacy"] = ConfigRecord({"budget": json.dumps(budget.to_json())})
+        if self.file:
+            self.file.save(budget)
+
+
+def device_state_dir(node: Any) -> Path | None:
+    """A device's own state folder (``state-dir``, default ``<data-dir>/fedrec-state``); None in
+    simulation, where clients have no folder of their own."""
+    if "state-dir" in node:
+        return Path(str(node["state-dir"]))
+    if "data-dir" in node:
+        return Path(str(node["data-dir"])) / "fedrec-state"
+    return None
+
+
+def budget_store(context: Context, name: str, extra: dict[str, Any]) -> BudgetStore:
+    """This client's store: a device's file, a simulated client's Context.state, or memory."""
+    node = context.node_config
+    state = device_state_dir(node)
+    if state is not None:
+        # A device: its budget lives in a file on the device (default: next to its data), so a
+        # restarted SuperNode, or a new run, continues the same history instead of restarting
+        # from zero. The budget is the device's, across all runs.
+        return FileStore(state / "privacy-budget.json")
+    run_dir = extra.get("run-dir")
+    file = Path(str(run_dir)) / "privacy" / "clients" / f"{name}.json" if run_dir else None
+    if "partition-id" in node:
+        return ContextStore(context, file)
+    return MemoryStore()
