@@ -425,35 +425,127 @@ def write_report(suite: Suite, out: Path) -> dict[str, Any]:
 
 
 def markers(suite: str) -> tuple[str, str]:
-    """The README markers around suite ``suite``'s results block."""
+    """The markers around suite ``suite``'s full results block (in ``docs/results.md``)."""
     return f"<!-- suite-results:{suite}:begin -->", f"<!-- suite-results:{suite}:end -->"
 
 
+def headline_markers(suite: str) -> tuple[str, str]:
+    """The markers around suite ``suite``'s compact headline table (in ``README.md``)."""
+    return f"<!-- suite-headline:{suite}:begin -->", f"<!-- suite-headline:{suite}:end -->"
+
+
+# The README's one table: which experiments of a suite make up each row, per protocol. A row
+# names experiments, never numbers; an experiment that has not run shows as "not run".
+HEADLINE: dict[str, list[tuple[str, dict[str, str]]]] = {
+    "full": [
+        ("fedrec trained centrally (no federation, no DP)",
+         {"A": "A-central", "B": "B-central", "C": "C-central"}),
+        ("fedrec federated, 10 silos, local DP", {"A": "A-fed-eps8", "B": "B-fed-eps8",
+                                                  "C": "C-fed-eps8"}),
+        ("fedrec federated, 10 silos, local DP", {"A": "A-fed-eps3"}),
+        ("fedrec federated, 10 silos, local DP", {"A": "A-fed-eps1"}),
+        ("fedrec federated, 10 silos, no DP", {"A": "A-fed-nodp"}),
+        ("fedrec federated, one user per device, local DP (`simulate` defaults)",
+         {"A": "A-default"}),
+        ("fedrec federated, one user per device, user-level DP", {"A": "A-user-userdp8"}),
+    ],
+}  # fmt: skip
+HEADLINE_BASELINES = ("popularity", "itemknn", "als", "bpr")
+# (protocol, test, metric) per column
+HEADLINE_COLS = (("A", "test", "NDCG@10"), ("A", "test", "HR@10"),
+                 ("B", "cold_items", "Recall@10"), ("C", "k=0", "NDCG@10"),
+                 ("C", "k=3", "NDCG@10"))  # fmt: skip
+
+
+def headline(suite: Suite, out: Path, shown: str) -> list[str]:
+    """The compact table of suite ``suite``'s results folder ``out`` (shown in its source line
+    as ``shown``): fedrec's headline rows of ``HEADLINE`` beside the baselines, protocol A test
+    NDCG@10 / HR@10, B's cold-item Recall@10, C's NDCG@10 at k = 0 and 3. Every number is read
+    from ``out/runs/<experiment>/metrics.json``; the privacy column is the A run's."""
+    rows = {r["exp"].name: r for r in collect(suite, out)}
+    head = "| ML-100K, test | privacy (epsilon, delta) | " + " | ".join(
+        f"{p} {m}" + (f" {t}" if p == "C" else "") for p, t, m in HEADLINE_COLS
+    )
+    lines = [head + " |", "|---" * (len(HEADLINE_COLS) + 2) + "|"]
+
+    def cell(r: dict[str, Any] | None, test: str, metric: str) -> str:
+        if r is None:
+            return "-"
+        if r["status"] != "done" or r["metrics"] is None:
+            return "not run"
+        got = r["metrics"]["model"]["metrics"].get(test, {}).get(metric)
+        return "-" if got is None else f"{got:.4f}"
+
+    for label, exps in HEADLINE.get(suite.name, []):
+        first = rows.get(next(iter(exps.values())))
+        priv = "-"
+        if first is not None and first["status"] == "done" and first["metrics"] is not None:
+            priv = _privacy(first)[0]
+        names = ", ".join(f"`{n}`" for n in exps.values())
+        cells = [cell(rows.get(exps.get(p, "")), t, m) for p, t, m in HEADLINE_COLS]
+        lines.append(f"| **{label}** ({names}) | {priv} | " + " | ".join(cells) + " |")
+    bases = {p: _baselines_for(list(rows.values()), p) for p in ("A", "B", "C")}
+    for name in HEADLINE_BASELINES:
+        cells = []
+        for p, t, m in HEADLINE_COLS:
+            b = (bases[p] or {}).get("baselines", {}).get(name)
+            got = None if b is None else b["metrics"].get(t, {}).get(m)
+            cells.append("-" if got is None else f"{got:.4f}")
+        lines.append(f"| {name} | none | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Generated from `{shown}/runs/*/metrics.json` (suite `{suite.name}`, one run per row, "
+        "one split per protocol, seed 0) by `fedrec suite "
+        f"{suite.name} --out {shown} --report-only --readme README.md`.",
+    ]
+    return lines
+
+
+def _replace_block(text: str, begin: str, end: str, body: list[str]) -> str:
+    return (
+        text[: text.index(begin) + len(begin)] + "\n" + "\n".join(body).strip() + "\n"
+        + text[text.index(end):]
+    )  # fmt: skip
+
+
+def _has_block(text: str, begin: str, end: str) -> bool:
+    return text.count(begin) == 1 and text.count(end) == 1 and text.index(begin) < text.index(end)
+
+
 def embed_in_readme(out: Path, readme: Path, suite: str) -> None:
-    """Replace the block between suite ``suite``'s markers in ``readme`` with ``out/report.md``
-    (headings demoted one level, image links made relative to the README). All or nothing: the
-    README is rewritten atomically, and left alone when the markers are missing. Each suite has
-    its own block, so the README can hold several."""
+    """Refresh suite ``suite``'s generated blocks in the markdown file ``readme``: the full
+    report block (between ``markers(suite)``: ``out/report.md`` with headings demoted one level
+    and image links made relative to the file) and the compact headline table (between
+    ``headline_markers(suite)``). Either or both may be there (``docs/results.md`` holds the
+    full blocks, ``README.md`` the headline); a file with neither is an error. All or nothing:
+    the file is rewritten atomically, and left alone on an error."""
     import os
 
     begin, end = markers(suite)
+    hbegin, hend = headline_markers(suite)
     text = readme.read_text()
-    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+    full, head = _has_block(text, begin, end), _has_block(text, hbegin, hend)
+    if not full and not head:
         raise ValueError(
             f"{readme}: needs exactly one '{begin}' ... '{end}' block (where suite {suite!r}'s "
-            "report goes); add the two lines where it should be"
+            f"report goes) or one '{hbegin}' ... '{hend}' block (its headline table); add the "
+            "two lines where it should be"
         )
     rel = os.path.relpath(out, readme.parent)
-    body = []
-    for line in (out / "report.md").read_text().splitlines():
-        if line.startswith("#"):
-            line = "#" + line
-        if line.startswith("![") and "](" in line:
-            name = line[line.index("](") + 2 : -1]
-            line = line[: line.index("](") + 2] + f"{rel}/{name})"
-        body.append(line)
-    new = text[: text.index(begin) + len(begin)] + "\n" + "\n".join(body).strip() + "\n"
-    new += text[text.index(end) :]
+    if full:
+        body = []
+        for line in (out / "report.md").read_text().splitlines():
+            if line.startswith("#"):
+                line = "#" + line
+            if line.startswith("![") and "](" in line:
+                name = line[line.index("](") + 2 : -1]
+                line = line[: line.index("](") + 2] + f"{rel}/{name})"
+            body.append(line)
+        text = _replace_block(text, begin, end, body)
+    if head:
+        from fedrec.simulations.suite import load_suite
+
+        text = _replace_block(text, hbegin, hend, headline(load_suite(suite), out, rel))
     tmp = readme.with_suffix(".tmp")
-    tmp.write_text(new)
+    tmp.write_text(text)
     tmp.replace(readme)
