@@ -1,0 +1,218 @@
+"""The documentation tells the truth about the repository: every path, results file, `fedrec`
+command and `python -m` module that README.md and docs/*.md cite exists, the README's results
+table is what the generator makes of the committed results, and the README stays short.
+
+Run: ``.venv/bin/pytest tests/test_docs.py -q`` (a second or two; no model, no data).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+# Top-level entries a cited path may start with; any other first component is not a repository
+# path (RUN/, runs/, deploy/, ~/.cache/...), unless it is one letter or two away from one of
+# these: then it is a typo.
+TOP_DIRS = ("app", "shared", "server", "client", "simulations", "tests", "docs", ".ci")
+TOP_FILES = ("README.md", "run.sh", "pyproject.toml")
+STRIP = "`'\",;:()[]<>*"
+
+CODE_SPAN = re.compile(r"`([^`\n]+)`")
+FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+FEDREC_CMD = re.compile(
+    r"^(?:\$ )?(?:\.venv/bin/|bash run\.sh )?fedrec ([a-z][a-z-]*)(?: ([a-z][a-z-]*))?"
+)
+PY_MODULE = re.compile(r"python -m (fedrec(?:\.[A-Za-z_]\w*)*)")
+
+
+def code_texts(md: str) -> list[str]:
+    """Inline code spans and the lines of fenced code blocks (where paths and commands are)."""
+    blocks = FENCE.findall(md)
+    rest = FENCE.sub("", md)
+    out = [s for b in blocks for s in b.splitlines()]
+    return out + CODE_SPAN.findall(rest)
+
+
+def cited_paths(md: str) -> tuple[set[str], set[str]]:
+    """(repository paths cited in code, words that look like a misspelt repository path)."""
+    paths, typos = set(), set()
+    for text in code_texts(md):
+        for word in text.split():
+            word = word.strip(STRIP)
+            if word in TOP_FILES:
+                paths.add(word)
+                continue
+            if "/" not in word or "=" in word or "*" in word:
+                continue
+            first = word.split("/", 1)[0]
+            if first in TOP_DIRS:
+                paths.add(word.rstrip("/"))
+            elif first and difflib.get_close_matches(first, TOP_DIRS, n=1, cutoff=0.8):
+                typos.add(word)
+    return paths, typos
+
+
+def cited_links(md: str) -> set[str]:
+    """Markdown link and image targets that are files, not web addresses or anchors."""
+    return {
+        t.split("#", 1)[0]
+        for t in LINK.findall(md)
+        if not re.match(r"[a-z]+:", t) and not t.startswith("#")
+    }
+
+
+def cited_commands(md: str) -> set[tuple[str, str | None]]:
+    """`fedrec COMMAND [SUBCOMMAND]` as typed in code (a span or a fenced line starting with it)."""
+    out = set()
+    for text in code_texts(md):
+        m = FEDREC_CMD.match(text.strip())
+        if m:
+            out.add((m.group(1), m.group(2)))
+    return out
+
+
+def cited_modules(md: str) -> set[str]:
+    return {m for text in code_texts(md) for m in PY_MODULE.findall(text)}
+
+
+def module_file(module: str) -> Path | None:
+    """The source file of a `fedrec...` module under pyproject's package-dir mapping."""
+    parts = module.split(".")[1:]
+    roots = {"shared": "shared", "server": "server", "client": "client",
+             "simulations": "simulations"}  # fmt: skip
+    base = REPO / roots[parts[0]] if parts and parts[0] in roots else REPO / "app"
+    rel = parts[1:] if parts and parts[0] in roots else parts
+    for cand in (base.joinpath(*rel).with_suffix(".py"), base.joinpath(*rel, "__init__.py")):
+        if rel and cand.is_file():
+            return cand
+    if not rel and (base / "__main__.py").is_file():
+        return base / "__main__.py"
+    return None
+
+
+def cli_commands() -> dict[str, set[str]]:
+    """fedrec's commands and, for command groups, their subcommands (from the typer app)."""
+    import typer
+
+    from fedrec.cli import app
+
+    group = typer.main.get_command(app)
+    return {
+        name: set(getattr(cmd, "commands", {}) or {})
+        for name, cmd in group.commands.items()
+    }
+
+
+# --- the extractor itself: it must find what a page cites, and a typo must fail ---------------
+
+
+def test_extractor_finds_paths_links_commands_and_typos():
+    md = (
+        "See `simulations/results/suite-full/summary.json` and `RUN/privacy/ledger.jsonl`.\n"
+        "Run `python -m fedrec.simulations.reaudit simulations/results --out x`.\n"
+        "A typo: `simulatons/results/suite-full/`. Link: [r](docs/results.md#top), "
+        "[web](https://flower.ai).\n"
+        "```bash\nfedrec data fetch ml-100k   # `fedrec` in a fence\nfedrec simulate --quick\n```\n"
+        "Prose mentioning fedrec simulate is not a command; `fedrec deploy init DIR` is.\n"
+    )
+    paths, typos = cited_paths(md)
+    assert paths == {"simulations/results/suite-full/summary.json", "simulations/results"}
+    assert typos == {"simulatons/results/suite-full/"}
+    assert cited_links(md) == {"docs/results.md"}
+    assert cited_commands(md) == {("data", "fetch"), ("simulate", None), ("deploy", "init")}
+    assert cited_modules(md) == {"fedrec.simulations.reaudit"}
+    assert module_file("fedrec.simulations.reaudit") == REPO / "simulations" / "reaudit.py"
+    assert module_file("fedrec.simulations.no_such_bench") is None
+
+
+def test_a_wrong_path_or_command_is_caught():
+    wrong = "simulations/results/suite-ful/summary.json"
+    paths, _ = cited_paths(f"`{wrong}`")
+    assert [p for p in paths if not (REPO / p).exists()] == [wrong]
+    commands = cli_commands()
+    assert "simulate" in commands and "fetch" in commands["data"]
+    assert "simulat" not in commands and "fetchh" not in commands["data"]
+
+
+# --- the pages ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_every_cited_path_exists(page: Path):
+    md = page.read_text()
+    paths, typos = cited_paths(md)
+    missing = sorted(p for p in paths if not (REPO / p).exists())
+    assert not missing, f"{page.name} cites paths that do not exist: {missing}"
+    assert not typos, f"{page.name} cites what looks like a misspelt path: {sorted(typos)}"
+    broken = sorted(t for t in cited_links(md) if not (page.parent / t).exists())
+    assert not broken, f"{page.name} links to files that do not exist: {broken}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_every_cited_command_and_module_exists(page: Path):
+    md = page.read_text()
+    commands = cli_commands()
+    bad = []
+    for cmd, sub in sorted(cited_commands(md), key=str):
+        if cmd not in commands:
+            bad.append(f"fedrec {cmd}")
+        elif commands[cmd] and sub is not None and sub not in commands[cmd]:
+            bad.append(f"fedrec {cmd} {sub}")
+    assert not bad, f"{page.name} cites commands fedrec does not have: {bad}"
+    modules = sorted(m for m in cited_modules(md) if module_file(m) is None)
+    assert not modules, f"{page.name} cites `python -m` modules that do not exist: {modules}"
+
+
+def test_no_references_readers_cannot_open():
+    for page in PAGES:
+        text = page.read_text()
+        assert not re.search(r"DESIGN|\bissue [0-9]", text), page.name
+
+
+def test_readme_is_short():
+    n = len((REPO / "README.md").read_text().splitlines())
+    assert n <= 250, f"README.md has {n} lines; move detail into docs/"
+
+
+def test_readme_results_table_is_generated_from_the_committed_results():
+    """The README's table is the generator's output for simulations/results/suite-full, as
+    `fedrec suite full --out simulations/results/suite-full --report-only --readme README.md`
+    writes it: no number in it is typed in by hand."""
+    from fedrec.simulations.suite import load_suite
+    from fedrec.simulations.suite_report import headline, headline_markers
+
+    begin, end = headline_markers("full")
+    text = (REPO / "README.md").read_text()
+    assert text.count(begin) == 1 and text.count(end) == 1
+    block = text[text.index(begin) + len(begin) : text.index(end)].strip()
+    out = REPO / "simulations" / "results" / "suite-full"
+    want = "\n".join(headline(load_suite("full"), out, "simulations/results/suite-full")).strip()
+    assert block == want, "README's table differs from the results: run the command above"
+
+
+def test_headline_reads_the_numbers_from_the_results_files(tmp_path):
+    """A changed metrics.json changes the table (the generator reads the files, it has no
+    numbers of its own); an experiment that has not run shows as such."""
+    import json
+    import shutil
+
+    from fedrec.simulations.suite import load_suite
+    from fedrec.simulations.suite_report import headline
+
+    src = REPO / "simulations" / "results" / "suite-full" / "runs"
+    out = tmp_path / "suite-full"
+    for name in ("A-central", "A-baselines"):
+        shutil.copytree(src / name, out / "runs" / name)
+    m = json.loads((out / "runs" / "A-central" / "metrics.json").read_text())
+    m["model"]["metrics"]["test"]["NDCG@10"] = 0.98765
+    (out / "runs" / "A-central" / "metrics.json").write_text(json.dumps(m))
+    lines = headline(load_suite("full"), out, "X")
+    central = next(ln for ln in lines if "`A-central`" in ln)
+    assert "| 0.9877 |" in central and "not run" in central  # B-central, C-central absent
+    assert any(ln.startswith("| popularity | none | 0.0449 |") for ln in lines)
