@@ -16,6 +16,7 @@ from fedrec.shared.model.artifacts import save_model
 from fedrec.shared.model.central import ModelScorer, ProfileBank
 from fedrec.shared.model.run_central import item_titles
 from fedrec.shared.model.towers import RecModel
+from fedrec.shared.plots import plot_rounds
 from fedrec.shared.privacy.statement import statement
 from fedrec.shared.rundir import versions, write_json
 from fedrec.shared.splitting import Split
@@ -109,35 +110,3 @@ def privacy_summary(cfg: FedConfig, ledger: list[dict[str, Any]]) -> dict[str, A
         "rounds_per_client": dict(sorted(Counter(rounds.values()).items())),
         "refusals": sum(1 for line in ledger if not line.get("trained", True)),
     }
-
-
-def plot_rounds(
-    path: Path,
-    rounds: list[dict[str, Any]],
-    central: dict[int, dict[str, Any]],
-    baselines: dict[str, Any],
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    r = [x["round"] for x in rounds]
-    axes[0].plot(r, [x["loss"] if x["loss"] is not None else float("nan") for x in rounds], "o-")
-    axes[0].set(title="mean client training loss", xlabel="round")
-    if central:
-        ks = sorted(central)
-        axes[1].plot(ks, [central[k]["valid_NDCG@10"] for k in ks], "o-", label="fedrec")
-        for name, b in baselines.items():
-            if "valid" in b:
-                axes[1].axhline(b["valid"]["NDCG@10"], ls="--", lw=1, label=name, color="gray")
-        axes[1].legend(fontsize=7)
-    axes[1].set(title="validation NDCG@10", xlabel="round")
-    axes[2].plot(r, [x["epsilon_max"] for x in rounds], "o-", label="max")
-    axes[2].plot(r, [x["epsilon_median"] for x in rounds], "s-", label="median")
-    axes[2].set(title="epsilon of this round's clients", xlabel="round")
-    axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
