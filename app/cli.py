@@ -7,7 +7,6 @@ done), 2 usage error (bad arguments or bad input files for a command that consum
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -46,12 +45,26 @@ def _fail(message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _check_out(out_dir: Path) -> None:
-    """``--out`` must be a folder this process can create or write, checked before any work."""
+def _check_out(out_dir: Path, command: str) -> None:
+    """``--out`` must be a folder this process can create or write, checked before any work,
+    and must not hold a run of another kind (a ``baselines`` run is not overwritten by
+    ``simulate``): each run folder's ``config.json`` names the command that wrote it."""
+    import json
     import os
 
     if out_dir.exists() and not out_dir.is_dir():
         _fail(f"--out {out_dir} is an existing file, not a folder: give a folder path", 2)
+    previous = out_dir / "config.json"
+    if previous.exists():
+        try:
+            kind = json.loads(previous.read_text(encoding="utf-8")).get("command")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            kind = None
+        if kind != command:
+            what = f"a `fedrec {kind}` run" if isinstance(kind, str) else "a config.json fedrec "
+            what += "" if isinstance(kind, str) else "did not write"
+            _fail(f"--out {out_dir} already holds {what}; `fedrec {command}` would overwrite it: "
+                  "choose a new folder (or delete that one)", 2)  # fmt: skip
     parent = out_dir
     while not parent.exists():
         parent = parent.parent
@@ -178,10 +191,11 @@ def baselines(
 ) -> None:
     """Fit and evaluate the baselines on one protocol; write RUN/config.json, RUN/metrics.json."""
     from fedrec.shared.baselines import BASELINES, run_baselines
+    from fedrec.shared.data import DataError
     from fedrec.shared.rundir import versions, write_json
     from fedrec.shared.splitting import PROTOCOLS
 
-    _check_out(out_dir)
+    _check_out(out_dir, "baselines")
     if protocol not in PROTOCOLS:
         _fail(f"--protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}.", 2)
     names = list(BASELINES) if only is None else [n.strip() for n in only.split(",") if n.strip()]
@@ -198,7 +212,10 @@ def baselines(
             err.print(f"  {message}")
             status.update(message)
 
-        result = run_baselines(ds, protocol, names=names, backbone=backbone, log=log)
+        try:
+            result = run_baselines(ds, protocol, names=names, backbone=backbone, log=log)
+        except DataError as e:
+            _fail(str(e), 2)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out_dir / "config.json", config)
     write_json(out_dir / "metrics.json", result)
@@ -233,7 +250,7 @@ def train_central_cmd(
     from fedrec.shared.model.run_central import parse_overrides, run_train_central
     from fedrec.shared.splitting import PROTOCOLS
 
-    _check_out(out_dir)
+    _check_out(out_dir, "train-central")
     if protocol not in PROTOCOLS:
         _fail(f"--protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}.", 2)
     try:
@@ -300,7 +317,7 @@ def simulate_cmd(
     from fedrec.server.simulate import resolve, simulate
     from fedrec.shared.federation.config import parse_sets
 
-    _check_out(out_dir)
+    _check_out(out_dir, "simulate")
     try:
         cfg, server = resolve(config, parse_sets(set_ or []), quick)
         baseline_names(baselines)
@@ -338,6 +355,8 @@ def simulate_cmd(
                           ray_address=ray_address)  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e), 2)
+    except KeyboardInterrupt:
+        _interrupted_simulation(out_dir, cfg.num_rounds)
     rounds = result["model"].get("rounds", [])
     if rounds and not any(r.get("aggregated") for r in rounds):
         failed = sum(r.get("failed", 0) for r in rounds)
@@ -367,6 +386,33 @@ def simulate_cmd(
             f"{u['clip']}, {u['sampled_per_round']} of {u['clients']} clients per round)"
         )
     out.print(f"wrote {out_dir} ({result['seconds']} s)")
+
+
+def _interrupted_simulation(out_dir: Path, rounds: int) -> NoReturn:
+    """Ctrl-C during ``simulate``: say how far the run got and how to continue it (exit 130,
+    the shell's code for SIGINT). Rounds are checkpointed as they finish, so the last finished
+    one is kept; the ledger holds every client's spending up to it."""
+    import json
+
+    done = 0
+    try:
+        done = int(json.loads((out_dir / "checkpoint" / "round.json").read_text())["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if done:
+        err.print(
+            f"interrupted after round {done} of {rounds}; {out_dir} keeps that round's "
+            f"checkpoint and ledger. Continue with the same command plus --resume, or audit "
+            f"the partial run with `fedrec audit {out_dir}`."
+        )
+    else:
+        err.print(f"interrupted before the first round finished; {out_dir} holds no model.")
+    global _INTERRUPT_EXPLAINED
+    _INTERRUPT_EXPLAINED = True
+    raise typer.Exit(130)
+
+
+_INTERRUPT_EXPLAINED = False  # set once a command has said what an interruption left behind
 
 
 @app.command("suite")
@@ -635,10 +681,18 @@ def recommend_cmd(
         _fail("give --history, --profile or --query (a new user needs at least one).", 2)
     try:
         rec = Recommender.load(run)
-        if profile or query:
+        if profile and not rec.uses_profile:
+            if not ids and not query:
+                _fail(f"--profile: the model in {run} was trained without profiles "
+                      "(use_profile=false), so a profile alone cannot rank; give --history or "
+                      "--query", 2)  # fmt: skip
+            err.print(f"note: the model in {run} was trained without profiles: --profile is "
+                      "ignored")  # fmt: skip
+            profile = None
+        if query or not ids:
             recs = rec.cold_start(profile=profile, query=query, history=ids, k=k, explain=explain)
         else:
-            recs = rec.recommend(history=ids, k=k, explain=explain)
+            recs = rec.recommend(history=ids, profile=profile, k=k, explain=explain)
     except (ModelFileError, KeyError, ValueError) as e:
         _fail(str(e).strip("'\""), 2)
     if as_json:
@@ -678,5 +732,11 @@ def _print_metrics(result: dict) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    sys.exit(app())
+    """Console-script entry point. Ctrl-C ends any command with one line and exit 130 (the
+    shell's code for SIGINT; typer turns KeyboardInterrupt into a silent exit 130)."""
+    try:
+        app()
+    except SystemExit as e:
+        if e.code == 130 and not _INTERRUPT_EXPLAINED:
+            err.print("interrupted (Ctrl-C); files are written atomically, none is half-written.")
+        raise

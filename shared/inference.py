@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,15 +188,37 @@ class Recommender:
         return out
 
     # --- the public API (README: command line) ---------------------------------------------
+    @property
+    def uses_profile(self) -> bool:
+        """Whether the model reads a profile text (trained with ``use_profile``); a model that
+        does not ignores ``profile=`` (with a warning)."""
+        return bool(self.model.cfg.use_profile)
+
+    def _profile(self, profile: str | None) -> str | None:
+        if profile is None or not profile.strip():
+            return None
+        if not self.uses_profile:
+            warnings.warn(
+                "this model was trained without profiles (use_profile=false): the profile is "
+                "ignored",
+                UserWarning,
+                stacklevel=3,
+            )
+            return None
+        return profile
+
     def recommend(
         self,
         history: Sequence[int],
         k: int = 10,
         exclude: Iterable[int] | None = None,
         *,
+        profile: str | None = None,
         explain: bool = False,
     ) -> list[Recommendation]:
-        """Top ``k`` items for a user with this history (item ids, oldest first).
+        """Top ``k`` items for a user with this history (item ids, oldest first) and, for a
+        model trained with profiles, the user's profile text (as the model saw it in training,
+        e.g. from ``Dataset.user_text``).
 
         The history items are excluded from the ranking, and so is ``exclude``.
         """
@@ -206,7 +229,7 @@ class Recommender:
             )
         pos = self._positions(history, "history")
         excl = set(history) | set(exclude or ())
-        return self._rank(pos, None, None, k, excl, explain)
+        return self._rank(pos, self._profile(profile), None, k, excl, explain)
 
     @torch.no_grad()
     def score_batch(self, histories: Sequence[Sequence[int]]) -> np.ndarray:
@@ -238,7 +261,7 @@ class Recommender:
         if not (profile and profile.strip()) and not (query and query.strip()) and not history:
             raise ValueError("cold_start() needs a profile, a query or at least one history item")
         pos = self._positions(history, "history")
-        return self._rank(pos, profile, query, k, set(history), explain)
+        return self._rank(pos, self._profile(profile), query, k, set(history), explain)
 
     @torch.no_grad()
     def add_items(self, items: Mapping[int, str]) -> None:

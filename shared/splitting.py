@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedrec.shared.data.dataset import Dataset
+from fedrec.shared.data.errors import DataError
 
 PROTOCOLS = ("A", "B", "C")
 COLD_ITEM_FRACTION = 0.2
@@ -324,4 +325,33 @@ def make_split(ds: Dataset, protocol: str) -> Split:
     builders = {"A": protocol_a, "B": protocol_b, "C": protocol_c}
     if protocol not in builders:
         raise ValueError(f"protocol {protocol!r} is unknown; use one of {PROTOCOLS}")
-    return builders[protocol](ds)
+    split = builders[protocol](ds)
+    _require_queries(split, ds.name)
+    return split
+
+
+# who a protocol evaluates: the hint when a data set gives it nobody to evaluate
+_WHO = {
+    "A": "users with at least 2 interactions are tested and users with 3 validated (their last "
+    "and second-to-last items)",
+    "B": f"the {COLD_ITEM_FRACTION:.0%} of items held out as cold must be interacted with by "
+    "users who also have other items",
+    "C": f"the {COLD_USER_FRACTION:.0%} of users held out as cold need more interactions than "
+    "the items they are given (k)",
+}
+
+
+def _require_queries(split: Split, name: str) -> None:
+    """A split with nothing to train on or nobody to evaluate is bad input, not an empty table."""
+    sets = ([split.valid] if split.valid is not None else []) + list(split.tests.values())
+    empty = [e.name for e in sets if len(e) == 0]
+    if split.train_user.shape[0] == 0:
+        empty.insert(0, "train")
+    if empty:
+        raise DataError(
+            f"protocol {split.protocol} finds nothing to "
+            f"{'train on or ' if 'train' in empty else ''}evaluate in data set {name!r} "
+            f"(empty: {', '.join(empty)})",
+            fix=f"Under protocol {split.protocol}, {_WHO[split.protocol]}; use a data set with "
+            "longer histories (`fedrec data validate DIR` shows them) or another protocol.",
+        )

@@ -315,3 +315,162 @@ def test_poison_is_parsed_validated_and_refused_on_devices():
     base = {"w": torch.tensor([1.0])}
     assert torch.equal(poisoned(got, base, "sign-flip", 4.0)["w"], torch.tensor([-7.0]))
     assert torch.equal(poisoned(got, base, "scale", 4.0)["w"], torch.tensor([9.0]))
+
+
+# --- bad data and bad requests: exit 2 with one line naming the file and key -------------------
+def _cli(*args: str):  # noqa: ANN202 - typer's Result
+    from typer.testing import CliRunner
+
+    from fedrec.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def _edit(src, dst, name: str, edit) -> None:  # noqa: ANN001
+    import shutil
+
+    shutil.copytree(src, dst)
+    path = dst / name
+    path.write_text(edit(path.read_text()))
+
+
+def _first_row(column: str, value: str):  # noqa: ANN202
+    def edit(text: str) -> str:
+        lines = text.splitlines()
+        header, row = lines[0].split("\t"), lines[1].split("\t")
+        row[header.index(column)] = value
+        return "\n".join([lines[0], "\t".join(row), *lines[2:]]) + "\n"
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("user_id", str(2**63)), ("item_id", str(2**70)), ("timestamp", str(2**64))],
+)
+def test_integers_beyond_64_bits_are_refused_by_line_and_column(synth_dir, tmp_path, column,
+                                                                value):  # fmt: skip
+    _edit(synth_dir, tmp_path / "d", "interactions.tsv", _first_row(column, value))
+    for cmd in (["data", "validate", str(tmp_path / "d")],
+                ["baselines", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"),
+                 "--only", "popularity"]):  # fmt: skip
+        r = _cli(*cmd)
+        assert r.exit_code in (1, 2) and isinstance(r.exception, SystemExit), r.output
+        assert f"interactions.tsv:2: column '{column}'" in r.output and "too large" in r.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [("{title", "malformed"), ("{title}}x{", "malformed"), ("{title!z}", "does not format"),
+     ("{title:>>>}", "does not format"), ("{}", "does not format"), ("{nope}", "does not have"),
+     (5, "must be a string")],
+)  # fmt: skip
+def test_a_malformed_item_text_template_is_refused(synth_dir, tmp_path, template, message):
+    def edit(text: str) -> str:
+        meta = json.loads(text)
+        meta["item_text_template"] = template
+        return json.dumps(meta)
+
+    _edit(synth_dir, tmp_path / "d", "dataset.json", edit)
+    r = _cli("baselines", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"),
+             "--only", "popularity")  # fmt: skip
+    assert r.exit_code == 2, r.output
+    assert "dataset.json: column 'item_text_template'" in r.output and message in r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_unreadable_data_file_is_named(synth_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(synth_dir, tmp_path / "d")
+    (tmp_path / "d" / "items.tsv").unlink()
+    (tmp_path / "d" / "items.tsv").mkdir()  # unreadable as a file, whatever the user's rights
+    r = _cli("data", "validate", str(tmp_path / "d"))
+    assert r.exit_code == 1 and "items.tsv: cannot read the file" in r.output, r.output
+
+
+def test_baselines_on_data_with_no_test_users_exit_2(synth_dir, tmp_path):
+    def one_per_user(text: str) -> str:
+        lines, seen, out = text.splitlines(), set(), []
+        for line in lines[1:]:
+            if line.split("\t")[0] not in seen:
+                seen.add(line.split("\t")[0])
+                out.append(line)
+        return "\n".join([lines[0], *out]) + "\n"
+
+    _edit(synth_dir, tmp_path / "d", "interactions.tsv", one_per_user)
+    r = _cli("baselines", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"))
+    assert r.exit_code == 2 and "nothing to evaluate" in r.output and "empty: valid, test" in \
+        r.output, r.output  # fmt: skip
+    r = _cli("baselines", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"),
+             "--protocol", "B", "--only", "itemknn")  # fmt: skip
+    assert r.exit_code == 2 and "tuned on protocol A's validation" in r.output, r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_run_folder_of_another_kind_is_not_overwritten(tmp_path):
+    from fedrec.shared.rundir import write_json
+
+    write_json(tmp_path / "b" / "config.json", {"command": "baselines"})
+    (tmp_path / "b" / "metrics.json").write_text("{}")
+    for cmd in ("simulate", "train-central"):
+        r = _cli(cmd, "--out", str(tmp_path / "b"))
+        assert r.exit_code == 2 and "holds a `fedrec baselines` run" in r.output, r.output
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.json").write_text("not json")
+    r = _cli("baselines", "--out", str(tmp_path / "x"))
+    assert r.exit_code == 2 and "fedrec did not write" in r.output, r.output
+    assert (tmp_path / "b" / "metrics.json").read_text() == "{}"
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["config.json", "metrics.json"]
+
+
+def test_a_profile_for_a_model_without_profiles_is_reported(synth_dir, tiny_backbone, tmp_path):
+    from fedrec.shared.data import load_dataset
+    from fedrec.shared.model.artifacts import save_model
+
+    from .test_model import make_model
+
+    ds = load_dataset(synth_dir)
+    model = make_model(ds, tiny_backbone, use_profile=False)
+    run = tmp_path / "run"
+    save_model(model, run, item_ids=[int(i) for i in ds.item_ids], titles=ds.item_texts())
+    item = str(int(ds.item_ids[0]))
+    r = _cli("recommend", str(run), "--profile", "Age 30", "--json")
+    assert r.exit_code == 2 and "trained without profiles" in r.output, r.output
+    r = _cli("recommend", str(run), "--profile", "Age 30", "--history", item, "--json")
+    assert r.exit_code == 0 and "--profile is ignored" in r.output, r.output
+
+
+def test_recommend_takes_the_profile_the_model_was_trained_with(synth_dir, tiny_backbone):
+    """A warm user with a profile: ``recommend(history, profile=)`` ranks exactly as the
+    evaluation does (ModelScorer with the profile), and differs from ignoring it."""
+    import numpy as np
+
+    from fedrec.shared.data import load_dataset
+    from fedrec.shared.inference import Recommender
+    from fedrec.shared.model.central import ModelScorer, ProfileBank
+    from fedrec.shared.splitting import protocol_a
+
+    from .test_model import make_model, perturb_lora
+
+    ds = load_dataset(synth_dir)
+    model = make_model(ds, tiny_backbone, use_profile=True)
+    perturb_lora(model, seed=5)
+    with torch.no_grad():
+        model.profile_gate.fill_(2.0)  # a profile that matters to the ranking
+    rec = Recommender(model, ds.item_ids, ds.item_texts())
+    rec.items = rec._embed_catalog()
+    rec.bias = model.biases().detach().clone()
+    q = protocol_a(ds).tests["test"]
+    profile = ds.user_text(int(ds.user_ids[q.users[0]]))
+    hist = [int(ds.item_ids[i]) for i in q.history[0]]
+    ref = ModelScorer(model, ProfileBank(model)).score(q.users[:1], q.history[:1], [profile],
+                                                        q.warm[:1])[0]  # fmt: skip
+    ref[q.history[0]] = -np.inf
+    top = np.argsort(-ref, kind="stable")[:5]
+    got = rec.recommend(hist, k=5, profile=profile)
+    assert [r.item_id for r in got] == [int(ds.item_ids[i]) for i in top]
+    assert np.allclose([r.score for r in got], ref[top], atol=1e-4)
+    without = rec.recommend(hist, k=5)
+    assert [r.score for r in without] != [r.score for r in got]

@@ -23,6 +23,7 @@ from fedrec.shared.baselines.popularity import Popularity
 from fedrec.shared.baselines.random_scores import RandomScores
 from fedrec.shared.baselines.zeroshot import ZeroShotText
 from fedrec.shared.data.dataset import Dataset
+from fedrec.shared.data.errors import DataError
 from fedrec.shared.evaluation import Scorer, evaluate
 from fedrec.shared.splitting import Split, make_split, protocol_a
 
@@ -63,6 +64,13 @@ def grid(name: str) -> list[dict[str, Any]]:
 def tune(name: str, tuning_split: Split) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Best parameters by validation NDCG@10 on ``tuning_split`` (protocol A), and the trace."""
     assert tuning_split.valid is not None, "tuning needs protocol A's validation queries"
+    if len(tuning_split.valid) == 0:
+        raise DataError(
+            f"baseline {name!r} is tuned on protocol A's validation queries (each user's "
+            "second-to-last item), and this data set has none: no user has 3 interactions",
+            fix="Leave it out (--only popularity,random,zeroshot need no tuning) or use a data "
+            "set with longer histories.",
+        )
     trace: list[dict[str, Any]] = []
     for params in grid(name):
         model = FACTORIES[name](tuning_split, **params)

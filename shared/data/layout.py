@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrec.shared.data.dataset import Dataset, template_fields
+from fedrec.shared.data.dataset import Dataset, render, template_fields
 from fedrec.shared.data.errors import DataError
 
 INTERACTIONS = "interactions.tsv"
@@ -70,10 +70,22 @@ def _decode(path: Path, raw: bytes) -> str:
         ) from None
 
 
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(
+            f"cannot read the file ({e.strerror or e})",
+            file=path,
+            fix="Check that it is a regular file this user may read (permissions, a dangling "
+            "link, a network mount).",
+        ) from None
+
+
 def _read_table(path: Path, required: Sequence[str], *, min_columns: int = 0) -> _Table:
-    if not path.is_file():
+    if not path.exists():
         raise DataError("file not found", file=path, fix="Create it (see `fedrec data --help`).")
-    raw = path.read_bytes()
+    raw = _read_bytes(path)
     text = _decode(path, raw)
     if not text.strip():
         raise DataError("the file is empty", file=path, fix="It needs a header line and rows.")
@@ -142,6 +154,9 @@ def _read_table(path: Path, required: Sequence[str], *, min_columns: int = 0) ->
     return _Table(path, header, rows, numbers)
 
 
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
 def _int_column(table: _Table, name: str) -> np.ndarray:
     values = table.column(name)
     out = np.empty(len(values), dtype=np.int64)
@@ -153,6 +168,14 @@ def _int_column(table: _Table, name: str) -> np.ndarray:
                 line=table.lines[k],
                 column=name,
                 fix="Ids and timestamps must be whole numbers (map string ids to integers first).",
+            )
+        if int(v) > _INT64_MAX:
+            raise DataError(
+                f"{v} is too large (at most {_INT64_MAX}, the largest 64-bit integer)",
+                file=table.path,
+                line=table.lines[k],
+                column=name,
+                fix="Map ids to small integers first; timestamps are Unix seconds.",
             )
         out[k] = int(v)
     return out
@@ -203,7 +226,7 @@ def _read_meta(root: Path, item_cols: list[str], user_cols: list[str] | None) ->
     meta: dict = {}
     if path.is_file():
         try:
-            meta = json.loads(_decode(path, path.read_bytes()))
+            meta = json.loads(_decode(path, _read_bytes(path)))
         except json.JSONDecodeError as e:
             raise DataError(f"invalid JSON: {e.msg}", file=path, line=e.lineno) from None
         if not isinstance(meta, dict):
@@ -215,15 +238,37 @@ def _read_meta(root: Path, item_cols: list[str], user_cols: list[str] | None) ->
         template = meta.get(key)
         if template is None or cols is None:
             continue
-        missing = [f for f in template_fields(template) if f not in cols]
-        if missing:
-            raise DataError(
-                f"template {template!r} uses fields {missing} that the file does not have",
-                file=path,
-                column=key,
-                fix=f"Available fields: {cols}.",
-            )
+        _check_template(template, cols, path=path, key=key)
     return meta
+
+
+def _check_template(template: object, cols: list[str], *, path: Path, key: str) -> None:
+    """A template must be a ``str.format`` string over the file's columns that formats."""
+    fix = (
+        'Write it like "{title} ({year})": one {column} per field, braces doubled ({{ }}) '
+        "for literal ones."
+    )
+    if not isinstance(template, str):
+        raise DataError(f"must be a string, not {type(template).__name__}", file=path,
+                        column=key)  # fmt: skip
+    try:
+        names = template_fields(template)
+    except ValueError as e:
+        raise DataError(f"template {template!r} is malformed: {e}", file=path, column=key,
+                        fix=fix) from None  # fmt: skip
+    missing = [f for f in names if f not in cols]
+    if missing:
+        raise DataError(
+            f"template {template!r} uses fields {missing} that the file does not have",
+            file=path,
+            column=key,
+            fix=f"Available fields: {cols}.",
+        )
+    try:
+        render(template, {c: "x" for c in cols})
+    except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
+        raise DataError(f"template {template!r} does not format: {e}", file=path, column=key,
+                        fix=fix) from None  # fmt: skip
 
 
 def _default_template(cols: list[str]) -> str:
