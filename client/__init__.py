@@ -1,1 +1,3 @@
-"""The Flower ClientApp side of fedrec (local DP-SGD training on a device's own data)."""
+"""The client side of fedrec: the Flower ClientApp (``app``), its per-process state
+(``runtime``), local DP-SGD (``local_train``) and the privacy budget it keeps (``budget``). It
+imports ``fedrec.shared`` only, never ``fedrec.server`` (``tests/test_layering.py``)."""

@@ -1,1 +1,4 @@
-"""The Flower ServerApp side of fedrec (strategy, aggregation, privacy ledger, run directory)."""
+"""The server side of fedrec: the Flower ServerApp (``app``, ``strategy``, ``user_dp``,
+``outputs``) and the SuperLink operator's deployment set-up (``deploy``: certificates, SuperNode
+keys, the commands). It imports ``fedrec.shared`` only, never ``fedrec.client``: what both sides
+exchange is :mod:`fedrec.shared.federation.contract` (``tests/test_layering.py`` checks it)."""

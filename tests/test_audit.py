@@ -279,7 +279,7 @@ def test_lower_bound_matches_the_closed_form_when_all_guesses_are_right():
     """delta = 0, v = r: P[Bin(r, q) >= r] = q^r, so the bound is logit(level^(1/r))."""
     import math
 
-    from fedrec.server.empirical import epsilon_lower_bound, p_value
+    from fedrec.shared.privacy.empirical import epsilon_lower_bound, p_value
 
     for r in (10, 50, 200):
         q = 0.05 ** (1 / r)
@@ -302,7 +302,7 @@ def test_lower_bound_matches_the_closed_form_when_all_guesses_are_right():
 def test_attack_statistics_on_known_score_distributions():
     import numpy as np
 
-    from fedrec.server.empirical import membership_stats, one_run_bound
+    from fedrec.shared.privacy.empirical import membership_stats, one_run_bound
 
     rng = np.random.default_rng(0)
     included = rng.random(1000) < 0.5
@@ -325,7 +325,7 @@ def test_canaries_are_interactions_through_the_example_builder(tmp_path):
 
     from fedrec.client.local_train import build_examples
     from fedrec.client.runtime import with_canaries
-    from fedrec.server.empirical import client_file, plan_canaries
+    from fedrec.shared.privacy.empirical import client_file, plan_canaries
 
     rng = np.random.default_rng(3)
     plan = plan_canaries(np.arange(100, 140), np.arange(50), ["p0", "p1", "p2"], 4, rng)

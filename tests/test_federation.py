@@ -20,7 +20,7 @@ from fedrec.shared.federation.config import FedConfig, parse_run_config
 
 @pytest.fixture(scope="module")
 def sim_run(synth_dir, tiny_backbone, tmp_path_factory):
-    from fedrec.server.simulate import simulate
+    from fedrec.simulations.launch import simulate
 
     out = tmp_path_factory.mktemp("runs") / "sim"
     cfg = FedConfig(
@@ -73,7 +73,7 @@ def test_run_config_travels_through_the_generated_app_exactly(tmp_path):
     import tomllib
 
     from fedrec.server.app import split_run_config
-    from fedrec.server.simulate import app_project
+    from fedrec.simulations.launch import app_project
 
     cfg = FedConfig(data='/tmp/a "quoted" dir\\x', lr=0.25, delta=1e-06, dp=False, silos=7)
     flat = {**cfg.to_flat(), "run-dir": str(tmp_path / "r"), "resume": True, "baselines": "all"}
@@ -86,7 +86,7 @@ def test_run_config_travels_through_the_generated_app_exactly(tmp_path):
 
 
 def test_progress_follows_whole_lines_only_and_skips_a_resumed_runs_past(tmp_path):
-    from fedrec.server.simulate import _Progress
+    from fedrec.simulations.launch import _Progress
 
     path = tmp_path / "progress.jsonl"
     path.write_text('{"round": 1}\n')  # a resumed run's earlier rounds: not shown again
@@ -104,7 +104,7 @@ def test_progress_follows_whole_lines_only_and_skips_a_resumed_runs_past(tmp_pat
 
 
 def test_simulate_refuses_a_folder_holding_a_run_before_starting_flower(sim_run, tmp_path):
-    from fedrec.server.simulate import simulate
+    from fedrec.simulations.launch import simulate
 
     cfg, out, _, _ = sim_run
     t = time.perf_counter()
@@ -117,7 +117,7 @@ def test_simulate_refuses_a_folder_holding_a_run_before_starting_flower(sim_run,
 
 def start_stoppable(code_cfg: str, out: Path, resume: bool = False) -> subprocess.Popen:
     code = (
-        "from pathlib import Path; from fedrec.server.simulate import simulate; "
+        "from pathlib import Path; from fedrec.simulations.launch import simulate; "
         f"from fedrec.shared.federation.config import FedConfig; cfg = FedConfig({code_cfg}); "
         f"simulate(cfg, Path({str(out)!r}), baselines='none', num_cpus=2, resume={resume})"
     )
@@ -276,7 +276,7 @@ def test_empirical_audit_on_a_real_federation(sim_run):
     in the clients' DP-SGD, the attack on the global model, the report."""
     from dataclasses import replace
 
-    from fedrec.server.empirical import run_empirical
+    from fedrec.simulations.empirical_audit import run_empirical
 
     cfg, out, _, _ = sim_run
     audit_cfg = replace(cfg, num_rounds=2, evaluate_every=0, fraction_evaluate=0.0)
@@ -294,9 +294,9 @@ def test_empirical_audit_on_a_real_federation(sim_run):
 
 def test_user_level_dp_on_a_real_federation(synth_dir, tiny_backbone, tmp_path):
     """user-dp=true through Flower's wrapper in a real simulation; `fedrec audit` verifies it."""
-    from fedrec.server.simulate import simulate
     from fedrec.shared.privacy.accounting import epsilon_spent
     from fedrec.shared.privacy.report import audit_run
+    from fedrec.simulations.launch import simulate
 
     out = tmp_path / "udp"
     cfg = FedConfig(
@@ -323,8 +323,8 @@ def test_id_table_federation_without_dp(synth_dir, tiny_backbone, tmp_path):
     """id-residual=true (no DP): a real simulation trains and averages the per-item ID table;
     it is in the saved model that inference loads, its size is in the upload bytes, and the
     privacy statement says what it reveals."""
-    from fedrec.server.simulate import simulate
     from fedrec.shared.inference import Recommender
+    from fedrec.simulations.launch import simulate
 
     out = tmp_path / "idres"
     cfg = FedConfig(
@@ -349,8 +349,8 @@ def test_physical_batches_leave_the_ledger_unchanged(synth_dir, tiny_backbone, t
     expected-batch) are split into physical batches of 4 in one and not split in the other:
     the ledgers (every client's mechanism and epsilon per round) are identical, the per-client
     q is the roster's, and `fedrec audit` passes both."""
-    from fedrec.server.simulate import simulate
     from fedrec.shared.privacy.report import audit_run
+    from fedrec.simulations.launch import simulate
 
     keep = ("client", "round", "trained", "noise_multiplier", "sample_rate", "steps",
             "epsilon_after", "total_steps", "adjacency")  # fmt: skip
@@ -372,7 +372,7 @@ def test_physical_batches_leave_the_ledger_unchanged(synth_dir, tiny_backbone, t
         assert report["ok"], text
         ledgers.append([{k: x.get(k) for k in keep} for x in ledger_lines(out)])
     assert ledgers[0] == ledgers[1]
-    from fedrec.client.runtime import dataset_and_split
+    from fedrec.shared.federation.data_and_model import dataset_and_split
     from fedrec.shared.partition import partition_users
 
     _, split = dataset_and_split(synth_dir, "A", 0)
