@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # fedrec's two set-up commands (see README.md):
 #   bash run.sh          set up .venv if needed, fetch ML-100K, run the main job
-#   bash run.sh test     set up .venv if needed, run the test suite
+#   bash run.sh test     set up .venv if needed, run the test suite (without the slow tests:
+#                        `bash run.sh test -m slow` runs only those, `-m "slow or not slow"` all)
 # Other verbs: `bash run.sh setup` (only install), `bash run.sh fedrec ARGS...` (the CLI in .venv).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -42,6 +43,8 @@ case "$verb" in
     ;;
   test)
     setup
+    echo "== tests marked slow (real Flower processes, minutes each) run only when asked:" \
+      "bash run.sh test -m slow (those only) or -m 'slow or not slow' (everything)"
     "$VENV/bin/python" -m pytest "$@"
     ;;
   fedrec)

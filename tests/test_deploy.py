@@ -163,6 +163,7 @@ def ledger(run_dir: Path) -> list[dict]:
     return [x for x in lines if "client" in x]  # not the server's notes on missing clients
 
 
+@pytest.mark.slow  # real SuperLink and SuperNodes, several minutes
 def test_deployment_on_loopback(deployment, tiny_backbone, synth_dir):
     d = deployment
     procs, env, root = d["procs"], d["env"], d["root"]

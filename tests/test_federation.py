@@ -136,6 +136,7 @@ def wait_for_round(p: subprocess.Popen, out: Path, rnd: int, timeout: float = 24
     raise AssertionError(f"round {rnd} did not finish in {timeout} s")
 
 
+@pytest.mark.slow  # two real simulations and a SIGTERM
 def test_sigterm_stops_flower_and_ray_and_resume_continues(synth_dir, tiny_backbone, tmp_path):
     """A simulation stopped mid-run (SIGTERM, as a crash or a scheduler would) leaves no
     SuperLink, flwr-simulation or Ray process behind; `resume` continues from the checkpoint,
@@ -271,6 +272,7 @@ def test_audit_verifies_the_real_run(sim_run):
     assert (out / "privacy" / "epsilon.png").is_file() and "Result: PASS" in text
 
 
+@pytest.mark.slow  # a second real simulation (the canary run)
 def test_empirical_audit_on_a_real_federation(sim_run):
     """The one-run audit end to end: canary data, a real Flower simulation with the canaries
     in the clients' DP-SGD, the attack on the global model, the report."""
@@ -344,6 +346,7 @@ def test_id_table_federation_without_dp(synth_dir, tiny_backbone, tmp_path):
     assert "OFF" in statement and "per-item ID table" in statement
 
 
+@pytest.mark.slow  # two real simulations
 def test_physical_batches_leave_the_ledger_unchanged(synth_dir, tiny_backbone, tmp_path):
     """Two real simulations of silos whose Poisson batches (about 40 examples: q from
     expected-batch) are split into physical batches of 4 in one and not split in the other:

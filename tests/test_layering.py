@@ -108,3 +108,48 @@ def test_the_check_catches_every_form_of_import(source):
 )
 def test_the_check_lets_shared_imports_through(source):
     assert not violations(source, "fedrec.server", ("fedrec.client",))
+
+
+def _wheel_layout() -> tuple[dict[str, Path], dict[str, list[str]]]:
+    """pyproject's packages -> their folders, and its package-data globs."""
+    import tomllib
+
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = tool["package-dir"]
+    folders: dict[str, Path] = {}
+    for package in tool["packages"]:
+        if package in dirs:
+            folders[package] = ROOT / dirs[package]
+        else:
+            parent, _, leaf = package.rpartition(".")
+            folders[package] = folders[parent] / leaf
+    return folders, tool.get("package-data", {})
+
+
+def test_every_source_folder_is_a_package_of_the_wheel():
+    """A folder of modules missing from ``packages`` works in the checkout (editable install)
+    and is silently absent from the wheel."""
+    folders, _ = _wheel_layout()
+    listed = {f.resolve() for f in folders.values()}
+    missing = []
+    for root in ("app", "server", "client", "shared", "simulations"):
+        for path in (ROOT / root).rglob("*.py"):
+            rel = path.relative_to(ROOT).parts
+            if "results" in rel or "__pycache__" in rel:  # committed results, not the package
+                continue
+            if path.parent.resolve() not in listed:
+                missing.append(str(path.parent.relative_to(ROOT)))
+    assert not missing, f"folders not in pyproject's packages: {sorted(set(missing))}"
+
+
+def test_the_wheel_carries_the_named_suites():
+    """``fedrec suite quick`` outside the checkout reads the suites from the installed package."""
+    folders, data = _wheel_layout()
+    carried = {
+        p.resolve()
+        for package, globs in data.items()
+        for glob in globs
+        for p in folders[package].glob(glob)
+    }
+    suites = sorted((ROOT / "simulations" / "suites").glob("*.toml"))
+    assert suites and all(s.resolve() in carried for s in suites)
