@@ -74,8 +74,8 @@ def _check_out(out_dir: Path, command: str) -> None:
 
 def resolve_data(data: str) -> Path:
     """A data set name in the data home (``ml-100k``) or a folder in the fedrec layout."""
-    from fedrec.client.runtime import resolve_data_dir
     from fedrec.shared.data.movielens import default_data_home
+    from fedrec.shared.federation.data_and_model import resolve_data_dir
 
     try:
         return resolve_data_dir(data)
@@ -285,7 +285,7 @@ def train_central_cmd(
 
 @app.command("simulate")
 def simulate_cmd(
-    out_dir: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory to write.")] = None,
     config: Annotated[
         Path | None,
         typer.Option("--config", help="TOML file of run-config keys (e.g. a simulations/ file)."),
@@ -295,7 +295,15 @@ def simulate_cmd(
         typer.Option("--set", help="Override a run-config key: KEY=VALUE, e.g. num-rounds=10."),
     ] = None,
     quick: Annotated[
-        bool, typer.Option("--quick", help="Smoke preset: 3 small rounds (a few minutes).")
+        bool, typer.Option("--quick", help="The smoke preset (--preset quick): 2 small rounds.")
+    ] = False,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="A named configuration: quick, silos, cross-device, central-dp "
+                     "(--list-presets says what each trains and under which guarantee)."),
+    ] = None,
+    list_presets: Annotated[
+        bool, typer.Option("--list-presets", help="Describe the presets and exit.")
     ] = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue a crashed run from RUN/checkpoint.")
@@ -312,14 +320,21 @@ def simulate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout.")] = False,
 ) -> None:
     """Federated training in Flower's simulation runtime (one user per client by default),
-    local Opacus DP-SGD, evaluated beside the baselines on the same split."""
+    local Opacus DP-SGD, evaluated beside the baselines on the same split. Settings: defaults <
+    --preset < --config < --set."""
     from fedrec.server.outputs import baseline_names
-    from fedrec.server.simulate import resolve, simulate
     from fedrec.shared.federation.config import parse_sets
+    from fedrec.simulations.launch import presets, resolve, simulate
 
+    if list_presets:
+        for name, text in presets().items():
+            out.print(f"[bold]{name}[/]: {text}", soft_wrap=True)
+        raise typer.Exit(0)
+    if out_dir is None:
+        _fail("--out RUN is required: the folder to write the run to", 2)
     _check_out(out_dir, "simulate")
     try:
-        cfg, server = resolve(config, parse_sets(set_ or []), quick)
+        cfg, server = resolve(config, parse_sets(set_ or []), quick, preset)
         baseline_names(baselines)
     except ValueError as e:
         _fail(str(e), 2)
@@ -413,7 +428,7 @@ def _headline(cfg, result: dict) -> str:  # noqa: ANN001 - a FedConfig
     )
     best = max((e["metrics"][test]["NDCG@10"] for e in result["baselines"].values()), default=None)
     verdict = "" if best is None else ("above" if mine > best else "not above") + " every baseline"
-    return (f"fedrec trained {what} under {guarantee}: {test} NDCG@10 {mine:.4f}"
+    return (f"summary: {what}, trained under {guarantee}: {test} NDCG@10 {mine:.4f}"
             + (f" vs {versus} ({verdict})" if versus else ""))  # fmt: skip
 
 
@@ -463,8 +478,9 @@ def suite_cmd(
     readme: Annotated[
         Path | None,
         typer.Option(
-            help="Also replace this suite's results block in this README with the report "
-            "(between <!-- suite-results:NAME:begin --> and <!-- suite-results:NAME:end -->)."
+            help="Also refresh this suite's generated blocks in this markdown file: the full "
+            "report between <!-- suite-results:NAME:begin/end --> (docs/results.md), the headline "
+            "table between <!-- suite-headline:NAME:begin/end --> (README.md)."
         ),
     ] = None,
 ) -> None:
@@ -575,9 +591,9 @@ def _empirical(
 ) -> None:
     from dataclasses import replace
 
-    from fedrec.server.empirical import run_empirical
     from fedrec.shared.federation.config import parse_run_config, parse_sets
     from fedrec.shared.privacy.report import load_fed_config
+    from fedrec.simulations.empirical_audit import run_empirical
 
     try:
         base = load_fed_config(run)

@@ -8,8 +8,8 @@ budget is kept in :mod:`fedrec.client.budget`.
 
 Where a client's data comes from:
 
-- ``node_config["data-dir"]`` (a device, see the README): a folder in the fedrec layout holding
-  that device's own interactions and the public catalog; all its users are its data.
+- ``node_config["data-dir"]`` (a device, see docs/deployment.md): a folder in the fedrec layout
+  holding that device's own interactions and the public catalog; all its users are its data.
 - otherwise (simulation): the run's data set, split by the protocol, partitioned by
   ``partition`` and ``silos``; ``node_config["partition-id"]`` picks this client's users.
 """

@@ -52,7 +52,7 @@ from fedrec.shared.federation.params import (
     travelling_state,
 )
 from fedrec.shared.model.central import ModelScorer, ProfileBank
-from fedrec.shared.rundir import dumps
+from fedrec.shared.rundir import dumps, write_json
 
 SERVER_KEYS = ("run-dir", "resume", "baselines")
 log = logging.getLogger("fedrec.server")
@@ -146,9 +146,8 @@ def run_federation(
     if resume and (ck := load_checkpoint(run)) is not None:
         offset, state, opt_state = ck
         log.info("resuming after round %d from %s", offset, run / "checkpoint")
-    (run / "config.json").write_text(
-        json.dumps({"command": "simulate", "federation": cfg.as_dict()}, indent=2)
-    )
+    # atomic: a run interrupted here leaves the old config.json or the new one, never half
+    write_json(run / "config.json", {"command": "simulate", "federation": cfg.as_dict()})
     on_round = ProgressFile(run / "progress.jsonl", on_round)
     load_travelling(model, state)
     bank = ProfileBank(model)

@@ -187,7 +187,7 @@ class Recommender:
             )
         return out
 
-    # --- the public API (README: command line) ---------------------------------------------
+    # --- the public API (docs/model.md, "Inference and explanations") -------------------
     @property
     def uses_profile(self) -> bool:
         """Whether the model reads a profile text (trained with ``use_profile``); a model that

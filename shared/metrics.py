@@ -1,4 +1,4 @@
-"""Ranking metrics as pure, vectorized functions (as the README defines them).
+"""Ranking metrics as pure, vectorized functions (their definitions are in the docstrings below).
 
 Ranking order everywhere: descending score, ties broken by ascending item index (= item id).
 Every metric takes ``hits``, a ``(n_queries, K)`` bool matrix (``hits[q, r]``: the item at rank

@@ -1,4 +1,4 @@
-"""The run directory (README: command line): atomic JSON writes and version stamps."""
+"""The run directory (docs/federation.md): atomic JSON writes and version stamps."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Evaluation protocols A, B, C (README: protocols), as pure functions of a :class:`Dataset`.
+"""Evaluation protocols A, B, C (docs/evaluation.md), as pure functions of a :class:`Dataset`.
 
 Conventions shared by all protocols:
 

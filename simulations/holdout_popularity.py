@@ -5,10 +5,10 @@ interactions left for training after the holdout, as the model sees them. The va
 reference line of ``simulations/results/central-C-variants/README.md``.
 """
 
-from fedrec.client.runtime import resolve_data_dir
 from fedrec.shared.baselines.popularity import Popularity
 from fedrec.shared.data import load_dataset
 from fedrec.shared.evaluation import evaluate
+from fedrec.shared.federation.data_and_model import resolve_data_dir
 from fedrec.shared.splitting import holdout_split, make_split
 
 

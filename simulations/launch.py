@@ -29,14 +29,33 @@ from typing import Any
 
 from fedrec.shared.federation.config import FedConfig, parse_run_config
 
-# A smoke run: under 3 minutes on 2 cores; far too short to learn (see README).
-QUICK: dict[str, Any] = {
-    "num-rounds": 2,
-    "fraction-train": 0.03,
-    "local-steps": 4,
-    "evaluate-every": 2,
-    "fraction-evaluate": 0.0,
-}
+# Named configurations (`fedrec simulate --preset NAME`): TOML files of run-config keys shipped
+# with the package, each opening with comment lines that say what it trains and under which
+# guarantee. `--quick` is `--preset quick`.
+PRESETS = Path(__file__).parent / "presets"
+
+
+def presets() -> dict[str, str]:
+    """Preset name -> its one-paragraph description (the file's leading comment lines)."""
+    out = {}
+    for path in sorted(PRESETS.glob("*.toml")):
+        lines = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.startswith("#"):
+                break
+            lines.append(line.lstrip("# ").rstrip())
+        out[path.stem] = " ".join(lines)
+    return out
+
+
+def preset_file(name: str) -> Path:
+    path = PRESETS / f"{name}.toml"
+    if not path.is_file():
+        raise ValueError(
+            f"--preset {name!r} is not a preset; choose one of {', '.join(presets())} "
+            "(`fedrec simulate --list-presets` describes them)"
+        )
+    return path
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -68,9 +87,15 @@ def _flat(path: Path, table: dict[str, Any]) -> dict[str, Any]:
     return table
 
 
-def resolve(config: Path | None, sets: dict[str, str], quick: bool) -> tuple[FedConfig, dict]:
-    """Defaults < ``--quick`` < ``--config`` file < ``--set``; server keys split off."""
-    raw: dict[str, Any] = dict(QUICK) if quick else {}
+def resolve(
+    config: Path | None, sets: dict[str, str], quick: bool = False, preset: str | None = None
+) -> tuple[FedConfig, dict]:
+    """Defaults < ``--preset`` (``--quick``: preset ``quick``) < ``--config`` file < ``--set``;
+    server keys split off."""
+    if quick and preset not in (None, "quick"):
+        raise ValueError(f"--quick is --preset quick: give one of --quick and --preset {preset}")
+    name = "quick" if quick else preset
+    raw: dict[str, Any] = load_config_file(preset_file(name)) if name else {}
     if config is not None:
         raw.update(load_config_file(config))
     raw.update(sets)

@@ -177,7 +177,7 @@ def test_non_finite_settings_are_refused_naming_the_key(key, value):
 
 
 def test_resume_false_means_false():
-    from fedrec.server.simulate import resolve
+    from fedrec.simulations.launch import resolve
 
     assert resolve(None, {"resume": "false"}, False)[1]["resume"] is False
     assert resolve(None, {"resume": "true"}, False)[1]["resume"] is True

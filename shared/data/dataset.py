@@ -1,7 +1,7 @@
 """The in-memory data set: interactions in their original row order, item texts, user profiles.
 
 Items are indexed ``0..n_items-1`` in ascending item-id order, so "ties broken by ascending item
-id" (README: protocols) is the same as "ties broken by ascending item index" everywhere downstream.
+id" (docs/evaluation.md) is the same as "ties broken by ascending item index" everywhere downstream.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class Dataset:
     """Interactions, items and optional user profiles of one data set.
 
     Interaction arrays are aligned, shape ``(n_interactions,)``, in the original file's row order
-    (which breaks timestamp ties, README: protocols). ``item_ids`` is the sorted catalog.
+    (which breaks timestamp ties, docs/evaluation.md). ``item_ids`` is the sorted catalog.
     """
 
     name: str

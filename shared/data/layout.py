@@ -3,7 +3,7 @@
 ``interactions.tsv`` (required)
     ``user_id``, ``item_id`` (non-negative integers), ``timestamp`` (integer Unix seconds),
     optional ``rating`` (number). Row order is meaningful: it breaks timestamp ties when a user's
-    history is put in time order (README: protocols), so keep the original order of your export.
+    history is put in time order (docs/evaluation.md), so keep the original order of your export.
 ``items.tsv`` (required)
     ``item_id`` (unique non-negative integer) and one or more text columns (e.g. ``title``,
     ``year``, ``genres``, ``description``). Items may have no interactions (new items).

