@@ -236,7 +236,8 @@ def train_central_cmd(
     ] = False,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Override a setting: model.KEY=VALUE or train.KEY=VALUE."),
+        typer.Option("--set", help="Override a setting: KEY=VALUE (`fedrec config train-central` "
+                     "lists them), or model.KEY=VALUE / train.KEY=VALUE."),
     ] = None,
     no_baselines: Annotated[
         bool, typer.Option("--no-baselines", help="Skip the baselines in metrics.json.")
@@ -292,7 +293,8 @@ def simulate_cmd(
     ] = None,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Override a run-config key: KEY=VALUE, e.g. num-rounds=10."),
+        typer.Option("--set", help="Override a run-config key: KEY=VALUE, e.g. num-rounds=10 "
+                     "(`fedrec config simulate` lists them)."),
     ] = None,
     quick: Annotated[
         bool, typer.Option("--quick", help="The smoke preset (--preset quick): 2 small rounds.")
@@ -457,6 +459,35 @@ def _interrupted_simulation(out_dir: Path, rounds: int) -> NoReturn:
 
 
 _INTERRUPT_EXPLAINED = False  # set once a command has said what an interruption left behind
+
+
+@app.command("config")
+def config_cmd(
+    command: Annotated[
+        str, typer.Argument(help="Whose settings: simulate or train-central.")
+    ] = "simulate",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """List the settings keys (--set KEY=VALUE) with their types, defaults and help."""
+    from fedrec.shared.federation.config import FedConfig
+    from fedrec.shared.model.config import ModelConfig, TrainConfig
+    from fedrec.shared.settings import describe
+
+    classes = {"simulate": [("", FedConfig)],
+               "train-central": [("model", ModelConfig), ("train", TrainConfig)]}  # fmt: skip
+    if command not in classes:
+        _fail(f"config {command!r}: choose simulate or train-central", 2)
+    rows = [{**r, "section": sec} for sec, cls in classes[command] for r in describe(cls)]
+    if as_json:
+        print(dumps(rows, indent=2))
+        return
+    table = Table(box=box.SIMPLE, title=f"fedrec {command} --set KEY=VALUE")
+    for col in ("key", "type", "default", "help"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        key = f"{r['section']}.{r['key']}" if r["section"] and r["key"] == "seed" else r["key"]
+        table.add_row(key, r["type"], r["default"], r["help"])
+    out.print(table)
 
 
 @app.command("suite")

@@ -100,7 +100,13 @@ def rounds_figure(
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     r = [x["round"] for x in rounds]
     loss = [x["loss"] if x["loss"] is not None else float("nan") for x in rounds]
-    axes[0].plot(r, loss, "o-", label="mean over the round's clients")
+    if any(x["loss"] is not None for x in rounds):
+        axes[0].plot(r, loss, "o-", label="mean over the round's clients")
+    else:  # under DP clients report no loss: it is a function of their data, not noised
+        axes[0].text(0.5, 0.5, "not reported under DP\n(a client's loss is not private)",
+                     ha="center", va="center", transform=axes[0].transAxes)  # fmt: skip
+        axes[0].set_xticks([])
+        axes[0].set_yticks([])
     axes[0].set(title="client training loss", xlabel="round")
     if central:
         ks = sorted(central)
@@ -116,8 +122,8 @@ def rounds_figure(
     axes[2].plot(r, [x["epsilon_median"] for x in rounds], "s--", label="median")
     axes[2].set(title="epsilon of this round's clients", xlabel="round")
     for ax in axes:
-        _whole_ticks(ax)
         if ax.get_lines():
+            _whole_ticks(ax)
             ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

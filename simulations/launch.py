@@ -101,7 +101,7 @@ def resolve(
     raw.update(sets)
     server = {k: raw.pop(k) for k in ("resume", "baselines") if k in raw}
     if "resume" in server:
-        from fedrec.shared.model.config import _bool
+        from fedrec.shared.settings import as_bool as _bool
 
         try:
             server["resume"] = _bool(server["resume"])  # "false" is False, not bool("false")

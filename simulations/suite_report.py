@@ -215,12 +215,18 @@ def _plots(out: Path, rows: list[dict[str, Any]]) -> list[str]:
             if rs and r["metrics"]["privacy"].get("dp"):
                 axes[1].plot([x["round"] for x in rs], [x["epsilon_max"] for x in rs],
                              markersize=4, **_style(i), label=r["exp"].name)  # fmt: skip
-        for name in ("popularity", "itemknn", "bpr", "als"):
+        # baselines: black, each its own dash pattern and a legend entry (the runs are coloured)
+        patterns = ((0, (6, 2)), (0, (1, 1.5)), (0, (4, 1.5, 1, 1.5)), (0, (10, 3)))
+        for j, name in enumerate(("popularity", "itemknn", "bpr", "als")):
             b = (base_a or {}).get("baselines", {}).get(name)
             if b and "valid" in b:
-                axes[0].axhline(b["valid"]["NDCG@10"], ls="--", lw=1, color="0.6")
-                axes[0].text(0, b["valid"]["NDCG@10"], name, fontsize=7, va="bottom")
+                axes[0].axhline(b["valid"]["NDCG@10"], ls=patterns[j], lw=1.3, color="black",
+                                label=f"{name} (baseline, valid)")  # fmt: skip
         axes[0].set(title="validation NDCG@10 per round (protocol A)", xlabel="round")
+        from matplotlib.ticker import MaxNLocator
+
+        for ax in axes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are counts
         axes[1].set(title="epsilon per round (max over the round's clients)", xlabel="round",
                     ylabel="epsilon (per interaction)")  # fmt: skip
         for ax in axes:

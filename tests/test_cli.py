@@ -97,7 +97,8 @@ def test_train_central_and_recommend(synth_dir, tiny_backbone, tmp_path):
     ("setting", "needle"),
     [
         ("model.lora_rank=3", "unknown key 'lora_rank'"),
-        ("epochs=3", "model.KEY=VALUE"),
+        ("lora_rank=3", "unknown key 'lora_rank'"),
+        ("epochs", "expected KEY=VALUE"),
         ("train.batch_size=0", "batch_size"),
     ],  # fmt: skip
 )

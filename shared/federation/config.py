@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from fedrec.shared.model.config import ModelConfig, _bool
+from fedrec.shared.model.config import ModelConfig
+from fedrec.shared.settings import parse_fields
 
 AGGREGATORS = ("ffa", "fedavg")
 
@@ -41,62 +42,63 @@ class FedConfig:
     budget: when the next round would, it refuses to train.
     """
 
-    # data
-    data: str = "ml-100k"
-    protocol: str = "A"
+    # --- data ---
+    data: str = "ml-100k"  # a data set name in the data home (ml-100k) or a data folder
+    protocol: str = "A"  # evaluation protocol: A (warm), B (cold items), C (cold users)
     partition: str = "user"  # one user per client, or "silo" (K silos of whole users)
-    silos: int = 20
-    seed: int = 0
-    # model (see ModelConfig)
-    backbone: str = "minilm"
-    aggregator: str = "ffa"
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    max_length: int = 24
-    history_len: int = 20
-    use_profile: bool = False
-    item_bias: bool = True
+    silos: int = 20  # number of silos with partition=silo
+    seed: int = 0  # seed of the partition, the model's init and the clients' sampling
+    # --- model (see ModelConfig) ---
+    backbone: str = "minilm"  # minilm (the built-in default), smollm2, or a local HF model folder
+    aggregator: str = "ffa"  # ffa (FFA-LoRA: A frozen, only B travels) or fedavg (A and B averaged)
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: float = 16.0  # LoRA scaling numerator (scale = alpha / r)
+    max_length: int = 24  # tokens per item text
+    history_len: int = 20  # most recent items the user tower reads
+    use_profile: bool = False  # read the user's profile text (not covered by per-interaction DP)
+    item_bias: bool = True  # a learned per-item score offset
     # a learned per-item vector added to the text embedding of warm items (central training's
     # default, ``model.id_residual``): an (n_items, dim) table that travels each round, about
     # 2.6 MB on ML-100K with MiniLM. Without local DP and without user-level DP only: DP-SGD
     # would need per-example gradients and noise on every one of its values.
     id_residual: bool = False
     lr_id: float = 0.0  # the table's SGD learning rate; 0 = ``lr``
+    # fraction of catalog items scored as if cold in training (protocol B)
     cold_dropout: float = 0.0
-    # rounds
-    num_rounds: int = 20
-    fraction_train: float = 0.1
-    min_replies: int = 2
-    evaluate_every: int = 5
+    # --- rounds ---
+    num_rounds: int = 20  # rounds of the federation
+    fraction_train: float = 0.1  # fraction of the clients sampled each round
+    min_replies: int = 2  # fewest accepted replies for a round to aggregate
+    evaluate_every: int = 5  # central validation every N rounds (0 = only at the end)
     fraction_evaluate: float = 0.0  # federated evaluation on clients at the last round
-    round_timeout: float = 600.0
+    round_timeout: float = 600.0  # seconds the server waits for a round's replies
     # The server refuses (or, with update-norm-action=clip, scales down) a client's change to
     # the global tensors whose L2 norm exceeds this: one client cannot move the model
     # arbitrarily far (or overflow the float32 mean). Generous by default (local DP's noise
     # alone moves a one-user client's tensors by tens); lower it to bound poisoning.
     update_norm_max: float = 1e4
-    update_norm_action: str = "reject"
+    update_norm_action: str = "reject"  # reject or clip a change above update-norm-max
     # How the server combines the accepted changes: "none" (their mean, FedAvg), or per
     # coordinate "trimmed-mean" (the trim-fraction largest and smallest values dropped) or
     # "median": robust to a minority of poisoned updates. Not with user-dp (its noise is
     # calibrated for the mean's sensitivity).
     robust: str = "none"
-    trim_fraction: float = 0.1
+    trim_fraction: float = 0.1  # with robust=trimmed-mean: fraction dropped at each end
     # SIMULATION ONLY, to measure robustness: "FRACTION:KIND:SCALE" makes every round(1 /
     # FRACTION)-th partition (p0, p10, ...) send a poisoned change after training honestly:
     # KIND "scale" sends SCALE x its change, "sign-flip" -SCALE x its change. "" = no attack.
     # A device (a SuperNode with data-dir) refuses a run that sets it.
     poison: str = ""
     server_opt: str = "sgd"  # how the server applies the mean client change: sgd | adam
-    server_lr: float = 1.0
-    # local training
-    local_steps: int = 8
+    server_lr: float = 1.0  # the server optimizer's learning rate
+    # --- local training ---
+    local_steps: int = 8  # DP-SGD (or SGD) steps each sampled client takes per round
     local_opt: str = "sgd"  # the client's optimizer under DP-SGD's clipping and noise: sgd | adam
     # each client's Poisson sampling rate q; 0 = from expected-batch (below)
     sample_rate: float = 0.0
-    lr: float = 1.0
-    negatives: int = 50
-    slots: int = 32
+    lr: float = 1.0  # the clients' local learning rate
+    negatives: int = 50  # sampled negative items per training example
+    slots: int = 32  # training examples per user (disjoint examples)
     # what a DP client divides its noised gradient sum by: a constant, never the data's size
     # (0 = sample-rate * slots * the client's users; see client.local_train.batch_divisor)
     batch_divisor: float = 0.0
@@ -118,16 +120,16 @@ class FedConfig:
     # group privacy over the 1 + 2 * history-len examples one interaction can change
     # (``dp_group``), RDP accountant only.
     examples: str = "disjoint"
-    # local DP-SGD
-    dp: bool = True
-    epsilon: float = 8.0
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
+    # --- local DP-SGD ---
+    dp: bool = True  # local DP-SGD on each client
+    epsilon: float = 8.0  # each client's local DP budget (per interaction)
+    delta: float = 1e-5  # each client's local DP delta
+    max_grad_norm: float = 1.0  # per-example gradient clip (L2) of DP-SGD
     # pld: dp-accounting's privacy-loss distributions (tight for replace-one); prv: Opacus' PRV
     # numerics; rdp: Opacus' RDP (loose for replace-one: two add/remove steps)
     accountant: str = "pld"
-    noise_multiplier: float = 0.0
-    planned_rounds: int = 0
+    noise_multiplier: float = 0.0  # > 0 fixes DP-SGD's noise multiplier (0 = calibrated)
+    planned_rounds: int = 0  # rounds a client budgets for (0 = from num-rounds, fraction-train)
     # user-level DP (DP-FedAvg, Flower's DifferentialPrivacyServerSideFixedClipping wrapper):
     # each client's whole update is clipped to ``user-clip`` (L2) on the server, the sum over the
     # round's fixed sample is divided by the sample size and Gaussian noise of std
@@ -136,10 +138,10 @@ class FedConfig:
     # ``user-noise-multiplier`` > 0 fixes it instead. Unit: one client (= one user with
     # partition=user; a whole silo with partition=silo).
     user_dp: bool = False
-    user_clip: float = 1.0
-    user_epsilon: float = 8.0
-    user_delta: float = 1e-3
-    user_noise_multiplier: float = 0.0
+    user_clip: float = 1.0  # user-level DP: L2 clip of each client's whole update
+    user_epsilon: float = 8.0  # user-level DP: epsilon per client over the run
+    user_delta: float = 1e-3  # user-level DP: delta
+    user_noise_multiplier: float = 0.0  # user-level DP: > 0 fixes the noise multiplier
     # empirical privacy audit only (`fedrec audit --empirical`): a JSON file of canary examples
     # per client; each client adds its own to its training examples. Empty = no canaries.
     audit_canaries: str = ""
@@ -407,34 +409,9 @@ class FedConfig:
 
 
 def parse_run_config(raw: Mapping[str, Any], *, where: str = "run config") -> FedConfig:
-    """Flat kebab- or snake-case mapping -> :class:`FedConfig`; unknown keys raise."""
-    known = {f.name: f for f in fields(FedConfig)}
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            raise ValueError(
-                f"{where}: unknown key '{key}'. Known keys: "
-                + ", ".join(sorted(k.replace("_", "-") for k in known))
-            )
-        kind = type(getattr(FedConfig, name))
-        try:
-            kwargs[name] = _coerce(kind, value)
-        except (TypeError, ValueError, OverflowError):
-            raise ValueError(
-                f"{where}: key '{key}' = {value!r} is not a valid {kind.__name__}"
-            ) from None
-        if kind is float and not math.isfinite(kwargs[name]):
-            raise ValueError(f"{where}: key '{key}' = {value!r} is not a finite number")
-    return FedConfig(**kwargs)
-
-
-def _coerce(kind: type, value: Any) -> Any:
-    if kind is bool:
-        return _bool(value)
-    if kind is int and isinstance(value, float) and not value.is_integer():
-        raise ValueError(value)
-    return kind(value)
+    """Flat kebab- or snake-case mapping -> :class:`FedConfig`; unknown keys raise (the one
+    settings parser, :func:`fedrec.shared.settings.parse_fields`)."""
+    return parse_fields(FedConfig, dict(raw), where=where)
 
 
 def parse_sets(pairs: list[str]) -> dict[str, str]:

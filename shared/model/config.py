@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
+
+from fedrec.shared.settings import as_bool, parse_fields
 
 
 def _check(cond: bool, key: str, value: object, need: str) -> None:
@@ -14,32 +16,12 @@ def _check(cond: bool, key: str, value: object, need: str) -> None:
 
 
 def from_dict(cls: type, data: dict[str, Any], *, where: str = "config") -> Any:
-    """Build a config dataclass from a dict; unknown keys raise naming the key."""
-    known = {f.name: f for f in fields(cls)}
-    for key in data:
-        if key.replace("-", "_") not in known:
-            raise ValueError(
-                f"{where}: unknown key '{key}'. Known keys: {', '.join(sorted(known))}"
-            )
-    kwargs = {}
-    for key, value in data.items():
-        name = key.replace("-", "_")
-        kind = type(getattr(cls(), name))
-        try:
-            kwargs[name] = kind(value) if kind is not bool else _bool(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: key '{key}' = {value!r} is not a {kind.__name__}") from None
-    return cls(**kwargs)
+    """Build a config dataclass from a dict (the one settings parser,
+    :func:`fedrec.shared.settings.parse_fields`); unknown keys raise naming the key."""
+    return parse_fields(cls, data, where=where)
 
 
-def _bool(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in {"true", "1", "yes"}:
-        return True
-    if str(value).lower() in {"false", "0", "no"}:
-        return False
-    raise ValueError(value)
+_bool = as_bool  # the one bool parser ("false" is False)
 
 
 USER_TOWERS = ("recency", "additive")
@@ -69,13 +51,13 @@ class ModelConfig:
     :func:`fedrec.shared.model.run_central.with_profile_template`.
     """
 
-    backbone: str = "minilm"
-    max_length: int = 48
+    backbone: str = "minilm"  # minilm (the built-in default), smollm2, or a local HF model folder
+    max_length: int = 48  # tokens per item text
     lora_r: int = 8
     lora_alpha: float = 16.0
     ffa: bool = False
     history_len: int = 50
-    use_profile: bool = True
+    use_profile: bool = True  # read the user's profile text
     id_residual: bool = True
     item_bias: bool = True
     init_scale: float = 20.0
@@ -83,7 +65,7 @@ class ModelConfig:
     cold_dropout: float = 0.0
     user_tower: str = "recency"
     profile_template: str = ""
-    seed: int = 0
+    seed: int = 0  # seed of the model's init
 
     def __post_init__(self) -> None:
         _check(
@@ -113,18 +95,18 @@ class TrainConfig:
     :func:`fedrec.shared.splitting.holdout_split`); 0 = train on everything, keep the last epoch.
     """
 
-    epochs: int = 8
-    batch_size: int = 512
-    lr: float = 2e-3
-    lr_id: float = 5e-3
-    weight_decay: float = 0.0
-    patience: int = 2
+    epochs: int = 8  # passes over the training examples
+    batch_size: int = 512  # examples per step
+    lr: float = 2e-3  # Adam learning rate of the adapter and head
+    lr_id: float = 5e-3  # Adam learning rate of the per-item ID vectors
+    weight_decay: float = 0.0  # Adam weight decay
+    patience: int = 2  # epochs without a better validation NDCG@10 before stopping
     max_steps: int = 0  # 0 = no cap; a cap is for smoke runs
     examples: str = "sequence"
     set_max_context: int = 0
     mask_positives: bool = False
     holdout: float = 0.0
-    seed: int = 0
+    seed: int = 0  # seed of the example order and negatives
 
     def __post_init__(self) -> None:
         _check(self.examples in EXAMPLES, "examples", self.examples, " or ".join(EXAMPLES))

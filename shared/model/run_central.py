@@ -29,19 +29,33 @@ QUICK_BASELINES = ["popularity", "itemknn"]
 
 
 def parse_overrides(pairs: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``model.KEY=VALUE`` / ``train.KEY=VALUE`` pairs -> (model dict, train dict)."""
-    model: dict[str, Any] = {}
-    train: dict[str, Any] = {}
+    """``--set`` pairs -> (model dict, train dict). ``KEY=VALUE`` as for ``fedrec simulate``
+    (the key names a field of exactly one of ModelConfig and TrainConfig; ``seed``, in both,
+    sets both), or ``model.KEY=VALUE`` / ``train.KEY=VALUE`` to name the section."""
+    from dataclasses import fields
+
+    from fedrec.shared.model.config import ModelConfig, TrainConfig
+
+    sections = {"model": {f.name for f in fields(ModelConfig)},
+                "train": {f.name for f in fields(TrainConfig)}}  # fmt: skip
+    out: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot or section not in ("model", "train") or not name:
+        section, dot, name = key.strip().rpartition(".")
+        if not sep or not name or (dot and section not in sections):
             raise ValueError(
-                f"--set {pair!r}: expected model.KEY=VALUE or train.KEY=VALUE "
-                "(e.g. model.lora_r=4, train.epochs=3)"
+                f"--set {pair!r}: expected KEY=VALUE (e.g. lora-r=4, epochs=3), or "
+                "model.KEY=VALUE / train.KEY=VALUE"
             )
-        (model if section == "model" else train)[name] = value
-    return model, train
+        field = name.replace("-", "_")
+        where = [section] if dot else [s for s, names in sections.items() if field in names]
+        if not where:
+            known = sorted(k.replace("_", "-") for names in sections.values() for k in names)
+            raise ValueError(f"--set {pair!r}: unknown key '{name}'. Known keys: "
+                             + ", ".join(dict.fromkeys(known)))  # fmt: skip
+        for s in where:
+            out[s][name] = value.strip()
+    return out["model"], out["train"]
 
 
 def item_titles(ds: Dataset) -> list[str]:
