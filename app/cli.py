@@ -473,8 +473,10 @@ def config_cmd(
     from fedrec.shared.model.config import ModelConfig, TrainConfig
     from fedrec.shared.settings import describe
 
-    classes = {"simulate": [("", FedConfig)],
-               "train-central": [("model", ModelConfig), ("train", TrainConfig)]}  # fmt: skip
+    classes: dict[str, list[tuple[str, type]]] = {
+        "simulate": [("", FedConfig)],
+        "train-central": [("model", ModelConfig), ("train", TrainConfig)],
+    }
     if command not in classes:
         _fail(f"config {command!r}: choose simulate or train-central", 2)
     rows = [{**r, "section": sec} for sec, cls in classes[command] for r in describe(cls)]
