@@ -31,6 +31,23 @@ def _load(path: Path) -> dict[str, Any] | None:
         return None
 
 
+# what each kind's metrics.json must hold for the report to read it
+_NEEDS = {"baselines": ("baselines",), "central": ("model", "baselines"),
+          "simulate": ("model", "baselines", "privacy")}  # fmt: skip
+
+
+def _results(path: Path, kind: str) -> dict[str, Any] | None:
+    """A run's ``metrics.json`` if it is an object with what its kind writes, else None."""
+    doc = _load(path)
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), dict) for k in
+                                            _NEEDS.get(kind, ())):  # fmt: skip
+        return None
+    model = doc.get("model")
+    if model is not None and not isinstance(model.get("metrics"), dict):
+        return None
+    return doc
+
+
 def collect(suite: Suite, out: Path) -> list[dict[str, Any]]:
     """One entry per experiment: its status and whatever results files it has."""
     rows = []
@@ -38,13 +55,17 @@ def collect(suite: Suite, out: Path) -> list[dict[str, Any]]:
         run = out / "runs" / e.name
         done = _load(run / "suite.json")
         failed = _load(run / "failed.json")
+        metrics = _results(run / "metrics.json", e.kind) if done else None
+        status = "done" if done else ("failed" if failed else "not run")
+        if done and e.kind != "bench" and metrics is None:
+            status = "unreadable metrics.json"  # reported as missing, never half-used
         rows.append(
             {
                 "exp": e,
                 "run": run,
-                "status": "done" if done else ("failed" if failed else "not run"),
+                "status": status,
                 "suite": done or failed or {},
-                "metrics": _load(run / "metrics.json") if done else None,
+                "metrics": metrics,
                 "config": _load(run / "config.json") if done else None,
                 "bench": _load(run / "bench.json") if done else None,
             }

@@ -468,3 +468,16 @@ def test_audit_reports_spending_only_a_budget_file_shows(tmp_path):
     (clients / "c3.json").write_text("{not json")
     report, text = audit_run(run, plot=False)
     assert not report["ok"] and "not a readable budget file" in text
+
+
+def test_an_absurd_round_number_is_an_error_and_draws_no_plot(tmp_path):
+    """A ledger line at round 10**7 (num-rounds 4) is reported, and the epsilon plot, whose
+    x axis would span ten million rounds, is not drawn."""
+    from fedrec.shared.privacy.report import audit_run
+
+    lines = honest_ledger()
+    lines[-1] = {**lines[-1], "round": 10**7}
+    run = make_run(tmp_path, lines)
+    report, text = audit_run(run, plot=True)
+    assert not report["ok"] and "10000000" in text
+    assert not (run / "privacy" / "epsilon.png").exists()

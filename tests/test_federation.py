@@ -383,3 +383,36 @@ def test_physical_batches_leave_the_ledger_unchanged(synth_dir, tiny_backbone, t
     q = {f"p{i}": min(1.0, 40 / (6 * len(users))) for i, users in enumerate(parts)}
     assert all(x["sample_rate"] == pytest.approx(q[x["client"]]) for x in ledgers[0])
     assert all(v < 0.5 for v in q.values())
+
+
+@pytest.mark.slow  # a real simulation interrupted with Ctrl-C
+def test_ctrl_c_says_which_round_was_kept_and_exits_130(synth_dir, tiny_backbone, tmp_path):
+    """SIGINT to `fedrec simulate` (what Ctrl-C sends): one line naming the last finished round
+    and how to continue, exit code 130, and the checkpoint and ledger of that round kept."""
+    from fedrec.server.app import load_checkpoint
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fedrec", "simulate", "--out", str(out), "--baselines", "none",
+           "--set", f"data={synth_dir}", "--set", f"backbone={tiny_backbone}",
+           "--set", "max-length=16", "--set", "history-len=8", "--set", "num-rounds=50",
+           "--set", "fraction-train=1.0", "--set", "evaluate-every=0", "--set", "local-steps=2",
+           "--set", "negatives=10", "--set", "slots=6", "--set", "lr=0.5"]  # fmt: skip
+    # a child of a non-interactive shell may inherit SIGINT ignored: restore the default
+    def sigint_default() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                         preexec_fn=sigint_default)  # fmt: skip
+    try:
+        wait_for_round(p, out, 1)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=60) == 130
+    finally:
+        if p.poll() is None:
+            p.kill()
+    err = p.stderr.read().decode() if p.stderr else ""
+    ck = load_checkpoint(out)
+    assert ck is not None and 1 <= ck[0] < 50
+    assert f"interrupted after round {ck[0]} of 50" in " ".join(err.split()), err[-2000:]
+    assert "--resume" in err and "Traceback" not in err
+    assert ledger_lines(out) and max(x["round"] for x in ledger_lines(out)) >= ck[0]

@@ -474,3 +474,86 @@ def test_recommend_takes_the_profile_the_model_was_trained_with(synth_dir, tiny_
     assert np.allclose([r.score for r in got], ref[top], atol=1e-4)
     without = rec.recommend(hist, k=5)
     assert [r.score for r in without] != [r.score for r in got]
+
+
+@pytest.mark.parametrize("body", ["[1, 2]", '"text"', '{"model": 5}', "{not json"])
+def test_a_suite_report_skips_a_metrics_json_that_is_not_a_metrics_object(tmp_path, body):
+    import shutil
+    from pathlib import Path
+
+    from fedrec.simulations.suite import load_suite
+    from fedrec.simulations.suite_report import write_report
+
+    src = Path(__file__).parent.parent / "simulations" / "results" / "suite-full"
+    out = tmp_path / "suite"
+    shutil.copytree(src / "runs", out / "runs")
+    (out / "runs" / "A-fed-eps1" / "metrics.json").write_text(body)
+    summary = write_report(load_suite("full"), out)
+    assert summary["experiments"]["A-fed-eps1"]["status"] == "unreadable metrics.json"
+    report = (out / "report.md").read_text()
+    assert "A-fed-eps1" in report.split("Not run or failed:")[1].splitlines()[0]
+
+
+# --- the inventory: every case the robustness review listed, and the test that keeps it --------
+# (module, test function); a case with no test here is not handled. Counted by the test below.
+CASES: dict[str, tuple[str, str]] = {
+    "float64 1e300 update becomes inf after the cast": (
+        "test_robustness", "test_a_float64_value_that_overflows_float32_is_refused"),
+    "two float32 3e38 replies overflow the mean": (
+        "test_robustness", "test_huge_float32_replies_cannot_overflow_the_mean"),
+    "inf metrics, steps=inf accepted; Infinity in the ledger": (
+        "test_robustness", "test_bad_train_metrics_are_refused_by_name_and_the_round_goes_on"),
+    "a reply missing loss, epsilon or sample-rate stops the run": (
+        "test_robustness", "test_a_reply_missing_a_required_metric_is_refused"),
+    "ledger lines under another client's name": (
+        "test_robustness", "test_a_client_cannot_write_under_another_clients_name"),
+    "resumed run: spending only budget files show passes the audit": (
+        "test_audit", "test_audit_reports_spending_only_a_budget_file_shows"),
+    "a deleted ledger line passes the audit": (
+        "test_audit", "test_audit_finds_ledger_lines_missing_against_the_rounds_counts"),
+    "a ledger line at round 10**7 makes the audit run for minutes": (
+        "test_audit", "test_an_absurd_round_number_is_an_error_and_draws_no_plot"),
+    "federated evaluation trusts 10**12 queries or HR@10 = 1000": (
+        "test_robustness", "test_federated_evaluation_refuses_counts_and_metrics_out_of_range"),
+    "ids >= 2**63 or timestamps >= 2**64": (
+        "test_robustness", "test_integers_beyond_64_bits_are_refused_by_line_and_column"),
+    "a malformed item_text_template": (
+        "test_robustness", "test_a_malformed_item_text_template_is_refused"),
+    "an unreadable data file": ("test_robustness", "test_an_unreadable_data_file_is_named"),
+    "truncated or garbage safetensors, malformed adapter_config.json or model.json": (
+        "test_robustness", "test_damaged_model_files_are_named"),
+    "model.json with fewer item ids than the model": (
+        "test_robustness", "test_model_json_with_fewer_item_ids_is_refused"),
+    "a corrupt or planted index/<hash>.pt": (
+        "test_robustness", "test_a_planted_or_corrupt_index_is_rebuilt_not_served"),
+    "metrics.json that is not an object": (
+        "test_robustness", "test_a_suite_report_skips_a_metrics_json_that_is_not_a_metrics_object"),
+    "--config with tool = 1 or non-UTF-8; --out a file or unwritable": (
+        "test_robustness", "test_bad_config_files_and_out_paths_exit_2"),
+    "baselines on a data set with no test users": (
+        "test_robustness", "test_baselines_on_data_with_no_test_users_exit_2"),
+    "simulate --out into a folder holding another run kind": (
+        "test_robustness", "test_a_run_folder_of_another_kind_is_not_overwritten"),
+    "--set resume=false turns resume on": ("test_robustness", "test_resume_false_means_false"),
+    "--set epsilon=inf refused without naming the key": (
+        "test_robustness", "test_non_finite_settings_are_refused_naming_the_key"),
+    "num-rounds above ~1,000 overflows the budget planner": (
+        "test_robustness", "test_many_rounds_plan_without_overflow_and_absurd_ones_are_refused"),
+    "--profile on a model trained without profiles is silently ignored": (
+        "test_robustness", "test_a_profile_for_a_model_without_profiles_is_reported"),
+    "SIGINT exits without a word": (
+        "test_federation", "test_ctrl_c_says_which_round_was_kept_and_exits_130"),
+    "recommend() takes no profile": (
+        "test_robustness", "test_recommend_takes_the_profile_the_model_was_trained_with"),
+    "poisoned updates from 10 % of clients": (
+        "test_robustness", "test_trimmed_mean_resists_a_sign_flipped_client"),
+}  # fmt: skip
+
+
+def test_every_listed_case_has_a_test():
+    import importlib
+
+    missing = [case for case, (module, name) in CASES.items()
+               if not callable(getattr(importlib.import_module(f"tests.{module}"), name, None))]
+    assert not missing, f"cases with no test: {missing}"
+    print(f"{len(CASES)} listed robustness cases, each with its test")  # noqa: T201
