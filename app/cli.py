@@ -495,7 +495,11 @@ def config_cmd(
 @app.command("suite")
 def suite_cmd(
     name: Annotated[
-        str, typer.Argument(help="A suite in simulations/suites/ (quick, full) or a TOML path.")
+        str,
+        typer.Argument(
+            help="A suite in simulations/suites/ (quick, full, ablations, robustness) or a TOML "
+            "path."
+        ),
     ],
     out_dir: Annotated[
         Path | None,

@@ -528,15 +528,22 @@ def headline(suite: Suite, out: Path, shown: str) -> list[str]:
     return lines
 
 
+def _marker_at(text: str, marker: str) -> list[int]:
+    """Offsets where ``marker`` stands on a line of its own (a marker quoted in prose or in a
+    code span is not a block boundary)."""
+    import re
+
+    return [m.start() for m in re.finditer(rf"^{re.escape(marker)}[ \t]*$", text, re.MULTILINE)]
+
+
 def _replace_block(text: str, begin: str, end: str, body: list[str]) -> str:
-    return (
-        text[: text.index(begin) + len(begin)] + "\n" + "\n".join(body).strip() + "\n"
-        + text[text.index(end):]
-    )  # fmt: skip
+    b, e = _marker_at(text, begin)[0], _marker_at(text, end)[0]
+    return text[: b + len(begin)] + "\n" + "\n".join(body).strip() + "\n" + text[e:]
 
 
 def _has_block(text: str, begin: str, end: str) -> bool:
-    return text.count(begin) == 1 and text.count(end) == 1 and text.index(begin) < text.index(end)
+    b, e = _marker_at(text, begin), _marker_at(text, end)
+    return len(b) == 1 and len(e) == 1 and b[0] < e[0]
 
 
 def embed_in_readme(out: Path, readme: Path, suite: str) -> None:

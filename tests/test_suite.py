@@ -172,6 +172,11 @@ def test_report_is_embedded_in_the_readme_between_markers(tmp_path):
     with pytest.raises(ValueError, match="needs exactly one"):
         embed_in_readme(out, readme, "full")
     assert readme.read_text() == f"no markers for this suite here\n{b2}\n{e2}\n"  # untouched
+    # a marker quoted in prose (a code span) is not a block boundary; only whole lines are
+    prose = f"write `{b1}` and `{e1}` on lines of their own\n"
+    readme.write_text(f"{prose}{b1}\nold\n{e1}\n")
+    embed_in_readme(out, readme, "full")
+    assert readme.read_text().startswith(prose) and "old" not in readme.read_text()
 
 
 def test_span_of_a_suite_run_in_pieces():
