@@ -477,7 +477,7 @@ HEADLINE: dict[str, list[tuple[str, dict[str, str]]]] = {
         ("fedrec federated, one user per device, user-level DP", {"A": "A-user-userdp8"}),
     ],
 }  # fmt: skip
-HEADLINE_BASELINES = ("popularity", "itemknn", "als", "bpr")
+HEADLINE_BASELINES = ("popularity", "profile-popularity", "itemknn", "als", "bpr")
 # (protocol, test, metric) per column
 HEADLINE_COLS = (("A", "test", "NDCG@10"), ("A", "test", "HR@10"),
                  ("B", "cold_items", "Recall@10"), ("C", "k=0", "NDCG@10"),

@@ -103,3 +103,49 @@ def test_bpr_is_reproducible(ds):
     a = BPR(sp, factors=8, iterations=20).model.item_factors
     b = BPR(sp, factors=8, iterations=20).model.item_factors
     assert np.array_equal(a, b)
+
+
+def test_profile_popularity_by_hand(tmp_path):
+    """Two segments by gender: women took items 1,1,2, men item 3 (ids = indices + 1)."""
+    from fedrec.shared.baselines.profile_popularity import ProfilePopularity
+    from fedrec.shared.data.layout import write_dataset
+    from fedrec.shared.splitting import protocol_c
+
+    inter = [(1, 1, 1), (1, 2, 2), (2, 1, 3), (3, 3, 4), (3, 3, 5)]
+    items = {i: {"title": f"t{i}"} for i in (1, 2, 3, 4)}
+    users = {1: {"gender": "F", "age": "20"}, 2: {"gender": "F", "age": "60"},
+             3: {"gender": "M", "age": "30"}}  # fmt: skip
+    d = load_dataset(write_dataset(tmp_path / "d", interactions=inter, items=items, users=users))
+    sp = protocol_c(d, ks=(0,))
+    sp = type(sp)(**{**sp.__dict__, "cold_users": None})  # score every user as trained here
+    m = ProfilePopularity(sp, d.user_fields, fields=["gender"], shrink=0.0)
+    u = np.array([0, 2])  # user indices of users 1 (F) and 3 (M)
+    s = m.score(u, [np.empty(0, np.int64)] * 2, [None, None], np.zeros(2, bool))
+    train = np.bincount(sp.train_item, minlength=4).astype(float)
+    f_rows = np.isin(sp.train_user, [0, 1])
+    f = np.bincount(sp.train_item[f_rows], minlength=4).astype(float)
+    assert np.allclose(s[0], f / f.sum())  # m = 0: the segment's own popularity
+    m2 = ProfilePopularity(sp, d.user_fields, fields=["gender"], shrink=10.0)
+    s2 = m2.score(u, [np.empty(0, np.int64)] * 2, [None, None], np.zeros(2, bool))
+    p = train / train.sum()
+    assert np.allclose(s2[0], (f + 10.0 * p) / (f.sum() + 10.0))
+    # numbers are banded: 20 and 60 fall in different bands, so 'age' alone splits F users
+    bands = ProfilePopularity(sp, d.user_fields, fields=["age"], shrink=0.0)
+    assert bands.keys[0] != bands.keys[1]
+
+
+def test_profile_popularity_is_tuned_on_held_out_users_not_test(ds, monkeypatch):
+    import fedrec.shared.baselines.runner as runner
+
+    seen = []
+    real = runner.evaluate
+    monkeypatch.setattr(
+        runner, "evaluate", lambda m, es, **kw: seen.append(es.name) or real(m, es, **kw)
+    )
+    r = run_baselines(ds, "C", names=["profile-popularity"])
+    entry = r["baselines"]["profile-popularity"]
+    tuning = [n for n in seen if n not in ("cold_users_k0", "cold_users_k3")]
+    assert set(tuning) == {"holdout_C"} and len(tuning) == len(entry["trace"])
+    assert entry["tuned_on"].startswith("protocol C: 10 % of the trained users")
+    assert entry["params"] in [t["params"] for t in entry["trace"]]
+    assert set(entry["metrics"]) == {"k=0", "k=3"}

@@ -20,14 +20,15 @@ import numpy as np
 from fedrec.shared.baselines.itemknn import ItemKNN
 from fedrec.shared.baselines.matrix_factorization import ALS, BPR
 from fedrec.shared.baselines.popularity import Popularity
+from fedrec.shared.baselines.profile_popularity import GRID_SHRINK, ProfilePopularity, field_sets
 from fedrec.shared.baselines.random_scores import RandomScores
 from fedrec.shared.baselines.zeroshot import ZeroShotText
 from fedrec.shared.data.dataset import Dataset
 from fedrec.shared.data.errors import DataError
 from fedrec.shared.evaluation import Scorer, evaluate
-from fedrec.shared.splitting import Split, make_split, protocol_a
+from fedrec.shared.splitting import Split, holdout_split, make_split, protocol_a
 
-BASELINES = ("random", "popularity", "itemknn", "als", "bpr", "zeroshot")
+BASELINES = ("random", "popularity", "profile-popularity", "itemknn", "als", "bpr", "zeroshot")
 
 GRIDS: dict[str, dict[str, Sequence[Any]]] = {
     "itemknn": {"neighbors": [20, 50, 100, 200, 400, 800]},
@@ -80,6 +81,31 @@ def tune(name: str, tuning_split: Split) -> tuple[dict[str, Any], list[dict[str,
     return dict(best["params"]), trace
 
 
+def tune_profile_popularity(
+    ds: Dataset, split: Split, tuning_split: Split
+) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
+    """Profile fields and shrinkage by NDCG@10 on held-out training users: protocol C's
+    pseudo-cold users (10 % of the trained users, seed 1, given 0 and 3 items as the test users
+    are), else protocol A's validation queries. Never the test users."""
+    if split.protocol == "C":
+        profiles = [ds.user_text(int(u)) for u in split.user_ids]
+        fit = holdout_split(split, 0.1, profiles, seed=1)
+        where = "protocol C: 10 % of the trained users held out as cold (seed 1), NDCG@10"
+    else:
+        fit, where = tuning_split, "protocol A validation, NDCG@10"
+    assert fit.valid is not None
+    names = sorted({f for v in ds.user_fields.values() for f in v})
+    trace: list[dict[str, Any]] = []
+    for fields in field_sets(names):
+        for shrink in GRID_SHRINK:
+            model = ProfilePopularity(fit, ds.user_fields, fields=fields, shrink=shrink)
+            ndcg = evaluate(model, fit.valid, ks=(10,), with_auc=False)["NDCG@10"]
+            trace.append({"params": {"fields": list(fields), "shrink": shrink},
+                          "valid_NDCG@10": round(ndcg, 5)})  # fmt: skip
+    best = max(trace, key=lambda t: float(t["valid_NDCG@10"]))  # first best wins ties
+    return dict(best["params"]), trace, where
+
+
 def run_baselines(
     ds: Dataset,
     protocol: str,
@@ -104,6 +130,16 @@ def run_baselines(
         elif name == "random":
             model = RandomScores(split)
             entry["params"] = {"seed": 0}
+        elif name == "profile-popularity":
+            if not ds.user_fields:
+                model = popularity
+                entry["params"] = {"fields": [], "note": "no user profiles: global popularity"}
+            else:
+                log("profile-popularity: choosing profile fields and shrinkage on held-out users")
+                params, trace, where = tune_profile_popularity(ds, split, tuning_split)
+                entry.update(params=params, tuned_on=where, trace=trace)
+                model = ProfilePopularity(split, ds.user_fields, fields=params["fields"],
+                                          shrink=params["shrink"])  # fmt: skip
         elif name == "zeroshot":
             model = ZeroShotText(ds.item_texts(), backbone=backbone)
             entry["params"] = {"backbone": backbone, "pooling": "mean", "normalized": True}
