@@ -101,10 +101,10 @@ def resolve(
     raw.update(sets)
     server = {k: raw.pop(k) for k in ("resume", "baselines") if k in raw}
     if "resume" in server:
-        from fedrec.shared.settings import as_bool as _bool
+        from fedrec.shared.settings import as_bool
 
         try:
-            server["resume"] = _bool(server["resume"])  # "false" is False, not bool("false")
+            server["resume"] = as_bool(server["resume"])  # "false" is False, not bool("false")
         except (TypeError, ValueError):
             raise ValueError(
                 f"run config: key 'resume' = {server['resume']!r} is not a valid bool "

@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from fedrec.shared.settings import as_bool, parse_fields
+from fedrec.shared.settings import parse_fields
 
 
 def _check(cond: bool, key: str, value: object, need: str) -> None:
@@ -19,9 +19,6 @@ def from_dict(cls: type, data: dict[str, Any], *, where: str = "config") -> Any:
     """Build a config dataclass from a dict (the one settings parser,
     :func:`fedrec.shared.settings.parse_fields`); unknown keys raise naming the key."""
     return parse_fields(cls, data, where=where)
-
-
-_bool = as_bool  # the one bool parser ("false" is False)
 
 
 USER_TOWERS = ("recency", "additive")
