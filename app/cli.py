@@ -236,8 +236,11 @@ def train_central_cmd(
     ] = False,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Override a setting: KEY=VALUE (`fedrec config train-central` "
-                     "lists them), or model.KEY=VALUE / train.KEY=VALUE."),
+        typer.Option(
+            "--set",
+            help="Override a setting: KEY=VALUE (`fedrec config train-central` "
+            "lists them), or model.KEY=VALUE / train.KEY=VALUE.",
+        ),
     ] = None,
     no_baselines: Annotated[
         bool, typer.Option("--no-baselines", help="Skip the baselines in metrics.json.")
@@ -293,16 +296,21 @@ def simulate_cmd(
     ] = None,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Override a run-config key: KEY=VALUE, e.g. num-rounds=10 "
-                     "(`fedrec config simulate` lists them)."),
+        typer.Option(
+            "--set",
+            help="Override a run-config key: KEY=VALUE, e.g. num-rounds=10 "
+            "(`fedrec config simulate` lists them).",
+        ),
     ] = None,
     quick: Annotated[
         bool, typer.Option("--quick", help="The smoke preset (--preset quick): 2 small rounds.")
     ] = False,
     preset: Annotated[
         str | None,
-        typer.Option(help="A named configuration: quick, silos, cross-device, central-dp "
-                     "(--list-presets says what each trains and under which guarantee)."),
+        typer.Option(
+            help="A named configuration: quick, silos, cross-device, central-dp "
+            "(--list-presets says what each trains and under which guarantee)."
+        ),
     ] = None,
     list_presets: Annotated[
         bool, typer.Option("--list-presets", help="Describe the presets and exit.")
@@ -398,7 +406,14 @@ def simulate_cmd(
             f" at delta={cfg.delta} over {p['clients']} clients (budget {cfg.epsilon})"
         )
     u = p.get("user_level") or {}
-    if u.get("enabled"):
+    if u.get("enabled") and cfg.secure_agg:
+        out.print(
+            f"user-level DP with secure aggregation: epsilon {u['epsilon']:.3f} at "
+            f"delta={u['delta']} after {u['releases']} releases (Skellam noise from the "
+            f"clients, clip {u['clip']}, {u['sampled_per_round']} of {u['clients']} clients "
+            "per round, no trusted server)"
+        )
+    elif u.get("enabled"):
         out.print(
             f"user-level DP: epsilon {u['epsilon']:.3f} at delta={u['delta']} after "
             f"{u['releases']} releases (noise multiplier {u['noise_multiplier']:.3f}, clip "
@@ -410,12 +425,17 @@ def simulate_cmd(
 def _headline(cfg, result: dict) -> str:  # noqa: ANN001 - a FedConfig
     """One line: what was trained, under which guarantee, and how it compares on the first test
     set (NDCG@10 against every baseline in the same run)."""
-    who = (f"{cfg.silos} silos" if cfg.partition == "silo" else "one user per client")
+    who = f"{cfg.silos} silos" if cfg.partition == "silo" else "one user per client"
     what = f"{who}, {cfg.num_rounds} rounds, {cfg.backbone} + LoRA ({cfg.aggregator})"
     p = result["privacy"]
     if cfg.user_dp and (u := p.get("user_level") or {}).get("enabled"):
+        trust = (
+            "secure aggregation with distributed noise: the server sees only the noisy sum"
+            if cfg.secure_agg
+            else "the server adds the noise: it is trusted"
+        )
         guarantee = (f"user-level DP, epsilon {u['epsilon']:.2f} per user at delta {u['delta']} "
-                     "(the server adds the noise: it is trusted)")  # fmt: skip
+                     f"({trust})")  # fmt: skip
     elif cfg.dp:
         guarantee = (f"local DP-SGD, epsilon <= {cfg.epsilon:g} per interaction and per client at "
                      f"delta {cfg.delta:g} ({cfg.dp_adjacency()}; spent at most "

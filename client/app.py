@@ -48,7 +48,7 @@ def round_config(msg: Message) -> tuple[FedConfig, dict[str, Any]]:
     return parse_run_config(raw, where="round config from the server"), extra
 
 
-def device_guard(cfg: FedConfig, node: Any) -> None:
+def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
     """A device (a SuperNode with ``data-dir``) decides what it trains under, not the server:
     without ``allow-no-dp=true`` in its node config it refuses a round without local DP (which
     would send its raw update and the counts DP hides), ``id-residual`` (the per-item table
@@ -58,11 +58,16 @@ def device_guard(cfg: FedConfig, node: Any) -> None:
     if "data-dir" not in node:
         return
     allow = str(node.get("allow-no-dp", "false")).lower() == "true"
-    if not allow and (not cfg.dp or cfg.id_residual or cfg.use_profile):
+    # a secure-aggregation round (train.secagg_masked) sends only a masked, noised vector the
+    # device computes itself: that is DP without local DP-SGD; a plain train round is not
+    private = cfg.dp or (secure and cfg.secure_agg and cfg.user_dp)
+    if not allow and (not private or cfg.id_residual or cfg.use_profile):
         raise ValueError(
-            "this device trains only under local DP without id-residual or use-profile; the "
-            f"server asked dp={cfg.dp}, id-residual={cfg.id_residual}, use-profile="
-            f"{cfg.use_profile}. Set node config allow-no-dp=true to accept such rounds."
+            "this device trains only under local DP, or user-level DP with secure aggregation, "
+            f"without id-residual or use-profile; the server asked dp={cfg.dp}, user-dp="
+            f"{cfg.user_dp}, secure-agg={cfg.secure_agg} in a {'secure' if secure else 'plain'} "
+            f"round, id-residual={cfg.id_residual}, use-profile={cfg.use_profile}. Set node "
+            "config allow-no-dp=true to accept such rounds."
         )
     if cfg.poison:
         raise ValueError(
@@ -107,6 +112,18 @@ def cache_global(client: ClientState, node: Any) -> Path | None:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    """A plain round: train and send the travelling tensors (see the module docstring)."""
+    cfg, _extra = round_config(msg)
+    if cfg.secure_agg:
+        raise ValueError(
+            "the server sent a plain train message in a secure-aggregation run (secure-agg="
+            "true): this client sends its update only masked (train.secagg_masked)"
+        )
+    return train_reply(msg, context)
+
+
+def train_reply(msg: Message, context: Context, *, secure: bool = False) -> Message:
+    """Train on the client's own data; the reply with the whole travelling state."""
     t0 = time.perf_counter()
     cfg, extra = round_config(msg)
     client = client_state(cfg, context.node_config)
@@ -121,7 +138,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(extra.get("server-round", 0))
     seed = cfg.seed * 1_000_003 + server_round * 7919 + hash(client.name) % 7919
     store = budget_store(context, client.name, extra)
-    device_guard(cfg, context.node_config)
+    device_guard(cfg, context.node_config, secure=secure)
     cap = context.node_config.get("epsilon-max")  # the device owner's own cap, if set
     res = train_round(
         client.scorer,
@@ -236,3 +253,11 @@ def _subset(evalset, rows: np.ndarray):  # noqa: ANN001, ANN202
         warm=evalset.warm[rows],
         profiles=pick(evalset.profiles) if evalset.profiles else [],
     )
+
+
+# secure aggregation's four stages (server/secure_agg.py): train.secagg_setup, ..._share,
+# ..._masked (trains, via train_reply), ..._unmask
+from fedrec.client import secure as _secure  # noqa: E402
+
+for _action, _handler in _secure.HANDLERS.items():
+    app.train(_action)(_handler)

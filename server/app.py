@@ -28,6 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from safetensors.torch import load_file, save_file
 
 from fedrec.server.outputs import write_outputs
+from fedrec.server.secure_agg import SecureUserDP
 from fedrec.server.strategy import FedRecStrategy
 from fedrec.server.user_dp import (
     UserLevelDP,
@@ -52,6 +53,8 @@ from fedrec.shared.federation.params import (
     travelling_state,
 )
 from fedrec.shared.model.central import ModelScorer, ProfileBank
+from fedrec.shared.privacy.distributed import plan as plan_secure
+from fedrec.shared.privacy.distributed import secure_summary
 from fedrec.shared.rundir import dumps, write_json
 
 SERVER_KEYS = ("run-dir", "resume", "baselines")
@@ -103,11 +106,13 @@ def check_run_dir(run: Path, cfg: FedConfig, resume: bool) -> None:
                 f"cannot resume {run}: its config.json differs from this run's settings; "
                 "resume with the same settings or use a new --out"
             )
-    elif (run / "privacy" / "ledger.jsonl").exists():
-        raise ValueError(
-            f"{run} already holds a run (privacy/ledger.jsonl exists): use a new run directory, "
-            "or resume=true to continue it"
-        )
+    else:
+        for name in ("ledger.jsonl", "secagg.jsonl"):
+            if (run / "privacy" / name).exists():
+                raise ValueError(
+                    f"{run} already holds a run (privacy/{name} exists): use a new run "
+                    "directory, or resume=true to continue it"
+                )
 
 
 class ProgressFile:
@@ -179,9 +184,34 @@ def run_federation(
     # evaluate their own users' test items); unknown (None) when the server holds none
     test = split.tests.get("test")
     strategy.max_queries = len(test.users) if test is not None and len(test.users) else None
-    runner: FedRecStrategy | UserLevelDP = strategy
+    runner: FedRecStrategy | UserLevelDP | SecureUserDP = strategy
     user_dp: dict[str, Any] | None = None
-    if cfg.user_dp:
+    secure: SecureUserDP | None = None
+    if cfg.user_dp and cfg.secure_agg:
+        clients = len(list(grid.get_node_ids()))
+        sampled = sample_size(cfg, clients)
+        secure_plan = plan_secure(cfg, sampled, sum(t.numel() for t in state.values()))
+        runner = secure = SecureUserDP(
+            strategy, secure_plan, log_path=run / "privacy" / "secagg.jsonl"
+        )
+        user_dp = {"sampled": sampled, "clients": clients}
+        log.info(
+            "user-level DP with secure aggregation: %d of %d clients per round, %d neighbours, "
+            "threshold %d, at least %d survivors, clip %.3g, Skellam mu %.4g per client "
+            "(%.4g counted per round), calibrated for %d releases at epsilon %.3g, delta %.3g",
+            sampled,
+            clients,
+            secure_plan.neighbours,
+            secure_plan.threshold,
+            secure_plan.min_survivors,
+            cfg.user_clip,
+            secure_plan.mu_client,
+            secure_plan.mu_total,
+            cfg.num_rounds,
+            cfg.user_epsilon,
+            cfg.user_delta,
+        )
+    elif cfg.user_dp:
         reseed_numpy()
         clients = len(list(grid.get_node_ids()))
         sampled = sample_size(cfg, clients)
@@ -216,7 +246,9 @@ def run_federation(
         if result.arrays is not None and len(result.arrays):
             load_travelling(model, from_record(result.arrays))
     user_level = None
-    if user_dp is not None:
+    if secure is not None and user_dp is not None:
+        user_level = secure_summary(cfg, secure.plan, secure.records, user_dp["clients"])
+    elif user_dp is not None:
         releases = offset + sum(1 for r in strategy.rounds if r.get("aggregated"))
         user_level = user_level_summary(
             cfg,

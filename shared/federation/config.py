@@ -30,6 +30,9 @@ def _need(cond: bool, key: str, value: object, rule: str) -> None:
         raise ValueError(f"run config '{key}' = {value!r} is invalid: {rule}")
 
 
+DROPOUT_STAGES = ("share", "masked", "unmask")  # secagg-test-dropout stages
+
+
 @dataclass(frozen=True)
 class FedConfig:
     """Everything a federated run needs. Field ``a_b`` is run-config key ``a-b``.
@@ -89,7 +92,7 @@ class FedConfig:
     # KIND "scale" sends SCALE x its change, "sign-flip" -SCALE x its change. "" = no attack.
     # A device (a SuperNode with data-dir) refuses a run that sets it.
     poison: str = ""
-    server_opt: str = "sgd"  # how the server applies the mean client change: sgd | adam
+    server_opt: str = "sgd"  # how the server applies the mean client change: sgd|momentum|adam
     server_lr: float = 1.0  # the server optimizer's learning rate
     # --- local training ---
     local_steps: int = 8  # DP-SGD (or SGD) steps each sampled client takes per round
@@ -142,6 +145,22 @@ class FedConfig:
     user_epsilon: float = 8.0  # user-level DP: epsilon per client over the run
     user_delta: float = 1e-3  # user-level DP: delta
     user_noise_multiplier: float = 0.0  # user-level DP: > 0 fixes the noise multiplier
+    # secure aggregation with distributed DP (needs user-dp=true): no trusted server. Each client
+    # clips its whole update to ``user-clip``, rounds it to integers, adds its share of Skellam
+    # noise and masks it (SecAgg+, server/secure_agg.py); the server only ever sees the noisy sum.
+    secure_agg: bool = False
+    secagg_bits: int = 32  # secure aggregation: the sum is taken modulo 2**bits
+    secagg_neighbours: int = 0  # SecAgg+ neighbours per client (0 = from the cohort size; even)
+    # secure aggregation: the largest fraction of a round's cohort that may drop out; a round
+    # with fewer survivors is not released (the noise is calibrated for that many shares)
+    secagg_dropout: float = 0.1
+    # secure aggregation: fraction of the cohort assumed to collude with the server; their noise
+    # shares are not counted in the privacy claim
+    secagg_colluders: float = 0.05
+    # SIMULATION ONLY, to test dropout recovery: "FRACTION:STAGE" makes every round(1 /
+    # FRACTION)-th partition (p0, p5, ...) fail at secure-aggregation stage STAGE (share, masked
+    # or unmask), as a device that goes offline would. "" = none. A device refuses it.
+    secagg_test_dropout: str = ""
     # empirical privacy audit only (`fedrec audit --empirical`): a JSON file of canary examples
     # per client; each client adds its own to its training examples. Empty = no canaries.
     audit_canaries: str = ""
@@ -185,13 +204,20 @@ class FedConfig:
         )
         if self.poison:
             self.poison_spec()  # raises ValueError naming the key
+        if self.secagg_test_dropout:
+            self.dropout_spec()
         _need(
             self.update_norm_action in ("reject", "clip"),
             "update-norm-action",
             self.update_norm_action,
             "reject or clip",
         )
-        _need(self.server_opt in ("sgd", "adam"), "server-opt", self.server_opt, "sgd or adam")
+        _need(
+            self.server_opt in ("sgd", "momentum", "adam"),
+            "server-opt",
+            self.server_opt,
+            "sgd, momentum or adam",
+        )
         _need(0 < self.server_lr <= 10, "server-lr", self.server_lr, "(0, 10]")
         _need(self.local_steps >= 1, "local-steps", self.local_steps, ">= 1")
         _need(self.local_opt in ("sgd", "adam"), "local-opt", self.local_opt, "sgd or adam")
@@ -270,7 +296,28 @@ class FedConfig:
             self.user_noise_multiplier,
             ">= 0",
         )
-        if self.user_dp:
+        _need(
+            not self.secure_agg or self.user_dp,
+            "secure-agg",
+            self.secure_agg,
+            "false unless user-dp=true (secure aggregation carries user-level DP's distributed "
+            "noise; set user-dp=true too)",
+        )
+        _need(2 <= self.secagg_bits <= 62, "secagg-bits", self.secagg_bits, "2..62")
+        _need(
+            self.secagg_neighbours >= 0 and self.secagg_neighbours % 2 == 0,
+            "secagg-neighbours",
+            self.secagg_neighbours,
+            "0 (automatic) or an even number >= 2",
+        )
+        _need(0 <= self.secagg_dropout < 0.5, "secagg-dropout", self.secagg_dropout, "[0, 0.5)")
+        _need(
+            0 <= self.secagg_colluders < 0.5,
+            "secagg-colluders",
+            self.secagg_colluders,
+            "[0, 0.5)",
+        )
+        if self.user_dp and not self.secure_agg:
             _need(
                 self.server_opt == "sgd" and self.server_lr == 1.0,
                 "server-opt",
@@ -315,6 +362,23 @@ class FedConfig:
     def id_lr(self) -> float:
         """The per-item ID table's SGD learning rate: ``lr-id``, or ``lr`` when it is 0."""
         return self.lr_id or self.lr
+
+    def dropout_spec(self) -> tuple[int, str] | None:
+        """``secagg-test-dropout`` parsed: (every how many partitions, stage), or None."""
+        if not self.secagg_test_dropout:
+            return None
+        parts = self.secagg_test_dropout.split(":")
+        try:
+            fraction, stage = float(parts[0]), parts[1]
+            if len(parts) != 2 or not 0 < fraction <= 1 or stage not in DROPOUT_STAGES:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise ValueError(
+                f"run config 'secagg-test-dropout' = {self.secagg_test_dropout!r} is invalid: "
+                f"FRACTION:STAGE with FRACTION in (0, 1] and STAGE one of "
+                f"{', '.join(DROPOUT_STAGES)} (e.g. 0.2:masked)"
+            ) from None
+        return max(1, round(1 / fraction)), stage
 
     def poison_spec(self) -> tuple[int, str, float] | None:
         """``poison`` parsed: (every how many partitions, kind, scale), or None."""

@@ -73,6 +73,7 @@ def audit_run(
             "ok": not user_problems,
             "dp": False,
             "user_level_dp": user,
+            "secure_aggregation": cfg.secure_agg,
             "findings": [{"severity": "error", "message": m} for m in user_problems],
         }
         return report, text
@@ -100,7 +101,7 @@ def audit_run(
         "budget": cfg.epsilon,
         "summary": summ,
         "user_level_dp": user,
-        "secure_aggregation": False,
+        "secure_aggregation": cfg.secure_agg,
         **{k: v for k, v in audit.as_dict().items() if k != "ok"},
     }
     if user_problems:

@@ -129,6 +129,8 @@ def _user_level(cfg: FedConfig, u: dict[str, Any]) -> str:
         )
     if not u.get("enabled"):
         return "## User-level DP\n\nOn, but the run ended before any round was accounted.\n"
+    if cfg.secure_agg:
+        return _secure(u)
     return f"""## User-level DP (DP-FedAvg, server side)
 
 - **Unit of privacy**: {u["unit"]}. **Adjacency**: {u["adjacency"]}.
@@ -147,6 +149,35 @@ def _user_level(cfg: FedConfig, u: dict[str, Any]) -> str:
 - **Trust**: the server is trusted to clip and add the noise (no secure aggregation: it sees
   each client's update before noise). The noise is drawn from NumPy's global generator, seeded
   from OS entropy at server start; not a cryptographically secure generator.
+"""
+
+
+def _secure(u: dict[str, Any]) -> str:
+    """User-level DP with secure aggregation and distributed noise (no trusted server)."""
+    sa = u["secure_agg"]
+    return f"""## User-level DP with secure aggregation (distributed noise, no trusted server)
+
+- **Unit of privacy**: {u["unit"]}. **Adjacency**: {u["adjacency"]}.
+- **Mechanism**: {u["mechanism"]}. Each client clips its whole change to L2 norm {u["clip"]},
+  scales it by {sa["scale"]:.6g}, rounds it to integers (conditional randomized rounding: the
+  integer vector's L2 norm is at most {sa["l2_sensitivity"]:.6g}, its L1 norm at most
+  {sa["l1_sensitivity"]:.6g}), adds Skellam noise Sk(mu, mu) with mu = {sa["mu_client"]:.6g}
+  per coordinate and masks the vector (SecAgg+, {sa["neighbours"]} neighbours per client,
+  Shamir threshold {sa["threshold"]}). The server learns only the sum modulo 2^{sa["bits"]} of the
+  survivors' noisy vectors; it divides the decoded sum by the cohort size {sa["cohort"]}.
+- **epsilon = {u["epsilon"]:.4f} at delta = {u["delta"]}** after {u["releases"]} released
+  round(s) (budget {u["epsilon_budget"]}). {u["accounting"]}. Noise counted per round: the
+  smallest released round's, mu = {u["mu_total_used"]:.6g} (the shares of the survivors minus
+  {sa["colluders"]} assumed colluders and minus the protected user's own); analytic bound
+  {u["epsilon_analytic"]:.4f}, numerical computation {u["epsilon_independent"]:.4f}.
+- **Trust**: {u["trust"]}. A round with fewer than {sa["min_survivors"]} survivors, or with a
+  node below the Shamir threshold, is not released: the server cannot unmask it. The server
+  never asks one client for both kinds of share of the same node (the client refuses).
+- **Not covered**: masks are expanded with AES-256-CTR from keys agreed by ECDH (Flower's
+  primitives); the noise comes from NumPy's PCG64 seeded with 128 bits of OS entropy on each
+  client, not a cryptographically secure generator. A client that adds less noise than asked
+  weakens the guarantee: the claim assumes the clients not counted as colluders follow the
+  protocol. The server still chooses the cohort and sees who replied when.
 """
 
 

@@ -77,6 +77,10 @@ def audit_user_level(
     releases is at least the number of aggregated rounds in ``metrics.json``, the claimed epsilon
     is not below the recomputation, and the recomputation is within the budget.
     """
+    if cfg.secure_agg:
+        from fedrec.shared.privacy.distributed import audit_secure
+
+        return audit_secure(run, cfg, tolerance)
     path = run / "metrics.json"
     if not path.is_file():
         return {"enabled": True, "verified": False}, [f"{path} missing: user-level DP unverified"]

@@ -1,0 +1,191 @@
+"""The client's side of a secure-aggregation round (SecAgg+ with distributed Skellam noise).
+
+Four message types, one per stage (the server's side: :mod:`fedrec.server.secure_agg`); the
+protocol state between stages lives in the node's ``context.state`` (Flower keeps it per node
+for the run), bound to the round number so a stale state is never reused:
+
+- ``train.secagg_setup``: fresh key pairs; reply: the two public keys.
+- ``train.secagg_share``: the group's public keys; reply: encrypted Shamir shares for each
+  neighbour.
+- ``train.secagg_masked``: the neighbours' encrypted shares, the global model and the round
+  config. The client trains (:func:`fedrec.client.app.train_reply`: the same budget, guards and
+  metrics as a plain round), then clips its whole change to ``user-clip``, encodes it as
+  integers with its Skellam noise share (:func:`fedrec.shared.privacy.skellam.encode`) and masks
+  it. Reply: the metrics and client records of a plain round, and instead of the tensors one
+  uint64 vector: the masked, noised change. A client that did not train (its budget) sends a
+  zero change with its noise, so the sum keeps every noise share.
+- ``train.secagg_unmask``: which neighbours survived and which dropped; reply: the shares the
+  server needs (never both kinds for one node: the client refuses such a request).
+
+The noise comes from NumPy's PCG64 seeded with 128 bits from the OS (``secrets``); it is not a
+cryptographically secure generator.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fedrec.shared.federation import contract
+from fedrec.shared.federation.config import FedConfig
+from fedrec.shared.federation.params import from_record
+from fedrec.shared.federation.secagg import SecAggClient
+from fedrec.shared.privacy import skellam
+
+SECAGG = "secagg"  # same names as fedrec.server.secure_agg (the server side)
+MASKED = "masked"
+STATE = "fedrec-secagg"  # the context.state record holding the protocol state
+
+
+def _fields(msg: Message) -> dict[str, Any]:
+    rec = msg.content[SECAGG] if SECAGG in msg.content else None
+    if not isinstance(rec, ConfigRecord):
+        raise ValueError(f"a secure-aggregation message without its '{SECAGG}' record")
+    return dict(rec)
+
+
+def _simulated_dropout(f: dict[str, Any], stage: str, context: Context) -> None:
+    """``secagg-test-dropout`` (simulation only): fail at ``stage`` like a device going offline."""
+    spec = str(f.get("test-dropout", ""))
+    if not spec:
+        return
+    node = context.node_config
+    if "data-dir" in node:
+        raise ValueError("the server asked for a simulated dropout: a device never runs one")
+    every, at = FedConfig(secagg_test_dropout=spec).dropout_spec() or (0, "")
+    part = node.get("partition-id")
+    if at == stage and part is not None and int(part) % every == 0:
+        raise RuntimeError(f"simulated dropout at stage {stage} (secagg-test-dropout={spec})")
+
+
+def _load(context: Context, rnd: int, stage: str) -> SecAggClient:
+    rec = context.state[STATE] if STATE in context.state else None
+    if not isinstance(rec, ConfigRecord) or rec.get("round", -1) != rnd:
+        raise ValueError(
+            f"secure aggregation: stage {stage} of round {rnd} without this round's earlier "
+            "stages on this node (restarted, or a stale message)"
+        )
+    state = {k: v for k, v in rec.items() if k != "round"}
+    return SecAggClient.from_state(state)
+
+
+def _save(context: Context, rnd: int, client: SecAggClient) -> None:
+    context.state[STATE] = ConfigRecord({"round": rnd, **client.to_state()})
+
+
+def _reply(msg: Message, fields: dict[str, Any]) -> Message:
+    return Message(content=RecordDict({SECAGG: ConfigRecord(fields)}), reply_to=msg)
+
+
+def setup(msg: Message, context: Context) -> Message:
+    f = _fields(msg)
+    rnd = int(f["round"])
+    client = SecAggClient(
+        msg.metadata.dst_node_id, bits=int(f["bits"]), threshold=int(f["threshold"])
+    )
+    pk1, pk2 = client.setup()
+    _save(context, rnd, client)
+    return _reply(msg, {"pk1": pk1, "pk2": pk2})
+
+
+def share(msg: Message, context: Context) -> Message:
+    f = _fields(msg)
+    rnd = int(f["round"])
+    _simulated_dropout(f, "share", context)
+    client = _load(context, rnd, "share")
+    ids = [int(i) for i in f["ids"]]
+    pk1, pk2 = list(f["pk1"]), list(f["pk2"])
+    if not (len(ids) == len(pk1) == len(pk2)):
+        raise ValueError("secure aggregation: the group's ids and keys differ in length")
+    out = client.share_keys(
+        {i: (bytes(a), bytes(b)) for i, a, b in zip(ids, pk1, pk2, strict=True)}
+    )
+    _save(context, rnd, client)
+    return _reply(msg, {"dst": [d for d, _ in out], "ct": [c for _, c in out]})
+
+
+def masked(msg: Message, context: Context) -> Message:
+    from fedrec.client.app import round_config, train_reply
+
+    f = _fields(msg)
+    rnd = int(f["round"])
+    _simulated_dropout(f, "masked", context)
+    client = _load(context, rnd, "masked")
+    cfg, _extra = round_config(msg)
+    if not (cfg.secure_agg and cfg.user_dp):
+        raise ValueError("train.secagg_masked in a run without secure-agg=true and user-dp=true")
+    enc = skellam.SkellamConfig(
+        clip=float(f["clip"]),
+        scale=float(f["scale"]),
+        dim=int(f["dim"]),
+        bits=int(f["bits"]),
+        beta=float(f["beta"]),
+    )
+    if enc.clip != cfg.user_clip:
+        raise ValueError(
+            f"secure aggregation: the server asks clip {enc.clip}, the run config says "
+            f"user-clip={cfg.user_clip}"
+        )
+    mu = float(f["mu"])
+    node = context.node_config
+    if "data-dir" in node and mu <= 0 and str(node.get("allow-no-dp", "false")).lower() != "true":
+        raise ValueError("secure aggregation: the server asks for no noise (mu=0); refused")
+    received = from_record(msg.content.array_records[contract.ARRAYS])
+    reply = train_reply(msg, context, secure=True)
+    keys = sorted(received)
+    before = _flat(received, keys)
+    if contract.ARRAYS in reply.content:
+        change = _flat(from_record(reply.content.array_records[contract.ARRAYS]), keys) - before
+    else:
+        change = np.zeros_like(before)
+    if change.size != enc.dim:
+        raise ValueError(
+            f"secure aggregation: this client's update has {change.size} coordinates, the "
+            f"server expects {enc.dim}"
+        )
+    rng = np.random.default_rng(secrets.randbits(128))
+    x = skellam.encode(change, enc, mu, rng)
+    srcs = [int(s) for s in f["src"]]
+    cts = [bytes(c) for c in f["ct"]]
+    y = client.masked_input(list(zip(srcs, cts, strict=True)), x)
+    _save(context, rnd, client)
+    content = RecordDict()
+    for key in (contract.METRICS, contract.CLIENT):
+        content[key] = reply.content[key]
+    wire = np.uint32 if enc.bits <= 32 else np.uint64  # server/secure_agg.py wire_dtype
+    content[contract.ARRAYS] = ArrayRecord({MASKED: Array(np.ascontiguousarray(y, dtype=wire))})
+    return Message(content=content, reply_to=msg)
+
+
+def unmask(msg: Message, context: Context) -> Message:
+    f = _fields(msg)
+    rnd = int(f["round"])
+    _simulated_dropout(f, "unmask", context)
+    client = _load(context, rnd, "unmask")
+    b, sk = client.unmask([int(i) for i in f["survivors"]], [int(i) for i in f["dropped"]])
+    del context.state[STATE]  # the round is over for this client: keys are not reused
+    return _reply(
+        msg,
+        {
+            "b_ids": list(b),
+            "b_shares": list(b.values()),
+            "sk_ids": list(sk),
+            "sk_shares": list(sk.values()),
+        },
+    )
+
+
+def _flat(state: dict[str, torch.Tensor], keys: list[str]) -> np.ndarray:
+    return np.concatenate([state[k].detach().double().reshape(-1).numpy() for k in keys])
+
+
+HANDLERS = {
+    "secagg_setup": setup,
+    "secagg_share": share,
+    "secagg_masked": masked,
+    "secagg_unmask": unmask,
+}

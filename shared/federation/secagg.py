@@ -1,0 +1,954 @@
+"""SecAgg+ secure aggregation, the cryptographic core (no Flower messaging).
+
+The protocol of Bell, Bonawitz, Gascón, Lepoint and Raykova, "Secure Single-Server Aggregation
+with (Poly)Logarithmic Overhead" (CCS 2020), in its honest-but-curious form, as two plain
+classes: :class:`SecAggClient` (one per node; its whole state goes through :meth:`to_state` /
+:meth:`from_state`, a flat dict a Flower ``ConfigRecord`` can hold, so it lives in the client's
+``context.state`` between messages) and :class:`SecAggServer` (one per round). The lead's
+Message-API wiring moves their arguments and results between the two.
+
+Nothing cryptographic is written here. Everything comes from Flower's own SecAgg+ primitives
+(the ones its legacy ``secaggplus_mod`` / ``SecAggPlusWorkflow`` use) and from ``cryptography``:
+
+- key pairs: ``flwr.supercore.primitives.asymmetric`` (ECDH on NIST P-384, PEM bytes);
+- agreement: ``generate_shared_key`` (ECDH + HKDF-SHA256, 32 bytes, urlsafe base64);
+- share encryption: Flower's ``encrypt`` / ``decrypt`` (Fernet: AES-128-CBC + HMAC-SHA256,
+  so a tampered or misrouted ciphertext fails authentication), the plaintext built by
+  ``share_keys_plaintext_concat`` which binds the source and destination node ids;
+- secret sharing: Flower's ``create_shares`` / ``combine_shares`` (pycryptodome's Shamir over
+  GF(2^128), 16-byte chunks, a 4-byte share index in front of every share).
+
+One deliberate difference: the mask expansion. Flower's ``pseudo_rand_gen`` XOR-folds the seed
+into 32 bits and seeds NumPy's MT19937 with it. MT19937 is not a cryptographic generator and 32
+bits of seed are brute-forceable: a server holding ``y = x + PRG(b) + ...`` could try all 2^32
+self-mask seeds and strip the self mask (the pairwise masks likewise), which defeats the
+protocol. :func:`prg` instead derives an AES-256 key with HKDF-SHA256 from the full seed (the
+32-byte self-mask seed, or the ECDH shared key), with a domain-separation ``info``
+(:data:`SELF_MASK_INFO` / :data:`PAIR_MASK_INFO`, so a self-mask stream and a pairwise stream
+never coincide even for equal seeds), and runs AES in CTR mode over zero bytes. The nonce is
+fixed (all zeros): a CTR key must never encrypt two different streams under one nonce, and
+here each derived key expands exactly one stream per round, since key pairs and self-mask seeds
+are fresh every round. Each value takes 8 bytes of keystream masked to ``bits``: exactly uniform
+on ``[0, 2**bits)`` because ``2**bits`` divides ``2**64``.
+
+Arithmetic: vectors are 1-D ``numpy.uint64`` arrays with values in ``[0, 2**bits)``,
+``1 <= bits <= 62``. Sums and differences are computed in uint64, which wraps mod ``2**64``;
+since ``2**bits`` divides ``2**64``, masking the result with ``2**bits - 1`` gives the result
+mod ``2**bits`` exactly.
+
+The round, step by step (``t`` the Shamir threshold, ``k`` the neighbour count):
+
+1. The server fixes the cohort and the neighbour graph (:func:`neighbour_graph`: a seeded
+   shuffled ring where each node's neighbours are the ``k // 2`` nodes on each side; with
+   ``k >= len(cohort) - 1`` the complete graph, i.e. plain SecAgg). A node's *group* is itself +
+   its neighbours (``k + 1`` nodes).
+2. ``setup``: every client makes two key pairs, ``(pk1, sk1)`` for pairwise masks and
+   ``(pk2, sk2)`` for encrypting shares, and returns ``(pk1, pk2)``.
+3. ``share-keys``: :meth:`SecAggServer.group_keys_for` gives each client the keys of its group
+   members that replied (itself included). A node whose group has fewer than ``t`` repliers is
+   out of the round (an empty dict: send it nothing); removing it can push a neighbour below
+   ``t`` too, so the rule is applied until nothing changes. The client draws a 32-byte self-mask
+   seed ``b``, Shamir-shares ``b`` and ``sk1`` (threshold ``t``, one share per group member in
+   sorted node-id order: member number ``i`` gets share index ``i + 1``), keeps its own shares
+   and encrypts each neighbour's pair under ECDH(``sk2``, neighbour's ``pk2``).
+4. ``masked-input``: :meth:`SecAggServer.route` forwards each ciphertext to its destination,
+   among the nodes that completed share-keys. The client decrypts and checks them, needs at
+   least ``t - 1`` of them, and returns
+   ``y = x + PRG(b) + sum_j sign(i, j) PRG(ECDH(sk1_i, pk1_j)) mod 2**bits`` over the neighbours
+   ``j`` it received a ciphertext from (``sign = +1`` if ``i > j`` else ``-1``). The server
+   forwards a ciphertext only when both ends completed share-keys, so "i masks with j" and
+   "j masks with i" always agree and the pairwise masks of two survivors cancel in the sum.
+5. ``unmask``: :meth:`SecAggServer.unmask_request` tells each survivor (a node that sent ``y``)
+   which of its group members survived and which dropped (completed share-keys, sent no ``y``).
+   The client returns its ``b`` share of each survivor and its ``sk1`` share of each dropped
+   node. It refuses a request naming one node in both lists: with both ``b`` and ``sk1`` of a
+   node the server could remove all of that node's masks and read its ``x``. This is the core
+   invariant; the server never asks for it (the survivor set is fixed at the first request),
+   and the client checks it anyway, answers one unmask request per round, and wipes its
+   secrets afterwards.
+6. :meth:`SecAggServer.aggregate` rebuilds each survivor's ``b`` and each dropped node's ``sk1``
+   from ``t`` shares, subtracts the self masks and the dropped nodes' pairwise masks with their
+   survivor neighbours, and returns the sum of the survivors' ``x`` mod ``2**bits``. With fewer
+   than ``t`` shares for any node, or fewer than ``min_survivors`` survivors, it raises
+   :class:`BelowThreshold` and releases nothing.
+
+Threat model and limits: the server is honest-but-curious (it follows the protocol and the
+checks above keep it from learning more than the sum even if it tries to read replies it should
+not get); fewer than ``t`` colluding members of a group learn nothing of a member's secrets (the
+default ``t`` is a strict majority of the group). Not covered: a malicious server that asks
+*different* clients for different share kinds of one node, forges public keys (no PKI/signed
+keys) or chooses the graph (the paper's consistency-check round, signatures and verifiable
+graph are not implemented); Sybil clients. ``min_survivors`` bounds how few inputs a released
+sum may contain (the sum of one input is that input).
+
+Errors: :class:`SecAggError` (a ``ValueError``) for protocol violations (bad keys, misrouted or
+tampered ciphertexts, unknown nodes, malformed replies, calls out of order), each naming the
+node; :class:`BelowThreshold` (a ``ValueError``) when a threshold is not met. A method that
+raises leaves the object unchanged (nothing is released by a refused call).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from cryptography.fernet import InvalidToken
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
+    decrypt,
+    encrypt,
+    generate_shared_key,
+)
+from flwr.common.secure_aggregation.secaggplus_utils import (
+    share_keys_plaintext_concat,
+    share_keys_plaintext_separate,
+)
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_private_key,
+    bytes_to_public_key,
+    generate_key_pairs,
+    private_key_to_bytes,
+    public_key_to_bytes,
+)
+
+SELF_MASK_INFO = b"fedrec-secagg-selfmask"
+PAIR_MASK_INFO = b"fedrec-secagg-pairmask"
+SEED_BYTES = 32  # the self-mask seed b
+MAX_BITS = 62
+_CTR_NONCE = bytes(16)  # fixed: every derived key expands a single stream (fresh keys per round)
+_MAX_NODE_ID = 2**64 - 1  # Flower node ids are uint64 (and share_keys_plaintext_concat packs 8 B)
+
+# client stages, in order; a method runs only right after the previous one
+STAGE_INIT = "init"
+STAGE_SETUP = "setup"
+STAGE_SHARE_KEYS = "share-keys"
+STAGE_MASKED_INPUT = "masked-input"
+STAGE_DONE = "unmask"  # unmask answered: secrets wiped, nothing more to give
+CLIENT_STAGES = (STAGE_INIT, STAGE_SETUP, STAGE_SHARE_KEYS, STAGE_MASKED_INPUT, STAGE_DONE)
+
+GroupKeys = dict[int, tuple[bytes, bytes]]
+
+
+class SecAggError(ValueError):
+    """A protocol violation: bad keys, misrouted ciphertexts, unknown nodes, bad replies."""
+
+
+class BelowThreshold(ValueError):
+    """Too few shares (below the Shamir threshold) or too few survivors: nothing is released."""
+
+
+# ---------------------------------------------------------------------------------- primitives
+
+
+def prg(seed: bytes, dim: int, bits: int, info: bytes) -> np.ndarray:
+    """``dim`` uint64 values uniform on ``[0, 2**bits)``, expanded from ``seed`` by AES-256-CTR.
+
+    The AES key is HKDF-SHA256(``seed``, ``info``); ``info`` separates the uses
+    (:data:`SELF_MASK_INFO`, :data:`PAIR_MASK_INFO`). Deterministic in (seed, info, dim, bits);
+    a prefix-consistent stream (a longer ``dim`` extends a shorter one).
+    """
+    if not isinstance(seed, bytes) or len(seed) < 16:
+        raise ValueError("prg: the seed must be at least 16 bytes")
+    if not isinstance(info, bytes) or not info:
+        raise ValueError("prg: info (domain separation) must be non-empty bytes")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+        raise ValueError(f"prg: dim must be a non-negative int, got {dim!r}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 64:
+        raise ValueError(f"prg: bits must be in [1, 64], got {bits!r}")
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(seed)
+    encryptor = Cipher(algorithms.AES256(key), modes.CTR(_CTR_NONCE)).encryptor()
+    stream = encryptor.update(bytes(8 * dim)) + encryptor.finalize()
+    out = np.frombuffer(stream, dtype="<u8").astype(np.uint64)  # a writable native copy
+    out &= np.uint64((1 << bits) - 1)
+    return out
+
+
+def _pair_seed(sk1: ec.EllipticCurvePrivateKey, pk1: ec.EllipticCurvePublicKey) -> bytes:
+    """The pairwise-mask seed: Flower's ECDH + HKDF agreement (symmetric in the two parties)."""
+    return generate_shared_key(sk1, pk1)
+
+
+def _modmask(bits: int) -> np.uint64:
+    return np.uint64((1 << bits) - 1)
+
+
+def _check_bits(bits: Any) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an int in [1, {MAX_BITS}], got {bits!r}")
+    return bits
+
+
+def _is_node_id(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= _MAX_NODE_ID
+
+
+def _check_cohort(cohort: Iterable[Any]) -> list[int]:
+    nodes = list(cohort)
+    bad = [n for n in nodes if not _is_node_id(n)]
+    if bad:
+        raise ValueError(f"cohort: node ids must be ints in [0, 2**64), got {bad[:5]!r}")
+    if len(set(nodes)) != len(nodes):
+        raise ValueError("cohort: duplicate node ids")
+    if len(nodes) < 2:
+        raise ValueError(f"cohort: need at least 2 nodes, got {len(nodes)}")
+    return nodes
+
+
+def neighbour_graph(cohort: list[int], k: int, seed: int) -> dict[int, list[int]]:
+    """SecAgg+'s sparse communication graph: node -> sorted neighbours (itself excluded).
+
+    A seeded "Harary-like" ring: the cohort (sorted, so the result does not depend on its input
+    order) is shuffled with ``random.Random(seed)``; each node's neighbours are the ``k // 2``
+    nodes on each side of it in the ring, so the graph is ``k``-regular and symmetric. ``k``
+    must be even; with ``k >= len(cohort) - 1`` the graph is complete (plain SecAgg).
+    The graph is public; the shuffle needs no cryptographic randomness against an
+    honest-but-curious server.
+    """
+    nodes = _check_cohort(cohort)
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"k must be an int, got {k!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an int, got {seed!r}")
+    n = len(nodes)
+    if k >= n - 1:
+        return {v: sorted(u for u in nodes if u != v) for v in nodes}
+    if k < 2 or k % 2:
+        raise ValueError(f"k must be even and >= 2 (or >= cohort size - 1), got {k}")
+    ring = sorted(nodes)
+    random.Random(seed).shuffle(ring)
+    half = k // 2
+    return {
+        v: sorted(ring[(i + off) % n] for off in range(-half, half + 1) if off != 0)
+        for i, v in enumerate(ring)
+    }
+
+
+def default_threshold(k_plus_one: int) -> int:
+    """Shamir threshold for a group of ``k_plus_one`` nodes: a strict majority, at least 2."""
+    if isinstance(k_plus_one, bool) or not isinstance(k_plus_one, int) or k_plus_one < 2:
+        raise ValueError(f"group size must be an int >= 2, got {k_plus_one!r}")
+    return k_plus_one // 2 + 1
+
+
+def _check_threshold(threshold: Any, group_size: int) -> int:
+    if isinstance(threshold, bool) or not isinstance(threshold, int):
+        raise ValueError(f"threshold must be an int, got {threshold!r}")
+    if not 2 <= threshold <= group_size:
+        raise ValueError(f"threshold must be in [2, {group_size}] (group size), got {threshold}")
+    return threshold
+
+
+def _check_vector(v: Any, dim: int | None, bits: int, what: str) -> np.ndarray:
+    """A 1-D integer vector with values in [0, 2**bits): returned as uint64 (a copy)."""
+    if not isinstance(v, np.ndarray):
+        raise SecAggError(f"{what}: expected a numpy array, got {type(v).__name__}")
+    if v.ndim != 1 or v.size == 0:
+        raise SecAggError(f"{what}: expected a non-empty 1-D vector, got shape {v.shape}")
+    if dim is not None and v.shape != (dim,):
+        raise SecAggError(f"{what}: expected shape ({dim},), got {v.shape}")
+    if not np.issubdtype(v.dtype, np.integer):
+        raise SecAggError(f"{what}: expected an integer dtype, got {v.dtype}")
+    if np.issubdtype(v.dtype, np.signedinteger) and int(v.min()) < 0:
+        raise SecAggError(f"{what}: negative values")
+    if int(v.max()) >= 1 << bits:
+        raise SecAggError(f"{what}: values must be < 2**{bits}")
+    return v.astype(np.uint64, copy=True)
+
+
+def _check_share(share: Any, index: int, owner: int, holder: int) -> bytes:
+    """A Flower Shamir share: 4-byte little-endian index, then 16-byte chunks."""
+    if not isinstance(share, bytes) or len(share) < 20 or (len(share) - 4) % 16:
+        raise SecAggError(f"node {holder}: malformed share of node {owner}")
+    got = int.from_bytes(share[:4], "little", signed=False)
+    if got != index:
+        raise SecAggError(
+            f"node {holder}: share of node {owner} has index {got}, expected {index} "
+            "(its position in the owner's share group)"
+        )
+    return share
+
+
+def _parse_public_key(pk: Any, who: str) -> ec.EllipticCurvePublicKey:
+    if not isinstance(pk, bytes):
+        raise SecAggError(f"{who}: a public key must be bytes, got {type(pk).__name__}")
+    try:
+        key = bytes_to_public_key(pk)
+    except (ValueError, TypeError) as err:
+        raise SecAggError(f"{who}: unreadable public key ({err})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise SecAggError(f"{who}: not an elliptic-curve public key")
+    return key
+
+
+def _key_pair(v: Any, who: str) -> tuple[bytes, bytes]:
+    if not isinstance(v, tuple | list) or len(v) != 2:
+        raise SecAggError(f"{who}: expected (pk1, pk2), got {type(v).__name__}")
+    pk1, pk2 = v
+    _parse_public_key(pk1, who)
+    _parse_public_key(pk2, who)
+    return (pk1, pk2)
+
+
+# ---------------------------------------------------------------------------------- the client
+
+
+class SecAggClient:
+    """One node's side of a SecAgg+ round; call the stages in order, one each per round.
+
+    Between messages keep ``client.to_state()`` (a flat dict for a Flower ``ConfigRecord``) and
+    continue with ``SecAggClient.from_state(...)``. A stage that raises changes nothing.
+    """
+
+    def __init__(self, node_id: int, *, bits: int, threshold: int) -> None:
+        if not _is_node_id(node_id):
+            raise ValueError(f"node_id must be an int in [0, 2**64), got {node_id!r}")
+        self.node_id = node_id
+        self.bits = _check_bits(bits)
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 2:
+            raise ValueError(f"threshold must be an int >= 2, got {threshold!r}")
+        self.threshold = threshold
+        self._wipe()
+        self.stage = STAGE_INIT
+
+    def _wipe(self) -> None:
+        self.sk1 = self.pk1 = self.sk2 = self.pk2 = b""
+        self.seed = b""
+        self.group: GroupKeys = {}  # node -> (pk1, pk2), itself included
+        self.b_shares: dict[int, bytes] = {}  # owner -> share held (its own included)
+        self.sk1_shares: dict[int, bytes] = {}
+        self.mask_set: list[int] = []  # neighbours it masked with (sent it a ciphertext)
+
+    def _expect(self, stage: str, method: str) -> None:
+        if self.stage != stage:
+            raise SecAggError(
+                f"node {self.node_id}: {method} is not allowed in stage {self.stage!r} "
+                f"(expected {stage!r})"
+            )
+
+    # stage 0 -----------------------------------------------------------------------------
+    def setup(self) -> tuple[bytes, bytes]:
+        """Fresh key pairs for this round (any earlier round's secrets are dropped)."""
+        sk1, pk1 = generate_key_pairs()
+        sk2, pk2 = generate_key_pairs()
+        self._wipe()
+        self.sk1, self.pk1 = private_key_to_bytes(sk1), public_key_to_bytes(pk1)
+        self.sk2, self.pk2 = private_key_to_bytes(sk2), public_key_to_bytes(pk2)
+        self.stage = STAGE_SETUP
+        return self.pk1, self.pk2
+
+    # stage 1 -----------------------------------------------------------------------------
+    def share_keys(self, group_keys: Mapping[int, Any]) -> list[tuple[int, bytes]]:
+        """Share ``b`` and ``sk1`` among the group; return ``[(dst, ciphertext)]`` by dst."""
+        self._expect(STAGE_SETUP, "share_keys")
+        me = self.node_id
+        if not isinstance(group_keys, Mapping):
+            raise SecAggError(f"node {me}: group keys must be a mapping node -> (pk1, pk2)")
+        group: GroupKeys = {}
+        for nid, pair in group_keys.items():
+            if not _is_node_id(nid):
+                raise SecAggError(f"node {me}: bad node id {nid!r} in the group keys")
+            group[nid] = _key_pair(pair, f"node {me}: keys of node {nid}")
+        if group.get(me) != (self.pk1, self.pk2):
+            raise SecAggError(f"node {me}: its own public keys are missing or altered")
+        flat = [pk for pair in group.values() for pk in pair]
+        if len(set(flat)) != len(flat):
+            raise SecAggError(f"node {me}: some public keys in the group are identical")
+        if len(group) < self.threshold:
+            raise BelowThreshold(
+                f"node {me}: group of {len(group)} is below the threshold {self.threshold}"
+            )
+
+        seed = os.urandom(SEED_BYTES)
+        order = sorted(group)  # share i + 1 goes to order[i]; the server checks the same order
+        b_shares = create_shares(seed, self.threshold, len(order))
+        sk1_shares = create_shares(self.sk1, self.threshold, len(order))
+        sk2 = bytes_to_private_key(self.sk2)
+        out: list[tuple[int, bytes]] = []
+        for idx, nid in enumerate(order):
+            if nid == me:
+                continue
+            key = generate_shared_key(sk2, bytes_to_public_key(group[nid][1]))
+            plain = share_keys_plaintext_concat(me, nid, b_shares[idx], sk1_shares[idx])
+            out.append((nid, encrypt(key, plain)))
+        mine = order.index(me)
+        self.group, self.seed = group, seed
+        self.b_shares = {me: b_shares[mine]}
+        self.sk1_shares = {me: sk1_shares[mine]}
+        self.stage = STAGE_SHARE_KEYS
+        return out
+
+    # stage 2 -----------------------------------------------------------------------------
+    def masked_input(self, ciphertexts: Sequence[Any], x: np.ndarray) -> np.ndarray:
+        """Store the neighbours' shares and return the masked vector ``y`` (uint64)."""
+        self._expect(STAGE_SHARE_KEYS, "masked_input")
+        me = self.node_id
+        vec = _check_vector(x, None, self.bits, f"node {me}: input x")
+        sk2 = bytes_to_private_key(self.sk2)
+        b_new: dict[int, bytes] = {}
+        sk1_new: dict[int, bytes] = {}
+        for item in ciphertexts:
+            if not isinstance(item, tuple | list) or len(item) != 2:
+                raise SecAggError(f"node {me}: expected (src, ciphertext) pairs")
+            src, ct = item
+            if not _is_node_id(src) or src == me or src not in self.group:
+                raise SecAggError(f"node {me}: ciphertext from {src!r}, not a group neighbour")
+            if src in b_new:
+                raise SecAggError(f"node {me}: two ciphertexts from node {src}")
+            if not isinstance(ct, bytes):
+                raise SecAggError(f"node {me}: the ciphertext from node {src} is not bytes")
+            key = generate_shared_key(sk2, bytes_to_public_key(self.group[src][1]))
+            try:
+                plain = decrypt(key, ct)
+            except (InvalidToken, ValueError, TypeError):
+                raise SecAggError(
+                    f"node {me}: the ciphertext from node {src} fails authentication "
+                    "(tampered, or not encrypted by that node for this node)"
+                ) from None
+            if len(plain) < 20:
+                raise SecAggError(f"node {me}: malformed plaintext from node {src}")
+            actual_src, dst, b_share, sk1_share = share_keys_plaintext_separate(plain)
+            if actual_src != src:
+                raise SecAggError(
+                    f"node {me}: ciphertext said to be from {src} is from {actual_src}"
+                )
+            if dst != me:
+                raise SecAggError(f"node {me}: ciphertext from node {src} is addressed to {dst}")
+            b_new[src], sk1_new[src] = b_share, sk1_share
+        if len(b_new) + 1 < self.threshold:
+            raise BelowThreshold(
+                f"node {me}: shares from {len(b_new)} neighbours, need at least "
+                f"{self.threshold - 1} (threshold {self.threshold} with itself)"
+            )
+
+        y = vec + prg(self.seed, vec.size, self.bits, SELF_MASK_INFO)
+        sk1 = bytes_to_private_key(self.sk1)
+        for nid in sorted(b_new):
+            mask = prg(
+                _pair_seed(sk1, bytes_to_public_key(self.group[nid][0])),
+                vec.size,
+                self.bits,
+                PAIR_MASK_INFO,
+            )
+            if me > nid:
+                y += mask
+            else:
+                y -= mask
+        y &= _modmask(self.bits)
+        self.b_shares.update(b_new)
+        self.sk1_shares.update(sk1_new)
+        self.mask_set = sorted(b_new)
+        self.stage = STAGE_MASKED_INPUT
+        return y
+
+    # stage 3 -----------------------------------------------------------------------------
+    def unmask(
+        self, survivors: Sequence[int], dropped: Sequence[int]
+    ) -> tuple[dict[int, bytes], dict[int, bytes]]:
+        """``({survivor: b share}, {dropped: sk1 share})``; one answer per round, then wiped.
+
+        Refuses a node named in both lists (its ``b`` and ``sk1`` together unmask its input),
+        itself named as dropped, nodes it holds no share of, and fewer than ``threshold``
+        survivors in its group.
+        """
+        self._expect(STAGE_MASKED_INPUT, "unmask")
+        me = self.node_id
+        surv, drop = list(survivors), list(dropped)
+        for name, lst in (("survivors", surv), ("dropped", drop)):
+            if any(not _is_node_id(n) for n in lst):
+                raise SecAggError(f"node {me}: bad node id in the {name} list")
+            if len(set(lst)) != len(lst):
+                raise SecAggError(f"node {me}: duplicate node ids in the {name} list")
+        both = sorted(set(surv) & set(drop))
+        if both:
+            raise SecAggError(
+                f"node {me}: refusing unmask: node(s) {both} named both survivor and dropped "
+                "(their self-mask seed and mask key together would reveal their input)"
+            )
+        if me not in surv:
+            raise SecAggError(
+                f"node {me}: refusing unmask: it sent its masked input, so it must be listed "
+                "as a survivor"
+            )
+        unknown = sorted(set(surv + drop) - set(self.b_shares))
+        if unknown:
+            raise SecAggError(f"node {me}: holds no shares of node(s) {unknown}")
+        if len(surv) < self.threshold:
+            raise BelowThreshold(
+                f"node {me}: refusing unmask: {len(surv)} survivors in its group, "
+                f"below the threshold {self.threshold}"
+            )
+        out = (
+            {n: self.b_shares[n] for n in sorted(surv)},
+            {n: self.sk1_shares[n] for n in sorted(drop)},
+        )
+        self._wipe()
+        self.stage = STAGE_DONE
+        return out
+
+    # state ---------------------------------------------------------------------------------
+    def to_state(self) -> dict[str, bytes | int | str | list[int] | list[bytes]]:
+        """A flat dict of ints, strs, bytes and lists of one of those (a ConfigRecord's types)."""
+        ids = sorted(self.group)
+        owners = sorted(self.b_shares)
+        return {
+            "node-id": self.node_id,
+            "bits": self.bits,
+            "threshold": self.threshold,
+            "stage": self.stage,
+            "sk1": self.sk1,
+            "pk1": self.pk1,
+            "sk2": self.sk2,
+            "pk2": self.pk2,
+            "seed": self.seed,
+            "group-ids": ids,
+            "group-pk1": [self.group[n][0] for n in ids],
+            "group-pk2": [self.group[n][1] for n in ids],
+            "share-owners": owners,
+            "b-shares": [self.b_shares[n] for n in owners],
+            "sk1-shares": [self.sk1_shares[n] for n in owners],
+            "mask-set": list(self.mask_set),
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> SecAggClient:
+        """The client :meth:`to_state` saved (a ConfigRecord works: it is a mapping)."""
+
+        def get(key: str, typ: type) -> Any:
+            if key not in state:
+                raise SecAggError(f"SecAgg client state: missing {key!r}")
+            v = state[key]
+            if (typ is int and isinstance(v, bool)) or not isinstance(v, typ):
+                raise SecAggError(f"SecAgg client state: {key!r} must be {typ.__name__}")
+            return v
+
+        def get_list(key: str, typ: type) -> list[Any]:
+            v = list(get(key, list))
+            if any(not isinstance(e, typ) or isinstance(e, bool) for e in v):
+                raise SecAggError(f"SecAgg client state: {key!r} must be a list of {typ.__name__}")
+            return v
+
+        try:
+            client = cls(
+                get("node-id", int), bits=get("bits", int), threshold=get("threshold", int)
+            )
+        except SecAggError:
+            raise
+        except ValueError as err:
+            raise SecAggError(f"SecAgg client state: {err}") from None
+        stage = get("stage", str)
+        if stage not in CLIENT_STAGES:
+            raise SecAggError(f"SecAgg client state: unknown stage {stage!r}")
+        client.stage = stage
+        client.sk1, client.pk1 = get("sk1", bytes), get("pk1", bytes)
+        client.sk2, client.pk2 = get("sk2", bytes), get("pk2", bytes)
+        client.seed = get("seed", bytes)
+        ids, p1, p2 = (
+            get_list("group-ids", int),
+            get_list("group-pk1", bytes),
+            get_list("group-pk2", bytes),
+        )
+        owners = get_list("share-owners", int)
+        bsh, ssh = get_list("b-shares", bytes), get_list("sk1-shares", bytes)
+        if not len(ids) == len(p1) == len(p2) or not len(owners) == len(bsh) == len(ssh):
+            raise SecAggError("SecAgg client state: list lengths disagree")
+        client.group = {n: (a, b) for n, a, b in zip(ids, p1, p2, strict=True)}
+        client.b_shares = dict(zip(owners, bsh, strict=True))
+        client.sk1_shares = dict(zip(owners, ssh, strict=True))
+        client.mask_set = get_list("mask-set", int)
+        needs_keys = stage in (STAGE_SETUP, STAGE_SHARE_KEYS, STAGE_MASKED_INPUT)
+        if needs_keys and not (client.sk1 and client.pk1 and client.sk2 and client.pk2):
+            raise SecAggError(f"SecAgg client state: stage {stage!r} without its key pairs")
+        if stage in (STAGE_SHARE_KEYS, STAGE_MASKED_INPUT) and len(client.seed) != SEED_BYTES:
+            raise SecAggError(f"SecAgg client state: stage {stage!r} without its mask seed")
+        return client
+
+
+# ---------------------------------------------------------------------------------- the server
+
+
+class SecAggServer:
+    """The server's side of one SecAgg+ round (one object per round).
+
+    Call order: :meth:`group_keys_for` (for every node, same ``keys``), :meth:`route` (once),
+    :meth:`unmask_request` (for every survivor, same ``masked``), :meth:`aggregate` (once).
+    Those raise :class:`SecAggError` on any bad client reply, which aborts the round; to drop a
+    single bad client instead, filter each reply first with the pure checks
+    :meth:`check_setup_reply`, :meth:`check_share_reply`, :meth:`check_masked` and
+    :meth:`check_unmask_reply` (a dropped client is then handled like a dropout).
+    """
+
+    def __init__(
+        self,
+        cohort: list[int],
+        *,
+        k: int,
+        threshold: int | None,
+        bits: int,
+        dim: int,
+        min_survivors: int,
+        seed: int,
+    ) -> None:
+        self.cohort = sorted(_check_cohort(cohort))
+        self.bits = _check_bits(bits)
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be an int >= 1, got {dim!r}")
+        self.dim = dim
+        self.graph = neighbour_graph(self.cohort, k, seed)
+        self.k = len(self.graph[self.cohort[0]])  # effective degree (n - 1 when complete)
+        group_size = self.k + 1
+        self.threshold = (
+            default_threshold(group_size)
+            if threshold is None
+            else _check_threshold(threshold, group_size)
+        )
+        if (
+            isinstance(min_survivors, bool)
+            or not isinstance(min_survivors, int)
+            or not 1 <= min_survivors <= len(self.cohort)
+        ):
+            raise ValueError(
+                f"min_survivors must be an int in [1, {len(self.cohort)}], got {min_survivors!r}"
+            )
+        self.min_survivors = min_survivors
+        self._keys: GroupKeys | None = None
+        self.active: list[int] = []  # in the round after setup (replied, group >= t)
+        self._share_group: dict[int, list[int]] = {}  # owner -> sorted share holders (its keys)
+        self._done: set[int] | None = None  # completed share-keys
+        self._mask_set: dict[int, set[int]] = {}  # node -> neighbours it masked with
+        self._survivors: set[int] | None = None
+        self._requests: dict[int, tuple[list[int], list[int]]] = {}
+        self._aggregated = False
+
+    # after setup ---------------------------------------------------------------------------
+    def group_keys_for(self, node: int, keys: Mapping[int, Any]) -> dict[int, tuple[bytes, bytes]]:
+        """The public keys to send ``node`` for share-keys: its group members that replied.
+
+        ``keys``: node -> (pk1, pk2) of every node that replied to setup (identical at every
+        call; the first call validates and fixes it). A node whose group has fewer than
+        ``threshold`` members in the round is dropped from the round, repeatedly until stable:
+        it gets ``{}`` (send it nothing) and is left out of every other node's keys.
+        """
+        if self._done is not None:
+            raise SecAggError("group_keys_for after route: the share-keys stage is over")
+        if node not in self.graph:
+            raise SecAggError(f"node {node!r} is not in this round's cohort")
+        if self._keys is None:
+            self._fix_keys(keys)
+        elif not isinstance(keys, Mapping) or self._normalise(keys) != self._keys:
+            raise SecAggError("group_keys_for: the setup keys changed between calls")
+        assert self._keys is not None
+        if node not in self._share_group:
+            return {}
+        return {m: self._keys[m] for m in self._share_group[node]}
+
+    def check_setup_reply(self, node: int, pair: Any) -> tuple[bytes, bytes]:
+        """One setup reply, checked: ``(pk1, pk2)``, two readable EC public keys (pure check).
+
+        Keys repeated across nodes are only caught by :meth:`group_keys_for` (an abort).
+        """
+        if node not in self.graph:
+            raise SecAggError(f"setup reply from node {node!r}, not in this round's cohort")
+        pk1, pk2 = _key_pair(pair, f"setup reply of node {node}")
+        if pk1 == pk2:
+            raise SecAggError(f"setup reply of node {node}: pk1 and pk2 are the same key")
+        return pk1, pk2
+
+    @staticmethod
+    def _normalise(keys: Mapping[int, Any]) -> GroupKeys:
+        return {
+            n: (v[0], v[1]) if isinstance(v, tuple | list) and len(v) == 2 else v
+            for n, v in keys.items()
+        }
+
+    def _fix_keys(self, keys: Mapping[int, Any]) -> None:
+        if not isinstance(keys, Mapping):
+            raise SecAggError("setup keys must be a mapping node -> (pk1, pk2)")
+        fixed: GroupKeys = {}
+        for nid, pair in keys.items():
+            fixed[nid] = self.check_setup_reply(nid, pair)
+        flat = [pk for pair in fixed.values() for pk in pair]
+        if len(set(flat)) != len(flat):
+            dup = sorted(n for n, pair in fixed.items() if any(flat.count(pk) > 1 for pk in pair))
+            raise SecAggError(f"setup keys: public keys repeated (nodes {dup})")
+        active = set(fixed)
+        while True:
+            short = {n for n in active if len(self._group(n) & active) < self.threshold}
+            if not short:
+                break
+            active -= short
+        self._keys = fixed
+        self.active = sorted(active)
+        self._share_group = {n: sorted(self._group(n) & active) for n in active}
+
+    def _group(self, node: int) -> set[int]:
+        return {node, *self.graph[node]}
+
+    # after share-keys ----------------------------------------------------------------------
+    def check_share_reply(self, src: int, items: Sequence[Any]) -> dict[int, bytes]:
+        """One share-keys reply, checked (``{dst: ct}``); raises :class:`SecAggError`.
+
+        A pure check (no state change): call it per reply to drop a bad client (leave it out
+        of :meth:`route`'s input, i.e. treat it as gone at share-keys) rather than abort.
+        """
+        if self._keys is None:
+            raise SecAggError("share-keys reply before group_keys_for: no setup keys")
+        if src not in self._share_group:
+            raise SecAggError(f"share-keys reply from node {src!r}, not in the round")
+        expected = set(self._share_group[src]) - {src}
+        got: dict[int, bytes] = {}
+        if not isinstance(items, Sequence):
+            raise SecAggError(f"node {src}: share-keys reply must be a list of (dst, ct)")
+        for item in items:
+            if not isinstance(item, tuple | list) or len(item) != 2:
+                raise SecAggError(f"node {src}: share-keys reply items must be (dst, ct)")
+            dst, ct = item
+            if dst not in expected:
+                raise SecAggError(f"node {src}: ciphertext for {dst!r}, not in its group")
+            if dst in got:
+                raise SecAggError(f"node {src}: two ciphertexts for node {dst}")
+            if not isinstance(ct, bytes) or not ct:
+                raise SecAggError(f"node {src}: the ciphertext for node {dst} is not bytes")
+            got[dst] = ct
+        if set(got) != expected:
+            raise SecAggError(
+                f"node {src}: no ciphertext for group member(s) {sorted(expected - set(got))}"
+            )
+        return got
+
+    def route(self, shares: Mapping[int, Sequence[Any]]) -> dict[int, list[tuple[int, bytes]]]:
+        """Forward ciphertexts: ``src -> [(dst, ct)]`` ==> ``dst -> [(src, ct)]``.
+
+        Each src must address exactly its group (the keys it was sent) minus itself
+        (:meth:`check_share_reply`; any bad reply raises :class:`SecAggError`). A
+        ciphertext is forwarded only between two nodes that both completed share-keys, so the
+        pairwise-mask sets agree on both ends. Every completer gets an entry (maybe short: a
+        client given fewer than ``threshold - 1`` ciphertexts refuses, i.e. drops out).
+        """
+        if self._keys is None:
+            raise SecAggError("route before group_keys_for: no setup keys")
+        if self._done is not None:
+            raise SecAggError("route called twice")
+        if not isinstance(shares, Mapping):
+            raise SecAggError("share-keys replies must be a mapping src -> [(dst, ct)]")
+        checked = {src: self.check_share_reply(src, items) for src, items in shares.items()}
+        done = set(checked)
+        out: dict[int, list[tuple[int, bytes]]] = {}
+        for dst in sorted(done):
+            srcs = sorted(s for s in done if s != dst and dst in checked[s])
+            out[dst] = [(s, checked[s][dst]) for s in srcs]
+            self._mask_set[dst] = set(srcs)
+        self._done = done
+        return out
+
+    # after masked-input --------------------------------------------------------------------
+    def unmask_request(self, node: int, masked: Mapping[int, Any]) -> tuple[list[int], list[int]]:
+        """``(survivors, dropped)`` among ``node``'s group, to ask ``node`` for shares.
+
+        ``masked``: node -> y of every node that sent one (identical at every call; the first
+        call validates it and fixes the survivor set, so no node is ever asked for as both).
+        Raises :class:`BelowThreshold` before any share is asked for if fewer than
+        ``min_survivors`` survived or some node's masks cannot be removed (fewer than
+        ``threshold`` survivors hold its shares).
+        """
+        if self._done is None:
+            raise SecAggError("unmask_request before route")
+        if self._aggregated:
+            raise SecAggError("unmask_request after aggregate")
+        if self._survivors is None:
+            self._fix_survivors(masked)
+        elif set(masked) != self._survivors:
+            raise SecAggError("unmask_request: the set of masked inputs changed between calls")
+        assert self._survivors is not None
+        if node not in self._survivors:
+            raise SecAggError(f"unmask_request for node {node!r}, which sent no masked input")
+        holders = self._mask_set[node] | {node}
+        survivors = sorted(holders & self._survivors)
+        dropped = sorted(holders - self._survivors)
+        if set(survivors) & set(dropped):  # cannot happen; the invariant, checked anyway
+            raise SecAggError(f"internal: node {node} would be asked for both share kinds")
+        self._requests[node] = (survivors, dropped)
+        return survivors, dropped
+
+    def check_masked(self, node: int, y: Any) -> np.ndarray:
+        """One masked input, checked: a 1-D uint64 array of ``dim`` values < ``2**bits`` from a
+        node that completed share-keys. A pure check: call it per reply to drop a bad one
+        before the first :meth:`unmask_request` (the node then counts as dropped)."""
+        if self._done is None:
+            raise SecAggError("masked input before route")
+        if node not in self._done:
+            raise SecAggError(f"masked input from node {node!r}, which did not share keys")
+        if not isinstance(y, np.ndarray) or y.dtype != np.uint64:
+            raise SecAggError(f"node {node}: the masked input must be a numpy uint64 array")
+        return _check_vector(y, self.dim, self.bits, f"node {node}: masked input")
+
+    def _check_masked(self, masked: Mapping[int, Any]) -> dict[int, np.ndarray]:
+        if not isinstance(masked, Mapping):
+            raise SecAggError("masked inputs must be a mapping node -> y")
+        return {nid: self.check_masked(nid, y) for nid, y in masked.items()}
+
+    def _fix_survivors(self, masked: Mapping[int, Any]) -> None:
+        checked = self._check_masked(masked)
+        assert self._done is not None
+        survivors = set(checked)
+        if len(survivors) < self.min_survivors:
+            raise BelowThreshold(
+                f"{len(survivors)} masked inputs, below min_survivors={self.min_survivors}: "
+                "the sum is not released"
+            )
+        short = self._short_owners(
+            survivors, {n: (self._mask_set[n] | {n}) & survivors for n in self._done}
+        )
+        if short:
+            raise BelowThreshold(
+                f"fewer than threshold={self.threshold} surviving share holders for node(s) "
+                f"{short}: their masks cannot be removed, the sum is not released"
+            )
+        self._survivors = survivors
+
+    def _needed_owners(self, survivors: set[int]) -> list[int]:
+        """Nodes whose secret must be rebuilt: survivors (b), dropped with a survivor (sk1)."""
+        assert self._done is not None
+        return sorted(n for n in self._done if n in survivors or self._mask_set[n] & survivors)
+
+    def _short_owners(self, survivors: set[int], holders: Mapping[int, set[int]]) -> list[int]:
+        return [n for n in self._needed_owners(survivors) if len(holders[n]) < self.threshold]
+
+    # after unmask --------------------------------------------------------------------------
+    def aggregate(
+        self,
+        masked: Mapping[int, Any],
+        shares: Mapping[int, tuple[Mapping[int, bytes], Mapping[int, bytes]]],
+    ) -> tuple[np.ndarray, list[int]]:
+        """The survivors' sum mod ``2**bits`` (uint64) and the sorted survivor list.
+
+        ``shares``: responder -> ({survivor: b share}, {dropped: sk1 share}), each exactly as
+        its :meth:`unmask_request` asked. Raises :class:`BelowThreshold` (nothing released) if
+        any node needed for the unmasking has fewer than ``threshold`` shares.
+        """
+        if self._survivors is None:
+            raise SecAggError("aggregate before unmask_request")
+        if self._aggregated:
+            raise SecAggError("aggregate called twice")
+        if set(masked) != self._survivors:
+            raise SecAggError("aggregate: the masked inputs differ from those unmasking used")
+        checked = self._check_masked(masked)
+        survivors = self._survivors
+        if len(survivors) < self.min_survivors:
+            raise BelowThreshold(f"{len(survivors)} survivors, below {self.min_survivors}")
+        if not isinstance(shares, Mapping):
+            raise SecAggError("unmask replies must be a mapping node -> (b shares, sk1 shares)")
+
+        collected: dict[int, list[bytes]] = {n: [] for n in self._done or ()}
+        for holder, reply in shares.items():
+            for owner, share in self.check_unmask_reply(holder, reply).items():
+                collected[owner].append(share)
+
+        needed = self._needed_owners(survivors)
+        short = {n: len(collected[n]) for n in needed if len(collected[n]) < self.threshold}
+        if short:
+            raise BelowThreshold(
+                f"shares below threshold={self.threshold} for node(s) "
+                + ", ".join(f"{n} ({c})" for n, c in sorted(short.items()))
+                + ": the sum is not released"
+            )
+
+        total = np.zeros(self.dim, dtype=np.uint64)
+        for n in sorted(survivors):
+            total += checked[n]
+        for owner in needed:
+            secret = self._combine(owner, collected[owner])
+            if owner in survivors:
+                if len(secret) != SEED_BYTES:
+                    raise SecAggError(f"node {owner}: rebuilt self-mask seed has a bad length")
+                total -= prg(secret, self.dim, self.bits, SELF_MASK_INFO)
+                continue
+            assert self._keys is not None
+            sk1 = self._rebuild_sk1(owner, secret)
+            for s in sorted(self._mask_set[owner] & survivors):
+                mask = prg(
+                    _pair_seed(sk1, bytes_to_public_key(self._keys[s][0])),
+                    self.dim,
+                    self.bits,
+                    PAIR_MASK_INFO,
+                )
+                if s > owner:  # s added +mask
+                    total -= mask
+                else:
+                    total += mask
+        total &= _modmask(self.bits)
+        self._aggregated = True
+        return total, sorted(survivors)
+
+    def check_unmask_reply(self, holder: int, reply: Any) -> dict[int, bytes]:
+        """One unmask reply, checked against its request: ``{owner: share}`` (both kinds).
+
+        The reply must hold exactly the b shares and sk1 shares asked for, each a Flower
+        Shamir share with the holder's index in the owner's share group. A pure check: call it
+        per reply to drop a bad one (fewer shares) rather than abort :meth:`aggregate`.
+        """
+        if holder not in self._requests:
+            raise SecAggError(f"unmask reply from node {holder!r}, which was not asked")
+        if not isinstance(reply, tuple | list) or len(reply) != 2:
+            raise SecAggError(f"node {holder}: unmask reply must be (b shares, sk1 shares)")
+        out: dict[int, bytes] = {}
+        want_b, want_sk = self._requests[holder]
+        for part, want, kind in ((reply[0], want_b, "b"), (reply[1], want_sk, "sk1")):
+            if not isinstance(part, Mapping):
+                raise SecAggError(f"node {holder}: {kind} shares must be a mapping")
+            if sorted(part) != want:
+                raise SecAggError(
+                    f"node {holder}: {kind} shares for {sorted(part)}, asked for {want}"
+                )
+            for owner in want:
+                index = self._share_group[owner].index(holder) + 1
+                out[owner] = _check_share(part[owner], index, owner, holder)
+        return out
+
+    def _combine(self, owner: int, shares: list[bytes]) -> bytes:
+        chosen = shares[: self.threshold]
+        if len({len(s) for s in chosen}) != 1:
+            raise SecAggError(f"node {owner}: its shares have different lengths")
+        try:
+            return combine_shares(chosen)
+        except ValueError:
+            raise SecAggError(f"node {owner}: its shares do not combine") from None
+
+    def _rebuild_sk1(self, owner: int, secret: bytes) -> ec.EllipticCurvePrivateKey:
+        assert self._keys is not None
+        try:
+            sk1 = bytes_to_private_key(secret)
+        except (ValueError, TypeError):
+            raise SecAggError(f"node {owner}: rebuilt mask key is unreadable") from None
+        if public_key_to_bytes(sk1.public_key()) != self._keys[owner][0]:
+            raise SecAggError(f"node {owner}: rebuilt mask key does not match its public key")
+        return sk1
+
+    @property
+    def survivors(self) -> list[int]:
+        """The nodes whose masked input is in the sum (fixed at the first unmask request)."""
+        return sorted(self._survivors or ())
+
+    @property
+    def share_keys_done(self) -> list[int]:
+        """The nodes that completed share-keys (fixed by :meth:`route`)."""
+        return sorted(self._done or ())
+
+
+__all__ = [
+    "BelowThreshold",
+    "PAIR_MASK_INFO",
+    "SELF_MASK_INFO",
+    "SecAggClient",
+    "SecAggError",
+    "SecAggServer",
+    "default_threshold",
+    "neighbour_graph",
+    "prg",
+]
