@@ -367,7 +367,10 @@ def simulate_cmd(
             f" (refused {info['refused']}, rejected {info['rejected']}, failed {info['failed']}"
             + (f" [{why}]" if why else "")
             + f", no reply {info.get('no_reply', 0)})"
-            f"{loss} | epsilon max {info['epsilon_max']:.3f}"
+            + loss
+            # local DP's per-client epsilon; user-level DP's is per run (printed at the end)
+            + (f" | epsilon max {info['epsilon_max']:.3f}" if cfg.dp else "")
+            + _secure_note(info)
         )
         if info.get("failed_out_of_memory"):
             err.print(
@@ -420,6 +423,16 @@ def simulate_cmd(
             f"{u['clip']}, {u['sampled_per_round']} of {u['clients']} clients per round)"
         )
     out.print(f"wrote {out_dir} ({result['seconds']} s)")
+
+
+def _secure_note(info: dict) -> str:
+    """A secure-aggregation round's outcome for the progress line ("" for other rounds)."""
+    sa = info.get("secure_agg")
+    if not isinstance(sa, dict):
+        return ""
+    if sa.get("released"):
+        return f" | secure sum of {sa.get('survivors')} of {sa.get('cohort')} released"
+    return f" | secure sum NOT released ({sa.get('masked', 0)} of {sa.get('cohort')} masked inputs)"
 
 
 def _headline(cfg, result: dict) -> str:  # noqa: ANN001 - a FedConfig

@@ -28,13 +28,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedrec.shared.federation import contract
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.federation.params import from_record
 from fedrec.shared.federation.secagg import SecAggClient
 from fedrec.shared.privacy import skellam
+from fedrec.shared.privacy.distributed import check_request
 
 SECAGG = "secagg"  # same names as fedrec.server.secure_agg (the server side)
 MASKED = "masked"
@@ -131,9 +132,9 @@ def masked(msg: Message, context: Context) -> Message:
             f"user-clip={cfg.user_clip}"
         )
     mu = float(f["mu"])
-    node = context.node_config
-    if "data-dir" in node and mu <= 0 and str(node.get("allow-no-dp", "false")).lower() != "true":
-        raise ValueError("secure aggregation: the server asks for no noise (mu=0); refused")
+    # the server may not ask for less noise, another grid or a lower threshold than this
+    # client's own calibration from the run config and the cohort size gives
+    check_request(cfg, f, client.threshold)
     received = from_record(msg.content.array_records[contract.ARRAYS])
     reply = train_reply(msg, context, secure=True)
     keys = sorted(received)
@@ -153,9 +154,16 @@ def masked(msg: Message, context: Context) -> Message:
     cts = [bytes(c) for c in f["ct"]]
     y = client.masked_input(list(zip(srcs, cts, strict=True)), x)
     _save(context, rnd, client)
+    # everything but the masked vector is a constant: whether the client trained, had data,
+    # or why not, would tell the server what the noise hides
     content = RecordDict()
-    for key in (contract.METRICS, contract.CLIENT):
-        content[key] = reply.content[key]
+    metrics = dict(reply.content[contract.METRICS])
+    content[contract.METRICS] = MetricRecord(
+        {k: (1 if k in ("num-examples", "trained") else 0.0 if isinstance(v, float) else 0)
+         for k, v in metrics.items()}
+    )  # fmt: skip
+    name = str(reply.content[contract.CLIENT]["name"])
+    content[contract.CLIENT] = ConfigRecord({"name": name, "reason": "", "history": "[]"})
     wire = np.uint32 if enc.bits <= 32 else np.uint64  # server/secure_agg.py wire_dtype
     content[contract.ARRAYS] = ArrayRecord({MASKED: Array(np.ascontiguousarray(y, dtype=wire))})
     return Message(content=content, reply_to=msg)

@@ -94,6 +94,8 @@ class SecureUserDP:
         self.keys = flat_keys(inner.template)
         # a resumed run continues the log: earlier rounds' releases still count
         self.records: list[dict[str, Any]] = read_rounds(log_path)
+        self.stages: dict[str, dict[str, float]] = {}  # the current round's cost per stage
+        self._started = 0.0
 
     # --- the round ---------------------------------------------------------------------------
     def start(
@@ -155,6 +157,8 @@ class SecureUserDP:
             "test-dropout": inner.cfg.secagg_test_dropout,  # simulation only ("" = none)
         }
         record: dict[str, Any] = {"round": rnd, "cohort": len(cohort), "released": False}
+        self.stages = {}
+        self._started = time.perf_counter()
 
         # 1. setup: public keys
         replies = self._exchange(grid, "secagg_setup", {n: {} for n in cohort}, common, timeout)
@@ -215,6 +219,7 @@ class SecureUserDP:
                 "clip": enc.clip,
                 "scale": enc.scale,
                 "dim": enc.dim,
+                "cohort": p.cohort,
                 "beta": enc.beta,
                 "mu": p.mu_client,
             }
@@ -233,6 +238,7 @@ class SecureUserDP:
             masked[node] = vec
             metrics_replies.append(msg)
         record["masked"] = len(masked)
+        record["rejected"] = len(raw) - len(masked)
 
         # 4. unmask
         unmask_payload = {}
@@ -287,7 +293,8 @@ class SecureUserDP:
                 "honest_shares": honest,
                 "mu_honest": p.mu_client * honest,
             }
-        trained = sum(1 for m in replies if m.content[contract.METRICS].get("trained", 0) == 1)
+        record["stages"] = self.stages
+        record["seconds"] = round(time.perf_counter() - self._started, 3)
         self.records.append(record)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("a") as f:
@@ -297,10 +304,10 @@ class SecureUserDP:
             "sent": p.cohort,
             "replies": record.get("masked", 0),
             "accepted": record.get("survivors", 0),
-            "trained": trained,
-            "no_reply": p.cohort - record.get("masked", 0),
-            "refused": record.get("masked", 0) - trained,
-            "rejected": 0,
+            # a secure round's replies carry constants: whether a client trained is not known
+            "no_reply": p.cohort - record.get("masked", 0) - record.get("rejected", 0),
+            "refused": 0,
+            "rejected": record.get("rejected", 0),
             "failed": 0,
             "loss": None,
             "epsilon_max": 0.0,
@@ -343,10 +350,15 @@ class SecureUserDP:
         out: dict[int, Any] = {}
         if not msgs:
             return out
+        t0 = time.perf_counter()
+        sent = sum(content_bytes(m.content) for m in msgs)
+        received = 0
         for reply in grid.send_and_receive(msgs, timeout=timeout):
             node = int(reply.metadata.src_node_id)
             if node not in payload or node in out:
                 continue
+            if not reply.has_error():
+                received += content_bytes(reply.content)
             if reply.has_error():
                 log.warning(
                     "round %s: node %d failed at %s: %s",
@@ -360,6 +372,12 @@ class SecureUserDP:
                 out[node] = reply
             elif SECAGG in reply.content and isinstance(reply.content[SECAGG], ConfigRecord):
                 out[node] = reply.content[SECAGG]
+        # the round's cost, per stage: seconds, and bytes per message each way (payloads only)
+        self.stages[action] = {
+            "seconds": round(time.perf_counter() - t0, 3),
+            "down_bytes_per_client": round(sent / len(msgs)),
+            "up_bytes_per_client": round(received / max(1, len(out))),
+        }
         return out
 
     def _masked_vector(self, msg: Message) -> np.ndarray:
@@ -377,6 +395,20 @@ class SecureUserDP:
                 f"({self.plan.encoding.dim},)"
             )
         return vec.astype(np.uint64)  # server.check_masked checks the values' range
+
+
+def content_bytes(content: RecordDict) -> int:
+    """A message's payload size: array bytes, and bytes/strings/numbers in config and metric
+    records (8 bytes a number); Flower's framing is not counted."""
+    total = 0
+    for rec in content.values():
+        if isinstance(rec, ArrayRecord):
+            total += sum(len(a.data) for a in rec.values())
+            continue
+        for v in rec.values():
+            for x in v if isinstance(v, list) else [v]:
+                total += len(x) if isinstance(x, (bytes, str)) else 8
+    return total
 
 
 def wire_dtype(bits: int) -> np.dtype:

@@ -272,3 +272,41 @@ def test_deploy_cli_credentials_and_device_folders(tmp_path, synth_dir):
         mine = {r.split("\t")[0] for r in rows}
         assert mine and not (mine & users)  # every device has its own users only
         users |= mine
+
+
+@pytest.mark.slow  # real SuperLink and SuperNodes
+def test_secure_aggregation_round_survives_a_killed_supernode(deployment, tiny_backbone, synth_dir):
+    """A SecAgg+ round with distributed Skellam noise over TLS and node authentication: n2 is
+    killed once its masked-input message reaches it (after it shared its keys), the server
+    removes n2's pairwise masks from n0's and n1's shares and releases the survivors' sum; the
+    run's privacy record and `fedrec audit` agree."""
+    d = deployment
+    procs, env, root = d["procs"], d["env"], d["root"]
+    run_dir = root / "secure"
+    flwr_run(
+        d, run_dir, tiny_backbone, synth_dir, rounds=1,
+        extra="dp=false user-dp=true user-clip=0.5 user-epsilon=6.0 secure-agg=true "
+        "secagg-dropout=0.4 secagg-colluders=0.0 round-timeout=60",
+    )  # fmt: skip
+    wait_for(
+        lambda: "Receiving: train.secagg_masked message" in procs.log("n2"),
+        240,
+        "the masked-input stage at n2",
+        procs,
+    )
+    procs.kill("n2")
+    name = f"flwr-run-{run_dir.name}"
+    wait_for(lambda: procs.procs[name].poll() is not None, 300, "the secure run to end", procs)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file(), procs.log(name)
+    (rec,) = [
+        json.loads(x) for x in (run_dir / "privacy" / "secagg.jsonl").read_text().splitlines()
+    ]
+    assert rec["cohort"] == 3 and rec["shared"] == 3
+    assert rec["released"] and rec["survivors"] == 2, rec
+    u = json.loads((run_dir / "metrics.json").read_text())["privacy"]["user_level"]
+    assert u["releases"] == 1 and u["epsilon"] <= 6.0
+    for n in ("n0", "n1"):  # the devices trained and sent only masked vectors
+        assert "Receiving: train.secagg_unmask message" in procs.log(n)
+    audit = run([str(BIN / "fedrec"), "audit", str(run_dir), "--json"], env)
+    assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr
+    assert json.loads(audit.stdout)["secure_aggregation"] is True

@@ -69,6 +69,19 @@ def test_secure_aggregation_round_with_dropouts_is_released_and_audited(
     assert report["ok"], text
     assert report["secure_aggregation"] is True and report["user_level_dp"]["verified"]
 
+    assert "Replace-one" in statement and "is **not claimed**" in statement
+    assert u["epsilon_replace_one"] > u["epsilon"] and u["independent_exact"]
+
+    # a doctored round log (a round released with fewer survivors than the minimum) fails it
+    log = out / "privacy" / "secagg.jsonl"
+    kept = log.read_text()
+    bad = [json.loads(x) for x in kept.splitlines()]
+    bad[0]["survivors"] = sa["min_survivors"] - 1
+    log.write_text("".join(json.dumps(r) + "\n" for r in bad))
+    report, text = audit_run(out, plot=False)
+    assert not report["ok"] and "below the plan's minimum" in text
+    log.write_text(kept)
+
     # a doctored claim (a larger noise share than the config calibrates) fails the audit
     doc = json.loads((out / "metrics.json").read_text())
     doc["privacy"]["user_level"]["secure_agg"]["mu_client"] *= 2
@@ -99,21 +112,89 @@ def test_too_many_dropouts_leave_the_round_unreleased(synth_dir, tiny_backbone, 
 
 
 def test_the_claim_counts_only_shares_the_sum_really_carries():
-    """Clients that lie about their noise (add none) up to the assumed colluders plus the
-    protected user: the decoded sum still carries at least the noise the claim counts."""
+    """Clients that lie about their noise (add none), as many as the assumed colluders plus
+    the protected user: a real SecAgg+ round's unmasked sum still carries at least the noise
+    the server claims for it (the claim is computed from the plan and the survivors, never
+    from what clients say)."""
+    from fedrec.shared.federation.secagg import SecAggClient, SecAggServer
     from fedrec.shared.privacy import skellam
     from fedrec.shared.privacy.distributed import honest_shares
 
-    enc = skellam.SkellamConfig(clip=1.0, scale=50.0, dim=4000, bits=40)
-    survivors, colluders, mu = 20, 3, 40.0
-    liars = colluders + 1
+    enc = skellam.SkellamConfig(clip=1.0, scale=50.0, dim=3000, bits=40)
+    cohort, colluders, mu = list(range(1, 21)), 3, 40.0
+    liars = set(cohort[: colluders + 1])
+    server = SecAggServer(cohort, k=8, threshold=None, bits=enc.bits, dim=enc.dim,
+                          min_survivors=18, seed=1)  # fmt: skip
+    clients = {n: SecAggClient(n, bits=enc.bits, threshold=server.threshold) for n in cohort}
+    keys = {n: c.setup() for n, c in clients.items()}
+    out = {n: clients[n].share_keys(server.group_keys_for(n, keys)) for n in cohort}
+    incoming = server.route(out)
     rng = np.random.default_rng(0)
-    vectors = [
-        skellam.encode(np.zeros(enc.dim), enc, 0.0 if i < liars else mu, rng)
-        for i in range(survivors)
-    ]
-    noise = skellam.decode(skellam.modular_sum(vectors, enc.bits), enc) * enc.scale
-    claimed_var = 2 * mu * honest_shares(survivors, colluders)
-    # the sample variance of 4000 draws is within a few percent of the true one
-    assert noise.var() >= 0.9 * claimed_var
-    assert noise.var() == pytest.approx(2 * mu * (survivors - liars), rel=0.1)
+    masked = {
+        n: clients[n].masked_input(
+            incoming[n], skellam.encode(np.zeros(enc.dim), enc, 0.0 if n in liars else mu, rng)
+        )
+        for n in cohort[:-1]  # the last client drops after sharing its keys
+    }
+    requests = {n: server.unmask_request(n, masked) for n in masked}
+    shares = {n: clients[n].unmask(*requests[n]) for n in masked}
+    total, survivors = server.aggregate(masked, shares)
+    noise = skellam.decode(total, enc) * enc.scale
+    claimed = mu * honest_shares(len(survivors), colluders)  # what the server's record says
+    assert len(survivors) == 19
+    # the sample variance of 3,000 coordinates is within a few percent of the true one
+    assert noise.var() >= 0.9 * 2 * claimed
+    assert noise.var() == pytest.approx(2 * mu * (len(survivors) - len(liars)), rel=0.1)
+
+
+def test_plan_refuses_collusion_the_graph_cannot_absorb():
+    """SecAgg+'s random graph: colluders holding a threshold of one node's shares could unmask
+    it; the plan bounds that chance and refuses a configuration where it exceeds 1 % of
+    delta (too many colluders, too few neighbours)."""
+    from fedrec.shared.privacy.distributed import collusion_risk, plan
+
+    ok = FedConfig(dp=False, user_dp=True, secure_agg=True, user_clip=10.0, user_delta=1e-4,
+                   num_rounds=10, fraction_train=0.5)  # fmt: skip
+    p = plan(ok, 471, 4774)
+    assert p.colluders == 24 and p.collusion_risk < 1e-8
+    assert p.delta == pytest.approx(1e-4 - p.collusion_risk)
+    with pytest.raises(ValueError, match="raise secagg-neighbours"):
+        plan(FedConfig(**{**ok.as_dict(), "secagg_colluders": 0.3}), 471, 4774)
+    with pytest.raises(ValueError, match="raise secagg-neighbours"):
+        plan(FedConfig(**{**ok.as_dict(), "secagg_neighbours": 4}), 471, 4774)
+    # the complete graph: certain as soon as the colluders reach the threshold
+    assert collusion_risk(10, 9, 5, 5, 1) == 1.0 and collusion_risk(10, 9, 5, 4, 1) == 0.0
+
+
+def test_a_client_refuses_less_noise_or_a_lower_threshold_than_its_own_calibration():
+    from fedrec.shared.privacy.distributed import check_request, plan
+
+    cfg = FedConfig(dp=False, user_dp=True, secure_agg=True, user_clip=10.0, user_delta=1e-4,
+                    num_rounds=10, fraction_train=0.5)  # fmt: skip
+    p = plan(cfg, 471, 4774)
+    e = p.encoding
+    fields = {"cohort": 471, "dim": 4774, "clip": e.clip, "scale": e.scale, "bits": e.bits,
+              "beta": e.beta, "mu": p.mu_client}  # fmt: skip
+    check_request(cfg, fields, p.threshold)  # as calibrated: accepted
+    for key, value in (("mu", p.mu_client / 2), ("scale", e.scale * 2), ("clip", 20.0)):
+        with pytest.raises(ValueError, match=f"asks {key}="):
+            check_request(cfg, fields | {key: value}, p.threshold)
+    with pytest.raises(ValueError, match="asks threshold="):
+        check_request(cfg, fields, p.threshold - 1)
+
+
+def test_the_statement_says_when_the_numerical_check_is_only_the_gaussian_limit():
+    """With a noise multiplier so large that the Skellam pmf is out of reach, the numerical
+    accountant falls back to the Gaussian limit: the summary and the statement say so."""
+    from fedrec.shared.privacy.distributed import plan, secure_summary
+    from fedrec.shared.privacy.statement import statement
+
+    cfg = FedConfig(dp=False, user_dp=True, secure_agg=True, user_clip=1.0,
+                    user_noise_multiplier=40.0, num_rounds=2)  # fmt: skip
+    p = plan(cfg, 50, 4774)
+    rounds = [{"round": r, "released": True, "survivors": 50, "mu_honest": p.mu_client * 46}
+              for r in (1, 2)]  # fmt: skip
+    u = secure_summary(cfg, p, rounds, 100)
+    assert u["independent_exact"] is False and u["releases"] == 2
+    text = statement(cfg, {"user_level": u})
+    assert "NOT an independent check" in text

@@ -303,6 +303,13 @@ class FedConfig:
             "false unless user-dp=true (secure aggregation carries user-level DP's distributed "
             "noise; set user-dp=true too)",
         )
+        _need(
+            not (self.secure_agg and self.dp),
+            "dp",
+            self.dp,
+            "false with secure-agg=true (local DP-SGD's per-client ledger is not wired into "
+            "secure rounds; user-level DP with distributed noise is the guarantee there)",
+        )
         _need(2 <= self.secagg_bits <= 62, "secagg-bits", self.secagg_bits, "2..62")
         _need(
             self.secagg_neighbours >= 0 and self.secagg_neighbours % 2 == 0,

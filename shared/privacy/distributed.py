@@ -10,6 +10,7 @@ accountants).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -40,6 +41,11 @@ class SecurePlan:
     encoding: skellam.SkellamConfig
     mu_total: float  # the claimed noise: what the worst accepted round still carries
     mu_client: float  # each client's noise share
+    # the chance, over the run, that the colluders hold a threshold of some node's shares
+    # (SecAgg+'s random graph; see collusion_risk); taken out of user-delta: the accountant
+    # works at delta = user-delta - collusion_risk
+    collusion_risk: float
+    delta: float
 
     @property
     def honest_min(self) -> int:
@@ -63,6 +69,8 @@ class SecurePlan:
             "l1_sensitivity": skellam.l1_bound(e),
             "mu_client": self.mu_client,
             "mu_total_claimed": self.mu_total,
+            "collusion_risk": self.collusion_risk,
+            "delta_accountant": self.delta,
         }
 
 
@@ -76,8 +84,36 @@ def honest_shares(survivors: int, colluders: int) -> int:
     return survivors - colluders - 1
 
 
+def collusion_risk(cohort: int, k: int, threshold: int, colluders: int, rounds: int) -> float:
+    """An upper bound on the chance that, in some round, the colluders hold ``threshold`` or
+    more of some honest node's shares (they could then rebuild its masking key and, with the
+    self-mask seed the server legitimately rebuilds, its noisy input alone).
+
+    SecAgg+ draws each round's graph at random after the colluders are fixed: a node's ``k``
+    neighbours are a uniform draw from the other ``cohort - 1`` nodes, so the number of
+    colluders among them is hypergeometric; a union bound over nodes and rounds. (The ring
+    makes neighbourhoods dependent but each one is still such a draw; the union bound does not
+    need independence.) With the complete graph it is 1 as soon as ``colluders >= threshold``.
+    """
+    from scipy.stats import hypergeom
+
+    if colluders <= 0:
+        return 0.0
+    k = min(k, cohort - 1)
+    per_node = float(hypergeom.sf(threshold - 1, cohort - 1, colluders, k))
+    return min(1.0, rounds * cohort * per_node)
+
+
+# the largest part of user-delta the collusion risk may take
+RISK_SHARE = 0.01
+
+
+@functools.lru_cache(maxsize=8)
 def plan(cfg: FedConfig, cohort: int, dim: int) -> SecurePlan:
-    """Calibrate the run: the cohort's graph, the integer encoding and each client's noise."""
+    """Calibrate the run: the cohort's graph, the integer encoding and each client's noise.
+
+    Deterministic in ``(cfg, cohort, dim)``: the server computes it once, each client again to
+    check what the server asks of it (:func:`check_request`); cached per process."""
     if cohort < 3:
         raise ValueError(
             f"secure-agg=true needs a cohort of at least 3 clients per round, got {cohort}: "
@@ -86,7 +122,7 @@ def plan(cfg: FedConfig, cohort: int, dim: int) -> SecurePlan:
     k = neighbours_for(cohort, cfg.secagg_neighbours)
     t = default_threshold(k + 1)
     min_survivors = max(t, math.ceil((1 - cfg.secagg_dropout) * cohort))
-    colluders = math.floor(cfg.secagg_colluders * cohort)
+    colluders = math.ceil(cfg.secagg_colluders * cohort)
     honest = honest_shares(min_survivors, colluders)
     if honest < 1:
         raise ValueError(
@@ -95,11 +131,22 @@ def plan(cfg: FedConfig, cohort: int, dim: int) -> SecurePlan:
             "raise fraction-train or lower secagg-dropout / secagg-colluders"
         )
 
+    risk = collusion_risk(cohort, k, t, colluders, cfg.num_rounds)
+    if risk > RISK_SHARE * cfg.user_delta:
+        raise ValueError(
+            f"secure-agg: with {colluders} colluders in a cohort of {cohort}, {k} neighbours and "
+            f"threshold {t}, the chance that colluders hold a threshold of some node's shares "
+            f"over {cfg.num_rounds} rounds is up to {risk:.3g}, above {RISK_SHARE:g} x "
+            f"user-delta={cfg.user_delta}: raise secagg-neighbours (0 = automatic) or lower "
+            "secagg-colluders"
+        )
+    delta = cfg.user_delta - risk
+
     def calibrated(enc: skellam.SkellamConfig) -> float:
         l1, l2 = skellam.l1_bound(enc), skellam.l2_bound(enc)
         if cfg.user_noise_multiplier > 0:  # fixed: noise std on the sum = z * l2
             return float((cfg.user_noise_multiplier * l2) ** 2 / 2)
-        return skellam.calibrate_mu(cfg.user_epsilon, cfg.user_delta, cfg.num_rounds, l1, l2)
+        return skellam.calibrate_mu(cfg.user_epsilon, delta, cfg.num_rounds, l1, l2)
 
     def encoding(scale: float) -> skellam.SkellamConfig:
         return skellam.SkellamConfig(clip=cfg.user_clip, scale=scale, dim=dim, bits=cfg.secagg_bits)
@@ -124,7 +171,32 @@ def plan(cfg: FedConfig, cohort: int, dim: int) -> SecurePlan:
         encoding=enc,
         mu_total=mu_total,
         mu_client=skellam.noise_shares(mu_total, honest),
+        collusion_risk=risk,
+        delta=delta,
     )
+
+
+def check_request(cfg: FedConfig, fields: dict[str, Any], threshold: int) -> None:
+    """A client's check of a masked-input request against its own recomputation of the plan
+    (from the run config and the cohort size): the server cannot ask it for less noise, a
+    coarser or different encoding, or a lower Shamir threshold than the calibration gives.
+    Raises ValueError saying what differs."""
+    p = plan(cfg, int(fields["cohort"]), int(fields["dim"]))
+    e = p.encoding
+    wants = {
+        "clip": e.clip, "scale": e.scale, "bits": e.bits, "beta": e.beta, "mu": p.mu_client,
+        "threshold": p.threshold,
+    }  # fmt: skip
+    asked = {k: fields.get(k) for k in wants} | {"threshold": threshold}
+    for key, mine in wants.items():
+        theirs = asked[key]
+        if not isinstance(theirs, (int, float)) or not math.isclose(
+            float(theirs), float(mine), rel_tol=1e-9
+        ):
+            raise ValueError(
+                f"secure aggregation: the server asks {key}={theirs}, but this client's "
+                f"calibration for a cohort of {p.cohort} gives {mine}; refused"
+            )
 
 
 def secure_summary(
@@ -135,8 +207,19 @@ def secure_summary(
     mu = min((r["mu_honest"] for r in released), default=p.mu_total)
     l1, l2 = skellam.l1_bound(p.encoding), skellam.l2_bound(p.encoding)
     n = len(released)
-    eps = skellam.skellam_epsilon(mu, l1, l2, n, cfg.user_delta) if n else 0.0
-    indep = skellam.skellam_epsilon_independent(mu, l2, n, cfg.user_delta) if n else 0.0
+    eps = skellam.skellam_epsilon(mu, l1, l2, n, p.delta) if n else 0.0
+    indep = skellam.skellam_epsilon_independent(mu, l2, n, p.delta) if n else 0.0
+    _ratio, exact = skellam.independent_rdp_ratio(mu, l2)
+    # replace-one (one client's update swapped for another's): twice the sensitivities
+    l1r, l2r = 2 * l1, 2 * l2
+    replace = (
+        max(
+            skellam.skellam_epsilon(mu, l1r, l2r, n, p.delta),
+            skellam.skellam_epsilon_independent(mu, l2r, n, p.delta),
+        )
+        if n
+        else 0.0
+    )
     return {
         "enabled": True,
         "unit": "one client's whole data set ("
@@ -151,7 +234,7 @@ def secure_summary(
             f"{p.colluders} of each round's {p.cohort} clients collude with it (their noise "
             "shares are not counted); at most "
             f"{p.cohort - p.min_survivors} drop out (a round with fewer survivors is not "
-            "released); clients add the noise the server asks for"
+            "released); the clients not counted as colluders add their noise share"
         ),
         "clip": cfg.user_clip,
         "secure_agg": p.as_dict(),
@@ -165,6 +248,11 @@ def secure_summary(
         "epsilon": max(eps, indep),
         "epsilon_analytic": eps,
         "epsilon_independent": indep,
+        # False: the numerical accountant fell back to the Gaussian limit (not independent)
+        "independent_exact": bool(exact),
+        "epsilon_replace_one": replace,
+        "delta_accountant": p.delta,
+        "collusion_risk": p.collusion_risk,
         "epsilon_budget": cfg.user_epsilon,
         "accounting": "Skellam RDP bound (Agarwal et al. 2021) composed over releases, each at "
         "the smallest released round's honest noise; no amplification by client sampling; the "
@@ -246,10 +334,10 @@ def audit_secure(run: Path, cfg: FedConfig, tolerance: float) -> tuple[dict[str,
         )
     mu = min(mus, default=expected.mu_total)
     l1, l2 = skellam.l1_bound(expected.encoding), skellam.l2_bound(expected.encoding)
-    eps = skellam.skellam_epsilon(mu, l1, l2, n, cfg.user_delta) if n and mu > 0 else 0.0
+    eps = skellam.skellam_epsilon(mu, l1, l2, n, expected.delta) if n and mu > 0 else 0.0
     if n and mu <= 0:
         eps = math.inf
-    indep = skellam.skellam_epsilon_independent(mu, l2, n, cfg.user_delta) if n and mu > 0 else eps
+    indep = skellam.skellam_epsilon_independent(mu, l2, n, expected.delta) if n and mu > 0 else eps
     claimed = float(claim.get("epsilon", 0.0))
     if claimed < eps * (1 - tolerance):
         problems.append(f"claimed user-level epsilon {claimed} is below the recomputed {eps:.6g}")

@@ -155,29 +155,48 @@ def _user_level(cfg: FedConfig, u: dict[str, Any]) -> str:
 def _secure(u: dict[str, Any]) -> str:
     """User-level DP with secure aggregation and distributed noise (no trusted server)."""
     sa = u["secure_agg"]
+    exact = (
+        "evaluated from the Skellam pmf"
+        if u.get("independent_exact", True)
+        else "its Gaussian limit (the pmf was out of reach): NOT an independent check here"
+    )
     return f"""## User-level DP with secure aggregation (distributed noise, no trusted server)
 
-- **Unit of privacy**: {u["unit"]}. **Adjacency**: {u["adjacency"]}.
+- **Unit of privacy**: {u["unit"]}. **Adjacency**: zero-out: one client's update replaced by
+  zeros, everything else unchanged. In a secure round a client's reply holds only its masked
+  vector and constants (whether it trained or had data is not sent). Replace-one (one client's
+  update swapped for another's) costs epsilon {u.get("epsilon_replace_one", float("nan")):.4f}
+  (twice the sensitivities); adding or removing a client (its noise share and its presence in
+  the cohort with it) is **not claimed**.
 - **Mechanism**: {u["mechanism"]}. Each client clips its whole change to L2 norm {u["clip"]},
   scales it by {sa["scale"]:.6g}, rounds it to integers (conditional randomized rounding: the
   integer vector's L2 norm is at most {sa["l2_sensitivity"]:.6g}, its L1 norm at most
   {sa["l1_sensitivity"]:.6g}), adds Skellam noise Sk(mu, mu) with mu = {sa["mu_client"]:.6g}
   per coordinate and masks the vector (SecAgg+, {sa["neighbours"]} neighbours per client,
-  Shamir threshold {sa["threshold"]}). The server learns only the sum modulo 2^{sa["bits"]} of the
-  survivors' noisy vectors; it divides the decoded sum by the cohort size {sa["cohort"]}.
+  Shamir threshold {sa["threshold"]}). The server learns the sum modulo 2^{sa["bits"]} of the
+  survivors' noisy vectors (plus who replied when); it divides the decoded sum by the cohort
+  size {sa["cohort"]}. Each client recomputes this calibration from the run config and refuses
+  a request for less noise, another grid or a lower threshold.
 - **epsilon = {u["epsilon"]:.4f} at delta = {u["delta"]}** after {u["releases"]} released
   round(s) (budget {u["epsilon_budget"]}). {u["accounting"]}. Noise counted per round: the
   smallest released round's, mu = {u["mu_total_used"]:.6g} (the shares of the survivors minus
   {sa["colluders"]} assumed colluders and minus the protected user's own); analytic bound
-  {u["epsilon_analytic"]:.4f}, numerical computation {u["epsilon_independent"]:.4f}.
-- **Trust**: {u["trust"]}. A round with fewer than {sa["min_survivors"]} survivors, or with a
-  node below the Shamir threshold, is not released: the server cannot unmask it. The server
-  never asks one client for both kinds of share of the same node (the client refuses).
-- **Not covered**: masks are expanded with AES-256-CTR from keys agreed by ECDH (Flower's
-  primitives); the noise comes from NumPy's PCG64 seeded with 128 bits of OS entropy on each
-  client, not a cryptographically secure generator. A client that adds less noise than asked
-  weakens the guarantee: the claim assumes the clients not counted as colluders follow the
-  protocol. The server still chooses the cohort and sees who replied when.
+  {u["epsilon_analytic"]:.4f}, numerical computation {u["epsilon_independent"]:.4f} ({exact}).
+  The accountant runs at delta = {u.get("delta_accountant", u["delta"]):.6g}: the rest of delta,
+  {u.get("collusion_risk", 0.0):.3g}, bounds the chance that colluders hold a threshold of some
+  node's shares in SecAgg+'s random graph (a union bound over nodes and rounds).
+- **Trust**: {u["trust"]}. The colluders are fixed before the server draws each round's graph.
+  The survivor minimum ({sa["min_survivors"]}) is enforced by the server (honest but curious);
+  the Shamir threshold is enforced by cryptography: a node's masks cannot be removed without a
+  threshold of its group's shares, and a client refuses a request for both kinds of share of
+  one node. The guarantee is computational: it holds if ECDH on NIST P-384, HKDF/AES-256-CTR
+  and Fernet are secure.
+- **Not covered**: a server that deviates from the protocol (the paper's consistency round
+  with signatures is not implemented, so a malicious server could ask different clients for a
+  node's two kinds of share); Sybil clients; the choice of the cohort and the timing of replies.
+  The noise comes from NumPy's PCG64 seeded with 128 bits of OS entropy on each client, not a
+  cryptographically secure generator. A client that adds less noise than asked weakens the
+  guarantee: the claim assumes the clients not counted as colluders follow the protocol.
 """
 
 
