@@ -170,6 +170,12 @@ def prg(seed: bytes, dim: int, bits: int, info: bytes) -> np.ndarray:
     return out
 
 
+def _scalar(private_key: bytes) -> bytes:
+    """A private key (Flower's serialized form) as its big-endian scalar, curve-size bytes."""
+    key = bytes_to_private_key(private_key)
+    return key.private_numbers().private_value.to_bytes((key.curve.key_size + 7) // 8, "big")
+
+
 def _pair_seed(sk1: ec.EllipticCurvePrivateKey, pk1: ec.EllipticCurvePublicKey) -> bytes:
     """The pairwise-mask seed: Flower's ECDH + HKDF agreement (symmetric in the two parties)."""
     return generate_shared_key(sk1, pk1)
@@ -368,7 +374,9 @@ class SecAggClient:
         seed = os.urandom(SEED_BYTES)
         order = sorted(group)  # share i + 1 goes to order[i]; the server checks the same order
         b_shares = create_shares(seed, self.threshold, len(order))
-        sk1_shares = create_shares(self.sk1, self.threshold, len(order))
+        # the masking key's scalar (48 bytes on P-384), not its 306-byte PEM: a third of the
+        # Shamir chunks, which are most of this stage's cost; the server rebuilds the key from it
+        sk1_shares = create_shares(_scalar(self.sk1), self.threshold, len(order))
         sk2 = bytes_to_private_key(self.sk2)
         out: list[tuple[int, bytes]] = []
         for idx, nid in enumerate(order):
@@ -923,7 +931,8 @@ class SecAggServer:
     def _rebuild_sk1(self, owner: int, secret: bytes) -> ec.EllipticCurvePrivateKey:
         assert self._keys is not None
         try:
-            sk1 = bytes_to_private_key(secret)
+            curve = bytes_to_public_key(self._keys[owner][0]).curve
+            sk1 = ec.derive_private_key(int.from_bytes(secret, "big"), curve)
         except (ValueError, TypeError):
             raise SecAggError(f"node {owner}: rebuilt mask key is unreadable") from None
         if public_key_to_bytes(sk1.public_key()) != self._keys[owner][0]:
