@@ -64,3 +64,13 @@ def test_list_presets_names_them_all():
     assert r.exit_code == 0
     for name in presets():
         assert f"{name}:" in r.output
+
+
+def test_secure_is_the_committed_secure_aggregation_run():
+    """`--preset secure` is the run whose result simulations/results/secure-agg/ reports."""
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "simulations/results/secure-agg/config.json"
+    ran = parse_run_config(json.loads(path.read_text())["federation"])
+    assert resolve(None, {}, preset="secure")[0] == ran
