@@ -286,7 +286,7 @@ def test_secure_aggregation_round_survives_a_killed_supernode(deployment, tiny_b
     flwr_run(
         d, run_dir, tiny_backbone, synth_dir, rounds=1,
         extra="dp=false user-dp=true user-clip=0.5 user-epsilon=6.0 secure-agg=true "
-        "secagg-dropout=0.4 secagg-colluders=0.0 round-timeout=60",
+        "secagg-dropout=0.4 secagg-colluders=0.0",
     )  # fmt: skip
     wait_for(
         lambda: "Receiving: train.secagg_masked message" in procs.log("n2"),
