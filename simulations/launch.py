@@ -324,6 +324,10 @@ def simulate(
     check_run_dir(out, cfg, resume)
     baseline_names(baselines)
     n = n_clients(cfg)
+    if cfg.secure_agg:  # refuse a cohort secure aggregation cannot use before Flower starts
+        from fedrec.shared.privacy.distributed import check_cohort
+
+        check_cohort(cfg, n)
     cpus = num_cpus or os.cpu_count() or 1
     bindir = Path(sys.executable).parent
     for tool in ("flower-superlink", "flwr"):

@@ -198,3 +198,24 @@ def test_the_statement_says_when_the_numerical_check_is_only_the_gaussian_limit(
     assert u["independent_exact"] is False and u["releases"] == 2
     text = statement(cfg, {"user_level": u})
     assert "NOT an independent check" in text
+
+
+def test_a_cohort_secure_aggregation_cannot_use_is_refused_before_the_run(tmp_path, synth_dir):
+    """Too few clients per round, or too many colluders for the graph: exit 2 from the CLI with
+    the reason, before Flower starts and before anything is written."""
+    from typer.testing import CliRunner
+
+    from fedrec.cli import app
+    from fedrec.shared.privacy.distributed import check_cohort
+
+    cfg = FedConfig(dp=False, user_dp=True, secure_agg=True, fraction_train=0.1)
+    check_cohort(cfg, 943)
+    with pytest.raises(ValueError, match="at least 3 clients"):
+        check_cohort(FedConfig(**{**cfg.as_dict(), "fraction_train": 0.002}), 943)
+    out = tmp_path / "o"
+    r = CliRunner().invoke(app, [
+        "simulate", "--out", str(out), "--set", f"data={synth_dir}", "--set", "secure-agg=true",
+        "--set", "user-dp=true", "--set", "dp=false", "--set", "secagg-colluders=0.45",
+    ])  # fmt: skip
+    assert r.exit_code == 2 and "raise secagg-neighbours" in r.output, r.output
+    assert not out.exists()

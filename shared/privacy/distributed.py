@@ -108,12 +108,16 @@ def collusion_risk(cohort: int, k: int, threshold: int, colluders: int, rounds: 
 RISK_SHARE = 0.01
 
 
-@functools.lru_cache(maxsize=8)
-def plan(cfg: FedConfig, cohort: int, dim: int) -> SecurePlan:
-    """Calibrate the run: the cohort's graph, the integer encoding and each client's noise.
+def check_cohort(cfg: FedConfig, clients: int) -> None:
+    """Before a run starts: the cohort that ``clients`` connected clients give is large enough
+    for secure aggregation (at least 3, at least one counted noise share, a collusion risk
+    within 1 % of delta). Raises ValueError saying what to change."""
+    cohort = max(int(clients * cfg.fraction_train), cfg.min_replies)
+    _cohort_parameters(cfg, cohort)
 
-    Deterministic in ``(cfg, cohort, dim)``: the server computes it once, each client again to
-    check what the server asks of it (:func:`check_request`); cached per process."""
+
+def _cohort_parameters(cfg: FedConfig, cohort: int) -> tuple[int, int, int, int, int, float]:
+    """``(k, threshold, min_survivors, colluders, honest, collusion_risk)`` for a cohort."""
     if cohort < 3:
         raise ValueError(
             f"secure-agg=true needs a cohort of at least 3 clients per round, got {cohort}: "
@@ -130,7 +134,6 @@ def plan(cfg: FedConfig, cohort: int, dim: int) -> SecurePlan:
             f"secagg-colluders={cfg.secagg_colluders} leaves {honest} honest noise shares; "
             "raise fraction-train or lower secagg-dropout / secagg-colluders"
         )
-
     risk = collusion_risk(cohort, k, t, colluders, cfg.num_rounds)
     if risk > RISK_SHARE * cfg.user_delta:
         raise ValueError(
@@ -140,6 +143,16 @@ def plan(cfg: FedConfig, cohort: int, dim: int) -> SecurePlan:
             f"user-delta={cfg.user_delta}: raise secagg-neighbours (0 = automatic) or lower "
             "secagg-colluders"
         )
+    return k, t, min_survivors, colluders, honest, risk
+
+
+@functools.lru_cache(maxsize=8)
+def plan(cfg: FedConfig, cohort: int, dim: int) -> SecurePlan:
+    """Calibrate the run: the cohort's graph, the integer encoding and each client's noise.
+
+    Deterministic in ``(cfg, cohort, dim)``: the server computes it once, each client again to
+    check what the server asks of it (:func:`check_request`); cached per process."""
+    k, t, min_survivors, colluders, honest, risk = _cohort_parameters(cfg, cohort)
     delta = cfg.user_delta - risk
 
     def calibrated(enc: skellam.SkellamConfig) -> float:
