@@ -625,9 +625,11 @@ def _body_seconds(costs: dict[str, Any] | None, variant: str, c: int) -> float |
 def parse_rounds_at(items: list[str]) -> dict[tuple[str, int], int]:
     out = {}
     for item in items:
-        m = re.fullmatch(r"([a-z0-9-]+)@(\d+)=(\d+)", item.strip())
+        m = re.fullmatch(r"([a-z0-9+-]+)@(\d+)=(\d+)", item.strip())
         if not m or m.group(1) not in VARIANTS + PATCHED or int(m.group(3)) < 1:
-            raise ValueError(f"--rounds-at {item!r}: VARIANT@C=R with VARIANT in {VARIANTS}")
+            raise ValueError(
+                f"--rounds-at {item!r}: VARIANT@C=R with VARIANT in {VARIANTS + PATCHED}"
+            )
         out[(m.group(1), int(m.group(2)))] = int(m.group(3))
     return out
 
