@@ -59,7 +59,12 @@ from torch.utils.data import TensorDataset
 
 from fedrec.client.budget import Budget, BudgetStore
 from fedrec.shared.federation.config import FedConfig
-from fedrec.shared.model.candidates import CandidateScorer, candidate_loss, keyed_candidates
+from fedrec.shared.model.candidates import (
+    CandidateScorer,
+    candidate_loss,
+    keyed_candidates,
+    shared_candidates,
+)
 from fedrec.shared.model.examples import disjoint_examples, sequence_examples
 from fedrec.shared.privacy.accounting import Run, epsilon_spent
 from fedrec.shared.privacy.calibration import calibrated_noise
@@ -374,15 +379,25 @@ def batch_loss(
     filled = (context >= 0).any(0).nonzero()  # drop context columns empty for the whole batch
     context = context[:, int(filled[0]) :] if filled.numel() else context[:, -1:]
     profile = batch[2] if len(batch) > 2 else None
-    cands, as_cold = keyed_candidates(  # (batch, 1 + negatives) each
-        targets,
-        context,
-        n_items=n_items,
-        negatives=cfg.negatives,
-        key=key,
-        step=step,
-        cold_dropout=cfg.cold_dropout,
-    )
+    if cfg.negative_sampling == "shared":  # one set per step: far fewer items to embed
+        cands, as_cold = shared_candidates(
+            targets,
+            n_items=n_items,
+            negatives=cfg.negatives,
+            key=key,
+            step=step,
+            cold_dropout=cfg.cold_dropout,
+        )
+    else:
+        cands, as_cold = keyed_candidates(  # (batch, 1 + negatives) each
+            targets,
+            context,
+            n_items=n_items,
+            negatives=cfg.negatives,
+            key=key,
+            step=step,
+            cold_dropout=cfg.cold_dropout,
+        )
     with quiet_opacus_hooks():
         logits = module(context, cands, profile, as_cold)
     return candidate_loss(logits, context, cands, reduction="sum" if summed else "mean")

@@ -265,8 +265,12 @@ def fraction_for(clients: int, supernodes: int) -> float:
     return frac
 
 
+# ``--set KEY=VALUE`` for the fedrec variants (and the in-process bodies), on top of the preset
+EXTRA_SETS: dict[str, str] = {}
+
+
 def fedrec_sets(secure: bool, clients: int, supernodes: int, rounds: int) -> dict[str, str]:
-    sets = {
+    sets = dict(EXTRA_SETS) | {
         "fraction-train": repr(fraction_for(clients, supernodes)),
         "num-rounds": str(rounds),
         "evaluate-every": "0",
@@ -655,6 +659,7 @@ def bench(
             "rounds_at": {f"{v}@{c}": r for (v, c), r in rounds_at.items()},
             "array_sizes": list(ARRAY_SIZES),
             "preset": "central-dp",
+            "fedrec_sets": dict(EXTRA_SETS),
             "median_over": "rounds 2..R (round 1 includes warm-up)",
         },
         "machine": {
@@ -775,6 +780,14 @@ def main() -> None:
     )
     ap.add_argument("--supernodes", type=int, default=FULL)
     ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a fedrec setting for the fedrec variants, on top of the central-dp preset "
+        "(repeatable; e.g. negative-sampling=shared)",
+    )
+    ap.add_argument(
         "--body-clients",
         type=int,
         default=12,
@@ -799,6 +812,17 @@ def main() -> None:
         ap.error(str(err))
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            ap.error(f"--set {item!r}: expected KEY=VALUE, e.g. negative-sampling=shared")
+        EXTRA_SETS[key.strip()] = value.strip()
+    try:
+        from fedrec.simulations.launch import resolve
+
+        resolve(None, fedrec_sets(True, per_round[0], args.supernodes, 1), preset="central-dp")
+    except (ValueError, KeyError) as err:
+        ap.error(f"--set: {err}")
     with contextlib.ExitStack() as stack:
         if args.keep is not None:
             workdir = args.keep

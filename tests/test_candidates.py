@@ -191,3 +191,43 @@ def test_id_table_scores_and_gradients_equal_recmodel(ds, tiny_backbone, tower):
         assert a.abs().max() > 0
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
     assert grads[0][:5].abs().max() == 0  # cold rows get no gradient
+
+
+def test_shared_negatives_are_one_data_independent_set_per_step():
+    """One negative set per (key, step), whatever the batch holds; the target in column 0;
+    each target's cold flag a function of that target (not of its position in the batch)."""
+    from fedrec.shared.model.candidates import shared_candidates
+
+    kw = dict(n_items=500, negatives=40, key=b"k" * 32, cold_dropout=0.5)
+    a, ca = shared_candidates(torch.tensor([3, 9, 4]), step=2, **kw)
+    b, cb = shared_candidates(torch.tensor([7, 3]), step=2, **kw)
+    assert a.shape == (3, 41) and b.shape == (2, 41)
+    assert torch.equal(a[:, 0], torch.tensor([3, 9, 4]))
+    assert all(torch.equal(a[i, 1:], b[0, 1:]) for i in range(3))  # one set, data-independent
+    assert torch.equal(ca[:, 1:], cb[:1, 1:].expand(3, -1))
+    assert ca[0, 0] == cb[1, 0]  # target 3's flag, at rows 0 and 1
+    c, _ = shared_candidates(torch.tensor([3]), step=3, **kw)
+    d, _ = shared_candidates(torch.tensor([3]), step=2, **{**kw, "key": b"j" * 32})
+    assert not torch.equal(c[0, 1:], a[0, 1:]) and not torch.equal(d[0, 1:], a[0, 1:])
+    flags = torch.cat([shared_candidates(torch.arange(400), step=s, **kw)[1] for s in range(5)])
+    assert 0.4 < flags.float().mean() < 0.6  # the configured rate
+    # uniform over the catalog: many steps cover it
+    seen = torch.cat(
+        [shared_candidates(torch.tensor([0]), step=s, **kw)[0][0, 1:] for s in range(200)]
+    )
+    assert seen.unique().numel() > 490
+
+
+def test_shared_negatives_touch_fewer_items_and_mask_collisions():
+    from fedrec.shared.model.candidates import shared_candidates
+
+    targets = torch.arange(16)
+    context = torch.full((16, 4), -1)
+    keyed, _ = keyed_candidates(targets, context, n_items=1000, negatives=50, key=b"k", step=0)
+    shared, _ = shared_candidates(targets, n_items=1000, negatives=50, key=b"k", step=0)
+    assert shared.unique().numel() <= 66 < keyed.unique().numel()
+    # a shared negative equal to an example's target or context item is masked for that example
+    context[0, -1] = int(shared[0, 1])
+    logits = torch.zeros(16, 51)
+    masked = candidate_loss(logits, context, shared, reduction="none")
+    assert masked[0] < masked[1]  # one fewer competitor for example 0

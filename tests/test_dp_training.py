@@ -310,13 +310,14 @@ def test_id_table_trains_without_dp_only_at_its_own_rate(ds, tiny_backbone):  # 
     assert torch.allclose(d_same, d_id / 4, atol=1e-6)
 
 
+@pytest.mark.parametrize("sampling", ["keyed", "shared"])
 @pytest.mark.parametrize("seed", range(3))
-def test_per_example_gradients_depend_on_their_example_alone(ds, tiny_backbone, seed):  # noqa: F811
+def test_per_example_gradients_depend_on_their_example_alone(ds, tiny_backbone, seed, sampling):  # noqa: F811
     """Property test on random histories: with one interaction added, every example other than
     the affected one has a bit-identical per-example gradient (negatives and cold-dropout masks
     included), through the training path's own loss (``batch_loss``) and Opacus' per-sample
-    gradients. Negatives drawn from one stream in batch order fail this: the added example
-    shifts every later example's draws."""
+    gradients, for per-example (keyed) and per-step (shared) negatives. Negatives drawn from one
+    stream in batch order fail this: the added example shifts every later example's draws."""
     from opacus import GradSampleModule
 
     from fedrec.client.local_train import batch_loss, quiet_opacus_hooks
@@ -324,7 +325,9 @@ def test_per_example_gradients_depend_on_their_example_alone(ds, tiny_backbone, 
     rng = np.random.default_rng(seed)
     model = make_model(ds, tiny_backbone, id_residual=False, ffa=True)
     scorer = CandidateScorer(model)
-    cfg = _cfg(backbone=str(tiny_backbone), cold_dropout=0.3, negatives=12)
+    cfg = _cfg(
+        backbone=str(tiny_backbone), cold_dropout=0.3, negatives=12, negative_sampling=sampling
+    )
     n = int(rng.integers(12, 30))
     times = np.sort(rng.choice(10**6, n + 1, replace=False))
     items = rng.integers(0, scorer.n_items, n + 1)

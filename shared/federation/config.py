@@ -101,6 +101,12 @@ class FedConfig:
     sample_rate: float = 0.0
     lr: float = 1.0  # the clients' local learning rate
     negatives: int = 50  # sampled negative items per training example
+    # "keyed": each example draws its own negatives (a hash of the example and a per-round
+    # secret); "shared": one set per step for the whole batch (from the per-round secret and the
+    # step only, never from the data). Both keep each example's loss a function of that example
+    # and data-independent randomness; "shared" touches far fewer distinct items per step (the
+    # item tower's cost), see fedrec.shared.model.candidates.shared_candidates.
+    negative_sampling: str = "keyed"
     slots: int = 32  # training examples per user (disjoint examples)
     # what a DP client divides its noised gradient sum by: a constant, never the data's size
     # (0 = sample-rate * slots * the client's users; see client.local_train.batch_divisor)
@@ -238,6 +244,12 @@ class FedConfig:
             "its values per example; user-level DP with it is not measured)",
         )
         _need(1 <= self.negatives <= 100_000, "negatives", self.negatives, "1..100000")
+        _need(
+            self.negative_sampling in ("keyed", "shared"),
+            "negative-sampling",
+            self.negative_sampling,
+            "keyed (per example) or shared (one set per step)",
+        )
         _need(1 <= self.slots <= 10_000, "slots", self.slots, "1..10000")
         _need(
             0 <= self.batch_divisor <= 1e7,

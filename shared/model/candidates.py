@@ -441,6 +441,45 @@ def keyed_candidates(
     return cands, (torch.from_numpy(cold) if cold is not None else None)
 
 
+def shared_candidates(
+    targets: torch.Tensor,
+    *,
+    n_items: int,
+    negatives: int,
+    key: bytes,
+    step: int,
+    cold_dropout: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Candidates ``(batch, 1 + negatives)``: each example's target, then ONE set of
+    ``negatives`` items shared by the whole batch, drawn from ``blake2b(key, step)`` alone; the
+    cold-dropout mask (same shape, or None): the negatives' flags shared from the same stream,
+    each target's from ``blake2b(key, step, target)``.
+
+    The draws depend on the secret per-round ``key`` and the public ``step`` only, never on the
+    data, so each example's loss is still a function of that example and data-independent
+    randomness (what per-example DP-SGD needs, as with :func:`keyed_candidates`). What changes is
+    the cost: the item tower embeds each distinct item of a step once, and a batch of ``b``
+    examples touches about ``b + negatives`` items (its targets, the shared set, the context)
+    instead of about ``b * (1 + negatives)``. Every example of a step meets the same negatives:
+    the gradient of one step is less diverse, not biased (each set is uniform over the catalog).
+    """
+    head = key + b"shared" + int(step).to_bytes(8, "little")
+    digest = hashlib.blake2b(head, digest_size=16).digest()
+    rng = np.random.Generator(np.random.PCG64(int.from_bytes(digest, "little")))
+    neg = torch.from_numpy(rng.integers(n_items, size=negatives)).expand(targets.shape[0], -1)
+    cands = torch.cat([targets.long().unsqueeze(1), neg], dim=1)
+    cold = None
+    if cold_dropout > 0:
+        # the shared negatives' flags are shared too; a target's flag comes from its own item
+        # (a row drawn by batch position would change when an example before it is added)
+        cold = torch.empty(cands.shape, dtype=torch.bool)
+        cold[:, 1:] = torch.from_numpy(rng.random(negatives) < cold_dropout)
+        for i, t in enumerate(targets.tolist()):
+            d = hashlib.blake2b(head + b"cold" + int(t).to_bytes(8, "little"), digest_size=8)
+            cold[i, 0] = int.from_bytes(d.digest(), "little") / 2.0**64 < cold_dropout
+    return cands, cold
+
+
 def candidate_loss(
     logits: torch.Tensor, context: torch.Tensor, candidates: torch.Tensor, **kw: Any
 ) -> torch.Tensor:
