@@ -28,8 +28,8 @@ from fedrec.client.local_train import ClientExamples, build_examples
 from fedrec.shared.data.dataset import Dataset
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.federation.data_and_model import (  # built as the server builds them
-    catalog_digest,
     dataset_and_split,
+    dataset_digest,
     model_for,
     resolve_data_dir,
 )
@@ -146,7 +146,7 @@ def client_state(cfg: FedConfig, node_config: dict[str, Any]) -> ClientState:
         split,
         users,
         examples,
-        catalog_digest(ds.item_texts()),
+        dataset_digest(ds),
         name,
         ds,
     )

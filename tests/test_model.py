@@ -222,3 +222,34 @@ def test_training_learns_and_beats_popularity(ds, tiny_backbone):
     ours = evaluate(ModelScorer(model, ProfileBank(model)), test, ks=(10,))["NDCG@10"]
     pop = evaluate(Popularity(sp), test, ks=(10,))["NDCG@10"]
     assert ours > pop
+
+
+@pytest.mark.parametrize("ffa", [False, True])
+def test_travelling_state_is_pefts_and_loads_strictly(ds, tiny_backbone, ffa):
+    """The adapter tensors that travel are exactly PEFT's state dict (A only when it trains);
+    loading writes them into the model and refuses a missing/extra key or a wrong shape."""
+    from peft import get_peft_model_state_dict
+
+    from fedrec.shared.federation.params import UpdateError, load_travelling, travelling_state
+
+    model = make_model(ds, tiny_backbone, ffa=ffa)
+    perturb_lora(model, seed=5)
+    state = travelling_state(model)
+    peft = get_peft_model_state_dict(model.backbone)
+    adapter = {k: v for k, v in state.items() if not k.startswith("head.")}
+    assert set(adapter) == {k for k in peft if not (ffa and ".lora_A." in k)}
+    assert all(torch.equal(adapter[k], peft[k]) for k in adapter)
+    other = make_model(ds, tiny_backbone, ffa=ffa)
+    load_travelling(other, state)
+    got = travelling_state(other)
+    assert all(torch.equal(got[k], state[k]) for k in state)
+    assert torch.equal(get_peft_model_state_dict(other.backbone)[next(iter(adapter))],
+                       adapter[next(iter(adapter))])  # fmt: skip
+    key = next(iter(adapter))
+    for bad in (
+        {k: v for k, v in state.items() if k != key},
+        {**state, "head.nope": torch.zeros(1)},
+        {**state, key: torch.zeros(3, 3)},
+    ):
+        with pytest.raises(UpdateError):
+            load_travelling(other, bad)

@@ -463,3 +463,66 @@ def test_state_mid_protocol_keeps_the_stage_order():
         SecAggClient.from_state({**state, "stage": "share-keys"})  # no seed yet
     with pytest.raises(SecAggError, match="missing"):
         SecAggClient.from_state({k: v for k, v in state.items() if k != "sk1"})
+
+
+# ------------------------------------------------------------------- secrets, shares, mask key
+
+
+def test_mask_key_from_seed_and_p384_order():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from fedrec.shared.federation.secagg import P384_ORDER, mask_key
+
+    ec.derive_private_key(P384_ORDER - 1, ec.SECP384R1())  # the largest valid scalar ...
+    with pytest.raises(ValueError):
+        ec.derive_private_key(P384_ORDER, ec.SECP384R1())  # ... and the order itself is not
+    a, b = mask_key(b"\x01" * 16), mask_key(b"\x01" * 16)
+    assert a.private_numbers().private_value == b.private_numbers().private_value
+    assert (
+        a.private_numbers().private_value != mask_key(b"\x02" * 16).private_numbers().private_value
+    )
+    assert isinstance(a.curve, ec.SECP384R1)
+    with pytest.raises(ValueError, match="16 bytes"):
+        mask_key(b"\x01" * 32)
+    # the client's pk1 is the public key of the key derived from its seed
+    c = SecAggClient(7, bits=16, threshold=2)
+    pk1, _ = c.setup()
+    assert (
+        bytes_to_public_key(pk1).public_numbers()
+        == mask_key(c.sk1_seed).public_key().public_numbers()
+    )
+
+
+@pytest.mark.parametrize("t,n", [(2, 3), (5, 9), (16, 31)])
+def test_shamir_shares_rebuild_with_threshold_only(t, n):
+    from fedrec.shared.federation.secagg import combine_secret, split_secret
+
+    rng = np.random.default_rng(t)
+    secret = rng.bytes(16)
+    shares = split_secret(secret, t, n)
+    assert len(shares) == n and all(len(s) == 20 for s in shares)
+    assert [int.from_bytes(s[:4], "little") for s in shares] == list(range(1, n + 1))
+    for _ in range(5):
+        pick = [shares[i] for i in rng.choice(n, t, replace=False)]
+        assert combine_secret(pick) == secret
+    assert combine_secret(shares[: t - 1]) != secret  # below the threshold: another value
+
+
+def test_server_catches_an_altered_share_of_a_survivor():
+    """More than t holders answer: an altered self-mask share shows as inconsistent subsets."""
+    r = Round(9, 8, seed=3)  # complete graph, t = 5, 9 holders per node
+    r.keys = {i: r.call(i, "setup") for i in r.cohort}
+    groups = {i: r.server.group_keys_for(i, r.keys) for i in r.cohort}
+    r.routed = r.server.route({i: r.call(i, "share_keys", g) for i, g in groups.items()})
+    masked = {i: r.call(i, "masked_input", cts, r.xs[i]) for i, cts in r.routed.items()}
+    replies = {}
+    for i in masked:
+        req = r.server.unmask_request(i, masked)
+        replies[i] = r.call(i, "unmask", *req)
+    victim, holder = r.cohort[0], r.cohort[-1]
+    b, sk = replies[holder]
+    share = bytearray(b[victim])
+    share[10] ^= 1
+    replies[holder] = ({**b, victim: bytes(share)}, sk)
+    with pytest.raises(SecAggError, match="inconsistent"):
+        r.server.aggregate(masked, replies)

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft import get_peft_model_state_dict
 
 from fedrec.shared.model.towers import RecModel
 
@@ -33,12 +33,37 @@ class UpdateError(ValueError):
     """A client update that cannot be aggregated (missing key, wrong shape, NaN/Inf, ...)."""
 
 
+def _adapter_tensors(model: RecModel) -> dict[str, torch.Tensor]:
+    """PEFT state-dict name -> the model's own adapter Parameter, for the names
+    ``get_peft_model_state_dict`` gives (checked to be exactly those, and the same values);
+    looked up once per model: PEFT's call walks the whole backbone's state dict (milliseconds,
+    every round on every client)."""
+    cached = model.__dict__.get("_fedrec_adapter_tensors")
+    if cached is not None:
+        return cached
+    reference = get_peft_model_state_dict(model.backbone)
+    own = {
+        name.replace(".default.", "."): p
+        for name, p in model.backbone.named_parameters()
+        if ".lora_" in name
+    }
+    if set(own) != set(reference) or any(
+        not torch.equal(own[k].detach(), reference[k]) for k in reference
+    ):
+        raise RuntimeError(
+            "the adapter's parameters do not match PEFT's state dict (a PEFT version with "
+            f"other names?): {sorted(own)} vs {sorted(reference)}"
+        )
+    model.__dict__["_fedrec_adapter_tensors"] = own
+    return own
+
+
 def travelling_state(model: RecModel) -> dict[str, torch.Tensor]:
     """Name -> float32 tensor (detached copy) of everything a round trains and sends."""
     out: dict[str, torch.Tensor] = {}
     lora = model.lora_layer()
     frozen_a = not lora.lora_A["default"].weight.requires_grad
-    for name, t in get_peft_model_state_dict(model.backbone).items():
+    for name, t in _adapter_tensors(model).items():
         if frozen_a and ".lora_A." in name:
             continue
         out[name] = t.detach().clone().float()
@@ -52,20 +77,29 @@ def travelling_state(model: RecModel) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_travelling(model: RecModel, state: Mapping[str, torch.Tensor]) -> None:
     """Write ``state`` (as from :func:`travelling_state`) into ``model``; strict on keys."""
-    expected = travelling_state(model)
+    frozen_a = not model.lora_layer().lora_A["default"].weight.requires_grad
+    adapter = {
+        k: p for k, p in _adapter_tensors(model).items() if not (frozen_a and ".lora_A." in k)
+    }
+    heads = {
+        f"head.{name}": p
+        for name in HEAD
+        if isinstance(p := getattr(model, name, None), torch.nn.Parameter) and p.requires_grad
+    }
+    expected = adapter | heads
     missing, extra = set(expected) - set(state), set(state) - set(expected)
     if missing or extra:
         raise UpdateError(
             f"state keys differ: missing {sorted(missing)}, unexpected {sorted(extra)}"
         )
-    lora = {k: v for k, v in state.items() if not k.startswith("head.")}
-    result = set_peft_model_state_dict(model.backbone, lora)
-    bad = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k]
+    bad = [k for k, p in expected.items() if tuple(state[k].shape) != tuple(p.shape)]
     if bad:
-        raise UpdateError(f"PEFT did not accept adapter keys {bad}")
-    for name in HEAD:
-        if f"head.{name}" in state:
-            getattr(model, name).copy_(state[f"head.{name}"])
+        raise UpdateError(
+            "state shapes differ: "
+            + ", ".join(f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in bad)
+        )
+    for k, p in expected.items():
+        p.copy_(state[k])
 
 
 def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:

@@ -10,20 +10,28 @@ Message-API wiring moves their arguments and results between the two.
 Nothing cryptographic is written here. Everything comes from Flower's own SecAgg+ primitives
 (the ones its legacy ``secaggplus_mod`` / ``SecAggPlusWorkflow`` use) and from ``cryptography``:
 
-- key pairs: ``flwr.supercore.primitives.asymmetric`` (ECDH on NIST P-384, PEM bytes);
+- key pairs: ``flwr.supercore.primitives.asymmetric`` (ECDH on NIST P-384, PEM bytes); the
+  pairwise-mask key ``sk1`` is derived from a fresh 16-byte seed (HKDF-SHA256 to a P-384 scalar,
+  ``cryptography``'s ``derive_private_key``), so that what is secret-shared is that seed;
 - agreement: ``generate_shared_key`` (ECDH + HKDF-SHA256, 32 bytes, urlsafe base64);
 - share encryption: Flower's ``encrypt`` / ``decrypt`` (Fernet: AES-128-CBC + HMAC-SHA256,
   so a tampered or misrouted ciphertext fails authentication), the plaintext built by
   ``share_keys_plaintext_concat`` which binds the source and destination node ids;
-- secret sharing: Flower's ``create_shares`` / ``combine_shares`` (pycryptodome's Shamir over
-  GF(2^128), 16-byte chunks, a 4-byte share index in front of every share).
+- secret sharing: pycryptodome's Shamir over GF(2^128) (what Flower's ``create_shares`` /
+  ``combine_shares`` wrap), on the two 16-byte secrets (the self-mask seed ``b`` and the mask
+  key's seed) as one block each, in Flower's share format (a 4-byte index, then the 16-byte
+  share). Flower's wrappers PKCS#7-pad every secret, so a 16-byte secret became two blocks and
+  the 48-byte P-384 scalar four; the split is pure Python and was most of a client's
+  share-keys cost. 128-bit seeds keep the protocol at the 128-bit level (AES-128 in Fernet).
+  The server checks a rebuilt ``b`` against a second subset of shares when it holds more than
+  ``t``, and a rebuilt ``sk1`` against the node's public key.
 
 One deliberate difference: the mask expansion. Flower's ``pseudo_rand_gen`` XOR-folds the seed
 into 32 bits and seeds NumPy's MT19937 with it. MT19937 is not a cryptographic generator and 32
 bits of seed are brute-forceable: a server holding ``y = x + PRG(b) + ...`` could try all 2^32
 self-mask seeds and strip the self mask (the pairwise masks likewise), which defeats the
 protocol. :func:`prg` instead derives an AES-256 key with HKDF-SHA256 from the full seed (the
-32-byte self-mask seed, or the ECDH shared key), with a domain-separation ``info``
+16-byte self-mask seed, or the ECDH shared key), with a domain-separation ``info``
 (:data:`SELF_MASK_INFO` / :data:`PAIR_MASK_INFO`, so a self-mask stream and a pairwise stream
 never coincide even for equal seeds), and runs AES in CTR mode over zero bytes. The nonce is
 fixed (all zeros): a CTR key must never encrypt two different streams under one nonce, and
@@ -47,9 +55,9 @@ The round, step by step (``t`` the Shamir threshold, ``k`` the neighbour count):
 3. ``share-keys``: :meth:`SecAggServer.group_keys_for` gives each client the keys of its group
    members that replied (itself included). A node whose group has fewer than ``t`` repliers is
    out of the round (an empty dict: send it nothing); removing it can push a neighbour below
-   ``t`` too, so the rule is applied until nothing changes. The client draws a 32-byte self-mask
-   seed ``b``, Shamir-shares ``b`` and ``sk1`` (threshold ``t``, one share per group member in
-   sorted node-id order: member number ``i`` gets share index ``i + 1``), keeps its own shares
+   ``t`` too, so the rule is applied until nothing changes. The client draws a 16-byte
+   self-mask seed ``b``, Shamir-shares ``b`` and ``sk1``'s seed (threshold ``t``, one share per
+   group member in sorted node-id order: member ``i`` gets share index ``i + 1``), keeps its shares
    and encrypts each neighbour's pair under ECDH(``sk2``, neighbour's ``pk2``).
 4. ``masked-input``: :meth:`SecAggServer.route` forwards each ciphertext to its destination,
    among the nodes that completed share-keys. The client decrypts and checks them, needs at
@@ -95,12 +103,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.fernet import InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
     decrypt,
     encrypt,
@@ -120,7 +128,13 @@ from flwr.supercore.primitives.asymmetric import (
 
 SELF_MASK_INFO = b"fedrec-secagg-selfmask"
 PAIR_MASK_INFO = b"fedrec-secagg-pairmask"
-SEED_BYTES = 32  # the self-mask seed b
+SEED_BYTES = 16  # the self-mask seed b and the mask key's seed: one Shamir block each
+MASK_KEY_INFO = b"fedrec-secagg-maskkey"
+# the order of NIST P-384's base point (SEC 2 / FIPS 186-4); a test checks it against cryptography
+P384_ORDER = int(
+    "ffffffffffffffffffffffffffffffffffffffffffffffffc7634d81f4372ddf581a0db248b0a77aecec196accc52973",
+    16,
+)
 MAX_BITS = 62
 _CTR_NONCE = bytes(16)  # fixed: every derived key expands a single stream (fresh keys per round)
 _MAX_NODE_ID = 2**64 - 1  # Flower node ids are uint64 (and share_keys_plaintext_concat packs 8 B)
@@ -170,10 +184,34 @@ def prg(seed: bytes, dim: int, bits: int, info: bytes) -> np.ndarray:
     return out
 
 
-def _scalar(private_key: bytes) -> bytes:
-    """A private key (Flower's serialized form) as its big-endian scalar, curve-size bytes."""
-    key = bytes_to_private_key(private_key)
-    return key.private_numbers().private_value.to_bytes((key.curve.key_size + 7) // 8, "big")
+def mask_key(seed: bytes) -> ec.EllipticCurvePrivateKey:
+    """The pairwise-mask private key ``sk1`` (P-384, as Flower's key pairs) derived from a
+    16-byte seed: HKDF-SHA256 to 64 bytes, reduced into ``[1, n - 1]`` (the bias of reducing a
+    512-bit number mod a 384-bit order is below 2^-128)."""
+    if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
+        raise ValueError(f"mask_key: the seed must be {SEED_BYTES} bytes")
+    okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=MASK_KEY_INFO).derive(seed)
+    scalar = int.from_bytes(okm, "big") % (P384_ORDER - 1) + 1
+    return ec.derive_private_key(scalar, ec.SECP384R1())
+
+
+def split_secret(secret: bytes, threshold: int, num: int) -> list[bytes]:
+    """Shamir shares (pycryptodome, GF(2^128)) of a 16-byte secret: ``num`` shares, any
+    ``threshold`` rebuild it; share ``i`` (1-based) is ``i`` (4 bytes, little-endian) + 16
+    bytes, Flower's share format."""
+    if len(secret) != SEED_BYTES:
+        raise ValueError(f"split_secret: the secret must be {SEED_BYTES} bytes")
+    return [
+        i.to_bytes(4, "little") + sh for i, sh in Shamir.split(threshold, num, secret, ssss=False)
+    ]
+
+
+def combine_secret(shares: Sequence[bytes]) -> bytes:
+    """The 16-byte secret from shares of :func:`split_secret` (at least the threshold of them;
+    fewer, or altered ones, give a different value: the callers check what they rebuild)."""
+    return Shamir.combine(
+        [(int.from_bytes(sh[:4], "little"), sh[4:20]) for sh in shares], ssss=False
+    )
 
 
 def _pair_seed(sk1: ec.EllipticCurvePrivateKey, pk1: ec.EllipticCurvePublicKey) -> bytes:
@@ -269,8 +307,8 @@ def _check_vector(v: Any, dim: int | None, bits: int, what: str) -> np.ndarray:
 
 
 def _check_share(share: Any, index: int, owner: int, holder: int) -> bytes:
-    """A Flower Shamir share: 4-byte little-endian index, then 16-byte chunks."""
-    if not isinstance(share, bytes) or len(share) < 20 or (len(share) - 4) % 16:
+    """A Shamir share of a 16-byte secret: 4-byte little-endian index, then 16 bytes."""
+    if not isinstance(share, bytes) or len(share) != 4 + SEED_BYTES:
         raise SecAggError(f"node {holder}: malformed share of node {owner}")
     got = int.from_bytes(share[:4], "little", signed=False)
     if got != index:
@@ -325,11 +363,14 @@ class SecAggClient:
 
     def _wipe(self) -> None:
         self.sk1 = self.pk1 = self.sk2 = self.pk2 = b""
-        self.seed = b""
+        self.seed = self.sk1_seed = b""
         self.group: GroupKeys = {}  # node -> (pk1, pk2), itself included
         self.b_shares: dict[int, bytes] = {}  # owner -> share held (its own included)
         self.sk1_shares: dict[int, bytes] = {}
         self.mask_set: list[int] = []  # neighbours it masked with (sent it a ciphertext)
+        # the share-encryption key agreed with each neighbour (ECDH on sk2) at share_keys,
+        # reused to decrypt that neighbour's shares at masked_input (one agreement, not two)
+        self.enc_keys: dict[int, bytes] = {}
 
     def _expect(self, stage: str, method: str) -> None:
         if self.stage != stage:
@@ -341,10 +382,12 @@ class SecAggClient:
     # stage 0 -----------------------------------------------------------------------------
     def setup(self) -> tuple[bytes, bytes]:
         """Fresh key pairs for this round (any earlier round's secrets are dropped)."""
-        sk1, pk1 = generate_key_pairs()
+        sk1_seed = os.urandom(SEED_BYTES)
+        sk1 = mask_key(sk1_seed)
         sk2, pk2 = generate_key_pairs()
         self._wipe()
-        self.sk1, self.pk1 = private_key_to_bytes(sk1), public_key_to_bytes(pk1)
+        self.sk1_seed = sk1_seed
+        self.sk1, self.pk1 = private_key_to_bytes(sk1), public_key_to_bytes(sk1.public_key())
         self.sk2, self.pk2 = private_key_to_bytes(sk2), public_key_to_bytes(pk2)
         self.stage = STAGE_SETUP
         return self.pk1, self.pk2
@@ -373,20 +416,22 @@ class SecAggClient:
 
         seed = os.urandom(SEED_BYTES)
         order = sorted(group)  # share i + 1 goes to order[i]; the server checks the same order
-        b_shares = create_shares(seed, self.threshold, len(order))
-        # the masking key's scalar (48 bytes on P-384), not its 306-byte PEM: a third of the
-        # Shamir chunks, which are most of this stage's cost; the server rebuilds the key from it
-        sk1_shares = create_shares(_scalar(self.sk1), self.threshold, len(order))
+        b_shares = split_secret(seed, self.threshold, len(order))
+        # the mask key's 16-byte seed (one Shamir block), from which the server can rebuild
+        # sk1 if this node drops after sharing; the split is most of this stage's cost
+        sk1_shares = split_secret(self.sk1_seed, self.threshold, len(order))
         sk2 = bytes_to_private_key(self.sk2)
         out: list[tuple[int, bytes]] = []
+        enc_keys: dict[int, bytes] = {}
         for idx, nid in enumerate(order):
             if nid == me:
                 continue
             key = generate_shared_key(sk2, bytes_to_public_key(group[nid][1]))
+            enc_keys[nid] = key
             plain = share_keys_plaintext_concat(me, nid, b_shares[idx], sk1_shares[idx])
             out.append((nid, encrypt(key, plain)))
         mine = order.index(me)
-        self.group, self.seed = group, seed
+        self.group, self.seed, self.enc_keys = group, seed, enc_keys
         self.b_shares = {me: b_shares[mine]}
         self.sk1_shares = {me: sk1_shares[mine]}
         self.stage = STAGE_SHARE_KEYS
@@ -411,7 +456,9 @@ class SecAggClient:
                 raise SecAggError(f"node {me}: two ciphertexts from node {src}")
             if not isinstance(ct, bytes):
                 raise SecAggError(f"node {me}: the ciphertext from node {src} is not bytes")
-            key = generate_shared_key(sk2, bytes_to_public_key(self.group[src][1]))
+            key = self.enc_keys.get(src) or generate_shared_key(
+                sk2, bytes_to_public_key(self.group[src][1])
+            )
             try:
                 plain = decrypt(key, ct)
             except (InvalidToken, ValueError, TypeError):
@@ -515,6 +562,7 @@ class SecAggClient:
             "sk2": self.sk2,
             "pk2": self.pk2,
             "seed": self.seed,
+            "sk1-seed": self.sk1_seed,
             "group-ids": ids,
             "group-pk1": [self.group[n][0] for n in ids],
             "group-pk2": [self.group[n][1] for n in ids],
@@ -522,6 +570,8 @@ class SecAggClient:
             "b-shares": [self.b_shares[n] for n in owners],
             "sk1-shares": [self.sk1_shares[n] for n in owners],
             "mask-set": list(self.mask_set),
+            "enc-ids": sorted(self.enc_keys),
+            "enc-keys": [self.enc_keys[n] for n in sorted(self.enc_keys)],
         }
 
     @classmethod
@@ -557,6 +607,7 @@ class SecAggClient:
         client.sk1, client.pk1 = get("sk1", bytes), get("pk1", bytes)
         client.sk2, client.pk2 = get("sk2", bytes), get("pk2", bytes)
         client.seed = get("seed", bytes)
+        client.sk1_seed = get("sk1-seed", bytes)
         ids, p1, p2 = (
             get_list("group-ids", int),
             get_list("group-pk1", bytes),
@@ -570,11 +621,18 @@ class SecAggClient:
         client.b_shares = dict(zip(owners, bsh, strict=True))
         client.sk1_shares = dict(zip(owners, ssh, strict=True))
         client.mask_set = get_list("mask-set", int)
+        if "enc-ids" in state or "enc-keys" in state:
+            enc_ids, enc = get_list("enc-ids", int), get_list("enc-keys", bytes)
+            if len(enc_ids) != len(enc) or not set(enc_ids) <= set(client.group):
+                raise SecAggError("SecAgg client state: encryption keys do not match the group")
+            client.enc_keys = dict(zip(enc_ids, enc, strict=True))
         needs_keys = stage in (STAGE_SETUP, STAGE_SHARE_KEYS, STAGE_MASKED_INPUT)
         if needs_keys and not (client.sk1 and client.pk1 and client.sk2 and client.pk2):
             raise SecAggError(f"SecAgg client state: stage {stage!r} without its key pairs")
         if stage in (STAGE_SHARE_KEYS, STAGE_MASKED_INPUT) and len(client.seed) != SEED_BYTES:
             raise SecAggError(f"SecAgg client state: stage {stage!r} without its mask seed")
+        if stage == STAGE_SETUP and len(client.sk1_seed) != SEED_BYTES:
+            raise SecAggError("SecAgg client state: stage setup without its mask key's seed")
         return client
 
 
@@ -920,19 +978,23 @@ class SecAggServer:
         return out
 
     def _combine(self, owner: int, shares: list[bytes]) -> bytes:
-        chosen = shares[: self.threshold]
-        if len({len(s) for s in chosen}) != 1:
-            raise SecAggError(f"node {owner}: its shares have different lengths")
+        """The secret from ``threshold`` shares; with more at hand, a second subset (the last
+        ``threshold``) must give the same secret (an altered share shows)."""
+        t = self.threshold
         try:
-            return combine_shares(chosen)
-        except ValueError:
+            secret = combine_secret(shares[:t])
+            if len(shares) > t and combine_secret(shares[-t:]) != secret:
+                raise SecAggError(f"node {owner}: its shares are inconsistent (one was altered)")
+        except ValueError as err:
+            if isinstance(err, SecAggError):
+                raise
             raise SecAggError(f"node {owner}: its shares do not combine") from None
+        return secret
 
     def _rebuild_sk1(self, owner: int, secret: bytes) -> ec.EllipticCurvePrivateKey:
         assert self._keys is not None
         try:
-            curve = bytes_to_public_key(self._keys[owner][0]).curve
-            sk1 = ec.derive_private_key(int.from_bytes(secret, "big"), curve)
+            sk1 = mask_key(secret)
         except (ValueError, TypeError):
             raise SecAggError(f"node {owner}: rebuilt mask key is unreadable") from None
         if public_key_to_bytes(sk1.public_key()) != self._keys[owner][0]:
