@@ -308,8 +308,9 @@ def simulate_cmd(
     preset: Annotated[
         str | None,
         typer.Option(
-            help="A named configuration: quick, silos, cross-device, central-dp "
-            "(--list-presets says what each trains and under which guarantee)."
+            help="A named configuration: secure (the default), quick, silos, cross-device "
+            "(the plain run-config defaults), central-dp (--list-presets says what each "
+            "trains and under which guarantee)."
         ),
     ] = None,
     list_presets: Annotated[
@@ -329,17 +330,20 @@ def simulate_cmd(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout.")] = False,
 ) -> None:
-    """Federated training in Flower's simulation runtime (one user per client by default),
-    local Opacus DP-SGD, evaluated beside the baselines on the same split. Settings: defaults <
-    --preset < --config < --set."""
+    """Federated training in Flower's simulation runtime, evaluated beside the baselines on the
+    same split. Without --preset: preset `secure` (one user per client, user-level DP with
+    secure aggregation, no trusted server). Settings: defaults < --preset < --config < --set."""
     from fedrec.server.outputs import baseline_names
     from fedrec.shared.federation.config import parse_sets
-    from fedrec.simulations.launch import presets, resolve, simulate
+    from fedrec.simulations.launch import DEFAULT_PRESET, presets, resolve, simulate
 
     if list_presets:
         for name, text in presets().items():
-            out.print(f"[bold]{name}[/]: {text}", soft_wrap=True)
+            tag = "(the default) " if name == DEFAULT_PRESET else ""
+            out.print(f"[bold]{name}[/]: {tag}{text}", soft_wrap=True)
         raise typer.Exit(0)
+    if preset is None and not quick:
+        preset = DEFAULT_PRESET
     if out_dir is None:
         _fail("--out RUN is required: the folder to write the run to", 2)
     _check_out(out_dir, "simulate")

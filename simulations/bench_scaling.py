@@ -31,7 +31,7 @@ SETTINGS = {"num-rounds": 2, "fraction-train": 0.1, "evaluate-every": 0, "partit
 def run_once(n: int, extra: list[str], workdir: Path) -> float:
     sets = {**SETTINGS, "silos": n}
     cmd = [sys.executable, "-m", "fedrec", "simulate", "--out", str(workdir / f"n{n}"),
-           "--baselines", "none"]  # fmt: skip
+           "--baselines", "none", "--preset", "cross-device"]  # fmt: skip
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     for kv in extra:

@@ -35,6 +35,12 @@ from fedrec.shared.federation.config import FedConfig, parse_run_config
 PRESETS = Path(__file__).parent / "presets"
 
 
+# What `fedrec simulate` runs without --preset/--quick: one user per device, user-level DP with
+# secure aggregation (the mode that beats popularity with no trusted server). The run-config
+# defaults themselves (FedConfig, `flwr run`) are the `cross-device` preset.
+DEFAULT_PRESET = "secure"
+
+
 def presets() -> dict[str, str]:
     """Preset name -> its one-paragraph description (the file's leading comment lines)."""
     out = {}

@@ -176,7 +176,13 @@ def command(suite: Suite, e: Experiment, run: Path) -> list[str]:
     if e.kind == "simulate":
         s = sim_settings(suite, e)
         sets = [x for k, v in s.items() for x in ("--set", f"{k}={_fmt(v)}")]
-        return [*fedrec, "simulate", "--out", str(run), "--baselines", "none", *sets, *e.args]
+        # a suite's settings sit on the run-config defaults (`cross-device`), not on the
+        # CLI's default preset, unless the experiment names a preset itself
+        base = [] if any(a in ("--preset", "--quick") for a in e.args) else [
+            "--preset", "cross-device"
+        ]  # fmt: skip
+        return [*fedrec, "simulate", "--out", str(run), "--baselines", "none", *base, *sets,
+                *e.args]  # fmt: skip
     args = [a.replace("{runs}", str(run.parent)) for a in e.args]
     return [sys.executable, "-m", f"fedrec.simulations.{e.module}", *args, "--out",
             str(run / "bench.json")]  # fmt: skip

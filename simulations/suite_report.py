@@ -472,7 +472,7 @@ HEADLINE: dict[str, list[tuple[str, dict[str, str]]]] = {
         ("fedrec federated, 10 silos, local DP", {"A": "A-fed-eps3"}),
         ("fedrec federated, 10 silos, local DP", {"A": "A-fed-eps1"}),
         ("fedrec federated, 10 silos, no DP", {"A": "A-fed-nodp"}),
-        ("fedrec federated, one user per device, local DP (`simulate` defaults)",
+        ("fedrec federated, one user per device, local DP (`cross-device` preset)",
          {"A": "A-default"}),
         ("fedrec federated, one user per device, user-level DP", {"A": "A-user-userdp8"}),
     ],

@@ -393,7 +393,8 @@ def test_ctrl_c_says_which_round_was_kept_and_exits_130(synth_dir, tiny_backbone
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fedrec", "simulate", "--out", str(out), "--baselines", "none",
-           "--set", f"data={synth_dir}", "--set", f"backbone={tiny_backbone}",
+           "--preset", "cross-device", "--set", f"data={synth_dir}",
+           "--set", f"backbone={tiny_backbone}",
            "--set", "max-length=16", "--set", "history-len=8", "--set", "num-rounds=50",
            "--set", "fraction-train=1.0", "--set", "evaluate-every=0", "--set", "local-steps=2",
            "--set", "negatives=10", "--set", "slots=6", "--set", "lr=0.5"]  # fmt: skip

@@ -59,7 +59,7 @@ def test_suite_wide_silos_is_not_passed_to_one_user_per_client_runs(tmp_path):
 
 
 def test_the_default_experiment_is_exactly_fedrec_simulates_defaults():
-    """`A-default` is reported as the wall time of `fedrec simulate --out RUN` with no settings:
+    """`A-default` is `fedrec simulate --preset cross-device --out RUN` with no settings:
     every suite-wide setting must be set back to the default."""
     from fedrec.shared.federation.config import parse_run_config
 
