@@ -315,7 +315,8 @@ def _step(
 
     Under DP each example's loss is summed, not averaged, so its per-example gradient is its
     own (``DPOptimizer`` divides the noised sum by :func:`batch_divisor`); its negatives and
-    masks come from :func:`keyed_candidates` (a function of the example, ``key`` and ``step``).
+    masks come from :func:`keyed_candidates` (a function of the example, ``key`` and ``step``)
+    or :func:`shared_candidates` (of ``key`` and ``step``; a target's flag of its own item).
 
     Memory: the batch goes through forward/backward in physical batches of at most
     ``physical-batch`` examples. Under DP each physical batch's per-example gradients are

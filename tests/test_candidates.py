@@ -228,6 +228,8 @@ def test_shared_negatives_touch_fewer_items_and_mask_collisions():
     assert shared.unique().numel() <= 66 < keyed.unique().numel()
     # a shared negative equal to an example's target or context item is masked for that example
     context[0, -1] = int(shared[0, 1])
+    shared[2, 0] = shared[2, 5]  # example 2's target is one of the shared negatives
     logits = torch.zeros(16, 51)
     masked = candidate_loss(logits, context, shared, reduction="none")
-    assert masked[0] < masked[1]  # one fewer competitor for example 0
+    assert masked[0] < masked[1]  # one fewer competitor for example 0 (a context item)
+    assert masked[2] < masked[1]  # and for example 2 (its own target among the negatives)

@@ -40,15 +40,18 @@ def _round(ds, tiny_backbone, state, **kw):  # noqa: F811
     return model, res, store, sizes
 
 
+@pytest.mark.parametrize("sampling", ["keyed", "shared"])
 @pytest.mark.parametrize("dp", [True, False])
 def test_physical_batches_are_the_same_step_and_the_same_ledger(
     ds,  # noqa: F811
     tiny_backbone,
     fixed_secrets,
     dp,
+    sampling,
 ):
     state = make_model(ds, tiny_backbone, id_residual=False, ffa=True).state_dict()
-    extra = {} if dp else {"dp": False, "epsilon": 8.0}
+    extra = {"negative_sampling": sampling}
+    extra |= {} if dp else {"dp": False, "epsilon": 8.0}
     whole, r0, s0, sizes0 = _round(ds, tiny_backbone, state, physical_batch=0, **extra)
     split, r2, s2, sizes2 = _round(ds, tiny_backbone, state, physical_batch=2, **extra)
     # the bound binds: logical batches of more than 2 went through in parts of at most 2

@@ -476,20 +476,22 @@ def test_mask_key_from_seed_and_p384_order():
     ec.derive_private_key(P384_ORDER - 1, ec.SECP384R1())  # the largest valid scalar ...
     with pytest.raises(ValueError):
         ec.derive_private_key(P384_ORDER, ec.SECP384R1())  # ... and the order itself is not
-    a, b = mask_key(b"\x01" * 16), mask_key(b"\x01" * 16)
-    assert a.private_numbers().private_value == b.private_numbers().private_value
-    assert (
-        a.private_numbers().private_value != mask_key(b"\x02" * 16).private_numbers().private_value
-    )
-    assert isinstance(a.curve, ec.SECP384R1)
+
+    def scalar(seed: bytes, binding: bytes = b"pk2") -> int:
+        return mask_key(seed, binding).private_numbers().private_value
+
+    assert scalar(b"\x01" * 16) == scalar(b"\x01" * 16)  # deterministic
+    assert scalar(b"\x01" * 16) != scalar(b"\x02" * 16)
+    assert scalar(b"\x01" * 16) != scalar(b"\x01" * 16, b"another pk2")  # bound to the node
+    assert isinstance(mask_key(b"\x01" * 16, b"x").curve, ec.SECP384R1)
     with pytest.raises(ValueError, match="16 bytes"):
-        mask_key(b"\x01" * 32)
+        mask_key(b"\x01" * 32, b"x")
     # the client's pk1 is the public key of the key derived from its seed
     c = SecAggClient(7, bits=16, threshold=2)
     pk1, _ = c.setup()
     assert (
         bytes_to_public_key(pk1).public_numbers()
-        == mask_key(c.sk1_seed).public_key().public_numbers()
+        == mask_key(c.sk1_seed, c.pk2).public_key().public_numbers()
     )
 
 
@@ -525,4 +527,56 @@ def test_server_catches_an_altered_share_of_a_survivor():
     share[10] ^= 1
     replies[holder] = ({**b, victim: bytes(share)}, sk)
     with pytest.raises(SecAggError, match="inconsistent"):
+        r.server.aggregate(masked, replies)
+
+
+def test_masked_input_decrypts_with_the_keys_agreed_at_share_keys(monkeypatch):
+    """The share-encryption keys agreed at share_keys (ECDH) travel in the client's state and
+    are used at masked_input (no second agreement); they and the mask key's seed are dropped
+    once used."""
+    from fedrec.shared.federation import secagg
+
+    r = Round(5, 4, seed=8, serialize=True)
+    r.keys = {i: r.call(i, "setup") for i in r.cohort}
+    groups = {i: r.server.group_keys_for(i, r.keys) for i in r.cohort}
+    r.routed = r.server.route({i: r.call(i, "share_keys", g) for i, g in groups.items()})
+    assert all(r.states[i]["sk1-seed"] == b"" for i in r.cohort)  # shared, then dropped
+    assert all(len(r.states[i]["enc-keys"]) == 4 for i in r.cohort)
+
+    def no_agreement(*_a, **_k):
+        raise AssertionError("a second ECDH agreement for the share-encryption key")
+
+    real = secagg.generate_shared_key
+    # pairwise-mask seeds (sk1 with pk1) still agree; only the decryption must not
+    monkeypatch.setattr(secagg, "generate_shared_key", no_agreement)
+    monkeypatch.setattr(secagg, "_pair_seed", lambda sk1, pk1: real(sk1, pk1))
+    masked = {i: r.call(i, "masked_input", cts, r.xs[i]) for i, cts in r.routed.items()}
+    assert all(r.states[i]["enc-keys"] == [] for i in r.cohort)
+    replies = {}
+    for i in masked:
+        replies[i] = r.call(i, "unmask", *r.server.unmask_request(i, masked))
+    total, survivors = r.server.aggregate(masked, replies)
+    assert np.array_equal(total, r.expected(survivors))
+
+
+def test_an_altered_mask_key_share_is_caught_by_the_public_key():
+    """A dropped node's mask key rebuilt from exactly the threshold of shares, one altered: the
+    rebuilt key does not match the node's pk1 and the round is refused."""
+    r = Round(5, 4, seed=9)  # complete graph, t = 3
+    gone = r.cohort[0]
+    r.keys = {i: r.call(i, "setup") for i in r.cohort}
+    groups = {i: r.server.group_keys_for(i, r.keys) for i in r.cohort}
+    r.routed = r.server.route({i: r.call(i, "share_keys", g) for i, g in groups.items()})
+    masked = {
+        i: r.call(i, "masked_input", cts, r.xs[i]) for i, cts in r.routed.items() if i != gone
+    }
+    replies = {}
+    for i in list(masked)[:3]:  # exactly t holders answer
+        replies[i] = r.call(i, "unmask", *r.server.unmask_request(i, masked))
+    holder = next(iter(replies))
+    b, sk = replies[holder]
+    share = bytearray(sk[gone])
+    share[7] ^= 1
+    replies[holder] = (b, {**sk, gone: bytes(share)})
+    with pytest.raises(SecAggError, match="does not match its public key"):
         r.server.aggregate(masked, replies)

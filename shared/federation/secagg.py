@@ -7,8 +7,10 @@ classes: :class:`SecAggClient` (one per node; its whole state goes through :meth
 ``context.state`` between messages) and :class:`SecAggServer` (one per round). The lead's
 Message-API wiring moves their arguments and results between the two.
 
-Nothing cryptographic is written here. Everything comes from Flower's own SecAgg+ primitives
-(the ones its legacy ``secaggplus_mod`` / ``SecAggPlusWorkflow`` use) and from ``cryptography``:
+Nothing cryptographic is written here except one key derivation (:func:`mask_key`: HKDF and a
+modular reduction, to turn a shared 16-byte seed into a P-384 private key). Everything else
+comes from Flower's own SecAgg+ primitives (the ones its legacy ``secaggplus_mod`` /
+``SecAggPlusWorkflow`` use), from pycryptodome (Shamir) and from ``cryptography``:
 
 - key pairs: ``flwr.supercore.primitives.asymmetric`` (ECDH on NIST P-384, PEM bytes); the
   pairwise-mask key ``sk1`` is derived from a fresh 16-byte seed (HKDF-SHA256 to a P-384 scalar,
@@ -184,13 +186,19 @@ def prg(seed: bytes, dim: int, bits: int, info: bytes) -> np.ndarray:
     return out
 
 
-def mask_key(seed: bytes) -> ec.EllipticCurvePrivateKey:
+def mask_key(seed: bytes, binding: bytes) -> ec.EllipticCurvePrivateKey:
     """The pairwise-mask private key ``sk1`` (P-384, as Flower's key pairs) derived from a
     16-byte seed: HKDF-SHA256 to 64 bytes, reduced into ``[1, n - 1]`` (the bias of reducing a
-    512-bit number mod a 384-bit order is below 2^-128)."""
+    512-bit number mod a 384-bit order is below 2^-128). ``binding`` (the node's fresh ``pk2``
+    of the same round) goes into HKDF's info, so each published ``pk1`` is a separate 128-bit
+    search: no batch search over many nodes' keys at once. This derivation (HKDF from
+    ``cryptography``, a modular reduction) is the one piece of key handling written here."""
     if not isinstance(seed, bytes) or len(seed) != SEED_BYTES:
         raise ValueError(f"mask_key: the seed must be {SEED_BYTES} bytes")
-    okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=MASK_KEY_INFO).derive(seed)
+    if not isinstance(binding, bytes) or not binding:
+        raise ValueError("mask_key: binding (the node's pk2) must be non-empty bytes")
+    info = MASK_KEY_INFO + b"|" + binding
+    okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=None, info=info).derive(seed)
     scalar = int.from_bytes(okm, "big") % (P384_ORDER - 1) + 1
     return ec.derive_private_key(scalar, ec.SECP384R1())
 
@@ -208,7 +216,10 @@ def split_secret(secret: bytes, threshold: int, num: int) -> list[bytes]:
 
 def combine_secret(shares: Sequence[bytes]) -> bytes:
     """The 16-byte secret from shares of :func:`split_secret` (at least the threshold of them;
-    fewer, or altered ones, give a different value: the callers check what they rebuild)."""
+    fewer, or altered ones, give a different value). The server checks a rebuilt mask key
+    against its public key, and a rebuilt self-mask seed against a second subset of shares
+    when it holds more than the threshold; a seed rebuilt from exactly the threshold of shares
+    cannot be checked (an altered share then gives a wrong sum, never a disclosure)."""
     return Shamir.combine(
         [(int.from_bytes(sh[:4], "little"), sh[4:20]) for sh in shares], ssss=False
     )
@@ -382,13 +393,14 @@ class SecAggClient:
     # stage 0 -----------------------------------------------------------------------------
     def setup(self) -> tuple[bytes, bytes]:
         """Fresh key pairs for this round (any earlier round's secrets are dropped)."""
-        sk1_seed = os.urandom(SEED_BYTES)
-        sk1 = mask_key(sk1_seed)
         sk2, pk2 = generate_key_pairs()
+        pk2_bytes = public_key_to_bytes(pk2)
+        sk1_seed = os.urandom(SEED_BYTES)
+        sk1 = mask_key(sk1_seed, pk2_bytes)
         self._wipe()
         self.sk1_seed = sk1_seed
         self.sk1, self.pk1 = private_key_to_bytes(sk1), public_key_to_bytes(sk1.public_key())
-        self.sk2, self.pk2 = private_key_to_bytes(sk2), public_key_to_bytes(pk2)
+        self.sk2, self.pk2 = private_key_to_bytes(sk2), pk2_bytes
         self.stage = STAGE_SETUP
         return self.pk1, self.pk2
 
@@ -432,6 +444,7 @@ class SecAggClient:
             out.append((nid, encrypt(key, plain)))
         mine = order.index(me)
         self.group, self.seed, self.enc_keys = group, seed, enc_keys
+        self.sk1_seed = b""  # shared: not needed any more
         self.b_shares = {me: b_shares[mine]}
         self.sk1_shares = {me: sk1_shares[mine]}
         self.stage = STAGE_SHARE_KEYS
@@ -496,6 +509,7 @@ class SecAggClient:
             else:
                 y -= mask
         y &= _modmask(self.bits)
+        self.enc_keys = {}  # used: not needed any more
         self.b_shares.update(b_new)
         self.sk1_shares.update(sk1_new)
         self.mask_set = sorted(b_new)
@@ -623,7 +637,11 @@ class SecAggClient:
         client.mask_set = get_list("mask-set", int)
         if "enc-ids" in state or "enc-keys" in state:
             enc_ids, enc = get_list("enc-ids", int), get_list("enc-keys", bytes)
-            if len(enc_ids) != len(enc) or not set(enc_ids) <= set(client.group):
+            if (
+                len(enc_ids) != len(enc)
+                or len(set(enc_ids)) != len(enc_ids)
+                or not set(enc_ids) <= set(client.group)
+            ):
                 raise SecAggError("SecAgg client state: encryption keys do not match the group")
             client.enc_keys = dict(zip(enc_ids, enc, strict=True))
         needs_keys = stage in (STAGE_SETUP, STAGE_SHARE_KEYS, STAGE_MASKED_INPUT)
@@ -994,7 +1012,7 @@ class SecAggServer:
     def _rebuild_sk1(self, owner: int, secret: bytes) -> ec.EllipticCurvePrivateKey:
         assert self._keys is not None
         try:
-            sk1 = mask_key(secret)
+            sk1 = mask_key(secret, self._keys[owner][1])
         except (ValueError, TypeError):
             raise SecAggError(f"node {owner}: rebuilt mask key is unreadable") from None
         if public_key_to_bytes(sk1.public_key()) != self._keys[owner][0]:
