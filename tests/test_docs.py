@@ -216,3 +216,43 @@ def test_headline_reads_the_numbers_from_the_results_files(tmp_path):
     central = next(ln for ln in lines if "`A-central`" in ln)
     assert "| 0.9877 |" in central and "not run" in central  # B-central, C-central absent
     assert any(ln.startswith("| popularity | none | 0.0449 |") for ln in lines)
+
+
+def test_readme_secure_headline_is_generated_from_the_committed_runs():
+    """The README's first result (one user per device, no trusted server) is what
+    `python -m fedrec.simulations.secure_report --readme README.md` writes from the committed
+    runs in simulations/results/secure-agg/runs/: no number typed by hand."""
+    from fedrec.simulations.secure_report import BEGIN, DEFAULT_RESULTS, END, headline
+
+    text = (REPO / "README.md").read_text()
+    assert text.count(BEGIN) == 1 and text.count(END) == 1
+    block = text[text.index(BEGIN) + len(BEGIN) : text.index(END)].strip()
+    want = headline(REPO / DEFAULT_RESULTS, label=DEFAULT_RESULTS.as_posix())
+    assert block == want, "README's secure headline differs from the runs: run the command above"
+
+
+def test_secure_headline_reads_the_runs_and_refuses_mixed_settings(tmp_path):
+    import json
+    import shutil
+
+    from fedrec.simulations.secure_report import DEFAULT_RESULTS, headline
+
+    src = REPO / DEFAULT_RESULTS / "runs"
+    private = sorted(
+        p.name for p in src.iterdir()
+        if json.loads((p / "config.json").read_text())["federation"]["secure_agg"]
+    )  # fmt: skip
+    assert len(private) >= 3  # the median of at least three runs
+    for name in private:
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        for f in ("metrics.json", "config.json"):
+            shutil.copy(src / name / f, tmp_path / "runs" / name / f)
+    m = json.loads((tmp_path / "runs" / private[0] / "metrics.json").read_text())
+    m["model"]["metrics"]["test"]["NDCG@10"] = 0.98765
+    (tmp_path / "runs" / private[0] / "metrics.json").write_text(json.dumps(m))
+    assert "| 0.9877 |" in headline(tmp_path)
+    c = json.loads((tmp_path / "runs" / private[1] / "config.json").read_text())
+    c["federation"]["server_lr"] = 0.5
+    (tmp_path / "runs" / private[1] / "config.json").write_text(json.dumps(c))
+    with pytest.raises(ValueError, match="differ only in their seed"):
+        headline(tmp_path)

@@ -19,7 +19,7 @@ def test_every_preset_parses_and_says_what_it_is():
 
 
 def test_silos_is_the_full_suites_epsilon_8_experiment():
-    """The main job's preset reproduces the experiment whose result the docs report for it."""
+    """The silos preset reproduces the experiment whose result the docs report for it."""
     suite = load_suite("full")
     e = next(x for x in suite.experiments if x.name == "A-fed-eps8")
     want = parse_run_config(sim_settings(suite, e))
@@ -67,10 +67,11 @@ def test_list_presets_names_them_all():
 
 
 def test_secure_is_the_committed_secure_aggregation_run():
-    """`--preset secure` is the run whose result simulations/results/secure-agg/ reports."""
+    """`--preset secure` is the seed-0 run of simulations/results/secure-agg/runs/ (the other
+    runs there differ in their seed only: the report checks that)."""
     import json
     from pathlib import Path
 
-    path = Path(__file__).parents[1] / "simulations/results/secure-agg/config.json"
+    path = Path(__file__).parents[1] / "simulations/results/secure-agg/runs/seed0/config.json"
     ran = parse_run_config(json.loads(path.read_text())["federation"])
     assert resolve(None, {}, preset="secure")[0] == ran
