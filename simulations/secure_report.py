@@ -107,7 +107,12 @@ def headline(results: Path, *, label: str | None = None) -> str:
         f"{max(eps):.2f} per user at delta {u0['delta']:g} ({u0['sampled_per_round']} of "
         f"{u0['clients']} users per round, {c0['num_rounds']} rounds, clip "
         f"{c0['user_clip']:g}, server lr {c0['server_lr']:g}); median "
-        f"{statistics.median(secs) / 60:.1f} min a run on 2 cores.",
+        f"{statistics.median(secs) / 60:.1f} min a run on 2 cores."
+        + "".join(
+            f" The same federation without DP (`{r['name']}`: no clip, no noise, no secure "
+            f"aggregation): {_test(r['metrics'])['NDCG@10']:.4f}."
+            for r in plain
+        ),
         "",
         *rows,
         "",
