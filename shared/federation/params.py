@@ -58,35 +58,28 @@ def _adapter_tensors(model: RecModel) -> dict[str, torch.Tensor]:
     return own
 
 
-def travelling_state(model: RecModel) -> dict[str, torch.Tensor]:
-    """Name -> float32 tensor (detached copy) of everything a round trains and sends."""
-    out: dict[str, torch.Tensor] = {}
-    lora = model.lora_layer()
-    frozen_a = not lora.lora_A["default"].weight.requires_grad
-    for name, t in _adapter_tensors(model).items():
-        if frozen_a and ".lora_A." in name:
-            continue
-        out[name] = t.detach().clone().float()
+def _travelling(model: RecModel) -> dict[str, torch.Tensor]:
+    """Name -> the model's own Parameter, for everything a round trains and sends: the
+    adapter (without A under FFA-LoRA, where A is frozen) and the trainable head tensors."""
+    frozen_a = not model.lora_layer().lora_A["default"].weight.requires_grad
+    out = {k: p for k, p in _adapter_tensors(model).items() if not (frozen_a and ".lora_A." in k)}
     for name in HEAD:
         p = getattr(model, name, None)
         if isinstance(p, torch.nn.Parameter) and p.requires_grad:
-            out[f"head.{name}"] = p.detach().clone().float()
+            out[f"head.{name}"] = p
     return out
+
+
+def travelling_state(model: RecModel) -> dict[str, torch.Tensor]:
+    """Name -> float32 tensor (detached copy) of everything a round trains and sends."""
+    return {k: p.detach().clone().float() for k, p in _travelling(model).items()}
 
 
 @torch.no_grad()
 def load_travelling(model: RecModel, state: Mapping[str, torch.Tensor]) -> None:
-    """Write ``state`` (as from :func:`travelling_state`) into ``model``; strict on keys."""
-    frozen_a = not model.lora_layer().lora_A["default"].weight.requires_grad
-    adapter = {
-        k: p for k, p in _adapter_tensors(model).items() if not (frozen_a and ".lora_A." in k)
-    }
-    heads = {
-        f"head.{name}": p
-        for name in HEAD
-        if isinstance(p := getattr(model, name, None), torch.nn.Parameter) and p.requires_grad
-    }
-    expected = adapter | heads
+    """Write ``state`` (as from :func:`travelling_state`) into ``model``; strict on keys and
+    shapes, checked before anything is written."""
+    expected = _travelling(model)
     missing, extra = set(expected) - set(state), set(state) - set(expected)
     if missing or extra:
         raise UpdateError(
