@@ -126,6 +126,9 @@ class FedRecStrategy(FedAvg):
         # size instead of the number accepted; failures the wrapper took out; pre-clip norms
         self.fixed_denominator: int | None = None
         self.extra_failures: list[str] = []  # error reasons of failed replies the wrapper removed
+        # user-level DP with a trusted server: the Gaussian mechanism applied to the mean change
+        # (clipped sum / fixed denominator) before the server optimizer sees it
+        self.mean_noise: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
         self._names: dict[str, int] = {}  # client name -> the node id that first used it
         # the most test queries a federated evaluation reply may count (set by the ServerApp
         # from the split it holds; None = not known, e.g. a deployment)
@@ -379,13 +382,17 @@ class FedRecStrategy(FedAvg):
         holds each tensor's stacked client changes, shape ``(n_accepted, *shape)``.
 
         With a fixed denominator (user-level DP) the sum of changes is divided by the round's
-        sample size: clients that sent no accepted update count as a zero change."""
+        sample size: clients that sent no accepted update count as a zero change; with
+        ``mean_noise`` set (user-level DP, trusted server) that mean is noised before the
+        optimizer, so any server optimizer is post-processing of the released noisy mean."""
         n = self.fixed_denominator or next(iter(changes.values())).shape[0]
         if self.cfg.robust == "none" or self.fixed_denominator:
             delta = {k: c.sum(0) / n for k, c in changes.items()}
         else:
             delta = {k: robust_mean(c, self.cfg.robust, self.cfg.trim_fraction)
                      for k, c in changes.items()}  # fmt: skip
+        if self.mean_noise is not None:
+            delta = self.mean_noise(delta)
         return self.optimizer.step(self.current, delta)
 
     def _salvage(self, msg: Message, rnd: int) -> dict[str, Any] | None:

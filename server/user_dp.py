@@ -4,15 +4,24 @@
 :class:`UserLevelDP`, a subclass of Flower's
 ``flwr.serverapp.strategy.DifferentialPrivacyServerSideFixedClipping``. Per round, Flower's
 wrapper clips every client's whole update (all travelling tensors together) to L2 norm
-``user-clip`` around the global model it sent, lets the inner strategy aggregate, and adds
-Gaussian noise of standard deviation ``z * user-clip / n`` to the result, ``n`` being the
-round's fixed sample size. That is the Gaussian mechanism on the clipped sum divided by ``n``:
+``user-clip`` around the global model it sent and lets the inner strategy aggregate; Gaussian
+noise of standard deviation ``z * user-clip / n`` (Flower's own ``compute_stdv`` and
+``add_gaussian_noise_inplace``), ``n`` being the round's fixed sample size, is added to the
+clipped mean change **before** the server optimizer takes its step. That is the Gaussian
+mechanism on the clipped sum divided by ``n``:
 replacing one client's update by zeros (the client present with no data: zero-out adjacency)
 changes that sum by at most ``user-clip``. With ``n`` fixed, adding or removing a client, or
 swapping it for another, swaps one update for another: up to twice that, and the statement gives
 the epsilon for that adjacency beside the claimed one.
 
-Two things make that true here and are what this module adds around the wrapper:
+Three things make that true here and are what this module adds around the wrapper:
+
+- **Noise before the server step.** Flower's wrapper adds its noise to the model the inner
+  strategy returns, i.e. after the server optimizer: with a server learning rate ``lr`` that is
+  noise of ``z * C / (n * lr)`` on the mean (too little for ``lr > 1``), and with momentum or Adam
+  not a noised mean at all. Here the wrapper adds none; the inner strategy calls
+  :meth:`UserLevelDP.noise_mean` on the clipped mean and gives the noisy mean to the optimizer,
+  so any ``server-opt`` and ``server-lr`` is post-processing of the one Gaussian release.
 
 - **A fixed denominator.** The inner strategy divides the sum of accepted changes by ``n``,
   the number of clients the round sampled, not by the number that replied: a client that
@@ -47,6 +56,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from flwr.serverapp.strategy import dp_fixed_clipping as _dp_fixed_clipping
@@ -109,6 +119,27 @@ class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
         )
         self.inner = inner
         inner.fixed_denominator = num_sampled
+        inner.mean_noise = self.noise_mean
+
+    def noise_std(self) -> float:
+        """The noise's standard deviation on the mean change: ``z * user-clip / n``."""
+        return _dp_fixed_clipping.compute_stdv(
+            self.noise_multiplier, self.clipping_norm, self.num_sampled_clients
+        )
+
+    def noise_mean(self, mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The Gaussian mechanism on the clipped mean change (all travelling tensors), called
+        by the inner strategy before its server optimizer."""
+        keys = list(mean)
+        arrays = [mean[k].detach().cpu().numpy().astype(np.float32, copy=True) for k in keys]
+        std = self.noise_std()
+        _dp_fixed_clipping.add_gaussian_noise_inplace(arrays, std)
+        log.info("central DP noise of std %.4g added to the mean change", std)
+        return {k: torch.from_numpy(a) for k, a in zip(keys, arrays, strict=True)}
+
+    def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
+        """No noise here: it went on the mean change before the server step (noise_mean)."""
+        return aggregated_arrays
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any):
         messages = list(super().configure_train(server_round, arrays, config, grid))

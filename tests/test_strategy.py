@@ -339,11 +339,60 @@ def test_user_level_dp_survives_a_zero_update(tmp_path):
     assert torch.allclose(got, torch.ones(4, 4) + 0.5 * (1.0 / 2.0) / 2)  # (0 + clipped) / 2
 
 
-def test_user_level_dp_needs_plain_server_averaging():
-    with pytest.raises(ValueError, match="user-dp=true needs server-opt=sgd"):
-        FedConfig(user_dp=True, server_opt="adam")
-    with pytest.raises(ValueError, match="user-dp=true needs server-opt=sgd"):
-        FedConfig(user_dp=True, server_lr=2.0)
+def _user_dp_round(tmp_path, *, server_opt, server_lr, z, n=5, shape=(100, 100)):
+    """One user-level DP round (trusted server) with two clipped updates; returns the released
+    tensor, the clipped mean and the noise std on the mean."""
+    from fedrec.server.user_dp import UserLevelDP
+
+    g = {"lora.B": torch.zeros(*shape)}
+    cfg = FedConfig(min_replies=2, server_opt=server_opt, server_lr=server_lr, user_dp=True,
+                    user_clip=2.0)  # fmt: skip
+    inner = FedRecStrategy(cfg, template=dict(g), ledger=tmp_path / "ledger.jsonl")
+    w = UserLevelDP(inner, num_sampled=n, noise_multiplier=z)
+    w.current_arrays = to_record(g)
+    inner.current = dict(g)
+    inner._sent[1] = 2
+    up = {"lora.B": torch.full(shape, 0.1)}  # norm 0.1 * sqrt(numel): clipped to 2 if larger
+    small = {"lora.B": torch.full(shape, 0.001)}  # kept
+    arrays, _ = w.aggregate_train(1, [_reply(1, up), _reply(2, small)])
+    assert arrays is not None
+    numel = float(np.prod(shape))
+    mean = (0.1 * min(1.0, 2.0 / (0.1 * numel**0.5)) + 0.001) / n
+    got = torch.from_numpy(arrays["lora.B"].numpy()).double()
+    return got, mean, w.noise_std()
+
+
+@pytest.mark.parametrize("lr", [0.5, 2.0, 4.0])
+def test_user_level_noise_goes_on_the_mean_before_the_server_step(tmp_path, lr):
+    """With server-lr != 1 the released model is g + lr * (mean + N(0, (zC/n)^2)): the noise on
+    the mean keeps its calibrated std (Flower's wrapper alone would give zC/(n lr))."""
+    z, n = 0.5, 5
+    got, mean, std = _user_dp_round(tmp_path, server_opt="sgd", server_lr=lr, z=z, n=n)
+    assert std == pytest.approx(z * 2.0 / n)
+    noise_on_mean = got / lr - mean
+    assert abs(float(noise_on_mean.mean())) < 5 * std / 100  # 10,000 draws
+    assert float(noise_on_mean.std()) == pytest.approx(std, rel=0.05)
+
+
+@pytest.mark.parametrize("opt", ["momentum", "adam"])
+def test_user_level_server_optimizer_sees_exactly_the_noisy_mean(tmp_path, opt):
+    """Draw for draw: the optimizer's input is the clipped mean plus the wrapper's one noise draw
+    (reseeding NumPy replays the draw), so momentum/Adam are post-processing of that release."""
+    from fedrec.shared.federation.server_opt import ServerOptimizer
+
+    z, n, shape = 0.7, 5, (6, 7)
+    np.random.seed(1234)
+    got, mean, std = _user_dp_round(tmp_path, server_opt=opt, server_lr=0.3, z=z, n=n, shape=shape)
+    np.random.seed(1234)
+    noise = np.random.normal(0, std, shape).astype(np.float32)
+    delta = torch.full(shape, mean, dtype=torch.float32) + torch.from_numpy(noise)
+    expected = ServerOptimizer(opt, 0.3).step({"lora.B": torch.zeros(*shape)}, {"lora.B": delta})
+    assert torch.allclose(got.float(), expected["lora.B"], atol=1e-6)
+    # and not the optimizer applied to the noiseless mean
+    clean = ServerOptimizer(opt, 0.3).step(
+        {"lora.B": torch.zeros(*shape)}, {"lora.B": torch.full(shape, mean)}
+    )
+    assert not torch.allclose(got.float(), clean["lora.B"], atol=1e-3)
 
 
 def test_user_level_noise_is_calibrated_without_amplification():

@@ -336,14 +336,6 @@ class FedConfig:
             self.secagg_colluders,
             "[0, 0.5)",
         )
-        if self.user_dp and not self.secure_agg:
-            _need(
-                self.server_opt == "sgd" and self.server_lr == 1.0,
-                "server-opt",
-                f"{self.server_opt} (server-lr {self.server_lr})",
-                "user-dp=true needs server-opt=sgd and server-lr=1.0: the noise is added to the "
-                "mean update, and a server optimizer after it would change its sensitivity",
-            )
         if not self.dp:
             for key in ("epsilon", "delta", "max_grad_norm", "noise_multiplier", "planned_rounds"):
                 if getattr(self, key) != getattr(FedConfig, key):

@@ -42,7 +42,9 @@ def user_level_summary(
         # update replaced by zeros (sensitivity clip / n): zero-out adjacency
         "adjacency": "zero-out one client (its update replaced by zeros: the client present "
         "with no data)",
-        "mechanism": "DP-FedAvg: server-side fixed clipping (Flower wrapper) + Gaussian noise",
+        "mechanism": "DP-FedAvg: server-side fixed clipping (Flower wrapper) + Gaussian noise on "
+        "the clipped mean, before the server optimizer",
+        "server_optimizer": f"{cfg.server_opt}, lr {cfg.server_lr:g} (post-processing)",
         "clip": cfg.user_clip,
         "noise_multiplier": noise_multiplier,
         "noise_std": noise_multiplier * cfg.user_clip / sampled,
