@@ -42,7 +42,11 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from fedrec.shared.backbone import mean_pool
-from fedrec.shared.model.catalog_cache import CatalogCache, adapter_site, build_catalog_cache
+from fedrec.shared.model.catalog_cache import (
+    CatalogCache,
+    adapter_site,
+    load_or_build_catalog_cache,
+)
 from fedrec.shared.model.config import ModelConfig
 
 
@@ -84,7 +88,7 @@ class RecModel(nn.Module):
         # With FFA-LoRA (A frozen) the cache keeps A(x), built after the adapter is attached.
         compact = with_cache and cfg.ffa
         self.cache: CatalogCache | None = (
-            build_catalog_cache(base, tokenizer, self.item_texts, max_length=cfg.max_length)
+            load_or_build_catalog_cache(base, tokenizer, self.item_texts, max_length=cfg.max_length)
             if with_cache and not compact
             else None
         )
@@ -105,7 +109,7 @@ class RecModel(nn.Module):
         if compact:
             # the adapter site's input x is upstream of the adapter: attaching it first changes
             # nothing captured, and x is kept only as A(x) (never held whole: less memory)
-            self.cache = build_catalog_cache(
+            self.cache = load_or_build_catalog_cache(
                 base,
                 tokenizer,
                 self.item_texts,
