@@ -317,7 +317,12 @@ def simulate_cmd(
         bool, typer.Option("--list-presets", help="Describe the presets and exit.")
     ] = False,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue a crashed run from RUN/checkpoint.")
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue a crashed run from RUN/checkpoint (alone: with the settings in "
+            "RUN/config.json).",
+        ),
     ] = False,
     baselines: Annotated[
         str, typer.Option(help="Baselines in metrics.json: comma list, 'all' or 'none'.")
@@ -342,14 +347,24 @@ def simulate_cmd(
             tag = "(the default) " if name == DEFAULT_PRESET else ""
             out.print(f"[bold]{name}[/]: {tag}{text}", soft_wrap=True)
         raise typer.Exit(0)
-    if preset is None and not quick:
-        preset = DEFAULT_PRESET
     if out_dir is None:
         _fail("--out RUN is required: the folder to write the run to", 2)
     _check_out(out_dir, "simulate")
+    # --resume alone continues with the settings the run was started with (RUN/config.json),
+    # whatever preset that was; with settings given they must match it (check_run_dir says so)
+    from_run = resume and preset is None and not quick and config is None and not set_
+    if preset is None and not quick:
+        preset = DEFAULT_PRESET
     try:
-        cfg, server = resolve(config, parse_sets(set_ or []), quick, preset)
+        if from_run:
+            from fedrec.shared.privacy.report import load_fed_config
+
+            cfg, server = load_fed_config(out_dir), {}
+        else:
+            cfg, server = resolve(config, parse_sets(set_ or []), quick, preset)
         baseline_names(baselines)
+    except FileNotFoundError as e:
+        _fail(f"--resume: {e}; nothing to resume in {out_dir}", 2)
     except ValueError as e:
         _fail(str(e), 2)
     if server.get("baselines"):
@@ -374,7 +389,8 @@ def simulate_cmd(
             + loss
             # local DP's per-client epsilon; user-level DP's is per run (printed at the end)
             + (f" | epsilon max {info['epsilon_max']:.3f}" if cfg.dp else "")
-            + _secure_note(info)
+            + _secure_note(info),
+            soft_wrap=True,  # one line per round, also when stderr is not a terminal
         )
         if info.get("failed_out_of_memory"):
             err.print(

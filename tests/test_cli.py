@@ -120,3 +120,35 @@ def test_profile_template_rerenders_profiles_and_refuses_unknown_fields(synth_di
     assert with_profile_template(ds, "") is ds
     with pytest.raises(ValueError, match="cannot be filled.*profile fields are"):
         with_profile_template(ds, "A {no_such_field}")
+
+
+def test_resume_alone_continues_with_the_runs_own_settings(tmp_path, monkeypatch):
+    """`fedrec simulate --resume --out RUN` without settings takes RUN/config.json's (the run
+    may have been started with another preset than the default); no config.json: exit 2."""
+    from typer.testing import CliRunner
+
+    from fedrec.cli import app
+    from fedrec.shared.federation.config import FedConfig
+    from fedrec.simulations import launch
+
+    run = tmp_path / "run"
+    run.mkdir()
+    started = FedConfig(partition="silo", silos=5, num_rounds=3, lr=0.5)  # not preset secure
+    doc = {"command": "simulate", "federation": started.as_dict()}
+    (run / "config.json").write_text(json.dumps(doc))
+    seen = []
+
+    def fake_simulate(cfg, out, **_kw):
+        seen.append((cfg, out))
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(launch, "simulate", fake_simulate)
+    r = CliRunner().invoke(app, ["simulate", "--resume", "--out", str(run)])
+    assert r.exit_code == 2 and "stopped by the test" in r.output
+    assert seen and seen[0][0] == started
+    # with settings given, they are used (and the run directory check compares them)
+    seen.clear()
+    CliRunner().invoke(app, ["simulate", "--resume", "--out", str(run), "--preset", "quick"])
+    assert seen and seen[0][0] != started
+    r = CliRunner().invoke(app, ["simulate", "--resume", "--out", str(tmp_path / "empty")])
+    assert r.exit_code == 2 and "nothing to resume" in r.output and "Traceback" not in r.output
