@@ -233,3 +233,22 @@ def test_shared_negatives_touch_fewer_items_and_mask_collisions():
     masked = candidate_loss(logits, context, shared, reduction="none")
     assert masked[0] < masked[1]  # one fewer competitor for example 0 (a context item)
     assert masked[2] < masked[1]  # and for example 2 (its own target among the negatives)
+
+
+@pytest.mark.parametrize("needs", [(True, True), (False, True), (True, False)])
+def test_low_rank_product_gradients_are_autograds(needs):
+    """The LoRA product with the reordered weight gradient: same value and gradients as
+    ``scale * a @ w.T`` by plain autograd (gradcheck in float64, and against autograd)."""
+    from fedrec.shared.model.candidates import low_rank_product
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(37, 5, generator=g, dtype=torch.float64, requires_grad=needs[0])
+    w = torch.randn(11, 5, generator=g, dtype=torch.float64, requires_grad=needs[1])
+    assert torch.autograd.gradcheck(lambda a_, w_: low_rank_product(a_, w_, 0.7), (a, w))
+    out = torch.randn(37, 11, generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad(
+        (low_rank_product(a, w, 0.7) * out).sum(), [t for t in (a, w) if t.requires_grad]
+    )
+    ref = torch.autograd.grad((0.7 * (a @ w.T) * out).sum(), [t for t in (a, w) if t.requires_grad])
+    for x, y in zip(ours, ref, strict=True):
+        assert torch.allclose(x, y, atol=1e-12)

@@ -167,10 +167,11 @@ class LoRAItemTower(nn.Module):
         dim))`` for unique items ``u`` (with their ``tokens(u)``), at the current A and B: ``x``
         (tokens, inter) is the tokens' frozen input of A with FedAvg-LoRA (else ``a`` itself),
         ``mu`` and ``rstd`` LayerNorm's mean and inverse std of ``z``."""
-        x = a = self.feats[tok]
+        # index_select, not feats[tok]: the same rows, about 5x faster on CPU at these sizes
+        x = a = self.feats.index_select(0, tok)
         if self.a_weight is not None:
-            a = x @ self.a_weight.T
-        z = self.base[tok] + self.scaling * (a @ self.weight.T)
+            a = low_rank_product(x, self.a_weight)
+        z = self.base.index_select(0, tok) + low_rank_product(a, self.weight, self.scaling)
         # F.layer_norm's op, which also returns the statistics the grad sampler needs
         h, mu, rstd = torch.native_layer_norm(
             z, z.shape[-1:], self.ln_weight, self.ln_bias, self.eps
@@ -195,6 +196,31 @@ class LoRAItemTower(nn.Module):
         self._saved = (items, u, inv, tok, row, slot, x, a.detach(), z.detach(), mu, rstd,
                        pooled.detach(), *(p.detach().clone() for p in self._state()))  # fmt: skip
         return e[inv]  # (batch, k, dim)
+
+
+class _LowRankProduct(torch.autograd.Function):
+    """``scale * a @ w.T`` for a tall ``a`` (tokens, k) and a small ``w`` (out, k), whose weight
+    gradient is computed as ``(a.T @ g).T`` instead of autograd's ``g.T @ a``: the same sum, but
+    the latter's operand layout makes a single-thread CPU GEMM about 7x slower at fedrec's shapes
+    (4,000 tokens x 384 x 8: 3.6 ms against 0.5 ms), and it ran at every local step."""
+
+    @staticmethod
+    def forward(ctx: Any, a: torch.Tensor, w: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(a, w)
+        ctx.scale = scale
+        return a @ (w.T * scale)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        a, w = ctx.saved_tensors
+        ga = g @ (w * ctx.scale) if ctx.needs_input_grad[0] else None
+        gw = (a.T @ g).T.contiguous() * ctx.scale if ctx.needs_input_grad[1] else None
+        return ga, gw, None
+
+
+def low_rank_product(a: torch.Tensor, w: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale * (a @ w.T)`` with a fast weight gradient (:class:`_LowRankProduct`)."""
+    return _LowRankProduct.apply(a, w, scale)
 
 
 # Per-(example, item, token) floats of x gathered at once for dA (about 64 MB in float32).
