@@ -5,25 +5,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord
-from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
-    encrypt,
-    generate_shared_key,
-)
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import encrypt
 from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat
 from flwr.common.serde import config_record_from_proto, config_record_to_proto
-from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 from scipy.stats import chi2
 
 from fedrec.shared.federation.secagg import (
+    ENC_KEY_INFO,
     PAIR_MASK_INFO,
     SELF_MASK_INFO,
     BelowThreshold,
     SecAggClient,
     SecAggError,
     SecAggServer,
+    agree,
     default_threshold,
     neighbour_graph,
     prg,
+    private_key,
 )
 
 
@@ -334,8 +333,8 @@ def test_tampered_or_misrouted_ciphertexts_raise():
     with pytest.raises(SecAggError, match="authentication"):
         target.masked_input(with_ct(a, good[c]), x)
     # properly encrypted by a for b, but the plaintext names another dst / src
-    sk2_a = bytes_to_private_key(r.clients[a].to_state()["sk2"])
-    key_ab = generate_shared_key(sk2_a, bytes_to_public_key(r.keys[b][1]))
+    sk2_a = private_key(r.clients[a].to_state()["sk2"])
+    key_ab = agree(sk2_a, r.keys[b][1], ENC_KEY_INFO)
     wrong_dst = encrypt(key_ab, share_keys_plaintext_concat(a, c, b"x" * 20, b"y" * 20))
     with pytest.raises(SecAggError, match="addressed to"):
         target.masked_input(with_ct(a, wrong_dst), x)
@@ -468,31 +467,50 @@ def test_state_mid_protocol_keeps_the_stage_order():
 # ------------------------------------------------------------------- secrets, shares, mask key
 
 
-def test_mask_key_from_seed_and_p384_order():
-    from cryptography.hazmat.primitives.asymmetric import ec
+def test_mask_key_from_seed_and_key_agreement():
+    from cryptography.hazmat.primitives.asymmetric import x25519
 
-    from fedrec.shared.federation.secagg import P384_ORDER, mask_key
+    from fedrec.shared.federation.secagg import (
+        PAIR_SEED_INFO,
+        mask_key,
+        new_key_pair,
+        public_bytes,
+    )
 
-    ec.derive_private_key(P384_ORDER - 1, ec.SECP384R1())  # the largest valid scalar ...
-    with pytest.raises(ValueError):
-        ec.derive_private_key(P384_ORDER, ec.SECP384R1())  # ... and the order itself is not
+    def raw(seed: bytes, binding: bytes = b"pk2") -> bytes:
+        return mask_key(seed, binding).private_bytes_raw()
 
-    def scalar(seed: bytes, binding: bytes = b"pk2") -> int:
-        return mask_key(seed, binding).private_numbers().private_value
-
-    assert scalar(b"\x01" * 16) == scalar(b"\x01" * 16)  # deterministic
-    assert scalar(b"\x01" * 16) != scalar(b"\x02" * 16)
-    assert scalar(b"\x01" * 16) != scalar(b"\x01" * 16, b"another pk2")  # bound to the node
-    assert isinstance(mask_key(b"\x01" * 16, b"x").curve, ec.SECP384R1)
+    assert raw(b"\x01" * 16) == raw(b"\x01" * 16)  # deterministic
+    assert raw(b"\x01" * 16) != raw(b"\x02" * 16)
+    assert raw(b"\x01" * 16) != raw(b"\x01" * 16, b"another pk2")  # bound to the node
+    assert isinstance(mask_key(b"\x01" * 16, b"x"), x25519.X25519PrivateKey)
     with pytest.raises(ValueError, match="16 bytes"):
         mask_key(b"\x01" * 32, b"x")
     # the client's pk1 is the public key of the key derived from its seed
     c = SecAggClient(7, bits=16, threshold=2)
     pk1, _ = c.setup()
-    assert (
-        bytes_to_public_key(pk1).public_numbers()
-        == mask_key(c.sk1_seed, c.pk2).public_key().public_numbers()
-    )
+    assert len(pk1) == 32 and pk1 == public_bytes(mask_key(c.sk1_seed, c.pk2))
+    # agreement: symmetric, separated by info, different for another pair
+    (sa, pa), (sb, pb), (_, pc) = new_key_pair(), new_key_pair(), new_key_pair()
+    assert agree(sa, pb, ENC_KEY_INFO) == agree(sb, pa, ENC_KEY_INFO)
+    assert agree(sa, pb, ENC_KEY_INFO) != agree(sa, pb, PAIR_SEED_INFO)
+    assert agree(sa, pb, ENC_KEY_INFO) != agree(sa, pc, ENC_KEY_INFO)
+    # a small-order public key (here the all-zero point) is refused, not agreed on
+    with pytest.raises(SecAggError, match="small-order"):
+        agree(sa, bytes(32), ENC_KEY_INFO)
+
+
+def test_server_drops_a_small_order_setup_key():
+    cohort = cohort_of(3)
+    server = SecAggServer(cohort, k=2, threshold=2, bits=16, dim=4, min_survivors=2, seed=0)
+    n = cohort[0]
+    good = SecAggClient(n, bits=16, threshold=2).setup()
+    assert server.check_setup_reply(n, good) == good
+    for bad in ((bytes(32), good[1]), (good[0], (1).to_bytes(32, "little"))):
+        with pytest.raises(SecAggError, match="small-order"):
+            server.check_setup_reply(n, bad)
+    with pytest.raises(SecAggError, match="unreadable"):
+        server.check_setup_reply(n, (good[0][:31], good[1]))
 
 
 @pytest.mark.parametrize("t,n", [(2, 3), (5, 9), (16, 31)])
@@ -531,7 +549,7 @@ def test_server_catches_an_altered_share_of_a_survivor():
 
 
 def test_masked_input_decrypts_with_the_keys_agreed_at_share_keys(monkeypatch):
-    """The share-encryption keys agreed at share_keys (ECDH) travel in the client's state and
+    """The share-encryption keys agreed at share_keys (X25519) travel in the client's state and
     are used at masked_input (no second agreement); they and the mask key's seed are dropped
     once used."""
     from fedrec.shared.federation import secagg
@@ -543,13 +561,15 @@ def test_masked_input_decrypts_with_the_keys_agreed_at_share_keys(monkeypatch):
     assert all(r.states[i]["sk1-seed"] == b"" for i in r.cohort)  # shared, then dropped
     assert all(len(r.states[i]["enc-keys"]) == 4 for i in r.cohort)
 
-    def no_agreement(*_a, **_k):
-        raise AssertionError("a second ECDH agreement for the share-encryption key")
+    real = secagg.agree
 
-    real = secagg.generate_shared_key
-    # pairwise-mask seeds (sk1 with pk1) still agree; only the decryption must not
-    monkeypatch.setattr(secagg, "generate_shared_key", no_agreement)
-    monkeypatch.setattr(secagg, "_pair_seed", lambda sk1, pk1: real(sk1, pk1))
+    def only_pair_seeds(sk, pk, info):
+        # pairwise-mask seeds (sk1 with pk1) still agree; the decryption key must not
+        if info != secagg.PAIR_SEED_INFO:
+            raise AssertionError("a second agreement for the share-encryption key")
+        return real(sk, pk, info)
+
+    monkeypatch.setattr(secagg, "agree", only_pair_seeds)
     masked = {i: r.call(i, "masked_input", cts, r.xs[i]) for i, cts in r.routed.items()}
     assert all(r.states[i]["enc-keys"] == [] for i in r.cohort)
     replies = {}

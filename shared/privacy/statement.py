@@ -190,8 +190,8 @@ def _secure(u: dict[str, Any]) -> str:
   The survivor minimum ({sa["min_survivors"]}) is enforced by the server (honest but curious);
   the Shamir threshold is enforced by cryptography: a node's masks cannot be removed without a
   threshold of its group's shares, and a client refuses a request for both kinds of share of
-  one node. The guarantee is computational: it holds if ECDH on NIST P-384, HKDF/AES-256-CTR
-  and Fernet are secure, at a 128-bit level (Fernet's AES-128 keys; the self-mask seed and the
+  one node. The guarantee is computational: it holds if X25519, HKDF/AES-256-CTR and
+  Fernet are secure, at a 128-bit level (Fernet's AES-128 keys; the self-mask seed and the
   seed each masking key is derived from are 128-bit, the latter bound to its node and round).
 - **Not covered**: a server that deviates from the protocol (the paper's consistency round
   with signatures is not implemented, so a malicious server could ask different clients for a
