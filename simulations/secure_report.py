@@ -6,7 +6,8 @@ Run: ``python -m fedrec.simulations.secure_report [--results DIR] [--readme READ
 ``DIR`` (default ``simulations/results/secure-agg``) holds ``runs/NAME/metrics.json`` and
 ``runs/NAME/config.json`` for each run. Runs whose config has ``secure-agg=true`` are the
 private ones (their median is the headline); the others are reference runs of the same
-federation without DP. The table goes between ``<!-- secure-headline:begin -->`` and
+federation with central DP (``secure-agg=false``: a trusted server adds the noise) or without
+DP (``user-dp=false`` too), refused if they differ in anything else but the seed. The table goes between ``<!-- secure-headline:begin -->`` and
 ``<!-- secure-headline:end -->`` of the README; ``tests/test_docs.py`` checks that the committed
 README holds exactly what this module generates from the committed runs.
 """
@@ -48,26 +49,64 @@ def _valid(metrics: dict[str, Any]) -> float | None:
     return v.get("NDCG@10")
 
 
+# What a reference run may change against the private runs (besides the seed): the central-DP
+# twin only drops secure aggregation (the server adds the same Gaussian-calibrated noise); the
+# no-DP twin also drops user-level DP (no clip, no noise).
+TWINS = {
+    "central": ("the same federation with central DP", {"secure_agg"}),
+    "nodp": ("the same federation without DP", {"secure_agg", "user_dp"}),
+}
+
+
+def _kind(config: dict[str, Any]) -> str:
+    if config.get("secure_agg"):
+        return "private"
+    if config.get("user_dp") and not config.get("dp"):
+        return "central"
+    if not config.get("user_dp") and not config.get("dp"):
+        return "nodp"
+    raise ValueError("a run with local DP is not a twin of the secure federation")
+
+
+def _check_same(base: dict[str, Any], r: dict[str, Any], allowed: set[str], why: str) -> None:
+    keys = base["config"].keys() | r["config"].keys()
+    diff = sorted(
+        k for k in keys
+        if k != "seed" and k not in allowed and base["config"].get(k) != r["config"].get(k)
+    )  # fmt: skip
+    if diff:
+        raise ValueError(
+            f"runs/{r['name']}: settings differ from {base['name']} in {diff}; {why}"
+        )
+
+
+def _spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.4f} (one run)"
+    return (
+        f"median {statistics.median(values):.4f} over {len(values)} runs (min "
+        f"{min(values):.4f}, max {max(values):.4f})"
+    )
+
+
 def headline(results: Path, *, label: str | None = None) -> str:
     """The Markdown block (without the markers); ``label``: how the text names ``results``
     (default: as given)."""
     runs = load_runs(results)
-    private = [r for r in runs if r["config"].get("secure_agg")]
-    plain = [r for r in runs if not r["config"].get("secure_agg")]
+    groups: dict[str, list[dict[str, Any]]] = {"private": [], "central": [], "nodp": []}
+    for r in runs:
+        try:
+            groups[_kind(r["config"])].append(r)
+        except ValueError as err:
+            raise ValueError(f"{results}/runs/{r['name']}: {err}") from None
+    private = groups["private"]
     if not private:
         raise ValueError(f"{results}/runs: no run with secure_agg true")
-    same = {k: v for k, v in private[0]["config"].items() if k != "seed"}
     for r in private[1:]:
-        diff = sorted(
-            k
-            for k in same.keys() | r["config"].keys()
-            if k != "seed" and same.get(k) != r["config"].get(k)
-        )
-        if diff:
-            raise ValueError(
-                f"{results}/runs/{r['name']}: settings differ from {private[0]['name']} in "
-                f"{diff}; a median is over runs that differ only in their seed"
-            )
+        _check_same(private[0], r, set(), "a median is over runs that differ only in their seed")
+    for kind, (what, allowed) in TWINS.items():
+        for r in groups[kind]:
+            _check_same(private[0], r, allowed, f"not {what}")
     rows = [
         "| run | seed | privacy | test NDCG@10 | test HR@10 | valid NDCG@10 | popularity | "
         "item-kNN | time (s) |",
@@ -78,9 +117,8 @@ def headline(results: Path, *, label: str | None = None) -> str:
         m, c = r["metrics"], r["config"]
         u = m["privacy"].get("user_level") or {}
         if u.get("enabled"):
-            priv = f"{u['epsilon']:.2f} / user (delta {u['delta']:g})"
-        elif c.get("dp"):
-            priv = "local DP (see the run)"
+            where = "no trusted server" if c.get("secure_agg") else "trusted server"
+            priv = f"{u['epsilon']:.2f} / user (delta {u['delta']:g}), {where}"
         else:
             priv = "none"
         valid = _valid(m)
@@ -91,7 +129,7 @@ def headline(results: Path, *, label: str | None = None) -> str:
             f"{m.get('seconds', 0):.0f} |"
         )
 
-    rows += [row(r) for r in private + plain]
+    rows += [row(r) for r in private + groups["central"] + groups["nodp"]]
     ndcg = [_test(r["metrics"])["NDCG@10"] for r in private]
     eps = [r["metrics"]["privacy"]["user_level"]["epsilon"] for r in private]
     secs = [r["metrics"].get("seconds", 0.0) for r in private]
@@ -99,6 +137,21 @@ def headline(results: Path, *, label: str | None = None) -> str:
     u0 = private[0]["metrics"]["privacy"]["user_level"]
     pop = _test(private[0]["metrics"], "popularity")["NDCG@10"]
     knn = _test(private[0]["metrics"], "itemknn")["NDCG@10"]
+    twins = ""
+    if groups["central"]:
+        ce = [r["metrics"]["privacy"]["user_level"]["epsilon"] for r in groups["central"]]
+        twins += (
+            " The same federation with central DP (a trusted server clips and adds Gaussian "
+            f"noise, epsilon at most {max(ce):.2f}): "
+            + _spread([_test(r["metrics"])["NDCG@10"] for r in groups["central"]])
+            + "."
+        )
+    if groups["nodp"]:
+        twins += (
+            " Without DP (no clip, no noise, no secure aggregation): "
+            + _spread([_test(r["metrics"])["NDCG@10"] for r in groups["nodp"]])
+            + "."
+        )
     lines = [
         f"**One user per device, user-level DP, no trusted server** (SecAgg+ with distributed "
         f"Skellam noise): median test NDCG@10 **{statistics.median(ndcg):.4f}** over "
@@ -106,13 +159,8 @@ def headline(results: Path, *, label: str | None = None) -> str:
         f"{pop:.4f} and item-kNN {knn:.4f} on the same split; epsilon at most "
         f"{max(eps):.2f} per user at delta {u0['delta']:g} ({u0['sampled_per_round']} of "
         f"{u0['clients']} users per round, {c0['num_rounds']} rounds, clip "
-        f"{c0['user_clip']:g}, server lr {c0['server_lr']:g}); median "
-        f"{statistics.median(secs) / 60:.1f} min a run on 2 cores."
-        + "".join(
-            f" The same federation without DP (`{r['name']}`: no clip, no noise, no secure "
-            f"aggregation): {_test(r['metrics'])['NDCG@10']:.4f}."
-            for r in plain
-        ),
+        f"{c0['user_clip']:g}, server {c0.get('server_opt', 'sgd')} lr {c0['server_lr']:g}); "
+        f"median {statistics.median(secs) / 60:.1f} min a run on 2 cores." + twins,
         "",
         *rows,
         "",
