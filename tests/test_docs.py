@@ -256,3 +256,24 @@ def test_secure_headline_reads_the_runs_and_refuses_mixed_settings(tmp_path):
     (tmp_path / "runs" / private[1] / "config.json").write_text(json.dumps(c))
     with pytest.raises(ValueError, match="differ only in their seed"):
         headline(tmp_path)
+    c["federation"]["server_lr"] = json.loads((src / private[0] / "config.json").read_text())[
+        "federation"
+    ]["server_lr"]
+    (tmp_path / "runs" / private[1] / "config.json").write_text(json.dumps(c))
+    # a twin: the central-DP run drops secure aggregation only; anything else is refused
+    twin = tmp_path / "runs" / "central"
+    twin.mkdir()
+    shutil.copy(src / private[0] / "metrics.json", twin / "metrics.json")
+    t = json.loads((src / private[0] / "config.json").read_text())
+    t["federation"]["secure_agg"] = False
+    (twin / "config.json").write_text(json.dumps(t))
+    assert "with central DP" in headline(tmp_path)
+    t["federation"]["num_rounds"] += 1
+    (twin / "config.json").write_text(json.dumps(t))
+    with pytest.raises(ValueError, match="not the same federation with central DP"):
+        headline(tmp_path)
+    t["federation"]["num_rounds"] -= 1
+    t["federation"]["dp"] = True  # local DP is no twin at all
+    (twin / "config.json").write_text(json.dumps(t))
+    with pytest.raises(ValueError, match="local DP"):
+        headline(tmp_path)

@@ -138,7 +138,8 @@ def _user_level(cfg: FedConfig, u: dict[str, Any]) -> str:
   {u["clip"]}; the clipped sum is divided by the fixed sample size {u["sampled_per_round"]}
   (of {u["clients"]} clients; missing or rejected clients count as zero) and Gaussian noise of
   std {u["noise_std"]:.4g} (noise multiplier {u["noise_multiplier"]:.4f}) is added to that
-  mean before the server optimizer ({u.get("server_optimizer", "sgd, lr 1")}) uses it.
+  mean before the server optimizer ({u.get("server_optimizer", "sgd, lr 1")}) uses it: any
+  server step is post-processing of that release.
 - **epsilon = {u["epsilon"]:.4f} at delta = {u["delta"]}** after {u["releases"]} noisy
   release(s) (budget {u["epsilon_budget"]}), {u["accounting"]}, for zero-out adjacency. With
   a fixed number of clients per round, adding or removing a client (or swapping it for another)
