@@ -168,6 +168,9 @@ class SecureUserDP:
                 keys[node] = server.check_setup_reply(node, (rec.get("pk1"), rec.get("pk2")))
             except SecAggError as err:
                 log.warning("round %d: node %d dropped at setup: %s", rnd, node, err)
+        for node in server.equivalent_keys(keys):  # a key re-encoded from another node's
+            log.warning("round %d: node %d dropped at setup: its key is another node's", rnd, node)
+            del keys[node]
         record["setup"] = len(keys)
 
         # 2. share keys: encrypted Shamir shares, routed by the server

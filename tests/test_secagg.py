@@ -404,7 +404,7 @@ def test_server_validates_share_keys_replies():
         r.server.group_keys_for(1, r.keys)
     with pytest.raises(SecAggError, match="cohort"):
         r.server.group_keys_for(r.cohort[0], {**r.keys, 31337: r.keys[r.cohort[0]]})
-    with pytest.raises(SecAggError, match="repeated"):
+    with pytest.raises(SecAggError, match="same public key under several nodes"):
         r.server.group_keys_for(r.cohort[0], {**r.keys, r.cohort[1]: r.keys[r.cohort[0]]})
     with pytest.raises(SecAggError, match=f"node {r.cohort[1]}"):
         r.server.check_setup_reply(r.cohort[1], (b"junk", r.keys[r.cohort[1]][1]))
@@ -600,3 +600,47 @@ def test_an_altered_mask_key_share_is_caught_by_the_public_key():
     replies[holder] = (b, {**sk, gone: bytes(share)})
     with pytest.raises(SecAggError, match="does not match its public key"):
         r.server.aggregate(masked, replies)
+
+
+def _equivalent_encodings(pk: bytes) -> list[bytes]:
+    """Other byte strings that X25519 treats as the same key: the top bit set, u + p (when it
+    fits in 255 bits), and the point plus a small-order point (same result for every clamped
+    private key)."""
+    u = int.from_bytes(pk, "little")
+    p = 2**255 - 19
+    out = [(u | (1 << 255)).to_bytes(32, "little")]
+    if u + p < 2**255:
+        out.append((u + p).to_bytes(32, "little"))
+    # u-coordinates of P + T for T of order 2 (u = 0): the Montgomery formula u' = 1/u mod p...
+    # is a different, equivalent key for clamped scalars only if it agrees alike; keep it when it
+    # does (checked below against the fingerprint and a real agreement)
+    out.append(pow(u, p - 2, p).to_bytes(32, "little"))
+    return out
+
+
+def test_equivalent_key_encodings_are_one_key_and_their_nodes_are_dropped():
+    """A colluder re-encoding an honest node's pk1 (other bytes, same X25519 key) would cancel
+    that node's pairwise masks: the server tells keys apart by fingerprint, drops every node
+    holding a key another node also holds, and refuses such a key set outright."""
+    from fedrec.shared.federation.secagg import PAIR_SEED_INFO, key_fingerprint, new_key_pair
+
+    honest = SecAggClient(1, bits=16, threshold=2).setup()
+    sk_other, _ = new_key_pair()
+    copies = []
+    for enc in _equivalent_encodings(honest[0]):
+        same_for_all = agree(sk_other, enc, PAIR_SEED_INFO) == agree(
+            sk_other, honest[0], PAIR_SEED_INFO
+        )
+        assert (key_fingerprint(enc) == key_fingerprint(honest[0])) == same_for_all
+        if same_for_all:
+            copies.append(enc)
+    assert len(copies) >= 2 and all(c != honest[0] for c in copies)
+    cohort = cohort_of(4)
+    server = SecAggServer(cohort, k=3, threshold=2, bits=16, dim=4, min_survivors=2, seed=0)
+    keys = {n: SecAggClient(n, bits=16, threshold=2).setup() for n in cohort[1:3]}
+    keys[cohort[0]] = honest
+    colluder = cohort[3]
+    keys[colluder] = (copies[0], SecAggClient(colluder, bits=16, threshold=2).setup()[1])
+    assert SecAggServer.equivalent_keys(keys) == sorted([cohort[0], colluder])
+    with pytest.raises(SecAggError, match="same public key under several nodes"):
+        server.group_keys_for(cohort[1], keys)

@@ -250,6 +250,20 @@ def combine_secret(shares: Sequence[bytes]) -> bytes:
 _PROBE = x25519.X25519PrivateKey.from_private_bytes(bytes(range(1, KEY_BYTES + 1)))
 
 
+def key_fingerprint(pk: bytes) -> bytes:
+    """What a public key is as far as X25519 agreement goes: ``X25519(probe, pk)`` for a fixed
+    private key. X25519 ignores the top bit of an encoding, reduces non-canonical u-coordinates
+    mod p and clears the cofactor, so different byte strings can be the same key for every
+    honest client (the top bit flipped, u + p, a small-order point added); they all have one
+    fingerprint. Keys are told apart by it, never by their bytes: a colluder who re-encodes an
+    honest node's pk1 must not pass for a distinct node, or its masks would cancel that node's
+    pairwise masks. A small-order key (the all-zero result) raises :class:`SecAggError`."""
+    try:
+        return _PROBE.exchange(x25519.X25519PublicKey.from_public_bytes(pk))
+    except ValueError:
+        raise SecAggError("a small-order or malformed X25519 key") from None
+
+
 def _pair_seed(sk1: x25519.X25519PrivateKey, pk1: bytes) -> bytes:
     """The pairwise-mask seed: X25519 + HKDF agreement (symmetric in the two parties)."""
     return agree(sk1, pk1, PAIR_SEED_INFO)
@@ -769,14 +783,28 @@ class SecAggServer:
         pk1, pk2 = _key_pair(pair, f"setup reply of node {node}")
         if pk1 == pk2:
             raise SecAggError(f"setup reply of node {node}: pk1 and pk2 are the same key")
+        prints = []
         for name, pk in (("pk1", pk1), ("pk2", pk2)):
             try:  # a small-order key gives the all-zero secret with any private key
-                agree(_PROBE, pk, b"fedrec-secagg-probe")
+                prints.append(key_fingerprint(pk))
             except SecAggError:
                 raise SecAggError(
                     f"setup reply of node {node}: {name} is a small-order X25519 key"
                 ) from None
+        if prints[0] == prints[1]:
+            raise SecAggError(f"setup reply of node {node}: pk1 and pk2 are the same key")
         return pk1, pk2
+
+    @staticmethod
+    def equivalent_keys(keys: Mapping[int, tuple[bytes, bytes]]) -> list[int]:
+        """The nodes whose pk1 or pk2 is the same X25519 key as another key of ``keys`` (by
+        :func:`key_fingerprint`, whatever the bytes): all of them, since which one copied the
+        other cannot be told. The caller drops them before the round's groups are formed."""
+        owners: dict[bytes, set[int]] = {}
+        for node, pair in keys.items():
+            for pk in pair:
+                owners.setdefault(key_fingerprint(pk), set()).add(node)
+        return sorted({n for nodes in owners.values() if len(nodes) > 1 for n in nodes})
 
     @staticmethod
     def _normalise(keys: Mapping[int, Any]) -> GroupKeys:
@@ -791,10 +819,9 @@ class SecAggServer:
         fixed: GroupKeys = {}
         for nid, pair in keys.items():
             fixed[nid] = self.check_setup_reply(nid, pair)
-        flat = [pk for pair in fixed.values() for pk in pair]
-        if len(set(flat)) != len(flat):
-            dup = sorted(n for n, pair in fixed.items() if any(flat.count(pk) > 1 for pk in pair))
-            raise SecAggError(f"setup keys: public keys repeated (nodes {dup})")
+        dup = self.equivalent_keys(fixed)
+        if dup:
+            raise SecAggError(f"setup keys: the same public key under several nodes ({dup})")
         active = set(fixed)
         while True:
             short = {n for n in active if len(self._group(n) & active) < self.threshold}
