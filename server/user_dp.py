@@ -43,14 +43,18 @@ is not aggregated releases nothing; resumed runs count every round before the ch
 release (an over-count, never an under-count).
 
 Unit and adjacency: one client's whole data set, zero-out (user-level with ``partition=user``;
-a whole silo with ``partition=silo``). The noise comes from NumPy's global generator (Flower's
-implementation); :func:`reseed_numpy` seeds it from OS entropy at server start so it does not
-follow a seed anyone else knows. It is not a cryptographically secure generator.
+a whole silo with ``partition=silo``). The noise comes from the operating system's CSPRNG
+(:func:`os_gaussian`: ``os.urandom`` and Box-Muller in float64), not from Flower's helper, which
+draws from NumPy's global MT19937: seeded with 32 bits (:func:`reseed_numpy`, kept for anything
+else that uses NumPy's global generator), its noise could be found by a 2^32 search and removed.
+The noise is a floating-point Gaussian (Mironov 2012: float arithmetic can leak through the low
+bits); the accounting is that of the ideal Gaussian mechanism.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from collections.abc import Iterable
 from typing import Any
@@ -97,6 +101,22 @@ if _flower_clip is not _clip_update_zero_safe:
     _dp_fixed_clipping.compute_clip_model_update = _clip_update_zero_safe
 
 
+def os_gaussian(shape: tuple[int, ...], std: float) -> np.ndarray:
+    """Gaussian noise (float64) of standard deviation ``std`` from the operating system's
+    CSPRNG (``os.urandom``, 53-bit uniforms, Box-Muller). Flower's helper draws from NumPy's
+    global MT19937, which fedrec could seed with only 32 bits: anyone holding a released model
+    could search those 2^32 seeds for the one that explains the noise and remove it from every
+    round. Here there is no seed to search."""
+    n = int(np.prod(shape)) if shape else 1
+    m = (n + 1) // 2
+    raw = np.frombuffer(os.urandom(16 * m), dtype="<u8").reshape(2, m)
+    u = (raw >> np.uint64(11)).astype(np.float64) * 2.0**-53  # [0, 1)
+    r = np.sqrt(-2.0 * np.log1p(-u[0]))  # 1 - u in (0, 1]: finite
+    theta = 2.0 * np.pi * u[1]
+    z = np.concatenate([r * np.cos(theta), r * np.sin(theta)])[:n]
+    return (std * z).reshape(shape)
+
+
 def reseed_numpy() -> None:
     """Seed NumPy's global generator (Flower's DP noise) from OS entropy."""
     np.random.seed(secrets.randbits(32))
@@ -120,6 +140,7 @@ class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
         self.inner = inner
         inner.fixed_denominator = num_sampled
         inner.mean_noise = self.noise_mean
+        self._noised = False  # noise_mean ran for the model about to be released
 
     def noise_std(self) -> float:
         """The noise's standard deviation on the mean change: ``z * user-clip / n``."""
@@ -130,15 +151,24 @@ class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
     def noise_mean(self, mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The Gaussian mechanism on the clipped mean change (all travelling tensors), called
         by the inner strategy before its server optimizer."""
-        keys = list(mean)
-        arrays = [mean[k].detach().cpu().numpy().astype(np.float32, copy=True) for k in keys]
         std = self.noise_std()
-        _dp_fixed_clipping.add_gaussian_noise_inplace(arrays, std)
+        out = {}
+        for k, t in mean.items():
+            x = t.detach().cpu().double().numpy()
+            out[k] = torch.from_numpy((x + os_gaussian(x.shape, std)).astype(np.float32))
+        self._noised = True
         log.info("central DP noise of std %.4g added to the mean change", std)
-        return {k: torch.from_numpy(a) for k, a in zip(keys, arrays, strict=True)}
+        return out
 
     def _add_noise_to_aggregated_arrays(self, aggregated_arrays: ArrayRecord) -> ArrayRecord:
-        """No noise here: it went on the mean change before the server step (noise_mean)."""
+        """No noise here: it went on the mean change before the server step (noise_mean). A
+        model about to be released without that noise is refused."""
+        if not self._noised:
+            raise RuntimeError(
+                "user-level DP: a round's model was about to be released without the noise on "
+                "its mean change; nothing is released"
+            )
+        self._noised = False
         return aggregated_arrays
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: Any, grid: Any):

@@ -375,17 +375,25 @@ def test_user_level_noise_goes_on_the_mean_before_the_server_step(tmp_path, lr):
 
 
 @pytest.mark.parametrize("opt", ["momentum", "adam"])
-def test_user_level_server_optimizer_sees_exactly_the_noisy_mean(tmp_path, opt):
-    """Draw for draw: the optimizer's input is the clipped mean plus the wrapper's one noise draw
-    (reseeding NumPy replays the draw), so momentum/Adam are post-processing of that release."""
+def test_user_level_server_optimizer_sees_exactly_the_noisy_mean(tmp_path, opt, monkeypatch):
+    """Draw for draw: the optimizer's input is the clipped mean plus the one noise draw (recorded),
+    so momentum/Adam are post-processing of that release."""
+    from fedrec.server import user_dp
     from fedrec.shared.federation.server_opt import ServerOptimizer
 
     z, n, shape = 0.7, 5, (6, 7)
-    np.random.seed(1234)
+    drawn = []
+
+    def recorded(shape_, std_):
+        drawn.append(user_dp_real(shape_, std_))
+        return drawn[-1]
+
+    user_dp_real = user_dp.os_gaussian
+    monkeypatch.setattr(user_dp, "os_gaussian", recorded)
     got, mean, std = _user_dp_round(tmp_path, server_opt=opt, server_lr=0.3, z=z, n=n, shape=shape)
-    np.random.seed(1234)
-    noise = np.random.normal(0, std, shape).astype(np.float32)
-    delta = torch.full(shape, mean, dtype=torch.float32) + torch.from_numpy(noise)
+    assert len(drawn) == 1  # one draw per round, for the one travelling tensor
+    noise = (np.float64(mean) + drawn[0]).astype(np.float32)
+    delta = torch.from_numpy(noise)
     expected = ServerOptimizer(opt, 0.3).step({"lora.B": torch.zeros(*shape)}, {"lora.B": delta})
     assert torch.allclose(got.float(), expected["lora.B"], atol=1e-6)
     # and not the optimizer applied to the noiseless mean
@@ -406,3 +414,32 @@ def test_user_level_noise_is_calibrated_without_amplification():
     s = user_level_summary(cfg, noise_multiplier=z, releases=10, sampled=94, clients=943)
     assert s["epsilon"] <= 4.0 and s["epsilon_if_poisson_sampling"] < s["epsilon"]
     assert s["noise_std"] == pytest.approx(z * cfg.user_clip / 94)
+
+
+def test_os_gaussian_is_gaussian_and_unseeded():
+    from scipy import stats
+
+    from fedrec.server.user_dp import os_gaussian
+
+    x = os_gaussian((200, 101), 0.3)
+    assert x.shape == (200, 101) and x.dtype == np.float64
+    assert stats.kstest(x.ravel() / 0.3, "norm").pvalue > 1e-4
+    assert not np.array_equal(os_gaussian((50,), 1.0), os_gaussian((50,), 1.0))
+    assert os_gaussian((3,), 1.0).shape == (3,)  # odd sizes
+
+
+def test_user_level_refuses_to_release_a_model_without_noise(tmp_path):
+    """The wrapper adds no noise of its own: a model that did not go through noise_mean (a
+    future path around _mean_step) is refused instead of released."""
+    from fedrec.server.user_dp import UserLevelDP
+
+    g = {"lora.B": torch.zeros(4, 4)}
+    cfg = FedConfig(min_replies=2, user_dp=True, user_clip=1.0)
+    inner = FedRecStrategy(cfg, template=dict(g), ledger=tmp_path / "ledger.jsonl")
+    w = UserLevelDP(inner, num_sampled=2, noise_multiplier=1.0)
+    with pytest.raises(RuntimeError, match="without the noise"):
+        w._add_noise_to_aggregated_arrays(to_record(g))
+    inner.mean_noise({"lora.B": torch.zeros(4, 4)})
+    assert w._add_noise_to_aggregated_arrays(to_record(g)) is not None
+    with pytest.raises(RuntimeError, match="without the noise"):  # once per noise draw
+        w._add_noise_to_aggregated_arrays(to_record(g))

@@ -149,8 +149,12 @@ def _user_level(cfg: FedConfig, u: dict[str, Any]) -> str:
   of clients without replacement, which is not the Poisson sampling the amplification bound
   assumes; under that assumption it would be {u["epsilon_if_poisson_sampling"]:.4f} (not claimed).
 - **Trust**: the server is trusted to clip and add the noise (no secure aggregation: it sees
-  each client's update before noise). The noise is drawn from NumPy's global generator, seeded
-  from OS entropy at server start; not a cryptographically secure generator.
+  each client's update before noise). The noise comes from the operating system's CSPRNG
+  (`os.urandom`, Box-Muller, float64); the accounting is that of the ideal Gaussian.
+- **What is covered**: the released models (each round's global model and the final one). Not
+  the per-round counts of clients that replied, refused, failed or were rejected
+  (`metrics.json`, `progress.jsonl`): a user with no data refuses to train, which those counts
+  show; nor whether a round had enough replies to be aggregated.
 """
 
 
@@ -194,9 +198,12 @@ def _secure(u: dict[str, Any]) -> str:
   one node. The guarantee is computational: it holds if X25519, HKDF/AES-256-CTR and
   Fernet are secure, at a 128-bit level (Fernet's AES-128 keys; the self-mask seed and the
   seed each masking key is derived from are 128-bit, the latter bound to its node and round).
-- **Not covered**: a server that deviates from the protocol (the paper's consistency round
-  with signatures is not implemented, so a malicious server could ask different clients for a
-  node's two kinds of share); Sybil clients; the choice of the cohort and the timing of replies.
+- **Not covered**: the per-round counts of clients that replied, refused, dropped or were
+  rejected (`metrics.json`, `progress.jsonl`; a user with no data refuses to train, which they
+  show) and whether a round was released; a server that deviates from the protocol (the
+  paper's consistency round with signatures is not implemented, so a malicious server could ask
+  different clients for a node's two kinds of share); Sybil clients; the choice of the cohort
+  and the timing of replies.
   The noise comes from NumPy's PCG64 seeded with 128 bits of OS entropy on each client, not a
   cryptographically secure generator. A client that adds less noise than asked weakens the
   guarantee: the claim assumes the clients not counted as colluders follow the protocol.
