@@ -281,6 +281,12 @@ def make_server_app() -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+        if isinstance(grid, InMemoryGrid):  # a simulation: Flower's engine is in this process
+            from fedrec.server import sim_runtime
+
+            sim_runtime.install()
         run_cfg, server = split_run_config(dict(context.run_config))
         out = Path(str(server.get("run-dir", f"runs/flwr-{int(time.time())}")))
         run_federation(

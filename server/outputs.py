@@ -77,6 +77,10 @@ def write_outputs(
     result["privacy"] = privacy_summary(cfg, ledger)
     result["privacy"]["user_level"] = user_level or {"enabled": False}
     result["seconds"] = round(seconds, 1)
+    from fedrec.server import sim_runtime
+
+    # how the run's Flower simulation engine handed out messages (None: not a simulation)
+    result["runtime"] = {"flower_linkstate_index": sim_runtime.INSTALLED}
     write_json(
         run / "config.json",
         {

@@ -40,6 +40,8 @@ def test_secure_aggregation_round_with_dropouts_is_released_and_audited(
         synth_dir, tiny_backbone, secagg_dropout=0.35, secagg_test_dropout="0.2:masked"
     )
     result = simulate(cfg, out, baselines="popularity", num_cpus=2)
+    # the run's simulation engine used fedrec's per-node message index (server/sim_runtime.py)
+    assert result["runtime"] == {"flower_linkstate_index": True}
     u = result["privacy"]["user_level"]
     sa = u["secure_agg"]
     rounds = [json.loads(x) for x in (out / "privacy" / "secagg.jsonl").read_text().splitlines()]
