@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich import box
@@ -359,7 +359,8 @@ def simulate_cmd(
         if from_run:
             from fedrec.shared.privacy.report import load_fed_config
 
-            cfg, server = load_fed_config(out_dir), {}
+            cfg = load_fed_config(out_dir)
+            server: dict[str, Any] = {}
         else:
             cfg, server = resolve(config, parse_sets(set_ or []), quick, preset)
         baseline_names(baselines)

@@ -27,10 +27,11 @@ SuperLink flags, federation config, nice level and process-tree shutdown, its pr
 by ``launch.app_project`` with the two components swapped); ``simulate()`` itself has no hook
 for other components.
 
-``VARIANT+poll`` (not in the defaults): the same run with
-:func:`fedrec.simulations.noop_app.patch_polling` applied in the ``flwr-simulation`` process (an
-experiment on the cost of Flower's per-node message polling, reported as a ratio to the
-unpatched variant measured in the same invocation when that one is listed first).
+``VARIANT+poll``: the same run with fedrec's per-node message index for Flower's in-memory link
+state (:mod:`fedrec.server.sim_runtime`, which fedrec's ServerApp installs in every simulation)
+in the ``flwr-simulation`` process; the plain variants run Flower's link state as shipped (the
+fedrec ones with ``FEDREC_FLOWER_LINKSTATE_INDEX=0``). Ratios to the plain variant measured in
+the same invocation are reported when that one is listed first.
 
 Round seconds. No-op: measured by the ServerApp (``time.perf_counter`` around the whole round:
 sampling, message construction and the ``send_and_receive`` calls). fedrec: the ServerApp
@@ -338,8 +339,18 @@ def run_fedrec(
             out.mkdir(parents=True)
             run_app(FEDREC_SERVER_POLL, FEDREC_CLIENT, run_config, supernodes, out)
             metrics = json.loads((out / "metrics.json").read_text())
-        else:
-            metrics = simulate(cfg, out, baselines="none")
+        else:  # Flower's link state as shipped: fedrec's ServerApp leaves it alone
+            from fedrec.server import sim_runtime
+
+            before = os.environ.get(sim_runtime.ENV)
+            os.environ[sim_runtime.ENV] = "0"
+            try:
+                metrics = simulate(cfg, out, baselines="none")
+            finally:
+                if before is None:
+                    os.environ.pop(sim_runtime.ENV, None)
+                else:
+                    os.environ[sim_runtime.ENV] = before
     finally:
         clock.halt.set()
         clock.join()

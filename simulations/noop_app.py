@@ -43,46 +43,16 @@ fedrec_server_poll = ServerApp()
 
 
 def patch_polling() -> None:
-    """An experiment, not a fix: make the simulation runtime's per-node poll cheap.
+    """fedrec's per-node message index for Flower's in-memory link state
+    (:func:`fedrec.server.sim_runtime.install`), in the process this runs in: the
+    ``flwr-simulation`` process, where the ServerApp thread and the runtime's polling thread
+    both live. fedrec's own ServerApp installs it in every simulation; the no-op ServerApp only
+    with ``patch-polling`` (the ``+poll`` variants), so that the plain no-op variants measure
+    Flower as shipped."""
+    from fedrec.server import sim_runtime
 
-    Flower 1.41's simulation runtime (``vce_api.add_messages_to_queue``) asks the in-memory
-    link state for each virtual node's next message, every 0.1 s, and
-    ``InMemoryLinkState.get_message_ins`` walks every stored message for each node and runs
-    ``_check_stored_messages`` (a clock read, a set, a federation lookup) on each: N x M such
-    checks per sweep, M the messages stored (a round's, until their replies are pulled),
-    holding the process's GIL. This replacement selects the node's undelivered messages first
-    and checks only those; same results (expired ones are still dropped when their node
-    polls). It patches the class in the process it runs in: the ``flwr-simulation`` process,
-    where the ServerApp thread and the runtime's polling thread both live."""
-    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
-    from flwr.supercore.date import now
-
-    def get_message_ins(
-        self: InMemoryLinkState, node_id: int, limit: int | None, *, run_id: int | None = None
-    ) -> list[Message]:
-        if limit is not None and limit < 1:
-            raise AssertionError("`limit` must be >= 1")
-        out: list[Message] = []
-        with self.lock:
-            mine = [
-                k
-                for k, m in self.message_ins_store.items()
-                if m.metadata.dst_node_id == node_id and m.metadata.delivered_at == ""
-            ]
-            if mine:
-                self._check_stored_messages(set(mine))
-            for k in mine:
-                msg = self.message_ins_store.get(k)
-                if msg is not None and (run_id is None or msg.metadata.run_id == run_id):
-                    out.append(msg)
-                    if limit and len(out) == limit:
-                        break
-        delivered_at = now().isoformat()
-        for msg in out:
-            msg.metadata.delivered_at = delivered_at
-        return out
-
-    InMemoryLinkState.get_message_ins = get_message_ins  # type: ignore[method-assign]
+    if not sim_runtime.install():
+        raise RuntimeError("patch-polling: fedrec's link-state index could not be installed")
 
 
 def _arrays(sizes: list[int]) -> ArrayRecord:

@@ -7,8 +7,9 @@ Run: ``python -m fedrec.simulations.secure_report [--results DIR] [--readme READ
 ``runs/NAME/config.json`` for each run. Runs whose config has ``secure-agg=true`` are the
 private ones (their median is the headline); the others are reference runs of the same
 federation with central DP (``secure-agg=false``: a trusted server adds the noise) or without
-DP (``user-dp=false`` too), refused if they differ in anything else but the seed. The table goes between ``<!-- secure-headline:begin -->`` and
-``<!-- secure-headline:end -->`` of the README; ``tests/test_docs.py`` checks that the committed
+DP (``user-dp=false`` too), refused if they differ in anything else but the seed. The table
+goes between ``<!-- secure-headline:begin -->`` and ``<!-- secure-headline:end -->`` of the
+README; ``tests/test_docs.py`` checks that the committed
 README holds exactly what this module generates from the committed runs.
 """
 
@@ -75,9 +76,7 @@ def _check_same(base: dict[str, Any], r: dict[str, Any], allowed: set[str], why:
         if k != "seed" and k not in allowed and base["config"].get(k) != r["config"].get(k)
     )  # fmt: skip
     if diff:
-        raise ValueError(
-            f"runs/{r['name']}: settings differ from {base['name']} in {diff}; {why}"
-        )
+        raise ValueError(f"runs/{r['name']}: settings differ from {base['name']} in {diff}; {why}")
 
 
 def _spread(values: list[float]) -> str:

@@ -193,7 +193,8 @@ def build_catalog_cache(
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    buf: Any = flat.view(torch.uint8).numpy()  # an ndarray exposes the buffer protocol
+    return memoryview(buf)
 
 
 def catalog_cache_key(
