@@ -105,6 +105,7 @@ raises leaves the object unchanged (nothing is released by a refused call).
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import random
 from collections.abc import Iterable, Mapping, Sequence
@@ -250,6 +251,7 @@ def combine_secret(shares: Sequence[bytes]) -> bytes:
 _PROBE = x25519.X25519PrivateKey.from_private_bytes(bytes(range(1, KEY_BYTES + 1)))
 
 
+@functools.lru_cache(maxsize=8192)  # a round's server checks each key a few times
 def key_fingerprint(pk: bytes) -> bytes:
     """What a public key is as far as X25519 agreement goes: ``X25519(probe, pk)`` for a fixed
     private key. X25519 ignores the top bit of an encoding, reduces non-canonical u-coordinates
