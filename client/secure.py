@@ -106,7 +106,9 @@ def share(msg: Message, context: Context) -> Message:
         {i: (bytes(a), bytes(b)) for i, a, b in zip(ids, pk1, pk2, strict=True)}
     )
     _save(context, rnd, client)
-    return _reply(msg, {"dst": [d for d, _ in out], "ct": [c for _, c in out]})
+    return _reply(
+        msg, {"dst": [d for d, _ in out], "ct": [c for _, c in out], "commit": client.commitment()}
+    )
 
 
 def masked(msg: Message, context: Context) -> Message:

@@ -191,21 +191,25 @@ class SecureUserDP:
             }
         replies = self._exchange(grid, "secagg_share", payload, common, timeout)
         outgoing: dict[int, list[tuple[int, bytes]]] = {}
+        commits: dict[int, bytes] = {}
         for node, rec in replies.items():
-            dsts, cts = rec.get("dst", []), rec.get("ct", [])
+            dsts, cts, commit = rec.get("dst", []), rec.get("ct", []), rec.get("commit")
             try:
                 if not isinstance(dsts, list) or not isinstance(cts, list):
                     raise SecAggError("'dst' and 'ct' are not lists")
                 if len(dsts) != len(cts):
                     raise SecAggError("'dst' and 'ct' differ in length")
+                if not isinstance(commit, bytes) or len(commit) != 32:
+                    raise SecAggError("no 32-byte commitment to its self-mask seed")
                 items = [(int(d), bytes(c)) for d, c in zip(dsts, cts, strict=True)]
                 server.check_share_reply(node, items)
             except (SecAggError, TypeError, ValueError) as err:
                 log.warning("round %d: node %d dropped at share-keys: %s", rnd, node, err)
                 continue
             outgoing[node] = items
+            commits[node] = commit
         try:
-            incoming = server.route(outgoing)
+            incoming = server.route(outgoing, commits)
         except SecAggError as err:
             log.warning("round %d: share routing failed (%s): round not released", rnd, err)
             return self._finish(rnd, record, None, [])

@@ -644,3 +644,58 @@ def test_equivalent_key_encodings_are_one_key_and_their_nodes_are_dropped():
     assert SecAggServer.equivalent_keys(keys) == sorted([cohort[0], colluder])
     with pytest.raises(SecAggError, match="same public key under several nodes"):
         server.group_keys_for(cohort[1], keys)
+
+
+def _commit_round(seed: int) -> tuple[Round, dict, dict]:
+    """A complete-graph round (t = 3) routed with the clients' seed commitments, every node
+    masking; returns the round, the masked inputs and the commitments."""
+    r = Round(5, 4, seed=seed)
+    r.keys = {i: r.call(i, "setup") for i in r.cohort}
+    groups = {i: r.server.group_keys_for(i, r.keys) for i in r.cohort}
+    shares = {i: r.call(i, "share_keys", g) for i, g in groups.items()}
+    commits = {i: r.clients[i].commitment() for i in r.cohort}
+    r.routed = r.server.route(shares, commits)
+    masked = {i: r.call(i, "masked_input", cts, r.xs[i]) for i, cts in r.routed.items()}
+    return r, masked, commits
+
+
+def test_seed_commitments_check_the_rebuilt_seed_with_one_combination(monkeypatch):
+    """With commitments, each survivor's self-mask seed is rebuilt once (not twice) and checked
+    against its commitment: exact sum, one Shamir combination per node."""
+    from fedrec.shared.federation import secagg
+
+    r, masked, _ = _commit_round(11)
+    replies = {i: r.call(i, "unmask", *r.server.unmask_request(i, masked)) for i in masked}
+    calls = []
+    real = secagg.combine_secret
+    monkeypatch.setattr(secagg, "combine_secret", lambda sh: calls.append(1) or real(sh))
+    total, survivors = r.server.aggregate(masked, replies)
+    assert np.array_equal(total, r.expected(survivors)) and len(calls) == len(r.cohort)
+
+
+def test_an_altered_seed_share_is_caught_even_at_exactly_the_threshold():
+    """Exactly t holders answer and one alters a survivor's share: without a commitment that
+    would go unnoticed (a wrong sum); the commitment catches it and nothing is released."""
+    r, masked, _ = _commit_round(12)
+    replies = {}
+    for i in list(masked)[:3]:  # exactly t
+        replies[i] = r.call(i, "unmask", *r.server.unmask_request(i, masked))
+    holder = next(iter(replies))
+    b, sk = replies[holder]
+    victim = next(o for o in b if o != holder)
+    share = bytearray(b[victim])
+    share[9] ^= 1
+    replies[holder] = ({**b, victim: bytes(share)}, sk)
+    with pytest.raises(SecAggError, match="does not match its commitment"):
+        r.server.aggregate(masked, replies)
+
+
+def test_bad_seed_commitments_are_refused_at_routing():
+    r = Round(5, 4, seed=13)
+    r.keys = {i: r.call(i, "setup") for i in r.cohort}
+    groups = {i: r.server.group_keys_for(i, r.keys) for i in r.cohort}
+    shares = {i: r.call(i, "share_keys", g) for i, g in groups.items()}
+    commits = {i: r.clients[i].commitment() for i in r.cohort}
+    commits[r.cohort[0]] = b"short"
+    with pytest.raises(SecAggError, match="bad or unexpected seed commitments"):
+        r.server.route(shares, commits)
