@@ -214,6 +214,7 @@ class SecureUserDP:
             log.warning("round %d: share routing failed (%s): round not released", rnd, err)
             return self._finish(rnd, record, None, [])
         record["shared"] = len(outgoing)
+        record["commitments"] = len(commits)  # every sharer's seed commitment, to check b with
 
         # 3. masked input: the client trains, encodes with its noise share and masks
         enc = p.encoding

@@ -16,7 +16,9 @@ What it does not do is re-validate the *other* nodes' messages on every call: an
 is still deleted, when its own node is next polled (every node is, every tick), and expired
 messages already delivered are handled by ``get_message_res`` as before.
 ``tests/test_sim_runtime.py`` drives Flower's method and this one through the same random
-store/deliver/expire/delete sequences and requires the same answers.
+store/deliver/expire/delete sequences and requires the same answers. It assumes what Flower's
+``InMemoryGrid`` guarantees: message ids are never reused (each push gets a fresh uuid4); an id
+stored again after an expired message of that id was still pending could go undelivered.
 
 Installed by the ServerApp when it runs inside a simulation (its grid is Flower's
 ``InMemoryGrid``, the engine in the same process); only for the Flower version it was written

@@ -50,6 +50,7 @@ def test_secure_aggregation_round_with_dropouts_is_released_and_audited(
         assert r["released"], r
         # the dropped partitions were in the cohort, shared keys, then failed
         assert r["shared"] == r["cohort"] == sa["cohort"]
+        assert r["commitments"] == r["shared"]  # seeds checked against their commitments
         assert sa["min_survivors"] <= r["survivors"] == r["masked"] < r["cohort"]
         assert r["honest_shares"] == r["survivors"] - sa["colluders"] - 1
         assert r["mu_honest"] == pytest.approx(sa["mu_client"] * r["honest_shares"])

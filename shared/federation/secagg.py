@@ -257,12 +257,17 @@ _PROBE = x25519.X25519PrivateKey.from_private_bytes(bytes(range(1, KEY_BYTES + 1
 COMMIT_INFO = b"fedrec-secagg-seedcommit|"
 
 
-def seed_commitment(node: int, seed: bytes) -> bytes:
-    """SHA-256 of the node's self-mask seed ``b`` (with its node id and a label): sent with its
-    share-keys reply, so that the server can check a ``b`` rebuilt from exactly ``threshold``
-    shares (an altered share shows) with one Shamir combination. Hiding: ``b`` is 128 random
-    bits, used once; the server learns ``b`` itself at unmasking anyway (the protocol)."""
-    return hashlib.sha256(COMMIT_INFO + node.to_bytes(8, "little") + seed).digest()
+def seed_commitment(node: int, pk2: bytes, seed: bytes) -> bytes:
+    """SHA-256 of the node's self-mask seed ``b``, with a label, its node id and its fresh
+    ``pk2`` of the round (so a guess can be tested against one commitment only, not against a
+    node's commitments of every round at once): sent with its share-keys reply, so that the
+    server can check a ``b`` rebuilt from exactly ``threshold`` shares (an altered share shows)
+    with one Shamir combination. Hiding: for a survivor the server learns ``b`` at unmasking
+    anyway (the protocol); for a node that dropped before masking, ``b`` stays hidden by
+    SHA-256's preimage resistance over 128 uniform bits used once."""
+    return hashlib.sha256(
+        COMMIT_INFO + node.to_bytes(8, "little") + len(pk2).to_bytes(2, "little") + pk2 + seed
+    ).digest()
 
 
 @functools.lru_cache(maxsize=8192)  # a round's server checks each key a few times
@@ -512,7 +517,7 @@ class SecAggClient:
         """The commitment to this round's self-mask seed (after :meth:`share_keys`)."""
         if self.stage != STAGE_SHARE_KEYS or len(self.seed) != SEED_BYTES:
             raise SecAggError(f"node {self.node_id}: no self-mask seed to commit to")
-        return seed_commitment(self.node_id, self.seed)
+        return seed_commitment(self.node_id, self.pk2, self.seed)
 
     # stage 2 -----------------------------------------------------------------------------
     def masked_input(self, ciphertexts: Sequence[Any], x: np.ndarray) -> np.ndarray:
@@ -1108,7 +1113,8 @@ class SecAggServer:
             secret = combine_secret(shares[:t])
             commit = self._commit.get(owner) if kind == "b" else None
             if commit is not None:
-                if seed_commitment(owner, secret) != commit:
+                assert self._keys is not None
+                if seed_commitment(owner, self._keys[owner][1], secret) != commit:
                     raise SecAggError(
                         f"node {owner}: its self-mask seed does not match its commitment (an "
                         "altered share)"
