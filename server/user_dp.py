@@ -5,8 +5,8 @@
 ``flwr.serverapp.strategy.DifferentialPrivacyServerSideFixedClipping``. Per round, Flower's
 wrapper clips every client's whole update (all travelling tensors together) to L2 norm
 ``user-clip`` around the global model it sent and lets the inner strategy aggregate; Gaussian
-noise of standard deviation ``z * user-clip / n`` (Flower's own ``compute_stdv`` and
-``add_gaussian_noise_inplace``), ``n`` being the round's fixed sample size, is added to the
+noise of standard deviation ``z * user-clip / n`` (Flower's own ``compute_stdv``; the draw from
+:func:`os_gaussian`), ``n`` being the round's fixed sample size, is added to the
 clipped mean change **before** the server optimizer takes its step. That is the Gaussian
 mechanism on the clipped sum divided by ``n``:
 replacing one client's update by zeros (the client present with no data: zero-out adjacency)

@@ -89,8 +89,6 @@ BASELINE = {"fedrec-dp": "noop-1", "fedrec-secagg": "noop-4"} | {
     "fedrec-secagg+poll": "noop-4+poll",
 }
 NOOP_MESSAGES = {"noop-1": 1, "noop-4": 4}
-FEDREC_SERVER_POLL = "fedrec.simulations.noop_app:fedrec_server_poll"
-FEDREC_CLIENT = "fedrec.client.app:app"
 # fedrec's travelling update with the defaults (aggregator=ffa, lora-r=8, MiniLM, ML-100K):
 # lora_B (384 x 8), the item bias (1,682 items) and the recency logits (history-len 20)
 ARRAY_SIZES = (3072, 1682, 20)
@@ -333,24 +331,19 @@ def run_fedrec(
     clock.start()
     t0 = time.perf_counter()
     try:
-        if variant.endswith("+poll"):  # simulate()'s steps with the patched ServerApp
-            run_config = {**cfg.to_flat(), "run-dir": str(out), "resume": False}
-            run_config["baselines"] = "none"
-            out.mkdir(parents=True)
-            run_app(FEDREC_SERVER_POLL, FEDREC_CLIENT, run_config, supernodes, out)
-            metrics = json.loads((out / "metrics.json").read_text())
-        else:  # Flower's link state as shipped: fedrec's ServerApp leaves it alone
-            from fedrec.server import sim_runtime
+        # fedrec's ServerApp installs the link-state index itself (+poll); the plain variant
+        # runs Flower's link state as shipped
+        from fedrec.server import sim_runtime
 
-            before = os.environ.get(sim_runtime.ENV)
-            os.environ[sim_runtime.ENV] = "0"
-            try:
-                metrics = simulate(cfg, out, baselines="none")
-            finally:
-                if before is None:
-                    os.environ.pop(sim_runtime.ENV, None)
-                else:
-                    os.environ[sim_runtime.ENV] = before
+        before = os.environ.get(sim_runtime.ENV)
+        os.environ[sim_runtime.ENV] = "1" if variant.endswith("+poll") else "0"
+        try:
+            metrics = simulate(cfg, out, baselines="none")
+        finally:
+            if before is None:
+                os.environ.pop(sim_runtime.ENV, None)
+            else:
+                os.environ[sim_runtime.ENV] = before
     finally:
         clock.halt.set()
         clock.join()

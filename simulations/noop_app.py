@@ -38,8 +38,6 @@ CONFIG, ARRAYS, METRICS = "config", "arrays", "metrics"  # FedAvg's / fedrec's r
 
 server = ServerApp()
 client = ClientApp()
-# fedrec's ServerApp with the polling patch below (the ``+poll`` variants of bench_round)
-fedrec_server_poll = ServerApp()
 
 
 def patch_polling() -> None:
@@ -165,19 +163,3 @@ def train(msg: Message, context: Context) -> Message:
         {"t-start": t_start, "t-end": time.time(), "body-seconds": body}
     )
     return Message(content=content, reply_to=msg)
-
-
-@fedrec_server_poll.main()
-def fedrec_poll_main(grid: Grid, context: Context) -> None:
-    """fedrec's ServerApp main (``fedrec.server.app``) after :func:`patch_polling`."""
-    from fedrec.server.app import run_federation, split_run_config
-
-    patch_polling()
-    run_cfg, settings = split_run_config(dict(context.run_config))
-    run_federation(
-        grid,
-        run_cfg,
-        Path(str(settings["run-dir"])),
-        resume=str(settings.get("resume", "false")).lower() == "true",
-        baselines=str(settings.get("baselines", "popularity,itemknn")),
-    )
