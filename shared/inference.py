@@ -66,6 +66,7 @@ class Recommender:
         self.position = {int(i): k for k, i in enumerate(self.item_ids)}
         self.items: torch.Tensor = torch.empty(0)
         self.bias: torch.Tensor = torch.empty(0)
+        self.fac: torch.Tensor | None = None  # (n_items, k) item factors, 0 for untrained items
         self._texts: dict[str, torch.Tensor] = {}
 
     # --- loading -----------------------------------------------------------------------------
@@ -94,6 +95,8 @@ class Recommender:
             os.replace(tmp, index)
         with torch.no_grad():
             rec.bias = model.biases().detach().clone()
+            fac = model.factors()
+            rec.fac = None if fac is None else fac.detach().clone()
         return rec
 
     @torch.no_grad()
@@ -160,6 +163,10 @@ class Recommender:
         # the recency tower normalizes the user vector; the additive one keeps its length
         norm = torch.tensor(1.0) if m.additive else raw_norm.clamp(min=1e-12)
         contrib = m.log_scale.exp() * (parts @ self.items.T) / norm  # (n_terms, n_items)
+        if self.fac is not None:
+            # item factors: each history item j adds w_j <f_j, f_i> (a trained item's only)
+            n_hist = hist_items.shape[0]
+            contrib[:n_hist] += (w.unsqueeze(1) * self.fac[hist_items]) @ self.fac.T
         scores = contrib.sum(0) + self.bias
         scores[self._positions(exclude, "exclude")] = -torch.inf
         k = min(k, int(torch.isfinite(scores).sum()))
@@ -245,8 +252,14 @@ class Recommender:
             for b, h in enumerate(histories)
         ]
         ctx = torch.as_tensor(right_aligned(pos, self.model.cfg.history_len))
-        users = self.model.user_embeddings(self.items, ctx)  # (batch, dim)
-        return (self.model.log_scale.exp() * users @ self.items.T + self.bias).numpy()
+        users = self.model.user_embeddings(self.items, ctx)[:, : self.model.dim]  # (batch, dim)
+        scores = self.model.log_scale.exp() * users @ self.items.T + self.bias
+        if self.fac is not None:
+            # the factor part from this index's own rows (its order, new items at 0)
+            w = self.model.history_weights(ctx >= 0)  # (batch, L)
+            uf = (w.unsqueeze(-1) * self.fac[ctx.clamp(min=0)]).sum(1)  # (batch, k)
+            scores = scores + uf @ self.fac.T
+        return scores.numpy()
 
     def cold_start(
         self,
@@ -277,6 +290,8 @@ class Recommender:
         emb = F.normalize(self.model.encode_texts([items[i] for i in ids]), dim=-1)
         self.items = torch.cat([self.items, emb])
         self.bias = torch.cat([self.bias, torch.zeros(len(ids))])
+        if self.fac is not None:  # a new item has no trained factors
+            self.fac = torch.cat([self.fac, torch.zeros(len(ids), self.fac.shape[1])])
         self.item_ids = np.concatenate([self.item_ids, np.asarray(ids, dtype=np.int64)])
         self.titles += [items[i] for i in ids]
         self._sort_by_id()
@@ -287,6 +302,8 @@ class Recommender:
         self.item_ids = self.item_ids[order]
         t = torch.as_tensor(order)
         self.items, self.bias = self.items[t], self.bias[t]
+        if self.fac is not None:
+            self.fac = self.fac[t]
         self.titles = [self.titles[i] for i in order.tolist()]
         self.position = {int(i): k for k, i in enumerate(self.item_ids)}
 

@@ -28,13 +28,23 @@ def _batch(model, seed=0):
     return context, cands, prof
 
 
-@pytest.mark.parametrize("ffa", [False, True])
-def test_candidate_scores_equal_recmodel_scores(ds, tiny_backbone, ffa):  # noqa: F811
-    model = make_model(ds, tiny_backbone, id_residual=False, ffa=ffa)
+def _cold_history_item(model) -> None:
+    """Make item 20 (in the batch's contexts) cold: its factors must not count."""
+    model.warm[20] = False
+
+
+@pytest.mark.parametrize("ffa,factors", [(False, 0), (True, 0), (True, 4)])
+def test_candidate_scores_equal_recmodel_scores(ds, tiny_backbone, ffa, factors):  # noqa: F811
+    model = make_model(ds, tiny_backbone, id_residual=False, ffa=ffa, item_factors=factors)
     perturb_lora(model)
     with torch.no_grad():
         model.item_bias.normal_()
         model.pos_logits.normal_()
+    if factors:
+        _cold_history_item(model)
+        assert model.user_embeddings(model.item_embeddings(), _batch(model)[0]).shape[1] == (
+            model.dim + factors
+        )
     model.eval()
     context, cands, prof = _batch(model)
     scorer = CandidateScorer(model)
@@ -46,17 +56,20 @@ def test_candidate_scores_equal_recmodel_scores(ds, tiny_backbone, ffa):  # noqa
     assert torch.allclose(got, full.gather(1, cands), atol=1e-4)
 
 
-@pytest.mark.parametrize("ffa", [False, True])
-def test_opacus_per_sample_grads_equal_micro_batch_loop(ds, tiny_backbone, ffa):  # noqa: F811
+@pytest.mark.parametrize("ffa,factors", [(False, 0), (True, 0), (True, 4)])
+def test_opacus_per_sample_grads_equal_micro_batch_loop(ds, tiny_backbone, ffa, factors):  # noqa: F811
     """Opacus' hooks (incl. fedrec's grad samplers) vs one backward pass per example."""
-    model = make_model(ds, tiny_backbone, id_residual=False, ffa=ffa)
+    model = make_model(ds, tiny_backbone, id_residual=False, ffa=ffa, item_factors=factors)
     perturb_lora(model, seed=3)
+    if factors:
+        _cold_history_item(model)
     context, cands, prof = _batch(model, seed=1)
     scorer = CandidateScorer(model)
     params = [p for p in scorer.parameters() if p.requires_grad]
     names = {id(p) for p in params}
     assert id(model.item_bias) in names and id(model.lora_layer().lora_B["default"].weight) in names
     assert (id(model.lora_layer().lora_A["default"].weight) in names) is not ffa
+    assert (model.item_fac is not None and id(model.item_fac) in names) is bool(factors)
     reference = []
     for b in range(context.shape[0]):
         loss = candidate_loss(

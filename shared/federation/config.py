@@ -66,6 +66,11 @@ class FedConfig:
     # would need per-example gradients and noise on every one of its values.
     id_residual: bool = False
     lr_id: float = 0.0  # the table's SGD learning rate; 0 = ``lr``
+    # k > 0: a learned k-vector per item and the score term <sum_j w_j f_{h_j}, f_i> (low-rank
+    # item-item factors, see ModelConfig.item_factors): n_items * k numbers that travel each
+    # round (k = 8: 13,456 on ML-100K), so unlike the ID table usable under DP
+    item_factors: int = 0
+    factor_init: float = 0.1  # the std of the factors' seeded random init
     # fraction of catalog items scored as if cold in training (protocol B)
     cold_dropout: float = 0.0
     # --- rounds ---
@@ -234,6 +239,8 @@ class FedConfig:
             "(0, 1], or 0 to derive each client's rate from expected-batch",
         )
         _need(0 < self.lr < 100, "lr", self.lr, "(0, 100)")
+        _need(0 <= self.item_factors <= 64, "item-factors", self.item_factors, "0..64")
+        _need(0 < self.factor_init <= 1, "factor-init", self.factor_init, "(0, 1]")
         _need(0 <= self.lr_id < 10_000, "lr-id", self.lr_id, "[0, 10000); 0 = the same as lr")
         _need(
             not (self.id_residual and (self.dp or self.user_dp)),
@@ -363,6 +370,8 @@ class FedConfig:
             history_len=self.history_len,
             use_profile=self.use_profile,
             id_residual=self.id_residual,  # no DP only (checked above)
+            item_factors=self.item_factors,
+            factor_init=self.factor_init,
             item_bias=self.item_bias,
             cold_dropout=self.cold_dropout,
             # fixed: under per-example clipping its large gradient would eat the clip budget

@@ -60,6 +60,17 @@ class Gather(nn.Module):
         return self.weight[idx]
 
 
+class GatherRows(nn.Module):
+    """``forward(idx)`` -> ``weight[idx]`` for a shared 2-D parameter (the item factors)."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.weight[idx]
+
+
 class Broadcast(nn.Module):
     """``forward(ref)`` -> the shared scalar parameter expanded to ``ref``'s batch (batch,)."""
 
@@ -79,6 +90,18 @@ def _gather_grad_sample(
     grads = backprops.reshape(backprops.shape[0], -1)  # (batch, k)
     out = torch.zeros(idx.shape[0], layer.weight.shape[0], dtype=grads.dtype)
     return {layer.weight: out.scatter_add_(1, idx, grads)}  # (batch, n)
+
+
+@register_grad_sampler(GatherRows)
+def _gather_rows_grad_sample(
+    layer: GatherRows, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    b = activations[0].shape[0]
+    idx = activations[0].reshape(b, -1)  # (batch, m)
+    k = layer.weight.shape[1]
+    grads = backprops.reshape(b, -1, k)  # (batch, m, k)
+    out = torch.zeros(b, layer.weight.shape[0], k, dtype=grads.dtype)
+    return {layer.weight: out.index_put_((torch.arange(b).unsqueeze(1), idx), grads, accumulate=True)}
 
 
 @register_grad_sampler(Broadcast)
@@ -329,6 +352,7 @@ class CandidateScorer(nn.Module):
             self.lora_B: nn.Linear = lora.lora_B["default"]
             self.norm = norm
         self.bias = Gather(model.item_bias) if model.item_bias is not None else None
+        self.fac = GatherRows(model.item_fac) if model.item_fac is not None else None
         # the per-item ID table (no-DP training only: Opacus has no per-example sampler for it,
         # and a GradSampleModule around this scorer refuses it, see client.local_train)
         self.id_emb: nn.Parameter | None = model.id_emb
@@ -420,11 +444,17 @@ class CandidateScorer(nn.Module):
         scores = self.scale(context).exp().unsqueeze(1) * (cand_vecs @ user.unsqueeze(-1)).squeeze(
             -1
         )  # (batch, M)
+        keep = self.warm[candidates]  # (batch, M)
+        if as_cold is not None:
+            keep = keep & ~as_cold
         if self.bias is not None:
-            keep = self.warm[candidates]  # (batch, M)
-            if as_cold is not None:
-                keep = keep & ~as_cold
             scores = scores + self.bias(candidates) * keep
+        if self.fac is not None:
+            # as RecModel.scores: u_f = sum_j w_j f_{h_j} over warm context items
+            fac = self.fac(both)  # (batch, L + M, k)
+            wf = w * self.warm[context.clamp(min=0)]
+            uf = (wf.unsqueeze(-1) * fac[:, :n_ctx]).sum(1)  # (batch, k)
+            scores = scores + (fac[:, n_ctx:] @ uf.unsqueeze(-1)).squeeze(-1) * keep
         return scores
 
 

@@ -38,6 +38,12 @@ class ModelConfig:
     training, the fraction of catalog items scored as if cold (text
     only: no ID residual, no bias) on the candidate side, so that the model learns to rank
     items it has no ID for against users whose history it does (protocol B, new items).
+    ``item_factors``: ``k`` > 0 adds a learned per-item ``k``-vector ``f_i`` (warm items only) and
+    the term ``<sum_j w_j f_{h_j}, f_i>`` to the score (the history's recency weights ``w``): a
+    low-rank collaborative part (FISM-style item-item factors) that is ``n_items * k`` numbers,
+    small enough to travel under user-level DP, unlike the ``(n_items, dim)`` ID table.
+    ``factor_init``: the std of their seeded random init (a zero init would never move: the
+    term's gradient in ``f`` is proportional to ``f``).
     ``user_tower``: how history and profile combine (see :mod:`fedrec.shared.model.towers`):
     ``recency`` renormalizes the weights over the items present and the sum to unit length;
     ``additive`` keeps the weights over all ``history_len`` slots and does not renormalize, so a
@@ -61,6 +67,8 @@ class ModelConfig:
     train_scale: bool = True
     cold_dropout: float = 0.0
     user_tower: str = "recency"
+    item_factors: int = 0
+    factor_init: float = 0.1
     profile_template: str = ""
     seed: int = 0  # seed of the model's init
 
@@ -73,6 +81,8 @@ class ModelConfig:
         _check(1 <= self.lora_r <= 256, "lora_r", self.lora_r, "1..256")
         _check(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "> 0")
         _check(1 <= self.history_len <= 1000, "history_len", self.history_len, "1..1000")
+        _check(0 <= self.item_factors <= 256, "item_factors", self.item_factors, "0..256")
+        _check(0 < self.factor_init <= 1, "factor_init", self.factor_init, "0 < std <= 1")
         _check(0 < self.init_scale <= 100, "init_scale", self.init_scale, "0 < scale <= 100")
 
 

@@ -124,6 +124,11 @@ class RecModel(nn.Module):
         self.register_buffer("warm", warm)
         self.id_emb = nn.Parameter(torch.zeros(n_items, dim)) if cfg.id_residual else None
         self.item_bias = nn.Parameter(torch.zeros(n_items)) if cfg.item_bias else None
+        self.item_fac: nn.Parameter | None = None
+        if cfg.item_factors:
+            g = torch.Generator().manual_seed(cfg.seed + 1)
+            init = torch.randn(n_items, cfg.item_factors, generator=g) * cfg.factor_init
+            self.item_fac = nn.Parameter(init)
         self.pos_logits = nn.Parameter(torch.zeros(cfg.history_len))
         self.profile_gate = nn.Parameter(torch.tensor(0.5 if cfg.use_profile else 0.0))
         self.profile_gate.requires_grad_(cfg.use_profile)
@@ -229,16 +234,36 @@ class RecModel(nn.Module):
     ) -> torch.Tensor:
         """``items`` (n_items, dim); ``history`` (batch, L) item indices right-aligned, -1 = pad;
         ``profile`` (batch, dim) or None. Returns (batch, dim): unit vectors (0 when empty) for
-        the ``recency`` tower, vectors of norm <= 1 + gate for the ``additive`` one."""
+        the ``recency`` tower, vectors of norm <= 1 + gate for the ``additive`` one; with item
+        factors, (batch, dim + k): the factor part ``sum_j w_j f_{h_j}`` (warm items only)
+        appended, which :meth:`scores` splits off again."""
         w = self.history_weights(history >= 0)  # (batch, L)
         e = items[history.clamp(min=0)]  # (batch, L, dim)
         u = (w.unsqueeze(-1) * e).sum(1)  # (batch, dim)
         if profile is not None and self.cfg.use_profile:
             u = u + self.profile_term(profile)
-        return u if self.additive else F.normalize(u, dim=-1)
+        u = u if self.additive else F.normalize(u, dim=-1)
+        if self.item_fac is None:
+            return u
+        idx = history.clamp(min=0)
+        wf = w * self.warm[idx]  # a cold item's factors were never trained
+        return torch.cat([u, (wf.unsqueeze(-1) * self.item_fac[idx]).sum(1)], dim=1)
+
+    def factors(self, as_cold: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``(n_items, k)`` item factors, 0 for items never trained or flagged ``as_cold``."""
+        if self.item_fac is None:
+            return None
+        keep = self.warm if as_cold is None else self.warm & ~as_cold
+        return self.item_fac * keep.unsqueeze(1)
 
     def scores(
         self, users: torch.Tensor, items: torch.Tensor, as_cold: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``(batch, n_items)`` = scale * <u, e> + b (b = 0 for items flagged ``as_cold``)."""
-        return self.log_scale.exp() * users @ items.T + self.biases(as_cold)
+        """``(batch, n_items)`` = scale * <u, e> + b (b = 0 for items flagged ``as_cold``), plus
+        ``<u_f, f_i>`` with item factors (``users`` then carries ``u_f`` in its last k columns,
+        as :meth:`user_embeddings` gives it)."""
+        fac = self.factors(as_cold)
+        if fac is None:
+            return self.log_scale.exp() * users @ items.T + self.biases(as_cold)
+        text, uf = users[:, : self.dim], users[:, self.dim :]
+        return self.log_scale.exp() * text @ items.T + self.biases(as_cold) + uf @ fac.T
