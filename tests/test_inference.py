@@ -14,6 +14,7 @@ from fedrec.shared.data import load_dataset
 from fedrec.shared.inference import Recommender
 from fedrec.shared.model.artifacts import ModelFileError, save_model
 from fedrec.shared.model.central import ModelScorer, ProfileBank
+from fedrec.shared.model.examples import right_aligned
 from fedrec.shared.splitting import protocol_a
 
 from .test_model import make_model, perturb_lora
@@ -202,3 +203,45 @@ def test_additive_tower_scores_and_explanations_match_the_model(synth_dir, tiny_
     assert [r.item_id for r in alone] == [
         int(ds.item_ids[i]) for i in np.argsort(-ref, kind="stable")[:3]
     ]
+
+
+def test_item_factors_score_rank_and_explain_like_the_model(synth_dir, tiny_backbone, tmp_path):
+    """A model with item factors: recommend, score_batch and explanations match RecModel's
+    scores, an untrained (cold) history item adds nothing, and new items get no factor term."""
+    ds = load_dataset(synth_dir)
+    model = make_model(ds, tiny_backbone, item_factors=4, factor_init=0.5)
+    perturb_lora(model, seed=5)
+    with torch.no_grad():
+        model.item_bias.normal_(0, 0.3)
+        model.pos_logits.copy_(torch.linspace(-1, 1, model.cfg.history_len))
+    cold = int(np.flatnonzero(model.warm.numpy())[0])
+    model.warm[cold] = False  # a history item the federation never trained
+    titles = [ds.item_fields[int(i)]["title"] for i in ds.item_ids]
+    save_model(model, tmp_path, item_ids=[int(i) for i in ds.item_ids], titles=titles)
+    rec = Recommender.load(tmp_path)
+    assert rec.fac is not None and float(rec.fac[cold].abs().sum()) == 0.0
+    q = protocol_a(ds).tests["test"]
+    scorer = ModelScorer(model, ProfileBank(model))
+    hists = [np.concatenate([[cold], q.history[b][:4]]) for b in range(3)]
+    ref = scorer.score(q.users[:3], hists, [None] * 3, q.warm[:3])
+    batch = rec.score_batch([[int(ds.item_ids[i]) for i in h] for h in hists])
+    assert np.allclose(batch, ref, atol=1e-4)
+    for b, h in enumerate(hists):
+        got = rec.recommend(history=[int(ds.item_ids[i]) for i in h], k=5, explain=True)
+        s = ref[b].copy()
+        s[h] = -np.inf
+        top = np.argsort(-s, kind="stable")[:5]
+        assert [r.item_id for r in got] == [int(ds.item_ids[i]) for i in top]
+        assert np.allclose([r.score for r in got], s[top], atol=1e-4)
+        assert all(0 <= x["share"] <= 1 for r in got for x in r.because)
+    with torch.no_grad():
+        text_only = model.log_scale.exp() * model.user_embeddings(
+            scorer.items, torch.as_tensor(right_aligned(hists[:1], model.cfg.history_len))
+        )[:, : model.dim] @ scorer.items.T + model.biases()
+    assert not np.allclose(text_only.numpy()[0], ref[0], atol=1e-3)  # factors change scores
+    new_id = int(ds.item_ids.max()) + 10
+    rec.add_items({new_id: "Galaxy Rocket Astronaut Orbit. Genre: space"})
+    assert float(rec.fac[rec.position[new_id]].abs().sum()) == 0.0
+    after = rec.score_batch([[int(ds.item_ids[i]) for i in hists[0]]])[0]
+    old = [rec.position[int(i)] for i in ds.item_ids]
+    assert np.allclose(after[old], ref[0], atol=1e-4)  # old items' scores unchanged

@@ -220,6 +220,18 @@ def _not_protected(cfg: FedConfig) -> str:
         else "- Federated evaluation was off (`fraction-evaluate` = 0): clients sent no metrics "
         "on held-out items.\n"
     )
+    randomness = (
+        "- Randomness: Poisson sampling and noise come from PyTorch's generator seeded from OS "
+        "entropy,\n  not a cryptographically secure generator (Opacus' secure mode is not used); "
+        "negatives and\n  masks from NumPy's PCG64 keyed by BLAKE2b of a 32-byte OS secret per "
+        "round.\n"
+        if cfg.dp
+        else "- Randomness of local training: without local DP-SGD (this run) each client's "
+        "negatives\n  and masks are keyed by the run seed, which the server knows (its sampling "
+        "uses OS entropy).\n  "
+        "The user-level guarantee, when on, does not rest on them: it bounds what the clipped, "
+        "noised update\n  reveals whatever a client computed from its data.\n"
+    )
     return f"""## Not protected
 The guarantees cover the adapter tensors each client sends (local DP-SGD) and the global model
 the server releases (user-level DP, when on). Everything below is outside them:
@@ -246,9 +258,6 @@ the server releases (user-level DP, when on). Everything below is outside them:
 - Which clients took part in which round (client ids in the ledger).
 - Profile fields when `use-profile` is on ({cfg.use_profile} in this run): a profile feeds every
   example of its user, so it is not covered by the per-interaction guarantee.
-- Randomness: Poisson sampling and noise come from PyTorch's generator seeded from OS entropy,
-  not a cryptographically secure generator (Opacus' secure mode is not used); negatives and
-  masks from NumPy's PCG64 keyed by BLAKE2b of a 32-byte OS secret per round.
-- Partial replies: a client whose reply is lost after it trained has spent budget that the
+{randomness}- Partial replies: a client whose reply is lost after it trained has spent budget that the
   server's ledger misses; the client's own budget file has it.
 """
