@@ -150,7 +150,9 @@ class Recommender:
         labels: list[dict[str, Any]] = [
             {"item_id": int(self.item_ids[i]), "title": self.titles[i]} for i in hist_items.tolist()
         ]
+        prof_row = None
         if profile and m.cfg.use_profile:
+            prof_row = len(labels)
             terms.append(m.profile_term(self._text(profile, adapted=False)).unsqueeze(0))
             labels.append({"profile": profile})
         if query:
@@ -167,6 +169,9 @@ class Recommender:
             # item factors: each history item j adds w_j <f_j, f_i> (a trained item's only)
             n_hist = hist_items.shape[0]
             contrib[:n_hist] += (w.unsqueeze(1) * self.fac[hist_items]) @ self.fac.T
+            if prof_row is not None and m.profile_fac is not None:
+                p = F.normalize(self._text(profile or "", adapted=False), dim=-1)
+                contrib[prof_row] += (m.profile_fac @ p) @ self.fac.T
         scores = contrib.sum(0) + self.bias
         scores[self._positions(exclude, "exclude")] = -torch.inf
         k = min(k, int(torch.isfinite(scores).sum()))

@@ -33,9 +33,21 @@ def _cold_history_item(model) -> None:
     model.warm[20] = False
 
 
-@pytest.mark.parametrize("ffa,factors", [(False, 0), (True, 0), (True, 4)])
-def test_candidate_scores_equal_recmodel_scores(ds, tiny_backbone, ffa, factors):  # noqa: F811
-    model = make_model(ds, tiny_backbone, id_residual=False, ffa=ffa, item_factors=factors)
+FACTORS = [(False, 0, False), (True, 0, False), (True, 4, False), (True, 4, True)]
+
+
+def _perturb_profile_factors(model) -> None:
+    if model.profile_fac is not None:  # zero at init: make the profile's factor term matter
+        with torch.no_grad():
+            model.profile_fac.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("ffa,factors,pfac", FACTORS)
+def test_candidate_scores_equal_recmodel_scores(ds, tiny_backbone, ffa, factors, pfac):  # noqa: F811
+    model = make_model(
+        ds, tiny_backbone, id_residual=False, ffa=ffa, item_factors=factors, profile_factors=pfac
+    )
+    _perturb_profile_factors(model)
     perturb_lora(model)
     with torch.no_grad():
         model.item_bias.normal_()
@@ -56,10 +68,13 @@ def test_candidate_scores_equal_recmodel_scores(ds, tiny_backbone, ffa, factors)
     assert torch.allclose(got, full.gather(1, cands), atol=1e-4)
 
 
-@pytest.mark.parametrize("ffa,factors", [(False, 0), (True, 0), (True, 4)])
-def test_opacus_per_sample_grads_equal_micro_batch_loop(ds, tiny_backbone, ffa, factors):  # noqa: F811
+@pytest.mark.parametrize("ffa,factors,pfac", FACTORS)
+def test_opacus_per_sample_grads_equal_micro_batch_loop(ds, tiny_backbone, ffa, factors, pfac):  # noqa: F811
     """Opacus' hooks (incl. fedrec's grad samplers) vs one backward pass per example."""
-    model = make_model(ds, tiny_backbone, id_residual=False, ffa=ffa, item_factors=factors)
+    model = make_model(
+        ds, tiny_backbone, id_residual=False, ffa=ffa, item_factors=factors, profile_factors=pfac
+    )
+    _perturb_profile_factors(model)
     perturb_lora(model, seed=3)
     if factors:
         _cold_history_item(model)
@@ -70,6 +85,7 @@ def test_opacus_per_sample_grads_equal_micro_batch_loop(ds, tiny_backbone, ffa, 
     assert id(model.item_bias) in names and id(model.lora_layer().lora_B["default"].weight) in names
     assert (id(model.lora_layer().lora_A["default"].weight) in names) is not ffa
     assert (model.item_fac is not None and id(model.item_fac) in names) is bool(factors)
+    assert (model.profile_fac is not None and id(model.profile_fac) in names) is pfac
     reference = []
     for b in range(context.shape[0]):
         loss = candidate_loss(

@@ -209,9 +209,10 @@ def test_item_factors_score_rank_and_explain_like_the_model(synth_dir, tiny_back
     """A model with item factors: recommend, score_batch and explanations match RecModel's
     scores, an untrained (cold) history item adds nothing, and new items get no factor term."""
     ds = load_dataset(synth_dir)
-    model = make_model(ds, tiny_backbone, item_factors=4, factor_init=0.5)
+    model = make_model(ds, tiny_backbone, item_factors=4, factor_init=0.5, profile_factors=True)
     perturb_lora(model, seed=5)
     with torch.no_grad():
+        model.profile_fac.normal_(0, 0.5)
         model.item_bias.normal_(0, 0.3)
         model.pos_logits.copy_(torch.linspace(-1, 1, model.cfg.history_len))
     cold = int(np.flatnonzero(model.warm.numpy())[0])
@@ -235,10 +236,27 @@ def test_item_factors_score_rank_and_explain_like_the_model(synth_dir, tiny_back
         assert np.allclose([r.score for r in got], s[top], atol=1e-4)
         assert all(0 <= x["share"] <= 1 for r in got for x in r.because)
     with torch.no_grad():
-        text_only = model.log_scale.exp() * model.user_embeddings(
-            scorer.items, torch.as_tensor(right_aligned(hists[:1], model.cfg.history_len))
-        )[:, : model.dim] @ scorer.items.T + model.biases()
+        text_only = (
+            model.log_scale.exp()
+            * model.user_embeddings(
+                scorer.items, torch.as_tensor(right_aligned(hists[:1], model.cfg.history_len))
+            )[:, : model.dim]
+            @ scorer.items.T
+            + model.biases()
+        )
     assert not np.allclose(text_only.numpy()[0], ref[0], atol=1e-3)  # factors change scores
+    # a profile (alone, and with items): its factor term as the model computes it
+    for items in ([], hists[1][1:3]):
+        prof = "Age 30, engineer."
+        ref_p = scorer.score(q.users[:1], [np.asarray(items, np.int64)], [prof], q.warm[:1])[0]
+        got = rec.cold_start(
+            profile=prof, history=[int(ds.item_ids[i]) for i in items], k=4, explain=True
+        )
+        s = ref_p.copy()
+        s[list(items)] = -np.inf
+        top = np.argsort(-s, kind="stable")[:4]
+        assert [r.item_id for r in got] == [int(ds.item_ids[i]) for i in top]
+        assert np.allclose([r.score for r in got], s[top], atol=1e-4)
     new_id = int(ds.item_ids.max()) + 10
     rec.add_items({new_id: "Galaxy Rocket Astronaut Orbit. Genre: space"})
     assert float(rec.fac[rec.position[new_id]].abs().sum()) == 0.0

@@ -71,6 +71,9 @@ class FedConfig:
     # round (k = 8: 13,456 on ML-100K), so unlike the ID table usable under DP
     item_factors: int = 0
     factor_init: float = 0.1  # the std of the factors' seeded random init
+    # with item-factors and use-profile: the profile also enters the factor space through a
+    # learned k x dim map (a rank-k profile-by-item preference; ModelConfig.profile_factors)
+    profile_factors: bool = False
     # fraction of catalog items scored as if cold in training (protocol B)
     cold_dropout: float = 0.0
     # --- rounds ---
@@ -241,6 +244,12 @@ class FedConfig:
         _need(0 < self.lr < 100, "lr", self.lr, "(0, 100)")
         _need(0 <= self.item_factors <= 64, "item-factors", self.item_factors, "0..64")
         _need(0 < self.factor_init <= 1, "factor-init", self.factor_init, "(0, 1]")
+        _need(
+            not self.profile_factors or (self.item_factors > 0 and self.use_profile),
+            "profile-factors",
+            self.profile_factors,
+            "needs item-factors > 0 and use-profile = true",
+        )
         _need(0 <= self.lr_id < 10_000, "lr-id", self.lr_id, "[0, 10000); 0 = the same as lr")
         _need(
             not (self.id_residual and (self.dp or self.user_dp)),
@@ -372,6 +381,7 @@ class FedConfig:
             id_residual=self.id_residual,  # no DP only (checked above)
             item_factors=self.item_factors,
             factor_init=self.factor_init,
+            profile_factors=self.profile_factors,
             item_bias=self.item_bias,
             cold_dropout=self.cold_dropout,
             # fixed: under per-example clipping its large gradient would eat the clip budget

@@ -5,9 +5,9 @@ The global model is the frozen backbone + the tensors listed by :func:`travellin
 - the LoRA adapter in PEFT's state-dict format (``get_peft_model_state_dict``): A and B with
   ``fedavg``; only B with ``ffa`` (A is the shared seeded init on every side and never moves);
 - the head: item bias ``(n_items,)``, recency logits ``(history_len,)``, score scale and profile
-  gate (scalars), with ``item-factors`` k > 0 the item factors ``(n_items, k)``, and with
-  ``id-residual`` (no DP only) the per-item ID table
-  ``(n_items, dim)``, under ``head.*``.
+  gate (scalars), with ``item-factors`` k > 0 the item factors ``(n_items, k)`` (and with
+  profiles the profile's map into their space ``(k, dim)``), and with ``id-residual`` (no DP
+  only) the per-item ID table ``(n_items, dim)``, under ``head.*``.
 
 Nothing else is ever put in a message (no item ids, histories or texts). Incoming updates are
 validated by :func:`check_update` before they touch the global model.
@@ -27,7 +27,15 @@ from peft import get_peft_model_state_dict
 
 from fedrec.shared.model.towers import RecModel
 
-HEAD = ("item_bias", "pos_logits", "log_scale", "profile_gate", "id_emb", "item_fac")
+HEAD = (
+    "item_bias",
+    "pos_logits",
+    "log_scale",
+    "profile_gate",
+    "id_emb",
+    "item_fac",
+    "profile_fac",
+)
 
 
 class UpdateError(ValueError):

@@ -2,7 +2,8 @@
 
 ``RUN/adapter/``: the LoRA adapter in PEFT format (``adapter_config.json`` +
 ``adapter_model.safetensors``), loadable by ``peft.PeftModel.from_pretrained`` on the backbone.
-``RUN/model/head.safetensors``: the non-LoRA parameters (item bias, ID residuals, item factors, user tower).
+``RUN/model/head.safetensors``: the non-LoRA parameters (item bias, ID residuals, item factors,
+user tower).
 ``RUN/model/model.json``: the model config, the backbone's fingerprint, library versions and
 the catalog (item ids and texts: public data), so a run directory is self-contained.
 """
@@ -21,7 +22,15 @@ from fedrec.shared.model.config import ModelConfig, as_dict, from_dict
 from fedrec.shared.model.towers import RecModel
 from fedrec.shared.rundir import versions, write_json
 
-HEAD = ("id_emb", "item_bias", "item_fac", "pos_logits", "profile_gate", "log_scale")
+HEAD = (
+    "id_emb",
+    "item_bias",
+    "item_fac",
+    "profile_fac",
+    "pos_logits",
+    "profile_gate",
+    "log_scale",
+)
 
 
 def save_model(model: RecModel, run: Path, *, item_ids: list[int], titles: list[str]) -> None:

@@ -101,7 +101,27 @@ def _gather_rows_grad_sample(
     k = layer.weight.shape[1]
     grads = backprops.reshape(b, -1, k)  # (batch, m, k)
     out = torch.zeros(b, layer.weight.shape[0], k, dtype=grads.dtype)
-    return {layer.weight: out.index_put_((torch.arange(b).unsqueeze(1), idx), grads, accumulate=True)}
+    return {
+        layer.weight: out.index_put_((torch.arange(b).unsqueeze(1), idx), grads, accumulate=True)
+    }
+
+
+class Project(nn.Module):
+    """``forward(x)`` -> ``x @ weight.T`` for a shared ``(k, dim)`` map (the profile factors)."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T
+
+
+@register_grad_sampler(Project)
+def _project_grad_sample(
+    layer: Project, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    return {layer.weight: torch.einsum("bk,bd->bkd", backprops, activations[0])}
 
 
 @register_grad_sampler(Broadcast)
@@ -353,6 +373,7 @@ class CandidateScorer(nn.Module):
             self.norm = norm
         self.bias = Gather(model.item_bias) if model.item_bias is not None else None
         self.fac = GatherRows(model.item_fac) if model.item_fac is not None else None
+        self.profile_fac = Project(model.profile_fac) if model.profile_fac is not None else None
         # the per-item ID table (no-DP training only: Opacus has no per-example sampler for it,
         # and a GradSampleModule around this scorer refuses it, see client.local_train)
         self.id_emb: nn.Parameter | None = model.id_emb
@@ -454,6 +475,8 @@ class CandidateScorer(nn.Module):
             fac = self.fac(both)  # (batch, L + M, k)
             wf = w * self.warm[context.clamp(min=0)]
             uf = (wf.unsqueeze(-1) * fac[:, :n_ctx]).sum(1)  # (batch, k)
+            if self.profile_fac is not None and profile is not None:
+                uf = uf + self.profile_fac(F.normalize(profile, dim=-1))
             scores = scores + (fac[:, n_ctx:] @ uf.unsqueeze(-1)).squeeze(-1) * keep
         return scores
 

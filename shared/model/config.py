@@ -43,7 +43,11 @@ class ModelConfig:
     low-rank collaborative part (FISM-style item-item factors) that is ``n_items * k`` numbers,
     small enough to travel under user-level DP, unlike the ``(n_items, dim)`` ID table.
     ``factor_init``: the std of their seeded random init (a zero init would never move: the
-    term's gradient in ``f`` is proportional to ``f``).
+    term's gradient in ``f`` is proportional to ``f``). ``profile_factors``: with item factors
+    and profiles, the profile also enters the factor space: ``u_f = sum_j w_j f_{h_j} + P p``
+    (``P`` a learned ``k x dim`` map of the unit profile embedding, zero at init), so
+    ``<P p, f_i>`` is a learned rank-k profile-by-item preference (what a cold user's profile
+    says about each item beyond the text similarity).
     ``user_tower``: how history and profile combine (see :mod:`fedrec.shared.model.towers`):
     ``recency`` renormalizes the weights over the items present and the sum to unit length;
     ``additive`` keeps the weights over all ``history_len`` slots and does not renormalize, so a
@@ -69,6 +73,7 @@ class ModelConfig:
     user_tower: str = "recency"
     item_factors: int = 0
     factor_init: float = 0.1
+    profile_factors: bool = False
     profile_template: str = ""
     seed: int = 0  # seed of the model's init
 
@@ -83,6 +88,12 @@ class ModelConfig:
         _check(1 <= self.history_len <= 1000, "history_len", self.history_len, "1..1000")
         _check(0 <= self.item_factors <= 256, "item_factors", self.item_factors, "0..256")
         _check(0 < self.factor_init <= 1, "factor_init", self.factor_init, "0 < std <= 1")
+        _check(
+            not self.profile_factors or (self.item_factors > 0 and self.use_profile),
+            "profile_factors",
+            self.profile_factors,
+            "needs item_factors > 0 and use_profile = true",
+        )
         _check(0 < self.init_scale <= 100, "init_scale", self.init_scale, "0 < scale <= 100")
 
 

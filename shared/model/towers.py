@@ -129,6 +129,11 @@ class RecModel(nn.Module):
             g = torch.Generator().manual_seed(cfg.seed + 1)
             init = torch.randn(n_items, cfg.item_factors, generator=g) * cfg.factor_init
             self.item_fac = nn.Parameter(init)
+        self.profile_fac: nn.Parameter | None = None  # (k, dim): the profile into factor space
+        if cfg.profile_factors:
+            self.profile_fac = nn.Parameter(
+                torch.zeros(cfg.item_factors, int(base.config.hidden_size))
+            )
         self.pos_logits = nn.Parameter(torch.zeros(cfg.history_len))
         self.profile_gate = nn.Parameter(torch.tensor(0.5 if cfg.use_profile else 0.0))
         self.profile_gate.requires_grad_(cfg.use_profile)
@@ -247,7 +252,10 @@ class RecModel(nn.Module):
             return u
         idx = history.clamp(min=0)
         wf = w * self.warm[idx]  # a cold item's factors were never trained
-        return torch.cat([u, (wf.unsqueeze(-1) * self.item_fac[idx]).sum(1)], dim=1)
+        uf = (wf.unsqueeze(-1) * self.item_fac[idx]).sum(1)
+        if self.profile_fac is not None and profile is not None:
+            uf = uf + F.normalize(profile, dim=-1) @ self.profile_fac.T
+        return torch.cat([u, uf], dim=1)
 
     def factors(self, as_cold: torch.Tensor | None = None) -> torch.Tensor | None:
         """``(n_items, k)`` item factors, 0 for items never trained or flagged ``as_cold``."""

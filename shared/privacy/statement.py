@@ -232,6 +232,10 @@ def _not_protected(cfg: FedConfig) -> str:
         "The user-level guarantee, when on, does not rest on them: it bounds what the clipped, "
         "noised update\n  reveals whatever a client computed from its data.\n"
     )
+    partial = (
+        "- Partial replies: a client whose reply is lost after it trained has spent budget that "
+        "the\n  server's ledger misses; the client's own budget file has it.\n"
+    )
     return f"""## Not protected
 The guarantees cover the adapter tensors each client sends (local DP-SGD) and the global model
 the server releases (user-level DP, when on). Everything below is outside them:
@@ -258,6 +262,5 @@ the server releases (user-level DP, when on). Everything below is outside them:
 - Which clients took part in which round (client ids in the ledger).
 - Profile fields when `use-profile` is on ({cfg.use_profile} in this run): a profile feeds every
   example of its user, so it is not covered by the per-interaction guarantee.
-{randomness}- Partial replies: a client whose reply is lost after it trained has spent budget that the
-  server's ledger misses; the client's own budget file has it.
+{randomness}{partial}
 """
