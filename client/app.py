@@ -14,6 +14,7 @@ or texts. The whole message contract: :mod:`fedrec.shared.federation.contract`; 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -136,7 +137,7 @@ def train_reply(msg: Message, context: Context, *, secure: bool = False) -> Mess
     load_travelling(client.model, received)
     cache_global(client, context.node_config)
     server_round = int(extra.get("server-round", 0))
-    seed = cfg.seed * 1_000_003 + server_round * 7919 + hash(client.name) % 7919
+    seed = cfg.seed * 1_000_003 + server_round * 7919 + _name_key(client.name)
     store = budget_store(context, client.name, extra)
     device_guard(cfg, context.node_config, secure=secure)
     cap = context.node_config.get("epsilon-max")  # the device owner's own cap, if set
@@ -257,6 +258,12 @@ def _subset(evalset, rows: np.ndarray):  # noqa: ANN001, ANN202
 
 # secure aggregation's four stages (server/secure_agg.py): train.secagg_setup, ..._share,
 # ..._masked (trains, via train_reply), ..._unmask
+def _name_key(name: str) -> int:
+    """A stable small integer of a client's name (Python's ``hash`` of a str is salted per
+    process, which made runs without DP unrepeatable)."""
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little") % 7919
+
+
 from fedrec.client import secure as _secure  # noqa: E402
 
 for _action, _handler in _secure.HANDLERS.items():

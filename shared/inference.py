@@ -257,7 +257,8 @@ class Recommender:
             for b, h in enumerate(histories)
         ]
         ctx = torch.as_tensor(right_aligned(pos, self.model.cfg.history_len))
-        users = self.model.user_embeddings(self.items, ctx)[:, : self.model.dim]  # (batch, dim)
+        # the text part from this index's vectors (its order); the factor part below likewise
+        users = self.model.user_embeddings(self.items, ctx, factors=False)  # (batch, dim)
         scores = self.model.log_scale.exp() * users @ self.items.T + self.bias
         if self.fac is not None:
             # the factor part from this index's own rows (its order, new items at 0)

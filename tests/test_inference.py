@@ -263,3 +263,14 @@ def test_item_factors_score_rank_and_explain_like_the_model(synth_dir, tiny_back
     after = rec.score_batch([[int(ds.item_ids[i]) for i in hists[0]]])[0]
     old = [rec.position[int(i)] for i in ds.item_ids]
     assert np.allclose(after[old], ref[0], atol=1e-4)  # old items' scores unchanged
+    # an inserted smaller id shifts every position; a new item in a history has no factors:
+    # score_batch must index its own (re-sorted) rows, and agree with recommend
+    rec.add_items({int(ds.item_ids.min()) - 1: "Haunted Ghost Crypt. Genre: horror"})
+    hist = [new_id, *[int(ds.item_ids[i]) for i in hists[1]]]
+    batch = rec.score_batch([hist])[0]
+    got = rec.recommend(history=hist, k=5)
+    s = batch.copy()
+    s[[rec.position[i] for i in hist]] = -np.inf
+    top = np.argsort(-s, kind="stable")[:5]
+    assert [r.item_id for r in got] == [int(rec.item_ids[i]) for i in top]
+    assert np.allclose([r.score for r in got], s[top], atol=1e-4)

@@ -154,3 +154,30 @@ def test_statement_names_the_group_for_sliding_window_examples():
     assert "item catalog (ids and texts) is public" in plain
     assert "Federated evaluation was off" in plain
     assert "sends its HR@10" in statement(FedConfig(fraction_evaluate=0.5), p)
+
+
+def test_statement_says_what_local_randomness_the_server_can_know():
+    """Without local DP a client's negatives are keyed by things the server knows (run seed,
+    round, client name); with local DP by an OS secret. The statement says which."""
+    import warnings
+
+    from fedrec.client.app import _name_key
+    from fedrec.shared.federation.config import FedConfig
+    from fedrec.shared.privacy.statement import _not_protected
+
+    assert "32-byte OS secret per round" in _not_protected(FedConfig())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        off = _not_protected(FedConfig(dp=False, user_dp=True, user_clip=10.0))
+    assert "keyed by the run seed, the round and the client's name" in off
+    assert "32-byte OS secret" not in off
+    # the name's key is stable across processes (Python's str hash is salted per process)
+    assert _name_key("p7") == _name_key("p7") and 0 <= _name_key("p7") < 7919
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", "from fedrec.client.app import _name_key; print(_name_key('p7'))"],
+        capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123", "PATH": ""},
+    )  # fmt: skip
+    assert int(out.stdout.strip()) == _name_key("p7")

@@ -116,7 +116,7 @@ class TrainConfig:
     epochs: int = 8  # passes over the training examples
     batch_size: int = 512  # examples per step
     lr: float = 2e-3  # Adam learning rate of the adapter and head
-    lr_id: float = 5e-3  # Adam learning rate of the per-item ID vectors
+    lr_id: float = 5e-3  # Adam learning rate of the per-item tables (ID vectors, item factors)
     weight_decay: float = 0.0  # Adam weight decay
     patience: int = 2  # epochs without a better validation NDCG@10 before stopping
     max_steps: int = 0  # 0 = no cap; a cap is for smoke runs

@@ -236,19 +236,23 @@ class RecModel(nn.Module):
         items: torch.Tensor,
         history: torch.Tensor,
         profile: torch.Tensor | None = None,
+        *,
+        factors: bool = True,
     ) -> torch.Tensor:
         """``items`` (n_items, dim); ``history`` (batch, L) item indices right-aligned, -1 = pad;
         ``profile`` (batch, dim) or None. Returns (batch, dim): unit vectors (0 when empty) for
         the ``recency`` tower, vectors of norm <= 1 + gate for the ``additive`` one; with item
         factors, (batch, dim + k): the factor part ``sum_j w_j f_{h_j}`` (warm items only)
-        appended, which :meth:`scores` splits off again."""
+        appended, which :meth:`scores` splits off again. ``factors=False``: the text part only
+        (``history`` may then index another catalog order, e.g. an inference index with added
+        items)."""
         w = self.history_weights(history >= 0)  # (batch, L)
         e = items[history.clamp(min=0)]  # (batch, L, dim)
         u = (w.unsqueeze(-1) * e).sum(1)  # (batch, dim)
         if profile is not None and self.cfg.use_profile:
             u = u + self.profile_term(profile)
         u = u if self.additive else F.normalize(u, dim=-1)
-        if self.item_fac is None:
+        if self.item_fac is None or not factors:
             return u
         idx = history.clamp(min=0)
         wf = w * self.warm[idx]  # a cold item's factors were never trained

@@ -227,8 +227,8 @@ def _not_protected(cfg: FedConfig) -> str:
         "round.\n"
         if cfg.dp
         else "- Randomness of local training: without local DP-SGD (this run) each client's "
-        "negatives\n  and masks are keyed by the run seed, which the server knows (its sampling "
-        "uses OS entropy).\n  "
+        "negatives\n  and cold-dropout masks are keyed by the run seed, the round and the client's "
+        "name, which the\n  server knows (its sampling uses OS entropy). "
         "The user-level guarantee, when on, does not rest on them: it bounds what the clipped, "
         "noised update\n  reveals whatever a client computed from its data.\n"
     )
