@@ -50,18 +50,8 @@ from fedrec.shared.model.towers import RecModel
 
 
 class Gather(nn.Module):
-    """``forward(idx)`` -> ``weight[idx]`` for a shared 1-D parameter (item bias, recency)."""
-
-    def __init__(self, weight: nn.Parameter) -> None:
-        super().__init__()
-        self.weight = weight
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.weight[idx]
-
-
-class GatherRows(nn.Module):
-    """``forward(idx)`` -> ``weight[idx]`` for a shared 2-D parameter (the item factors)."""
+    """``forward(idx)`` -> ``weight[idx]`` for a shared parameter indexed by its first dimension
+    (item bias, recency logits, item factors)."""
 
     def __init__(self, weight: nn.Parameter) -> None:
         super().__init__()
@@ -86,21 +76,11 @@ class Broadcast(nn.Module):
 def _gather_grad_sample(
     layer: Gather, activations: list[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
-    idx = activations[0].reshape(activations[0].shape[0], -1)  # (batch, k)
-    grads = backprops.reshape(backprops.shape[0], -1)  # (batch, k)
-    out = torch.zeros(idx.shape[0], layer.weight.shape[0], dtype=grads.dtype)
-    return {layer.weight: out.scatter_add_(1, idx, grads)}  # (batch, n)
-
-
-@register_grad_sampler(GatherRows)
-def _gather_rows_grad_sample(
-    layer: GatherRows, activations: list[torch.Tensor], backprops: torch.Tensor
-) -> dict[nn.Parameter, torch.Tensor]:
     b = activations[0].shape[0]
     idx = activations[0].reshape(b, -1)  # (batch, m)
-    k = layer.weight.shape[1]
-    grads = backprops.reshape(b, -1, k)  # (batch, m, k)
-    out = torch.zeros(b, layer.weight.shape[0], k, dtype=grads.dtype)
+    tail = layer.weight.shape[1:]
+    grads = backprops.reshape(b, idx.shape[1], *tail)  # (batch, m, *tail)
+    out = torch.zeros(b, *layer.weight.shape, dtype=grads.dtype)  # repeated rows accumulate
     return {
         layer.weight: out.index_put_((torch.arange(b).unsqueeze(1), idx), grads, accumulate=True)
     }
@@ -372,7 +352,7 @@ class CandidateScorer(nn.Module):
             self.lora_B: nn.Linear = lora.lora_B["default"]
             self.norm = norm
         self.bias = Gather(model.item_bias) if model.item_bias is not None else None
-        self.fac = GatherRows(model.item_fac) if model.item_fac is not None else None
+        self.fac = Gather(model.item_fac) if model.item_fac is not None else None
         self.profile_fac = Project(model.profile_fac) if model.profile_fac is not None else None
         # the per-item ID table (no-DP training only: Opacus has no per-example sampler for it,
         # and a GradSampleModule around this scorer refuses it, see client.local_train)
