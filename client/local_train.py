@@ -274,6 +274,7 @@ def train_round(
             for batch in loader:
                 if done >= steps:
                     break
+                batch = capped(batch, cfg.max_batch, secret)
                 loss = _step(module, opt, batch, scorer.n_items, cfg, key, done)
                 if loss is not None:
                     losses.append(loss)
@@ -293,6 +294,17 @@ def train_round(
     return RoundResult(
         True, len(data), done, loss_mean, eps, sigma, q, total_steps=total, history=runs
     )
+
+
+def capped(batch: list[torch.Tensor], cap: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """``batch`` cut to a uniformly random subset of ``cap`` examples when it has more (``cap``
+    0: as is). Only without local DP-SGD (FedConfig refuses ``max-batch`` with ``dp``): the
+    subset is not a Poisson sample. ``gen`` is the round's secret generator."""
+    n = int(batch[1].shape[0])
+    if cap <= 0 or n <= cap:
+        return batch
+    keep = torch.randperm(n, generator=gen)[:cap].sort().values
+    return [t[keep] for t in batch]
 
 
 def _total_steps(history: list[tuple[float, float, int]]) -> int:

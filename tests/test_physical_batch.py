@@ -124,8 +124,33 @@ def test_expected_batch_sets_each_clients_rate_from_its_roster(ds, tiny_backbone
         {"expected-batch": -3},
         {"expected-batch": 0},  # and sample-rate 0: nothing sets the rate
         {"sample-rate": 1.5},
+        {"max-batch": -1},
+        {"max-batch": 4},  # with local DP-SGD (dp = true, the default): not a Poisson sample
     ],
 )
 def test_bad_batch_settings_are_refused_by_name(raw):
     with pytest.raises(ValueError, match=next(iter(raw))):
         parse_run_config(raw)
+
+
+def test_max_batch_caps_every_step_without_local_dp(ds, tiny_backbone, fixed_secrets):  # noqa: F811
+    """``max-batch``: a Poisson batch larger than the cap trains on a random subset of exactly
+    the cap; smaller ones as they are; the cap changes what a heavy step trains on and nothing
+    when it never binds."""
+    state = make_model(ds, tiny_backbone, id_residual=False, ffa=True).state_dict()
+    plain = {"dp": False, "sample_rate": 1.0}
+    _, r0, _, sizes0 = _round(ds, tiny_backbone, state, **plain)
+    assert min(sizes0) > 3  # every step takes all 18 examples (q = 1)
+    capped_model, r1, _, sizes1 = _round(ds, tiny_backbone, state, max_batch=3, **plain)
+    assert sizes1 == [3] * 4 and r1.steps == 4 and r1.trained
+    # the subset differs between steps (drawn from the round's secret generator)
+    gen = torch.Generator().manual_seed(12345)
+    picks = [lt.capped([torch.arange(18), torch.arange(18)], 3, gen)[1].tolist() for _ in range(4)]
+    assert len({tuple(p) for p in picks}) > 1 and all(p == sorted(p) for p in picks)
+    assert all(len(set(p)) == 3 for p in picks)
+    # a cap that never binds is the uncapped round, bit for bit
+    same, r2, _, sizes2 = _round(ds, tiny_backbone, state, max_batch=max(sizes0), **plain)
+    whole, _, _, _ = _round(ds, tiny_backbone, state, **plain)
+    assert sizes2 == sizes0 and r2.loss == r0.loss
+    assert all(torch.equal(same.state_dict()[k], whole.state_dict()[k]) for k in state)
+    assert any(not torch.equal(capped_model.state_dict()[k], whole.state_dict()[k]) for k in state)

@@ -130,6 +130,13 @@ class FedConfig:
     # summed, and the noise added once, so the DP step is the same and memory depends on this
     # bound, not on the data. 0 = no bound (one pass per logical batch).
     physical_batch: int = 16
+    # Without local DP-SGD (user-level DP or no DP): the most examples one local step trains on;
+    # a larger Poisson batch is cut to a uniformly random subset of this size (drawn from the
+    # client's own OS randomness), so that a heavy user's step costs what a light user's does.
+    # Under user-level DP the whole update is clipped, so any use of the user's data inside the
+    # round is covered. Local DP-SGD refuses it (its accounting assumes Poisson batches).
+    # 0 = no cap.
+    max_batch: int = 0
     # how a client builds its training examples: "disjoint" (each interaction in exactly one
     # example, what makes per-example DP-SGD DP for the interaction) or "sequence" (central
     # training's sliding windows: every interaction a target, its ``history-len`` predecessors
@@ -290,6 +297,19 @@ class FedConfig:
             "physical-batch",
             self.physical_batch,
             "0 (no bound) or the most examples per forward/backward pass, up to 1000000",
+        )
+        _need(
+            0 <= self.max_batch <= 1_000_000,
+            "max-batch",
+            self.max_batch,
+            "0 (no cap) or the most examples a local step trains on, up to 1000000",
+        )
+        _need(
+            not (self.dp and self.max_batch > 0),
+            "max-batch",
+            self.max_batch,
+            "0 with local DP-SGD (dp=true): a capped batch is not a Poisson sample, which the "
+            "per-interaction accounting assumes; set dp=false (user-level DP) or max-batch=0",
         )
         _need(
             self.examples in ("disjoint", "sequence"),
