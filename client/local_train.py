@@ -216,6 +216,8 @@ def train_round(
                 q,
                 history,
             )
+    if cfg.dp and cfg.max_batch > 0:  # FedConfig refuses this; never cap a local-DP batch
+        raise ValueError("max-batch > 0 with local DP-SGD: a capped batch is not a Poisson sample")
     if len(data) == 0:
         return _refusal(
             "no training examples", data, spent(cfg, history) if cfg.dp else 0.0, sigma, q, history

@@ -133,24 +133,67 @@ def test_bad_batch_settings_are_refused_by_name(raw):
         parse_run_config(raw)
 
 
-def test_max_batch_caps_every_step_without_local_dp(ds, tiny_backbone, fixed_secrets):  # noqa: F811
+def test_max_batch_caps_every_step_without_local_dp(
+    ds,  # noqa: F811
+    tiny_backbone,
+    fixed_secrets,
+    monkeypatch,
+):
     """``max-batch``: a Poisson batch larger than the cap trains on a random subset of exactly
-    the cap; smaller ones as they are; the cap changes what a heavy step trains on and nothing
-    when it never binds."""
+    the cap, drawn from the round's secret generator; a cap that never binds changes nothing."""
     state = make_model(ds, tiny_backbone, id_residual=False, ffa=True).state_dict()
-    plain = {"dp": False, "sample_rate": 1.0}
+    plain = {"dp": False, "sample_rate": 1.0, "physical_batch": 0}
     _, r0, _, sizes0 = _round(ds, tiny_backbone, state, **plain)
-    assert min(sizes0) > 3  # every step takes all 18 examples (q = 1)
+    assert min(sizes0) > 3  # q = 1: every step takes all of the client's examples
+    seeds: list[int] = []
+    real = lt.capped
+
+    def spy(batch, cap, gen):  # noqa: ANN001, ANN202
+        seeds.append(gen.initial_seed())
+        return real(batch, cap, gen)
+
+    monkeypatch.setattr(lt, "capped", spy)
     capped_model, r1, _, sizes1 = _round(ds, tiny_backbone, state, max_batch=3, **plain)
     assert sizes1 == [3] * 4 and r1.steps == 4 and r1.trained
-    # the subset differs between steps (drawn from the round's secret generator)
-    gen = torch.Generator().manual_seed(12345)
-    picks = [lt.capped([torch.arange(18), torch.arange(18)], 3, gen)[1].tolist() for _ in range(4)]
-    assert len({tuple(p) for p in picks}) > 1 and all(p == sorted(p) for p in picks)
-    assert all(len(set(p)) == 3 for p in picks)
+    assert seeds == [12345] * 4  # the round's OS-seeded generator (pinned by fixed_secrets)
     # a cap that never binds is the uncapped round, bit for bit
     same, r2, _, sizes2 = _round(ds, tiny_backbone, state, max_batch=max(sizes0), **plain)
     whole, _, _, _ = _round(ds, tiny_backbone, state, **plain)
     assert sizes2 == sizes0 and r2.loss == r0.loss
     assert all(torch.equal(same.state_dict()[k], whole.state_dict()[k]) for k in state)
     assert any(not torch.equal(capped_model.state_dict()[k], whole.state_dict()[k]) for k in state)
+
+
+def test_capped_keeps_examples_whole_and_draws_uniformly():
+    """Every tensor of the batch keeps the same rows (a context stays with its target), each row
+    at most once and in order, and each row is kept with probability cap / n."""
+    n, cap, draws = 18, 3, 6000
+    gen = torch.Generator().manual_seed(7)
+    base = torch.arange(n)
+    counts = torch.zeros(n)
+    picks = set()
+    for _ in range(draws):
+        ctx, tgt, prof = lt.capped([base * 10, base, base + 100], cap, gen)
+        assert torch.equal(ctx, tgt * 10) and torch.equal(prof, tgt + 100)
+        assert tgt.shape[0] == cap and tgt.unique().shape[0] == cap
+        assert torch.equal(tgt, tgt.sort().values)
+        counts[tgt] += 1
+        picks.add(tuple(tgt.tolist()))
+    expect = draws * cap / n  # 1000 per row; binomial std about 29
+    assert (counts - expect).abs().max() < 150, counts
+    assert len(picks) > 100  # not a handful of fixed subsets
+    small = [base[:2], base[:2]]
+    assert lt.capped(small, cap, gen) is small  # n <= cap: as is
+    assert lt.capped([base, base], 0, gen)[1].shape[0] == n  # 0: no cap
+
+
+def test_train_round_refuses_a_cap_with_local_dp(ds, tiny_backbone):  # noqa: F811
+    """Defence in depth: even a config that skipped validation cannot cap a local-DP batch."""
+    import dataclasses
+
+    cfg = _cfg(backbone=str(tiny_backbone))
+    object.__setattr__(cfg, "max_batch", 4)  # bypass FedConfig's own refusal
+    assert cfg.dp and dataclasses.is_dataclass(cfg)
+    model = make_model(ds, tiny_backbone, id_residual=False, ffa=True)
+    with pytest.raises(ValueError, match="max-batch"):
+        train_round(CandidateScorer(model), _data(ds), cfg, MemoryStore(), seed=0)

@@ -309,7 +309,8 @@ class FedConfig:
             "max-batch",
             self.max_batch,
             "0 with local DP-SGD (dp=true): a capped batch is not a Poisson sample, which the "
-            "per-interaction accounting assumes; set dp=false (user-level DP) or max-batch=0",
+            "per-interaction accounting assumes; set max-batch=0, or dp=false with user-dp=true "
+            "(user-level DP, whose clip covers any use of a client's data)",
         )
         _need(
             self.examples in ("disjoint", "sequence"),
