@@ -133,6 +133,22 @@ def test_bad_batch_settings_are_refused_by_name(raw):
         parse_run_config(raw)
 
 
+def test_the_secure_preset_with_local_dp_names_the_first_thing_to_change():
+    """The secure preset sets secure-agg and max-batch; adding dp=true must be refused for the
+    conflict with secure aggregation first (the fix the user needs first), not for max-batch."""
+    import tomllib
+    from pathlib import Path
+
+    preset = Path(__file__).parents[1] / "simulations" / "presets" / "secure.toml"
+    raw = tomllib.loads(preset.read_text()) | {"dp": True}
+    with pytest.raises(ValueError, match="secure-agg=true") as err:
+        parse_run_config(raw)
+    assert "'max-batch'" not in str(err.value)
+    raw["secure-agg"] = False  # the next refusal is max-batch's
+    with pytest.raises(ValueError, match="max-batch"):
+        parse_run_config(raw)
+
+
 def test_max_batch_caps_every_step_without_local_dp(
     ds,  # noqa: F811
     tiny_backbone,

@@ -304,6 +304,14 @@ class FedConfig:
             self.max_batch,
             "0 (no cap) or the most examples a local step trains on, up to 1000000",
         )
+        # before max-batch's: with both set (preset secure plus dp=true) this is the first fix
+        _need(
+            not (self.secure_agg and self.dp),
+            "dp",
+            self.dp,
+            "false with secure-agg=true (local DP-SGD's per-client ledger is not wired into "
+            "secure rounds; user-level DP with distributed noise is the guarantee there)",
+        )
         _need(
             not (self.dp and self.max_batch > 0),
             "max-batch",
@@ -351,13 +359,6 @@ class FedConfig:
             self.secure_agg,
             "false unless user-dp=true (secure aggregation carries user-level DP's distributed "
             "noise; set user-dp=true too)",
-        )
-        _need(
-            not (self.secure_agg and self.dp),
-            "dp",
-            self.dp,
-            "false with secure-agg=true (local DP-SGD's per-client ledger is not wired into "
-            "secure rounds; user-level DP with distributed noise is the guarantee there)",
         )
         _need(2 <= self.secagg_bits <= 62, "secagg-bits", self.secagg_bits, "2..62")
         _need(
