@@ -699,3 +699,46 @@ def test_bad_seed_commitments_are_refused_at_routing():
     commits[r.cohort[0]] = b"short"
     with pytest.raises(SecAggError, match="bad or unexpected seed commitments"):
         r.server.route(shares, commits)
+
+
+def test_combine_many_in_worker_processes_equals_combining_here():
+    """The unmask stage's combinations run in a process pool above PARALLEL_COMBINE_MIN
+    secrets: the same pycryptodome call, the same secrets, None for a group that does not
+    combine (too few or malformed shares), in order."""
+    from fedrec.shared.federation import secagg
+
+    rng = np.random.default_rng(5)
+    n = secagg.PARALLEL_COMBINE_MIN + 6
+    secrets_ = [rng.bytes(16) for _ in range(n)]
+    groups = [secagg.split_secret(s, 4, 7)[:4] for s in secrets_]
+    groups[3] = [b"\x01\x00\x00\x00short"] * 4  # malformed: does not combine
+    groups[9] = groups[9][:3]  # below the threshold: combines to another value
+    pooled = secagg.combine_many(groups, workers=2)
+    assert secagg._POOL is not None  # worker processes combined them (no serial fallback)
+    here = secagg.combine_many(groups, workers=1)
+    assert pooled == here
+    assert pooled[3] is None and pooled[9] != secrets_[9]
+    assert [p for i, p in enumerate(pooled) if i not in (3, 9)] == [
+        s for i, s in enumerate(secrets_) if i not in (3, 9)
+    ]
+
+
+def test_a_round_large_enough_to_combine_in_worker_processes_is_exact_with_dropouts(
+    monkeypatch,
+):
+    """Above PARALLEL_COMBINE_MIN needed secrets the unmask stage combines them in a process
+    pool: the released sum is still exactly the survivors' sum, with nodes dropped before
+    masking (their sk1 seeds rebuilt) and after it."""
+    from fedrec.shared.federation import secagg
+
+    monkeypatch.setattr(secagg, "PARALLEL_COMBINE_MIN", 8)
+    calls = []
+    real = secagg.combine_many
+    monkeypatch.setattr(
+        secagg, "combine_many", lambda g, **kw: calls.append(len(g)) or real(g, workers=2)
+    )
+    r = Round(12, 6, seed=21)
+    total, survivors = r.run(drop_masked=(r.cohort[0],), drop_unmask=(r.cohort[1],))
+    assert calls and calls[0] >= 8  # the pool path ran
+    assert r.cohort[0] not in survivors and r.cohort[1] in survivors
+    assert np.array_equal(total, r.expected(survivors))
