@@ -1,0 +1,183 @@
+"""Cold users (protocol C): a trained central model's scores blended with profile-conditioned
+popularity as a log prior, the blend weight chosen on held-out training users only.
+
+Run: ``python -m fedrec.simulations.blend_prior RUN [--out FILE]`` for a ``train-central
+--protocol C`` run folder with its model (``model/``) whose ``train.holdout`` is > 0.
+
+For a query with profile ``p`` and history ``h`` (0 or 3 items) every item is scored
+
+    s_w(i) = model(i | p, h) + w * log(pp(i | p) + 1e-8)
+
+``model`` is the run's logit (the scale times the cosine, plus the item bias), ``pp`` profile-
+conditioned popularity (:class:`fedrec.shared.baselines.profile_popularity.ProfilePopularity`) as a
+distribution over items; ``w = 0`` is the model alone and a large ``w`` profile-popularity alone.
+That is a product of experts: ``softmax(s_w)`` is proportional to ``softmax(model) * pp ** w``.
+
+Nothing is chosen on test users. The profile fields and the shrinkage of ``pp`` are chosen as the
+suite's profile-popularity baseline chooses them (NDCG@10 on the pseudo-cold users of the
+holdout, :func:`fedrec.shared.baselines.runner.tune_profile_popularity`); ``w`` is then chosen on
+the same pseudo-cold queries, with ``pp`` counted from the interactions left after the holdout (as
+the model was trained). On the test users ``pp`` counts every training interaction, as the
+baseline does, and the model is the run's. The output lists every ``w`` on validation and test
+(test only to report: the chosen ``w`` is the validation argmax, first best on ties).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedrec.shared.baselines.profile_popularity import ProfilePopularity
+from fedrec.shared.baselines.runner import tune_profile_popularity
+from fedrec.shared.data import load_dataset
+from fedrec.shared.evaluation import Scorer, evaluate
+from fedrec.shared.federation.data_and_model import resolve_data_dir
+from fedrec.shared.model.artifacts import load_model
+from fedrec.shared.model.central import ModelScorer, ProfileBank
+from fedrec.shared.model.run_central import with_profile_template
+from fedrec.shared.rundir import versions, write_json
+from fedrec.shared.splitting import EvalSet, holdout_split, make_split
+
+WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, math.inf)
+FLOOR = 1e-8
+
+
+class Blend:
+    """``model + w * log(pp + FLOOR)`` as a :class:`~fedrec.shared.evaluation.Scorer`
+    (``w = inf``: ``pp`` alone)."""
+
+    def __init__(self, model: Scorer, prior: Scorer, w: float) -> None:
+        self.model, self.prior, self.w = model, prior, w
+
+    def score(self, users, history, profiles, warm) -> np.ndarray:  # noqa: ANN001
+        prior = np.log(np.asarray(self.prior.score(users, history, profiles, warm)) + FLOOR)
+        if math.isinf(self.w):
+            return prior
+        out = np.asarray(self.model.score(users, history, profiles, warm), dtype=np.float64)
+        return out + self.w * prior if self.w else out
+
+
+def by_length(es: EvalSet, n: int) -> EvalSet:
+    """The queries of ``es`` whose history holds ``n`` items."""
+    rows = [q for q, h in enumerate(es.history) if len(h) == n]
+    return EvalSet(
+        name=f"{es.name} ({n} items)",
+        users=es.users[rows],
+        history=[es.history[q] for q in rows],
+        exclude=[es.exclude[q] for q in rows],
+        relevant=[es.relevant[q] for q in rows],
+        warm=es.warm[rows],
+        candidates=es.candidates,
+        profiles=[es.profiles[q] for q in rows] if es.profiles else [],
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path, help="a train-central --protocol C run folder")
+    ap.add_argument("--out", type=Path, help="results file (default RUN/blend_prior.json)")
+    args = ap.parse_args()
+    cfg_path = args.run / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SystemExit(f"{cfg_path}: not a readable train-central run ({err})") from None
+    train = cfg.get("train", {})
+    if cfg.get("command") != "train-central" or cfg.get("protocol") != "C":
+        raise SystemExit(f"{args.run}: needs a train-central run of protocol C")
+    if not float(train.get("holdout", 0)) > 0:
+        raise SystemExit(
+            f"{args.run}: train.holdout is 0, so there are no held-out training users to choose "
+            "the blend weight on; train with --set train.holdout=0.1"
+        )
+    ds = with_profile_template(
+        load_dataset(resolve_data_dir(cfg.get("dataset", "ml-100k"))),
+        cfg["model"].get("profile_template", ""),
+    )
+    split = make_split(ds, "C")
+    profiles = [ds.user_text(int(u)) for u in split.user_ids]
+    fit = holdout_split(split, float(train["holdout"]), profiles, seed=int(train["seed"]) + 1)
+    assert fit.valid is not None
+    model, _meta = load_model(args.run)  # no catalog cache: the texts through the backbone
+    with torch.no_grad():
+        texts = model.item_texts
+        text = torch.cat(
+            [model.encode_texts(texts[s : s + 256]) for s in range(0, len(texts), 256)]
+        )
+    scorer = ModelScorer(model, ProfileBank(model), text=text)
+
+    # profile-popularity's fields and shrinkage, as the suite's baseline chooses them
+    base_ds = load_dataset(resolve_data_dir(cfg.get("dataset", "ml-100k")))
+    params, _trace, where = tune_profile_popularity(base_ds, make_split(base_ds, "C"), split)
+    fields, shrink = params["fields"], float(params["shrink"])
+    pp_valid = ProfilePopularity(fit, ds.user_fields, fields=fields, shrink=shrink)
+    pp_test = ProfilePopularity(split, ds.user_fields, fields=fields, shrink=shrink)
+
+    # the validation queries by history length (0 or 3 items, as the test sets k=0 and k=3)
+    lengths = sorted({len(h) for h in fit.valid.history})
+    by_len = {n: by_length(fit.valid, n) for n in lengths}
+    test_len = {name: sorted({len(h) for h in es.history}) for name, es in split.tests.items()}
+    rows: list[dict[str, Any]] = []
+    for w in WEIGHTS:
+        valid = evaluate(Blend(scorer, pp_valid, w), fit.valid, ks=(10,), with_auc=False)
+        per_len = {
+            n: evaluate(Blend(scorer, pp_valid, w), es, ks=(10,), with_auc=False)["NDCG@10"]
+            for n, es in by_len.items()
+        }
+        test = {
+            name: evaluate(Blend(scorer, pp_test, w), es, ks=(10,), with_auc=False)
+            for name, es in split.tests.items()
+        }
+        tests = {n: {k: round(v, 5) for k, v in m.items()} for n, m in test.items()}
+        row: dict[str, Any] = {
+            "w": "inf" if math.isinf(w) else w,
+            "valid_NDCG@10": round(valid["NDCG@10"], 5),
+            "valid_NDCG@10_by_history_length": {str(n): round(v, 5) for n, v in per_len.items()},
+            "test": tests,
+        }
+        rows.append(row)
+        print(
+            f"w {row['w']!s:>5}: valid NDCG@10 {row['valid_NDCG@10']:.4f} ("
+            + ", ".join(f"{n} items {v:.4f}" for n, v in per_len.items())
+            + ") | test "
+            + ", ".join(f"{n} {m['NDCG@10']:.4f}" for n, m in tests.items()),
+            flush=True,
+        )
+    best = max(rows, key=lambda r: float(r["valid_NDCG@10"]))  # first best wins ties
+    # one weight per history length (known at query time), each on its own validation queries
+    per_length = {}
+    for n in lengths:
+        pick = max(rows, key=lambda r: float(r["valid_NDCG@10_by_history_length"][str(n)]))
+        on = [t for t, ls in test_len.items() if ls == [n]]
+        per_length[str(n)] = {
+            "w": pick["w"],
+            "valid_NDCG@10": pick["valid_NDCG@10_by_history_length"][str(n)],
+            "test": {t: pick["test"][t] for t in on},
+        }
+        print(
+            f"{n} items: w {pick['w']} on validation ({per_length[str(n)]['valid_NDCG@10']:.4f})"
+            + "".join(f"; test {t} {pick['test'][t]['NDCG@10']:.4f}" for t in on)
+        )
+    result = {
+        "run": str(args.run),
+        "profile_popularity": {"fields": fields, "shrink": shrink, "tuned_on": where},
+        "validation": f"{len(fit.valid)} queries of the pseudo-cold users of train.holdout "
+        f"{train['holdout']} (seed {int(train['seed']) + 1})",
+        "weights": rows,
+        "chosen": best,
+        "chosen_per_history_length": per_length,
+        "versions": versions(),
+    }
+    out = args.out or args.run / "blend_prior.json"
+    write_json(out, result)
+    print(f"chosen on validation: w {best['w']}; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
