@@ -169,6 +169,9 @@ def main() -> None:
         "profile_popularity": {"fields": fields, "shrink": shrink, "tuned_on": where},
         "validation": f"{len(fit.valid)} queries of the pseudo-cold users of train.holdout "
         f"{train['holdout']} (seed {int(train['seed']) + 1})",
+        # profile-popularity is tuned on 10 % of the trained users, seed 1 (the suite's rule)
+        "same_holdout_as_profile_popularity_tuning": float(train["holdout"]) == 0.1
+        and int(train["seed"]) + 1 == 1,
         "weights": rows,
         "chosen": best,
         "chosen_per_history_length": per_length,

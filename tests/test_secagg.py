@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+
 import numpy as np
 import pytest
 from flwr.app import ConfigRecord
@@ -713,8 +716,11 @@ def test_combine_many_in_worker_processes_equals_combining_here():
     groups = [secagg.split_secret(s, 4, 7)[:4] for s in secrets_]
     groups[3] = [b"\x01\x00\x00\x00short"] * 4  # malformed: does not combine
     groups[9] = groups[9][:3]  # below the threshold: combines to another value
+    assert not secagg._POOL_FAILED
     pooled = secagg.combine_many(groups, workers=2)
-    assert secagg._POOL is not None  # worker processes combined them (no serial fallback)
+    # worker processes of this process combined them (no serial fallback)
+    assert secagg._POOL is not None and secagg._POOL[1] == os.getpid()
+    assert not secagg._POOL_FAILED
     here = secagg.combine_many(groups, workers=1)
     assert pooled == here
     assert pooled[3] is None and pooled[9] != secrets_[9]
@@ -724,7 +730,7 @@ def test_combine_many_in_worker_processes_equals_combining_here():
 
 
 def test_a_round_large_enough_to_combine_in_worker_processes_is_exact_with_dropouts(
-    monkeypatch,
+    monkeypatch, caplog
 ):
     """Above PARALLEL_COMBINE_MIN needed secrets the unmask stage combines them in a process
     pool: the released sum is still exactly the survivors' sum, with nodes dropped before
@@ -738,7 +744,56 @@ def test_a_round_large_enough_to_combine_in_worker_processes_is_exact_with_dropo
         secagg, "combine_many", lambda g, **kw: calls.append(len(g)) or real(g, workers=2)
     )
     r = Round(12, 6, seed=21)
-    total, survivors = r.run(drop_masked=(r.cohort[0],), drop_unmask=(r.cohort[1],))
-    assert calls and calls[0] >= 8  # the pool path ran
+    with caplog.at_level(logging.WARNING, logger="fedrec.secagg"):
+        total, survivors = r.run(drop_masked=(r.cohort[0],), drop_unmask=(r.cohort[1],))
+    assert calls and calls[0] >= 8  # the pool path ran ...
+    assert not secagg._POOL_FAILED and "pool failed" not in caplog.text  # ... in the pool
     assert r.cohort[0] not in survivors and r.cohort[1] in survivors
     assert np.array_equal(total, r.expected(survivors))
+
+
+def test_an_altered_share_on_the_pool_path_refuses_the_round(monkeypatch):
+    """With the combinations in worker processes, an altered self-mask share still shows as a
+    commitment mismatch and nothing is released."""
+    from fedrec.shared.federation import secagg
+
+    monkeypatch.setattr(secagg, "PARALLEL_COMBINE_MIN", 4)
+    real = secagg.combine_many
+    used = []
+    monkeypatch.setattr(
+        secagg, "combine_many", lambda g, **kw: used.append(len(g)) or real(g, workers=2)
+    )
+    r, masked, _ = _commit_round(31)
+    replies = {}
+    for i in list(masked)[:3]:  # exactly t
+        replies[i] = r.call(i, "unmask", *r.server.unmask_request(i, masked))
+    holder = next(iter(replies))
+    b, sk = replies[holder]
+    victim = next(o for o in b if o != holder)
+    share = bytearray(b[victim])
+    share[9] ^= 1
+    replies[holder] = ({**b, victim: bytes(share)}, sk)
+    with pytest.raises(SecAggError, match="does not match its commitment"):
+        r.server.aggregate(masked, replies)
+    assert used and used[0] >= 4
+
+
+def test_a_pool_that_fails_falls_back_to_combining_here_and_says_so(monkeypatch, caplog):
+    from fedrec.shared.federation import secagg
+
+    def broken(_workers):
+        raise AssertionError("daemonic processes are not allowed to have children")
+
+    monkeypatch.setattr(secagg, "_combine_pool", broken)
+    monkeypatch.setattr(secagg, "_POOL_FAILED", False)
+    rng = np.random.default_rng(8)
+    secrets_ = [rng.bytes(16) for _ in range(secagg.PARALLEL_COMBINE_MIN)]
+    groups = [secagg.split_secret(s, 3, 5)[:3] for s in secrets_]
+    with caplog.at_level(logging.WARNING, logger="fedrec.secagg"):
+        assert secagg.combine_many(groups, workers=2) == secrets_
+    assert "pool failed" in caplog.text and "AssertionError" in caplog.text
+    assert secagg._POOL_FAILED  # not tried again in this process
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedrec.secagg"):
+        assert secagg.combine_many(groups, workers=2) == secrets_
+    assert "pool failed" not in caplog.text

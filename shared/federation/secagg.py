@@ -261,45 +261,76 @@ def _combine_or_none(shares: Sequence[bytes]) -> bytes | None:
 # Below this many secrets a round combines them in its own process: starting workers would cost
 # more than it saves. pycryptodome's Shamir.combine is pure Python (about 10-20 ms for a
 # threshold of 15), and the unmask stage combines one secret per survivor: 471 a round in the
-# default federation, about a third of a secure round's server time.
+# default federation, about a third of a secure round's server time. The shares and the rebuilt
+# secrets go to the worker processes (children of the server process, same host, through pipes)
+# and back; nothing is written anywhere.
 PARALLEL_COMBINE_MIN = 64
-_POOL: Any = None
+MAX_COMBINE_WORKERS = 8
+_POOL: Any = None  # (pool, pid of the process that made it)
+_POOL_FAILED = False  # a pool failed once in this process: combine here from then on
+
+
+def _workers() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))  # the CPUs this process may use (cgroups, affinity)
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return min(n, MAX_COMBINE_WORKERS)
 
 
 def _combine_pool(workers: int) -> Any:
-    """A process pool kept for the process' life (spawned: safe beside Ray's and gRPC's threads)."""
+    """A process pool kept for the process' life (spawned: safe beside Ray's and gRPC's threads;
+    rebuilt in a forked child, which must not use its parent's)."""
     global _POOL
+    if _POOL is not None and _POOL[1] != os.getpid():
+        _POOL = None
     if _POOL is None:
-        import atexit
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        _POOL = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-        atexit.register(_POOL.shutdown, wait=False, cancel_futures=True)
-    return _POOL
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        _POOL = (pool, os.getpid())
+    return _POOL[0]
+
+
+def _drop_pool() -> None:
+    global _POOL
+    if _POOL is not None and _POOL[1] == os.getpid():
+        _POOL[0].shutdown(wait=False, cancel_futures=True)
+    _POOL = None
 
 
 def combine_many(
     groups: Sequence[Sequence[bytes]], *, workers: int | None = None
 ) -> list[bytes | None]:
     """:func:`combine_secret` of each group of shares (None where a group does not combine), in
-    a pool of ``workers`` processes (default: the CPU count) when there are at least
-    :data:`PARALLEL_COMBINE_MIN` groups and more than one worker; otherwise here. The same
-    pycryptodome call either way: only where it runs changes."""
-    n = (os.cpu_count() or 1) if workers is None else workers
-    if n < 2 or len(groups) < PARALLEL_COMBINE_MIN:
+    a pool of ``workers`` processes (default: the CPUs this process may use, at most
+    :data:`MAX_COMBINE_WORKERS`) when there are at least :data:`PARALLEL_COMBINE_MIN` groups and
+    more than one worker; otherwise here. The same pycryptodome call either way: only where it
+    runs changes. If the pool cannot start, fails or takes too long (at least 60 s, 0.2 s a
+    secret), the secrets are combined here, a warning says why, and this process does not try a
+    pool again. The caller checks every secret (commitments, public keys) either way."""
+    global _POOL_FAILED
+    n = _workers() if workers is None else workers
+    if n < 2 or len(groups) < PARALLEL_COMBINE_MIN or _POOL_FAILED:
         return [_combine_or_none(g) for g in groups]
     try:
         pool = _combine_pool(n)
         chunk = max(1, len(groups) // (4 * n))
-        return list(pool.map(_combine_or_none, [list(g) for g in groups], chunksize=chunk))
-    except (OSError, RuntimeError) as err:  # no worker processes here: combine serially
-        global _POOL
-        _POOL = None
+        work = [list(g) for g in groups]
+        timeout = max(60.0, 0.2 * len(groups))
+        return list(pool.map(_combine_or_none, work, chunksize=chunk, timeout=timeout))
+    except Exception as err:  # noqa: BLE001 - any pool failure: combine here instead
+        _POOL_FAILED = True
+        _drop_pool()
         import logging
 
         logging.getLogger("fedrec.secagg").warning(
-            "combining %d secrets in this process: worker processes failed (%s)", len(groups), err
+            "combining %d Shamir secrets in this process from now on: the worker pool failed "
+            "(%s: %s)",
+            len(groups),
+            type(err).__name__,
+            err,
         )
         return [_combine_or_none(g) for g in groups]
 
