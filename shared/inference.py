@@ -101,12 +101,7 @@ class Recommender:
 
     @torch.no_grad()
     def _embed_catalog(self, batch_size: int = 256) -> torch.Tensor:
-        texts = self.model.item_texts
-        parts = [
-            self.model.encode_texts(texts[s : s + batch_size])
-            for s in range(0, len(texts), batch_size)
-        ]
-        return self.model.item_embeddings(torch.cat(parts))
+        return self.model.item_embeddings(self.model.text_embeddings(batch_size))
 
     # --- helpers -----------------------------------------------------------------------------
     def _positions(self, ids: Iterable[int], what: str) -> list[int]:

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from fedrec.shared.baselines.profile_popularity import ProfilePopularity
 from fedrec.shared.baselines.runner import tune_profile_popularity
@@ -104,17 +103,12 @@ def main() -> None:
     profiles = [ds.user_text(int(u)) for u in split.user_ids]
     fit = holdout_split(split, float(train["holdout"]), profiles, seed=int(train["seed"]) + 1)
     assert fit.valid is not None
-    model, _meta = load_model(args.run)  # no catalog cache: the texts through the backbone
-    with torch.no_grad():
-        texts = model.item_texts
-        text = torch.cat(
-            [model.encode_texts(texts[s : s + 256]) for s in range(0, len(texts), 256)]
-        )
-    scorer = ModelScorer(model, ProfileBank(model), text=text)
+    model, _meta = load_model(args.run)
+    scorer = ModelScorer(model, ProfileBank(model))
 
     # profile-popularity's fields and shrinkage, as the suite's baseline chooses them
-    base_ds = load_dataset(resolve_data_dir(cfg.get("dataset", "ml-100k")))
-    params, _trace, where = tune_profile_popularity(base_ds, make_split(base_ds, "C"), split)
+    # (the profile template changes the profile texts only; profile-popularity reads the fields)
+    params, _trace, where = tune_profile_popularity(ds, split, split)
     fields, shrink = params["fields"], float(params["shrink"])
     pp_valid = ProfilePopularity(fit, ds.user_fields, fields=fields, shrink=shrink)
     pp_test = ProfilePopularity(split, ds.user_fields, fields=fields, shrink=shrink)

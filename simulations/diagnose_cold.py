@@ -63,11 +63,8 @@ class _Scorer:
 
 def _embed(model: RecModel) -> tuple[torch.Tensor, torch.Tensor]:
     """(text-only unit vectors, full item vectors) of the catalog, by the plain path."""
-    texts = model.item_texts
     with torch.no_grad():
-        text = torch.cat(
-            [model.encode_texts(texts[s : s + 256]) for s in range(0, len(texts), 256)]
-        )
+        text = model.text_embeddings()
         return F.normalize(text, dim=-1), model.item_embeddings(text)
 
 

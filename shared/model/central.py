@@ -64,17 +64,10 @@ def example_loss(
 class ModelScorer:
     """A trained model as a :class:`~fedrec.shared.evaluation.Scorer` (item vectors fixed)."""
 
-    def __init__(
-        self,
-        model: RecModel,
-        profile_of: Callable[[str], torch.Tensor],
-        text: torch.Tensor | None = None,
-    ) -> None:
-        """``text``: the catalog's adapted text embeddings when the model has no catalog cache
-        (a loaded model: ``model.encode_texts(model.item_texts)``)."""
+    def __init__(self, model: RecModel, profile_of: Callable[[str], torch.Tensor]) -> None:
         model.eval()
         with torch.no_grad():
-            self.items = model.item_embeddings(text)
+            self.items = model.item_embeddings()
         self.model = model
         self.profile_of = profile_of
 

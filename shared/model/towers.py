@@ -151,13 +151,20 @@ class RecModel(nn.Module):
         return [p for p in params if p.requires_grad]
 
     # --- item tower --------------------------------------------------------------------------
-    def text_embeddings(self) -> torch.Tensor:
-        """``(n_items, dim)`` adapted, mean-pooled catalog text embeddings (cached path)."""
-        site = adapter_site(self.backbone.base_model.model)
-        lora = site.proj
+    def text_embeddings(self, batch_size: int = 256) -> torch.Tensor:
+        """``(n_items, dim)`` adapted, mean-pooled catalog text embeddings: from the catalog
+        cache, or without one (a loaded model) by full backbone passes in batches."""
         c = self.cache
         if c is None:
-            raise RuntimeError("built with with_cache=False: use encode_texts(self.item_texts)")
+            texts = self.item_texts
+            return torch.cat(
+                [
+                    self.encode_texts(texts[s : s + batch_size])
+                    for s in range(0, len(texts), batch_size)
+                ]
+            )
+        site = adapter_site(self.backbone.base_model.model)
+        lora = site.proj
         delta = lora.lora_B["default"](c.a_of(lora.lora_A["default"])) * lora.scaling["default"]
         h = site.norm(c.base + delta)  # (n_tokens, dim)
         pooled = torch.zeros(c.n_items, h.shape[1], dtype=h.dtype).index_add_(0, c.segment, h)

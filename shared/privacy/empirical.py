@@ -191,10 +191,7 @@ def canary_logits(model: Any, plan: dict[str, Any]) -> np.ndarray:
     from fedrec.shared.model.examples import right_aligned
 
     model.eval()
-    texts = model.item_texts
-    items = model.item_embeddings(
-        torch.cat([model.encode_texts(texts[s : s + 256]) for s in range(0, len(texts), 256)])
-    )
+    items = model.item_embeddings()
     ctx = torch.as_tensor(
         right_aligned([np.asarray(c) for c in plan["context"]], model.cfg.history_len)
     )
