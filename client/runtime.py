@@ -90,6 +90,34 @@ def with_canaries(
 
 _SCORERS: dict[int, CandidateScorer] = {}
 _CLIENTS: dict[tuple[Any, ...], ClientState] = {}
+# Per split (kept alive here, so its id is not reused): the partitions by (scheme, silos, seed)
+# and each training user's rows. A simulation process serves hundreds of one-user clients; each
+# computing these over all training rows cost about 6 ms of a 50 ms round body.
+_SPLIT_INDEX: dict[int, tuple[Split, dict[Any, list[np.ndarray]], dict[int, np.ndarray]]] = {}
+
+
+def _split_index(split: Split) -> tuple[dict[Any, list[np.ndarray]], dict[int, np.ndarray]]:
+    entry = _SPLIT_INDEX.get(id(split))
+    if entry is None or entry[0] is not split:
+        order = np.argsort(split.train_user, kind="stable")  # stable: time order within a user
+        users, starts = np.unique(split.train_user[order], return_index=True)
+        rows = dict(zip(users.tolist(), np.split(order, starts[1:]), strict=True))
+        entry = (split, {}, rows)
+        _SPLIT_INDEX[id(split)] = entry
+    return entry[1], entry[2]
+
+
+def _partitions(split: Split, cfg: FedConfig) -> list[np.ndarray]:
+    parts, _ = _split_index(split)
+    key = (cfg.partition, cfg.silos, cfg.seed)
+    if key not in parts:
+        parts[key] = partition_users(split, scheme=cfg.partition, n_silos=cfg.silos, seed=cfg.seed)
+    return parts[key]
+
+
+def _user_rows(split: Split, user: int) -> np.ndarray:
+    """Row indices of ``user``'s training interactions, in the split's order (time order)."""
+    return _split_index(split)[1].get(int(user), np.zeros(0, dtype=np.int64))
 
 
 def client_state(cfg: FedConfig, node_config: dict[str, Any]) -> ClientState:
@@ -111,7 +139,7 @@ def client_state(cfg: FedConfig, node_config: dict[str, Any]) -> ClientState:
         users = np.unique(split.train_user)
         name = str(node_config.get("client-id", data_dir.name))
     else:
-        parts = partition_users(split, scheme=cfg.partition, n_silos=cfg.silos, seed=cfg.seed)
+        parts = _partitions(split, cfg)
         if not 0 <= part < len(parts):
             raise ValueError(
                 f"partition-id {part} is out of range: this run has {len(parts)} clients "
@@ -128,7 +156,7 @@ def client_state(cfg: FedConfig, node_config: dict[str, Any]) -> ClientState:
         profiles = [bank(t) if t else torch.zeros(model.dim) for t in texts]
     per_user = []
     for u in users:
-        rows = np.flatnonzero(split.train_user == u)  # time order within a user
+        rows = _user_rows(split, u)  # time order within a user
         per_user.append((split.train_item[rows], split.train_time[rows]))
     if cfg.audit_canaries:
         per_user = with_canaries(per_user, Path(cfg.audit_canaries), name)

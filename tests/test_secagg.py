@@ -704,7 +704,16 @@ def test_bad_seed_commitments_are_refused_at_routing():
         r.server.route(shares, commits)
 
 
-def test_combine_many_in_worker_processes_equals_combining_here():
+@pytest.fixture
+def reference_shamir(monkeypatch):
+    """pycryptodome's pure-Python Shamir, as where .shamir's C path is unusable: the case the
+    worker pool of combine_many is for."""
+    from fedrec.shared.federation import shamir
+
+    monkeypatch.setitem(shamir._STATE, "fast", False)
+
+
+def test_combine_many_in_worker_processes_equals_combining_here(reference_shamir):
     """The unmask stage's combinations run in a process pool above PARALLEL_COMBINE_MIN
     secrets: the same pycryptodome call, the same secrets, None for a group that does not
     combine (too few or malformed shares), in order."""
@@ -730,7 +739,7 @@ def test_combine_many_in_worker_processes_equals_combining_here():
 
 
 def test_a_round_large_enough_to_combine_in_worker_processes_is_exact_with_dropouts(
-    monkeypatch, caplog
+    monkeypatch, caplog, reference_shamir
 ):
     """Above PARALLEL_COMBINE_MIN needed secrets the unmask stage combines them in a process
     pool: the released sum is still exactly the survivors' sum, with nodes dropped before
@@ -752,7 +761,7 @@ def test_a_round_large_enough_to_combine_in_worker_processes_is_exact_with_dropo
     assert np.array_equal(total, r.expected(survivors))
 
 
-def test_an_altered_share_on_the_pool_path_refuses_the_round(monkeypatch):
+def test_an_altered_share_on_the_pool_path_refuses_the_round(monkeypatch, reference_shamir):
     """With the combinations in worker processes, an altered self-mask share still shows as a
     commitment mismatch and nothing is released."""
     from fedrec.shared.federation import secagg
@@ -778,7 +787,9 @@ def test_an_altered_share_on_the_pool_path_refuses_the_round(monkeypatch):
     assert used and used[0] >= 4
 
 
-def test_a_pool_that_fails_falls_back_to_combining_here_and_says_so(monkeypatch, caplog):
+def test_a_pool_that_fails_falls_back_to_combining_here_and_says_so(
+    monkeypatch, caplog, reference_shamir
+):
     from fedrec.shared.federation import secagg
 
     def broken(_workers):

@@ -137,3 +137,25 @@ def test_partitions(synth_dir):
         partition_users(sp, scheme="silo", n_silos=0)
     with pytest.raises(ValueError, match="scheme"):
         partition_users(sp, scheme="random")
+
+
+@pytest.mark.parametrize("protocol", ["A", "C"])
+def test_a_clients_rows_and_partitions_from_the_per_split_index_are_the_direct_ones(
+    synth_dir, protocol
+):
+    """client.runtime indexes a split once (the rows of every user, the partitions) instead of
+    scanning all training rows per client: the same rows in the same (time) order, the same
+    partitions, and a user without training rows gets none."""
+    from fedrec.client import runtime
+    from fedrec.shared.federation.config import FedConfig
+
+    sp = make_split(load_dataset(synth_dir), protocol)
+    for u in range(sp.n_users):
+        want = np.flatnonzero(sp.train_user == u)
+        got = runtime._user_rows(sp, u)
+        assert got.tolist() == want.tolist()
+    for cfg in (FedConfig(), FedConfig(partition="silo", silos=3, seed=4)):
+        want = partition_users(sp, scheme=cfg.partition, n_silos=cfg.silos, seed=cfg.seed)
+        got = runtime._partitions(sp, cfg)
+        assert [p.tolist() for p in got] == [p.tolist() for p in want]
+        assert runtime._partitions(sp, cfg) is got  # computed once per split

@@ -8,8 +8,9 @@ classes: :class:`SecAggClient` (one per node; its whole state goes through :meth
 Message-API wiring moves their arguments and results between the two.
 
 No cryptographic primitive is written here: they come from Flower's own SecAgg+ primitives
-(the ones its legacy ``secaggplus_mod`` / ``SecAggPlusWorkflow`` use), from pycryptodome (Shamir)
-and from ``cryptography`` (X25519, HKDF, AES). What is written here is how they are combined:
+(the ones its legacy ``secaggplus_mod`` / ``SecAggPlusWorkflow`` use), from pycryptodome (Shamir,
+and its GF(2^128) multiply through :mod:`.shamir`) and from ``cryptography`` (X25519, HKDF,
+AES). What is written here is how they are combined:
 
 - key pairs: X25519 (``cryptography``; RFC 7748, raw 32-byte keys), where Flower's helpers use
   ECDH on NIST P-384: the same Diffie-Hellman role at the 128-bit level the rest of the protocol
@@ -28,12 +29,16 @@ and from ``cryptography`` (X25519, HKDF, AES). What is written here is how they 
   ``combine_shares`` wrap), on the two 16-byte secrets (the self-mask seed ``b`` and the mask
   key's seed) as one block each, in Flower's share format (a 4-byte index, then the 16-byte
   share). Flower's wrappers PKCS#7-pad every secret, so a 16-byte secret became two blocks and
-  a 48-byte P-384 scalar four; the split is pure Python and is most of a client's share-keys
-  cost. 128-bit seeds keep the protocol at the 128-bit level (AES-128 in Fernet).
+  a 48-byte P-384 scalar four. 128-bit seeds keep the protocol at the 128-bit level (AES-128
+  in Fernet). pycryptodome multiplies in GF(2^128) in pure Python, which made the split most
+  of a client's share-keys cost and the combination (about 14 ms at t = 16) most of the
+  server's unmasking: :mod:`.shamir` runs the same scheme, with the same shares for the same
+  polynomial, on pycryptodome's C multiply in that field (its GHASH), and falls back to
+  pycryptodome's ``Shamir`` where that is not usable.
   The server checks a rebuilt ``b`` against the SHA-256 commitment the node sent with its
   share-keys reply (:func:`seed_commitment`; one Shamir combination, and an altered share shows
   even when exactly ``t`` shares are at hand), and a rebuilt ``sk1`` against the node's public
-  key. Pure-Python Shamir combination (about 14 ms at t = 16) is most of the server's unmasking.
+  key.
 
 One deliberate difference: the mask expansion. Flower's ``pseudo_rand_gen`` XOR-folds the seed
 into 32 bits and seeds NumPy's MT19937 with it. MT19937 is not a cryptographic generator and 32
@@ -115,7 +120,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from Crypto.Protocol.SecretSharing import Shamir
 from cryptography.fernet import InvalidToken
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import x25519
@@ -126,6 +130,8 @@ from flwr.common.secure_aggregation.secaggplus_utils import (
     share_keys_plaintext_concat,
     share_keys_plaintext_separate,
 )
+
+from fedrec.shared.federation import shamir
 
 SELF_MASK_INFO = b"fedrec-secagg-selfmask"
 PAIR_MASK_INFO = b"fedrec-secagg-pairmask"
@@ -234,9 +240,7 @@ def split_secret(secret: bytes, threshold: int, num: int) -> list[bytes]:
     bytes, Flower's share format."""
     if len(secret) != SEED_BYTES:
         raise ValueError(f"split_secret: the secret must be {SEED_BYTES} bytes")
-    return [
-        i.to_bytes(4, "little") + sh for i, sh in Shamir.split(threshold, num, secret, ssss=False)
-    ]
+    return [i.to_bytes(4, "little") + sh for i, sh in shamir.split(threshold, num, secret)]
 
 
 def combine_secret(shares: Sequence[bytes]) -> bytes:
@@ -245,9 +249,7 @@ def combine_secret(shares: Sequence[bytes]) -> bytes:
     against its public key, and a rebuilt self-mask seed against the node's commitment (or, for
     a node that sent none, against a second subset of shares when it holds more than the
     threshold)."""
-    return Shamir.combine(
-        [(int.from_bytes(sh[:4], "little"), sh[4:20]) for sh in shares], ssss=False
-    )
+    return shamir.combine([(int.from_bytes(sh[:4], "little"), sh[4:20]) for sh in shares])
 
 
 def _combine_or_none(shares: Sequence[bytes]) -> bytes | None:
@@ -258,10 +260,11 @@ def _combine_or_none(shares: Sequence[bytes]) -> bytes | None:
         return None
 
 
-# Below this many secrets a round combines them in its own process: starting workers would cost
-# more than it saves. pycryptodome's Shamir.combine is pure Python (about 10-20 ms for a
-# threshold of 15), and the unmask stage combines one secret per survivor: 471 a round in the
-# default federation, about a third of a secure round's server time. The shares and the rebuilt
+# The pool is for pycryptodome's pure-Python Shamir.combine (about 10-20 ms for a threshold of
+# 15; the unmask stage combines one secret per survivor, up to 943 a round), which .shamir falls
+# back to where its C path is not usable; on that path (about 0.3 ms a secret) the secrets are
+# combined in this process. Below this many secrets a round combines them in its own process
+# either way: starting workers would cost more than it saves. The shares and the rebuilt
 # secrets go to the worker processes (children of the server process, same host, through pipes)
 # and back; nothing is written anywhere.
 PARALLEL_COMBINE_MIN = 64
@@ -303,16 +306,17 @@ def _drop_pool() -> None:
 def combine_many(
     groups: Sequence[Sequence[bytes]], *, workers: int | None = None
 ) -> list[bytes | None]:
-    """:func:`combine_secret` of each group of shares (None where a group does not combine), in
-    a pool of ``workers`` processes (default: the CPUs this process may use, at most
-    :data:`MAX_COMBINE_WORKERS`) when there are at least :data:`PARALLEL_COMBINE_MIN` groups and
-    more than one worker; otherwise here. The same pycryptodome call either way: only where it
-    runs changes. If the pool cannot start, fails or takes too long (at least 60 s, 0.2 s a
-    secret), the secrets are combined here, a warning says why, and this process does not try a
-    pool again. The caller checks every secret (commitments, public keys) either way."""
+    """:func:`combine_secret` of each group of shares (None where a group does not combine):
+    here when :func:`.shamir.fast`, else in a pool of ``workers`` processes (default: the CPUs
+    this process may use, at most :data:`MAX_COMBINE_WORKERS`) when there are at least
+    :data:`PARALLEL_COMBINE_MIN` groups and more than one worker; otherwise here. The same
+    combination either way: only where it runs changes. If the pool cannot start, fails or
+    takes too long (at least 60 s, 0.2 s a secret), the secrets are combined here, a warning
+    says why, and this process does not try a pool again. The caller checks every secret
+    (commitments, public keys) either way."""
     global _POOL_FAILED
     n = _workers() if workers is None else workers
-    if n < 2 or len(groups) < PARALLEL_COMBINE_MIN or _POOL_FAILED:
+    if n < 2 or len(groups) < PARALLEL_COMBINE_MIN or _POOL_FAILED or shamir.fast():
         return [_combine_or_none(g) for g in groups]
     try:
         pool = _combine_pool(n)
@@ -1138,6 +1142,9 @@ class SecAggServer:
             total += checked[n]
         order = sorted(needed)
         t = self.threshold
+        for o in order:  # by share index: the same index set for most owners (1..t without
+            # dropouts), whose Lagrange coefficients .shamir computes once
+            collected[o].sort(key=lambda sh: int.from_bytes(sh[:4], "little"))
         first = dict(zip(order, combine_many([collected[o][:t] for o in order]), strict=True))
         for owner in order:
             # a survivor's b: checked against its commitment (else a second subset); a dropped
