@@ -1,11 +1,20 @@
-"""The SecAgg+ server's unmasking cost: rebuilding one secret per survivor from its Shamir shares,
-in this process against a process pool (:func:`fedrec.shared.federation.secagg.combine_many`).
+"""SecAgg+'s Shamir costs: a client's sharing and the server's unmasking, three ways.
 
-Run: ``python -m fedrec.simulations.bench_combine --out FILE [--secrets 471,943] [--repeats 3]``
+Run: ``python -m fedrec.simulations.bench_combine --out FILE [--secrets 471,943] [--repeats 3]
+[--threshold 15] [--shares 28]``
 
-For each count, ``--repeats`` timings of each way (the pool already started: a run pays its
-start-up once, reported apart), medians, and the ratio in this run. Shares as in the default
-federation: threshold 15 of 28 (the pool's result is checked equal to the serial one).
+- ``reference``: pycryptodome's ``Shamir`` (pure-Python GF(2^128) products), in this process;
+- ``reference-pool``: the same, the unmasking's combinations in the process pool of
+  :func:`fedrec.shared.federation.secagg.combine_many` (started beforehand: a run pays its
+  start-up once, reported apart);
+- ``ghash``: :mod:`fedrec.shared.federation.shamir` (the same scheme on pycryptodome's C
+  GHASH), in this process: what fedrec runs where its self-check passes.
+
+Unmasking: for each count, rebuilding that many secrets from ``--threshold`` shares each
+(threshold 15 of 28 as in the default federation; the shares sorted by index, as the server
+does); every way's result is checked equal to the shared secrets. Sharing: one client's
+share-keys work, two secrets split into ``--shares`` shares each. ``--repeats`` timings of
+each, medians, and the ratios to ``reference`` in this run.
 """
 
 from __future__ import annotations
@@ -15,9 +24,15 @@ import os
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
-from fedrec.shared.federation import secagg
+from fedrec.shared.federation import secagg, shamir
 from fedrec.shared.rundir import versions, write_json
+
+
+def _ways(fast: bool) -> None:
+    """Switch this process between the GHASH path and pycryptodome's Shamir (both usable)."""
+    shamir._STATE["fast"] = fast
 
 
 def main() -> None:
@@ -34,18 +49,29 @@ def main() -> None:
         raise SystemExit(f"--secrets {args.secrets!r}: a comma list of integers") from None
     if not counts or min(counts) < 1 or args.repeats < 1:
         raise SystemExit("--secrets needs positive counts and --repeats at least 1")
+    if not 1 <= args.threshold <= args.shares:
+        raise SystemExit("--threshold must be between 1 and --shares")
+    if not shamir.fast():
+        raise SystemExit("the GHASH path is not usable here (see the warning above)")
     t0 = time.perf_counter()
+    _ways(False)
     secagg.combine_many([[b""]] * secagg.PARALLEL_COMBINE_MIN)  # start the pool
     startup = time.perf_counter() - t0
-    rows = []
+    ways: dict[str, tuple[bool, int | None]] = {
+        "reference": (False, 1),
+        "reference-pool": (False, None),
+        "ghash": (True, 1),
+    }
+    rows: list[dict[str, Any]] = []
     for n in counts:
         secrets = [os.urandom(secagg.SEED_BYTES) for _ in range(n)]
         groups = [
             secagg.split_secret(s, args.threshold, args.shares)[: args.threshold] for s in secrets
         ]
-        times: dict[str, list[float]] = {"serial": [], "pool": []}
+        times: dict[str, list[float]] = {w: [] for w in ways}
         for _ in range(args.repeats):
-            for way, workers in (("serial", 1), ("pool", None)):
+            for way, (fast, workers) in ways.items():
+                _ways(fast)
                 t = time.perf_counter()
                 got = secagg.combine_many(groups, workers=workers)
                 times[way].append(time.perf_counter() - t)
@@ -57,24 +83,45 @@ def main() -> None:
                 "secrets": n,
                 "seconds": times,
                 "median_seconds": med,
-                "ms_per_secret_serial": 1000 * med["serial"] / n,
-                "speedup_pool": med["serial"] / med["pool"],
+                "ms_per_secret": {k: 1000 * v / n for k, v in med.items()},
+                "speedup_vs_reference": {k: med["reference"] / v for k, v in med.items()},
             }
         )
         print(
-            f"{n} secrets: serial {med['serial']:.2f} s, pool {med['pool']:.2f} s "
-            f"({med['serial'] / med['pool']:.2f}x)",
+            f"unmasking, {n} secrets: "
+            + ", ".join(f"{k} {v:.3f} s" for k, v in med.items())
+            + f" (ghash {med['reference'] / med['ghash']:.0f}x reference)",
             flush=True,
         )
+    split: dict[str, list[float]] = {"reference": [], "ghash": []}
+    for _ in range(max(args.repeats, 5)):
+        for way in split:
+            _ways(way == "ghash")
+            t = time.perf_counter()
+            for _secret in range(2):  # a client shares two secrets (b and the mask key's seed)
+                secagg.split_secret(os.urandom(secagg.SEED_BYTES), args.threshold, args.shares)
+            split[way].append(time.perf_counter() - t)
+    split_med = {k: statistics.median(v) for k, v in split.items()}
+    print(
+        f"sharing (one client, 2 secrets x {args.shares} shares): "
+        + ", ".join(f"{k} {1000 * v:.2f} ms" for k, v in split_med.items()),
+        flush=True,
+    )
+    _ways(True)
     write_json(
         args.out,
         {
-            "kind": "secagg-combine",
+            "kind": "secagg-shamir",
             "cpus": os.cpu_count(),
             "threshold": args.threshold,
             "shares": args.shares,
             "pool_startup_seconds": startup,
-            "results": rows,
+            "unmasking": rows,
+            "sharing_one_client": {
+                "seconds": split,
+                "median_seconds": split_med,
+                "speedup_vs_reference": split_med["reference"] / split_med["ghash"],
+            },
             "versions": versions(),
         },
     )

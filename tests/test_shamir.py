@@ -108,3 +108,25 @@ def test_a_c_path_that_disagrees_is_not_used(monkeypatch, caplog):
     assert "disagreed" in caplog.text
     secret = bytes(range(16))
     assert shamir.combine(shamir.split(4, 7, secret)[2:6]) == secret
+
+
+def test_bench_combine_times_the_three_ways_and_checks_their_secrets(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from fedrec.simulations import bench_combine
+
+    monkeypatch.setattr(shamir, "_STATE", {})  # the bench switches paths; keep that here
+    out = tmp_path / "combine.json"
+    argv = ["bench_combine", "--out", str(out), "--secrets", "3,5", "--repeats", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--threshold", "2", "--shares", "3"])
+    bench_combine.main()
+    doc = json.loads(out.read_text())
+    assert [r["secrets"] for r in doc["unmasking"]] == [3, 5]
+    for row in doc["unmasking"]:
+        assert set(row["median_seconds"]) == {"reference", "reference-pool", "ghash"}
+    assert doc["sharing_one_client"]["median_seconds"]["ghash"] > 0
+    assert shamir.fast()  # left on the C path
+    monkeypatch.setattr(sys, "argv", [*argv, "--threshold", "4", "--shares", "3"])
+    with pytest.raises(SystemExit, match="threshold"):
+        bench_combine.main()
