@@ -8,7 +8,11 @@ Run: ``python -m fedrec.simulations.bench_combine --out FILE [--secrets 471,943]
   :func:`fedrec.shared.federation.secagg.combine_many` (started beforehand: a run pays its
   start-up once, reported apart);
 - ``ghash``: :mod:`fedrec.shared.federation.shamir` (the same scheme on pycryptodome's C
-  GHASH), in this process: what fedrec runs where its self-check passes.
+  GHASH), in this process: what fedrec runs where its self-check passes. Every secret here
+  has the shares with indices 1..t (a round without dropouts): one set of Lagrange
+  coefficients, computed once;
+- ``ghash-new-index-sets``: the same, each secret rebuilt from a random t of its shares (as
+  with dropouts), the coefficient cache emptied first: the worst case for the cache.
 
 Unmasking: for each count, rebuilding that many secrets from ``--threshold`` shares each
 (threshold 15 of 28 as in the default federation; the shares sorted by index, as the server
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import time
 from pathlib import Path
@@ -68,8 +73,21 @@ def main() -> None:
         groups = [
             secagg.split_secret(s, args.threshold, args.shares)[: args.threshold] for s in secrets
         ]
-        times: dict[str, list[float]] = {w: [] for w in ways}
+        rnd = random.Random(n)
+        shuffled = []
+        for s in secrets:
+            shares = secagg.split_secret(s, args.threshold, args.shares)
+            pick = rnd.sample(shares, args.threshold)
+            shuffled.append(sorted(pick, key=lambda sh: int.from_bytes(sh[:4], "little")))
+        times: dict[str, list[float]] = {w: [] for w in [*ways, "ghash-new-index-sets"]}
         for _ in range(args.repeats):
+            _ways(True)
+            shamir._lagrange_keys.cache_clear()
+            t = time.perf_counter()
+            got = secagg.combine_many(shuffled, workers=1)
+            times["ghash-new-index-sets"].append(time.perf_counter() - t)
+            if got != secrets:
+                raise SystemExit("ghash-new-index-sets: the rebuilt secrets differ")
             for way, (fast, workers) in ways.items():
                 _ways(fast)
                 t = time.perf_counter()

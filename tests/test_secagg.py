@@ -706,8 +706,9 @@ def test_bad_seed_commitments_are_refused_at_routing():
 
 @pytest.fixture
 def reference_shamir(monkeypatch):
-    """pycryptodome's pure-Python Shamir, as where .shamir's C path is unusable: the case the
-    worker pool of combine_many is for."""
+    """pycryptodome's pure-Python Shamir in this process, as where .shamir's C path is
+    unusable: the case the worker pool of combine_many is for (its workers always run
+    pycryptodome's Shamir.combine)."""
     from fedrec.shared.federation import shamir
 
     monkeypatch.setitem(shamir._STATE, "fast", False)

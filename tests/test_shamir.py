@@ -39,6 +39,7 @@ def test_combine_equals_pycryptodomes_on_any_shares(seed):
     """Lagrange at 0 for arbitrary 16-byte values at distinct random indices (not only real
     shares): every field operation of the combination is exercised, and it must agree."""
     rng = np.random.default_rng(200 + seed)
+    assert shamir.fast()  # else this would compare pycryptodome with itself
     for _ in range(10):
         k = int(rng.integers(1, 18))
         top = 2**31 if rng.random() < 0.5 else 64  # any index, or a SecAgg+ group's
@@ -124,9 +125,80 @@ def test_bench_combine_times_the_three_ways_and_checks_their_secrets(tmp_path, m
     doc = json.loads(out.read_text())
     assert [r["secrets"] for r in doc["unmasking"]] == [3, 5]
     for row in doc["unmasking"]:
-        assert set(row["median_seconds"]) == {"reference", "reference-pool", "ghash"}
+        assert set(row["median_seconds"]) == {
+            "reference",
+            "reference-pool",
+            "ghash",
+            "ghash-new-index-sets",
+        }
     assert doc["sharing_one_client"]["median_seconds"]["ghash"] > 0
     assert shamir.fast()  # left on the C path
     monkeypatch.setattr(sys, "argv", [*argv, "--threshold", "4", "--shares", "3"])
     with pytest.raises(SystemExit, match="threshold"):
         bench_combine.main()
+
+
+def test_the_portable_ghash_gives_the_same_shares_and_secrets(monkeypatch):
+    """The C code without the carry-less multiply instruction (what a CPU without it runs)."""
+    from Crypto.Cipher import _mode_gcm
+
+    assert shamir.fast()
+    cls, _impl = shamir._STATE["ghash"]
+    monkeypatch.setitem(shamir._STATE, "ghash", (cls, _mode_gcm._ghash_portable))
+    shamir._lagrange_keys.cache_clear()
+    try:
+        rng = np.random.default_rng(7)
+        for t, n in ((1, 2), (3, 5), (16, 31)):
+            secret = rng.bytes(16)
+            monkeypatch.setattr(SecretSharing, "rng", _stream(t))
+            want = Shamir.split(t, n, secret, ssss=False)
+            monkeypatch.setattr(shamir, "get_random_bytes", _stream(t))
+            assert shamir.split(t, n, secret) == want
+            pick = [want[i] for i in rng.choice(n, t, replace=False)]
+            assert shamir.combine(pick) == secret
+            assert shamir.consistent(want, t)
+    finally:
+        shamir._lagrange_keys.cache_clear()
+
+
+@pytest.mark.parametrize("t,n", [(2, 4), (4, 6), (8, 14), (16, 30)])
+def test_one_altered_share_anywhere_breaks_consistency(t, n):
+    """consistent() catches one altered share at every position when there are more than t;
+    both paths (GHASH and pycryptodome's elements) agree."""
+    rng = np.random.default_rng(t * 100 + n)
+    shares = shamir.split(t, n, rng.bytes(16))
+    assert shamir.consistent(shares, t)
+    for pos in range(n):
+        bad = list(shares)
+        i, value = bad[pos]
+        bad[pos] = (i, bytes(a ^ b for a, b in zip(value, rng.bytes(16), strict=True)))
+        assert not shamir.consistent(bad, t), pos
+    assert shamir.consistent(shares[: t + 1], t)
+    with pytest.raises(ValueError, match="fewer than the threshold"):
+        shamir.consistent(shares[: t - 1], t)
+
+
+def test_the_consistency_check_sees_what_comparing_two_subsets_misses():
+    """Sorted by index, the first and the last t of 30 shares (t = 16) give index 15 the same
+    Lagrange weight: altering that one share moves both subsets' secrets alike, so comparing
+    them (the server's earlier check without a commitment) passes; the polynomial check does
+    not."""
+    from fedrec.shared.federation.secagg import combine_secret, shares_consistent, split_secret
+
+    rng = np.random.default_rng(3)
+    secret = rng.bytes(16)
+    sh = split_secret(secret, 16, 31)[:30]
+    assert int.from_bytes(sh[14][:4], "little") == 15
+    sh[14] = sh[14][:4] + bytes(a ^ b for a, b in zip(sh[14][4:], rng.bytes(16), strict=True))
+    assert combine_secret(sh[:16]) == combine_secret(sh[-16:]) != secret  # the blind spot
+    assert not shares_consistent(sh, 16)
+
+
+def test_the_reference_path_checks_consistency_alike(monkeypatch):
+    rng = np.random.default_rng(11)
+    shares = shamir.split(5, 9, rng.bytes(16))
+    monkeypatch.setitem(shamir._STATE, "fast", False)
+    assert shamir.consistent(shares, 5)
+    bad = list(shares)
+    bad[2] = (bad[2][0], bytes(16))
+    assert not shamir.consistent(bad, 5)

@@ -8,9 +8,11 @@ classes: :class:`SecAggClient` (one per node; its whole state goes through :meth
 Message-API wiring moves their arguments and results between the two.
 
 No cryptographic primitive is written here: they come from Flower's own SecAgg+ primitives
-(the ones its legacy ``secaggplus_mod`` / ``SecAggPlusWorkflow`` use), from pycryptodome (Shamir,
-and its GF(2^128) multiply through :mod:`.shamir`) and from ``cryptography`` (X25519, HKDF,
-AES). What is written here is how they are combined:
+(the ones its legacy ``secaggplus_mod`` / ``SecAggPlusWorkflow`` use), from pycryptodome and
+from ``cryptography`` (X25519, HKDF, AES). What is written here is how they are combined. The
+one exception is :mod:`.shamir`: fedrec's own code for pycryptodome's Shamir scheme on
+pycryptodome's C field multiply, checked byte for byte against ``Shamir`` in the tests and at
+first use, with ``Shamir`` itself as the fallback.
 
 - key pairs: X25519 (``cryptography``; RFC 7748, raw 32-byte keys), where Flower's helpers use
   ECDH on NIST P-384: the same Diffie-Hellman role at the 128-bit level the rest of the protocol
@@ -31,9 +33,9 @@ AES). What is written here is how they are combined:
   share). Flower's wrappers PKCS#7-pad every secret, so a 16-byte secret became two blocks and
   a 48-byte P-384 scalar four. 128-bit seeds keep the protocol at the 128-bit level (AES-128
   in Fernet). pycryptodome multiplies in GF(2^128) in pure Python, which made the split most
-  of a client's share-keys cost and the combination (about 14 ms at t = 16) most of the
-  server's unmasking: :mod:`.shamir` runs the same scheme, with the same shares for the same
-  polynomial, on pycryptodome's C multiply in that field (its GHASH), and falls back to
+  of a client's share-keys cost and the combination (about 20 ms at t = 16) most of the
+  server's unmasking: :mod:`.shamir` computes the same scheme, with the same shares for the
+  same polynomial, on pycryptodome's C multiply in that field (its GHASH), and falls back to
   pycryptodome's ``Shamir`` where that is not usable.
   The server checks a rebuilt ``b`` against the SHA-256 commitment the node sent with its
   share-keys reply (:func:`seed_commitment`; one Shamir combination, and an altered share shows
@@ -247,15 +249,38 @@ def combine_secret(shares: Sequence[bytes]) -> bytes:
     """The 16-byte secret from shares of :func:`split_secret` (at least the threshold of them;
     fewer, or altered ones, give a different value). The server checks a rebuilt mask key
     against its public key, and a rebuilt self-mask seed against the node's commitment (or, for
-    a node that sent none, against a second subset of shares when it holds more than the
-    threshold)."""
+    a node that sent none, checks that all its shares lie on one polynomial when it holds more
+    than the threshold: :func:`shares_consistent`)."""
     return shamir.combine([(int.from_bytes(sh[:4], "little"), sh[4:20]) for sh in shares])
 
 
+def shares_consistent(shares: Sequence[bytes], threshold: int) -> bool:
+    """Whether shares of :func:`split_secret` all lie on one polynomial of degree below
+    ``threshold`` (:func:`.shamir.consistent`: with more than ``threshold`` of them, one altered
+    share always shows)."""
+    return shamir.consistent(
+        [(int.from_bytes(sh[:4], "little"), sh[4:20]) for sh in shares], threshold
+    )
+
+
 def _combine_or_none(shares: Sequence[bytes]) -> bytes | None:
-    """:func:`combine_secret`, or None where it raises ValueError (a worker's result)."""
+    """:func:`combine_secret`, or None where it raises ValueError (in this process)."""
     try:
         return combine_secret(shares)
+    except ValueError:
+        return None
+
+
+def _combine_reference_or_none(shares: Sequence[bytes]) -> bytes | None:
+    """pycryptodome's ``Shamir.combine`` of :func:`split_secret` shares, or None where it
+    raises ValueError: a pool worker's job. The pool is the fallback path's (see
+    :data:`PARALLEL_COMBINE_MIN`), and a spawned worker would otherwise make its own choice."""
+    from Crypto.Protocol.SecretSharing import Shamir
+
+    try:
+        return Shamir.combine(
+            [(int.from_bytes(sh[:4], "little"), sh[4:20]) for sh in shares], ssss=False
+        )
     except ValueError:
         return None
 
@@ -323,7 +348,7 @@ def combine_many(
         chunk = max(1, len(groups) // (4 * n))
         work = [list(g) for g in groups]
         timeout = max(60.0, 0.2 * len(groups))
-        return list(pool.map(_combine_or_none, work, chunksize=chunk, timeout=timeout))
+        return list(pool.map(_combine_reference_or_none, work, chunksize=chunk, timeout=timeout))
     except Exception as err:  # noqa: BLE001 - any pool failure: combine here instead
         _POOL_FAILED = True
         _drop_pool()
@@ -992,8 +1017,9 @@ class SecAggServer:
         """Forward ciphertexts: ``src -> [(dst, ct)]`` ==> ``dst -> [(src, ct)]``.
 
         ``commitments``: src -> :func:`seed_commitment` of its self-mask seed (32 bytes), kept
-        to check the seed rebuilt at :meth:`aggregate`; without one a node's seed is checked by
-        combining a second subset of shares (when there are more than ``threshold``).
+        to check the seed rebuilt at :meth:`aggregate`; without one a node's shares are checked
+        to lie on one polynomial (when there are more than ``threshold``:
+        :func:`shares_consistent`; with exactly ``threshold`` an altered share goes unseen).
 
         Each src must address exactly its group (the keys it was sent) minus itself
         (:meth:`check_share_reply`; any bad reply raises :class:`SecAggError`). A
@@ -1147,7 +1173,7 @@ class SecAggServer:
             collected[o].sort(key=lambda sh: int.from_bytes(sh[:4], "little"))
         first = dict(zip(order, combine_many([collected[o][:t] for o in order]), strict=True))
         for owner in order:
-            # a survivor's b: checked against its commitment (else a second subset); a dropped
+            # a survivor's b: checked against its commitment (else its shares agree); a dropped
             # node's sk1 seed: checked against pk1 by _rebuild_sk1, one combination either way
             kind = "b" if owner in survivors else "sk1"
             secret = self._combine(owner, collected[owner], kind, first=first[owner])
@@ -1200,9 +1226,10 @@ class SecAggServer:
 
     def _combine(self, owner: int, shares: list[bytes], kind: str, *, first: bytes | None) -> bytes:
         """The secret from ``threshold`` shares, checked: a self-mask seed (``kind`` "b")
-        against the owner's commitment, or without one, with more shares at hand, against a
-        second subset (the last ``threshold``); an sk1 seed is checked by the caller against
-        the owner's pk1. An altered share shows as a mismatch. ``first``: the first
+        against the owner's commitment, or without one, with more shares at hand, by checking
+        that they all lie on one polynomial (:func:`shares_consistent`); an sk1 seed is checked
+        by the caller against the owner's pk1. One altered share shows either way (without a
+        commitment, only with more than ``threshold`` shares). ``first``: the first
         ``threshold`` shares already combined (:func:`combine_many`; None: they did not)."""
         t = self.threshold
         try:
@@ -1217,7 +1244,7 @@ class SecAggServer:
                         f"node {owner}: its self-mask seed does not match its commitment (an "
                         "altered share)"
                     )
-            elif kind == "b" and len(shares) > t and combine_secret(shares[-t:]) != secret:
+            elif kind == "b" and len(shares) > t and not shares_consistent(shares, t):
                 raise SecAggError(f"node {owner}: its shares are inconsistent (one was altered)")
         except ValueError as err:
             if isinstance(err, SecAggError):

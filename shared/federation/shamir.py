@@ -1,37 +1,50 @@
 """Shamir secret sharing of 16-byte secrets over GF(2^128): pycryptodome's scheme, at C speed.
 
-What the shares are is pycryptodome's ``Crypto.Protocol.SecretSharing.Shamir`` (the scheme
-Flower's ``create_shares`` / ``combine_shares`` use): a random polynomial of degree
-``threshold - 1`` over GF(2^128) (modulus ``x^128 + x^7 + x^2 + x + 1``) whose constant term
-is the secret, share ``i`` its value at ``x = i``; a secret is rebuilt by Lagrange
-interpolation at 0. For the same polynomial, :func:`split` gives byte for byte the shares
-pycryptodome's ``Shamir.split`` gives, and :func:`combine` the secret its ``Shamir.combine``
-gives (``tests/test_shamir.py`` checks both on random inputs).
+This is fedrec's own code for Shamir's split and combine, the one exception to "no
+cryptographic code written here" in :mod:`.secagg`. What it computes is pycryptodome's
+``Crypto.Protocol.SecretSharing.Shamir`` (the scheme Flower's ``create_shares`` /
+``combine_shares`` use): a random polynomial of degree ``threshold - 1`` over GF(2^128)
+(modulus ``x^128 + x^7 + x^2 + x + 1``) whose constant term is the secret, share ``i`` its value
+at ``x = i``; a secret is rebuilt by Lagrange interpolation at 0. For the same polynomial,
+:func:`split` gives byte for byte the shares ``Shamir.split`` gives, and :func:`combine` the
+secret ``Shamir.combine`` gives, for any shares (``tests/test_shamir.py`` checks both on random
+inputs, and this module checks them again at its first use in every process).
 
 Why: pycryptodome multiplies field elements in pure Python (about 25 us a product). A SecAgg+
-client shares two secrets among its k + 1 neighbours (2 (k + 1) (t - 1) products: about 30 ms at
-k = 30, t = 16, three quarters of its share-keys stage), and the server rebuilds one secret per
-survivor (about 14 ms each: 943 of them a round in the default federation).
+client shares two secrets among its k + 1 neighbours (about 2 (k + 1) (t - 1) products, 930 at
+k = 30, t = 16: most of its share-keys stage), and the server rebuilds one secret per survivor
+(about 20 ms each at t = 16; up to 943 a round in the default federation).
 
 How: the field is the one AES-GCM's GHASH works in, and pycryptodome implements GHASH in C
-(``Crypto.Cipher._mode_gcm._GHASH``, with the CPU's carry-less multiply where there is one).
-GHASH with key ``H`` over blocks ``X_1..X_m`` is ``X_1 H^m + ... + X_m H``: Horner's rule, the
-same evaluation ``Shamir.split`` does by hand. GCM writes a field element with the bits in the
-opposite order (the first bit of the block is the coefficient of ``x^0``; pycryptodome's Shamir
-reads the 16 bytes as a big-endian integer whose lowest bit is that coefficient), so each block
-is bit-reversed on the way in and out. Nothing here computes a field product itself.
+(its private ``Crypto.Cipher._mode_gcm._GHASH``, on the CPU's carry-less multiply where there
+is one). GHASH with key ``H`` over blocks ``X_1..X_m`` is ``X_1 H^m + ... + X_m H``: Horner's
+rule, the evaluation ``Shamir.split`` does by hand. GCM writes a field element with the bits in
+the opposite order (the first bit of the block is the coefficient of ``x^0``; pycryptodome's
+Shamir reads the 16 bytes as a big-endian integer whose lowest bit is that coefficient), so each
+block is bit-reversed on the way in and out. The field products all run in pycryptodome's C
+code (and the one inversion per index set in its ``_Element``); what is written here is the
+polynomial evaluation and interpolation around them, additions (XOR) and the bit order.
 
 - :func:`split` draws the ``t - 1`` random coefficients with pycryptodome's own generator
-  (``Crypto.Random.get_random_bytes``, what ``Shamir.split`` uses) and evaluates the polynomial
-  at each public index with GHASH keyed by the index: the secret coefficients are GHASH's data,
-  never its key (the key drives the table lookups of its portable C code).
+  (``Crypto.Random.get_random_bytes``, what ``Shamir.split`` uses, in the same number and
+  order) and evaluates the polynomial at each public index with GHASH keyed by the index.
 - :func:`combine` weighs each share by its Lagrange coefficient at 0, a function of the public
-  indices only, computed once per index set with pycryptodome's own field elements (product and
-  inverse, cached), then one GHASH product per share with the coefficient as the key.
+  indices only (computed on GHASH with one inversion, cached per index set), one GHASH product
+  per share with the coefficient as the key.
+- :func:`consistent` checks further shares against the polynomial the first ``t`` fix (the
+  server's check of a node's shares when it has more than ``t`` and no commitment).
 
-Where this module's first use in a process finds GHASH missing or not equal to pycryptodome's
-Shamir on fresh random inputs (another pycryptodome version, say), it logs a warning and every
-call goes to pycryptodome's pure-Python Shamir instead: the same results, slower.
+Secret values (coefficients, shares) are only ever GHASH's data, never its key; the key is
+always public (an index or a Lagrange coefficient). The CLMUL code is constant-time in both;
+the portable C code builds its tables from the key and reads them by the data's bits with
+pycryptodome's cache-timing defence, so the data is the side meant to be secret. The Python
+around it (the bit reversal by table lookup, integer XOR) is no more constant-time than
+pycryptodome's pure-Python Shamir, which it replaces; neither is hardened against timing.
+
+Where this module's first use in a process finds GHASH (or ``_Element``) missing or not equal to
+pycryptodome's Shamir on fresh random inputs (another pycryptodome version, say), it logs a
+warning and every call goes to pycryptodome's pure-Python Shamir instead: the same results,
+slower.
 """
 
 from __future__ import annotations
@@ -41,7 +54,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from Crypto.Protocol.SecretSharing import Shamir, _Element
+from Crypto.Protocol.SecretSharing import Shamir
 from Crypto.Random import get_random_bytes
 
 BLOCK = 16
@@ -89,31 +102,63 @@ def _split_fast(threshold: int, num: int, secret: bytes) -> list[tuple[int, byte
     return out
 
 
+_ONE = _swap((1).to_bytes(BLOCK, "big"))  # GCM-encoded 1
+
+
+def _mul(a: bytes, b: bytes) -> bytes:
+    """GCM-encoded product of two PUBLIC field elements (``b`` becomes GHASH's key)."""
+    return _ghash(b, a)
+
+
+def _inverse(a: bytes) -> bytes:
+    """GCM-encoded inverse of a public nonzero element, by pycryptodome's ``_Element``."""
+    from Crypto.Protocol.SecretSharing import _Element  # private: inside the checked path
+
+    element: Any = _Element(_swap(a))
+    return _swap(element.inverse().encode())
+
+
 @functools.lru_cache(maxsize=4096)
-def _lagrange_keys(indices: tuple[int, ...]) -> tuple[bytes, ...]:
-    """GCM-encoded Lagrange coefficients at 0 for distinct public ``indices``:
-    ``l_j = prod_{m != j} x_m / (x_j + x_m)`` (in characteristic 2, minus is plus), computed as
-    pycryptodome's ``Shamir.combine`` computes them."""
-    xs: list[Any] = [_Element(i) for i in indices]
-    keys = []
+def _lagrange_keys(indices: tuple[int, ...], at: int = 0) -> tuple[bytes, ...]:
+    """GCM-encoded Lagrange basis values at ``at`` for distinct public ``indices``:
+    ``L_j(at) = prod_{m != j} (at + x_m) / (x_j + x_m)`` (characteristic 2: minus is plus; at 0,
+    ``x_m / (x_j + x_m)``, as ``Shamir.combine`` weighs its shares). Only public values enter:
+    the products run on GHASH, the t denominators are inverted together (one inversion)."""
+    xs = [_index_key(i) for i in indices]
+    a = _index_key(at) if at else _ZERO
+    nums, dens = [], []
     for j, xj in enumerate(xs):
-        num: Any = _Element(1)
-        den: Any = _Element(1)
+        num, den = _ONE, _ONE
         for m, xm in enumerate(xs):
             if m != j:
-                num = num * xm
-                den = den * (xj + xm)
-        keys.append(_swap((num * den.inverse()).encode()))
-    return tuple(keys)
+                num = _mul(num, _xor(a, xm))
+                den = _mul(den, _xor(xj, xm))
+        nums.append(num)
+        dens.append(den)
+    # batch inversion: prefix products, one inverse, then back to front
+    prefix = [_ONE]
+    for d in dens:
+        prefix.append(_mul(prefix[-1], d))
+    inv = _inverse(prefix[-1])
+    out: list[bytes] = [b""] * len(xs)
+    for j in range(len(xs) - 1, -1, -1):
+        out[j] = _mul(nums[j], _mul(inv, prefix[j]))  # num_j / den_j
+        inv = _mul(inv, dens[j])
+    return tuple(out)
+
+
+def _interpolate(shares: Sequence[tuple[int, bytes]], at: int) -> bytes:
+    """GCM-encoded value at ``at`` of the polynomial through ``shares``: sum_j y_j L_j(at),
+    the share values (secret) as GHASH's data, the public basis values as its key."""
+    keys = _lagrange_keys(tuple(int(i) for i, _ in shares), at)
+    acc = 0
+    for key, (_, value) in zip(keys, shares, strict=True):
+        acc ^= int.from_bytes(_ghash(key, _swap(bytes(value))), "big")
+    return acc.to_bytes(BLOCK, "big")
 
 
 def _combine_fast(shares: Sequence[tuple[int, bytes]]) -> bytes:
-    indices = tuple(int(i) for i, _ in shares)
-    keys = _lagrange_keys(indices)
-    acc = 0
-    for key, (_, value) in zip(keys, shares, strict=True):
-        acc ^= int.from_bytes(_ghash(key, _swap(bytes(value))), "big")  # y_j * l_j
-    return _swap(acc.to_bytes(BLOCK, "big"))
+    return _swap(_interpolate(shares, 0))
 
 
 def _self_check() -> bool:
@@ -124,10 +169,14 @@ def _self_check() -> bool:
         fast = _split_fast(t, n, secret)
         if _combine_fast(fast[:t]) != secret or _combine_fast(fast[-t:]) != secret:
             return False
+        if any(_swap(_interpolate(fast[:t], i)) != y for i, y in fast[t:]):
+            return False
         ref = Shamir.split(t, n, secret, ssss=False)
         if Shamir.combine(fast[-t:], ssss=False) != secret or _combine_fast(ref[:t]) != secret:
             return False
         # the same polynomial evaluates to the same bytes: a known one, through both paths
+        from Crypto.Protocol.SecretSharing import _Element
+
         x: Any = _Element(7)
         coeffs: list[Any] = [_Element(get_random_bytes(BLOCK)) for _ in range(t - 1)]
         coeffs.append(_Element(secret))
@@ -173,10 +222,7 @@ def split(threshold: int, num: int, secret: bytes) -> list[tuple[int, bytes]]:
     return _split_fast(threshold, num, secret)
 
 
-def combine(shares: Sequence[tuple[int, bytes]]) -> bytes:
-    """The 16-byte secret whose shares these are (as many as the threshold; ``Shamir.combine``'s
-    contract: fewer, or altered ones, give another value). Raises ValueError on a duplicate
-    index, an index outside 1..2^32-1 or a share that is not 16 bytes."""
+def _check_shares(shares: Sequence[tuple[int, bytes]]) -> None:
     seen = set()
     for i, value in shares:
         if not isinstance(i, int) or not 1 <= i < 2**32:
@@ -188,6 +234,53 @@ def combine(shares: Sequence[tuple[int, bytes]]) -> bytes:
         seen.add(i)
     if not shares:
         raise ValueError("no shares")
+
+
+def _interpolate_reference(shares: Sequence[tuple[int, bytes]], at: int) -> bytes:
+    """:func:`_interpolate` with pycryptodome's pure-Python field elements (the fallback)."""
+    from Crypto.Protocol.SecretSharing import _Element
+
+    xs: list[Any] = [_Element(int(i)) for i, _ in shares]
+    a: Any = _Element(at)
+    acc: Any = _Element(0)
+    for j, (_, value) in enumerate(shares):
+        num: Any = _Element(1)
+        den: Any = _Element(1)
+        for m, xm in enumerate(xs):
+            if m != j:
+                num = num * (a + xm)
+                den = den * (xs[j] + xm)
+        acc = acc + _Element(bytes(value)) * num * den.inverse()
+    return _swap(acc.encode())
+
+
+def consistent(shares: Sequence[tuple[int, bytes]], threshold: int) -> bool:
+    """Whether all ``shares`` lie on one polynomial of degree below ``threshold``: the first
+    ``threshold`` fix it, and each further share must be its value at that share's index.
+
+    With more than ``threshold`` shares, one altered share always shows: altered among the
+    first ``threshold`` (index ``x_j``), the polynomial moves by a multiple of ``L_j``, whose
+    only roots are the other first indices, so every further share disagrees; altered among the
+    further ones, it disagrees itself. (Comparing two threshold-subsets' secrets does not do
+    this: an index in both can carry the same Lagrange weight in each, and then one altered
+    share moves both secrets alike.) Raises ValueError as :func:`combine` does, and when there
+    are fewer than ``threshold`` shares."""
+    _check_shares(shares)
+    if len(shares) < threshold:
+        raise ValueError(f"{len(shares)} shares, fewer than the threshold {threshold}")
+    first = list(shares[:threshold])
+    for i, value in shares[threshold:]:
+        want = _interpolate(first, i) if fast() else _interpolate_reference(first, i)
+        if _swap(want) != bytes(value):
+            return False
+    return True
+
+
+def combine(shares: Sequence[tuple[int, bytes]]) -> bytes:
+    """The 16-byte secret whose shares these are (as many as the threshold; ``Shamir.combine``'s
+    contract: fewer, or altered ones, give another value). Raises ValueError on a duplicate
+    index, an index outside 1..2^32-1 or a share that is not 16 bytes."""
+    _check_shares(shares)
     if not fast():
         return Shamir.combine(list(shares), ssss=False)
     return _combine_fast(shares)
