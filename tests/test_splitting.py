@@ -143,9 +143,9 @@ def test_partitions(synth_dir):
 def test_a_clients_rows_and_partitions_from_the_per_split_index_are_the_direct_ones(
     synth_dir, protocol
 ):
-    """client.runtime indexes a split once (the rows of every user, the partitions) instead of
-    scanning all training rows per client: the same rows in the same (time) order, the same
-    partitions, and a user without training rows gets none."""
+    """client.runtime reads a user's rows as one range of the user-sorted training rows and
+    partitions a split once, instead of scanning all training rows per client: the same rows
+    in the same (time) order, the same partitions, and a user without training rows gets none."""
     from fedrec.client import runtime
     from fedrec.shared.federation.config import FedConfig
 
