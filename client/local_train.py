@@ -237,10 +237,15 @@ def train_round(
         raise ValueError(
             "local DP-SGD cannot train the per-item ID table (id-residual=true): set dp=false"
         )
-    params = [p for p in scorer.parameters() if p.requires_grad and p is not id_emb]
+    umap = scorer.user_map.weight if scorer.user_map is not None else None
+    params = [
+        p for p in scorer.parameters() if p.requires_grad and p is not id_emb and p is not umap
+    ]
     groups: list[dict[str, Any]] = [{"params": params}]
     if id_emb is not None:
         groups.append({"params": [id_emb], "lr": cfg.id_lr()})
+    if umap is not None:  # its own step size: post-processing of the same gradient
+        groups.append({"params": [umap], "lr": cfg.map_lr()})
     # Adam's moments start fresh each round: they are computed from privatized gradients only
     # (post-processing), and nothing but the adapter travels.
     base_opt: torch.optim.Optimizer = (
@@ -362,7 +367,7 @@ def _step(
         with quiet_opacus_hooks():
             loss.backward()
         if dp:
-            for p in opt.param_groups[0]["params"]:
+            for p in (p for g in opt.param_groups for p in g["params"]):
                 if getattr(p, "grad_sample", None) is None:
                     # unused this step (e.g. the profile gate with no profile): its gradient is 0
                     p.grad_sample = torch.zeros((m, *p.shape))

@@ -141,7 +141,9 @@ class Recommender:
         valid = ctx[0] >= 0
         w = m.history_weights(ctx >= 0)[0][valid]  # (n_hist,)
         hist_items = ctx[0][valid]
-        terms = [w.unsqueeze(1) * self.items[hist_items]]  # (n_hist, dim) one row per history item
+        # (n_hist, dim) one row per history item; the user map is linear, so mapping each row
+        # keeps their sum the model's mapped history vector (a query is not a history: unmapped)
+        terms = [m.map_history(w.unsqueeze(1) * self.items[hist_items])]
         labels: list[dict[str, Any]] = [
             {"item_id": int(self.item_ids[i]), "title": self.titles[i]} for i in hist_items.tolist()
         ]

@@ -33,19 +33,36 @@ def _cold_history_item(model) -> None:
     model.warm[20] = False
 
 
-FACTORS = [(False, 0, False), (True, 0, False), (True, 4, False), (True, 4, True)]
+# (ffa, item factors, profile factors, user map rank)
+FACTORS = [
+    (False, 0, False, 0),
+    (True, 0, False, 0),
+    (True, 4, False, 0),
+    (True, 4, True, 0),
+    (True, 0, False, 3),
+    (False, 4, True, 5),
+]
 
 
 def _perturb_profile_factors(model) -> None:
-    if model.profile_fac is not None:  # zero at init: make the profile's factor term matter
-        with torch.no_grad():
-            model.profile_fac.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        if model.profile_fac is not None:  # zero at init: make the profile's factor term matter
+            model.profile_fac.normal_(0, 0.5, generator=g)
+        if model.user_map is not None:  # likewise the user map
+            model.user_map.normal_(0, 0.5, generator=g)
 
 
-@pytest.mark.parametrize("ffa,factors,pfac", FACTORS)
-def test_candidate_scores_equal_recmodel_scores(ds, tiny_backbone, ffa, factors, pfac):  # noqa: F811
+@pytest.mark.parametrize("ffa,factors,pfac,umap", FACTORS)
+def test_candidate_scores_equal_recmodel_scores(ds, tiny_backbone, ffa, factors, pfac, umap):  # noqa: F811
     model = make_model(
-        ds, tiny_backbone, id_residual=False, ffa=ffa, item_factors=factors, profile_factors=pfac
+        ds,
+        tiny_backbone,
+        id_residual=False,
+        ffa=ffa,
+        item_factors=factors,
+        profile_factors=pfac,
+        user_map=umap,
     )
     _perturb_profile_factors(model)
     perturb_lora(model)
@@ -66,13 +83,31 @@ def test_candidate_scores_equal_recmodel_scores(ds, tiny_backbone, ffa, factors,
         users = model.user_embeddings(items, context, prof)
         full = model.scores(users, items)  # (batch, n_items)
     assert torch.allclose(got, full.gather(1, cands), atol=1e-4)
+    if umap:  # the map is in the score: without it the scores differ
+        with torch.no_grad():
+            model.user_map.zero_()
+            plain = model.scores(model.user_embeddings(items, context, prof), items)
+        assert not torch.allclose(plain.gather(1, cands), got, atol=1e-3)
 
 
-@pytest.mark.parametrize("ffa,factors,pfac", FACTORS)
-def test_opacus_per_sample_grads_equal_micro_batch_loop(ds, tiny_backbone, ffa, factors, pfac):  # noqa: F811
+@pytest.mark.parametrize("ffa,factors,pfac,umap", FACTORS)
+def test_opacus_per_sample_grads_equal_micro_batch_loop(
+    ds,  # noqa: F811
+    tiny_backbone,
+    ffa,
+    factors,
+    pfac,
+    umap,
+):
     """Opacus' hooks (incl. fedrec's grad samplers) vs one backward pass per example."""
     model = make_model(
-        ds, tiny_backbone, id_residual=False, ffa=ffa, item_factors=factors, profile_factors=pfac
+        ds,
+        tiny_backbone,
+        id_residual=False,
+        ffa=ffa,
+        item_factors=factors,
+        profile_factors=pfac,
+        user_map=umap,
     )
     _perturb_profile_factors(model)
     perturb_lora(model, seed=3)
@@ -86,6 +121,7 @@ def test_opacus_per_sample_grads_equal_micro_batch_loop(ds, tiny_backbone, ffa, 
     assert (id(model.lora_layer().lora_A["default"].weight) in names) is not ffa
     assert (model.item_fac is not None and id(model.item_fac) in names) is bool(factors)
     assert (model.profile_fac is not None and id(model.profile_fac) in names) is pfac
+    assert (model.user_map is not None and id(model.user_map) in names) is bool(umap)
     reference = []
     for b in range(context.shape[0]):
         loss = candidate_loss(

@@ -205,13 +205,21 @@ def test_additive_tower_scores_and_explanations_match_the_model(synth_dir, tiny_
     ]
 
 
-def test_item_factors_score_rank_and_explain_like_the_model(synth_dir, tiny_backbone, tmp_path):
-    """A model with item factors: recommend, score_batch and explanations match RecModel's
-    scores, an untrained (cold) history item adds nothing, and new items get no factor term."""
+@pytest.mark.parametrize("umap", [0, 3])
+def test_item_factors_score_rank_and_explain_like_the_model(
+    synth_dir, tiny_backbone, tmp_path, umap
+):
+    """A model with item factors (and a user map): recommend, score_batch and explanations
+    match RecModel's scores, an untrained (cold) history item adds nothing, and new items get
+    no factor term."""
     ds = load_dataset(synth_dir)
-    model = make_model(ds, tiny_backbone, item_factors=4, factor_init=0.5, profile_factors=True)
+    model = make_model(
+        ds, tiny_backbone, item_factors=4, factor_init=0.5, profile_factors=True, user_map=umap
+    )
     perturb_lora(model, seed=5)
     with torch.no_grad():
+        if umap:
+            model.user_map.normal_(0, 0.5)
         model.profile_fac.normal_(0, 0.5)
         model.item_bias.normal_(0, 0.3)
         model.pos_logits.copy_(torch.linspace(-1, 1, model.cfg.history_len))

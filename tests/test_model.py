@@ -224,6 +224,43 @@ def test_training_learns_and_beats_popularity(ds, tiny_backbone):
     assert ours > pop
 
 
+def test_user_map_travels_its_learned_half_only_and_starts_as_the_plain_tower(ds, tiny_backbone):
+    """The user map's Q travels as ``head.user_map`` (dim, r); its basis P is rebuilt from the
+    seed (the same on every side) and never travels; at init (Q = 0) the user vectors are the
+    plain tower's; the run config's ``user-map`` reaches the model and is range-checked."""
+    from fedrec.shared.federation.config import FedConfig
+    from fedrec.shared.federation.params import travelling_state
+
+    model = make_model(ds, tiny_backbone, ffa=True, user_map=3)
+    state = travelling_state(model)
+    assert state["head.user_map"].shape == (model.dim, 3)
+    assert not any("basis" in k for k in state)
+    twin = make_model(ds, tiny_backbone, ffa=True, user_map=3)
+    assert torch.equal(twin.user_map_basis, model.user_map_basis)
+    plain = make_model(ds, tiny_backbone, ffa=True)
+    ctx = torch.as_tensor(right_aligned([np.array([1, 4, 9]), np.array([2])], 8))
+    with torch.no_grad():
+        items = plain.item_embeddings()
+        assert torch.allclose(
+            model.user_embeddings(items, ctx, None), plain.user_embeddings(items, ctx, None)
+        )
+        model.user_map.normal_()
+        assert not torch.allclose(
+            model.user_embeddings(items, ctx, None), plain.user_embeddings(items, ctx, None)
+        )
+    assert FedConfig(user_map=5).model_config().user_map == 5
+    assert FedConfig(user_map=5, lr=3.0).map_lr() == 3.0
+    assert FedConfig(user_map=5, lr=3.0, lr_map=0.5).map_lr() == 0.5
+    with pytest.warns(UserWarning, match="lr-map"):
+        FedConfig(lr_map=0.5)
+    with pytest.raises(ValueError, match="lr-map"):
+        FedConfig(user_map=5, lr_map=-1.0)
+    with pytest.raises(ValueError, match="user-map"):
+        FedConfig(user_map=-1)
+    with pytest.raises(ValueError, match="user_map"):
+        ModelConfig(user_map=2000)
+
+
 @pytest.mark.parametrize("ffa", [False, True])
 def test_travelling_state_is_pefts_and_loads_strictly(ds, tiny_backbone, ffa):
     """The adapter tensors that travel are exactly PEFT's state dict (A only when it trains);

@@ -213,3 +213,24 @@ def test_train_round_refuses_a_cap_with_local_dp(ds, tiny_backbone):  # noqa: F8
     model = make_model(ds, tiny_backbone, id_residual=False, ffa=True)
     with pytest.raises(ValueError, match="max-batch"):
         train_round(CandidateScorer(model), _data(ds), cfg, MemoryStore(), seed=0)
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_the_user_map_steps_at_its_own_learning_rate(ds, tiny_backbone, fixed_secrets, dp):  # noqa: F811
+    """One local step from the same state, the same batch and noise: ``lr-map`` scales the
+    user map's change alone (post-processing of the same gradient); the adapter's is unchanged."""
+    model = make_model(ds, tiny_backbone, id_residual=False, ffa=True, user_map=3)
+    state = model.state_dict()
+    extra = {} if dp else {"dp": False, "epsilon": 8.0}
+    changes = []
+    for lr_map in (0.5, 0.05):
+        m = make_model(ds, tiny_backbone, id_residual=False, ffa=True, user_map=3)
+        m.load_state_dict(state)
+        cfg = _cfg(backbone=str(tiny_backbone), local_steps=1, user_map=3, lr_map=lr_map, **extra)
+        train_round(CandidateScorer(m), _data(ds), cfg, MemoryStore(), seed=0)
+        b = m.lora_layer().lora_B["default"].weight
+        changes.append((m.user_map.detach().clone(), b.detach().clone()))
+    (map_a, b_a), (map_b, b_b) = changes
+    assert float(map_a.abs().sum()) > 0  # the map trained (zero at init)
+    assert torch.allclose(map_b, map_a * 0.1, atol=1e-7)
+    assert torch.equal(b_a, b_b)

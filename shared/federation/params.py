@@ -6,7 +6,8 @@ The global model is the frozen backbone + the tensors listed by :func:`travellin
   ``fedavg``; only B with ``ffa`` (A is the shared seeded init on every side and never moves);
 - the head: item bias ``(n_items,)``, recency logits ``(history_len,)``, score scale and profile
   gate (scalars), with ``item-factors`` k > 0 the item factors ``(n_items, k)`` (and with
-  profiles the profile's map into their space ``(k, dim)``), and with ``id-residual`` (no DP
+  profiles the profile's map into their space ``(k, dim)``), with ``user-map`` r > 0 the user
+  map ``(dim, r)``, and with ``id-residual`` (no DP
   only) the per-item ID table ``(n_items, dim)``, under ``head.*``.
 
 Nothing else is ever put in a message (no item ids, histories or texts). Incoming updates are
@@ -35,6 +36,7 @@ HEAD = (
     "id_emb",
     "item_fac",
     "profile_fac",
+    "user_map",
 )
 
 

@@ -27,6 +27,7 @@ HEAD = (
     "item_bias",
     "item_fac",
     "profile_fac",
+    "user_map",
     "pos_logits",
     "profile_gate",
     "log_scale",

@@ -319,6 +319,7 @@ class CandidateScorer(nn.Module):
     """
 
     tok_x: torch.Tensor  # the token path only (not with a LoRAItemTower)
+    user_map_basis: torch.Tensor  # with model.user_map only
     tok_base: torch.Tensor
     tok_mask: torch.Tensor
     warm: torch.Tensor
@@ -358,6 +359,10 @@ class CandidateScorer(nn.Module):
         # and a GradSampleModule around this scorer refuses it, see client.local_train)
         self.id_emb: nn.Parameter | None = model.id_emb
         self.recency = Gather(model.pos_logits)
+        # the user map (RecModel.map_history): s + Q-map of (s P), Q per example through Project
+        self.user_map = Project(model.user_map) if model.user_map is not None else None
+        if model.user_map is not None:
+            self.register_buffer("user_map_basis", model.user_map_basis, persistent=False)
         self.scale = Broadcast(model.log_scale)
         self.gate = Broadcast(model.profile_gate)
         self.use_profile = bool(model.cfg.use_profile)
@@ -439,6 +444,8 @@ class CandidateScorer(nn.Module):
         logits_w = self.recency(pos).masked_fill(~valid, -torch.inf)  # (batch, L)
         w = torch.nan_to_num(torch.softmax(logits_w, dim=1), nan=0.0)
         user = (w.unsqueeze(-1) * ctx_vecs).sum(1)  # (batch, dim)
+        if self.user_map is not None:
+            user = user + self.user_map(user @ self.user_map_basis)
         if profile is not None and self.use_profile:
             user = user + self.gate(profile).unsqueeze(1) * profile
         user = F.normalize(user, dim=-1)

@@ -48,6 +48,13 @@ class ModelConfig:
     (``P`` a learned ``k x dim`` map of the unit profile embedding, zero at init), so
     ``<P p, f_i>`` is a learned rank-k profile-by-item preference (what a cold user's profile
     says about each item beyond the text similarity).
+    ``user_map``: ``r`` > 0 adds a learned linear map on the history part of the user vector,
+    ``s -> s + (s P) Q`` with ``s = sum_j w_j e_{h_j}``, ``P`` a seeded random ``(dim, r)`` basis
+    (frozen, entries of variance 1/r) and ``Q`` a learned ``(r, dim)`` map, zero at init (the
+    model starts as the plain tower). It learns where in the item space a user's next item lies
+    given the items before it (a transition, not a similarity: ``<s + sPQ, e_i>`` is not
+    symmetric in the items), with ``r * dim`` shared numbers that every example's gradient
+    reaches, unlike per-item tables; it works on text, so it also maps cold items' vectors.
     ``user_tower``: how history and profile combine (see :mod:`fedrec.shared.model.towers`):
     ``recency`` renormalizes the weights over the items present and the sum to unit length;
     ``additive`` keeps the weights over all ``history_len`` slots and does not renormalize, so a
@@ -74,6 +81,7 @@ class ModelConfig:
     item_factors: int = 0
     factor_init: float = 0.1
     profile_factors: bool = False
+    user_map: int = 0
     profile_template: str = ""
     seed: int = 0  # seed of the model's init
 
@@ -87,6 +95,7 @@ class ModelConfig:
         _check(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "> 0")
         _check(1 <= self.history_len <= 1000, "history_len", self.history_len, "1..1000")
         _check(0 <= self.item_factors <= 256, "item_factors", self.item_factors, "0..256")
+        _check(0 <= self.user_map <= 1024, "user_map", self.user_map, "0..1024 (a rank)")
         _check(0 < self.factor_init <= 1, "factor_init", self.factor_init, "0 < std <= 1")
         _check(
             not self.profile_factors or (self.item_factors > 0 and self.use_profile),

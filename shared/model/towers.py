@@ -9,7 +9,10 @@ User tower
     ``u = normalize(sum_j w_j e_{h_j} + g * p)`` over the ``history_len`` most recent history
     items ``h_j`` (time order), with ``w = softmax(position logits)`` learned per recency
     position (the model learns how much the last item matters versus older ones), and ``p`` the
-    profile text embedding (frozen backbone) scaled by a learned gate ``g``.
+    profile text embedding (frozen backbone) scaled by a learned gate ``g``. With
+    ``model.user_map = r`` the history part ``s = sum_j w_j e_{h_j}`` first goes through a learned
+    map ``s + (s P) Q`` (``P`` a frozen seeded ``(dim, r)`` basis, ``Q`` learned, zero at init):
+    a transition from the items watched to where the next one lies in the item space.
     That is the default ``recency`` tower. Its final normalization gives a user with one item,
     or with only a profile, a vector as long as a user with fifty: the learned gate ``g`` (small,
     since with a history the profile is a slight tilt) is undone, and the profile alone decides
@@ -64,6 +67,7 @@ class RecModel(nn.Module):
     """Backbone + LoRA (PEFT) + item/user towers over a fixed catalog of ``n_items`` texts."""
 
     warm: torch.Tensor  # (n_items,) bool buffer: item seen in training
+    user_map_basis: torch.Tensor  # (dim, r) frozen buffer, with model.user_map = r only
     backbone: Any  # peft.PeftModel around the transformers encoder
 
     def __init__(
@@ -134,6 +138,14 @@ class RecModel(nn.Module):
             self.profile_fac = nn.Parameter(
                 torch.zeros(cfg.item_factors, int(base.config.hidden_size))
             )
+        # the user map: Q stored transposed, (dim, r), so that ``x @ user_map.T`` maps the
+        # r-dim projection back (the federation's Project module); P is rebuilt from the seed
+        self.user_map: nn.Parameter | None = None
+        if cfg.user_map:
+            g = torch.Generator().manual_seed(cfg.seed + 2)
+            basis = torch.randn(dim, cfg.user_map, generator=g) / float(np.sqrt(cfg.user_map))
+            self.register_buffer("user_map_basis", basis, persistent=False)
+            self.user_map = nn.Parameter(torch.zeros(dim, cfg.user_map))
         self.pos_logits = nn.Parameter(torch.zeros(cfg.history_len))
         self.profile_gate = nn.Parameter(torch.tensor(0.5 if cfg.use_profile else 0.0))
         self.profile_gate.requires_grad_(cfg.use_profile)
@@ -234,6 +246,15 @@ class RecModel(nn.Module):
         w = torch.softmax(logits, dim=1)
         return torch.nan_to_num(w, nan=0.0)  # an empty history: all weights 0
 
+    def map_history(self, s: torch.Tensor) -> torch.Tensor:
+        """The user map on history vectors ``s`` (..., dim): ``s + (s P) Q`` (``s`` without one).
+
+        Linear, so it can be applied to each history item's weighted term separately (the
+        explanations) and the terms still sum to the mapped history vector."""
+        if self.user_map is None:
+            return s
+        return s + (s @ self.user_map_basis) @ self.user_map.T
+
     def profile_term(self, profile: torch.Tensor) -> torch.Tensor:
         """The profile's part of the user vector, before any normalization."""
         return self.profile_gate * (F.normalize(profile, dim=-1) if self.additive else profile)
@@ -255,7 +276,7 @@ class RecModel(nn.Module):
         items)."""
         w = self.history_weights(history >= 0)  # (batch, L)
         e = items[history.clamp(min=0)]  # (batch, L, dim)
-        u = (w.unsqueeze(-1) * e).sum(1)  # (batch, dim)
+        u = self.map_history((w.unsqueeze(-1) * e).sum(1))  # (batch, dim)
         if profile is not None and self.cfg.use_profile:
             u = u + self.profile_term(profile)
         u = u if self.additive else F.normalize(u, dim=-1)
