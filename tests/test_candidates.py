@@ -41,7 +41,12 @@ FACTORS = [
     (True, 4, True, 0),
     (True, 0, False, 3),
     (False, 4, True, 5),
+    (True, 0, False, -3),  # a negative rank here: the catalog-space map of rank 3
 ]
+
+
+def _umap(umap: int) -> dict:
+    return {"user_map": abs(umap), "user_map_space": "catalog" if umap < 0 else "free"}
 
 
 def _perturb_profile_factors(model) -> None:
@@ -62,7 +67,7 @@ def test_candidate_scores_equal_recmodel_scores(ds, tiny_backbone, ffa, factors,
         ffa=ffa,
         item_factors=factors,
         profile_factors=pfac,
-        user_map=umap,
+        **_umap(umap),
     )
     _perturb_profile_factors(model)
     perturb_lora(model)
@@ -107,7 +112,7 @@ def test_opacus_per_sample_grads_equal_micro_batch_loop(
         ffa=ffa,
         item_factors=factors,
         profile_factors=pfac,
-        user_map=umap,
+        **_umap(umap),
     )
     _perturb_profile_factors(model)
     perturb_lora(model, seed=3)

@@ -205,16 +205,22 @@ def test_additive_tower_scores_and_explanations_match_the_model(synth_dir, tiny_
     ]
 
 
-@pytest.mark.parametrize("umap", [0, 3])
+@pytest.mark.parametrize("umap,space", [(0, "free"), (3, "free"), (3, "catalog")])
 def test_item_factors_score_rank_and_explain_like_the_model(
-    synth_dir, tiny_backbone, tmp_path, umap
+    synth_dir, tiny_backbone, tmp_path, umap, space
 ):
     """A model with item factors (and a user map): recommend, score_batch and explanations
     match RecModel's scores, an untrained (cold) history item adds nothing, and new items get
     no factor term."""
     ds = load_dataset(synth_dir)
     model = make_model(
-        ds, tiny_backbone, item_factors=4, factor_init=0.5, profile_factors=True, user_map=umap
+        ds,
+        tiny_backbone,
+        item_factors=4,
+        factor_init=0.5,
+        profile_factors=True,
+        user_map=umap,
+        user_map_space=space,
     )
     perturb_lora(model, seed=5)
     with torch.no_grad():

@@ -261,6 +261,27 @@ def test_user_map_travels_its_learned_half_only_and_starts_as_the_plain_tower(ds
         ModelConfig(user_map=2000)
 
 
+def test_catalog_user_map_basis_is_the_catalogs_principal_directions(ds, tiny_backbone):
+    """``user_map_space=catalog``: P is orthonormal, the catalog embeddings' top principal
+    directions (more of their energy than any other r directions: checked against random
+    ones), the same from the catalog cache and from plain backbone passes (a loaded model),
+    and only the r x r map travels."""
+    from fedrec.shared.federation.params import travelling_state
+
+    model = make_model(ds, tiny_backbone, ffa=True, user_map=3, user_map_space="catalog")
+    p = model.user_map_basis
+    assert p.shape == (model.dim, 3)
+    assert torch.allclose(p.T @ p, torch.eye(3), atol=1e-5)
+    e = torch.nn.functional.normalize(model.text_embeddings(), dim=-1)
+    rand, _ = torch.linalg.qr(torch.randn(model.dim, 3, generator=torch.Generator().manual_seed(0)))
+    assert float((e @ p).norm()) > float((e @ rand).norm())
+    assert float((e @ p).norm()) >= float((e @ torch.linalg.svd(e)[2][:3].T).norm()) - 1e-4
+    base, tok = load_backbone(tiny_backbone)
+    plain = RecModel(base, tok, ds.item_texts(), model.cfg, with_cache=False)
+    assert torch.allclose(plain.user_map_basis, p, atol=1e-4)
+    assert travelling_state(model)["head.user_map"].shape == (3, 3)
+
+
 @pytest.mark.parametrize("ffa", [False, True])
 def test_travelling_state_is_pefts_and_loads_strictly(ds, tiny_backbone, ffa):
     """The adapter tensors that travel are exactly PEFT's state dict (A only when it trains);

@@ -78,6 +78,9 @@ class FedConfig:
     # (ModelConfig.user_map): a transition from the items watched to the next one, r * dim
     # numbers that travel each round (r = 16: 6,144 with MiniLM), shared by every example
     user_map: int = 0
+    # where it maps: ``free`` (Q is r x dim) or ``catalog`` (s -> s + (s P) M P^T, P the catalog
+    # text embeddings' top-r principal directions, public; M r x r: r^2 numbers travel)
+    user_map_space: str = "free"
     # the user map's local learning rate; 0 = ``lr``. Its r x dim gradient is dense and large
     # next to the adapter's: at the adapter's lr its change would take most of a user-level
     # clip (norm 93 against 8 for LoRA B at lr 16, one measurement); a step size of its own is
@@ -260,6 +263,12 @@ class FedConfig:
         _need(0 < self.lr < 100, "lr", self.lr, "(0, 100)")
         _need(0 <= self.item_factors <= 64, "item-factors", self.item_factors, "0..64")
         _need(0 <= self.user_map <= 384, "user-map", self.user_map, "0..384 (a rank)")
+        _need(
+            self.user_map_space in ("free", "catalog"),
+            "user-map-space",
+            self.user_map_space,
+            "free or catalog",
+        )
         _need(0 < self.factor_init <= 1, "factor-init", self.factor_init, "(0, 1]")
         _need(
             not self.profile_factors or (self.item_factors > 0 and self.use_profile),
@@ -418,6 +427,7 @@ class FedConfig:
             factor_init=self.factor_init,
             profile_factors=self.profile_factors,
             user_map=self.user_map,
+            user_map_space=self.user_map_space,
             item_bias=self.item_bias,
             cold_dropout=self.cold_dropout,
             # fixed: under per-example clipping its large gradient would eat the clip budget

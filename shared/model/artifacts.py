@@ -28,6 +28,7 @@ HEAD = (
     "item_fac",
     "profile_fac",
     "user_map",
+    "user_map_basis",
     "pos_logits",
     "profile_gate",
     "log_scale",

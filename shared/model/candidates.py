@@ -361,6 +361,7 @@ class CandidateScorer(nn.Module):
         self.recency = Gather(model.pos_logits)
         # the user map (RecModel.map_history): s + Q-map of (s P), Q per example through Project
         self.user_map = Project(model.user_map) if model.user_map is not None else None
+        self.user_map_catalog = model.cfg.user_map_space == "catalog"
         if model.user_map is not None:
             self.register_buffer("user_map_basis", model.user_map_basis, persistent=False)
         self.scale = Broadcast(model.log_scale)
@@ -445,7 +446,10 @@ class CandidateScorer(nn.Module):
         w = torch.nan_to_num(torch.softmax(logits_w, dim=1), nan=0.0)
         user = (w.unsqueeze(-1) * ctx_vecs).sum(1)  # (batch, dim)
         if self.user_map is not None:
-            user = user + self.user_map(user @ self.user_map_basis)
+            delta = self.user_map(user @ self.user_map_basis)
+            if self.user_map_catalog:
+                delta = delta @ self.user_map_basis.T
+            user = user + delta
         if profile is not None and self.use_profile:
             user = user + self.gate(profile).unsqueeze(1) * profile
         user = F.normalize(user, dim=-1)

@@ -55,6 +55,11 @@ class ModelConfig:
     given the items before it (a transition, not a similarity: ``<s + sPQ, e_i>`` is not
     symmetric in the items), with ``r * dim`` shared numbers that every example's gradient
     reaches, unlike per-item tables; it works on text, so it also maps cold items' vectors.
+    ``user_map_space``: ``free`` (the above) or ``catalog``: ``s -> s + (s P) M P^T`` with ``P``
+    the top-``r`` principal directions of the frozen catalog text embeddings (public data; an
+    orthonormal ``(dim, r)`` basis) and ``M`` a learned ``r x r`` map, zero at init: a
+    transition inside the subspace where the catalog varies most, with ``r^2`` numbers, whose
+    noise under DP enters the user vector with ``sqrt(r)`` instead of ``sqrt(dim)``.
     ``user_tower``: how history and profile combine (see :mod:`fedrec.shared.model.towers`):
     ``recency`` renormalizes the weights over the items present and the sum to unit length;
     ``additive`` keeps the weights over all ``history_len`` slots and does not renormalize, so a
@@ -82,6 +87,7 @@ class ModelConfig:
     factor_init: float = 0.1
     profile_factors: bool = False
     user_map: int = 0
+    user_map_space: str = "free"
     profile_template: str = ""
     seed: int = 0  # seed of the model's init
 
@@ -96,6 +102,12 @@ class ModelConfig:
         _check(1 <= self.history_len <= 1000, "history_len", self.history_len, "1..1000")
         _check(0 <= self.item_factors <= 256, "item_factors", self.item_factors, "0..256")
         _check(0 <= self.user_map <= 1024, "user_map", self.user_map, "0..1024 (a rank)")
+        _check(
+            self.user_map_space in ("free", "catalog"),
+            "user_map_space",
+            self.user_map_space,
+            "free or catalog",
+        )
         _check(0 < self.factor_init <= 1, "factor_init", self.factor_init, "0 < std <= 1")
         _check(
             not self.profile_factors or (self.item_factors > 0 and self.use_profile),

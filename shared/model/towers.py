@@ -138,14 +138,23 @@ class RecModel(nn.Module):
             self.profile_fac = nn.Parameter(
                 torch.zeros(cfg.item_factors, int(base.config.hidden_size))
             )
-        # the user map: Q stored transposed, (dim, r), so that ``x @ user_map.T`` maps the
-        # r-dim projection back (the federation's Project module); P is rebuilt from the seed
+        # the user map (map_history). ``free``: Q stored transposed, (dim, r), so that
+        # ``x @ user_map.T`` maps the r-dim projection back (the federation's Project module),
+        # P rebuilt from the seed. ``catalog``: M (r, r) and P the catalog's principal basis
+        # (public), computed here and saved with the model.
         self.user_map: nn.Parameter | None = None
-        if cfg.user_map:
-            g = torch.Generator().manual_seed(cfg.seed + 2)
-            basis = torch.randn(dim, cfg.user_map, generator=g) / float(np.sqrt(cfg.user_map))
+        if not cfg.user_map:
+            self.register_buffer("user_map_basis", None, persistent=False)
+        else:
+            r = cfg.user_map
+            if cfg.user_map_space == "catalog":
+                basis = self._catalog_basis(r)
+                self.user_map = nn.Parameter(torch.zeros(r, r))
+            else:
+                g = torch.Generator().manual_seed(cfg.seed + 2)
+                basis = torch.randn(dim, r, generator=g) / float(np.sqrt(r))
+                self.user_map = nn.Parameter(torch.zeros(dim, r))
             self.register_buffer("user_map_basis", basis, persistent=False)
-            self.user_map = nn.Parameter(torch.zeros(dim, cfg.user_map))
         self.pos_logits = nn.Parameter(torch.zeros(cfg.history_len))
         self.profile_gate = nn.Parameter(torch.tensor(0.5 if cfg.use_profile else 0.0))
         self.profile_gate.requires_grad_(cfg.use_profile)
@@ -246,6 +255,30 @@ class RecModel(nn.Module):
         w = torch.softmax(logits, dim=1)
         return torch.nan_to_num(w, nan=0.0)  # an empty history: all weights 0
 
+    @torch.no_grad()
+    def _catalog_basis(self, r: int) -> torch.Tensor:
+        """``(dim, r)`` orthonormal: the top-``r`` right singular vectors of the frozen (LoRA B
+        still zero) unit catalog text embeddings, uncentered (the common direction included),
+        in float64; each column's sign fixed so that its largest entry is positive."""
+        if r > self.dim:
+            raise ValueError(f"model.user_map={r} exceeds the backbone's width {self.dim}")
+        texts = self.item_texts
+        frozen = (
+            self.text_embeddings()
+            if self.cache is not None
+            else torch.cat(
+                [
+                    self.encode_texts(texts[s : s + 256], adapted=False)
+                    for s in range(0, len(texts), 256)
+                ]
+            )
+        )
+        e = F.normalize(frozen.double(), dim=-1)
+        _, _, vh = torch.linalg.svd(e, full_matrices=False)
+        basis = vh[:r].T  # (dim, r)
+        flip = torch.sign(basis.gather(0, basis.abs().argmax(0, keepdim=True)))
+        return (basis * flip).float()
+
     def map_history(self, s: torch.Tensor) -> torch.Tensor:
         """The user map on history vectors ``s`` (..., dim): ``s + (s P) Q`` (``s`` without one).
 
@@ -253,7 +286,10 @@ class RecModel(nn.Module):
         explanations) and the terms still sum to the mapped history vector."""
         if self.user_map is None:
             return s
-        return s + (s @ self.user_map_basis) @ self.user_map.T
+        delta = (s @ self.user_map_basis) @ self.user_map.T
+        if self.cfg.user_map_space == "catalog":
+            delta = delta @ self.user_map_basis.T  # back from the subspace
+        return s + delta
 
     def profile_term(self, profile: torch.Tensor) -> torch.Tensor:
         """The profile's part of the user vector, before any normalization."""
