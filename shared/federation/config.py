@@ -76,7 +76,8 @@ class FedConfig:
     profile_factors: bool = False
     # r > 0: a learned rank-r map on the history part of the user vector, s -> s + (s P) Q
     # (ModelConfig.user_map): a transition from the items watched to the next one, r * dim
-    # numbers that travel each round (r = 16: 6,144 with MiniLM), shared by every example
+    # numbers that travel each round (r = 16: 6,144 with MiniLM; r * r with the catalog space),
+    # shared by every example
     user_map: int = 0
     # where it maps: ``free`` (Q is r x dim) or ``catalog`` (s -> s + (s P) M P^T, P the catalog
     # text embeddings' top-r principal directions, public; M r x r: r^2 numbers travel)

@@ -7,8 +7,8 @@ The global model is the frozen backbone + the tensors listed by :func:`travellin
 - the head: item bias ``(n_items,)``, recency logits ``(history_len,)``, score scale and profile
   gate (scalars), with ``item-factors`` k > 0 the item factors ``(n_items, k)`` (and with
   profiles the profile's map into their space ``(k, dim)``), with ``user-map`` r > 0 the user
-  map ``(dim, r)``, and with ``id-residual`` (no DP
-  only) the per-item ID table ``(n_items, dim)``, under ``head.*``.
+  map (``(dim, r)``, or ``(r, r)`` with ``user-map-space = catalog``), and with
+  ``id-residual`` (no DP only) the per-item ID table ``(n_items, dim)``, under ``head.*``.
 
 Nothing else is ever put in a message (no item ids, histories or texts). Incoming updates are
 validated by :func:`check_update` before they touch the global model.
