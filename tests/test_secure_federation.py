@@ -20,7 +20,7 @@ def secure_cfg(synth_dir, tiny_backbone, **kw) -> FedConfig:
         data=str(synth_dir), backbone=str(tiny_backbone), max_length=16, history_len=8,
         num_rounds=2, fraction_train=0.5, evaluate_every=0, local_steps=2, sample_rate=0.5,
         negatives=10, slots=6, lr=0.5, dp=False, user_dp=True, user_clip=0.5, user_epsilon=6.0,
-        secure_agg=True,  # 16 neighbours of 30 (auto), threshold 9: 8 dropouts always leave 9
+        secure_agg=True,  # 16 neighbours of 30 (auto), threshold 9: up to 7 dropouts leave 9
     )  # fmt: skip
     return FedConfig(**(base | kw))
 
@@ -28,16 +28,23 @@ def secure_cfg(synth_dir, tiny_backbone, **kw) -> FedConfig:
 def test_secure_aggregation_round_with_dropouts_is_released_and_audited(
     synth_dir, tiny_backbone, tmp_path
 ):
-    """Partitions p0, p5, ... fail at the masked-input stage (after sharing their keys): the
+    """Partitions p0, p10, ... fail at the masked-input stage (after sharing their keys): the
     server recovers their pairwise masks from the neighbours' shares and releases the sum of
-    the survivors; the claim counts only the survivors' noise and `fedrec audit` verifies it."""
+    the survivors; the claim counts only the survivors' noise and `fedrec audit` verifies it.
+
+    Every 10th of the 60 partitions drops, so a cohort of 30 loses at most 6: every node keeps
+    at least 10 of its 16 neighbours (threshold 9) and 24 survive (at least 20 needed), so the
+    round must be released whatever the OS-random cohort. With every 5th partition, a cohort
+    could lose 9 or more, and when they cluster in one node's neighbourhood that node's masks
+    cannot be removed: a correct refusal, which made this test fail now and then (CI,
+    2026-12-01: 21 of 30 masked, not released)."""
     from fedrec.shared.privacy import skellam
     from fedrec.shared.privacy.report import audit_run
     from fedrec.simulations.launch import simulate
 
     out = tmp_path / "sec"
     cfg = secure_cfg(
-        synth_dir, tiny_backbone, secagg_dropout=0.35, secagg_test_dropout="0.2:masked"
+        synth_dir, tiny_backbone, secagg_dropout=0.35, secagg_test_dropout="0.1:masked"
     )
     result = simulate(cfg, out, baselines="popularity", num_cpus=2)
     # the run's simulation engine used fedrec's per-node message index (server/sim_runtime.py)
@@ -51,9 +58,11 @@ def test_secure_aggregation_round_with_dropouts_is_released_and_audited(
         # the dropped partitions were in the cohort, shared keys, then failed
         assert r["shared"] == r["cohort"] == sa["cohort"]
         assert r["commitments"] == r["shared"]  # seeds checked against their commitments
-        assert sa["min_survivors"] <= r["survivors"] == r["masked"] < r["cohort"]
+        assert sa["min_survivors"] <= r["survivors"] == r["masked"] <= r["cohort"]
         assert r["honest_shares"] == r["survivors"] - sa["colluders"] - 1
         assert r["mu_honest"] == pytest.approx(sa["mu_client"] * r["honest_shares"])
+    # some node dropped (a cohort without any of the 6 partitions in either round: p ~ 1e-4)
+    assert any(r["masked"] < r["cohort"] for r in rounds)
     assert u["releases"] == 2 and u["epsilon"] <= 6.0
     mu = min(r["mu_honest"] for r in rounds)
     assert u["epsilon"] == pytest.approx(
