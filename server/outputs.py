@@ -14,6 +14,7 @@ from fedrec.shared.evaluation import evaluate
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.model.artifacts import save_model
 from fedrec.shared.model.central import ModelScorer, ProfileBank
+from fedrec.shared.model.cold_prior import attach_cold_prior
 from fedrec.shared.model.run_central import item_titles
 from fedrec.shared.model.towers import RecModel
 from fedrec.shared.plots import plot_rounds
@@ -58,6 +59,9 @@ def write_outputs(
     seconds: float,
     user_level: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    prior = None
+    if cfg.cold_prior > 0:  # post-processing of the released model and the public catalog
+        prior = attach_cold_prior(model, cfg.cold_prior)
     scorer = ModelScorer(model, bank)
     result: dict[str, Any] = {"protocol": cfg.protocol, "command": "simulate"}
     result["model"] = {
@@ -67,6 +71,8 @@ def write_outputs(
         "federated_evaluation": {str(k): v for k, v in federated.items()},
         "upload_bytes_per_client_round": upload_bytes,
     }
+    if prior is not None:
+        result["model"]["cold_prior"] = prior
     if split.valid is not None:
         result["model"]["valid"] = evaluate(scorer, split.valid)
     save_model(model, run, item_ids=[int(i) for i in ds.item_ids], titles=item_titles(ds))

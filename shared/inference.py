@@ -281,7 +281,9 @@ class Recommender:
 
     @torch.no_grad()
     def add_items(self, items: Mapping[int, str]) -> None:
-        """Add new items by text; they rank at once (text only, no bias: never trained)."""
+        """Add new items by text; they rank at once: by text, and by the model's cold prior (a
+        popularity predicted from the text, :mod:`fedrec.shared.model.cold_prior`) if it has
+        one, else with no bias (never trained)."""
         if not items:
             raise ValueError("add_items() got no items")
         for i, text in items.items():
@@ -290,9 +292,13 @@ class Recommender:
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"item {i}: its text is empty; new items are ranked by text")
         ids = [int(i) for i in items]
-        emb = F.normalize(self.model.encode_texts([items[i] for i in ids]), dim=-1)
+        texts = [items[i] for i in ids]
+        emb = F.normalize(self.model.encode_texts(texts), dim=-1)
+        bias = torch.zeros(len(ids))
+        if bool(self.model.cold_prior.any()):
+            bias = self.model.cold_prior_of(self.model.encode_texts(texts, adapted=False))
         self.items = torch.cat([self.items, emb])
-        self.bias = torch.cat([self.bias, torch.zeros(len(ids))])
+        self.bias = torch.cat([self.bias, bias])
         if self.fac is not None:  # a new item has no trained factors
             self.fac = torch.cat([self.fac, torch.zeros(len(ids), self.fac.shape[1])])
         self.item_ids = np.concatenate([self.item_ids, np.asarray(ids, dtype=np.int64)])

@@ -467,8 +467,11 @@ HEADLINE: dict[str, list[tuple[str, dict[str, str]]]] = {
     "full": [
         ("fedrec trained centrally (no federation, no DP)",
          {"A": "A-central", "B": "B-central", "C": "C-central"}),
+        ("fedrec trained centrally, with the cold prior (text-predicted popularity)",
+         {"B": "B-central-prior"}),
         ("fedrec federated, 10 silos, local DP", {"A": "A-fed-eps8", "B": "B-fed-eps8",
                                                   "C": "C-fed-eps8"}),
+        ("fedrec federated, 10 silos, local DP, with the cold prior", {"B": "B-fed-eps8-prior"}),
         ("fedrec federated, 10 silos, local DP", {"A": "A-fed-eps3"}),
         ("fedrec federated, 10 silos, local DP", {"A": "A-fed-eps1"}),
         ("fedrec federated, 10 silos, no DP", {"A": "A-fed-nodp"}),
@@ -477,7 +480,14 @@ HEADLINE: dict[str, list[tuple[str, dict[str, str]]]] = {
         ("fedrec federated, one user per device, user-level DP", {"A": "A-user-userdp8"}),
     ],
 }  # fmt: skip
-HEADLINE_BASELINES = ("popularity", "profile-popularity", "itemknn", "als", "bpr")
+HEADLINE_BASELINES = (
+    "popularity",
+    "profile-popularity",
+    "text-popularity",
+    "itemknn",
+    "als",
+    "bpr",
+)
 # (protocol, test, metric) per column
 HEADLINE_COLS = (("A", "test", "NDCG@10"), ("A", "test", "HR@10"),
                  ("B", "cold_items", "Recall@10"), ("C", "k=0", "NDCG@10"),

@@ -346,6 +346,41 @@ def test_id_table_federation_without_dp(synth_dir, tiny_backbone, tmp_path):
     assert "OFF" in statement and "per-item ID table" in statement
 
 
+def test_cold_prior_is_attached_by_the_server_after_the_last_round(
+    synth_dir, tiny_backbone, tmp_path
+):
+    """cold-prior=1 on protocol B: the server regresses the released model's item biases on the
+    frozen text (post-processing) and gives the cold items the prediction; it is in the saved
+    model, and the reported test metrics are that model's."""
+    from fedrec.shared.data import load_dataset
+    from fedrec.shared.evaluation import evaluate
+    from fedrec.shared.model.artifacts import load_model
+    from fedrec.shared.model.central import ModelScorer, ProfileBank
+    from fedrec.shared.splitting import protocol_b
+    from fedrec.simulations.launch import simulate
+
+    out = tmp_path / "prior"
+    cfg = FedConfig(
+        data=str(synth_dir), backbone=str(tiny_backbone), max_length=16, history_len=8,
+        protocol="B", num_rounds=1, fraction_train=1.0, partition="silo", silos=2,
+        evaluate_every=0, local_steps=2, sample_rate=0.5, negatives=10, lr=0.5, dp=False,
+        epsilon=FedConfig.epsilon, cold_dropout=0.5, cold_prior=1.0,
+    )  # fmt: skip
+    result = simulate(cfg, out, baselines="none", num_cpus=2)
+    info = result["model"]["cold_prior"]
+    assert "learned item bias" in info["target"] and info["weight"] == 1.0
+    model, _ = load_model(out)
+    split = protocol_b(load_dataset(synth_dir))
+    cold = torch.zeros(len(model.warm), dtype=torch.bool)
+    cold[torch.as_tensor(split.cold_items)] = True
+    assert torch.equal(~model.warm, cold)
+    assert model.cold_prior_items[cold].abs().sum() > 0
+    assert not model.cold_prior_items[~cold].any()
+    got = evaluate(ModelScorer(model, ProfileBank(model)), split.tests["cold_items"])
+    want = result["model"]["metrics"]["cold_items"]
+    assert got["Recall@10"] == pytest.approx(want["Recall@10"], abs=1e-6)
+
+
 @pytest.mark.slow  # two real simulations
 def test_physical_batches_leave_the_ledger_unchanged(synth_dir, tiny_backbone, tmp_path):
     """Two real simulations of silos whose Poisson batches (about 40 examples: q from
@@ -398,6 +433,7 @@ def test_ctrl_c_says_which_round_was_kept_and_exits_130(synth_dir, tiny_backbone
            "--set", "max-length=16", "--set", "history-len=8", "--set", "num-rounds=50",
            "--set", "fraction-train=1.0", "--set", "evaluate-every=0", "--set", "local-steps=2",
            "--set", "negatives=10", "--set", "slots=6", "--set", "lr=0.5"]  # fmt: skip
+
     # a child of a non-interactive shell may inherit SIGINT ignored: restore the default
     def sigint_default() -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -22,13 +22,23 @@ from fedrec.shared.baselines.matrix_factorization import ALS, BPR
 from fedrec.shared.baselines.popularity import Popularity
 from fedrec.shared.baselines.profile_popularity import GRID_SHRINK, ProfilePopularity, field_sets
 from fedrec.shared.baselines.random_scores import RandomScores
+from fedrec.shared.baselines.text_popularity import TextPopularity
 from fedrec.shared.baselines.zeroshot import ZeroShotText
 from fedrec.shared.data.dataset import Dataset
 from fedrec.shared.data.errors import DataError
 from fedrec.shared.evaluation import Scorer, evaluate
 from fedrec.shared.splitting import Split, holdout_split, make_split, protocol_a
 
-BASELINES = ("random", "popularity", "profile-popularity", "itemknn", "als", "bpr", "zeroshot")
+BASELINES = (
+    "random",
+    "popularity",
+    "profile-popularity",
+    "text-popularity",
+    "itemknn",
+    "als",
+    "bpr",
+    "zeroshot",
+)
 
 GRIDS: dict[str, dict[str, Sequence[Any]]] = {
     "itemknn": {"neighbors": [20, 50, 100, 200, 400, 800]},
@@ -140,6 +150,9 @@ def run_baselines(
                 entry.update(params=params, tuned_on=where, trace=trace)
                 model = ProfilePopularity(split, ds.user_fields, fields=params["fields"],
                                           shrink=params["shrink"])  # fmt: skip
+        elif name == "text-popularity":
+            model = TextPopularity(split, ds.item_texts(), backbone=backbone)
+            entry["params"] = {"lambda": model.prior.lam, "chosen_by": "5-fold CV on trained items"}
         elif name == "zeroshot":
             model = ZeroShotText(ds.item_texts(), backbone=backbone)
             entry["params"] = {"backbone": backbone, "pooling": "mean", "normalized": True}

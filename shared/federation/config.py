@@ -89,6 +89,11 @@ class FedConfig:
     lr_map: float = 0.0
     # fraction of catalog items scored as if cold in training (protocol B)
     cold_dropout: float = 0.0
+    # w > 0: after the last round the server gives every item never trained the bias its frozen
+    # text embedding predicts, by a ridge regression onto the trained items' learned biases
+    # (shared/model/cold_prior.py), times w: post-processing of the released model and the
+    # public catalog, no privacy cost; 0 = cold items keep no bias
+    cold_prior: float = 0.0
     # --- rounds ---
     num_rounds: int = 20  # rounds of the federation
     fraction_train: float = 0.1  # fraction of the clients sampled each round
@@ -208,6 +213,7 @@ class FedConfig:
         _need(self.lora_alpha > 0, "lora-alpha", self.lora_alpha, "> 0")
         _need(1 <= self.history_len <= 200, "history-len", self.history_len, "1..200")
         _need(0 <= self.cold_dropout < 1, "cold-dropout", self.cold_dropout, "0 <= p < 1")
+        _need(0 <= self.cold_prior <= 100, "cold-prior", self.cold_prior, "0..100; 0 = none")
         _need(1 <= self.num_rounds <= 100_000, "num-rounds", self.num_rounds, "1..100000")
         _need(0 < self.fraction_train <= 1, "fraction-train", self.fraction_train, "(0, 1]")
         _need(self.min_replies >= 1, "min-replies", self.min_replies, ">= 1")

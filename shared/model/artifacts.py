@@ -3,7 +3,7 @@
 ``RUN/adapter/``: the LoRA adapter in PEFT format (``adapter_config.json`` +
 ``adapter_model.safetensors``), loadable by ``peft.PeftModel.from_pretrained`` on the backbone.
 ``RUN/model/head.safetensors``: the non-LoRA parameters (item bias, ID residuals, item factors,
-user tower).
+user tower) and the cold prior (``shared/model/cold_prior.py``; zeros without one).
 ``RUN/model/model.json``: the model config, the backbone's fingerprint, library versions and
 the catalog (item ids and texts: public data), so a run directory is self-contained.
 """
@@ -33,6 +33,8 @@ HEAD = (
     "profile_gate",
     "log_scale",
 )
+# buffers a run directory may lack (written before they existed): zeros then, i.e. no cold prior
+OPTIONAL_HEAD = ("cold_prior", "cold_prior_items")
 
 
 def save_model(model: RecModel, run: Path, *, item_ids: list[int], titles: list[str]) -> None:
@@ -43,6 +45,7 @@ def save_model(model: RecModel, run: Path, *, item_ids: list[int], titles: list[
         n: getattr(model, n).detach().contiguous() for n in HEAD if getattr(model, n) is not None
     }
     head["warm"] = model.warm.to(torch.uint8)
+    head.update({n: getattr(model, n).detach().contiguous() for n in OPTIONAL_HEAD})
     save_file(head, str(run / "model" / "head.safetensors"))
     write_json(
         run / "model" / "model.json",
@@ -164,6 +167,19 @@ def load_model(run: Path, *, backbone: str | None = None) -> tuple[RecModel, dic
                 )
             param.copy_(head[name])
         model.warm.copy_(head["warm"].bool())
+        for name in OPTIONAL_HEAD:
+            buf = getattr(model, name)
+            if name not in head:
+                continue
+            if head[name].shape != buf.shape or not torch.isfinite(head[name]).all():
+                raise ModelFileError(
+                    f"{run}/model/head.safetensors: '{name}' is mis-shaped or not finite"
+                )
+            buf.copy_(head[name])
+        if bool((model.cold_prior_items * model.warm).any()):
+            raise ModelFileError(
+                f"{run}/model/head.safetensors: 'cold_prior_items' is non-zero on trained items"
+            )
     model.eval()
     model.requires_grad_(False)  # inference only: no autograd bookkeeping
     return model, meta

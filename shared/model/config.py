@@ -132,6 +132,9 @@ class TrainConfig:
     which have no validation queries): the fraction of trained items (B) or users (C) held out
     of training as pseudo-cold ones, to choose the best epoch on (see
     :func:`fedrec.shared.splitting.holdout_split`); 0 = train on everything, keep the last epoch.
+    ``cold_prior``: after training, give items never trained a popularity predicted from their
+    text, this many logits per unit of log count (:mod:`fedrec.shared.model.cold_prior`; it
+    reads the training counts, so central training only); 0 = none.
     """
 
     epochs: int = 8  # passes over the training examples
@@ -145,12 +148,14 @@ class TrainConfig:
     set_max_context: int = 0
     mask_positives: bool = False
     holdout: float = 0.0
+    cold_prior: float = 0.0
     seed: int = 0  # seed of the example order and negatives
 
     def __post_init__(self) -> None:
         _check(self.examples in EXAMPLES, "examples", self.examples, " or ".join(EXAMPLES))
         _check(self.set_max_context >= 0, "set_max_context", self.set_max_context, ">= 0")
         _check(0 <= self.holdout < 1, "holdout", self.holdout, "0 <= fraction < 1")
+        _check(0 <= self.cold_prior <= 100, "cold_prior", self.cold_prior, "0..100")
         _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         _check(1 <= self.batch_size <= 65536, "batch_size", self.batch_size, "1..65536")
         _check(0 < self.lr < 1, "lr", self.lr, "0 < lr < 1")

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedrec.shared.baselines import BASELINES, run_baselines
@@ -19,6 +20,7 @@ from fedrec.shared.data.dataset import Dataset, render
 from fedrec.shared.evaluation import evaluate
 from fedrec.shared.model.artifacts import save_model
 from fedrec.shared.model.central import ModelScorer, build_model, train_central
+from fedrec.shared.model.cold_prior import attach_cold_prior
 from fedrec.shared.model.config import ModelConfig, TrainConfig, as_dict, from_dict
 from fedrec.shared.plots import plot_training
 from fedrec.shared.rundir import versions, write_json
@@ -126,12 +128,19 @@ def run_train_central(
     log(f"model ready: {sum(p.numel() for p in model.adapter_parameters())} LoRA parameters")
     trace = train_central(model, fit, profiles, train_cfg, log=log, on_step=on_step)
     bank = trace.pop("profile_bank")
+    prior = None
+    if train_cfg.cold_prior > 0:
+        counts = np.bincount(fit.train_item, minlength=len(ds.item_ids))
+        prior = attach_cold_prior(model, train_cfg.cold_prior, counts=counts)
+        log(f"cold prior: weight {prior['weight']}, ridge lambda {prior['lambda']} (5-fold CV)")
     scorer = ModelScorer(model, bank)
     result: dict[str, Any] = {"protocol": protocol}
     result["model"] = {
         "metrics": {k: evaluate(scorer, es) for k, es in split.tests.items()},
         "training": trace,
     }
+    if prior is not None:
+        result["model"]["cold_prior"] = prior
     if fit.valid is not None:
         result["model"]["valid"] = evaluate(scorer, fit.valid)
     save_model(model, out, item_ids=[int(i) for i in ds.item_ids], titles=item_titles(ds))

@@ -68,6 +68,8 @@ class RecModel(nn.Module):
 
     warm: torch.Tensor  # (n_items,) bool buffer: item seen in training
     user_map_basis: torch.Tensor  # (dim, r) frozen buffer, with model.user_map = r only
+    cold_prior: torch.Tensor  # (dim + 1,) buffer: the cold prior's linear function, or 0
+    cold_prior_items: torch.Tensor  # (n_items,) buffer: its value per never-trained item
     backbone: Any  # peft.PeftModel around the transformers encoder
 
     def __init__(
@@ -128,6 +130,11 @@ class RecModel(nn.Module):
         self.register_buffer("warm", warm)
         self.id_emb = nn.Parameter(torch.zeros(n_items, dim)) if cfg.id_residual else None
         self.item_bias = nn.Parameter(torch.zeros(n_items)) if cfg.item_bias else None
+        # the text-predicted popularity of items never trained (shared/model/cold_prior.py):
+        # zeros until central training attaches one; (dim + 1) linear function of a frozen text
+        # embedding, and its value for each catalog item (0 for trained ones)
+        self.register_buffer("cold_prior", torch.zeros(int(base.config.hidden_size) + 1))
+        self.register_buffer("cold_prior_items", torch.zeros(n_items))
         self.item_fac: nn.Parameter | None = None
         if cfg.item_factors:
             g = torch.Generator().manual_seed(cfg.seed + 1)
@@ -225,11 +232,19 @@ class RecModel(nn.Module):
         return F.normalize(text, dim=-1)
 
     def biases(self, as_cold: torch.Tensor | None = None) -> torch.Tensor:
-        """``(n_items,)`` learned offsets; 0 for items never trained or flagged ``as_cold``."""
+        """``(n_items,)`` learned offsets; 0 for items flagged ``as_cold``; for items never
+        trained, the cold prior's text-predicted popularity (0 unless one is attached)."""
+        prior = self.cold_prior_items  # 0 on trained items
         if self.item_bias is None:
-            return torch.zeros(len(self.item_texts))
+            return prior.clone()
         keep = self.warm if as_cold is None else self.warm & ~as_cold
-        return self.item_bias * keep
+        return self.item_bias * keep + prior
+
+    def cold_prior_of(self, frozen: torch.Tensor) -> torch.Tensor:
+        """The cold prior's bias for new items from their frozen-backbone text embeddings
+        ``frozen`` (n, dim), normalized here; 0 when no prior is attached."""
+        x = F.normalize(frozen, dim=-1)
+        return x @ self.cold_prior[:-1] + self.cold_prior[-1]
 
     def candidate_embeddings(
         self, text: torch.Tensor, items: torch.Tensor, as_cold: torch.Tensor

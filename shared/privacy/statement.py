@@ -232,6 +232,16 @@ def _not_protected(cfg: FedConfig) -> str:
         "The user-level guarantee, when on, does not rest on them: it bounds what the clipped, "
         "noised update\n  reveals whatever a client computed from its data.\n"
     )
+    prior = (
+        f"- The cold prior (`cold-prior` = {cfg.cold_prior}): after the last round the server "
+        "regresses the\n  released model's item biases on the public catalog texts and gives "
+        "items never trained the\n  prediction. That is post-processing of the released model. "
+        "But which items count as\n  trained is the simulation's training split, known to the "
+        "server from the data, not from a\n  release: whether an item has any training interaction "
+        "is not covered. A deployment would use\n  the items it declared trainable instead.\n"
+        if cfg.cold_prior > 0
+        else ""
+    )
     partial = (
         "- Partial replies: a client whose reply is lost after it trained has spent budget that "
         "the\n  server's ledger misses; the client's own budget file has it.\n"
@@ -262,5 +272,5 @@ the server releases (user-level DP, when on). Everything below is outside them:
 - Which clients took part in which round (client ids in the ledger).
 - Profile fields when `use-profile` is on ({cfg.use_profile} in this run): a profile feeds every
   example of its user, so it is not covered by the per-interaction guarantee.
-{randomness}{partial}
+{randomness}{prior}{partial}
 """

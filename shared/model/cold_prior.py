@@ -1,0 +1,175 @@
+"""A popularity prior for items never trained, predicted from their catalog text.
+
+A cold item has no ID vector and no learned bias: the model ranks it by its text vector alone.
+How popular an item will be is partly legible from its text (a film's year and genres in
+MovieLens), and the collaborative baselines' whole advantage on warm items is popularity. This
+module fits a ridge regression from the **frozen** backbone's normalized, mean-pooled text
+embedding of an item (public data) onto ``log(1 + n_i)``, ``n_i`` the item's number of training
+interactions, over the trained items; the ridge strength is chosen by 5-fold cross-validation on
+those items (seeded), never on evaluation queries. An item never trained then gets the bias
+
+    ``b_i = weight * (pred_i - mean of pred over the trained items)``
+
+added to its score. Centred so that a cold item predicted as popular as the average trained item
+keeps the 0 it had before: only the spread between cold items, and their place against the
+trained ones, changes. ``weight`` (logits per unit of log count) is chosen on a pseudo-cold
+holdout (``simulations/cold_prior.py``). Warm items are untouched.
+
+Two targets. **Counts** (central training, ``train.cold_prior``): the above; the counts are
+training data, which ``train-central`` (no DP) may use and a DP federation may not (it would need
+them released under its guarantee, which fedrec does not do). **The model's own item bias** (the
+federation, run config ``cold-prior``): the same regression onto the learned biases ``b_i`` of
+the trained items, uncentred, so a cold item gets the bias its text predicts (``weight`` 1 is
+that bias in its own units). It reads only the released model and the public catalog texts:
+post-processing, no privacy cost. Which items count as trained is the model's ``warm`` mask,
+the split's training items, as everywhere else the server scores (a deployment would use the
+items it declared trainable).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ridge strengths tried by cross-validation (features are unit vectors)
+LAMBDAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+FOLDS = 5
+
+
+@dataclass(frozen=True)
+class TextPrior:
+    """``pred(x) = (x - x_mean) @ coef + y_mean``, fitted on the trained items."""
+
+    coef: np.ndarray  # (dim,)
+    x_mean: np.ndarray  # (dim,)
+    y_mean: float
+    lam: float
+    cv_mse: dict[float, float]  # held-out mean squared error per ridge strength
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, dtype=np.float64) - self.x_mean) @ self.coef + self.y_mean
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray, float]:
+    xm, ym = x.mean(0), float(y.mean())
+    xc = x - xm
+    coef = np.linalg.solve(xc.T @ xc + lam * np.eye(x.shape[1]), xc.T @ (y - ym))
+    return coef, xm, ym
+
+
+def fit_text_prior(
+    features: np.ndarray,
+    target: np.ndarray,
+    trained: np.ndarray,
+    *,
+    lambdas: tuple[float, ...] = LAMBDAS,
+    seed: int = 0,
+) -> TextPrior:
+    """Ridge from ``features`` (n_items, dim) onto ``target`` (n_items,) over the ``trained``
+    items (bool, n_items), the strength chosen by 5-fold cross-validation on them."""
+    x = np.asarray(features, dtype=np.float64)
+    target = np.asarray(target, dtype=np.float64)
+    trained = np.asarray(trained, dtype=bool)
+    if x.ndim != 2 or x.shape[0] != target.shape[0] or trained.shape != target.shape:
+        raise ValueError(
+            f"cold prior: features {x.shape}, targets {target.shape} and trained "
+            f"{trained.shape} must describe the same items"
+        )
+    if not np.isfinite(x).all() or not np.isfinite(target[trained]).all():
+        raise ValueError("cold prior: features and targets must be finite")
+    if int(trained.sum()) < 2 * FOLDS:
+        raise ValueError(
+            f"cold prior: {int(trained.sum())} trained items; the cross-validation needs at "
+            f"least {2 * FOLDS}"
+        )
+    if not lambdas or min(lambdas) <= 0:
+        raise ValueError(f"cold prior: ridge strengths {lambdas} must be > 0")
+    xw, yw = x[trained], target[trained]
+    folds = np.array_split(np.random.default_rng(seed).permutation(len(yw)), FOLDS)
+    cv: dict[float, float] = {}
+    for lam in lambdas:
+        err = 0.0
+        for f in folds:
+            keep = np.ones(len(yw), dtype=bool)
+            keep[f] = False
+            coef, xm, ym = _ridge(xw[keep], yw[keep], lam)
+            err += float((((xw[f] - xm) @ coef + ym - yw[f]) ** 2).sum())
+        cv[float(lam)] = err / len(yw)
+    best = min(cv, key=lambda k: (cv[k], k))
+    coef, xm, ym = _ridge(xw, yw, best)
+    return TextPrior(coef=coef, x_mean=xm, y_mean=ym, lam=best, cv_mse=cv)
+
+
+@torch.no_grad()
+def frozen_features(
+    model: Any, texts: list[str] | None = None, batch_size: int = 256
+) -> np.ndarray:
+    """Normalized frozen-backbone embeddings (no adapter) of ``texts`` (default: the catalog)."""
+    texts = model.item_texts if texts is None else texts
+    out = [
+        F.normalize(model.encode_texts(texts[s : s + batch_size], adapted=False), dim=-1)
+        for s in range(0, len(texts), batch_size)
+    ]
+    return torch.cat(out).double().numpy()
+
+
+@torch.no_grad()
+def attach_cold_prior(
+    model: Any,
+    weight: float,
+    *,
+    counts: np.ndarray | None = None,
+    features: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Fit the prior and store it in the model: ``cold_prior`` (dim + 1: the weighted linear
+    function of a frozen text embedding, for items added later) and ``cold_prior_items`` (its
+    value for every catalog item never trained, 0 for the trained ones). ``weight`` 0 stores
+    zeros (no prior).
+
+    With ``counts`` (training interactions per catalog item; central training): the target is
+    ``log(1 + n_i)``, centred on the trained items' mean prediction. Without: the target is the
+    model's own learned item bias (``b_i`` of the trained items), not centred, so that ``weight``
+    1 gives a cold item the bias its text predicts; that reads nothing but the released model and
+    the public catalog (post-processing: what a DP federation may do)."""
+    if not (np.isfinite(weight) and weight >= 0):
+        raise ValueError(f"cold prior weight {weight!r} must be a finite number >= 0")
+    warm = model.warm.numpy()
+    if counts is not None:
+        counts = np.asarray(counts)
+        if counts.shape != warm.shape:
+            raise ValueError(f"cold prior: {counts.shape[0]} counts for {warm.shape[0]} items")
+        if ((counts > 0) != warm).any():
+            raise ValueError("cold prior: the counts do not match the model's trained items")
+        target = np.log1p(counts.astype(np.float64))
+        what = "log(1 + training interactions), centred on the trained items"
+    else:
+        if model.item_bias is None:
+            raise ValueError(
+                "cold prior without counts regresses the learned item bias, but this model has "
+                "none (item_bias = false)"
+            )
+        target = model.item_bias.detach().double().numpy()
+        what = "the model's learned item bias (post-processing of the model)"
+    x = frozen_features(model) if features is None else features
+    prior = fit_text_prior(x, target, warm)
+    center = float(prior.predict(x[warm]).mean()) if counts is not None else 0.0
+    coef = weight * prior.coef
+    intercept = weight * (prior.y_mean - float(prior.x_mean @ prior.coef) - center)
+    items = (x @ coef + intercept) * ~warm
+    model.cold_prior.copy_(torch.as_tensor(np.append(coef, intercept), dtype=torch.float32))
+    model.cold_prior_items.copy_(torch.as_tensor(items, dtype=torch.float32))
+    return {
+        "weight": float(weight),
+        "lambda": prior.lam,
+        "cv_mse": {str(k): round(v, 5) for k, v in prior.cv_mse.items()},
+        "trained_items": int(warm.sum()),
+        "cold_items": int((~warm).sum()),
+        "target": what + "; ridge on frozen text embeddings",
+    }
+
+
+__all__ = ["LAMBDAS", "TextPrior", "attach_cold_prior", "fit_text_prior", "frozen_features"]
