@@ -14,7 +14,7 @@ from fedrec.shared.evaluation import evaluate
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.model.artifacts import save_model
 from fedrec.shared.model.central import ModelScorer, ProfileBank
-from fedrec.shared.model.cold_prior import attach_cold_prior
+from fedrec.shared.model.cold_prior import attach_cold_prior, clear_cold_prior
 from fedrec.shared.model.run_central import item_titles
 from fedrec.shared.model.towers import RecModel
 from fedrec.shared.plots import plot_rounds
@@ -59,9 +59,12 @@ def write_outputs(
     seconds: float,
     user_level: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    prior = None
+    prior: dict[str, Any] | None = None
     if cfg.cold_prior > 0:  # post-processing of the released model and the public catalog
-        prior = attach_cold_prior(model, cfg.cold_prior)
+        try:
+            prior = attach_cold_prior(model, cfg.cold_prior)
+        except ValueError as err:  # e.g. too few trained items: keep the run's outputs
+            prior = {"weight": cfg.cold_prior, "error": f"not attached: {err}"}
     scorer = ModelScorer(model, bank)
     result: dict[str, Any] = {"protocol": cfg.protocol, "command": "simulate"}
     result["model"] = {
@@ -76,6 +79,7 @@ def write_outputs(
     if split.valid is not None:
         result["model"]["valid"] = evaluate(scorer, split.valid)
     save_model(model, run, item_ids=[int(i) for i in ds.item_ids], titles=item_titles(ds))
+    clear_cold_prior(model)  # the model object may be cached in this process: leave it as trained
     base = run_baselines(ds, cfg.protocol, names=baseline_names(baselines), backbone=cfg.backbone)
     result["split"] = base["split"]
     result["baselines"] = base["baselines"]

@@ -47,7 +47,7 @@ def test_ridge_refuses_bad_input():
         fit_text_prior(x, np.ones(20), np.ones(20, dtype=bool), lambdas=(0.0,))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cold_model(synth_dir, tiny_backbone):
     """A tiny model whose last 30 % of items were never trained, with a trained-looking head."""
     ds = load_dataset(synth_dir)
@@ -110,6 +110,31 @@ def test_bias_target_predicts_the_models_own_bias_for_cold_items(cold_model):
             attach_cold_prior(model, 0.0, features=feats)
 
 
+def test_prior_is_fitted_without_dropout_even_right_after_training(cold_model):
+    """A model fresh from training is in train mode: the frozen features must still be the
+    deterministic eval-mode ones, and the stored function must reproduce the stored values."""
+    _, model, counts = cold_model
+    model.eval()
+    attach_cold_prior(model, 1.0, counts=counts)
+    want = model.cold_prior_items.clone()
+    model.train()
+    attach_cold_prior(model, 1.0, counts=counts)
+    assert model.training  # left as it was
+    assert torch.equal(model.cold_prior_items, want)
+    model.eval()
+    frozen = model.encode_texts(model.item_texts, adapted=False)
+    cold = ~model.warm
+    assert torch.allclose(model.cold_prior_of(frozen)[cold], want[cold], atol=1e-5)
+
+
+def test_federation_config_needs_the_item_bias_for_a_prior():
+    from fedrec.shared.federation.config import FedConfig
+
+    with pytest.raises(ValueError, match="needs item-bias"):
+        FedConfig(cold_prior=1.0, item_bias=False)
+    assert FedConfig(cold_prior=1.0).cold_prior == 1.0
+
+
 def test_prior_refuses_counts_of_other_items(cold_model):
     _, model, counts = cold_model
     with pytest.raises(ValueError, match="do not match"):
@@ -139,6 +164,10 @@ def test_saved_prior_scores_cold_and_new_items_in_inference(cold_model, tmp_path
     cold_ids = [int(ds.item_ids[i]) for i in np.flatnonzero(~model.warm.numpy())]
     got = {r.item_id: r.score for r in rec.recommend(history=hist, k=len(ds.item_ids) - len(hist))}
     pos = {int(i): k for k, i in enumerate(ds.item_ids)}
+    # the recommender carries the prior itself (not only agreement with the scorer)
+    prior = model.cold_prior_items[[pos[i] for i in cold_ids]]
+    assert prior.abs().sum() > 0
+    assert torch.allclose(rec.bias[[rec.position[i] for i in cold_ids]], prior, atol=1e-6)
     for i in cold_ids:
         if i in got:
             assert got[i] == pytest.approx(float(ref[0, pos[i]]), abs=1e-4)
@@ -162,6 +191,10 @@ def test_a_run_without_prior_loads_as_none_and_a_bad_one_is_refused(cold_model, 
               str(old / "model" / "head.safetensors"))  # fmt: skip
     loaded, _ = load_model(old)  # written before the prior existed
     assert not loaded.cold_prior.any() and not loaded.cold_prior_items.any()
+    save_file({k: v for k, v in head.items() if k != "cold_prior_items"},
+              str(old / "model" / "head.safetensors"))  # fmt: skip
+    with pytest.raises(ModelFileError, match="not all of"):
+        load_model(old)
     bad = tmp_path / "bad"
     shutil.copytree(run, bad)
     items = head["cold_prior_items"].clone()

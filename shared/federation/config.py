@@ -214,6 +214,12 @@ class FedConfig:
         _need(1 <= self.history_len <= 200, "history-len", self.history_len, "1..200")
         _need(0 <= self.cold_dropout < 1, "cold-dropout", self.cold_dropout, "0 <= p < 1")
         _need(0 <= self.cold_prior <= 100, "cold-prior", self.cold_prior, "0..100; 0 = none")
+        _need(
+            not self.cold_prior or self.item_bias,
+            "cold-prior",
+            self.cold_prior,
+            "needs item-bias = true (the prior regresses the learned item biases)",
+        )
         _need(1 <= self.num_rounds <= 100_000, "num-rounds", self.num_rounds, "1..100000")
         _need(0 < self.fraction_train <= 1, "fraction-train", self.fraction_train, "(0, 1]")
         _need(self.min_replies >= 1, "min-replies", self.min_replies, ">= 1")

@@ -167,10 +167,13 @@ def load_model(run: Path, *, backbone: str | None = None) -> tuple[RecModel, dic
                 )
             param.copy_(head[name])
         model.warm.copy_(head["warm"].bool())
-        for name in OPTIONAL_HEAD:
+        present = [n for n in OPTIONAL_HEAD if n in head]
+        if present and len(present) != len(OPTIONAL_HEAD):
+            raise ModelFileError(
+                f"{run}/model/head.safetensors: has {present} but not all of {list(OPTIONAL_HEAD)}"
+            )
+        for name in present:
             buf = getattr(model, name)
-            if name not in head:
-                continue
             if head[name].shape != buf.shape or not torch.isfinite(head[name]).all():
                 raise ModelFileError(
                     f"{run}/model/head.safetensors: '{name}' is mis-shaped or not finite"

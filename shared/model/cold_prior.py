@@ -21,9 +21,9 @@ them released under its guarantee, which fedrec does not do). **The model's own 
 federation, run config ``cold-prior``): the same regression onto the learned biases ``b_i`` of
 the trained items, uncentred, so a cold item gets the bias its text predicts (``weight`` 1 is
 that bias in its own units). It reads only the released model and the public catalog texts:
-post-processing, no privacy cost. Which items count as trained is the model's ``warm`` mask,
-the split's training items, as everywhere else the server scores (a deployment would use the
-items it declared trainable).
+post-processing, no privacy cost. Which items count as trained is the model's ``warm`` mask: on
+the server the catalog minus the items the protocol declares new (public, not derived from
+interactions; :func:`fedrec.shared.federation.data_and_model.warm_items`).
 """
 
 from __future__ import annotations
@@ -108,12 +108,18 @@ def fit_text_prior(
 def frozen_features(
     model: Any, texts: list[str] | None = None, batch_size: int = 256
 ) -> np.ndarray:
-    """Normalized frozen-backbone embeddings (no adapter) of ``texts`` (default: the catalog)."""
+    """Normalized frozen-backbone embeddings (no adapter) of ``texts`` (default: the catalog),
+    in eval mode (no dropout: a model fresh from training is still in train mode)."""
     texts = model.item_texts if texts is None else texts
-    out = [
-        F.normalize(model.encode_texts(texts[s : s + batch_size], adapted=False), dim=-1)
-        for s in range(0, len(texts), batch_size)
-    ]
+    was_training = model.training
+    model.eval()
+    try:
+        out = [
+            F.normalize(model.encode_texts(texts[s : s + batch_size], adapted=False), dim=-1)
+            for s in range(0, len(texts), batch_size)
+        ]
+    finally:
+        model.train(was_training)
     return torch.cat(out).double().numpy()
 
 
@@ -172,4 +178,18 @@ def attach_cold_prior(
     }
 
 
-__all__ = ["LAMBDAS", "TextPrior", "attach_cold_prior", "fit_text_prior", "frozen_features"]
+@torch.no_grad()
+def clear_cold_prior(model: Any) -> None:
+    """Remove the prior (zeros): e.g. before a model object is trained again."""
+    model.cold_prior.zero_()
+    model.cold_prior_items.zero_()
+
+
+__all__ = [
+    "LAMBDAS",
+    "TextPrior",
+    "attach_cold_prior",
+    "clear_cold_prior",
+    "fit_text_prior",
+    "frozen_features",
+]

@@ -235,10 +235,9 @@ def _not_protected(cfg: FedConfig) -> str:
     prior = (
         f"- The cold prior (`cold-prior` = {cfg.cold_prior}): after the last round the server "
         "regresses the\n  released model's item biases on the public catalog texts and gives "
-        "items never trained the\n  prediction. That is post-processing of the released model. "
-        "But which items count as\n  trained is the simulation's training split, known to the "
-        "server from the data, not from a\n  release: whether an item has any training interaction "
-        "is not covered. A deployment would use\n  the items it declared trainable instead.\n"
+        "the items the protocol\n  declared new (public, not derived from interactions) the "
+        "prediction: post-processing of the\n  released model and public data, under the "
+        "guarantees above.\n"
         if cfg.cold_prior > 0
         else ""
     )
