@@ -274,7 +274,7 @@ def train_central_cmd(
             result = run_train_central(
                 ds, protocol, out_dir, model_overrides=model_o, train_overrides=train_o,
                 quick=quick, baselines=[] if no_baselines else None,
-                log=lambda m: progress.console.print(f"  {m}"), on_step=on_step,
+                log=lambda m: progress.console.print(f"  {m}"), on_step=on_step, data=data,
             )  # fmt: skip
         except ValueError as e:
             _fail(str(e), 2)

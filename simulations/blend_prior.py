@@ -25,7 +25,6 @@ baseline does, and the model is the run's. The output lists every ``w`` on valid
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -34,14 +33,11 @@ import numpy as np
 
 from fedrec.shared.baselines.profile_popularity import ProfilePopularity
 from fedrec.shared.baselines.runner import tune_profile_popularity
-from fedrec.shared.data import load_dataset
 from fedrec.shared.evaluation import Scorer, evaluate
-from fedrec.shared.federation.data_and_model import resolve_data_dir
-from fedrec.shared.model.artifacts import load_model
 from fedrec.shared.model.central import ModelScorer, ProfileBank
-from fedrec.shared.model.run_central import with_profile_template
 from fedrec.shared.rundir import versions, write_json
-from fedrec.shared.splitting import EvalSet, holdout_split, make_split
+from fedrec.shared.splitting import EvalSet
+from fedrec.simulations.holdout_run import load_holdout_run
 
 WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, math.inf)
 FLOOR = 1e-8
@@ -82,28 +78,9 @@ def main() -> None:
     ap.add_argument("run", type=Path, help="a train-central --protocol C run folder")
     ap.add_argument("--out", type=Path, help="results file (default RUN/blend_prior.json)")
     args = ap.parse_args()
-    cfg_path = args.run / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SystemExit(f"{cfg_path}: not a readable train-central run ({err})") from None
-    train = cfg.get("train", {})
-    if cfg.get("command") != "train-central" or cfg.get("protocol") != "C":
-        raise SystemExit(f"{args.run}: needs a train-central run of protocol C")
-    if not float(train.get("holdout", 0)) > 0:
-        raise SystemExit(
-            f"{args.run}: train.holdout is 0, so there are no held-out training users to choose "
-            "the blend weight on; train with --set train.holdout=0.1"
-        )
-    ds = with_profile_template(
-        load_dataset(resolve_data_dir(cfg.get("dataset", "ml-100k"))),
-        cfg["model"].get("profile_template", ""),
-    )
-    split = make_split(ds, "C")
-    profiles = [ds.user_text(int(u)) for u in split.user_ids]
-    fit = holdout_split(split, float(train["holdout"]), profiles, seed=int(train["seed"]) + 1)
-    assert fit.valid is not None
-    model, _meta = load_model(args.run)
+    r = load_holdout_run(args.run, "C", "train.holdout=0.1")
+    cfg, ds, split, fit, vset, model = r.cfg, r.ds, r.split, r.fit, r.valid, r.model
+    train = cfg["train"]
     scorer = ModelScorer(model, ProfileBank(model))
 
     # profile-popularity's fields and shrinkage, as the suite's baseline chooses them
@@ -114,12 +91,12 @@ def main() -> None:
     pp_test = ProfilePopularity(split, ds.user_fields, fields=fields, shrink=shrink)
 
     # the validation queries by history length (0 or 3 items, as the test sets k=0 and k=3)
-    lengths = sorted({len(h) for h in fit.valid.history})
-    by_len = {n: by_length(fit.valid, n) for n in lengths}
+    lengths = sorted({len(h) for h in vset.history})
+    by_len = {n: by_length(vset, n) for n in lengths}
     test_len = {name: sorted({len(h) for h in es.history}) for name, es in split.tests.items()}
     rows: list[dict[str, Any]] = []
     for w in WEIGHTS:
-        valid = evaluate(Blend(scorer, pp_valid, w), fit.valid, ks=(10,), with_auc=False)
+        valid = evaluate(Blend(scorer, pp_valid, w), vset, ks=(10,), with_auc=False)
         per_len = {
             n: evaluate(Blend(scorer, pp_valid, w), es, ks=(10,), with_auc=False)["NDCG@10"]
             for n, es in by_len.items()
@@ -161,7 +138,7 @@ def main() -> None:
     result = {
         "run": str(args.run),
         "profile_popularity": {"fields": fields, "shrink": shrink, "tuned_on": where},
-        "validation": f"{len(fit.valid)} queries of the pseudo-cold users of train.holdout "
+        "validation": f"{len(vset)} queries of the pseudo-cold users of train.holdout "
         f"{train['holdout']} (seed {int(train['seed']) + 1})",
         # profile-popularity is tuned on 10 % of the trained users, seed 1 (the suite's rule)
         "same_holdout_as_profile_popularity_tuning": float(train["holdout"]) == 0.1

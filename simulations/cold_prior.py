@@ -17,34 +17,19 @@ report them (this model trained on less data than the final one).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedrec.shared.data import load_dataset
+from fedrec.shared.baselines.popularity import ConstantScorer
 from fedrec.shared.evaluation import evaluate
-from fedrec.shared.federation.data_and_model import resolve_data_dir
-from fedrec.shared.model.artifacts import load_model
 from fedrec.shared.model.central import ModelScorer, ProfileBank
 from fedrec.shared.model.cold_prior import attach_cold_prior, frozen_features
-from fedrec.shared.model.run_central import with_profile_template
 from fedrec.shared.rundir import versions, write_json
-from fedrec.shared.splitting import holdout_split, make_split
+from fedrec.simulations.holdout_run import load_holdout_run
 
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-
-
-class PriorAlone:
-    """The prior's value per item as a :class:`~fedrec.shared.evaluation.Scorer` (the same for
-    every query; a baseline: text-predicted popularity without the model)."""
-
-    def __init__(self, prior: np.ndarray) -> None:
-        self.prior = prior
-
-    def score(self, users, history, profiles, warm) -> np.ndarray:  # noqa: ANN001
-        return np.tile(self.prior, (len(users), 1))
 
 
 def main() -> None:
@@ -52,30 +37,11 @@ def main() -> None:
     ap.add_argument("run", type=Path, help="a train-central --protocol B run with train.holdout")
     ap.add_argument("--out", type=Path, help="results file (default RUN/cold_prior.json)")
     args = ap.parse_args()
-    cfg_path = args.run / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise SystemExit(f"{cfg_path}: not a readable train-central run ({err})") from None
-    train = cfg.get("train", {})
-    if cfg.get("command") != "train-central" or cfg.get("protocol") != "B":
-        raise SystemExit(f"{args.run}: needs a train-central run of protocol B")
-    if not float(train.get("holdout", 0)) > 0:
-        raise SystemExit(
-            f"{args.run}: train.holdout is 0, so there are no pseudo-cold items to choose the "
-            "weight on; train with --set train.holdout=0.2"
-        )
+    r = load_holdout_run(args.run, "B", "train.holdout=0.2")
+    cfg, ds, split, fit, vset, model = r.cfg, r.ds, r.split, r.fit, r.valid, r.model
+    train = cfg["train"]
     if float(train.get("cold_prior", 0)) > 0:
         raise SystemExit(f"{args.run}: trained with a cold prior already; train without one")
-    ds = with_profile_template(
-        load_dataset(resolve_data_dir(cfg.get("dataset", "ml-100k"))),
-        cfg["model"].get("profile_template", ""),
-    )
-    split = make_split(ds, "B")
-    profiles = [ds.user_text(int(u)) for u in split.user_ids]
-    fit = holdout_split(split, float(train["holdout"]), profiles, seed=int(train["seed"]) + 1)
-    assert fit.valid is not None
-    model, _meta = load_model(args.run)
     counts = np.bincount(fit.train_item, minlength=len(ds.item_ids))
     if ((counts > 0) != model.warm.numpy()).any():
         raise SystemExit(f"{args.run}: its trained items are not the holdout split's")
@@ -86,7 +52,7 @@ def main() -> None:
     for w in WEIGHTS:
         prior = attach_cold_prior(model, w, counts=counts, features=feats)
         scorer = ModelScorer(model, bank)
-        valid = evaluate(scorer, fit.valid, ks=(10,), with_auc=False)
+        valid = evaluate(scorer, vset, ks=(10,), with_auc=False)
         test = {n: evaluate(scorer, es, ks=(10,), with_auc=False) for n, es in split.tests.items()}
         row = {
             "w": w,
@@ -104,8 +70,8 @@ def main() -> None:
     best = max(rows, key=lambda r: float(r["valid"]["NDCG@10"]))  # first best wins ties
     # the prior alone (the model ignored): what text-predicted popularity ranks by itself
     attach_cold_prior(model, 1.0, counts=counts, features=feats)
-    alone = PriorAlone(model.cold_prior_items.double().numpy())
-    valid = evaluate(alone, fit.valid, ks=(10,), with_auc=False)
+    alone = ConstantScorer(model.cold_prior_items.double().numpy())
+    valid = evaluate(alone, vset, ks=(10,), with_auc=False)
     test = {n: evaluate(alone, es, ks=(10,), with_auc=False) for n, es in split.tests.items()}
     prior_alone = {
         "valid": {k: round(v, 5) for k, v in valid.items()},
@@ -117,7 +83,7 @@ def main() -> None:
     )
     result = {
         "run": str(args.run),
-        "validation": f"{len(fit.valid)} queries on the pseudo-cold items of train.holdout "
+        "validation": f"{len(vset)} queries on the pseudo-cold items of train.holdout "
         f"{train['holdout']} (seed {int(train['seed']) + 1})",
         "ridge": {k: prior[k] for k in ("lambda", "cv_mse", "trained_items", "target")},
         "weights": rows,

@@ -72,7 +72,7 @@ def test_popularity_fallback_only_for_empty_histories(ds):
     model = PopularityFallback(ItemKNN(sp), pop)
     h = [np.empty(0, dtype=np.int64), np.array([0, 1])]
     s = model.score(np.array([0, 1]), h, [None, None], np.array([False, False]))
-    assert np.array_equal(s[0], pop.counts) and not np.array_equal(s[1], pop.counts)
+    assert np.array_equal(s[0], pop.scores) and not np.array_equal(s[1], pop.scores)
 
 
 def test_zero_shot_uses_profile_when_history_is_empty(ds, tiny_backbone):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from fedrec.shared.model.artifacts import ModelFileError, load_model, save_model
 from fedrec.shared.model.central import ModelScorer, ProfileBank
 from fedrec.shared.model.cold_prior import attach_cold_prior, fit_text_prior, frozen_features
 from fedrec.shared.splitting import protocol_a, protocol_b
+from fedrec.simulations.cold_prior import WEIGHTS
 
 from .test_cli import fedrec
 from .test_model import make_model, perturb_lora
@@ -252,3 +255,34 @@ def test_text_popularity_baseline_scores_trained_by_count_and_cold_by_text(
     entry = r["baselines"]["text-popularity"]
     assert entry["params"]["lambda"] == base.prior.lam
     assert 0 <= entry["metrics"]["cold_items"]["Recall@10"] <= 1
+
+
+def test_weight_selection_script_runs_on_a_holdout_run_and_refuses_a_run_without_one(
+    synth_dir, tiny_backbone, tmp_path
+):
+    run = tmp_path / "holdout"
+    common = ("--protocol", "B", "--data", synth_dir, "--no-baselines",
+              "--set", f"model.backbone={tiny_backbone}", "--set", "model.max_length=16",
+              "--set", "train.epochs=1", "--set", "train.batch_size=64")  # fmt: skip
+    r = fedrec("train-central", *common, "--out", run, "--set", "train.holdout=0.2")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "cold_prior.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "fedrec.simulations.cold_prior", str(run), "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert [row["w"] for row in res["weights"]] == list(WEIGHTS)
+    best = max(res["weights"], key=lambda row: row["valid"]["NDCG@10"])
+    assert res["chosen"] == best["w"] and res["ridge"]["lambda"] > 0
+    assert set(res["prior_alone"]["valid"]) >= {"NDCG@10", "Recall@10"}
+    # a run without holdout has nothing to choose on: a clear refusal, no traceback
+    plain = tmp_path / "plain"
+    assert fedrec("train-central", *common, "--out", plain).returncode == 0
+    r = subprocess.run(
+        [sys.executable, "-m", "fedrec.simulations.cold_prior", str(plain)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode != 0 and "train.holdout is 0" in r.stderr
+    assert "--set train.holdout=0.2" in r.stderr and "Traceback" not in r.stderr

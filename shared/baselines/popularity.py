@@ -9,9 +9,14 @@ import numpy as np
 from fedrec.shared.splitting import Split
 
 
-class Popularity:
-    def __init__(self, split: Split) -> None:
-        self.counts = np.bincount(split.train_item, minlength=split.n_items).astype(np.float64)
+class ConstantScorer:
+    """One score vector for every query (a :class:`~fedrec.shared.evaluation.Scorer`): the
+    popularity-style baselines, and a prior scored on its own."""
+
+    def __init__(self, scores: np.ndarray) -> None:
+        self.scores = np.asarray(scores, dtype=np.float64)
+        if self.scores.ndim != 1:
+            raise ValueError(f"a constant scorer needs one score per item, got {self.scores.shape}")
 
     def score(
         self,
@@ -20,4 +25,9 @@ class Popularity:
         profiles: Sequence[str | None],
         warm: np.ndarray,
     ) -> np.ndarray:
-        return np.broadcast_to(self.counts, (len(users), self.counts.shape[0]))
+        return np.broadcast_to(self.scores, (len(users), self.scores.shape[0]))
+
+
+class Popularity(ConstantScorer):
+    def __init__(self, split: Split) -> None:
+        super().__init__(np.bincount(split.train_item, minlength=split.n_items))

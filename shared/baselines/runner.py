@@ -62,7 +62,7 @@ class PopularityFallback:
         out = np.array(self.inner.score(users, history, profiles, warm), dtype=np.float64)
         empty = [b for b, h in enumerate(history) if h.shape[0] == 0]
         if empty:
-            out[empty] = self.popularity.counts
+            out[empty] = self.popularity.scores
         return out
 
 

@@ -69,6 +69,13 @@ def item_titles(ds: Dataset) -> list[str]:
     return out
 
 
+def _data_ref(data: str | None, name: str) -> str:
+    if data is None:
+        return name
+    path = Path(data)
+    return str(path.resolve()) if path.is_dir() else data
+
+
 def with_profile_template(ds: Dataset, template: str) -> Dataset:
     """``ds`` whose profile texts use ``template`` (its own when ``template`` is empty).
 
@@ -104,7 +111,11 @@ def run_train_central(
     baselines: Sequence[str] | None = None,
     log: Callable[[str], None] = lambda _m: None,
     on_step: Callable[[int, int, float], None] | None = None,
+    data: str | None = None,
 ) -> dict[str, Any]:
+    """Train on ``ds``, evaluate beside the baselines, write the run to ``out``. ``data`` is what
+    the user named the data by (a data set name or a folder), recorded in ``config.json`` so that
+    scripts reading the run can load the same data (a folder as an absolute path)."""
     t0 = time.perf_counter()
     train_dict = {**(QUICK_TRAIN if quick else {}), **(train_overrides or {})}
     model_cfg = from_dict(ModelConfig, model_overrides or {}, where="model settings")
@@ -152,6 +163,7 @@ def run_train_central(
         "command": "train-central",
         "protocol": protocol,
         "dataset": ds.name,
+        "data": _data_ref(data, ds.name),
         "quick": quick,
         "model": as_dict(model_cfg),
         "train": as_dict(train_cfg),

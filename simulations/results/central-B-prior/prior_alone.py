@@ -8,15 +8,15 @@ import json
 import sys
 from pathlib import Path
 
+from fedrec.shared.baselines.popularity import ConstantScorer
 from fedrec.shared.evaluation import evaluate
 from fedrec.shared.federation.data_and_model import dataset_and_split, resolve_data_dir
 from fedrec.shared.model.artifacts import load_model
-from fedrec.simulations.cold_prior import PriorAlone
 
 model, _meta = load_model(Path(sys.argv[1]))
 if not model.cold_prior_items.any():
     raise SystemExit(f"{sys.argv[1]}: the model has no cold prior")
 _ds, split = dataset_and_split(resolve_data_dir("ml-100k"), "B", 0)
-alone = PriorAlone(model.cold_prior_items.double().numpy())
+alone = ConstantScorer(model.cold_prior_items.double().numpy())
 m = evaluate(alone, split.tests["cold_items"], with_auc=False)
 print(json.dumps({k: round(v, 5) for k, v in m.items()}))
