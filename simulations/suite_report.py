@@ -477,7 +477,8 @@ HEADLINE: dict[str, list[tuple[str, dict[str, str]]]] = {
         ("fedrec federated, 10 silos, no DP", {"A": "A-fed-nodp"}),
         ("fedrec federated, one user per device, local DP (`cross-device` preset)",
          {"A": "A-default"}),
-        ("fedrec federated, one user per device, user-level DP", {"A": "A-user-userdp8"}),
+        ("fedrec federated, one user per device, user-level DP, no trusted server (the "
+         "default: `secure` preset, the main job)", {"A": "A-secure"}),
     ],
 }  # fmt: skip
 HEADLINE_BASELINES = (

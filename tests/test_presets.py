@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from typer.testing import CliRunner
 
@@ -27,8 +29,9 @@ def test_silos_is_the_full_suites_epsilon_8_experiment():
     assert got == want
 
 
-@pytest.mark.parametrize(("preset", "experiment"),
-                         [("cross-device", "A-default"), ("central-dp", "A-user-userdp8")])
+@pytest.mark.parametrize(
+    ("preset", "experiment"), [("cross-device", "A-default"), ("secure", "A-secure")]
+)
 def test_presets_are_the_experiments_their_descriptions_cite(preset, experiment):
     suite = load_suite("full")
     e = next(x for x in suite.experiments if x.name == experiment)
@@ -66,12 +69,19 @@ def test_list_presets_names_them_all():
         assert f"{name}:" in r.output
 
 
-def test_secure_is_the_committed_secure_aggregation_run():
+@pytest.mark.parametrize(
+    ("preset", "run"), [("secure", "seed0"), ("central-dp", "central-dp-seed0")]
+)
+def test_secure_and_its_twin_are_the_committed_runs(preset, run):
     """`--preset secure` is the seed-0 run of simulations/results/secure-agg/runs/ (the other
-    runs there differ in their seed only: the report checks that)."""
+    runs there differ in their seed only: the report checks that), and `--preset central-dp` its
+    trusted-server twin: the same settings but secure aggregation."""
     import json
     from pathlib import Path
 
-    path = Path(__file__).parents[1] / "simulations/results/secure-agg/runs/seed0/config.json"
+    path = Path(__file__).parents[1] / f"simulations/results/secure-agg/runs/{run}/config.json"
     ran = parse_run_config(json.loads(path.read_text())["federation"])
-    assert resolve(None, {}, preset="secure")[0] == ran
+    assert resolve(None, {}, preset=preset)[0] == ran
+    secure, twin = (resolve(None, {}, preset=p)[0] for p in ("secure", "central-dp"))
+    assert secure.secure_agg and not twin.secure_agg
+    assert dataclasses.replace(secure, secure_agg=False) == twin
