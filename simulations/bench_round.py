@@ -16,9 +16,12 @@ fedrec's ``partition=user`` on ML-100K) and C clients sampled per round:
   secure aggregation needs), the last one carrying the arrays.
 - ``fedrec-dp``: ``fedrec simulate --preset central-dp --set fraction-train=F --set
   num-rounds=R --set evaluate-every=0 --baselines none`` (user-level DP with a trusted server,
-  one message per client per round), called in-process through
-  :func:`~fedrec.simulations.launch.simulate`; ``F = (C + 0.5) / N`` so that Flower's FedAvg
-  samples exactly C (``int(N * F)``), 1.0 for C = N.
+  one message per client per round; since bc26920 the preset is the default ``secure``
+  federation's training with ``secure-agg=false``, before it an older setting of 8 local steps
+  on disjoint examples, which the results files of earlier commits ran with their ``--set``
+  values on top; results files record the resolved settings as ``fedrec_config``), called
+  in-process through :func:`~fedrec.simulations.launch.simulate`; ``F = (C + 0.5) / N`` so
+  that Flower's FedAvg samples exactly C (``int(N * F)``), 1.0 for C = N.
 - ``fedrec-secagg``: the same with ``--set secure-agg=true`` (SecAgg+ with distributed Skellam
   noise, four exchanges per round).
 
@@ -63,6 +66,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import platform
 import re
@@ -653,6 +657,8 @@ def bench(
     workdir: Path,
     out: Path,
 ) -> dict[str, Any]:
+    from fedrec.simulations.launch import resolve
+
     doc: dict[str, Any] = {
         "kind": "round-cost",
         "settings": {
@@ -664,6 +670,14 @@ def bench(
             "array_sizes": list(ARRAY_SIZES),
             "preset": "central-dp",
             "fedrec_sets": dict(EXTRA_SETS),
+            # what the preset and the sets resolve to (the trusted variant at the first cohort
+            # size; the secure one adds secure-agg): a preset's meaning can change between
+            # commits (central-dp did at bc26920), this does not
+            "fedrec_config": dataclasses.asdict(
+                resolve(
+                    None, fedrec_sets(False, per_round[0], supernodes, rounds), preset="central-dp"
+                )[0]
+            ),
             "median_over": "rounds 2..R (round 1 includes warm-up)",
         },
         "machine": {

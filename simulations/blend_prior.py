@@ -77,8 +77,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a train-central --protocol C run folder")
     ap.add_argument("--out", type=Path, help="results file (default RUN/blend_prior.json)")
+    ap.add_argument("--data", help="the data set name or folder (default: what the run recorded)")
     args = ap.parse_args()
-    r = load_holdout_run(args.run, "C", "train.holdout=0.1")
+    r = load_holdout_run(args.run, "C", "train.holdout=0.1", data=args.data)
     cfg, ds, split, fit, vset, model = r.cfg, r.ds, r.split, r.fit, r.valid, r.model
     train = cfg["train"]
     scorer = ModelScorer(model, ProfileBank(model))

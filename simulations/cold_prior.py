@@ -36,8 +36,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a train-central --protocol B run with train.holdout")
     ap.add_argument("--out", type=Path, help="results file (default RUN/cold_prior.json)")
+    ap.add_argument("--data", help="the data set name or folder (default: what the run recorded)")
     args = ap.parse_args()
-    r = load_holdout_run(args.run, "B", "train.holdout=0.2")
+    r = load_holdout_run(args.run, "B", "train.holdout=0.2", data=args.data)
     cfg, ds, split, fit, vset, model = r.cfg, r.ds, r.split, r.fit, r.valid, r.model
     train = cfg["train"]
     if float(train.get("cold_prior", 0)) > 0:

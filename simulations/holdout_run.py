@@ -12,8 +12,9 @@ from typing import Any
 
 from fedrec.shared.data import load_dataset
 from fedrec.shared.data.dataset import Dataset
+from fedrec.shared.data.errors import DataError
 from fedrec.shared.federation.data_and_model import resolve_data_dir
-from fedrec.shared.model.artifacts import load_model
+from fedrec.shared.model.artifacts import ModelFileError, load_model
 from fedrec.shared.model.run_central import with_profile_template
 from fedrec.shared.splitting import EvalSet, Split, holdout_split, make_split
 
@@ -28,9 +29,13 @@ class HoldoutRun:
     model: Any  # the run's RecModel
 
 
-def load_holdout_run(run: Path, protocol: str, holdout_hint: str) -> HoldoutRun:
+def load_holdout_run(
+    run: Path, protocol: str, holdout_hint: str, data: str | None = None
+) -> HoldoutRun:
     """The run at ``run``, which must be a ``train-central --protocol {protocol}`` run with a
-    holdout (else SystemExit saying so; ``holdout_hint`` is the ``--set`` that gives one)."""
+    holdout and its model (else SystemExit saying what is wrong; ``holdout_hint`` is the
+    ``--set`` that gives a holdout). ``data`` (a data set name or folder) overrides the data the
+    run recorded: runs before bc26920 record only the data set's name."""
     cfg_path = run / "config.json"
     try:
         cfg = json.loads(cfg_path.read_text())
@@ -44,15 +49,25 @@ def load_holdout_run(run: Path, protocol: str, holdout_hint: str) -> HoldoutRun:
             f"{run}: train.holdout is 0, so nothing was held out to choose on; train with "
             f"--set {holdout_hint}"
         )
-    ds = with_profile_template(
-        # "data" (a name or an absolute folder) since 2026-12-02; older runs name it only
-        load_dataset(resolve_data_dir(cfg.get("data") or cfg.get("dataset", "ml-100k"))),
-        cfg["model"].get("profile_template", ""),
-    )
+    try:
+        model, _meta = load_model(run)
+    except (OSError, ModelFileError) as err:
+        raise SystemExit(
+            f"{run}: no usable model ({err}); committed result folders keep no weights, so "
+            "rerun the training command the folder records"
+        ) from None
+    # "data" (a name or an absolute folder) since bc26920; older runs name the data set only
+    where = data or cfg.get("data") or cfg.get("dataset", "ml-100k")
+    try:
+        ds = load_dataset(resolve_data_dir(where))
+    except (OSError, DataError) as err:
+        raise SystemExit(
+            f"{run}: cannot load its data {where!r} ({err}); pass --data NAME_OR_FOLDER"
+        ) from None
+    ds = with_profile_template(ds, cfg["model"].get("profile_template", ""))
     split = make_split(ds, protocol)
     profiles = [ds.user_text(int(u)) for u in split.user_ids]
     fit = holdout_split(split, float(train["holdout"]), profiles, seed=int(train["seed"]) + 1)
     if fit.valid is None:  # holdout_split always makes one for a holdout > 0
         raise SystemExit(f"{run}: its holdout has no validation queries")
-    model, _meta = load_model(run)
     return HoldoutRun(cfg=cfg, ds=ds, split=split, fit=fit, valid=fit.valid, model=model)

@@ -277,6 +277,13 @@ def test_weight_selection_script_runs_on_a_holdout_run_and_refuses_a_run_without
     best = max(res["weights"], key=lambda row: row["valid"]["NDCG@10"])
     assert res["chosen"] == best["w"] and res["ridge"]["lambda"] > 0
     assert set(res["prior_alone"]["valid"]) >= {"NDCG@10", "Recall@10"}
+    # data that cannot be found: what to pass, no traceback
+    r = subprocess.run(
+        [sys.executable, "-m", "fedrec.simulations.cold_prior", str(run), "--out", str(out),
+         "--data", str(tmp_path / "nowhere")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode != 0 and "pass --data" in r.stderr and "Traceback" not in r.stderr
     # a run without holdout has nothing to choose on: a clear refusal, no traceback
     plain = tmp_path / "plain"
     assert fedrec("train-central", *common, "--out", plain).returncode == 0

@@ -48,3 +48,10 @@ def test_the_constant_scorer_gives_every_query_the_same_scores():
     assert (out == np.array([3.0, 1.0, 2.0])).all()
     with pytest.raises(ValueError, match="one score per item"):
         ConstantScorer(np.zeros((2, 3)))
+
+
+def test_a_run_folder_without_its_model_is_refused_with_what_to_do(tmp_path):
+    run = _run(tmp_path, command="train-central", protocol="B", train={"holdout": 0.2, "seed": 0},
+               model={}, data=str(tmp_path))  # fmt: skip
+    with pytest.raises(SystemExit, match="no usable model.*rerun the training command"):
+        load_holdout_run(run, "B", "train.holdout=0.2")
