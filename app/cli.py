@@ -177,14 +177,21 @@ def data_synth(
     out.print(f"synthetic data written to {path}")
 
 
+def _names(values: list[str]) -> list[str]:
+    """``--only a,b --only c`` -> ``[a, b, c]`` (each repeat adds; empty parts are dropped)."""
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
+
+
 @app.command("baselines")
 def baselines(
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
     protocol: Annotated[str, typer.Option(help="Evaluation protocol: A, B or C.")] = "A",
     data: Annotated[str, typer.Option(help="'ml-100k' or a data folder.")] = "ml-100k",
     only: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated subset of the baselines (default: all)."),
+        list[str] | None,
+        typer.Option(
+            help="Baselines to run, comma-separated or the option repeated (default: all)."
+        ),
     ] = None,
     backbone: Annotated[str, typer.Option(help="'minilm' or a local HF model folder.")] = "minilm",
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout.")] = False,
@@ -198,10 +205,11 @@ def baselines(
     _check_out(out_dir, "baselines")
     if protocol not in PROTOCOLS:
         _fail(f"--protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}.", 2)
-    names = list(BASELINES) if only is None else [n.strip() for n in only.split(",") if n.strip()]
+    names = list(BASELINES) if only is None else _names(only)
     bad = [n for n in names if n not in BASELINES]
     if bad or not names:
-        _fail(f"--only {only!r}: unknown {bad}; choose from {', '.join(BASELINES)}.", 2)
+        _fail(f"--only {','.join(only or [])!r}: unknown {bad}; choose from "
+              f"{', '.join(BASELINES)}.", 2)  # fmt: skip
     ds = load(data)
     config = {"command": "baselines", "protocol": protocol, "data": data, "dataset": ds.name,
               "baselines": names, "backbone": backbone, "versions": versions()}  # fmt: skip
@@ -560,7 +568,10 @@ def suite_cmd(
         typer.Option("--out", help="Results folder (resumable); not needed with --list."),
     ] = None,
     only: Annotated[
-        str | None, typer.Option(help="Comma-separated experiment names to run (default: all).")
+        list[str] | None,
+        typer.Option(
+            help="Experiments to run, comma-separated or the option repeated (default: all)."
+        ),
     ] = None,
     report_only: Annotated[
         bool, typer.Option("--report-only", help="Rebuild report.md and the plots only.")
@@ -599,7 +610,9 @@ def suite_cmd(
     if report_only:
         summary = write_report(suite, out_dir)
     else:
-        names = [n.strip() for n in only.split(",") if n.strip()] if only else None
+        names = _names(only) if only else None
+        if only and not names:
+            _fail("--only: no experiment names given; name them, e.g. --only A-central", 2)
         try:
             summary = run_suite(
                 suite, out_dir, only=names, log=lambda m: err.print(m, markup=False, soft_wrap=True)

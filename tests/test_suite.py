@@ -191,3 +191,20 @@ def test_span_of_a_suite_run_in_pieces():
     ]
     assert _span(rows) == ("2026-11-23 09:50", "2026-11-24 10:00", 24 * 60 + 10)
     assert _span([{"status": "not run", "suite": {}}]) is None
+
+
+def test_only_takes_commas_and_repeats_and_refuses_an_empty_or_unknown_list(tmp_path):
+    """`--only a,b --only c` selects all three (a repeated option used to keep only its last
+    value, silently); an empty list is an error, never "run everything"."""
+    from typer.testing import CliRunner
+
+    from fedrec.cli import _names, app
+
+    assert _names(["A-baselines,B-baselines", " C-baselines ", ""]) == [
+        "A-baselines", "B-baselines", "C-baselines"]  # fmt: skip
+    runner = CliRunner()
+    r = runner.invoke(app, ["suite", "full", "--out", str(tmp_path / "o"), "--only", ","])
+    assert r.exit_code == 2 and "no experiment names" in r.output
+    r = runner.invoke(app, ["suite", "full", "--out", str(tmp_path / "o"), "--only", "A-central",
+                            "--only", "nope"])  # fmt: skip
+    assert r.exit_code == 2 and "nope" in r.output
