@@ -136,6 +136,15 @@ def headline(results: Path, *, label: str | None = None) -> str:
     u0 = private[0]["metrics"]["privacy"]["user_level"]
     pop = _test(private[0]["metrics"], "popularity")["NDCG@10"]
     knn = _test(private[0]["metrics"], "itemknn")["NDCG@10"]
+    # the adjacency the epsilon is for (a user's data present or zeroed out), and what the same
+    # release gives when one user's data is replaced by another's, where the runs report it
+    rep = [r["metrics"]["privacy"]["user_level"].get("epsilon_replace_one") for r in private]
+    replace_one = (
+        f" with or without one user's data (zero-out adjacency; at most {max(rep):.2f} if one "
+        "user's data is replaced by another's)"
+        if rep and all(x is not None for x in rep)
+        else " with or without one user's data (zero-out adjacency)"
+    )
     twins = ""
     if groups["central"]:
         ce = [r["metrics"]["privacy"]["user_level"]["epsilon"] for r in groups["central"]]
@@ -156,9 +165,10 @@ def headline(results: Path, *, label: str | None = None) -> str:
         f"Skellam noise): median test NDCG@10 **{statistics.median(ndcg):.4f}** over "
         f"{len(private)} runs (min {min(ndcg):.4f}, max {max(ndcg):.4f}) against popularity "
         f"{pop:.4f} and item-kNN {knn:.4f} on the same split; epsilon at most "
-        f"{max(eps):.2f} per user at delta {u0['delta']:g} ({u0['sampled_per_round']} of "
+        f"{max(eps):.2f} per user at delta {u0['delta']:g}{replace_one}; "
+        f"{u0['sampled_per_round']} of "
         f"{u0['clients']} users per round, {c0['num_rounds']} rounds, clip "
-        f"{c0['user_clip']:g}, server {c0.get('server_opt', 'sgd')} lr {c0['server_lr']:g}); "
+        f"{c0['user_clip']:g}, server {c0.get('server_opt', 'sgd')} lr {c0['server_lr']:g}; "
         f"median {statistics.median(secs) / 60:.1f} min a run on 2 cores." + twins,
         "",
         *rows,

@@ -103,10 +103,7 @@ def cli_commands() -> dict[str, set[str]]:
     from fedrec.cli import app
 
     group = typer.main.get_command(app)
-    return {
-        name: set(getattr(cmd, "commands", {}) or {})
-        for name, cmd in group.commands.items()
-    }
+    return {name: set(getattr(cmd, "commands", {}) or {}) for name, cmd in group.commands.items()}
 
 
 # --- the extractor itself: it must find what a page cites, and a typo must fail ---------------
@@ -251,6 +248,15 @@ def test_secure_headline_reads_the_runs_and_refuses_mixed_settings(tmp_path):
     m["model"]["metrics"]["test"]["NDCG@10"] = 0.98765
     (tmp_path / "runs" / private[0] / "metrics.json").write_text(json.dumps(m))
     assert "| 0.9877 |" in headline(tmp_path)
+    # the epsilon names its adjacency, and the replace-one epsilon of the same release (the
+    # largest over the runs) where the runs report it
+    rep = max(
+        json.loads((src / n / "metrics.json").read_text())["privacy"]["user_level"][
+            "epsilon_replace_one"] for n in private
+    )  # fmt: skip
+    assert f"zero-out adjacency; at most {rep:.2f} if one user's data is replaced" in headline(
+        tmp_path
+    )
     c = json.loads((tmp_path / "runs" / private[1] / "config.json").read_text())
     c["federation"]["server_lr"] = 0.5
     (tmp_path / "runs" / private[1] / "config.json").write_text(json.dumps(c))
