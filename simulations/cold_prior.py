@@ -32,17 +32,24 @@ from fedrec.simulations.holdout_run import load_holdout_run
 WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
+def _trained_with_prior(cfg: dict[str, Any]) -> str | None:
+    """Why a run cannot be used here: it has a cold prior already (else None)."""
+    if float(cfg.get("train", {}).get("cold_prior", 0)) > 0:
+        return "trained with a cold prior already; train without one"
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="a train-central --protocol B run with train.holdout")
     ap.add_argument("--out", type=Path, help="results file (default RUN/cold_prior.json)")
     ap.add_argument("--data", help="the data set name or folder (default: what the run recorded)")
     args = ap.parse_args()
-    r = load_holdout_run(args.run, "B", "train.holdout=0.2", data=args.data)
-    cfg, ds, split, fit, vset, model = r.cfg, r.ds, r.split, r.fit, r.valid, r.model
-    train = cfg["train"]
-    if float(train.get("cold_prior", 0)) > 0:
-        raise SystemExit(f"{args.run}: trained with a cold prior already; train without one")
+    r = load_holdout_run(
+        args.run, "B", "train.holdout=0.2", data=args.data, refuse=_trained_with_prior
+    )
+    ds, split, fit, vset, model = r.ds, r.split, r.fit, r.valid, r.model
+    train = r.cfg["train"]
     counts = np.bincount(fit.train_item, minlength=len(ds.item_ids))
     if ((counts > 0) != model.warm.numpy()).any():
         raise SystemExit(f"{args.run}: its trained items are not the holdout split's")

@@ -6,6 +6,7 @@ blend weight on pseudo-cold users, protocol C)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,17 +26,25 @@ class HoldoutRun:
     ds: Dataset  # the data set, with the run's profile template
     split: Split  # the protocol's split (test queries)
     fit: Split  # what the model trained on: the split minus the holdout
-    valid: EvalSet  # the holdout's validation queries (``fit.valid``)
     model: Any  # the run's RecModel
 
+    @property
+    def valid(self) -> EvalSet:
+        """The holdout's validation queries (``fit.valid``, never None for a holdout run)."""
+        assert self.fit.valid is not None  # load_holdout_run refuses a run without them
+        return self.fit.valid
 
-def load_holdout_run(
-    run: Path, protocol: str, holdout_hint: str, data: str | None = None
-) -> HoldoutRun:
-    """The run at ``run``, which must be a ``train-central --protocol {protocol}`` run with a
-    holdout and its model (else SystemExit saying what is wrong; ``holdout_hint`` is the
-    ``--set`` that gives a holdout). ``data`` (a data set name or folder) overrides the data the
-    run recorded: runs before bc26920 record only the data set's name."""
+
+def holdout_config(
+    run: Path,
+    protocol: str,
+    holdout_hint: str,
+    refuse: Callable[[dict[str, Any]], str | None] | None = None,
+) -> dict[str, Any]:
+    """``run``'s config.json if it is a ``train-central --protocol {protocol}`` run with a
+    holdout, else SystemExit saying what is wrong (``holdout_hint``: the ``--set`` that gives a
+    holdout). ``refuse(cfg)`` returns a reason to refuse the run for the caller's purpose (or
+    None): checked here, before anything heavy is loaded."""
     cfg_path = run / "config.json"
     try:
         cfg = json.loads(cfg_path.read_text())
@@ -49,6 +58,24 @@ def load_holdout_run(
             f"{run}: train.holdout is 0, so nothing was held out to choose on; train with "
             f"--set {holdout_hint}"
         )
+    reason = refuse(cfg) if refuse is not None else None
+    if reason:
+        raise SystemExit(f"{run}: {reason}")
+    return cfg
+
+
+def load_holdout_run(
+    run: Path,
+    protocol: str,
+    holdout_hint: str,
+    data: str | None = None,
+    refuse: Callable[[dict[str, Any]], str | None] | None = None,
+) -> HoldoutRun:
+    """The run at ``run`` (checked by :func:`holdout_config`, with ``refuse``) with its model and
+    data (else SystemExit saying what is wrong). ``data`` (a data set name or folder) overrides
+    the data the run recorded: runs before bc26920 record only the data set's name."""
+    cfg = holdout_config(run, protocol, holdout_hint, refuse)
+    train = cfg["train"]
     try:
         model, _meta = load_model(run)
     except (OSError, ModelFileError) as err:
@@ -70,4 +97,4 @@ def load_holdout_run(
     fit = holdout_split(split, float(train["holdout"]), profiles, seed=int(train["seed"]) + 1)
     if fit.valid is None:  # holdout_split always makes one for a holdout > 0
         raise SystemExit(f"{run}: its holdout has no validation queries")
-    return HoldoutRun(cfg=cfg, ds=ds, split=split, fit=fit, valid=fit.valid, model=model)
+    return HoldoutRun(cfg=cfg, ds=ds, split=split, fit=fit, model=model)

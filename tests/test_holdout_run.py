@@ -55,3 +55,18 @@ def test_a_run_folder_without_its_model_is_refused_with_what_to_do(tmp_path):
                model={}, data=str(tmp_path))  # fmt: skip
     with pytest.raises(SystemExit, match="no usable model.*rerun the training command"):
         load_holdout_run(run, "B", "train.holdout=0.2")
+
+
+def test_the_callers_refusal_comes_before_the_model_and_data_are_loaded(tmp_path):
+    """cold_prior refuses a run trained with a prior from its config alone: a folder without
+    model weights or data gets that reason, not 'no usable model'."""
+    from fedrec.simulations.cold_prior import _trained_with_prior
+
+    run = _run(tmp_path, command="train-central", protocol="B",
+               train={"holdout": 0.2, "seed": 0, "cold_prior": 1.0}, model={})  # fmt: skip
+    with pytest.raises(SystemExit, match="trained with a cold prior already"):
+        load_holdout_run(run, "B", "train.holdout=0.2", refuse=_trained_with_prior)
+    run = _run(tmp_path, command="train-central", protocol="B",
+               train={"holdout": 0.2, "seed": 0, "cold_prior": 0.0}, model={})  # fmt: skip
+    with pytest.raises(SystemExit, match="no usable model"):
+        load_holdout_run(run, "B", "train.holdout=0.2", refuse=_trained_with_prior)
