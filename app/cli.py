@@ -476,8 +476,11 @@ def _headline(cfg, result: dict) -> str:  # noqa: ANN001 - a FedConfig
             if cfg.secure_agg
             else "the server adds the noise: it is trusted"
         )
+        # the adjacency: zero-out (one user's data present or absent); replace-one when known
+        rep = u.get("epsilon_replace_one")
+        swap = f", {rep:.2f} if it is replaced by another's" if isinstance(rep, float) else ""
         guarantee = (f"user-level DP, epsilon {u['epsilon']:.2f} per user at delta {u['delta']} "
-                     f"({trust})")  # fmt: skip
+                     f"with or without one user's data (zero-out{swap}; {trust})")  # fmt: skip
     elif cfg.dp:
         guarantee = (f"local DP-SGD, epsilon <= {cfg.epsilon:g} per interaction and per client at "
                      f"delta {cfg.delta:g} ({cfg.dp_adjacency()}; spent at most "
@@ -871,9 +874,10 @@ def _print_metrics(result: dict) -> None:
     for test in next(iter(result["baselines"].values()))["metrics"]:
         table = Table(title=f"protocol {result['protocol']} - {test}", box=box.SIMPLE)
         cols = ["HR@10", "NDCG@10", "MRR@10", "Recall@10", "Recall@20", "NDCG@20", "AUC"]
-        table.add_column("model", no_wrap=True)
+        # a long model name wraps rather than cutting the numbers ("0.11…" at 120 columns)
+        table.add_column("model", overflow="fold", min_width=12)
         for c in cols:
-            table.add_column(c, justify="right", no_wrap=True)
+            table.add_column(c, justify="right", no_wrap=True, min_width=max(len(c), 6))
         for name, entry in result["baselines"].items():
             m = entry["metrics"][test]
             table.add_row(name, *(f"{m[c]:.4f}" for c in cols))

@@ -152,3 +152,45 @@ def test_resume_alone_continues_with_the_runs_own_settings(tmp_path, monkeypatch
     assert seen and seen[0][0] != started
     r = CliRunner().invoke(app, ["simulate", "--resume", "--out", str(tmp_path / "empty")])
     assert r.exit_code == 2 and "nothing to resume" in r.output and "Traceback" not in r.output
+
+
+def test_the_metrics_table_prints_whole_numbers_beside_a_long_model_name(monkeypatch):
+    """At the width fedrec uses without a terminal (120), the main job's table cut every number
+    of its fedrec row to '0.11…' because the model's name took the room; the name wraps now."""
+    from rich.console import Console
+
+    from fedrec import cli
+
+    cols = ["HR@10", "NDCG@10", "MRR@10", "Recall@10", "Recall@20", "NDCG@20", "AUC"]
+    name = "fedrec (federated, no local DP, user-level eps<=8.0 at delta 1e-4, secure aggregation)"
+    result = {
+        "protocol": "A",
+        "baselines": {
+            name: {"metrics": {"test": {c: 0.123456 for c in cols}}},
+            "popularity": {"metrics": {"test": {c: 0.0449 for c in cols}}},
+        },
+    }
+    console = Console(width=120, record=True)
+    monkeypatch.setattr(cli, "out", console)
+    cli._print_metrics(result)
+    text = console.export_text()
+    assert "…" not in text
+    assert text.count("0.1235") == len(cols) and text.count("0.0449") == len(cols)
+
+
+def test_the_summary_line_names_the_adjacency_of_its_user_level_epsilon():
+    """The main job's summary line gave epsilon 7.51 without saying for which neighbouring data
+    sets; it now says zero-out and gives the replace-one figure the run computed."""
+    from pathlib import Path
+
+    from fedrec import cli
+    from fedrec.shared.federation.config import FedConfig
+
+    run = Path(__file__).resolve().parents[1] / "simulations/results/main-job"
+    result = json.loads((run / "metrics.json").read_text())
+    u = result["privacy"]["user_level"]
+    line = cli._headline(FedConfig(dp=False, user_dp=True, secure_agg=True), result)
+    assert f"epsilon {u['epsilon']:.2f} per user at delta {u['delta']}" in line
+    assert "with or without one user's data (zero-out" in line
+    assert f"{u['epsilon_replace_one']:.2f} if it is replaced by another's" in line
+    assert "the server sees only the noisy sum" in line
