@@ -443,7 +443,7 @@ def simulate_cmd(
             f"user-level DP with secure aggregation: epsilon {u['epsilon']:.3f} at "
             f"delta={u['delta']} after {u['releases']} releases (Skellam noise from the "
             f"clients, clip {u['clip']}, {u['sampled_per_round']} of {u['clients']} clients "
-            "per round, no trusted server)"
+            "per round, no trusted server: an honest-but-curious one sees only the noisy sum)"
         )
     elif u.get("enabled"):
         out.print(

@@ -54,8 +54,11 @@ def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
     without ``allow-no-dp=true`` in its node config it refuses a round without local DP (which
     would send its raw update and the counts DP hides), ``id-residual`` (the per-item table
     shows which items it trained on) and ``use-profile`` (not covered by the per-interaction
-    guarantee); with ``delta-max`` set it refuses a larger delta. Raises ``ValueError``: the
-    server sees a failed reply, and nothing was trained or sent."""
+    guarantee); with ``delta-max`` set it refuses a larger delta, with ``user-delta-max`` a
+    larger user-level delta, with ``user-epsilon-max`` a trusted-server run whose user-level
+    budget is larger (secure rounds check the device's own record instead). Raises
+    ``ValueError``: the server sees a failed reply, and nothing was trained or sent. These
+    depend on the run config and the node config only, never on the data."""
     if "data-dir" not in node:
         return
     allow = str(node.get("allow-no-dp", "false")).lower() == "true"
@@ -78,6 +81,18 @@ def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
         raise ValueError(
             f"the server asked delta={cfg.delta}, above this device's delta-max={node['delta-max']}"
         )
+    # user-level DP: the run's whole budget (all its rounds) against the device owner's caps.
+    # In a secure round the device's own record of the rounds it joined is checked against
+    # user-epsilon-max instead, across runs (client.secure); here only delta is.
+    caps = [("user-delta-max", cfg.user_delta)]
+    if not (secure and cfg.secure_agg):
+        caps.append(("user-epsilon-max", cfg.user_epsilon))
+    for key, asked in caps:
+        if cfg.user_dp and key in node and asked > float(node[key]):
+            raise ValueError(
+                f"the server asked {key.removesuffix('-max')}={asked} for this run, above this "
+                f"device's {key}={node[key]}"
+            )
 
 
 def cache_global(client: ClientState, node: Any) -> Path | None:

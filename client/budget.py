@@ -16,12 +16,14 @@ Losing a budget would restart epsilon from zero: every reader refuses a file it 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 from flwr.app import ConfigRecord, Context
 
 from fedrec.shared.privacy.accounting import Run
@@ -167,3 +169,62 @@ def budget_store(context: Context, name: str, extra: dict[str, Any]) -> BudgetSt
     if "partition-id" in node:
         return ContextStore(context, file)
     return MemoryStore()
+
+
+@dataclass
+class UserLevelLedger:
+    """A device's record of the user-level releases it took part in, across runs: one entry per
+    secure round it sent a masked input in, with that round's a-priori noise (the plan's
+    ``mu_total``: what a round keeps with only the minimum survivors, so the entry does not
+    depend on the server's report of who survived), the integer sensitivities, and the round's
+    share of its run's collusion risk. Kept in ``<state>/user-level-budget.json`` next to
+    ``privacy-budget.json`` (local DP), replaced atomically.
+
+    Its epsilon composes the entries' Skellam RDP bounds (Agarwal, Kairouz, Liu 2021, Theorem
+    3.5; RDP adds up over releases) at ``delta`` minus the entries' collusion risks. Rounds the
+    device did not join cost its user nothing under zero-out adjacency (the release does not
+    depend on its data), so this is at most the runs' own claims when it joined every round of
+    one run, and it keeps counting across runs, which no run's statement does."""
+
+    path: Path
+
+    def load(self) -> list[dict[str, float]]:
+        if not self.path.exists():
+            return []
+        try:
+            raw = json.loads(self.path.read_text())
+            entries = [
+                {k: float(e[k]) for k in ("mu_total", "l1", "l2", "risk")} for e in raw["releases"]
+            ]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"user-level privacy record {self.path} is unreadable ({err}); refusing to "
+                "train: a lost record would restart the device's user-level epsilon from zero. "
+                "Restore it from a backup."
+            ) from None
+        return entries
+
+    def epsilon(self, entries: list[dict[str, float]], delta: float) -> float:
+        """The composed epsilon of ``entries`` at ``delta`` (minus their collusion risks)."""
+        from fedrec.shared.privacy import skellam
+
+        if not entries:
+            return 0.0
+        rest = delta - sum(e["risk"] for e in entries)
+        if not rest > 0:
+            return math.inf
+        rdp = sum(
+            skellam._analytic_rdp(skellam.ANALYTIC_ORDERS, e["mu_total"], e["l1"], e["l2"])
+            for e in entries
+        )
+        return skellam._opacus_epsilon(skellam.ANALYTIC_ORDERS, np.asarray(rdp), rest)
+
+    def append(self, entry: dict[str, float]) -> None:
+        entries = [*self.load(), entry]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".user-level-")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"releases": entries}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)

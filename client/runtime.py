@@ -116,6 +116,16 @@ def _user_rows(split: Split, user: int) -> np.ndarray:
     return np.arange(lo, hi)
 
 
+def public_name(node_config: dict[str, Any]) -> str:
+    """The client's name in replies and the ledger, from its node config alone: ``client-id``
+    or its data folder's name on a device, ``p<partition-id>`` in simulation."""
+    if "data-dir" in node_config:
+        return str(node_config.get("client-id", Path(str(node_config["data-dir"])).name))
+    if "partition-id" in node_config:
+        return f"p{int(node_config['partition-id'])}"
+    return "unnamed"
+
+
 def client_state(cfg: FedConfig, node_config: dict[str, Any]) -> ClientState:
     """Build (or reuse) this client's state from the run config and its node config."""
     if "data-dir" in node_config:
@@ -133,7 +143,7 @@ def client_state(cfg: FedConfig, node_config: dict[str, Any]) -> ClientState:
     ds, split = dataset_and_split(data_dir, cfg.protocol, cfg.seed)
     if part is None:
         users = np.unique(split.train_user)
-        name = str(node_config.get("client-id", data_dir.name))
+        name = public_name(node_config)
     else:
         parts = _partitions(split, cfg)
         if not 0 <= part < len(parts):
@@ -141,7 +151,7 @@ def client_state(cfg: FedConfig, node_config: dict[str, Any]) -> ClientState:
                 f"partition-id {part} is out of range: this run has {len(parts)} clients "
                 f"(partition={cfg.partition}); start the simulation with that many SuperNodes"
             )
-        users, name = parts[part], f"p{part}"
+        users, name = parts[part], public_name(node_config)
     model = model_for(cfg, ds, split)
     if id(model) not in _SCORERS:
         _SCORERS[id(model)] = CandidateScorer(model)

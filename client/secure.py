@@ -23,6 +23,7 @@ cryptographically secure generator.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from typing import Any
 
@@ -30,12 +31,16 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fedrec.client.budget import UserLevelLedger, device_state_dir
+from fedrec.client.runtime import public_name
 from fedrec.shared.federation import contract
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.federation.params import from_record
 from fedrec.shared.federation.secagg import SecAggClient
 from fedrec.shared.privacy import skellam
-from fedrec.shared.privacy.distributed import check_request
+from fedrec.shared.privacy.distributed import check_request, plan
+
+_log = logging.getLogger(__name__)
 
 SECAGG = "secagg"  # same names as fedrec.server.secure_agg (the server side)
 MASKED = "masked"
@@ -112,7 +117,7 @@ def share(msg: Message, context: Context) -> Message:
 
 
 def masked(msg: Message, context: Context) -> Message:
-    from fedrec.client.app import round_config, train_reply
+    from fedrec.client.app import device_guard, round_config, train_reply
 
     f = _fields(msg)
     rnd = int(f["round"])
@@ -137,38 +142,88 @@ def masked(msg: Message, context: Context) -> Message:
     # the server may not ask for less noise, another grid or a lower threshold than this
     # client's own calibration from the run config and the cohort size gives
     check_request(cfg, f, client.threshold)
+    # the device's own conditions (node config against run config, not data): a visible refusal
+    device_guard(cfg, context.node_config, secure=True)
+    ledger, entry = _user_level_check(cfg, f, context.node_config)
     received = from_record(msg.content.array_records[contract.ARRAYS])
-    reply = train_reply(msg, context, secure=True)
     keys = sorted(received)
     before = _flat(received, keys)
-    if contract.ARRAYS in reply.content:
-        change = _flat(from_record(reply.content.array_records[contract.ARRAYS]), keys) - before
-    else:
-        change = np.zeros_like(before)
-    if change.size != enc.dim:
+    if before.size != enc.dim:
         raise ValueError(
-            f"secure aggregation: this client's update has {change.size} coordinates, the "
-            f"server expects {enc.dim}"
+            f"secure aggregation: the global model has {before.size} travelling coordinates, "
+            f"the server expects {enc.dim}"
         )
+    name = public_name(context.node_config)
+    try:
+        reply = train_reply(msg, context, secure=True)
+        name = str(reply.content[contract.CLIENT]["name"])
+        change = np.zeros_like(before)
+        if contract.ARRAYS in reply.content:
+            state = from_record(reply.content.array_records[contract.ARRAYS])
+            change = _flat(state, keys) - before
+        if not np.all(np.isfinite(change)):
+            raise FloatingPointError("the local update has non-finite values (nan or inf)")
+    except Exception as err:  # noqa: BLE001 - whatever failed, the server must not learn it
+        # A failure here can depend on the data (a non-finite update, data that cannot be
+        # read). An error reply would tell the server so; this client sends what a client
+        # without data sends instead, a zero change plus its noise share (the zero-out
+        # neighbour the guarantee covers), and says why only in its own log.
+        _log.warning(
+            "secure aggregation round %d: local training failed (%s: %s); sending a zero "
+            "change with this client's noise share",
+            rnd,
+            type(err).__name__,
+            err,
+        )
+        change = np.zeros_like(before)
     rng = np.random.default_rng(secrets.randbits(128))
     x = skellam.encode(change, enc, mu, rng)
     srcs = [int(s) for s in f["src"]]
     cts = [bytes(c) for c in f["ct"]]
     y = client.masked_input(list(zip(srcs, cts, strict=True)), x)
     _save(context, rnd, client)
+    if ledger is not None:  # recorded before the masked input leaves the device
+        ledger.append(entry)
     # everything but the masked vector is a constant: whether the client trained, had data,
     # or why not, would tell the server what the noise hides
     content = RecordDict()
-    metrics = dict(reply.content[contract.METRICS])
-    content[contract.METRICS] = MetricRecord(
-        {k: (1 if k in ("num-examples", "trained") else 0.0 if isinstance(v, float) else 0)
-         for k, v in metrics.items()}
-    )  # fmt: skip
-    name = str(reply.content[contract.CLIENT]["name"])
+    content[contract.METRICS] = MetricRecord(dict(SECURE_METRICS))
     content[contract.CLIENT] = ConfigRecord({"name": name, "reason": "", "history": "[]"})
     wire = np.uint32 if enc.bits <= 32 else np.uint64  # server/secure_agg.py wire_dtype
     content[contract.ARRAYS] = ArrayRecord({MASKED: Array(np.ascontiguousarray(y, dtype=wire))})
     return Message(content=content, reply_to=msg)
+
+
+def _user_level_check(
+    cfg: FedConfig, f: dict[str, Any], node: dict[str, Any]
+) -> tuple[UserLevelLedger | None, dict[str, float]]:
+    """On a device: its user-level record and this round's entry (the plan's a-priori noise
+    for the stated cohort), after refusing the round if the record's epsilon with it would pass
+    the node config's ``user-epsilon-max`` (at ``user-delta-max``, else the run's user-delta).
+    In simulation: no record (None)."""
+    state = device_state_dir(node)
+    if state is None:
+        return None, {}
+    p = plan(cfg, int(f["cohort"]), int(f["dim"]))
+    entry = {
+        "mu_total": p.mu_total,
+        "l1": skellam.l1_bound(p.encoding),
+        "l2": skellam.l2_bound(p.encoding),
+        "risk": p.collusion_risk / cfg.num_rounds,
+    }
+    ledger = UserLevelLedger(state / "user-level-budget.json")
+    cap = node.get("user-epsilon-max")
+    if cap is not None:
+        earlier = ledger.load()
+        delta = float(node.get("user-delta-max", cfg.user_delta))
+        after = ledger.epsilon([*earlier, entry], delta)
+        if after > float(cap):
+            raise ValueError(
+                f"this device's user-level epsilon would reach {after:.4g} at delta {delta} "
+                f"with this round ({len(earlier)} earlier secure rounds in {ledger.path}), above "
+                f"its user-epsilon-max={cap}: refused"
+            )
+    return ledger, entry
 
 
 def unmask(msg: Message, context: Context) -> Message:
@@ -187,6 +242,15 @@ def unmask(msg: Message, context: Context) -> Message:
             "sk_shares": list(sk.values()),
         },
     )
+
+
+# A secure reply's metrics, whatever happened on the client (the keys of TRAIN_METRICS, with
+# train_reply's types: counts are ints, the rest floats).
+SECURE_METRICS: dict[str, int | float] = {
+    "num-examples": 1, "trained": 1, "loss": 0.0, "epsilon": 0.0, "steps": 0, "total-steps": 0,
+    "noise-multiplier": 0.0, "sample-rate": 0.0, "seconds": 0.0,
+}  # fmt: skip
+assert set(SECURE_METRICS) == set(contract.TRAIN_METRICS)
 
 
 def _flat(state: dict[str, torch.Tensor], keys: list[str]) -> np.ndarray:

@@ -162,10 +162,14 @@ def headline(results: Path, *, label: str | None = None) -> str:
         )
     lines = [
         f"**One user per device, user-level DP, no trusted server** (SecAgg+ with distributed "
-        f"Skellam noise): median test NDCG@10 **{statistics.median(ndcg):.4f}** over "
+        f"Skellam noise: the server sees only the noisy sum; it is assumed honest but curious, "
+        "i.e. it follows the protocol): median test NDCG@10 "
+        f"**{statistics.median(ndcg):.4f}** over "
         f"{len(private)} runs (min {min(ndcg):.4f}, max {max(ndcg):.4f}) against popularity "
         f"{pop:.4f} and item-kNN {knn:.4f} on the same split; epsilon at most "
-        f"{max(eps):.2f} per user at delta {u0['delta']:g}{replace_one}; "
+        f"{max(eps):.2f} per user at delta {u0['delta']:g}{replace_one}, counted at the "
+        f"survivors the rounds had (at most {u0['epsilon_budget']:g} had every round kept only "
+        "the minimum); "
         f"{u0['sampled_per_round']} of "
         f"{u0['clients']} users per round, {c0['num_rounds']} rounds, clip "
         f"{c0['user_clip']:g}, server {c0.get('server_opt', 'sgd')} lr {c0['server_lr']:g}; "

@@ -392,3 +392,23 @@ def test_a_device_refuses_rounds_its_owner_did_not_allow():
     with pytest.raises(ValueError, match="delta-max"):
         device_guard(_cfg(delta=1e-3), dev | {"delta-max": 1e-5})
     device_guard(_cfg(dp=False, epsilon=FedConfig.epsilon), {"partition-id": 0})  # simulation
+
+
+def test_a_device_refuses_a_user_level_budget_above_its_owners_caps():
+    """user-epsilon-max / user-delta-max in a device's node config: a trusted-server run whose
+    user-level budget is larger is refused, and a secure one with a larger delta, from the
+    configs alone."""
+    from fedrec.client.app import device_guard
+
+    secure = FedConfig(dp=False, user_dp=True, secure_agg=True, user_epsilon=8.0, user_delta=1e-4)
+    trusted = FedConfig(dp=False, user_dp=True, user_epsilon=8.0, user_delta=1e-4)
+    dev = {"data-dir": "/data/me", "allow-no-dp": "true"}
+    device_guard(trusted, dev | {"user-epsilon-max": 8, "user-delta-max": 1e-4})
+    with pytest.raises(ValueError, match=r"user-epsilon=8.0 for this run.*user-epsilon-max=4"):
+        device_guard(trusted, dev | {"user-epsilon-max": 4})
+    # a secure round checks the device's record of the rounds it joined instead (client.secure)
+    device_guard(secure, dev | {"user-epsilon-max": 4}, secure=True)
+    for cfg, secure_round in ((secure, True), (trusted, False)):
+        with pytest.raises(ValueError, match="user-delta-max"):
+            device_guard(cfg, dev | {"user-delta-max": 1e-5}, secure=secure_round)
+    device_guard(trusted, {"partition-id": 0, "user-epsilon-max": 4})  # simulation

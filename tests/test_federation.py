@@ -319,6 +319,15 @@ def test_user_level_dp_on_a_real_federation(synth_dir, tiny_backbone, tmp_path):
     report, text = audit_run(out, plot=False)
     assert report["ok"], text
     assert report["user_level_dp"]["verified"] and "PASS" in text
+    replace = epsilon_spent(history=[(u["noise_multiplier"] / 2, 1.0, 2)], delta=cfg.user_delta)
+    assert report["user_level_dp"]["epsilon_replace_one_recomputed"] == pytest.approx(replace)
+    # an under-claimed replace-one epsilon fails the audit (recomputed by two accountants)
+    doc = json.loads((out / "metrics.json").read_text())
+    doc["privacy"]["user_level"]["epsilon_replace_one"] = u["epsilon"]
+    (out / "metrics.json").write_text(json.dumps(doc))
+    report, text = audit_run(out, plot=False)
+    assert not report["ok"] and "claimed replace-one epsilon" in text
+    assert f"{replace:.4f}" in text  # the statement printed is the recomputed one
 
 
 def test_id_table_federation_without_dp(synth_dir, tiny_backbone, tmp_path):

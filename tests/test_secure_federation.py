@@ -94,6 +94,19 @@ def test_secure_aggregation_round_with_dropouts_is_released_and_audited(
     assert not report["ok"] and "below the plan's minimum" in text
     log.write_text(kept)
 
+    # the audit recomputes the replace-one epsilon too, and prints the statement from its
+    # recomputation: an under-claimed replace-one figure fails, and is not what it prints
+    assert report_ok_text(audit_run(out, plot=False))
+    kept_metrics = (out / "metrics.json").read_text()
+    doc = json.loads(kept_metrics)
+    doc["privacy"]["user_level"]["epsilon_replace_one"] = u["epsilon"]
+    (out / "metrics.json").write_text(json.dumps(doc))
+    report, text = audit_run(out, plot=False)
+    assert not report["ok"] and "claimed replace-one epsilon" in text
+    assert f"costs epsilon {u['epsilon_replace_one']:.4f}" in text  # the recomputed figure
+    assert report["user_level_dp"]["epsilon_replace_one_claimed"] == u["epsilon"]
+    (out / "metrics.json").write_text(kept_metrics)
+
     # a doctored claim (a larger noise share than the config calibrates) fails the audit
     doc = json.loads((out / "metrics.json").read_text())
     doc["privacy"]["user_level"]["secure_agg"]["mu_client"] *= 2
@@ -101,6 +114,12 @@ def test_secure_aggregation_round_with_dropouts_is_released_and_audited(
     (out / "metrics.json").write_text(json.dumps(doc))
     report, text = audit_run(out, plot=False)
     assert not report["ok"] and "mu_client" in text
+
+
+def report_ok_text(result) -> bool:
+    report, text = result
+    assert report["ok"], text
+    return True
 
 
 def test_too_many_dropouts_leave_the_round_unreleased(synth_dir, tiny_backbone, tmp_path):
@@ -231,3 +250,172 @@ def test_a_cohort_secure_aggregation_cannot_use_is_refused_before_the_run(tmp_pa
     ])  # fmt: skip
     assert r.exit_code == 2 and "raise secagg-neighbours" in r.output, r.output
     assert not out.exists()
+
+
+def _masked_round(
+    cfg: FedConfig, cohort: int, parts: list[int], devices: dict[int, dict] | None = None
+) -> dict[int, object]:
+    """fedrec's client handlers for one group of in-process nodes (setup, share, masked): the
+    masked-stage reply of each node, keyed by its partition. ``devices[part]``: that node's
+    config instead of a simulated partition's (a device with data-dir and state-dir)."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrec.client import secure as client_secure
+    from fedrec.server.secure_agg import SECAGG
+    from fedrec.shared.federation import contract
+    from fedrec.shared.federation.data_and_model import dataset_and_split, model_for
+    from fedrec.shared.federation.params import to_record, travelling_state
+    from fedrec.shared.federation.secagg import default_threshold
+    from fedrec.shared.privacy.distributed import plan
+
+    # Flower builds messages inside a task; give this process one, as the runtime does
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    ds, split = dataset_and_split(cfg.data, cfg.protocol, cfg.seed)
+    state = travelling_state(model_for(cfg, ds, split))
+    dim = sum(t.numel() for t in state.values())
+    p = plan(cfg, cohort, dim)
+    nodes = list(range(1, len(parts) + 1))
+    devices = devices or {}
+    ctxs = {
+        n: Context(run_id=1, node_id=n, node_config=devices.get(part, {"partition-id": part,
+                   "num-partitions": cohort}), state=RecordDict(), run_config={})
+        for n, part in zip(nodes, parts, strict=True)
+    }  # fmt: skip
+    threshold = p.threshold
+    assert p.neighbours + 1 == len(nodes) and threshold == default_threshold(len(nodes))
+    common = {"round": 1, "bits": p.encoding.bits, "threshold": threshold, "test-dropout": ""}
+
+    def send(name, n, fields, model=False):
+        content = RecordDict({SECAGG: ConfigRecord({**common, **fields})})
+        if model:
+            content[contract.ARRAYS] = to_record(state)
+            content[contract.CONFIG] = ConfigRecord({**cfg.to_flat(), "server-round": 1})
+        msg = Message(content, dst_node_id=n, message_type=f"train.secagg_{name}")
+        return client_secure.HANDLERS[f"secagg_{name}"](msg, ctxs[n])
+
+    keys = {n: send("setup", n, {}).content[SECAGG] for n in nodes}
+    group = {"ids": nodes, "pk1": [keys[i]["pk1"] for i in nodes],
+             "pk2": [keys[i]["pk2"] for i in nodes]}  # fmt: skip
+    routed = {n: [] for n in nodes}
+    for n in nodes:
+        rec = send("share", n, group).content[SECAGG]
+        for dst, ct in zip(rec["dst"], rec["ct"], strict=True):
+            routed[int(dst)].append((n, bytes(ct)))
+    e = p.encoding
+    asked = {"clip": e.clip, "scale": e.scale, "dim": e.dim, "cohort": cohort, "beta": e.beta,
+             "mu": p.mu_client}  # fmt: skip
+    return {
+        part: send("masked", n, {"src": [s for s, _ in routed[n]],
+                                 "ct": [c for _, c in routed[n]], **asked}, model=True)
+        for n, part in zip(nodes, parts, strict=True)
+    }  # fmt: skip
+
+
+def test_a_client_whose_training_fails_sends_a_zero_change_with_its_noise_not_an_error(
+    synth_dir, tiny_backbone, monkeypatch
+):
+    """A failure in local training can depend on the user's data (a non-finite update, a file
+    it cannot read). In a secure round the client must not tell the server: it sends what a
+    client without data sends (a zero change, its noise share, the masks) and the same
+    constant metrics, and logs the reason only locally."""
+    from fedrec.client import app as client_app
+    from fedrec.client import secure as client_secure
+    from fedrec.shared.federation import contract
+    from fedrec.shared.privacy import skellam
+
+    cfg = secure_cfg(synth_dir, tiny_backbone)
+    encoded: dict[str, np.ndarray] = {}
+    real_encode, real_train = skellam.encode, client_app.train_reply
+
+    def spy(update, enc, mu, rng):
+        encoded[current] = np.asarray(update).copy()
+        return real_encode(update, enc, mu, rng)
+
+    def failing(msg, context, **kw):
+        part = int(context.node_config["partition-id"])
+        if part == 1:
+            raise OSError("cannot read this user's data")
+        reply = real_train(msg, context, **kw)
+        if part == 2:  # a non-finite update
+            arrays = reply.content.array_records[contract.ARRAYS]
+            first = next(iter(arrays))
+            bad = arrays[first].numpy().copy()
+            bad.flat[0] = np.nan
+            from flwr.app import Array
+
+            arrays[first] = Array(bad)
+        return reply
+
+    monkeypatch.setattr(skellam, "encode", spy)
+    monkeypatch.setattr(client_app, "train_reply", failing)
+    current = ""
+
+    def tagged(handler):
+        def run(msg, context):
+            nonlocal current
+            current = f"p{context.node_config['partition-id']}"
+            return handler(msg, context)
+
+        return run
+
+    monkeypatch.setitem(client_secure.HANDLERS, "secagg_masked",
+                        tagged(client_secure.HANDLERS["secagg_masked"]))  # fmt: skip
+    replies = _masked_round(cfg, cohort=3, parts=[0, 1, 2])  # one complete group
+    assert set(encoded) == {"p0", "p1", "p2"}
+    assert not encoded["p1"].any() and not encoded["p2"].any()  # zero changes
+    assert encoded["p0"].any()  # the other one trained
+    shapes = set()
+    for part, r in replies.items():
+        assert not r.has_error()
+        assert dict(r.content[contract.METRICS]) == client_secure.SECURE_METRICS
+        client = dict(r.content[contract.CLIENT])
+        assert client == {"name": f"p{part}", "reason": "", "history": "[]"}
+        arr = r.content.array_records[contract.ARRAYS][client_secure.MASKED].numpy()
+        shapes.add((arr.shape, arr.dtype))
+    assert len(shapes) == 1  # the same reply format, failed or not
+
+
+def test_a_device_records_its_user_level_releases_and_refuses_past_its_cap(
+    synth_dir, tiny_backbone, tmp_path
+):
+    """On a device, every secure round it sends a masked input in is recorded (before the
+    input leaves) with the plan's a-priori noise; with user-epsilon-max in its node config it
+    refuses a round that would take the composed epsilon of its record past the cap, across
+    runs. The record's epsilon is the Skellam accountant's over the rounds it joined."""
+    from fedrec.client.budget import UserLevelLedger
+    from fedrec.shared.federation.data_and_model import dataset_and_split, model_for
+    from fedrec.shared.federation.params import travelling_state
+    from fedrec.shared.privacy import skellam
+    from fedrec.shared.privacy.distributed import plan
+
+    cfg = secure_cfg(synth_dir, tiny_backbone)
+    ds, split = dataset_and_split(cfg.data, cfg.protocol, cfg.seed)
+    dim = sum(t.numel() for t in travelling_state(model_for(cfg, ds, split)).values())
+    p = plan(cfg, 3, dim)
+    l1, l2 = skellam.l1_bound(p.encoding), skellam.l2_bound(p.encoding)
+    risk = p.collusion_risk / cfg.num_rounds
+    one = skellam.skellam_epsilon(p.mu_total, l1, l2, 1, cfg.user_delta - risk)
+    two = skellam.skellam_epsilon(p.mu_total, l1, l2, 2, cfg.user_delta - 2 * risk)
+    assert one < two
+    cap = (one + two) / 2
+
+    def device(part):
+        return {"data-dir": str(synth_dir), "state-dir": str(tmp_path / f"dev{part}"),
+                "user-epsilon-max": cap}  # fmt: skip
+
+    devices = {part: device(part) for part in (0, 1, 2)}
+    replies = _masked_round(cfg, cohort=3, parts=[0, 1, 2], devices=devices)
+    assert all(not r.has_error() for r in replies.values())
+    ledger = UserLevelLedger(tmp_path / "dev0" / "user-level-budget.json")
+    entries = ledger.load()
+    assert len(entries) == 1 and entries[0]["mu_total"] == pytest.approx(p.mu_total)
+    assert ledger.epsilon(entries, cfg.user_delta) == pytest.approx(one)
+    # the next round (another run, the same device) would compose to `two` > cap: refused
+    with pytest.raises(ValueError, match="user-epsilon-max"):
+        _masked_round(cfg, cohort=3, parts=[0, 1, 2], devices=devices)
+    assert len(ledger.load()) == 1  # nothing recorded for the refused round
+    # a damaged record stops the device rather than restarting from zero
+    ledger.path.write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable"):
+        ledger.load()

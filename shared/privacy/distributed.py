@@ -223,16 +223,7 @@ def secure_summary(
     eps = skellam.skellam_epsilon(mu, l1, l2, n, p.delta) if n else 0.0
     indep = skellam.skellam_epsilon_independent(mu, l2, n, p.delta) if n else 0.0
     _ratio, exact = skellam.independent_rdp_ratio(mu, l2)
-    # replace-one (one client's update swapped for another's): twice the sensitivities
-    l1r, l2r = 2 * l1, 2 * l2
-    replace = (
-        max(
-            skellam.skellam_epsilon(mu, l1r, l2r, n, p.delta),
-            skellam.skellam_epsilon_independent(mu, l2r, n, p.delta),
-        )
-        if n
-        else 0.0
-    )
+    replace = _replace_one(mu, l1, l2, n, p.delta)
     return {
         "enabled": True,
         "unit": "one client's whole data set ("
@@ -299,8 +290,13 @@ def audit_secure(run: Path, cfg: FedConfig, tolerance: float) -> tuple[dict[str,
     dimension; each released round's counted noise is ``mu_client`` times its honest survivors
     (survivors - colluders - 1), and no released round had fewer survivors than the plan's
     minimum; the number of releases covers every aggregated round in ``metrics.json``; the
-    claimed epsilon is not below the analytic recomputation nor below the numerical one; and
-    it is within the budget.
+    claimed epsilon is not below the analytic recomputation nor below the numerical one, the
+    claimed replace-one epsilon not below its recomputation; and it is within the budget.
+
+    What it trusts: the survivor counts in ``secagg.jsonl`` and the config (both written by
+    the server), the plan's sensitivity bounds and survivor arithmetic (shared with the
+    claim: only the Renyi-divergence curve is computed twice), and that the clients clipped
+    and added their noise shares (nothing the server's files can show).
     """
     path = run / "metrics.json"
     if not path.is_file():
@@ -351,7 +347,15 @@ def audit_secure(run: Path, cfg: FedConfig, tolerance: float) -> tuple[dict[str,
     if n and mu <= 0:
         eps = math.inf
     indep = skellam.skellam_epsilon_independent(mu, l2, n, expected.delta) if n and mu > 0 else eps
+    replace = _replace_one(mu, l1, l2, n, expected.delta)
     claimed = float(claim.get("epsilon", 0.0))
+    claimed_replace = claim.get("epsilon_replace_one")
+    if not isinstance(claimed_replace, (int, float)):
+        problems.append("metrics.json states no replace-one epsilon (epsilon_replace_one)")
+    elif claimed_replace < replace * (1 - tolerance):
+        problems.append(
+            f"claimed replace-one epsilon {claimed_replace} is below the recomputed {replace:.6g}"
+        )
     if claimed < eps * (1 - tolerance):
         problems.append(f"claimed user-level epsilon {claimed} is below the recomputed {eps:.6g}")
     if claimed < indep * (1 - tolerance):
@@ -362,11 +366,35 @@ def audit_secure(run: Path, cfg: FedConfig, tolerance: float) -> tuple[dict[str,
         problems.append(
             f"user-level epsilon {max(eps, indep):.6g} exceeds the budget {cfg.user_epsilon}"
         )
+    # the statement the audit prints is built from these recomputed values, not the claim's
     out = dict(claim) | {
         "verified": not problems,
-        "epsilon_recomputed": eps,
+        "epsilon_claimed": claimed,
+        "epsilon_replace_one_claimed": claimed_replace,
+        "epsilon": max(eps, indep),
+        "epsilon_analytic": eps,
+        "epsilon_independent": indep,
+        "epsilon_replace_one": replace,
+        "mu_total_used": mu,
+        "releases": n,
+        "epsilon_recomputed": max(eps, indep),
         "epsilon_independent_recomputed": indep,
+        "epsilon_replace_one_recomputed": replace,
         "releases_recomputed": n,
         "rounds_logged": len(rounds),
     }
     return out, problems
+
+
+def _replace_one(mu: float, l1: float, l2: float, releases: int, delta: float) -> float:
+    """Replace-one (one client's update swapped for another's): the same releases at twice the
+    sensitivities (triangle inequality), the larger of the analytic bound and the numerical
+    computation, as the zero-out claim."""
+    if not releases:
+        return 0.0
+    if mu <= 0:
+        return math.inf
+    return max(
+        skellam.skellam_epsilon(mu, 2 * l1, 2 * l2, releases, delta),
+        skellam.skellam_epsilon_independent(mu, 2 * l2, releases, delta),
+    )

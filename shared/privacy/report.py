@@ -1,9 +1,12 @@
 """``fedrec audit RUN``: the privacy statement re-derived from the ledger, the verification
 findings, the budget view and ``RUN/privacy/epsilon.png``.
 
-Nothing here trusts the epsilons the clients or the server reported: the statement printed is
-built from :mod:`fedrec.shared.privacy.audit`'s recomputation, and the run's own
-``metrics.json`` claim is checked against it.
+Nothing here trusts the epsilons the clients or the server reported: every epsilon of the
+statement printed (per-interaction, user-level zero-out and replace-one) is recomputed, by two
+accountants, and the run's own ``metrics.json`` claims are checked against the recomputation.
+What it does trust is what no accountant can check: the run's config, the per-round counts the
+server logged (replies, survivors of a secure round), and that the mechanism ran as the code
+says (clients clipped and added their noise; the ledger lines are the clients' own).
 """
 
 from __future__ import annotations
@@ -115,13 +118,21 @@ def audit_run(
     return report, text
 
 
+def _num(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) else "nothing"
+
+
 def _user_text(user: dict[str, Any], problems: list[str]) -> str:
     lines = ["", "## User-level DP verification", ""]
     if "epsilon_recomputed" in user:
         lines.append(
             f"Recomputed from config.json and the aggregated rounds: epsilon "
             f"{user['epsilon_recomputed']:.4f} at delta {user.get('delta')} over "
-            f"{user['releases_recomputed']} release(s) (claimed {user.get('epsilon', 0):.4f})."
+            f"{user['releases_recomputed']} release(s) (claimed "
+            f"{_num(user.get('epsilon_claimed'))}); replace-one "
+            f"{user.get('epsilon_replace_one_recomputed', float('nan')):.4f} (claimed "
+            f"{_num(user.get('epsilon_replace_one_claimed'))}). The statement above is built "
+            "from the recomputed values."
         )
     lines += [f"FAIL: {m}" for m in problems] or ["PASS"]
     return "\n".join(lines) + "\n"

@@ -184,11 +184,14 @@ def _secure(u: dict[str, Any]) -> str:
   size {sa["cohort"]}. Each client recomputes this calibration from the run config and refuses
   a request for less noise, another grid or a lower threshold.
 - **epsilon = {u["epsilon"]:.4f} at delta = {u["delta"]}** after {u["releases"]} released
-  round(s) (budget {u["epsilon_budget"]}). {u["accounting"]}. Noise counted per round: the
-  smallest released round's, mu = {u["mu_total_used"]:.6g} (the shares of the survivors minus
-  {sa["colluders"]} assumed colluders and minus the protected user's own); analytic bound
-  {u["epsilon_analytic"]:.4f}, numerical computation {u["epsilon_independent"]:.4f} ({exact}).
-  The accountant runs at delta = {u.get("delta_accountant", u["delta"]):.6g}: the rest of delta,
+  round(s) (budget {u["epsilon_budget"]}, which the calibration meets for rounds with only the
+  minimum {sa["min_survivors"]} survivors; this figure counts the survivors the released rounds
+  had, which do not depend on the protected user's data). {u["accounting"]}. Noise counted
+  per round: the smallest released round's, mu = {u["mu_total_used"]:.6g} (the shares of the
+  survivors minus {sa["colluders"]} assumed colluders and minus the protected user's own);
+  analytic bound {u["epsilon_analytic"]:.4f}, numerical computation
+  {u["epsilon_independent"]:.4f} ({exact}). The accountant runs at delta =
+  {u.get("delta_accountant", u["delta"]):.6g}: the rest of delta,
   {u.get("collusion_risk", 0.0):.3g}, bounds the chance that colluders hold a threshold of some
   node's shares in SecAgg+'s random graph (a union bound over nodes and rounds).
 - **Trust**: {u["trust"]}. The colluders are fixed before the server draws each round's graph.
@@ -198,9 +201,10 @@ def _secure(u: dict[str, Any]) -> str:
   one node. The guarantee is computational: it holds if X25519, HKDF/AES-256-CTR and
   Fernet are secure, at a 128-bit level (Fernet's AES-128 keys; the self-mask seed and the
   seed each masking key is derived from are 128-bit, the latter bound to its node and round).
-- **Not covered**: the per-round counts of clients that replied, refused, dropped or were
-  rejected (`metrics.json`, `progress.jsonl`; a user with no data refuses to train, which they
-  show) and whether a round was released; a server that deviates from the protocol (the
+- **Not covered**: the per-round counts of clients that replied, dropped or were rejected
+  (`metrics.json`, `progress.jsonl`; a client without data, or whose training failed, sends a
+  zero change with its noise share like any other, so these counts do not show it) and
+  whether a round was released; a server that deviates from the protocol (the
   paper's consistency round with signatures is not implemented, so a malicious server could ask
   different clients for a node's two kinds of share); Sybil clients; the choice of the cohort
   and the timing of replies.
@@ -245,31 +249,79 @@ def _not_protected(cfg: FedConfig) -> str:
         "- Partial replies: a client whose reply is lost after it trained has spent budget that "
         "the\n  server's ledger misses; the client's own budget file has it.\n"
     )
+    if cfg.secure_agg:
+        replies = (
+            "- A secure round's reply holds only the masked vector and constants: whether the "
+            "client trained,\n  had data or failed is not sent (a client without data, or whose "
+            "training failed, sends a\n  zero change with its noise share).\n"
+        )
+        roster = ""
+        counts = (
+            "- Per round, `metrics.json` and `privacy/secagg.jsonl` record how many clients "
+            "replied at each stage\n  and survived, and whether the round was released: these "
+            "counts are not noised.\n"
+        )
+    else:
+        replies = (
+            "- Under DP a reply's example count, training loss and duration are constants (1, "
+            "0, 0): they\n  are computed from the data, so they are not sent. Its epsilon, steps "
+            "and accountant\n  history are functions of the public mechanism and of which rounds "
+            "the client joined.\n"
+        )
+        roster = (
+            " So is each client's roster (which users' data it holds): it sets\n  the divisor "
+            "and, with `sample-rate` 0, the client's sampling rate and noise (published on the\n"
+            "  ledger). fedrec counts a client's users as those with at least one training "
+            "interaction, and\n  in silo runs assigns users to silos from that list: an "
+            "interaction that is a user's only\n  training interaction changes the count (and the "
+            "assignment), which the per-interaction\n  guarantee does not cover. A client with no "
+            'training data refuses ("no training examples")\n  instead of sending a noise-only '
+            "update, so whether a client has any data at all is visible."
+        )
+        counts = (
+            "- Per round, `metrics.json` records how many replies were accepted, refused (with "
+            "the client's\n  reason on the ledger), rejected or failed, and whether the round was "
+            "aggregated (below\n  `min-replies` it is not): these counts are not noised.\n"
+        )
+    history = (
+        "- A client's reply carries its whole accountant history (`history`, `total-steps`), "
+        "which shows\n  what it spent in earlier runs on the same device.\n"
+        if cfg.dp
+        else ""
+    )
+    server_eval = (
+        f"- The server's own evaluation (`evaluate-every` = {cfg.evaluate_every}, and the test "
+        "table at the end): it ranks\n  with the released model on the validation and test "
+        "queries of the data set it was given (in a\n  simulation, every user's held-out items, "
+        "in the clear). The model is covered; the metrics\n  computed from those held-out items "
+        "are not noised.\n"
+    )
+    tuning = (
+        "- Settings chosen by comparing runs on the same users' validation data (fedrec's "
+        "presets were\n  tuned that way on ML-100K): epsilon is per run; what a choice among "
+        "runs reveals is not\n  accounted.\n"
+    )
+    catalog = (
+        "- The item catalog (ids and texts) is public by assumption: negatives are drawn from it"
+        "\n  and every client holds it."
+    )
+    timing = (
+        "- Reply timing and dropouts: a client's round takes longer with more data (its "
+        "negatives are\n  drawn per sampled example), and the server sees when each reply "
+        "arrives.\n"
+    )
+    whole = (
+        "- A user's whole history, unless user-level DP is on: the local guarantee is per "
+        "interaction; a\n  user with many interactions is protected for each one, not for all "
+        "of them together."
+    )
     return f"""## Not protected
 The guarantees cover the adapter tensors each client sends (local DP-SGD) and the global model
 the server releases (user-level DP, when on). Everything below is outside them:
-- Under DP a reply's example count, training loss and duration are constants (1, 0, 0): they
-  are computed from the data, so they are not sent. Its epsilon, steps and accountant
-  history are functions of the public mechanism and of which rounds the client joined.
-{evaluation}- The item catalog (ids and texts) is public by assumption: negatives are drawn from it
-  and every client holds it. So is each client's roster (which users' data it holds): it sets
-  the divisor and, with `sample-rate` 0, the client's sampling rate and noise (published on the
-  ledger). fedrec counts a client's users as those with at least one training interaction, and
-  in silo runs assigns users to silos from that list: an interaction that is a user's only
-  training interaction changes the count (and the assignment), which the per-interaction
-  guarantee does not cover. A client with no training data refuses ("no training examples")
-  instead of sending a noise-only update, so whether a client has any data at all is visible.
-- Per round, `metrics.json` records how many replies were accepted, refused (with the client's
-  reason on the ledger), rejected or failed, and whether the round was aggregated (below
-  `min-replies` it is not): these counts are not noised.
-- Reply timing and dropouts: a client's round takes longer with more data (its negatives are
-  drawn per sampled example), and the server sees when each reply arrives.
-- A client's reply carries its whole accountant history (`history`, `total-steps`), which shows
-  what it spent in earlier runs on the same device.
-- A user's whole history, unless user-level DP is on: the local guarantee is per interaction; a
-  user with many interactions is protected for each one, not for all of them together.
+{replies}{evaluation}{server_eval}{catalog}{roster}
+{counts}{timing}{history}{whole}
 - Which clients took part in which round (client ids in the ledger).
 - Profile fields when `use-profile` is on ({cfg.use_profile} in this run): a profile feeds every
   example of its user, so it is not covered by the per-interaction guarantee.
-{randomness}{prior}{partial}
+{tuning}{randomness}{prior}{partial if cfg.dp else ""}
 """

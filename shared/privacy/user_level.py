@@ -77,7 +77,9 @@ def audit_user_level(
 
     Checks: the noise multiplier is the one the config calibrates (or fixes), the number of
     releases is at least the number of aggregated rounds in ``metrics.json``, the claimed epsilon
-    is not below the recomputation, and the recomputation is within the budget.
+    and replace-one epsilon are not below their recomputations (Opacus' RDP and an independent
+    accountant), and the recomputation is within the budget. It trusts the config and the
+    round counts (written by the server, which this mode trusts to clip and add the noise).
     """
     if cfg.secure_agg:
         from fedrec.shared.privacy.distributed import audit_secure
@@ -121,10 +123,37 @@ def audit_user_level(
         )
     if eps > cfg.user_epsilon * (1 + 1e-9):
         problems.append(f"user-level epsilon {eps:.6g} exceeds the budget {cfg.user_epsilon}")
+    # replace-one: the same releases at half the noise multiplier (twice the sensitivity),
+    # by both accountants
+    half = [(z / 2, 1.0, releases)]
+    replace = epsilon_spent(history=half, delta=cfg.user_delta) if releases else 0.0
+    replace_indep = (
+        independent_epsilon(history=half, delta=cfg.user_delta, accountant="rdp")[0]
+        if releases
+        else 0.0
+    )
+    claimed_replace = claim.get("epsilon_replace_one")
+    if not isinstance(claimed_replace, (int, float)):
+        problems.append("metrics.json states no replace-one epsilon (epsilon_replace_one)")
+    elif claimed_replace < max(replace * (1 - tolerance),
+                               replace_indep * (1 - INDEPENDENT_TOLERANCE)):  # fmt: skip
+        problems.append(
+            f"claimed replace-one epsilon {claimed_replace} is below the recomputed "
+            f"{replace:.6g} (independent: {replace_indep:.6g})"
+        )
+    # the statement the audit prints is built from these recomputed values, not the claim's
     out = dict(claim) | {
         "verified": not problems,
+        "epsilon_claimed": claim.get("epsilon"),
+        "epsilon_replace_one_claimed": claimed_replace,
+        "noise_multiplier": z,
+        "releases": releases,
+        "epsilon": eps,
+        "epsilon_replace_one": replace,
         "epsilon_recomputed": eps,
         "epsilon_independent": independent,
+        "epsilon_replace_one_recomputed": replace,
+        "epsilon_replace_one_independent": replace_indep,
         "independent": name,
         "releases_recomputed": releases,
     }
