@@ -807,6 +807,46 @@ def deploy_split_data(
         _fail(str(e), 2)
 
 
+@deploy_app.command("budget")
+def deploy_budget(
+    folder: Annotated[Path, typer.Argument(help="A device's state folder, or its data folder.")],
+    user_delta: Annotated[
+        float, typer.Option(help="delta for the user-level epsilon of the secure rounds.")
+    ] = 1e-4,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """What this device has spent, from its own files: local DP-SGD (privacy-budget.json) and
+    the secure rounds it joined (user-level-budget.json, composed across runs)."""
+    from fedrec.client.budget import device_budget
+
+    if not 0 < user_delta < 1:
+        _fail(f"--user-delta {user_delta} must be in (0, 1)", 2)
+    try:
+        b = device_budget(folder, user_delta)
+    except ValueError as e:
+        _fail(str(e), 2)
+    if as_json:
+        print(dumps(b, indent=2))
+        return
+    loc, user = b["local_dp"], b["user_level"]
+    print(f"device state: {b['state']}")
+    if loc["steps"]:
+        cap = loc["epsilon_max"]
+        print(
+            f"local DP-SGD: epsilon {loc['epsilon']:.4f} at delta {loc['delta']:g} per "
+            f"interaction after {loc['steps']} steps ({loc['mechanism']['accountant']}, "
+            f"{loc['mechanism']['adjacency']}, group {loc['mechanism']['group_size']})"
+            + (f"; this device's cap {cap:g}" if cap is not None else "")
+        )
+    else:
+        print("local DP-SGD: no steps recorded")
+    print(
+        f"user-level DP: epsilon {user['epsilon']:.4f} at delta {user['delta']:g} per user over "
+        f"the {user['secure_rounds']} secure round(s) this device joined, across runs (each at "
+        "its plan's a-priori noise; rounds it did not join cost nothing under zero-out)"
+    )
+
+
 @app.command("recommend")
 def recommend_cmd(
     run: Annotated[Path, typer.Argument(help="A trained run directory.")],

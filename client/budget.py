@@ -228,3 +228,48 @@ class UserLevelLedger:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+
+def device_budget(folder: Path, user_delta: float) -> dict[str, Any]:
+    """What a device has spent, from its own files (``fedrec deploy budget``): ``folder`` is
+    its state folder, or its data folder holding ``fedrec-state/``. ValueError when there is
+    no such folder or a file is unreadable."""
+    from fedrec.shared.privacy.accounting import epsilon_spent
+
+    state = folder / "fedrec-state" if (folder / "fedrec-state").is_dir() else folder
+    if not state.is_dir():
+        raise ValueError(f"{folder}: no such folder (give a device's state or data folder)")
+    local_file = state / "privacy-budget.json"
+    user_file = state / "user-level-budget.json"
+    if not local_file.exists() and not user_file.exists():
+        raise ValueError(
+            f"{state}: neither privacy-budget.json nor user-level-budget.json; a device writes "
+            "them when it first trains (state-dir in its node config, default "
+            "<data-dir>/fedrec-state)"
+        )
+    out: dict[str, Any] = {"state": str(state)}
+    budget = FileStore(local_file).load()
+    mech = budget.mechanism
+    local: dict[str, Any] = {"steps": sum(int(n) for *_x, n in budget.history), "epsilon": 0.0}
+    if mech is not None:
+        local |= {
+            "epsilon": epsilon_spent(
+                history=budget.history,
+                delta=float(mech["delta"]),
+                accountant=str(mech["accountant"]),
+                group=int(mech["group_size"]),
+                adjacency=str(mech["adjacency"]),
+            ),
+            "delta": float(mech["delta"]),
+            "mechanism": mech,
+        }
+    local["epsilon_max"] = budget.epsilon_max
+    ledger = UserLevelLedger(user_file)
+    entries = ledger.load()
+    out["local_dp"] = local
+    out["user_level"] = {
+        "secure_rounds": len(entries),
+        "delta": user_delta,
+        "epsilon": ledger.epsilon(entries, user_delta),
+    }
+    return out

@@ -194,3 +194,38 @@ def test_the_summary_line_names_the_adjacency_of_its_user_level_epsilon():
     assert "with or without one user's data (zero-out" in line
     assert f"{u['epsilon_replace_one']:.2f} if it is replaced by another's" in line
     assert "the server sees only the noisy sum" in line
+
+
+def test_deploy_budget_reads_a_devices_own_records(tmp_path):
+    """`fedrec deploy budget DIR`: a device's local DP-SGD epsilon (its accountant history) and
+    its user-level epsilon over the secure rounds it joined, recomputed from its files."""
+    from fedrec.client.budget import Budget, FileStore, UserLevelLedger
+    from fedrec.shared.privacy import skellam
+    from fedrec.shared.privacy.accounting import epsilon_spent
+
+    state = tmp_path / "data" / "fedrec-state"
+    mech = {"accountant": "rdp", "adjacency": "add-remove", "group_size": 1, "delta": 1e-5}
+    FileStore(state / "privacy-budget.json").save(Budget([(1.1, 0.02, 40)], mech, 8.0))
+    entry = {"mu_total": 2.0e6, "l1": 70828.3, "l2": 1025.1, "risk": 1e-12}
+    ledger = UserLevelLedger(state / "user-level-budget.json")
+    for _ in range(3):
+        ledger.append(entry)
+    r = fedrec("deploy", "budget", tmp_path / "data", "--json")  # the data folder works too
+    assert r.returncode == 0, r.stderr
+    b = json.loads(r.stdout)
+    local = epsilon_spent(history=[(1.1, 0.02, 40)], delta=1e-5, accountant="rdp")
+    assert b["local_dp"]["epsilon"] == pytest.approx(local) and b["local_dp"]["steps"] == 40
+    user = skellam.skellam_epsilon(2.0e6, 70828.3, 1025.1, 3, 1e-4 - 3e-12)
+    assert b["user_level"]["secure_rounds"] == 3
+    assert b["user_level"]["epsilon"] == pytest.approx(user)
+    r = fedrec("deploy", "budget", state)
+    assert r.returncode == 0 and "3 secure round(s)" in r.stdout and f"{user:.4f}" in r.stdout
+    r = fedrec("deploy", "budget", tmp_path / "nope")
+    assert r.returncode == 2 and "no such folder" in r.stderr and "Traceback" not in r.stderr
+    from fedrec.client.budget import device_budget
+
+    with pytest.raises(ValueError, match="neither privacy-budget.json"):
+        device_budget(tmp_path, 1e-4)
+    (state / "user-level-budget.json").write_text("{")
+    r = fedrec("deploy", "budget", state)
+    assert r.returncode == 2 and "unreadable" in r.stderr and "Traceback" not in r.stderr
