@@ -84,14 +84,24 @@ def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
     # user-level DP: the run's whole budget (all its rounds) against the device owner's caps.
     # In a secure round the device's own record of the rounds it joined is checked against
     # user-epsilon-max instead, across runs (client.secure); here only delta is.
-    caps = [("user-delta-max", cfg.user_delta)]
-    if not (secure and cfg.secure_agg):
-        caps.append(("user-epsilon-max", cfg.user_epsilon))
-    for key, asked in caps:
-        if cfg.user_dp and key in node and asked > float(node[key]):
+    if cfg.user_dp and "user-delta-max" in node and cfg.user_delta > float(node["user-delta-max"]):
+        raise ValueError(
+            f"the server asked user-delta={cfg.user_delta} for this run, above this device's "
+            f"user-delta-max={node['user-delta-max']}"
+        )
+    if cfg.user_dp and "user-epsilon-max" in node and not (secure and cfg.secure_agg):
+        # what the run's noise gives over all its rounds (a fixed user-noise-multiplier may
+        # give far more than user-epsilon), not the user-epsilon the config states
+        from fedrec.shared.privacy.accounting import epsilon_spent
+        from fedrec.shared.privacy.user_level import user_noise_multiplier
+
+        z = user_noise_multiplier(cfg)
+        eps = epsilon_spent(history=[(z, 1.0, cfg.num_rounds)], delta=cfg.user_delta)
+        if eps > float(node["user-epsilon-max"]):
             raise ValueError(
-                f"the server asked {key.removesuffix('-max')}={asked} for this run, above this "
-                f"device's {key}={node[key]}"
+                f"this run's user-level noise (multiplier {z:.4g}, {cfg.num_rounds} rounds) gives "
+                f"user-epsilon {eps:.4g} at delta {cfg.user_delta}, above this device's "
+                f"user-epsilon-max={node['user-epsilon-max']}"
             )
 
 

@@ -183,8 +183,11 @@ class UserLevelLedger:
     Its epsilon composes the entries' Skellam RDP bounds (Agarwal, Kairouz, Liu 2021, Theorem
     3.5; RDP adds up over releases) at ``delta`` minus the entries' collusion risks. Rounds the
     device did not join cost its user nothing under zero-out adjacency (the release does not
-    depend on its data), so this is at most the runs' own claims when it joined every round of
-    one run, and it keeps counting across runs, which no run's statement does."""
+    depend on its data). Each entry counts the a-priori noise (the minimum survivors), so for
+    the rounds it joined this is at least what the run's statement claims for them (which
+    counts the survivors the rounds had), at most the run's budget for one run; and it keeps
+    counting across runs, which no run's statement does. Not locked: two runs on one device
+    at the same time could lose an entry."""
 
     path: Path
 
@@ -196,6 +199,9 @@ class UserLevelLedger:
             entries = [
                 {k: float(e[k]) for k in ("mu_total", "l1", "l2", "risk")} for e in raw["releases"]
             ]
+            for e in entries:  # a NaN would make the composed epsilon 0
+                if not all(math.isfinite(v) and v >= 0 for v in e.values()) or e["mu_total"] <= 0:
+                    raise ValueError(f"entry {e} is not finite and positive")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(
                 f"user-level privacy record {self.path} is unreadable ({err}); refusing to "

@@ -11,9 +11,10 @@ for the run), bound to the round number so a stale state is never reused:
   config. The client trains (:func:`fedrec.client.app.train_reply`: the same budget, guards and
   metrics as a plain round), then clips its whole change to ``user-clip``, encodes it as
   integers with its Skellam noise share (:func:`fedrec.shared.privacy.skellam.encode`) and masks
-  it. Reply: the metrics and client records of a plain round, and instead of the tensors one
-  uint64 vector: the masked, noised change. A client that did not train (its budget) sends a
-  zero change with its noise, so the sum keeps every noise share.
+  it. Reply: constant metrics and client records (:data:`SECURE_METRICS`; nothing computed from
+  the data) and instead of the tensors one uint64 vector: the masked, noised change. A client
+  that did not train (no data, its budget) sends a zero change with its noise, so the sum keeps
+  every noise share; so does a device whose training failed (see :func:`masked`).
 - ``train.secagg_unmask``: which neighbours survived and which dropped; reply: the shares the
   server needs (never both kinds for one node: the client refuses such a request).
 
@@ -163,11 +164,15 @@ def masked(msg: Message, context: Context) -> Message:
             change = _flat(state, keys) - before
         if not np.all(np.isfinite(change)):
             raise FloatingPointError("the local update has non-finite values (nan or inf)")
-    except Exception as err:  # noqa: BLE001 - whatever failed, the server must not learn it
+    except Exception as err:  # noqa: BLE001 - on a device, the server must not learn it
         # A failure here can depend on the data (a non-finite update, data that cannot be
-        # read). An error reply would tell the server so; this client sends what a client
-        # without data sends instead, a zero change plus its noise share (the zero-out
-        # neighbour the guarantee covers), and says why only in its own log.
+        # read). An error reply would tell the server so; a device sends what a client without
+        # data sends instead, a zero change plus its noise share (the zero-out neighbour the
+        # guarantee covers), and says why in its own log. In simulation (no device folder) the
+        # error is raised: there it is a bug to see, not a user's secret, and a run whose
+        # clients all sent zeros would otherwise look like a run that merely did not learn.
+        if device_state_dir(context.node_config) is None:
+            raise
         _log.warning(
             "secure aggregation round %d: local training failed (%s: %s); sending a zero "
             "change with this client's noise share",

@@ -21,6 +21,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from fedrec.shared.privacy import skellam
+
 BEGIN, END = "<!-- secure-headline:begin -->", "<!-- secure-headline:end -->"
 DEFAULT_RESULTS = Path("simulations/results/secure-agg")
 
@@ -145,6 +147,15 @@ def headline(results: Path, *, label: str | None = None) -> str:
         if rep and all(x is not None for x in rep)
         else " with or without one user's data (zero-out adjacency)"
     )
+    # the a-priori bound: every release at the plan's noise for the minimum survivors
+    prior = []
+    for r in private:
+        u = r["metrics"]["privacy"]["user_level"]
+        sa = u["secure_agg"]
+        prior.append(
+            skellam.skellam_epsilon(sa["mu_total_claimed"], sa["l1_sensitivity"],
+                                    sa["l2_sensitivity"], u["releases"], sa["delta_accountant"])
+        )  # fmt: skip
     twins = ""
     if groups["central"]:
         ce = [r["metrics"]["privacy"]["user_level"]["epsilon"] for r in groups["central"]]
@@ -168,8 +179,8 @@ def headline(results: Path, *, label: str | None = None) -> str:
         f"{len(private)} runs (min {min(ndcg):.4f}, max {max(ndcg):.4f}) against popularity "
         f"{pop:.4f} and item-kNN {knn:.4f} on the same split; epsilon at most "
         f"{max(eps):.2f} per user at delta {u0['delta']:g}{replace_one}, counted at the "
-        f"survivors the rounds had (at most {u0['epsilon_budget']:g} had every round kept only "
-        "the minimum); "
+        f"survivors the rounds had (at most {max(prior):.2f} had every round kept only the "
+        "minimum); "
         f"{u0['sampled_per_round']} of "
         f"{u0['clients']} users per round, {c0['num_rounds']} rounds, clip "
         f"{c0['user_clip']:g}, server {c0.get('server_opt', 'sgd')} lr {c0['server_lr']:g}; "

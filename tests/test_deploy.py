@@ -310,3 +310,13 @@ def test_secure_aggregation_round_survives_a_killed_supernode(deployment, tiny_b
     audit = run([str(BIN / "fedrec"), "audit", str(run_dir), "--json"], env)
     assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr
     assert json.loads(audit.stdout)["secure_aggregation"] is True
+    # each surviving device recorded the round it sent a masked input in, and reads it back
+    # (the fixture's devices are n0..n2 on device folders 0..2; earlier tests ran no secure round)
+    for i in (0, 1):
+        b = run([str(BIN / "fedrec"), "deploy", "budget", str(d["devices"][i]), "--json"], env)
+        assert b.returncode == 0, b.stderr
+        user = json.loads(b.stdout)["user_level"]
+        # at the plan's a-priori noise (the minimum survivors): never below the run's analytic
+        # bound, which counts the survivors the round had
+        assert user["secure_rounds"] == 1
+        assert user["epsilon"] >= u["epsilon_analytic"] * (1 - 1e-9) > 0

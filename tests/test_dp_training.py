@@ -404,8 +404,12 @@ def test_a_device_refuses_a_user_level_budget_above_its_owners_caps():
     trusted = FedConfig(dp=False, user_dp=True, user_epsilon=8.0, user_delta=1e-4)
     dev = {"data-dir": "/data/me", "allow-no-dp": "true"}
     device_guard(trusted, dev | {"user-epsilon-max": 8, "user-delta-max": 1e-4})
-    with pytest.raises(ValueError, match=r"user-epsilon=8.0 for this run.*user-epsilon-max=4"):
+    with pytest.raises(ValueError, match=r"user-epsilon 7.9.*user-epsilon-max=4"):
         device_guard(trusted, dev | {"user-epsilon-max": 4})
+    # a fixed noise multiplier spends what it spends, whatever user-epsilon the config states
+    weak = FedConfig(dp=False, user_dp=True, user_epsilon=4.0, user_noise_multiplier=0.1)
+    with pytest.raises(ValueError, match=r"multiplier 0.1.*user-epsilon-max=4"):
+        device_guard(weak, dev | {"user-epsilon-max": 4})
     # a secure round checks the device's record of the rounds it joined instead (client.secure)
     device_guard(secure, dev | {"user-epsilon-max": 4}, secure=True)
     for cfg, secure_round in ((secure, True), (trusted, False)):

@@ -327,7 +327,8 @@ def test_user_level_dp_on_a_real_federation(synth_dir, tiny_backbone, tmp_path):
     (out / "metrics.json").write_text(json.dumps(doc))
     report, text = audit_run(out, plot=False)
     assert not report["ok"] and "claimed replace-one epsilon" in text
-    assert f"{replace:.4f}" in text  # the statement printed is the recomputed one
+    # the statement printed gives the recomputed figure, not the doctored claim
+    assert f"for that adjacency epsilon is\n  {replace:.4f}" in text
 
 
 def test_id_table_federation_without_dp(synth_dir, tiny_backbone, tmp_path):

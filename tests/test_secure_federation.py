@@ -313,7 +313,7 @@ def _masked_round(
 
 
 def test_a_client_whose_training_fails_sends_a_zero_change_with_its_noise_not_an_error(
-    synth_dir, tiny_backbone, monkeypatch
+    synth_dir, tiny_backbone, monkeypatch, tmp_path
 ):
     """A failure in local training can depend on the user's data (a non-finite update, a file
     it cannot read). In a secure round the client must not tell the server: it sends what a
@@ -361,7 +361,16 @@ def test_a_client_whose_training_fails_sends_a_zero_change_with_its_noise_not_an
 
     monkeypatch.setitem(client_secure.HANDLERS, "secagg_masked",
                         tagged(client_secure.HANDLERS["secagg_masked"]))  # fmt: skip
-    replies = _masked_round(cfg, cohort=3, parts=[0, 1, 2])  # one complete group
+    # in simulation a failure is a bug to see: it raises
+    with pytest.raises(OSError, match="cannot read"):
+        _masked_round(cfg, cohort=3, parts=[0, 1, 2])
+    encoded.clear()
+    from fedrec.server.deploy import device_folders
+
+    folders = device_folders(synth_dir, tmp_path / "devices", 3)
+    devices = {part: {"data-dir": str(folders[part]), "client-id": f"p{part}",
+                      "partition-id": part} for part in (0, 1, 2)}  # fmt: skip
+    replies = _masked_round(cfg, cohort=3, parts=[0, 1, 2], devices=devices)  # one group
     assert set(encoded) == {"p0", "p1", "p2"}
     assert not encoded["p1"].any() and not encoded["p2"].any()  # zero changes
     assert encoded["p0"].any()  # the other one trained

@@ -186,7 +186,9 @@ def _secure(u: dict[str, Any]) -> str:
 - **epsilon = {u["epsilon"]:.4f} at delta = {u["delta"]}** after {u["releases"]} released
   round(s) (budget {u["epsilon_budget"]}, which the calibration meets for rounds with only the
   minimum {sa["min_survivors"]} survivors; this figure counts the survivors the released rounds
-  had, which do not depend on the protected user's data). {u["accounting"]}. Noise counted
+  had: the protected user's own share is never counted, and whether it drops out, which can
+  depend on its data through its reply's timing, is outside the guarantee, see Not protected).
+  {u["accounting"]}. Noise counted
   per round: the smallest released round's, mu = {u["mu_total_used"]:.6g} (the shares of the
   survivors minus {sa["colluders"]} assumed colluders and minus the protected user's own);
   analytic bound {u["epsilon_analytic"]:.4f}, numerical computation
