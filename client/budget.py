@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 from flwr.app import ConfigRecord, Context
 
 from fedrec.shared.privacy.accounting import Run
@@ -111,13 +110,19 @@ class FileStore:
         return Budget.from_json(raw, f"file {self.path}")
 
     def save(self, budget: Budget) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".budget-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(budget.to_json(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        _write_durably(self.path, budget.to_json(), ".budget-")
+
+
+def _write_durably(path: Path, doc: Any, prefix: str) -> None:
+    """``doc`` as JSON at ``path``: a temp file, fsync, rename (never half-written, and on disk
+    before the caller goes on: a privacy record must not lag what the device sent)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class ContextStore:
@@ -219,21 +224,10 @@ class UserLevelLedger:
         rest = delta - sum(e["risk"] for e in entries)
         if not rest > 0:
             return math.inf
-        rdp = sum(
-            skellam._analytic_rdp(skellam.ANALYTIC_ORDERS, e["mu_total"], e["l1"], e["l2"])
-            for e in entries
-        )
-        return skellam._opacus_epsilon(skellam.ANALYTIC_ORDERS, np.asarray(rdp), rest)
+        return skellam.composed_epsilon([(e["mu_total"], e["l1"], e["l2"]) for e in entries], rest)
 
     def append(self, entry: dict[str, float]) -> None:
-        entries = [*self.load(), entry]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".user-level-")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"releases": entries}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        _write_durably(self.path, {"releases": [*self.load(), entry]}, ".user-level-")
 
 
 def device_budget(folder: Path, user_delta: float) -> dict[str, Any]:

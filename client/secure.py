@@ -154,10 +154,9 @@ def masked(msg: Message, context: Context) -> Message:
             f"secure aggregation: the global model has {before.size} travelling coordinates, "
             f"the server expects {enc.dim}"
         )
-    name = public_name(context.node_config)
+    name = public_name(context.node_config)  # what train_reply's client state is named
     try:
         reply = train_reply(msg, context, secure=True)
-        name = str(reply.content[contract.CLIENT]["name"])
         change = np.zeros_like(before)
         if contract.ARRAYS in reply.content:
             state = from_record(reply.content.array_records[contract.ARRAYS])

@@ -290,3 +290,17 @@ def test_bad_inputs_raise_clear_errors():
         calibrate_mu(0.0, 1e-5, 1, 1.0, 1.0)
     assert skellam_epsilon(0.0, 1.0, 1.0, 1, 1e-5) == math.inf
     assert skellam_epsilon(5.0, 1.0, 1.0, 0, 1e-5) == 0.0
+
+
+def test_composed_epsilon_of_identical_releases_is_skellam_epsilon_and_mixed_ones_add_up():
+    from fedrec.shared.privacy import skellam
+
+    one = (2.0e6, 70828.3, 1025.1)
+    assert skellam.composed_epsilon([one] * 3, 1e-4) == skellam.skellam_epsilon(*one, 3, 1e-4)
+    weaker = (5.0e5, 70828.3, 1025.1)
+    mixed = skellam.composed_epsilon([one, weaker], 1e-4)
+    assert (
+        skellam.composed_epsilon([weaker], 1e-4) < mixed < skellam.skellam_epsilon(*weaker, 2, 1e-4)
+    )
+    assert skellam.composed_epsilon([], 1e-4) == 0.0
+    assert skellam.composed_epsilon([(0.0, 1.0, 1.0)], 1e-4) == math.inf

@@ -352,9 +352,7 @@ def audit_secure(run: Path, cfg: FedConfig, tolerance: float) -> tuple[dict[str,
     claimed_replace = claim.get("epsilon_replace_one")
     # a run written before the replace-one figure existed states none: nothing to check (the
     # statement the audit prints gives the recomputed one)
-    if not isinstance(claimed_replace, (int, float)):
-        pass
-    elif claimed_replace < replace * (1 - tolerance):
+    if isinstance(claimed_replace, (int, float)) and claimed_replace < replace * (1 - tolerance):
         problems.append(
             f"claimed replace-one epsilon {claimed_replace} is below the recomputed {replace:.6g}"
         )

@@ -351,6 +351,26 @@ def skellam_epsilon(mu_total: float, l1: float, l2: float, releases: int, delta:
     return _opacus_epsilon(ANALYTIC_ORDERS, rdp, delta)
 
 
+def composed_epsilon(releases: list[tuple[float, float, float]], delta: float) -> float:
+    """Epsilon at ``delta`` after Skellam releases that may differ, each ``(mu_total, l1,
+    l2)``: their :func:`skellam_rdp` bounds at :data:`ANALYTIC_ORDERS` added up and converted
+    as :func:`skellam_epsilon` does (which is this with ``releases`` identical ones). 0 for
+    none; ``inf`` if one has no noise."""
+    _check_release(len(releases), delta)
+    rdp = np.zeros(len(ANALYTIC_ORDERS))
+    for mu_total, l1, l2 in releases:
+        _check_sens(l1, l2)
+        mu = _check_mu(mu_total, "mu_total")
+        if l2 == 0:
+            continue
+        if mu == 0:
+            return math.inf
+        rdp = rdp + _analytic_rdp(ANALYTIC_ORDERS, mu, l1, l2)
+    if not rdp.any():
+        return 0.0
+    return _opacus_epsilon(ANALYTIC_ORDERS, rdp, delta)
+
+
 def calibrate_mu(epsilon: float, delta: float, releases: int, l1: float, l2: float) -> float:
     """The smallest ``mu_total`` (to a relative 1e-9, rounded up) with :func:`skellam_epsilon`
     at most ``epsilon``; bisection in ``log mu`` (epsilon decreases as mu grows)."""

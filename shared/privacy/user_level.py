@@ -135,10 +135,8 @@ def audit_user_level(
     claimed_replace = claim.get("epsilon_replace_one")
     # a run written before the replace-one figure existed states none: nothing to check (the
     # statement the audit prints gives the recomputed one)
-    if not isinstance(claimed_replace, (int, float)):
-        pass
-    elif claimed_replace < max(replace * (1 - tolerance),
-                               replace_indep * (1 - INDEPENDENT_TOLERANCE)):  # fmt: skip
+    floor = max(replace * (1 - tolerance), replace_indep * (1 - INDEPENDENT_TOLERANCE))
+    if isinstance(claimed_replace, (int, float)) and claimed_replace < floor:
         problems.append(
             f"claimed replace-one epsilon {claimed_replace} is below the recomputed "
             f"{replace:.6g} (independent: {replace_indep:.6g})"
