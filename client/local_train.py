@@ -238,14 +238,16 @@ def train_round(
             "local DP-SGD cannot train the per-item ID table (id-residual=true): set dp=false"
         )
     umap = scorer.user_map.weight if scorer.user_map is not None else None
-    params = [
-        p for p in scorer.parameters() if p.requires_grad and p is not id_emb and p is not umap
-    ]
+    offs = scorer.off.weight if scorer.off is not None else None
+    own = [p for p in (id_emb, umap, offs) if p is not None]
+    params = [p for p in scorer.parameters() if p.requires_grad and all(p is not q for q in own)]
     groups: list[dict[str, Any]] = [{"params": params}]
     if id_emb is not None:
         groups.append({"params": [id_emb], "lr": cfg.id_lr()})
     if umap is not None:  # its own step size: post-processing of the same gradient
         groups.append({"params": [umap], "lr": cfg.map_lr()})
+    if offs is not None:  # likewise
+        groups.append({"params": [offs], "lr": cfg.offsets_lr()})
     # Adam's moments start fresh each round: they are computed from privatized gradients only
     # (post-processing), and nothing but the adapter travels.
     base_opt: torch.optim.Optimizer = (

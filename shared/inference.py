@@ -67,6 +67,7 @@ class Recommender:
         self.items: torch.Tensor = torch.empty(0)
         self.bias: torch.Tensor = torch.empty(0)
         self.fac: torch.Tensor | None = None  # (n_items, k) item factors, 0 for untrained items
+        self.off: torch.Tensor | None = None  # (n_items, k) item offsets, 0 for untrained items
         self._texts: dict[str, torch.Tensor] = {}
 
     # --- loading -----------------------------------------------------------------------------
@@ -96,7 +97,11 @@ class Recommender:
         with torch.no_grad():
             rec.bias = model.biases().detach().clone()
             fac = model.factors()
-            rec.fac = None if fac is None else fac.detach().clone()
+            fac = None if fac is None else fac.detach().clone()
+            if model.item_off is not None:
+                rec.off = fac
+            else:
+                rec.fac = fac
         return rec
 
     @torch.no_grad()
@@ -169,6 +174,9 @@ class Recommender:
             if prof_row is not None and m.profile_fac is not None:
                 p = F.normalize(self._text(profile or "", adapted=False), dim=-1)
                 contrib[prof_row] += (m.profile_fac @ p) @ self.fac.T
+        if self.off is not None:
+            # item offsets: <P^T u, g_i> is linear in u, so each term's share of u adds its part
+            contrib += ((parts / norm) @ m.offset_basis) @ self.off.T
         scores = contrib.sum(0) + self.bias
         scores[self._positions(exclude, "exclude")] = -torch.inf
         k = min(k, int(torch.isfinite(scores).sum()))
@@ -262,6 +270,8 @@ class Recommender:
             w = self.model.history_weights(ctx >= 0)  # (batch, L)
             uf = (w.unsqueeze(-1) * self.fac[ctx.clamp(min=0)]).sum(1)  # (batch, k)
             scores = scores + uf @ self.fac.T
+        if self.off is not None:
+            scores = scores + (users @ self.model.offset_basis) @ self.off.T
         return scores.numpy()
 
     def cold_start(
@@ -301,6 +311,8 @@ class Recommender:
         self.bias = torch.cat([self.bias, bias])
         if self.fac is not None:  # a new item has no trained factors
             self.fac = torch.cat([self.fac, torch.zeros(len(ids), self.fac.shape[1])])
+        if self.off is not None:  # nor trained offsets
+            self.off = torch.cat([self.off, torch.zeros(len(ids), self.off.shape[1])])
         self.item_ids = np.concatenate([self.item_ids, np.asarray(ids, dtype=np.int64)])
         self.titles += [items[i] for i in ids]
         self._sort_by_id()
@@ -313,6 +325,8 @@ class Recommender:
         self.items, self.bias = self.items[t], self.bias[t]
         if self.fac is not None:
             self.fac = self.fac[t]
+        if self.off is not None:
+            self.off = self.off[t]
         self.titles = [self.titles[i] for i in order.tolist()]
         self.position = {int(i): k for k, i in enumerate(self.item_ids)}
 

@@ -42,11 +42,18 @@ FACTORS = [
     (True, 0, False, 3),
     (False, 4, True, 5),
     (True, 0, False, -3),  # a negative rank here: the catalog-space map of rank 3
+    (True, -3, False, 0),  # a negative k here: item offsets of k = 3
+    (False, -4, False, 3),
 ]
 
 
 def _umap(umap: int) -> dict:
     return {"user_map": abs(umap), "user_map_space": "catalog" if umap < 0 else "free"}
+
+
+def _per_item(factors: int) -> dict:
+    """Item factors of k (k > 0) or item offsets of -k (k < 0)."""
+    return {"item_factors": max(factors, 0), "item_offsets": max(-factors, 0)}
 
 
 def _perturb_profile_factors(model) -> None:
@@ -56,6 +63,8 @@ def _perturb_profile_factors(model) -> None:
             model.profile_fac.normal_(0, 0.5, generator=g)
         if model.user_map is not None:  # likewise the user map
             model.user_map.normal_(0, 0.5, generator=g)
+        if model.item_off is not None:  # and the item offsets
+            model.item_off.normal_(0, 0.5, generator=g)
 
 
 @pytest.mark.parametrize("ffa,factors,pfac,umap", FACTORS)
@@ -65,8 +74,8 @@ def test_candidate_scores_equal_recmodel_scores(ds, tiny_backbone, ffa, factors,
         tiny_backbone,
         id_residual=False,
         ffa=ffa,
-        item_factors=factors,
         profile_factors=pfac,
+        **_per_item(factors),
         **_umap(umap),
     )
     _perturb_profile_factors(model)
@@ -77,7 +86,7 @@ def test_candidate_scores_equal_recmodel_scores(ds, tiny_backbone, ffa, factors,
     if factors:
         _cold_history_item(model)
         assert model.user_embeddings(model.item_embeddings(), _batch(model)[0]).shape[1] == (
-            model.dim + factors
+            model.dim + abs(factors)
         )
     model.eval()
     context, cands, prof = _batch(model)
@@ -88,6 +97,23 @@ def test_candidate_scores_equal_recmodel_scores(ds, tiny_backbone, ffa, factors,
         users = model.user_embeddings(items, context, prof)
         full = model.scores(users, items)  # (batch, n_items)
     assert torch.allclose(got, full.gather(1, cands), atol=1e-4)
+    if factors < 0:  # the offsets are in the score, and only on warm candidates
+        cold = model.warm.clone()
+        with torch.no_grad():
+            saved = model.item_off.clone()
+            model.item_off.zero_()
+            plain = model.scores(model.user_embeddings(items, context, prof), items)
+            model.item_off.copy_(saved)
+        assert not torch.allclose(plain.gather(1, cands), got, atol=1e-3)
+        c = int(cands[0, 1])
+        model.warm[c] = False
+        again = CandidateScorer(model)(context, cands, prof)
+        model.warm.copy_(cold)
+        with torch.no_grad():
+            # a cold candidate loses its bias and its offset term
+            off_part = float(users[0, model.dim :] @ model.item_off[c] + model.item_bias[c])
+        assert abs(off_part) > 1e-3
+        assert again[0, 1].item() == pytest.approx(got[0, 1].item() - off_part, abs=1e-4)
     if umap:  # the map is in the score: without it the scores differ
         with torch.no_grad():
             model.user_map.zero_()
@@ -110,8 +136,8 @@ def test_opacus_per_sample_grads_equal_micro_batch_loop(
         tiny_backbone,
         id_residual=False,
         ffa=ffa,
-        item_factors=factors,
         profile_factors=pfac,
+        **_per_item(factors),
         **_umap(umap),
     )
     _perturb_profile_factors(model)
@@ -124,7 +150,8 @@ def test_opacus_per_sample_grads_equal_micro_batch_loop(
     names = {id(p) for p in params}
     assert id(model.item_bias) in names and id(model.lora_layer().lora_B["default"].weight) in names
     assert (id(model.lora_layer().lora_A["default"].weight) in names) is not ffa
-    assert (model.item_fac is not None and id(model.item_fac) in names) is bool(factors)
+    assert (model.item_fac is not None and id(model.item_fac) in names) is (factors > 0)
+    assert (model.item_off is not None and id(model.item_off) in names) is (factors < 0)
     assert (model.profile_fac is not None and id(model.profile_fac) in names) is pfac
     assert (model.user_map is not None and id(model.user_map) in names) is bool(umap)
     reference = []

@@ -311,3 +311,49 @@ def test_travelling_state_is_pefts_and_loads_strictly(ds, tiny_backbone, ffa):
     ):
         with pytest.raises(UpdateError):
             load_travelling(other, bad)
+
+
+def test_item_offsets_travel_start_at_zero_and_learn_from_the_first_step(ds, tiny_backbone):
+    """Item offsets travel as ``head.item_off`` (n_items, k), their basis never does; at init
+    (zero) the scores are the plain model's; one SGD step on a batch moves the target's row
+    (the term is linear in the table, unlike item factors at a zero init); the run config's
+    ``item-offsets`` and ``lr-offsets`` reach the model and the optimizer and are checked."""
+    from fedrec.shared.federation.config import FedConfig
+    from fedrec.shared.federation.params import travelling_state
+    from fedrec.shared.model.candidates import CandidateScorer, candidate_loss
+
+    model = make_model(ds, tiny_backbone, ffa=True, item_offsets=3)
+    state = travelling_state(model)
+    assert state["head.item_off"].shape == (len(model.item_texts), 3)
+    assert not any("basis" in k for k in state)
+    basis = model.offset_basis
+    assert torch.allclose(basis.T @ basis, torch.eye(3), atol=1e-5)  # orthonormal
+    plain = make_model(ds, tiny_backbone, ffa=True)
+    ctx = torch.as_tensor(right_aligned([np.array([1, 4, 9]), np.array([2])], 8))
+    with torch.no_grad():
+        items = plain.item_embeddings()
+        got = model.scores(model.user_embeddings(items, ctx, None), items)
+        ref = plain.scores(plain.user_embeddings(items, ctx, None), items)
+    assert torch.allclose(got, ref, atol=1e-5)
+    target = int(np.flatnonzero(model.warm.numpy())[3])
+    scorer = CandidateScorer(model)
+    cands = torch.tensor([[target, 5, 6, 7], [target, 8, 10, 11]])
+    loss = candidate_loss(scorer(ctx, cands), ctx, cands)
+    loss.backward()
+    grad = model.item_off.grad
+    assert grad[target].norm() > 0  # the first step already moves the target's row
+    untouched = [i for i in range(len(model.item_texts)) if i not in set(cands.flatten().tolist())]
+    assert float(grad[untouched].abs().sum()) == 0.0
+    assert FedConfig(item_offsets=4).model_config().item_offsets == 4
+    assert FedConfig(item_offsets=4, lr=3.0).offsets_lr() == 3.0
+    assert FedConfig(item_offsets=4, lr=3.0, lr_offsets=64.0).offsets_lr() == 64.0
+    with pytest.warns(UserWarning, match="lr-offsets"):
+        FedConfig(lr_offsets=0.5)
+    with pytest.raises(ValueError, match="lr-offsets"):
+        FedConfig(item_offsets=4, lr_offsets=-1.0)
+    with pytest.raises(ValueError, match="item-offsets"):
+        FedConfig(item_offsets=65)
+    with pytest.raises(ValueError, match="item-offsets"):
+        FedConfig(item_offsets=4, item_factors=4)
+    with pytest.raises(ValueError, match="item_offsets"):
+        ModelConfig(item_offsets=2, item_factors=2)

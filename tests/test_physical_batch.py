@@ -234,3 +234,26 @@ def test_the_user_map_steps_at_its_own_learning_rate(ds, tiny_backbone, fixed_se
     assert float(map_a.abs().sum()) > 0  # the map trained (zero at init)
     assert torch.allclose(map_b, map_a * 0.1, atol=1e-7)
     assert torch.equal(b_a, b_b)
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_the_item_offsets_step_at_their_own_learning_rate(ds, tiny_backbone, fixed_secrets, dp):  # noqa: F811
+    """As the user map: ``lr-offsets`` scales the offsets' change alone (zero at init, so the
+    change is the table itself), the same batch and noise; the adapter's is unchanged."""
+    model = make_model(ds, tiny_backbone, id_residual=False, ffa=True, item_offsets=3)
+    state = model.state_dict()
+    extra = {} if dp else {"dp": False, "epsilon": 8.0}
+    changes = []
+    for lr_off in (0.5, 0.05):
+        m = make_model(ds, tiny_backbone, id_residual=False, ffa=True, item_offsets=3)
+        m.load_state_dict(state)
+        cfg = _cfg(
+            backbone=str(tiny_backbone), local_steps=1, item_offsets=3, lr_offsets=lr_off, **extra
+        )
+        train_round(CandidateScorer(m), _data(ds), cfg, MemoryStore(), seed=0)
+        b = m.lora_layer().lora_B["default"].weight
+        changes.append((m.item_off.detach().clone(), b.detach().clone()))
+    (off_a, b_a), (off_b, b_b) = changes
+    assert float(off_a.abs().sum()) > 0
+    assert torch.allclose(off_b, off_a * 0.1, atol=1e-7)
+    assert torch.equal(b_a, b_b)

@@ -74,6 +74,13 @@ class FedConfig:
     # with item-factors and use-profile: the profile also enters the factor space through a
     # learned k x dim map (a rank-k profile-by-item preference; ModelConfig.profile_factors)
     profile_factors: bool = False
+    # k > 0: a learned k-vector per item, zero at init, and the score term <P^T u, g_i> (P the
+    # catalog text embeddings' top-k principal directions, public; ModelConfig.item_offsets):
+    # linear in the table, so it learns from the first step; n_items * k numbers travel
+    item_offsets: int = 0
+    # the item offsets' local learning rate; 0 = ``lr`` (post-processing under user-level DP,
+    # as lr-map; under local DP-SGD the same clipped, noised gradient at another step size)
+    lr_offsets: float = 0.0
     # r > 0: a learned rank-r map on the history part of the user vector, s -> s + (s P) Q
     # (ModelConfig.user_map): a transition from the items watched to the next one, r * dim
     # numbers that travel each round (r = 16: 6,144 with MiniLM; r * r with the catalog space),
@@ -275,6 +282,19 @@ class FedConfig:
         )
         _need(0 < self.lr < 100, "lr", self.lr, "(0, 100)")
         _need(0 <= self.item_factors <= 64, "item-factors", self.item_factors, "0..64")
+        _need(0 <= self.item_offsets <= 64, "item-offsets", self.item_offsets, "0..64")
+        _need(
+            not (self.item_offsets and self.item_factors),
+            "item-offsets",
+            self.item_offsets,
+            "0 when item-factors > 0 (one per-item term at a time)",
+        )
+        _need(
+            0 <= self.lr_offsets < 10_000,
+            "lr-offsets",
+            self.lr_offsets,
+            "[0, 10000); 0 = the same as lr",
+        )
         _need(0 <= self.user_map <= 384, "user-map", self.user_map, "0..384 (a rank)")
         _need(
             self.user_map_space in ("free", "catalog"),
@@ -419,6 +439,10 @@ class FedConfig:
             warnings.warn(
                 "run config 'lr-id' is ignored: id-residual=false", UserWarning, stacklevel=3
             )
+        if not self.item_offsets and self.lr_offsets != FedConfig.lr_offsets:
+            warnings.warn(
+                "run config 'lr-offsets' is ignored: item-offsets=0", UserWarning, stacklevel=3
+            )
         if not self.user_map and self.lr_map != FedConfig.lr_map:
             warnings.warn("run config 'lr-map' is ignored: user-map=0", UserWarning, stacklevel=3)
         if self.partition == "user" and self.silos != FedConfig.silos:
@@ -439,6 +463,7 @@ class FedConfig:
             item_factors=self.item_factors,
             factor_init=self.factor_init,
             profile_factors=self.profile_factors,
+            item_offsets=self.item_offsets,
             user_map=self.user_map,
             user_map_space=self.user_map_space,
             item_bias=self.item_bias,
@@ -451,6 +476,10 @@ class FedConfig:
     def map_lr(self) -> float:
         """The user map's SGD learning rate: ``lr-map``, or ``lr`` when it is 0."""
         return self.lr_map or self.lr
+
+    def offsets_lr(self) -> float:
+        """The item offsets' SGD learning rate: ``lr-offsets``, or ``lr`` when it is 0."""
+        return self.lr_offsets or self.lr
 
     def id_lr(self) -> float:
         """The per-item ID table's SGD learning rate: ``lr-id``, or ``lr`` when it is 0."""

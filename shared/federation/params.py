@@ -6,7 +6,8 @@ The global model is the frozen backbone + the tensors listed by :func:`travellin
   ``fedavg``; only B with ``ffa`` (A is the shared seeded init on every side and never moves);
 - the head: item bias ``(n_items,)``, recency logits ``(history_len,)``, score scale and profile
   gate (scalars), with ``item-factors`` k > 0 the item factors ``(n_items, k)`` (and with
-  profiles the profile's map into their space ``(k, dim)``), with ``user-map`` r > 0 the user
+  profiles the profile's map into their space ``(k, dim)``), with ``item-offsets`` k > 0 the
+  item offsets ``(n_items, k)``, with ``user-map`` r > 0 the user
   map (``(dim, r)``, or ``(r, r)`` with ``user-map-space = catalog``), and with
   ``id-residual`` (no DP only) the per-item ID table ``(n_items, dim)``, under ``head.*``.
 
@@ -35,6 +36,7 @@ HEAD = (
     "profile_gate",
     "id_emb",
     "item_fac",
+    "item_off",
     "profile_fac",
     "user_map",
 )

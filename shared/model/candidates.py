@@ -354,6 +354,10 @@ class CandidateScorer(nn.Module):
             self.norm = norm
         self.bias = Gather(model.item_bias) if model.item_bias is not None else None
         self.fac = Gather(model.item_fac) if model.item_fac is not None else None
+        # item offsets (RecModel.item_off): <P^T u, g_i> with P the public catalog basis
+        self.off = Gather(model.item_off) if model.item_off is not None else None
+        if model.item_off is not None:
+            self.register_buffer("offset_basis", model.offset_basis, persistent=False)
         self.profile_fac = Project(model.profile_fac) if model.profile_fac is not None else None
         # the per-item ID table (no-DP training only: Opacus has no per-example sampler for it,
         # and a GradSampleModule around this scorer refuses it, see client.local_train)
@@ -469,6 +473,10 @@ class CandidateScorer(nn.Module):
             if self.profile_fac is not None and profile is not None:
                 uf = uf + self.profile_fac(F.normalize(profile, dim=-1))
             scores = scores + (fac[:, n_ctx:] @ uf.unsqueeze(-1)).squeeze(-1) * keep
+        if self.off is not None:
+            # as RecModel.scores: <P^T u, g_i> on warm candidates, u the unit user vector
+            uo = user @ self.offset_basis  # (batch, k)
+            scores = scores + (self.off(candidates) @ uo.unsqueeze(-1)).squeeze(-1) * keep
         return scores
 
 

@@ -48,6 +48,13 @@ class ModelConfig:
     (``P`` a learned ``k x dim`` map of the unit profile embedding, zero at init), so
     ``<P p, f_i>`` is a learned rank-k profile-by-item preference (what a cold user's profile
     says about each item beyond the text similarity).
+    ``item_offsets``: ``k`` > 0 adds a learned per-item ``k``-vector ``g_i`` (warm items only,
+    zero at init) and the term ``<P^T u, g_i>`` to the score, ``u`` the user vector and ``P`` the
+    top-``k`` principal directions of the frozen catalog text embeddings (public, as the catalog
+    user map's): an item's own offset from its text, seen through the user's position in the
+    catalog's main directions. Unlike the item factors it is linear in the learned table, so the
+    first gradient already moves it (``g_i`` gathers the users that chose item ``i``), and only the
+    candidate side is per item: ``n_items * k`` numbers that can travel under user-level DP.
     ``user_map``: ``r`` > 0 adds a learned linear map on the history part of the user vector,
     ``s -> s + (s P) Q`` with ``s = sum_j w_j e_{h_j}``, ``P`` a seeded random ``(dim, r)`` basis
     (frozen, entries of variance 1/r) and ``Q`` a learned ``(r, dim)`` map, zero at init (the
@@ -86,6 +93,7 @@ class ModelConfig:
     item_factors: int = 0
     factor_init: float = 0.1
     profile_factors: bool = False
+    item_offsets: int = 0
     user_map: int = 0
     user_map_space: str = "free"
     profile_template: str = ""
@@ -101,6 +109,13 @@ class ModelConfig:
         _check(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "> 0")
         _check(1 <= self.history_len <= 1000, "history_len", self.history_len, "1..1000")
         _check(0 <= self.item_factors <= 256, "item_factors", self.item_factors, "0..256")
+        _check(0 <= self.item_offsets <= 256, "item_offsets", self.item_offsets, "0..256")
+        _check(
+            not (self.item_offsets and self.item_factors),
+            "item_offsets",
+            self.item_offsets,
+            "0 when item_factors > 0 (one per-item term at a time)",
+        )
         _check(0 <= self.user_map <= 1024, "user_map", self.user_map, "0..1024 (a rank)")
         _check(
             self.user_map_space in ("free", "catalog"),

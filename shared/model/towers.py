@@ -145,6 +145,16 @@ class RecModel(nn.Module):
             self.profile_fac = nn.Parameter(
                 torch.zeros(cfg.item_factors, int(base.config.hidden_size))
             )
+        # item offsets: (n_items, k) learned, zero at init; P the catalog's top-k principal
+        # directions (public), recomputed from the frozen catalog like the catalog user map's
+        self.item_off: nn.Parameter | None = None
+        if not cfg.item_offsets:
+            self.register_buffer("offset_basis", None, persistent=False)
+        else:
+            self.register_buffer(
+                "offset_basis", self._catalog_basis(cfg.item_offsets), persistent=False
+            )
+            self.item_off = nn.Parameter(torch.zeros(n_items, cfg.item_offsets))
         # the user map (map_history). ``free``: Q stored transposed, (dim, r), so that
         # ``x @ user_map.T`` maps the r-dim projection back (the federation's Project module),
         # P rebuilt from the seed. ``catalog``: M (r, r) and P the catalog's principal basis
@@ -331,6 +341,8 @@ class RecModel(nn.Module):
         if profile is not None and self.cfg.use_profile:
             u = u + self.profile_term(profile)
         u = u if self.additive else F.normalize(u, dim=-1)
+        if self.item_off is not None and factors:
+            return torch.cat([u, u @ self.offset_basis], dim=1)
         if self.item_fac is None or not factors:
             return u
         idx = history.clamp(min=0)
@@ -341,18 +353,21 @@ class RecModel(nn.Module):
         return torch.cat([u, uf], dim=1)
 
     def factors(self, as_cold: torch.Tensor | None = None) -> torch.Tensor | None:
-        """``(n_items, k)`` item factors, 0 for items never trained or flagged ``as_cold``."""
-        if self.item_fac is None:
+        """``(n_items, k)`` item factors (or item offsets), 0 for items never trained or flagged
+        ``as_cold``."""
+        table = self.item_fac if self.item_fac is not None else self.item_off
+        if table is None:
             return None
         keep = self.warm if as_cold is None else self.warm & ~as_cold
-        return self.item_fac * keep.unsqueeze(1)
+        return table * keep.unsqueeze(1)
 
     def scores(
         self, users: torch.Tensor, items: torch.Tensor, as_cold: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``(batch, n_items)`` = scale * <u, e> + b (b = 0 for items flagged ``as_cold``), plus
         ``<u_f, f_i>`` with item factors (``users`` then carries ``u_f`` in its last k columns,
-        as :meth:`user_embeddings` gives it)."""
+        as :meth:`user_embeddings` gives it), or ``<P^T u, g_i>`` with item offsets (the last k
+        columns then carry ``P^T u``)."""
         fac = self.factors(as_cold)
         if fac is None:
             return self.log_scale.exp() * users @ items.T + self.biases(as_cold)
