@@ -320,6 +320,7 @@ class CandidateScorer(nn.Module):
 
     tok_x: torch.Tensor  # the token path only (not with a LoRAItemTower)
     user_map_basis: torch.Tensor  # with model.user_map only
+    offset_basis: torch.Tensor  # with model.item_offsets only
     tok_base: torch.Tensor
     tok_mask: torch.Tensor
     warm: torch.Tensor

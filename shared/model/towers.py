@@ -68,6 +68,7 @@ class RecModel(nn.Module):
 
     warm: torch.Tensor  # (n_items,) bool buffer: item seen in training
     user_map_basis: torch.Tensor  # (dim, r) frozen buffer, with model.user_map = r only
+    offset_basis: torch.Tensor  # (dim, k) frozen buffer, with model.item_offsets = k only
     cold_prior: torch.Tensor  # (dim + 1,) buffer: the cold prior's linear function, or 0
     cold_prior_items: torch.Tensor  # (n_items,) buffer: its value per never-trained item
     backbone: Any  # peft.PeftModel around the transformers encoder
