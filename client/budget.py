@@ -15,10 +15,12 @@ Losing a budget would restart epsilon from zero: every reader refuses a file it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -123,6 +125,32 @@ def _write_durably(path: Path, doc: Any, prefix: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    # the rename itself is in the folder's entry: sync it too, where the system allows
+    with contextlib.suppress(OSError, AttributeError):
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``<path>.lock`` (``fcntl.flock``) for a read-modify-write
+    of ``path``: two runs on one device take turns. Where ``fcntl`` does not exist (Windows)
+    there is no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux or macOS
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 
 
 class ContextStore:
@@ -191,8 +219,9 @@ class UserLevelLedger:
     depend on its data). Each entry counts the a-priori noise (the minimum survivors), so for
     the rounds it joined this is at least what the run's statement claims for them (which
     counts the survivors the rounds had), at most the run's budget for one run; and it keeps
-    counting across runs, which no run's statement does. Not locked: two runs on one device
-    at the same time could lose an entry."""
+    counting across runs, which no run's statement does. An entry is added under a lock on
+    ``user-level-budget.json.lock``, with the cap checked again inside it, so two runs on one
+    device at the same time neither lose an entry nor pass the cap together."""
 
     path: Path
 
@@ -226,8 +255,23 @@ class UserLevelLedger:
             return math.inf
         return skellam.composed_epsilon([(e["mu_total"], e["l1"], e["l2"]) for e in entries], rest)
 
-    def append(self, entry: dict[str, float]) -> None:
-        _write_durably(self.path, {"releases": [*self.load(), entry]}, ".user-level-")
+    def append(
+        self, entry: dict[str, float], *, cap: float | None = None, delta: float = 0.0
+    ) -> None:
+        """Add ``entry``, durably. With ``cap``: under the same lock, refuse (ValueError, nothing
+        written) if the record's epsilon at ``delta`` would pass it with this entry: another run
+        on the device may have added entries since this round's first check."""
+        with _locked(self.path):
+            entries = self.load()
+            if cap is not None:
+                after = self.epsilon([*entries, entry], delta)
+                if after > cap:
+                    raise ValueError(
+                        f"this device's user-level epsilon would reach {after:.4g} at delta "
+                        f"{delta} with this round ({len(entries)} earlier secure rounds in "
+                        f"{self.path}), above its user-epsilon-max={cap}: refused"
+                    )
+            _write_durably(self.path, {"releases": [*entries, entry]}, ".user-level-")
 
 
 def device_budget(folder: Path, user_delta: float) -> dict[str, Any]:

@@ -187,7 +187,9 @@ def masked(msg: Message, context: Context) -> Message:
     y = client.masked_input(list(zip(srcs, cts, strict=True)), x)
     _save(context, rnd, client)
     if ledger is not None:  # recorded before the masked input leaves the device
-        ledger.append(entry)
+        # the cap again, under the record's lock: another run may have added rounds since
+        cap, delta = _user_cap(cfg, context.node_config)
+        ledger.append(entry, cap=cap, delta=delta)
     # everything but the masked vector is a constant: whether the client trained, had data,
     # or why not, would tell the server what the noise hides
     content = RecordDict()
@@ -196,6 +198,13 @@ def masked(msg: Message, context: Context) -> Message:
     wire = np.uint32 if enc.bits <= 32 else np.uint64  # server/secure_agg.py wire_dtype
     content[contract.ARRAYS] = ArrayRecord({MASKED: Array(np.ascontiguousarray(y, dtype=wire))})
     return Message(content=content, reply_to=msg)
+
+
+def _user_cap(cfg: FedConfig, node: dict[str, Any]) -> tuple[float | None, float]:
+    """The node config's ``user-epsilon-max`` (None: no cap) and the delta it is read at
+    (``user-delta-max``, else the run's ``user-delta``)."""
+    cap = node.get("user-epsilon-max")
+    return (None if cap is None else float(cap)), float(node.get("user-delta-max", cfg.user_delta))
 
 
 def _user_level_check(
@@ -216,12 +225,11 @@ def _user_level_check(
         "risk": p.collusion_risk / cfg.num_rounds,
     }
     ledger = UserLevelLedger(state / "user-level-budget.json")
-    cap = node.get("user-epsilon-max")
+    cap, delta = _user_cap(cfg, node)
     if cap is not None:
         earlier = ledger.load()
-        delta = float(node.get("user-delta-max", cfg.user_delta))
         after = ledger.epsilon([*earlier, entry], delta)
-        if after > float(cap):
+        if after > cap:
             raise ValueError(
                 f"this device's user-level epsilon would reach {after:.4g} at delta {delta} "
                 f"with this round ({len(earlier)} earlier secure rounds in {ledger.path}), above "

@@ -1,0 +1,70 @@
+"""A device's user-level record (client/budget.py UserLevelLedger): composition with the
+collusion risk taken out of delta, a cap checked under a lock, concurrent runs on one device."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+
+import pytest
+
+from fedrec.client.budget import UserLevelLedger
+from fedrec.shared.privacy import skellam
+
+# about one secure round of the default on ML-100K: 424 minimum survivors x mu 4,541, clip 10
+# at scale 102.4 over 4,774 coordinates
+ENTRY = {"mu_total": 1.93e6, "l1": 70_750.0, "l2": 1_024.0, "risk": 0.0}
+
+
+def test_the_collusion_risk_comes_out_of_delta(tmp_path):
+    ledger = UserLevelLedger(tmp_path / "user-level-budget.json")
+    clean = [dict(ENTRY) for _ in range(3)]
+    risky = [dict(ENTRY, risk=2e-5) for _ in range(3)]
+    params = [(e["mu_total"], e["l1"], e["l2"]) for e in clean]
+    assert ledger.epsilon(clean, 1e-4) == pytest.approx(skellam.composed_epsilon(params, 1e-4))
+    # three rounds at risk 2e-5 each leave 4e-5 of the 1e-4 for the mechanism
+    assert ledger.epsilon(risky, 1e-4) == pytest.approx(skellam.composed_epsilon(params, 4e-5))
+    assert ledger.epsilon(risky, 1e-4) > ledger.epsilon(clean, 1e-4)
+    assert ledger.epsilon(risky, 6e-5) == math.inf  # the risks use up delta: no finite bound
+    assert ledger.epsilon([], 1e-4) == 0.0
+
+
+def test_the_cap_is_checked_again_when_the_entry_is_written(tmp_path):
+    """Another run on the device added rounds after this round's first check: the append
+    itself refuses, and writes nothing."""
+    ledger = UserLevelLedger(tmp_path / "user-level-budget.json")
+    one = ledger.epsilon([ENTRY], 1e-4)
+    two = ledger.epsilon([ENTRY, ENTRY], 1e-4)
+    cap = (one + two) / 2
+    ledger.append(dict(ENTRY), cap=cap, delta=1e-4)  # the first round fits
+    before = ledger.path.read_bytes()
+    with pytest.raises(ValueError, match="user-epsilon-max"):
+        ledger.append(dict(ENTRY), cap=cap, delta=1e-4)
+    assert ledger.path.read_bytes() == before
+    ledger.append(dict(ENTRY))  # no cap: recorded
+    assert len(ledger.load()) == 2
+
+
+def test_concurrent_runs_on_one_device_lose_no_entry(tmp_path):
+    """Eight writers (two runs' rounds, say) append 15 entries each at the same time: the
+    lock makes every read-modify-write see the others' entries."""
+    path = tmp_path / "state" / "user-level-budget.json"
+    errors: list[BaseException] = []
+
+    def writer(k: int) -> None:
+        try:
+            for i in range(15):
+                UserLevelLedger(path).append(dict(ENTRY, mu_total=1e6 + 100 * k + i))
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    entries = json.loads(path.read_text())["releases"]
+    assert len(entries) == 120
+    assert len({e["mu_total"] for e in entries}) == 120
