@@ -67,9 +67,12 @@ from flwr.serverapp.strategy import dp_fixed_clipping as _dp_fixed_clipping
 
 from fedrec.server.strategy import FedRecStrategy
 from fedrec.shared.federation import contract
-from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.federation.params import UpdateError, check_update, from_record
-from fedrec.shared.privacy.user_level import user_level_summary, user_noise_multiplier
+from fedrec.shared.privacy.user_level import (
+    sample_size,
+    user_level_summary,
+    user_noise_multiplier,
+)
 
 __all__ = [
     "UserLevelDP",
@@ -120,11 +123,6 @@ def os_gaussian(shape: tuple[int, ...], std: float) -> np.ndarray:
 def reseed_numpy() -> None:
     """Seed NumPy's global generator (Flower's DP noise) from OS entropy."""
     np.random.seed(secrets.randbits(32))
-
-
-def sample_size(cfg: FedConfig, num_clients: int) -> int:
-    """The number of clients Flower's FedAvg samples per round (its own formula)."""
-    return max(int(num_clients * cfg.fraction_train), cfg.min_replies)
 
 
 class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):

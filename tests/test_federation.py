@@ -329,6 +329,20 @@ def test_user_level_dp_on_a_real_federation(synth_dir, tiny_backbone, tmp_path):
     assert not report["ok"] and "claimed replace-one epsilon" in text
     # the statement printed gives the recomputed figure, not the doctored claim
     assert f"for that adjacency epsilon is\n  {replace:.4f}" in text
+    # more noise claimed than z x clip / n gives fails too, and the statement prints the latter
+    std = u["noise_multiplier"] * cfg.user_clip / u["sampled_per_round"]
+    assert u["noise_std"] == pytest.approx(std)
+    doc = json.loads((out / "metrics.json").read_text())
+    doc["privacy"]["user_level"] |= {"epsilon_replace_one": replace, "noise_std": 10 * std}
+    (out / "metrics.json").write_text(json.dumps(doc))
+    report, text = audit_run(out, plot=False)
+    assert not report["ok"] and "claimed noise std" in text
+    assert report["user_level_dp"]["noise_std"] == pytest.approx(std)
+    assert f"std {std:.4g} (noise multiplier" in text
+    doc["privacy"]["user_level"] |= {"noise_std": std, "sampled_per_round": 1}
+    (out / "metrics.json").write_text(json.dumps(doc))
+    report, text = audit_run(out, plot=False)
+    assert not report["ok"] and "claimed sample size 1" in text
 
 
 def test_id_table_federation_without_dp(synth_dir, tiny_backbone, tmp_path):

@@ -70,6 +70,12 @@ def user_level_summary(
     }
 
 
+def sample_size(cfg: FedConfig, num_clients: int) -> int:
+    """The number of clients Flower's FedAvg samples per round (its own formula): the fixed
+    denominator of the trusted server's mean, and so of its noise's std on that mean."""
+    return max(int(num_clients * cfg.fraction_train), cfg.min_replies)
+
+
 def audit_user_level(
     run: Path, cfg: FedConfig, tolerance: float
 ) -> tuple[dict[str, Any], list[str]]:
@@ -141,8 +147,29 @@ def audit_user_level(
             f"claimed replace-one epsilon {claimed_replace} is below the recomputed "
             f"{replace:.6g} (independent: {replace_indep:.6g})"
         )
+    # the noise's std on the mean: z x clip / n, n the sample size the config gives for the
+    # client count the server logged (a statement must not claim more noise than that)
+    clients = int(claim.get("clients", 0))
+    sampled = sample_size(cfg, clients) if clients > 0 else int(claim.get("sampled_per_round", 1))
+    noise_std = z * cfg.user_clip / max(1, sampled)
+    claimed_sampled = claim.get("sampled_per_round")
+    if isinstance(claimed_sampled, (int, float)) and int(claimed_sampled) != sampled:
+        problems.append(
+            f"claimed sample size {claimed_sampled} differs from the {sampled} that "
+            f"fraction-train={cfg.fraction_train} and min-replies={cfg.min_replies} give for "
+            f"{clients} clients"
+        )
+    claimed_std = claim.get("noise_std")
+    if isinstance(claimed_std, (int, float)) and claimed_std > noise_std * (1 + 1e-9):
+        problems.append(
+            f"claimed noise std {claimed_std} on the mean is above the recomputed {noise_std:.6g} "
+            f"(noise multiplier {z:.6g} x clip {cfg.user_clip} / {sampled} clients)"
+        )
     # the statement the audit prints is built from these recomputed values, not the claim's
     out = dict(claim) | {
+        "noise_std": noise_std,
+        "noise_std_claimed": claimed_std,
+        "sampled_per_round": sampled,
         "verified": not problems,
         "epsilon_claimed": claim.get("epsilon"),
         "epsilon_replace_one_claimed": claimed_replace,
