@@ -329,20 +329,36 @@ def test_user_level_dp_on_a_real_federation(synth_dir, tiny_backbone, tmp_path):
     assert not report["ok"] and "claimed replace-one epsilon" in text
     # the statement printed gives the recomputed figure, not the doctored claim
     assert f"for that adjacency epsilon is\n  {replace:.4f}" in text
-    # more noise claimed than z x clip / n gives fails too, and the statement prints the latter
+    # every figure the statement prints is recomputed: more noise claimed than z x clip / n
+    # gives fails, and the statement prints the recomputed std
     std = u["noise_multiplier"] * cfg.user_clip / u["sampled_per_round"]
     assert u["noise_std"] == pytest.approx(std)
-    doc = json.loads((out / "metrics.json").read_text())
-    doc["privacy"]["user_level"] |= {"epsilon_replace_one": replace, "noise_std": 10 * std}
-    (out / "metrics.json").write_text(json.dumps(doc))
-    report, text = audit_run(out, plot=False)
-    assert not report["ok"] and "claimed noise std" in text
+    honest = json.loads((out / "metrics.json").read_text())
+    honest["privacy"]["user_level"]["epsilon_replace_one"] = replace
+
+    def audit_with(**claim):
+        doc = json.loads(json.dumps(honest))
+        doc["privacy"]["user_level"] |= claim
+        (out / "metrics.json").write_text(json.dumps(doc))
+        return audit_run(out, plot=False)
+
+    report, text = audit_with()
+    assert report["ok"], text
+    report, text = audit_with(noise_std=10 * std)
+    assert not report["ok"] and "claimed noise_std" in text
     assert report["user_level_dp"]["noise_std"] == pytest.approx(std)
     assert f"std {std:.4g} (noise multiplier" in text
-    doc["privacy"]["user_level"] |= {"noise_std": std, "sampled_per_round": 1}
-    (out / "metrics.json").write_text(json.dumps(doc))
-    report, text = audit_run(out, plot=False)
-    assert not report["ok"] and "claimed sample size 1" in text
+    # the sample size comes from the clients the server asked each round, not from the claim:
+    # a claim of one client (or none) with the matching sample size and std still fails
+    for clients in (1, 0):
+        report, text = audit_with(clients=clients, sampled_per_round=1, noise_std=std * 2)
+        assert not report["ok"], clients
+        assert "the server asked" in text or "names no client count" in text
+    report, text = audit_with(delta=1e-12, clip=0.001, epsilon_budget=100.0)
+    assert not report["ok"]
+    for key in ("delta", "clip", "epsilon_budget"):
+        assert f"claimed {key}" in text
+    assert f"at delta = {cfg.user_delta}" in text  # the statement gives the config's delta
 
 
 def test_id_table_federation_without_dp(synth_dir, tiny_backbone, tmp_path):

@@ -147,34 +147,42 @@ def audit_user_level(
             f"claimed replace-one epsilon {claimed_replace} is below the recomputed "
             f"{replace:.6g} (independent: {replace_indep:.6g})"
         )
-    # the noise's std on the mean: z x clip / n, n the sample size the config gives for the
-    # client count the server logged (a statement must not claim more noise than that)
-    clients = int(claim.get("clients", 0))
-    sampled = sample_size(cfg, clients) if clients > 0 else int(claim.get("sampled_per_round", 1))
-    noise_std = z * cfg.user_clip / max(1, sampled)
-    claimed_sampled = claim.get("sampled_per_round")
-    if isinstance(claimed_sampled, (int, float)) and int(claimed_sampled) != sampled:
+    # The sample size n (the mean's fixed denominator, and so the noise's std on the mean)
+    # from what the server logged per round (`sent`: the clients it asked), which must be the
+    # same every aggregated round and equal what the config gives for the logged client count;
+    # never from the claim alone.
+    rounds = [r for r in doc.get("model", {}).get("rounds", []) if r.get("aggregated")]
+    sent = sorted({int(r.get("sent", 0)) for r in rounds})
+    clients = claim.get("clients")
+    if not isinstance(clients, int) or clients <= 0:
+        problems.append(f"{path}: the user-level record names no client count ({clients!r})")
+        clients = 0
+    sampled = sample_size(cfg, clients) if clients else 0
+    if len(sent) > 1 or (sent and sent[0] != sampled):
         problems.append(
-            f"claimed sample size {claimed_sampled} differs from the {sampled} that "
-            f"fraction-train={cfg.fraction_train} and min-replies={cfg.min_replies} give for "
+            f"the server asked {sent} clients per aggregated round; fraction-train="
+            f"{cfg.fraction_train} and min-replies={cfg.min_replies} give {sampled} for "
             f"{clients} clients"
         )
-    claimed_std = claim.get("noise_std")
-    if isinstance(claimed_std, (int, float)) and claimed_std > noise_std * (1 + 1e-9):
-        problems.append(
-            f"claimed noise std {claimed_std} on the mean is above the recomputed {noise_std:.6g} "
-            f"(noise multiplier {z:.6g} x clip {cfg.user_clip} / {sampled} clients)"
+    # every figure the statement prints, rebuilt from the config and these counts
+    fresh = user_level_summary(
+        cfg, noise_multiplier=z, releases=releases, sampled=max(1, sampled), clients=clients
+    )
+    for key in ("sampled_per_round", "noise_std", "clip", "delta", "epsilon_budget", "unit"):
+        said, true = claim.get(key), fresh[key]
+        same = (
+            said == true
+            if isinstance(true, (str, int)) and not isinstance(true, float)
+            else isinstance(said, (int, float)) and abs(float(said) - true) <= 1e-9 * abs(true)
         )
+        if not same:
+            problems.append(f"claimed {key} {said!r} differs from the recomputed {true!r}")
     # the statement the audit prints is built from these recomputed values, not the claim's
-    out = dict(claim) | {
-        "noise_std": noise_std,
-        "noise_std_claimed": claimed_std,
-        "sampled_per_round": sampled,
+    out = fresh | {
         "verified": not problems,
         "epsilon_claimed": claim.get("epsilon"),
         "epsilon_replace_one_claimed": claimed_replace,
-        "noise_multiplier": z,
-        "releases": releases,
+        "noise_std_claimed": claim.get("noise_std"),
         "epsilon": eps,
         "epsilon_replace_one": replace,
         "epsilon_recomputed": eps,
