@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,23 @@ def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
         raise ValueError(
             f"the server asked delta={cfg.delta}, above this device's delta-max={node['delta-max']}"
         )
+    if cfg.user_dp and "user-epsilon-max" in node:
+        # a cap read at a delta the server picks would be no cap (a larger delta, a smaller
+        # epsilon): the device names its delta too; and a NaN cap would never refuse
+        try:
+            cap = float(node["user-epsilon-max"])
+        except (TypeError, ValueError):
+            cap = math.nan
+        if not (math.isfinite(cap) and cap > 0):
+            raise ValueError(
+                f"node config user-epsilon-max={node['user-epsilon-max']!r} is not a finite "
+                "number > 0: fix this device's node config"
+            )
+        if "user-delta-max" not in node:
+            raise ValueError(
+                "node config sets user-epsilon-max without user-delta-max: the cap would be read "
+                "at the delta the server asks for. Set user-delta-max too (e.g. 1e-4)"
+            )
     # user-level DP: the run's whole budget (all its rounds) against the device owner's caps.
     # In a secure round the device's own record of the rounds it joined is checked against
     # user-epsilon-max instead, across runs (client.secure); here only delta is.

@@ -221,7 +221,9 @@ class UserLevelLedger:
     counts the survivors the rounds had), at most the run's budget for one run; and it keeps
     counting across runs, which no run's statement does. An entry is added under a lock on
     ``user-level-budget.json.lock``, with the cap checked again inside it, so two runs on one
-    device at the same time neither lose an entry nor pass the cap together."""
+    device at the same time neither lose an entry nor pass the cap together (Linux and macOS:
+    on Windows there is no ``fcntl`` and no lock). The local-DP budget (:class:`FileStore`) is
+    not locked: it is read before a round's training and written after it."""
 
     path: Path
 

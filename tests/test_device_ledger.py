@@ -68,3 +68,29 @@ def test_concurrent_runs_on_one_device_lose_no_entry(tmp_path):
     entries = json.loads(path.read_text())["releases"]
     assert len(entries) == 120
     assert len({e["mu_total"] for e in entries}) == 120
+
+
+def test_concurrent_runs_cannot_pass_the_cap_together(tmp_path):
+    """Eight writers race to add rounds under a cap that allows exactly three: three entries
+    are written and every other append is refused (the cap is read inside the lock)."""
+    path = tmp_path / "user-level-budget.json"
+    ledger = UserLevelLedger(path)
+    three = ledger.epsilon([ENTRY] * 3, 1e-4)
+    four = ledger.epsilon([ENTRY] * 4, 1e-4)
+    cap = (three + four) / 2
+    written, refused = [], []
+
+    def writer() -> None:
+        for _ in range(3):
+            try:
+                UserLevelLedger(path).append(dict(ENTRY), cap=cap, delta=1e-4)
+                written.append(1)
+            except ValueError:
+                refused.append(1)
+
+    threads = [threading.Thread(target=writer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(ledger.load()) == 3 and len(written) == 3 and len(refused) == 21

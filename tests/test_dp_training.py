@@ -405,13 +405,19 @@ def test_a_device_refuses_a_user_level_budget_above_its_owners_caps():
     dev = {"data-dir": "/data/me", "allow-no-dp": "true"}
     device_guard(trusted, dev | {"user-epsilon-max": 8, "user-delta-max": 1e-4})
     with pytest.raises(ValueError, match=r"user-epsilon 7.9.*user-epsilon-max=4"):
-        device_guard(trusted, dev | {"user-epsilon-max": 4})
+        device_guard(trusted, dev | {"user-epsilon-max": 4, "user-delta-max": 1e-4})
     # a fixed noise multiplier spends what it spends, whatever user-epsilon the config states
     weak = FedConfig(dp=False, user_dp=True, user_epsilon=4.0, user_noise_multiplier=0.1)
     with pytest.raises(ValueError, match=r"multiplier 0.1.*user-epsilon-max=4"):
-        device_guard(weak, dev | {"user-epsilon-max": 4})
+        device_guard(weak, dev | {"user-epsilon-max": 4, "user-delta-max": 1e-3})
     # a secure round checks the device's record of the rounds it joined instead (client.secure)
-    device_guard(secure, dev | {"user-epsilon-max": 4}, secure=True)
+    device_guard(secure, dev | {"user-epsilon-max": 4, "user-delta-max": 1e-4}, secure=True)
+    # a cap without the device's own delta, or one that cannot refuse, is a node config error
+    with pytest.raises(ValueError, match="without user-delta-max"):
+        device_guard(secure, dev | {"user-epsilon-max": 4}, secure=True)
+    for bad in ("nan", float("inf"), 0, -1, "eight"):
+        with pytest.raises(ValueError, match="not a finite number"):
+            device_guard(secure, dev | {"user-epsilon-max": bad, "user-delta-max": 1e-4})
     for cfg, secure_round in ((secure, True), (trusted, False)):
         with pytest.raises(ValueError, match="user-delta-max"):
             device_guard(cfg, dev | {"user-delta-max": 1e-5}, secure=secure_round)

@@ -411,7 +411,7 @@ def test_a_device_records_its_user_level_releases_and_refuses_past_its_cap(
 
     def device(part):
         return {"data-dir": str(synth_dir), "state-dir": str(tmp_path / f"dev{part}"),
-                "user-epsilon-max": cap}  # fmt: skip
+                "user-epsilon-max": cap, "user-delta-max": cfg.user_delta}  # fmt: skip
 
     devices = {part: device(part) for part in (0, 1, 2)}
     replies = _masked_round(cfg, cohort=3, parts=[0, 1, 2], devices=devices)
