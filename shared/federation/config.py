@@ -78,8 +78,9 @@ class FedConfig:
     # catalog text embeddings' top-k principal directions, public; ModelConfig.item_offsets):
     # linear in the table, so it learns from the first step; n_items * k numbers travel
     item_offsets: int = 0
-    # the item offsets' local learning rate; 0 = ``lr`` (post-processing under user-level DP,
-    # as lr-map; under local DP-SGD the same clipped, noised gradient at another step size)
+    # the item offsets' local learning rate; 0 = ``lr`` (under user-level DP the client's whole
+    # change is clipped after local training, whatever the step sizes; under local DP-SGD it
+    # steps on the same clipped, noised gradient: post-processing)
     lr_offsets: float = 0.0
     # r > 0: a learned rank-r map on the history part of the user vector, s -> s + (s P) Q
     # (ModelConfig.user_map): a transition from the items watched to the next one, r * dim
