@@ -11,6 +11,9 @@ client's own cap); a :class:`BudgetStore` keeps it. Which store a client gets
 - otherwise (tests, benchmarks): :class:`MemoryStore`.
 
 Losing a budget would restart epsilon from zero: every reader refuses a file it cannot parse.
+A round's steps are charged before it trains (:meth:`BudgetStore.update`): the check against
+the cap and the write happen together, under a lock on a device's file, so two runs on one
+device at the same time can neither lose each other's steps nor pass the cap together.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -82,6 +85,12 @@ class BudgetStore(Protocol):
 
     def save(self, budget: Budget) -> None: ...
 
+    def update(self, change: Callable[[Budget], Budget]) -> Budget:
+        """Replace the budget with ``change(budget)`` as one step (a device's file: under its
+        lock, so no other run reads or writes in between) and return the new one. ``change``
+        may raise to leave the store as it was."""
+        ...
+
 
 @dataclass
 class MemoryStore:
@@ -95,10 +104,17 @@ class MemoryStore:
     def save(self, budget: Budget) -> None:
         self.budget = Budget(list(budget.history), budget.mechanism, budget.epsilon_max)
 
+    def update(self, change: Callable[[Budget], Budget]) -> Budget:
+        new = change(self.load())
+        self.save(new)
+        return new
+
 
 @dataclass
 class FileStore:
-    """Deployment: a JSON file on the device, replaced atomically (never half-written)."""
+    """Deployment: a JSON file on the device, replaced atomically (never half-written); an
+    :meth:`update` holds an ``flock`` on ``<file>.lock`` from its read to its write (Linux and
+    macOS; on Windows there is no ``fcntl`` and no lock)."""
 
     path: Path
 
@@ -114,17 +130,28 @@ class FileStore:
     def save(self, budget: Budget) -> None:
         _write_durably(self.path, budget.to_json(), ".budget-")
 
+    def update(self, change: Callable[[Budget], Budget]) -> Budget:
+        with _locked(self.path):
+            new = change(self.load())
+            self.save(new)
+        return new
+
 
 def _write_durably(path: Path, doc: Any, prefix: str) -> None:
     """``doc`` as JSON at ``path``: a temp file, fsync, rename (never half-written, and on disk
     before the caller goes on: a privacy record must not lag what the device sent)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # no stray temp file beside the record
+            os.unlink(tmp)
+        raise
     # the rename itself is in the folder's entry: sync it too, where the system allows
     with contextlib.suppress(OSError, AttributeError):
         dfd = os.open(path.parent, os.O_RDONLY)
@@ -177,6 +204,12 @@ class ContextStore:
         if self.file:
             self.file.save(budget)
 
+    def update(self, change: Callable[[Budget], Budget]) -> Budget:
+        # one simulated client runs one round at a time: no lock beyond the file's
+        new = change(self.load())
+        self.save(new)
+        return new
+
 
 def device_state_dir(node: Any) -> Path | None:
     """A device's own state folder (``state-dir``, default ``<data-dir>/fedrec-state``); None in
@@ -222,8 +255,8 @@ class UserLevelLedger:
     counting across runs, which no run's statement does. An entry is added under a lock on
     ``user-level-budget.json.lock``, with the cap checked again inside it, so two runs on one
     device at the same time neither lose an entry nor pass the cap together (Linux and macOS:
-    on Windows there is no ``fcntl`` and no lock). The local-DP budget (:class:`FileStore`) is
-    not locked: it is read before a round's training and written after it."""
+    on Windows there is no ``fcntl`` and no lock), as :meth:`FileStore.update` does for the
+    local-DP budget."""
 
     path: Path
 

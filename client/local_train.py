@@ -151,6 +151,28 @@ def batch_divisor(cfg: FedConfig, users: int) -> float:
     return max(1.0, cfg.client_sample_rate(users) * cfg.slots * max(1, users))
 
 
+class _Refused(Exception):
+    """A round the budget cannot take: why, the epsilon spent so far, the history it holds."""
+
+    def __init__(self, reason: str, epsilon: float, history: list[Run]) -> None:
+        super().__init__(reason)
+        self.reason, self.epsilon, self.history = reason, epsilon, list(history)
+
+
+def with_steps(history: list[Run], sigma: float, q: float, steps: int) -> list[Run]:
+    """``history`` after ``steps`` more DP-SGD steps at (``sigma``, ``q``), written as Opacus'
+    ``RDPAccountant.step`` writes it (consecutive steps at the same (sigma, q) share one entry),
+    so the charge made before a round equals the accountant's history after it."""
+    out = [(float(s), float(r), int(n)) for s, r, n in history]
+    if steps <= 0:
+        return out
+    if out and out[-1][0] == sigma and out[-1][1] == q:
+        out[-1] = (out[-1][0], out[-1][1], out[-1][2] + steps)
+    else:
+        out.append((float(sigma), float(q), int(steps)))
+    return out
+
+
 def _refusal(
     reason: str, data: ClientExamples, eps: float, sigma: float, q: float, history: list[Run]
 ) -> RoundResult:
@@ -191,37 +213,60 @@ def train_round(
     history = budget.history
     sigma = calibrated_noise(cfg, q) if cfg.dp else 0.0
     mech = cfg.dp_mechanism()
-    if cfg.dp:
-        if history and budget.mechanism != mech:
-            return _refusal(
-                f"mechanism: this client's {_total_steps(history)} DP steps were spent under "
-                f"{budget.mechanism}, this run accounts {mech}; one history cannot mix them",
-                data,
+
+    def over(b: Budget) -> _Refused | None:
+        """Why ``b`` cannot take this round (mechanism or cap), or None."""
+        if b.history and b.mechanism != mech:
+            return _Refused(
+                f"mechanism: this client's {_total_steps(b.history)} DP steps were spent under "
+                f"{b.mechanism}, this run accounts {mech}; one history cannot mix them",
                 math.nan,
-                sigma,
-                q,
-                history,
+                b.history,
             )
-        cap = device_cap if device_cap is not None else budget.epsilon_max
+        cap = device_cap if device_cap is not None else b.epsilon_max
         limit = min(cfg.epsilon, cap) if cap is not None else cfg.epsilon
-        after = spent(cfg, [*history, (sigma, q, steps)])
+        after = spent(cfg, with_steps(b.history, sigma, q, steps))
         if after > limit:
-            before = spent(cfg, history)
-            return _refusal(
+            before = spent(cfg, b.history)
+            return _Refused(
                 f"budget: epsilon would reach {after:.3f} > {limit} "
                 f"(spent {before:.3f} at delta={cfg.delta})",
-                data,
                 before,
-                sigma,
-                q,
-                history,
+                b.history,
             )
+        return None
+
+    if cfg.dp and (no := over(budget)) is not None:
+        return _refusal(no.reason, data, no.epsilon, sigma, q, no.history)
     if cfg.dp and cfg.max_batch > 0:  # FedConfig refuses this; never cap a local-DP batch
         raise ValueError("max-batch > 0 with local DP-SGD: a capped batch is not a Poisson sample")
+    if cfg.dp and scorer.id_emb is not None:
+        raise ValueError(
+            "local DP-SGD cannot train the per-item ID table (id-residual=true): set dp=false"
+        )
     if len(data) == 0:
         return _refusal(
             "no training examples", data, spent(cfg, history) if cfg.dp else 0.0, sigma, q, history
         )
+    charged: list[Run] = []
+    if cfg.dp:
+        # Charge the round's steps before any data is touched, checking the cap again on what
+        # the store holds now: for a device, under the lock on its file, so another run on it
+        # can neither lose these steps (read before, written after this round) nor pass the cap
+        # with it. A round that fails after this still counts: an over-count, never an under.
+        def charge(b: Budget) -> Budget:
+            if (no := over(b)) is not None:
+                raise no
+            history[:] = b.history  # what the accountant continues from
+            # the device's cap: the owner's, else the one stored, else this (first) run's
+            keep = device_cap if device_cap is not None else b.epsilon_max
+            keep = cfg.epsilon if keep is None else keep
+            return Budget(with_steps(b.history, sigma, q, steps), mech, keep)
+
+        try:
+            charged = store.update(charge).history
+        except _Refused as no:
+            return _refusal(no.reason, data, no.epsilon, sigma, q, no.history)
     # Sampling, noise, negatives and masks must be unpredictable to anyone who knows the config
     # (the server does): all come from OS entropy, never from `seed`.
     secret = torch.Generator().manual_seed(secrets.randbits(63))
@@ -233,10 +278,6 @@ def train_round(
     )
     loader = DPDataLoader(dataset, sample_rate=q, generator=secret)  # Poisson sampling
     id_emb = scorer.id_emb
-    if cfg.dp and id_emb is not None:
-        raise ValueError(
-            "local DP-SGD cannot train the per-item ID table (id-residual=true): set dp=false"
-        )
     umap = scorer.user_map.weight if scorer.user_map is not None else None
     offs = scorer.off.weight if scorer.off is not None else None
     own = [p for p in (id_emb, umap, offs) if p is not None]
@@ -294,9 +335,11 @@ def train_round(
     eps, runs = 0.0, list(history)
     if accountant is not None:
         runs = [(float(s), float(q), int(n)) for s, q, n in accountant.history]
-        if budget.epsilon_max is None or device_cap is not None:
-            budget.epsilon_max = device_cap if device_cap is not None else cfg.epsilon
-        store.save(Budget(runs, mech, budget.epsilon_max))
+        if runs != charged:  # Opacus took other steps than were charged: the record is wrong
+            raise RuntimeError(
+                f"local DP-SGD took the steps {runs} but {charged} were charged to the budget: "
+                "an accounting bug; the budget file keeps the charge"
+            )
         eps = spent(cfg, runs)
     loss_mean = float(np.mean(losses)) if losses else math.nan
     total = _total_steps(runs)

@@ -94,3 +94,25 @@ def test_concurrent_runs_cannot_pass_the_cap_together(tmp_path):
     for t in threads:
         t.join()
     assert len(ledger.load()) == 3 and len(written) == 3 and len(refused) == 21
+
+
+def test_a_failed_write_leaves_the_record_and_no_temp_file(tmp_path, monkeypatch):
+    """A write that fails half-way (disk full, say) keeps the previous record whole and leaves
+    no temp file beside it."""
+    import fedrec.client.budget as budget
+
+    ledger = UserLevelLedger(tmp_path / "user-level-budget.json")
+    ledger.append(dict(ENTRY))
+    before = ledger.path.read_bytes()
+
+    def full(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(budget.json, "dump", full)
+    with pytest.raises(OSError, match="No space"):
+        ledger.append(dict(ENTRY))
+    assert ledger.path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "user-level-budget.json",
+        "user-level-budget.json.lock",
+    ]

@@ -422,3 +422,112 @@ def test_a_device_refuses_a_user_level_budget_above_its_owners_caps():
         with pytest.raises(ValueError, match="user-delta-max"):
             device_guard(cfg, dev | {"user-delta-max": 1e-5}, secure=secure_round)
     device_guard(trusted, {"partition-id": 0, "user-epsilon-max": 4})  # simulation
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_charge_is_the_history_opacus_writes(seed):
+    """A round is charged before it trains as ``with_steps`` writes it; on random sequences of
+    rounds (repeated and changing (sigma, q)) that equals what Opacus' accountant records step
+    by step, which ``train_round`` checks after training."""
+    from opacus.accountants import RDPAccountant
+
+    from fedrec.client.local_train import with_steps
+
+    rng = np.random.default_rng(seed)
+    acc, charged = RDPAccountant(), []
+    for _ in range(int(rng.integers(1, 12))):
+        sigma, q = float(rng.choice([0.8, 1.1, 1.1 + 1e-12])), float(rng.choice([0.5, 0.25]))
+        steps = int(rng.integers(0, 5))
+        charged = with_steps(charged, sigma, q, steps)
+        for _ in range(steps):
+            acc.step(noise_multiplier=sigma, sample_rate=q)
+    assert charged == [(float(s), float(q), int(n)) for s, q, n in acc.history]
+
+
+def _blocking_step(monkeypatch, blocked: str):
+    """Patch local training's step so that the thread named ``blocked`` waits at its first step
+    (mid-round, after its charge) until the returned event is set."""
+    import threading
+
+    import fedrec.client.local_train as lt
+
+    started, go, real = threading.Event(), threading.Event(), lt._step
+
+    def step(*a, **kw):
+        if threading.current_thread().name == blocked:
+            started.set()
+            assert go.wait(60)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(lt, "_step", step)
+    return started, go
+
+
+@pytest.mark.parametrize("cap_rounds", [1, 2])
+def test_two_runs_on_one_device_take_turns_on_its_budget(
+    ds,  # noqa: F811
+    tiny_backbone,
+    tmp_path,
+    monkeypatch,
+    cap_rounds,
+):
+    """Run A is mid-round on a device when run B's round starts. A's steps are already on the
+    device's file (charged before training, under its lock), so B sees them: with a cap that
+    allows one round B is refused; with room for two, both rounds stay on the file (before,
+    each run read the file before training and wrote after it, so one lost the other's
+    steps, and both could pass the cap)."""
+    import threading
+
+    path = tmp_path / "state" / "privacy-budget.json"
+    cfg = _cfg(backbone=str(tiny_backbone), num_rounds=2)  # two rounds fit its epsilon
+    one = calibrated_noise(cfg)  # the sigma both runs use
+    data = _data(ds)
+    at = lambda n: epsilon_spent(  # noqa: E731
+        history=[(one, 0.5, n)], delta=1e-5, accountant="pld", adjacency="replace-one"
+    )
+    cap = (at(3) + at(6)) / 2 if cap_rounds == 1 else cfg.epsilon
+    started, go = _blocking_step(monkeypatch, "run-a")
+    results = {}
+
+    def run(name: str) -> None:
+        scorer = CandidateScorer(make_model(ds, tiny_backbone, id_residual=False, ffa=True))
+        results[name] = train_round(scorer, data, cfg, FileStore(path), seed=0, device_cap=cap)
+
+    a = threading.Thread(target=run, args=("a",), name="run-a")
+    a.start()
+    assert started.wait(120)
+    run("b")  # while A waits inside its round
+    go.set()
+    a.join(120)
+    assert results["a"].trained
+    steps = FileStore(path).load().history
+    if cap_rounds == 1:
+        assert not results["b"].trained and "budget" in results["b"].reason
+        assert steps == [(one, 0.5, 3)]
+    else:
+        assert results["b"].trained
+        assert steps == [(one, 0.5, 6)]  # neither run's steps were lost
+        assert results["b"].epsilon == pytest.approx(
+            epsilon_spent(history=steps, delta=1e-5, accountant="pld", adjacency="replace-one")
+        )
+
+
+def test_a_round_that_fails_mid_training_still_counts(ds, tiny_backbone, tmp_path, monkeypatch):  # noqa: F811
+    """The charge is made before training: a crash after it leaves the steps on the device's
+    file (an over-count, never an under-count), and no stray temp or half-written file."""
+    import fedrec.client.local_train as lt
+
+    def boom(*a, **kw):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(lt, "_step", boom)
+    path = tmp_path / "state" / "privacy-budget.json"
+    cfg = _cfg(backbone=str(tiny_backbone))
+    scorer = CandidateScorer(make_model(ds, tiny_backbone, id_residual=False, ffa=True))
+    with pytest.raises(RuntimeError, match="power cut"):
+        train_round(scorer, _data(ds), cfg, FileStore(path), seed=0)
+    assert FileStore(path).load().history == [(calibrated_noise(cfg), 0.5, 3)]
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        "privacy-budget.json",
+        "privacy-budget.json.lock",
+    ]
