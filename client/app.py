@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedrec.client.budget import budget_store, device_state_dir
+from fedrec.client.budget import budget_store, device_state_dir, user_level_cap
 from fedrec.client.local_train import train_round
 from fedrec.client.runtime import ClientState, client_state
 from fedrec.shared.evaluation import per_query_metrics
@@ -82,23 +81,7 @@ def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
         raise ValueError(
             f"the server asked delta={cfg.delta}, above this device's delta-max={node['delta-max']}"
         )
-    if cfg.user_dp and "user-epsilon-max" in node:
-        # a cap read at a delta the server picks would be no cap (a larger delta, a smaller
-        # epsilon): the device names its delta too; and a NaN cap would never refuse
-        try:
-            cap = float(node["user-epsilon-max"])
-        except (TypeError, ValueError):
-            cap = math.nan
-        if not (math.isfinite(cap) and cap > 0):
-            raise ValueError(
-                f"node config user-epsilon-max={node['user-epsilon-max']!r} is not a finite "
-                "number > 0: fix this device's node config"
-            )
-        if "user-delta-max" not in node:
-            raise ValueError(
-                "node config sets user-epsilon-max without user-delta-max: the cap would be read "
-                "at the delta the server asks for. Set user-delta-max too (e.g. 1e-4)"
-            )
+    caps = user_level_cap(node) if cfg.user_dp else None  # a bad cap is an error here
     # user-level DP: the run's whole budget (all its rounds) against the device owner's caps.
     # In a secure round the device's own record of the rounds it joined is checked against
     # user-epsilon-max instead, across runs (client.secure); here only delta is.
@@ -107,7 +90,7 @@ def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
             f"the server asked user-delta={cfg.user_delta} for this run, above this device's "
             f"user-delta-max={node['user-delta-max']}"
         )
-    if cfg.user_dp and "user-epsilon-max" in node and not (secure and cfg.secure_agg):
+    if caps is not None and not (secure and cfg.secure_agg):
         # what the run's noise gives over all its rounds (a fixed user-noise-multiplier may
         # give far more than user-epsilon), not the user-epsilon the config states
         from fedrec.shared.privacy.accounting import epsilon_spent
@@ -115,7 +98,7 @@ def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
 
         z = user_noise_multiplier(cfg)
         eps = epsilon_spent(history=[(z, 1.0, cfg.num_rounds)], delta=cfg.user_delta)
-        if eps > float(node["user-epsilon-max"]):
+        if eps > caps[0]:
             raise ValueError(
                 f"this run's user-level noise (multiplier {z:.4g}, {cfg.num_rounds} rounds) gives "
                 f"user-epsilon {eps:.4g} at delta {cfg.user_delta}, above this device's "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -31,6 +32,15 @@ from typing import Any, Protocol
 from flwr.app import ConfigRecord, Context
 
 from fedrec.shared.privacy.accounting import Run
+
+_log = logging.getLogger(__name__)
+
+# What a refused secure round tells the server: nothing about the device's record (how many
+# secure rounds it joined, its epsilon, where it keeps them); the device's own log has that.
+CAP_REFUSAL = (
+    "this device refuses the round: it would pass the user-level cap in its node config "
+    "(user-epsilon-max); the device's own log says by how much"
+)
 
 
 @dataclass
@@ -290,6 +300,25 @@ class UserLevelLedger:
             return math.inf
         return skellam.composed_epsilon([(e["mu_total"], e["l1"], e["l2"]) for e in entries], rest)
 
+    def check_cap(
+        self, entries: list[dict[str, float]], entry: dict[str, float], cap: float, delta: float
+    ) -> None:
+        """ValueError if ``entries`` plus ``entry`` compose past ``cap`` at ``delta``. The error
+        (which reaches the server) says only that the cap refused; the figures go to the
+        device's own log."""
+        after = self.epsilon([*entries, entry], delta)
+        if after > cap:
+            _log.warning(
+                "user-level epsilon would reach %.4g at delta %g with this round (%d earlier "
+                "secure rounds in %s), above user-epsilon-max=%g: round refused",
+                after,
+                delta,
+                len(entries),
+                self.path,
+                cap,
+            )
+            raise ValueError(CAP_REFUSAL)
+
     def append(
         self, entry: dict[str, float], *, cap: float | None = None, delta: float = 0.0
     ) -> None:
@@ -299,14 +328,42 @@ class UserLevelLedger:
         with _locked(self.path):
             entries = self.load()
             if cap is not None:
-                after = self.epsilon([*entries, entry], delta)
-                if after > cap:
-                    raise ValueError(
-                        f"this device's user-level epsilon would reach {after:.4g} at delta "
-                        f"{delta} with this round ({len(entries)} earlier secure rounds in "
-                        f"{self.path}), above its user-epsilon-max={cap}: refused"
-                    )
+                self.check_cap(entries, entry, cap, delta)
             _write_durably(self.path, {"releases": [*entries, entry]}, ".user-level-")
+
+
+def user_level_cap(node: Any) -> tuple[float, float] | None:
+    """A device's user-level cap from its node config: ``(user-epsilon-max, user-delta-max)``,
+    None without ``user-epsilon-max``. ValueError (saying what to fix) for a cap that is not a
+    finite number > 0 (a NaN cap would never refuse) or one without ``user-delta-max`` (a cap
+    read at a delta the server picks is no cap: a larger delta gives a smaller epsilon)."""
+    if "user-epsilon-max" not in node:
+        return None
+    raw = node["user-epsilon-max"]
+    try:
+        cap = float(raw)
+    except (TypeError, ValueError):
+        cap = math.nan
+    if not (math.isfinite(cap) and cap > 0):
+        raise ValueError(
+            f"node config user-epsilon-max={raw!r} is not a finite number > 0: fix this "
+            "device's node config"
+        )
+    if "user-delta-max" not in node:
+        raise ValueError(
+            "node config sets user-epsilon-max without user-delta-max: the cap would be read "
+            "at the delta the server asks for. Set user-delta-max too (e.g. 1e-4)"
+        )
+    try:
+        delta = float(node["user-delta-max"])
+    except (TypeError, ValueError):
+        delta = math.nan
+    if not (0 < delta < 1):
+        raise ValueError(
+            f"node config user-delta-max={node['user-delta-max']!r} is not a number in (0, 1): "
+            "fix this device's node config"
+        )
+    return cap, delta
 
 
 def device_budget(folder: Path, user_delta: float) -> dict[str, Any]:

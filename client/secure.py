@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedrec.client.budget import UserLevelLedger, device_state_dir
+from fedrec.client.budget import UserLevelLedger, device_state_dir, user_level_cap
 from fedrec.client.runtime import public_name
 from fedrec.shared.federation import contract
 from fedrec.shared.federation.config import FedConfig
@@ -188,8 +188,9 @@ def masked(msg: Message, context: Context) -> Message:
     _save(context, rnd, client)
     if ledger is not None:  # recorded before the masked input leaves the device
         # the cap again, under the record's lock: another run may have added rounds since
-        cap, delta = _user_cap(cfg, context.node_config)
-        ledger.append(entry, cap=cap, delta=delta)
+        caps = user_level_cap(context.node_config)
+        ledger.append(entry, cap=None if caps is None else caps[0],
+                      delta=cfg.user_delta if caps is None else caps[1])  # fmt: skip
     # everything but the masked vector is a constant: whether the client trained, had data,
     # or why not, would tell the server what the noise hides
     content = RecordDict()
@@ -200,19 +201,12 @@ def masked(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _user_cap(cfg: FedConfig, node: dict[str, Any]) -> tuple[float | None, float]:
-    """The node config's ``user-epsilon-max`` (None: no cap) and the delta it is read at
-    (``user-delta-max``, else the run's ``user-delta``)."""
-    cap = node.get("user-epsilon-max")
-    return (None if cap is None else float(cap)), float(node.get("user-delta-max", cfg.user_delta))
-
-
 def _user_level_check(
     cfg: FedConfig, f: dict[str, Any], node: dict[str, Any]
 ) -> tuple[UserLevelLedger | None, dict[str, float]]:
     """On a device: its user-level record and this round's entry (the plan's a-priori noise
     for the stated cohort), after refusing the round if the record's epsilon with it would pass
-    the node config's ``user-epsilon-max`` (at ``user-delta-max``, else the run's user-delta).
+    the node config's ``user-epsilon-max`` (at its ``user-delta-max``).
     In simulation: no record (None)."""
     state = device_state_dir(node)
     if state is None:
@@ -225,16 +219,9 @@ def _user_level_check(
         "risk": p.collusion_risk / cfg.num_rounds,
     }
     ledger = UserLevelLedger(state / "user-level-budget.json")
-    cap, delta = _user_cap(cfg, node)
-    if cap is not None:
-        earlier = ledger.load()
-        after = ledger.epsilon([*earlier, entry], delta)
-        if after > cap:
-            raise ValueError(
-                f"this device's user-level epsilon would reach {after:.4g} at delta {delta} "
-                f"with this round ({len(earlier)} earlier secure rounds in {ledger.path}), above "
-                f"its user-epsilon-max={cap}: refused"
-            )
+    caps = user_level_cap(node)
+    if caps is not None:
+        ledger.check_cap(ledger.load(), entry, *caps)
     return ledger, entry
 
 

@@ -116,3 +116,40 @@ def test_a_failed_write_leaves_the_record_and_no_temp_file(tmp_path, monkeypatch
         "user-level-budget.json",
         "user-level-budget.json.lock",
     ]
+
+
+def test_a_refusal_tells_the_server_nothing_of_the_record(tmp_path, caplog):
+    """The error of a refused round reaches the server: it names the cap, not how many secure
+    rounds the device joined, its epsilon or where it keeps its record; the device's own log
+    has those."""
+    ledger = UserLevelLedger(tmp_path / "user-level-budget.json")
+    for _ in range(3):
+        ledger.append(dict(ENTRY))
+    cap = ledger.epsilon([ENTRY] * 3, 1e-4)  # full
+    with caplog.at_level("WARNING", logger="fedrec.client.budget"):
+        with pytest.raises(ValueError) as err:
+            ledger.append(dict(ENTRY), cap=cap, delta=1e-4)
+    said = str(err.value)
+    assert "user-epsilon-max" in said
+    assert "3" not in said and str(tmp_path) not in said and f"{cap:.4g}" not in said
+    assert "3 earlier secure rounds" in caplog.text and str(ledger.path) in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("node", "match"),
+    [
+        ({"user-epsilon-max": "nan", "user-delta-max": 1e-4}, "finite number > 0"),
+        ({"user-epsilon-max": 0, "user-delta-max": 1e-4}, "finite number > 0"),
+        ({"user-epsilon-max": "eight", "user-delta-max": 1e-4}, "finite number > 0"),
+        ({"user-epsilon-max": 8}, "without user-delta-max"),
+        ({"user-epsilon-max": 8, "user-delta-max": 1.5}, r"in \(0, 1\)"),
+        ({"user-epsilon-max": 8, "user-delta-max": "tiny"}, r"in \(0, 1\)"),
+    ],
+)
+def test_a_bad_user_level_cap_is_a_node_config_error(node, match):
+    from fedrec.client.budget import user_level_cap
+
+    with pytest.raises(ValueError, match=match):
+        user_level_cap(node)
+    assert user_level_cap({}) is None
+    assert user_level_cap({"user-epsilon-max": "8", "user-delta-max": "1e-4"}) == (8.0, 1e-4)
