@@ -215,7 +215,7 @@ class ContextStore:
             self.file.save(budget)
 
     def update(self, change: Callable[[Budget], Budget]) -> Budget:
-        # one simulated client runs one round at a time: no lock beyond the file's
+        # no lock: one simulated client runs one round at a time, and each run has its own file
         new = change(self.load())
         self.save(new)
         return new

@@ -173,6 +173,21 @@ def with_steps(history: list[Run], sigma: float, q: float, steps: int) -> list[R
     return out
 
 
+def new_steps(start: list[Run], after: list[Run]) -> list[Run]:
+    """The steps an accountant that began at ``start`` added to reach ``after`` (Opacus merges
+    the first new steps into ``start``'s last entry when they share its (sigma, q))."""
+    if after[: max(len(start) - 1, 0)] != start[: max(len(start) - 1, 0)]:
+        raise ValueError("the accountant's history does not extend the one it began with")
+    if not start:
+        return list(after)
+    k = len(start) - 1
+    head = after[k:]
+    if head and head[0][:2] == start[k][:2]:
+        extra = head[0][2] - start[k][2]
+        return ([(head[0][0], head[0][1], extra)] if extra > 0 else []) + head[1:]
+    return head[1:] if head and head[0] == start[k] else head
+
+
 def _refusal(
     reason: str, data: ClientExamples, eps: float, sigma: float, q: float, history: list[Run]
 ) -> RoundResult:
@@ -207,6 +222,10 @@ def train_round(
     ``device_cap``: the device owner's own epsilon cap (node config ``epsilon-max``); without
     it the cap stored with the budget (the first run's budget) holds. The client trains only
     while the whole history stays within ``min(epsilon, cap)``, whatever the server asks.
+    Under DP the round's steps are charged to ``store`` before any data is touched (the cap
+    checked again on what the store holds, under a device file's lock): a round that fails
+    after that still counts. After training, Opacus' accountant history must equal the charge;
+    if it does not (a bug), the steps it recorded are charged on top and RuntimeError raised.
     """
     q, steps = cfg.client_sample_rate(data.users), cfg.local_steps
     budget = store.load()
@@ -335,10 +354,16 @@ def train_round(
     eps, runs = 0.0, list(history)
     if accountant is not None:
         runs = [(float(s), float(q), int(n)) for s, q, n in accountant.history]
-        if runs != charged:  # Opacus took other steps than were charged: the record is wrong
+        if runs != charged:  # Opacus took other steps than were charged: a bug
+            # never leave an under-count: the steps the accountant recorded go on top
+            try:
+                took = new_steps(history, runs)
+            except ValueError:
+                took = runs
+            store.update(lambda b: Budget([*b.history, *took], b.mechanism, b.epsilon_max))
             raise RuntimeError(
-                f"local DP-SGD took the steps {runs} but {charged} were charged to the budget: "
-                "an accounting bug; the budget file keeps the charge"
+                f"local DP-SGD took the steps {took} but {charged} were charged to the budget: "
+                "an accounting bug; the budget now holds both (an over-count)"
             )
         eps = spent(cfg, runs)
     loss_mean = float(np.mean(losses)) if losses else math.nan

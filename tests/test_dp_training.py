@@ -531,3 +531,116 @@ def test_a_round_that_fails_mid_training_still_counts(ds, tiny_backbone, tmp_pat
         "privacy-budget.json",
         "privacy-budget.json.lock",
     ]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_new_steps_are_what_an_accountant_added(seed):
+    """``new_steps`` recovers, from an accountant's history before and after a round, exactly
+    the steps it took (Opacus merges the first into the last entry when (sigma, q) repeat)."""
+    from opacus.accountants import RDPAccountant
+
+    from fedrec.client.local_train import new_steps, with_steps
+
+    rng = np.random.default_rng(seed)
+    pick = lambda: (float(rng.choice([0.8, 1.1])), float(rng.choice([0.5, 0.25])))  # noqa: E731
+    acc = RDPAccountant()
+    for _ in range(int(rng.integers(0, 4))):
+        s, q = pick()
+        for _ in range(int(rng.integers(1, 4))):
+            acc.step(noise_multiplier=s, sample_rate=q)
+    start = list(acc.history)
+    took: list = []
+    for _ in range(int(rng.integers(1, 4))):
+        s, q = pick()
+        n = int(rng.integers(1, 4))
+        took = with_steps(took, s, q, n)
+        for _ in range(n):
+            acc.step(noise_multiplier=s, sample_rate=q)
+    assert new_steps(start, list(acc.history)) == took
+
+
+def test_concurrent_updates_of_a_device_budget_lose_no_step(tmp_path):
+    """Eight writers charge 15 steps each to one device's budget file at the same time: the lock
+    makes every read-modify-write see the others' (without it most steps are lost)."""
+    import threading
+
+    from fedrec.client.budget import Budget
+    from fedrec.client.local_train import with_steps
+
+    path = tmp_path / "state" / "privacy-budget.json"
+    mech = _cfg().dp_mechanism()
+    errors: list[BaseException] = []
+
+    def writer() -> None:
+        try:
+            for _ in range(15):
+                FileStore(path).update(
+                    lambda b: Budget(with_steps(b.history, 1.1, 0.5, 1), mech, 8.0)
+                )
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert FileStore(path).load().history == [(1.1, 0.5, 120)]
+
+
+def test_the_cap_is_checked_again_inside_the_lock(ds, tiny_backbone, tmp_path):  # noqa: F811
+    """Run B reads the device's budget (its first check passes: nothing spent yet) and then
+    waits; run A charges and trains a whole round; B's charge, under the lock, sees A's steps and
+    refuses (a cap that allows one round). Without the check inside the lock B would train too."""
+    import threading
+
+    from fedrec.client.budget import Budget
+
+    path = tmp_path / "state" / "privacy-budget.json"
+    cfg = _cfg(backbone=str(tiny_backbone), num_rounds=2)
+    sigma = calibrated_noise(cfg)
+    at = lambda n: epsilon_spent(  # noqa: E731
+        history=[(sigma, 0.5, n)], delta=1e-5, accountant="pld", adjacency="replace-one"
+    )
+    cap = (at(3) + at(6)) / 2
+    waiting, go = threading.Event(), threading.Event()
+
+    class Slow(FileStore):
+        def update(self, change):  # type: ignore[no-untyped-def]
+            waiting.set()
+            assert go.wait(60)
+            return super().update(change)
+
+    data, results = _data(ds), {}
+
+    def run_b() -> None:
+        scorer = CandidateScorer(make_model(ds, tiny_backbone, id_residual=False, ffa=True))
+        results["b"] = train_round(scorer, data, cfg, Slow(path), seed=0, device_cap=cap)
+
+    b = threading.Thread(target=run_b)
+    b.start()
+    assert waiting.wait(120)  # B passed its first check and waits before its charge
+    scorer = CandidateScorer(make_model(ds, tiny_backbone, id_residual=False, ffa=True))
+    assert train_round(scorer, data, cfg, FileStore(path), seed=0, device_cap=cap).trained
+    go.set()
+    b.join(120)
+    assert not results["b"].trained and "budget" in results["b"].reason
+    assert FileStore(path).load() == Budget([(sigma, 0.5, 3)], cfg.dp_mechanism(), cap)
+
+
+def test_steps_beyond_the_charge_are_recorded_and_raise(ds, tiny_backbone, tmp_path, monkeypatch):  # noqa: F811
+    """If Opacus ever took more steps than were charged (a bug, simulated here by a charge one
+    step short), the steps it took are added to the file (an over-count, never an under-count)
+    and the round fails."""
+    import fedrec.client.local_train as lt
+
+    real = lt.with_steps
+    monkeypatch.setattr(lt, "with_steps", lambda h, s, q, n: real(h, s, q, n - 1))
+    path = tmp_path / "state" / "privacy-budget.json"
+    cfg = _cfg(backbone=str(tiny_backbone))
+    scorer = CandidateScorer(make_model(ds, tiny_backbone, id_residual=False, ffa=True))
+    with pytest.raises(RuntimeError, match="accounting bug"):
+        train_round(scorer, _data(ds), cfg, FileStore(path), seed=0)
+    hist = FileStore(path).load().history
+    assert sum(n for *_, n in hist) == 2 + 3  # the short charge plus the three steps taken
