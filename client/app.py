@@ -25,7 +25,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedrec.client.budget import budget_store, device_state_dir, user_level_cap
+from fedrec.client.budget import budget_store, device_state_dir, node_number, user_level_cap
 from fedrec.client.local_train import train_round
 from fedrec.client.runtime import ClientState, client_state
 from fedrec.shared.evaluation import per_query_metrics
@@ -77,7 +77,8 @@ def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
         raise ValueError(
             "the server asked for a simulated attack (poison): a device never runs one"
         )
-    if "delta-max" in node and cfg.delta > float(node["delta-max"]):
+    delta_max = node_number(node, "delta-max", below=1.0)
+    if delta_max is not None and cfg.delta > delta_max:
         raise ValueError(
             f"the server asked delta={cfg.delta}, above this device's delta-max={node['delta-max']}"
         )
@@ -85,7 +86,8 @@ def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
     # user-level DP: the run's whole budget (all its rounds) against the device owner's caps.
     # In a secure round the device's own record of the rounds it joined is checked against
     # user-epsilon-max instead, across runs (client.secure); here only delta is.
-    if cfg.user_dp and "user-delta-max" in node and cfg.user_delta > float(node["user-delta-max"]):
+    user_delta_max = node_number(node, "user-delta-max", below=1.0) if cfg.user_dp else None
+    if user_delta_max is not None and cfg.user_delta > user_delta_max:
         raise ValueError(
             f"the server asked user-delta={cfg.user_delta} for this run, above this device's "
             f"user-delta-max={node['user-delta-max']}"
@@ -166,15 +168,10 @@ def train_reply(msg: Message, context: Context, *, secure: bool = False) -> Mess
     seed = cfg.seed * 1_000_003 + server_round * 7919 + _name_key(client.name)
     store = budget_store(context, client.name, extra)
     device_guard(cfg, context.node_config, secure=secure)
-    cap = context.node_config.get("epsilon-max")  # the device owner's own cap, if set
-    res = train_round(
-        client.scorer,
-        client.examples,
-        cfg,
-        store,
-        seed=seed,
-        device_cap=float(cap) if cap is not None else None,
-    )
+    # the device owner's own cap, if set (a NaN would be stored as the device's cap and never
+    # refuse: an error)
+    cap = node_number(context.node_config, "epsilon-max") if cfg.dp else None
+    res = train_round(client.scorer, client.examples, cfg, store, seed=seed, device_cap=cap)
     # Under DP (local or user-level) nothing computed from the data leaves without noise: the
     # example count, the training loss and the round's duration are sent as constants (the
     # keys stay: the reply format does not depend on the setting).

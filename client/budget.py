@@ -332,37 +332,38 @@ class UserLevelLedger:
             _write_durably(self.path, {"releases": [*entries, entry]}, ".user-level-")
 
 
+def node_number(node: Any, key: str, *, below: float = math.inf) -> float | None:
+    """``node[key]``, a device's cap or delta, as a finite number > 0 (and < ``below``); None
+    when its node config has no ``key``. ValueError saying what to fix otherwise: a NaN cap or
+    delta would never refuse."""
+    if key not in node:
+        return None
+    raw = node[key]
+    try:
+        val = float(raw)
+    except (TypeError, ValueError):
+        val = math.nan
+    if not (math.isfinite(val) and 0 < val < below):  # False for NaN
+        want = "a finite number > 0" if below == math.inf else f"a number in (0, {below:g})"
+        raise ValueError(f"node config {key}={raw!r} is not {want}: fix this device's node config")
+    return val
+
+
 def user_level_cap(node: Any) -> tuple[float, float] | None:
     """A device's user-level cap from its node config: ``(user-epsilon-max, user-delta-max)``,
     None without ``user-epsilon-max``. ValueError (saying what to fix) for a cap that is not a
     finite number > 0 (a NaN cap would never refuse) or one without ``user-delta-max`` (a cap
     read at a delta the server picks is no cap: a larger delta gives a smaller epsilon)."""
-    if "user-epsilon-max" not in node:
+    cap = node_number(node, "user-epsilon-max")
+    if cap is None:
         return None
-    raw = node["user-epsilon-max"]
-    try:
-        cap = float(raw)
-    except (TypeError, ValueError):
-        cap = math.nan
-    if not (math.isfinite(cap) and cap > 0):
-        raise ValueError(
-            f"node config user-epsilon-max={raw!r} is not a finite number > 0: fix this "
-            "device's node config"
-        )
     if "user-delta-max" not in node:
         raise ValueError(
             "node config sets user-epsilon-max without user-delta-max: the cap would be read "
             "at the delta the server asks for. Set user-delta-max too (e.g. 1e-4)"
         )
-    try:
-        delta = float(node["user-delta-max"])
-    except (TypeError, ValueError):
-        delta = math.nan
-    if not (0 < delta < 1):
-        raise ValueError(
-            f"node config user-delta-max={node['user-delta-max']!r} is not a number in (0, 1): "
-            "fix this device's node config"
-        )
+    delta = node_number(node, "user-delta-max", below=1.0)
+    assert delta is not None
     return cap, delta
 
 

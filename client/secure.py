@@ -24,15 +24,17 @@ cryptographically secure generator.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedrec.client.budget import UserLevelLedger, device_state_dir, user_level_cap
+from fedrec.client.budget import CAP_REFUSAL, UserLevelLedger, device_state_dir, user_level_cap
 from fedrec.client.runtime import public_name
 from fedrec.shared.federation import contract
 from fedrec.shared.federation.config import FedConfig
@@ -189,8 +191,11 @@ def masked(msg: Message, context: Context) -> Message:
     if ledger is not None:  # recorded before the masked input leaves the device
         # the cap again, under the record's lock: another run may have added rounds since
         caps = user_level_cap(context.node_config)
-        ledger.append(entry, cap=None if caps is None else caps[0],
-                      delta=cfg.user_delta if caps is None else caps[1])  # fmt: skip
+        with _quiet_record():
+            if caps is None:
+                ledger.append(entry)
+            else:
+                ledger.append(entry, cap=caps[0], delta=caps[1])
     # everything but the masked vector is a constant: whether the client trained, had data,
     # or why not, would tell the server what the noise hides
     content = RecordDict()
@@ -221,8 +226,28 @@ def _user_level_check(
     ledger = UserLevelLedger(state / "user-level-budget.json")
     caps = user_level_cap(node)
     if caps is not None:
-        ledger.check_cap(ledger.load(), entry, *caps)
+        with _quiet_record():
+            ledger.check_cap(ledger.load(), entry, *caps)
     return ledger, entry
+
+
+RECORD_FAILURE = (
+    "this device refuses the round: its user-level privacy record cannot be read or written "
+    "(the device's own log says why)"
+)
+
+
+@contextlib.contextmanager
+def _quiet_record() -> Iterator[None]:
+    """Errors of the device's user-level record reach the server as a constant: their text
+    (the record's path, what is wrong with it) goes to the device's own log."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        if str(err) == CAP_REFUSAL:
+            raise
+        _log.warning("user-level privacy record: %s: %s", type(err).__name__, err)
+        raise ValueError(RECORD_FAILURE) from None
 
 
 def unmask(msg: Message, context: Context) -> Message:

@@ -130,8 +130,11 @@ def test_a_refusal_tells_the_server_nothing_of_the_record(tmp_path, caplog):
         with pytest.raises(ValueError) as err:
             ledger.append(dict(ENTRY), cap=cap, delta=1e-4)
     said = str(err.value)
+    after = ledger.epsilon([ENTRY] * 4, 1e-4)  # what the record would reach
     assert "user-epsilon-max" in said
-    assert "3" not in said and str(tmp_path) not in said and f"{cap:.4g}" not in said
+    assert "3" not in said and str(tmp_path) not in said
+    assert f"{cap:.4g}" not in said and f"{after:.4g}" not in said and f"{after:.3g}" not in said
+    assert f"{after:.4g}" in caplog.text
     assert "3 earlier secure rounds" in caplog.text and str(ledger.path) in caplog.text
 
 
@@ -144,6 +147,8 @@ def test_a_refusal_tells_the_server_nothing_of_the_record(tmp_path, caplog):
         ({"user-epsilon-max": 8}, "without user-delta-max"),
         ({"user-epsilon-max": 8, "user-delta-max": 1.5}, r"in \(0, 1\)"),
         ({"user-epsilon-max": 8, "user-delta-max": "tiny"}, r"in \(0, 1\)"),
+        ({"user-epsilon-max": 8, "user-delta-max": "nan"}, r"in \(0, 1\)"),
+        ({"user-epsilon-max": "inf", "user-delta-max": 1e-4}, "finite number > 0"),
     ],
 )
 def test_a_bad_user_level_cap_is_a_node_config_error(node, match):

@@ -422,6 +422,14 @@ def test_a_device_refuses_a_user_level_budget_above_its_owners_caps():
         with pytest.raises(ValueError, match="user-delta-max"):
             device_guard(cfg, dev | {"user-delta-max": 1e-5}, secure=secure_round)
     device_guard(trusted, {"partition-id": 0, "user-epsilon-max": 4})  # simulation
+    # a delta cap that cannot refuse (NaN, a non-number) is a node config error too
+    for key in ("delta-max", "user-delta-max"):
+        for bad in ("nan", "tiny", 0, 1.5):
+            with pytest.raises(ValueError, match=rf"{key}=.*not a number in \(0, 1\)"):
+                device_guard(trusted, dev | {key: bad})
+    # without user-level DP its caps are not read at all
+    plain = FedConfig(dp=True, user_dp=False)
+    device_guard(plain, {"data-dir": "/d", "user-epsilon-max": "nan", "user-delta-max": "x"})
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -420,11 +420,56 @@ def test_a_device_records_its_user_level_releases_and_refuses_past_its_cap(
     entries = ledger.load()
     assert len(entries) == 1 and entries[0]["mu_total"] == pytest.approx(p.mu_total)
     assert ledger.epsilon(entries, cfg.user_delta) == pytest.approx(one)
-    # the next round (another run, the same device) would compose to `two` > cap: refused
-    with pytest.raises(ValueError, match="user-epsilon-max"):
+    # the next round (another run, the same device) would compose to `two` > cap: refused,
+    # with a constant message (the figures of the record stay in the device's log)
+    from fedrec.client.budget import CAP_REFUSAL
+    from fedrec.client.secure import RECORD_FAILURE
+
+    with pytest.raises(ValueError) as err:
         _masked_round(cfg, cohort=3, parts=[0, 1, 2], devices=devices)
+    assert str(err.value) == CAP_REFUSAL
     assert len(ledger.load()) == 1  # nothing recorded for the refused round
-    # a damaged record stops the device rather than restarting from zero
+    # a damaged record stops the device rather than restarting from zero; what the server
+    # sees names neither the record's path nor what is wrong with it
     ledger.path.write_text("{not json")
     with pytest.raises(ValueError, match="unreadable"):
         ledger.load()
+    with pytest.raises(ValueError) as err:
+        _masked_round(cfg, cohort=3, parts=[0, 1, 2], devices=devices)
+    assert str(err.value) == RECORD_FAILURE and str(tmp_path) not in str(err.value)
+
+
+def test_a_device_reads_its_user_level_cap_at_its_own_delta(synth_dir, tiny_backbone, tmp_path):
+    """The cap is read at the device's user-delta-max, not at the delta the run asks for: with
+    user-delta-max ten times the run's, a cap between the round's epsilon at the two deltas lets
+    the round through (both checks, before training and under the lock, read it there), and
+    the device records it."""
+    from fedrec.client.budget import UserLevelLedger
+    from fedrec.shared.federation.data_and_model import dataset_and_split, model_for
+    from fedrec.shared.federation.params import travelling_state
+    from fedrec.shared.privacy import skellam
+    from fedrec.shared.privacy.distributed import plan
+
+    cfg = secure_cfg(synth_dir, tiny_backbone)
+    ds, split = dataset_and_split(cfg.data, cfg.protocol, cfg.seed)
+    dim = sum(t.numel() for t in travelling_state(model_for(cfg, ds, split)).values())
+    p = plan(cfg, 3, dim)
+    l1, l2 = skellam.l1_bound(p.encoding), skellam.l2_bound(p.encoding)
+    risk = p.collusion_risk / cfg.num_rounds
+    own = 10 * cfg.user_delta
+    at_own = skellam.skellam_epsilon(p.mu_total, l1, l2, 1, own - risk)
+    at_run = skellam.skellam_epsilon(p.mu_total, l1, l2, 1, cfg.user_delta - risk)
+    assert at_own < at_run
+    cap = (at_own + at_run) / 2
+    devices = {
+        part: {
+            "data-dir": str(synth_dir),
+            "state-dir": str(tmp_path / f"dev{part}"),
+            "user-epsilon-max": cap,
+            "user-delta-max": own,
+        }  # fmt: skip
+        for part in (0, 1, 2)
+    }
+    replies = _masked_round(cfg, cohort=3, parts=[0, 1, 2], devices=devices)
+    assert all(not r.has_error() for r in replies.values())
+    assert len(UserLevelLedger(tmp_path / "dev0" / "user-level-budget.json").load()) == 1
