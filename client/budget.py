@@ -43,6 +43,13 @@ CAP_REFUSAL = (
 )
 
 
+class CapRefused(ValueError):
+    """The device's user-level cap refused a round (its message is :data:`CAP_REFUSAL`)."""
+
+    def __init__(self) -> None:
+        super().__init__(CAP_REFUSAL)
+
+
 @dataclass
 class Budget:
     """A client's privacy state: the accountant history, the mechanism it was spent under (the
@@ -317,7 +324,7 @@ class UserLevelLedger:
                 self.path,
                 cap,
             )
-            raise ValueError(CAP_REFUSAL)
+            raise CapRefused
 
     def append(
         self, entry: dict[str, float], *, cap: float | None = None, delta: float = 0.0

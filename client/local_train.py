@@ -173,21 +173,6 @@ def with_steps(history: list[Run], sigma: float, q: float, steps: int) -> list[R
     return out
 
 
-def new_steps(start: list[Run], after: list[Run]) -> list[Run]:
-    """The steps an accountant that began at ``start`` added to reach ``after`` (Opacus merges
-    the first new steps into ``start``'s last entry when they share its (sigma, q))."""
-    if after[: max(len(start) - 1, 0)] != start[: max(len(start) - 1, 0)]:
-        raise ValueError("the accountant's history does not extend the one it began with")
-    if not start:
-        return list(after)
-    k = len(start) - 1
-    head = after[k:]
-    if head and head[0][:2] == start[k][:2]:
-        extra = head[0][2] - start[k][2]
-        return ([(head[0][0], head[0][1], extra)] if extra > 0 else []) + head[1:]
-    return head[1:] if head and head[0] == start[k] else head
-
-
 def _refusal(
     reason: str, data: ClientExamples, eps: float, sigma: float, q: float, history: list[Run]
 ) -> RoundResult:
@@ -224,14 +209,16 @@ def train_round(
     while the whole history stays within ``min(epsilon, cap)``, whatever the server asks.
     Under DP the round's steps are charged to ``store`` before any data is touched (the cap
     checked again on what the store holds, under a device file's lock): a round that fails
-    after that still counts. After training, Opacus' accountant history must equal the charge;
-    if it does not (a bug), the steps it recorded are charged on top and RuntimeError raised.
+    after that still counts. After training, the steps Opacus' accountant recorded must equal
+    the charge; if they do not (a bug), they are charged on top and RuntimeError raised.
     """
     q, steps = cfg.client_sample_rate(data.users), cfg.local_steps
     budget = store.load()
     history = budget.history
     sigma = calibrated_noise(cfg, q) if cfg.dp else 0.0
     mech = cfg.dp_mechanism()
+
+    eps_after: list[float] = []  # the history's epsilon with this round, once checked
 
     def over(b: Budget) -> _Refused | None:
         """Why ``b`` cannot take this round (mechanism or cap), or None."""
@@ -245,6 +232,7 @@ def train_round(
         cap = device_cap if device_cap is not None else b.epsilon_max
         limit = min(cfg.epsilon, cap) if cap is not None else cfg.epsilon
         after = spent(cfg, with_steps(b.history, sigma, q, steps))
+        eps_after[:] = [after]
         if after > limit:
             before = spent(cfg, b.history)
             return _Refused(
@@ -255,8 +243,6 @@ def train_round(
             )
         return None
 
-    if cfg.dp and (no := over(budget)) is not None:
-        return _refusal(no.reason, data, no.epsilon, sigma, q, no.history)
     if cfg.dp and cfg.max_batch > 0:  # FedConfig refuses this; never cap a local-DP batch
         raise ValueError("max-batch > 0 with local DP-SGD: a capped batch is not a Poisson sample")
     if cfg.dp and scorer.id_emb is not None:
@@ -264,19 +250,20 @@ def train_round(
             "local DP-SGD cannot train the per-item ID table (id-residual=true): set dp=false"
         )
     if len(data) == 0:
+        if cfg.dp and (no := over(budget)) is not None:  # the budget's reason comes first
+            return _refusal(no.reason, data, no.epsilon, sigma, q, no.history)
         return _refusal(
             "no training examples", data, spent(cfg, history) if cfg.dp else 0.0, sigma, q, history
         )
     charged: list[Run] = []
     if cfg.dp:
-        # Charge the round's steps before any data is touched, checking the cap again on what
-        # the store holds now: for a device, under the lock on its file, so another run on it
-        # can neither lose these steps (read before, written after this round) nor pass the cap
+        # Charge the round's steps before any data is touched, checking the cap on what the
+        # store holds now: for a device, under the lock on its file, so another run on it can
+        # neither lose these steps (read before, written after this round) nor pass the cap
         # with it. A round that fails after this still counts: an over-count, never an under.
         def charge(b: Budget) -> Budget:
             if (no := over(b)) is not None:
                 raise no
-            history[:] = b.history  # what the accountant continues from
             # the device's cap: the owner's, else the one stored, else this (first) run's
             keep = device_cap if device_cap is not None else b.epsilon_max
             keep = cfg.epsilon if keep is None else keep
@@ -329,9 +316,9 @@ def train_round(
             loss_reduction="mean",
             generator=secret,
         )
-        # the accountant records (sigma, q) per step; fedrec computes epsilon itself
+        # the accountant records this round's (sigma, q) per step; fedrec computes epsilon
+        # itself, from the charged history
         accountant = RDPAccountant()
-        accountant.history = list(history)
         dp_opt.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=q))
         opt: torch.optim.Optimizer = dp_opt
     else:
@@ -353,19 +340,15 @@ def train_round(
             module._close()  # remove Opacus hooks: the scorer is reused next round
     eps, runs = 0.0, list(history)
     if accountant is not None:
-        runs = [(float(s), float(q), int(n)) for s, q, n in accountant.history]
-        if runs != charged:  # Opacus took other steps than were charged: a bug
+        took = [(float(s), float(q), int(n)) for s, q, n in accountant.history]
+        if took != with_steps([], sigma, q, steps):  # Opacus took other steps: a bug
             # never leave an under-count: the steps the accountant recorded go on top
-            try:
-                took = new_steps(history, runs)
-            except ValueError:
-                took = runs
             store.update(lambda b: Budget([*b.history, *took], b.mechanism, b.epsilon_max))
             raise RuntimeError(
-                f"local DP-SGD took the steps {took} but {charged} were charged to the budget: "
-                "an accounting bug; the budget now holds both (an over-count)"
+                f"local DP-SGD took the steps {took} but {steps} at ({sigma}, {q}) were charged "
+                "to the budget: an accounting bug; the budget now holds both (an over-count)"
             )
-        eps = spent(cfg, runs)
+        runs, eps = charged, eps_after[0]  # the charge's history and epsilon, checked above
     loss_mean = float(np.mean(losses)) if losses else math.nan
     total = _total_steps(runs)
     return RoundResult(

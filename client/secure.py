@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedrec.client.budget import CAP_REFUSAL, UserLevelLedger, device_state_dir, user_level_cap
+from fedrec.client.budget import CapRefused, UserLevelLedger, device_state_dir, user_level_cap
 from fedrec.client.runtime import public_name
 from fedrec.shared.federation import contract
 from fedrec.shared.federation.config import FedConfig
@@ -243,9 +243,9 @@ def _quiet_record() -> Iterator[None]:
     (the record's path, what is wrong with it) goes to the device's own log."""
     try:
         yield
+    except CapRefused:
+        raise
     except (ValueError, OSError) as err:
-        if str(err) == CAP_REFUSAL:
-            raise
         _log.warning("user-level privacy record: %s: %s", type(err).__name__, err)
         raise ValueError(RECORD_FAILURE) from None
 

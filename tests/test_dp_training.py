@@ -541,32 +541,6 @@ def test_a_round_that_fails_mid_training_still_counts(ds, tiny_backbone, tmp_pat
     ]
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_new_steps_are_what_an_accountant_added(seed):
-    """``new_steps`` recovers, from an accountant's history before and after a round, exactly
-    the steps it took (Opacus merges the first into the last entry when (sigma, q) repeat)."""
-    from opacus.accountants import RDPAccountant
-
-    from fedrec.client.local_train import new_steps, with_steps
-
-    rng = np.random.default_rng(seed)
-    pick = lambda: (float(rng.choice([0.8, 1.1])), float(rng.choice([0.5, 0.25])))  # noqa: E731
-    acc = RDPAccountant()
-    for _ in range(int(rng.integers(0, 4))):
-        s, q = pick()
-        for _ in range(int(rng.integers(1, 4))):
-            acc.step(noise_multiplier=s, sample_rate=q)
-    start = list(acc.history)
-    took: list = []
-    for _ in range(int(rng.integers(1, 4))):
-        s, q = pick()
-        n = int(rng.integers(1, 4))
-        took = with_steps(took, s, q, n)
-        for _ in range(n):
-            acc.step(noise_multiplier=s, sample_rate=q)
-    assert new_steps(start, list(acc.history)) == took
-
-
 def test_concurrent_updates_of_a_device_budget_lose_no_step(tmp_path):
     """Eight writers charge 15 steps each to one device's budget file at the same time: the lock
     makes every read-modify-write see the others' (without it most steps are lost)."""
