@@ -293,7 +293,7 @@ class SecureUserDP:
             total, survivors = released
             change_sum = skellam.decode(total, p.encoding)
             delta = unflatten(change_sum / p.cohort, inner.template, self.keys)
-            new = inner.optimizer.step(inner.current, delta)
+            new = inner.optimizer.step(inner.current, delta, rnd)
             inner.current = new
             honest = honest_shares(len(survivors), p.colluders)
             record |= {

@@ -120,7 +120,9 @@ class FedRecStrategy(FedAvg):
         self.round_offset = round_offset
         self.on_round = on_round
         self.current: dict[str, torch.Tensor] = dict(template)
-        self.optimizer = ServerOptimizer(cfg.server_opt, cfg.server_lr)
+        self.optimizer = ServerOptimizer(
+            cfg.server_opt, cfg.server_lr, final=cfg.server_lr_final, rounds=cfg.num_rounds
+        )
         self.rounds: list[dict[str, Any]] = []
         # user-level DP (fedrec.server.user_dp): divide the sum of changes by the round's sample
         # size instead of the number accepted; failures the wrapper took out; pre-clip norms
@@ -278,7 +280,7 @@ class FedRecStrategy(FedAvg):
             )
             info["aggregated"] = False
         else:
-            new = self._mean_step(changes)
+            new = self._mean_step(changes, rnd)
             self.current = new
             info["aggregated"] = True
         self.rounds.append(info)
@@ -377,7 +379,7 @@ class FedRecStrategy(FedAvg):
         scale = limit / norm
         return {k: self.current[k] + (u - self.current[k]) * scale for k, u in update.items()}
 
-    def _mean_step(self, changes: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _mean_step(self, changes: dict[str, torch.Tensor], rnd: int) -> dict[str, torch.Tensor]:
         """The server optimizer applied to mean_k(update_k - global), per tensor; ``changes``
         holds each tensor's stacked client changes, shape ``(n_accepted, *shape)``.
 
@@ -393,7 +395,7 @@ class FedRecStrategy(FedAvg):
                      for k, c in changes.items()}  # fmt: skip
         if self.mean_noise is not None:
             delta = self.mean_noise(delta)
-        return self.optimizer.step(self.current, delta)
+        return self.optimizer.step(self.current, delta, rnd)
 
     def _salvage(self, msg: Message, rnd: int) -> dict[str, Any] | None:
         """The ledger line of a rejected reply whose privacy fields are still readable."""

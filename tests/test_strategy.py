@@ -288,6 +288,36 @@ def test_server_adam_matches_hand_computation():
     assert np.isfinite(out2["x"].numpy()).all()
 
 
+def test_server_lr_decays_on_a_cosine_to_its_final_fraction():
+    opt = ServerOptimizer("sgd", 2.0, final=0.1, rounds=5)
+    lrs = [opt.lr_at(r) for r in range(1, 6)]
+    assert lrs[0] == pytest.approx(2.0) and lrs[-1] == pytest.approx(0.2)
+    assert lrs[2] == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))  # half-way: the mean of the two
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))
+    assert opt.lr_at(9) == pytest.approx(0.2)  # past the last round (a resumed run): held
+    w, d = {"x": torch.tensor([1.0])}, {"x": torch.tensor([0.5])}
+    for r, lr in enumerate(lrs, start=1):
+        assert float(opt.step(w, d, r)["x"]) == pytest.approx(1.0 + lr * 0.5)
+    flat = ServerOptimizer("momentum", 2.0, rounds=5)  # final 1: constant
+    assert {flat.lr_at(r) for r in range(1, 6)} == {2.0}
+    with pytest.raises(ValueError, match="final"):
+        ServerOptimizer("sgd", 1.0, final=0.0)
+
+
+def test_the_strategy_steps_at_the_rounds_decayed_server_lr(tmp_path):
+    """Round r's server step is lr_at(r) x the mean change (the round number reaches it)."""
+    cfg = FedConfig(min_replies=2, server_opt="sgd", server_lr=2.0, server_lr_final=0.25,
+                    num_rounds=3, dp=False)  # fmt: skip
+    s = FedRecStrategy(cfg, template=dict(TEMPLATE), ledger=tmp_path / "ledger.jsonl")
+    expect = {k: v.clone() for k, v in s.current.items()}
+    for rnd, lr in ((1, 2.0), (2, 2.0 * (0.25 + 0.75 * 0.5)), (3, 0.5)):
+        ups = [{k: v + 1.0 for k, v in s.current.items()} for _ in range(2)]
+        s.aggregate_train(rnd, [_reply(i + 1, u) for i, u in enumerate(ups)])
+        expect = {k: v + lr for k, v in expect.items()}
+        for k, v in expect.items():
+            assert torch.allclose(s.current[k], v), (rnd, k)
+
+
 def test_user_level_dp_clips_divides_by_the_sample_and_adds_calibrated_noise(tmp_path, caplog):
     """Flower's fixed-clipping wrapper under fedrec: clip to C, sum / n (fixed), noise z*C/n."""
     from fedrec.server.user_dp import UserLevelDP

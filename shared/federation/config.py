@@ -128,6 +128,9 @@ class FedConfig:
     poison: str = ""
     server_opt: str = "sgd"  # how the server applies the mean client change: sgd|momentum|adam
     server_lr: float = 1.0  # the server optimizer's learning rate
+    # the last round's server lr as a fraction of server-lr: < 1 decays it over num-rounds on
+    # a cosine (round 1 at server-lr); 1 = constant
+    server_lr_final: float = 1.0
     # --- local training ---
     local_steps: int = 8  # DP-SGD (or SGD) steps each sampled client takes per round
     local_opt: str = "sgd"  # the client's optimizer under DP-SGD's clipping and noise: sgd | adam
@@ -273,6 +276,7 @@ class FedConfig:
             "sgd, momentum or adam",
         )
         _need(0 < self.server_lr <= 10, "server-lr", self.server_lr, "(0, 10]")
+        _need(0 < self.server_lr_final <= 1, "server-lr-final", self.server_lr_final, "(0, 1]")
         _need(self.local_steps >= 1, "local-steps", self.local_steps, ">= 1")
         _need(self.local_opt in ("sgd", "adam"), "local-opt", self.local_opt, "sgd or adam")
         _need(

@@ -44,7 +44,8 @@ def user_level_summary(
         "with no data)",
         "mechanism": "DP-FedAvg: server-side fixed clipping (Flower wrapper) + Gaussian noise on "
         "the clipped mean, before the server optimizer",
-        "server_optimizer": f"{cfg.server_opt}, lr {cfg.server_lr:g}",
+        "server_optimizer": f"{cfg.server_opt}, lr {cfg.server_lr:g}"
+        + (f" decayed to {cfg.server_lr_final:g}x (cosine)" if cfg.server_lr_final < 1 else ""),
         "clip": cfg.user_clip,
         "noise_multiplier": noise_multiplier,
         "noise_std": noise_multiplier * cfg.user_clip / sampled,
