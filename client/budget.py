@@ -127,31 +127,56 @@ class MemoryStore:
         return new
 
 
+# What a device's round tells the server when its local-DP budget file cannot be read or
+# written: not the file's path or what is wrong with it (the device's own log has both).
+BUDGET_FAILURE = (
+    "this device refuses the round: its local-DP budget file cannot be read or written "
+    "(the device's own log says why)"
+)
+
+
 @dataclass
 class FileStore:
     """Deployment: a JSON file on the device, replaced atomically (never half-written); an
     :meth:`update` holds an ``flock`` on ``<file>.lock`` from its read to its write (Linux and
-    macOS; on Windows there is no ``fcntl`` and no lock)."""
+    macOS; on Windows there is no ``fcntl`` and no lock).
+
+    ``quiet`` (a device's ClientApp): a file that cannot be read or written raises
+    :data:`BUDGET_FAILURE`, whose text is all a ClientApp error tells the server; the path and
+    the fault go to the device's log. Otherwise (the CLI, tests) the error says both."""
 
     path: Path
+    quiet: bool = False
 
     def load(self) -> Budget:
-        if not self.path.exists():
-            return Budget()
-        try:
-            raw = json.loads(self.path.read_text())
-        except (OSError, ValueError) as err:
-            raw = {"unreadable": str(err)}
-        return Budget.from_json(raw, f"file {self.path}")
+        with self._errors():
+            if not self.path.exists():
+                return Budget()
+            try:
+                raw = json.loads(self.path.read_text())
+            except (OSError, ValueError) as err:
+                raw = {"unreadable": str(err)}
+            return Budget.from_json(raw, f"file {self.path}")
 
     def save(self, budget: Budget) -> None:
-        _write_durably(self.path, budget.to_json(), ".budget-")
+        with self._errors():
+            _write_durably(self.path, budget.to_json(), ".budget-")
 
     def update(self, change: Callable[[Budget], Budget]) -> Budget:
-        with _locked(self.path):
+        with self._errors(), _locked(self.path):
             new = change(self.load())
             self.save(new)
         return new
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (ValueError, OSError) as err:
+            if not self.quiet or str(err) == BUDGET_FAILURE:
+                raise
+            _log.warning("local-DP budget file %s: %s: %s", self.path, type(err).__name__, err)
+            raise ValueError(BUDGET_FAILURE) from None
 
 
 def _write_durably(path: Path, doc: Any, prefix: str) -> None:
@@ -246,7 +271,7 @@ def budget_store(context: Context, name: str, extra: dict[str, Any]) -> BudgetSt
         # A device: its budget lives in a file on the device (default: next to its data), so a
         # restarted SuperNode, or a new run, continues the same history instead of restarting
         # from zero. The budget is the device's, across all runs.
-        return FileStore(state / "privacy-budget.json")
+        return FileStore(state / "privacy-budget.json", quiet=True)
     run_dir = extra.get("run-dir")
     file = Path(str(run_dir)) / "privacy" / "clients" / f"{name}.json" if run_dir else None
     if "partition-id" in node:

@@ -158,3 +158,38 @@ def test_a_bad_user_level_cap_is_a_node_config_error(node, match):
         user_level_cap(node)
     assert user_level_cap({}) is None
     assert user_level_cap({"user-epsilon-max": "8", "user-delta-max": "1e-4"}) == (8.0, 1e-4)
+
+
+def test_a_devices_unreadable_local_budget_tells_the_server_a_constant(tmp_path, caplog):
+    """A device's local-DP budget file that cannot be read or written stops its round with a
+    constant message (what a ClientApp error tells the server); the file's path and the fault
+    go to the device's log. The CLI's store (not quiet) still names both."""
+    from flwr.app import Context, RecordDict
+
+    from fedrec.client.budget import BUDGET_FAILURE, Budget, FileStore, budget_store
+
+    node = {"data-dir": str(tmp_path / "data"), "state-dir": str(tmp_path / "state")}
+    ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    store = budget_store(ctx, "dev", {})
+    assert isinstance(store, FileStore) and store.quiet
+    from fedrec.shared.federation.config import FedConfig
+
+    store.save(Budget([(1.2, 0.5, 4)], FedConfig(dp=True).dp_mechanism(), 8.0))
+    assert store.load().history == [(1.2, 0.5, 4)]
+    store.path.write_text("{not json")
+    for attempt in (store.load, lambda: store.update(lambda b: b)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fedrec.client.budget"):
+            with pytest.raises(ValueError) as err:
+                attempt()
+        assert str(err.value) == BUDGET_FAILURE and str(tmp_path) not in str(err.value)
+        assert str(store.path) in caplog.text and "refusing to train" in caplog.text
+    with pytest.raises(ValueError, match="refusing to train") as err:
+        FileStore(store.path).load()  # the CLI's reader: the detail is the user's own
+    assert str(store.path) in str(err.value)
+    # a write that fails (the state folder is a file): the same constant
+    (tmp_path / "blocked").write_text("")
+    blocked = FileStore(tmp_path / "blocked" / "privacy-budget.json", quiet=True)
+    with pytest.raises(ValueError) as err:
+        blocked.update(lambda b: b)
+    assert str(err.value) == BUDGET_FAILURE
