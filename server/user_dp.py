@@ -84,6 +84,21 @@ __all__ = [
 
 log = logging.getLogger("fedrec.server")
 
+_PER_REPLY = "aggregate_fit: parameters are clipped by value"
+
+
+class _OncePerRound(logging.Filter):
+    """Drops the line Flower's DP wrapper logs for every reply it clips (the same text, 471
+    times a round in the default federation, each one formatted, uploaded to the SuperLink and
+    streamed to ``RUN/flower.log``); :meth:`UserLevelDP.aggregate_train` logs one line a round
+    instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_PER_REPLY)
+
+
+logging.getLogger("flwr").addFilter(_OncePerRound())
+
 
 def _clip_update_zero_safe(param1: Any, param2: Any, clipping_norm: float) -> None:
     """Flower's ``compute_clip_model_update``, except that a zero update is left as it is.
@@ -209,4 +224,11 @@ class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
                     del msg.content[contract.ARRAYS]
             clean.append(msg)
         self.inner.extra_failures = failures
-        return super().aggregate_train(server_round, clean)
+        out = super().aggregate_train(server_round, clean)
+        log.info(
+            "round %d: %d updates clipped to L2 norm %g",
+            server_round + self.inner.round_offset,
+            sum(contract.ARRAYS in m.content.array_records for m in clean),
+            self.clipping_norm,
+        )
+        return out

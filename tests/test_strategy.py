@@ -318,6 +318,26 @@ def test_the_strategy_steps_at_the_rounds_decayed_server_lr(tmp_path):
             assert torch.allclose(s.current[k], v), (rnd, k)
 
 
+def test_user_level_dp_logs_its_clipping_once_a_round_not_once_a_reply(tmp_path, caplog):
+    """Flower's wrapper logs a line for every reply it clips (471 a round by default, each one
+    uploaded to the SuperLink and streamed to flower.log): fedrec drops it and logs one line a
+    round with the count."""
+    from fedrec.server.user_dp import UserLevelDP
+
+    cfg = FedConfig(min_replies=2, server_opt="sgd", server_lr=1.0, user_dp=True, user_clip=1.0)
+    inner = FedRecStrategy(cfg, template=dict(TEMPLATE), ledger=tmp_path / "ledger.jsonl")
+    w = UserLevelDP(inner, num_sampled=3, noise_multiplier=0.5)
+    w.current_arrays = to_record(TEMPLATE)
+    inner.current = dict(TEMPLATE)
+    inner._sent[1] = 3
+    replies = [_reply(i + 1, {k: v + 1.0 for k, v in TEMPLATE.items()}) for i in range(3)]
+    with caplog.at_level(logging.INFO):
+        w.aggregate_train(1, replies)
+    text = [r.getMessage() for r in caplog.records]
+    assert not [t for t in text if "parameters are clipped by value" in t]
+    assert text.count("round 1: 3 updates clipped to L2 norm 1") == 1
+
+
 def test_user_level_dp_clips_divides_by_the_sample_and_adds_calibrated_noise(tmp_path, caplog):
     """Flower's fixed-clipping wrapper under fedrec: clip to C, sum / n (fixed), noise z*C/n."""
     from fedrec.server.user_dp import UserLevelDP
