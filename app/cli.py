@@ -14,6 +14,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedrec import __version__
@@ -41,7 +42,8 @@ err = Console(stderr=True)
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # the message is text, not markup: "[tool.flwr.app.config]" must print as it is
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -413,6 +415,8 @@ def simulate_cmd(
                           ray_address=ray_address)  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e), 2)
+    except RuntimeError as e:  # the run failed inside Flower: the message ends with its log
+        _fail(str(e), 1)
     except KeyboardInterrupt:
         _interrupted_simulation(out_dir, cfg.num_rounds)
     rounds = result["model"].get("rounds", [])
@@ -765,7 +769,7 @@ def deploy_init(
         _creds, text = init_deployment(
             directory, nodes=names, superlink=superlink, hosts=tuple(host or ())
         )
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, OSError) as e:
         _fail(str(e), 2)
     print(text, end="")
 
@@ -776,8 +780,12 @@ def deploy_add_node(
     name: Annotated[str, typer.Argument(help="The new SuperNode's name.")],
 ) -> None:
     """One more SuperNode key pair; prints how to register and start it."""
-    from fedrec.server.deploy import make_node_key
+    from fedrec.server.deploy import check_node_names, make_node_key
 
+    try:
+        check_node_names([name])
+    except ValueError as e:
+        _fail(str(e), 2)
     if not (directory / "ca.crt").is_file():
         _fail(f"{directory} has no ca.crt: run `fedrec deploy init` first", 2)
     if (directory / f"{name}.key").exists():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,15 +66,42 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_RESERVED = ("ca", "server")  # ca.key and server.key are the CA's and the SuperLink's
+
+
+def check_node_names(nodes: list[str]) -> None:
+    """Node names become file names (``NAME.key``, ``NAME.pub``) in the deployment folder:
+    letters, digits, ``_ . -``, starting with a letter or digit, at most 64 characters, not
+    ``ca`` or ``server``, no two alike. Raises ValueError before anything is written."""
+    if not nodes:
+        raise ValueError("give at least one node name")
+    bad = [n for n in nodes if not _NODE_NAME.fullmatch(n) or n in _RESERVED]
+    if bad:
+        raise ValueError(
+            f"node names {bad} are not usable: a name is 1-64 letters, digits, '_', '.' or '-', "
+            f"starting with a letter or digit, and not {' or '.join(_RESERVED)}"
+        )
+    twice = sorted({n for n in nodes if nodes.count(n) > 1})
+    if twice:
+        raise ValueError(f"node names {twice} are given more than once")
+
+
+def check_folder(root: Path) -> None:
+    """``root`` must be a folder or not exist yet (with a folder, not a file, above it)."""
+    for p in (root, *root.parents):
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"{p} is a file, not a folder: choose another deployment folder")
+        if p.exists():
+            return
+
+
 def make_credentials(
     root: Path, *, nodes: list[str], hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
 ) -> Credentials:
     """CA + SuperLink certificate for ``hosts`` + one OpenSSH EC key pair per node name."""
-    if not nodes:
-        raise ValueError("give at least one node name")
-    bad = [n for n in nodes if not n or "/" in n or n.startswith(".")]
-    if bad:
-        raise ValueError(f"node names {bad} are not usable as file names")
+    check_node_names(nodes)
+    check_folder(root)
     root.mkdir(parents=True, exist_ok=True)
     taken = [p for p in (root / "ca.key", root / "server.key") if p.exists()] + [
         root / f"{n}.key" for n in nodes if (root / f"{n}.key").exists()
@@ -141,6 +169,7 @@ def make_credentials(
 
 def make_node_key(root: Path, name: str) -> tuple[Path, Path]:
     """One SuperNode's EC P-384 key pair in OpenSSH format: ``name.key``, ``name.pub``."""
+    check_node_names([name])
     key = ec.generate_private_key(ec.SECP384R1())
     priv = key.private_bytes(
         serialization.Encoding.PEM,
@@ -261,9 +290,14 @@ def init_deployment(
     root: Path, *, nodes: list[str], superlink: str = "127.0.0.1:8000", hosts: tuple[str, ...] = ()
 ) -> tuple[Credentials, str]:
     """Credentials, ``root/flwr-home/config.toml`` and ``root/commands.sh`` for a deployment."""
-    host = superlink.rpartition(":")[0]
-    if not host or not superlink.rpartition(":")[2].isdigit():
-        raise ValueError(f"--superlink {superlink!r}: expected HOST:PORT, e.g. 127.0.0.1:8000")
+    host, _, port = superlink.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(
+            f"--superlink {superlink!r}: expected HOST:PORT with a port in 1..65535, "
+            "e.g. 127.0.0.1:8000"
+        )
+    check_node_names(nodes)
+    check_folder(root)
     names = tuple(dict.fromkeys((host, *hosts, "localhost", "127.0.0.1")))
     creds = make_credentials(root, nodes=nodes, hosts=names)
     flwr_home_config(root / "flwr-home", name="fedrec", control=superlink, ca_cert=creds.ca_cert)

@@ -56,7 +56,7 @@ def presets() -> dict[str, str]:
 
 def preset_file(name: str) -> Path:
     path = PRESETS / f"{name}.toml"
-    if not path.is_file():
+    if name not in presets() or not path.is_file():  # "" or a path is not a preset's name
         raise ValueError(
             f"--preset {name!r} is not a preset; choose one of {', '.join(presets())} "
             "(`fedrec simulate --list-presets` describes them)"
@@ -90,7 +90,15 @@ def _flat(path: Path, table: dict[str, Any]) -> dict[str, Any]:
             f"--config {path}: {nested} are tables; run-config keys are flat (key = value), at "
             "top level or under [tool.flwr.app.config]"
         )
-    return table
+    # one key however it is spelled (num_rounds is num-rounds), so that a later layer
+    # (--config over --preset, --set over both) overrides it whichever spelling each uses
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        kebab = k.replace("_", "-")
+        if kebab in out:
+            raise ValueError(f"--config {path}: '{kebab}' is set twice (as {kebab} and {k})")
+        out[kebab] = v
+    return out
 
 
 def resolve(
@@ -101,7 +109,7 @@ def resolve(
     if quick and preset not in (None, "quick"):
         raise ValueError(f"--quick is --preset quick: give one of --quick and --preset {preset}")
     name = "quick" if quick else preset
-    raw: dict[str, Any] = load_config_file(preset_file(name)) if name else {}
+    raw: dict[str, Any] = load_config_file(preset_file(name)) if name is not None else {}
     if config is not None:
         raw.update(load_config_file(config))
     raw.update(sets)
@@ -325,8 +333,10 @@ def simulate(
     directory is written by this machine's ServerApp only."""
     from fedrec.server.app import check_run_dir
     from fedrec.server.outputs import baseline_names
+    from fedrec.shared.backbone import resolve_backbone
 
     out = out.resolve()
+    resolve_backbone(cfg.backbone)  # a backbone that is not there fails here, not in Flower
     check_run_dir(out, cfg, resume)
     baseline_names(baselines)
     n = n_clients(cfg)

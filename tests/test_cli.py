@@ -229,3 +229,70 @@ def test_deploy_budget_reads_a_devices_own_records(tmp_path):
     (state / "user-level-budget.json").write_text("{")
     r = fedrec("deploy", "budget", state)
     assert r.returncode == 2 and "unreadable" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_input_found_by_an_outside_review_fails_early_and_clearly(tmp_path, monkeypatch):
+    """Each of these started Flower, printed a traceback, deleted a user's folder or wrote a key
+    outside the deployment folder (a review that tried the CLI with bad input); now each is a
+    one-line error, exit 2, before anything is written or started."""
+    from typer.testing import CliRunner
+
+    from fedrec.cli import app
+    from fedrec.simulations import launch
+
+    started, real_simulate = [], launch.simulate
+    monkeypatch.setattr(launch, "simulate", lambda *a, **k: started.append(a) or {})
+    r = CliRunner()
+
+    def fails(args, *words):
+        res = r.invoke(app, args)
+        assert res.exit_code == 2, (args, res.output)
+        assert "Traceback" not in res.output
+        for w in words:
+            assert w in " ".join(res.output.split()), (args, w, res.output)
+        return res
+
+    out = str(tmp_path / "run")
+    fails(["simulate", "--out", out, "--set", "max-length=300000"], "max-length", "8..512")
+    fails(["simulate", "--out", out, "--set", "seed=99999999999999999999"], "seed")
+    fails(["simulate", "--out", out, "--preset", ""], "is not a preset")
+    fails(["simulate", "--out", out, "--preset", "../presets/quick"], "is not a preset")
+    # one key however it is spelled: the last --set wins, a --set beats a --config file
+    fails(["simulate", "--out", out, "--set", "num_rounds=5", "--set", "num-rounds=0"],
+          "num-rounds")  # fmt: skip
+    conf = tmp_path / "c.toml"
+    conf.write_text("num_rounds = 0\n")
+    cfg, _ = launch.resolve(conf, {"num-rounds": "5"}, preset="quick")
+    assert cfg.num_rounds == 5
+    both = tmp_path / "both.toml"
+    both.write_text("num_rounds = 2\nnum-rounds = 3\n")
+    fails(["simulate", "--out", out, "--config", str(both)], "set twice")
+    # an error text is printed as it is, not as markup (it lost "[tool.flwr.app.config]")
+    nested = tmp_path / "nested.toml"
+    nested.write_text("[a]\nb = 1\n")
+    fails(["simulate", "--out", out, "--config", str(nested)], "[tool.flwr.app.config]")
+    assert not started and not (tmp_path / "run").exists()
+    # a backbone that is not there: refused before Flower starts
+    from fedrec.shared.federation.config import FedConfig
+
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        real_simulate(FedConfig(backbone=str(tmp_path / "nope")), tmp_path / "run2")
+    assert not (tmp_path / "run2").exists()
+    # data synth never replaces a folder that is not a data folder
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("keep")
+    fails(["data", "synth", str(precious)], "not a fedrec data folder")
+    assert (precious / "thesis.txt").read_text() == "keep"
+    # deploy: node names are file names inside the folder, once each
+    d = tmp_path / "d"
+    fails(["deploy", "init", str(d), "--nodes", "a,a"], "more than once")
+    fails(["deploy", "init", str(d), "--nodes", "ca"], "not usable")
+    fails(["deploy", "init", str(d), "--nodes", "a", "--superlink", "h:99999"], "1..65535")
+    assert not d.exists()
+    fails(["deploy", "init", str(conf), "--nodes", "a"], "is a file")
+    fails(["deploy", "init", str(conf / "sub"), "--nodes", "a"], "is a file")
+    assert r.invoke(app, ["deploy", "init", str(d), "--nodes", "a"]).exit_code == 0
+    for name in ("../evil", "", "sub/x", ".hidden"):
+        fails(["deploy", "add-node", str(d), name], "not usable")
+    assert not (tmp_path / "evil.key").exists() and not (d / ".key").exists()

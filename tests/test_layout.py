@@ -113,6 +113,42 @@ def test_write_is_atomic_and_replaces(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w"]  # no temp folders left
 
 
+def test_write_never_replaces_a_folder_that_is_not_a_data_folder(tmp_path, monkeypatch):
+    """A folder holding anything but the layout's files, or a file, is refused before anything
+    is written (``fedrec data synth`` on a user's folder deleted it); an empty folder is used;
+    the published folder is readable by others (not mkdtemp's 0700); "." works."""
+    items = {1: {"title": "A"}}
+    precious = tmp_path / "precious"
+    (precious / "sub").mkdir(parents=True)
+    (precious / "thesis.txt").write_text("years of work")
+    with pytest.raises(ValueError, match="not a fedrec data folder .*sub, thesis.txt"):
+        write_dataset(precious, interactions=[(1, 1, 5)], items=items)
+    assert (precious / "thesis.txt").read_text() == "years of work"
+    a_file = tmp_path / "afile"
+    a_file.write_text("keep")
+    with pytest.raises(ValueError, match="not a folder"):
+        write_dataset(a_file, interactions=[(1, 1, 5)], items=items)
+    assert a_file.read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "precious"]  # nothing else
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = write_dataset(empty, interactions=[(1, 1, 5)], items=items)
+    assert load_dataset(out).n_interactions == 1
+    assert out.stat().st_mode & 0o055 == 0o055 & ~_umask()
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert load_dataset(write_dataset(".", interactions=[(1, 1, 5)], items=items)).n_interactions
+
+
+def _umask() -> int:
+    import os
+
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
 def test_failed_write_leaves_old_folder(tmp_path):
     root = tmp_path / "w"
     items = {1: {"title": "A"}}

@@ -343,6 +343,26 @@ def _tsv(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _check_replaceable(root: Path) -> None:
+    """Refuse to write a data folder over anything but an empty folder or a fedrec data folder
+    (only the layout's files): never delete someone's files."""
+    if not root.exists() and not root.is_symlink():
+        return
+    if not root.is_dir() or root.is_symlink():
+        raise ValueError(
+            f"{root} exists and is not a folder; refusing to replace it: choose another path "
+            "for the data folder"
+        )
+    known = {INTERACTIONS, ITEMS, USERS, META}
+    other = sorted(p.name for p in root.iterdir() if p.name not in known or not p.is_file())
+    if other:
+        shown = ", ".join(other[:5]) + (", ..." if len(other) > 5 else "")
+        raise ValueError(
+            f"{root} exists and is not a fedrec data folder (it holds {shown}); refusing to "
+            "replace it: choose a new folder, or remove it first"
+        )
+
+
 def write_dataset(
     root: str | Path,
     *,
@@ -354,11 +374,16 @@ def write_dataset(
     """Write a fedrec data folder atomically: a temp folder renamed into place when complete.
 
     ``interactions`` rows are ``(user_id, item_id, timestamp[, rating])`` in the order to keep.
-    An existing folder at ``root`` is replaced only after the new one is fully written.
+    An existing folder at ``root`` is replaced only after the new one is fully written, and
+    only if it is empty or a fedrec data folder (ValueError otherwise: nothing is written).
     """
-    root = Path(root)
+    root = Path(os.path.abspath(root))  # "." has no name to put a temp folder beside
+    _check_replaceable(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the published folder private
     try:
         has_rating = bool(interactions) and len(interactions[0]) == 4
         head = ["user_id", "item_id", "timestamp"] + (["rating"] if has_rating else [])

@@ -223,6 +223,9 @@ class FedConfig:
         _need(1 <= self.lora_r <= 64, "lora-r", self.lora_r, "1..64")
         _need(self.lora_alpha > 0, "lora-alpha", self.lora_alpha, "> 0")
         _need(1 <= self.history_len <= 200, "history-len", self.history_len, "1..200")
+        _need(8 <= self.max_length <= 512, "max-length", self.max_length, "8..512 tokens")
+        # torch.manual_seed and the clients' derived seeds need it to fit in 31 bits
+        _need(0 <= self.seed < 2**31, "seed", self.seed, "0..2147483647")
         _need(0 <= self.cold_dropout < 1, "cold-dropout", self.cold_dropout, "0 <= p < 1")
         _need(0 <= self.cold_prior <= 100, "cold-prior", self.cold_prior, "0..100; 0 = none")
         _need(
@@ -612,5 +615,8 @@ def parse_sets(pairs: list[str]) -> dict[str, str]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set {pair!r}: expected KEY=VALUE, e.g. num-rounds=10")
-        out[key.strip()] = value.strip()
+        # one key however it is spelled (num_rounds is num-rounds): the last --set wins
+        key = key.strip().replace("_", "-")
+        out.pop(key, None)
+        out[key] = value.strip()
     return out
