@@ -207,6 +207,13 @@ def baselines(
     _check_out(out_dir, "baselines")
     if protocol not in PROTOCOLS:
         _fail(f"--protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}.", 2)
+    if {"zeroshot", "text-popularity"} & set(list(BASELINES) if only is None else _names(only)):
+        from fedrec.shared.backbone import resolve_backbone
+
+        try:  # before the data is loaded and anything is fitted
+            resolve_backbone(backbone)
+        except FileNotFoundError as e:
+            _fail(str(e), 2)
     names = list(BASELINES) if only is None else _names(only)
     bad = [n for n in names if n not in BASELINES]
     if bad or not names:
@@ -615,6 +622,12 @@ def suite_cmd(
             2,
         )
     if report_only:
+        if not out_dir.is_dir():
+            _fail(
+                f"--report-only: {out_dir} is not a folder of this suite's runs; run "
+                f"`fedrec suite {name} --out {out_dir}` first",
+                2,
+            )
         summary = write_report(suite, out_dir)
     else:
         names = _names(only) if only else None
@@ -685,6 +698,10 @@ def audit_cmd(
     if empirical:
         _empirical(run, canaries, seed, set_ or [], as_json, rescore)
         return
+    ignored = [flag for flag, given in (("--canaries", canaries != 1000), ("--rescore", rescore),
+               ("--seed", seed != 0), ("--set", bool(set_))) if given]  # fmt: skip
+    if ignored:
+        _fail(f"{', '.join(ignored)} only apply with --empirical; add it, or drop them", 2)
     try:
         report, text = audit_run(run, tolerance=tolerance)
     except (ValueError, FileNotFoundError) as e:

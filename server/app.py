@@ -110,8 +110,13 @@ def check_run_dir(run: Path, cfg: FedConfig, resume: bool) -> None:
         for name in ("ledger.jsonl", "secagg.jsonl"):
             if (run / "privacy" / name).exists():
                 raise ValueError(
-                    f"{run} already holds a run (privacy/{name} exists): use a new run "
-                    "directory, or resume=true to continue it"
+                    f"{run} already holds a run (privacy/{name} exists)"
+                    + (
+                        " with no checkpoint to resume from (it finished, or stopped before its "
+                        "first round ended): use a new run directory"
+                        if resume
+                        else ": use a new run directory, or --resume (resume=true) to continue it"
+                    )
                 )
 
 

@@ -481,3 +481,22 @@ def test_an_absurd_round_number_is_an_error_and_draws_no_plot(tmp_path):
     report, text = audit_run(run, plot=True)
     assert not report["ok"] and "10000000" in text
     assert not (run / "privacy" / "epsilon.png").exists()
+
+
+def test_a_bad_metrics_or_config_file_is_an_error_that_names_it(tmp_path):
+    """metrics.json that is not an object, not JSON, or has no numeric claim: the audit fails
+    and says which file (a list crashed it; an empty object or a string claim passed silently);
+    a config.json whose federation section is not an object: a clear ValueError."""
+    from fedrec.shared.privacy.report import audit_run
+
+    for i, text in enumerate(["[1]", "{broken", "{}", '{"privacy": {"epsilon_max": "big"}}']):
+        run = make_run(tmp_path / str(i), honest_ledger())
+        (run / "metrics.json").write_text(text)
+        report, _ = audit_run(run, plot=False)
+        assert not report["ok"], text
+        found = [f["message"] for f in report["findings"] if f["severity"] == "error"]
+        assert any("metrics.json" in m and "claim cannot be checked" in m for m in found), found
+    run = make_run(tmp_path / "cfg", honest_ledger())
+    (run / "config.json").write_text(json.dumps({"federation": "x"}))
+    with pytest.raises(ValueError, match="config.json is not a federated run's config.*str"):
+        audit_run(run, plot=False)

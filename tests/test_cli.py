@@ -296,3 +296,22 @@ def test_bad_input_found_by_an_outside_review_fails_early_and_clearly(tmp_path, 
     for name in ("../evil", "", "sub/x", ".hidden"):
         fails(["deploy", "add-node", str(d), name], "not usable")
     assert not (tmp_path / "evil.key").exists() and not (d / ".key").exists()
+
+
+def test_a_missing_backbone_or_suite_folder_is_a_clear_error(tmp_path):
+    """`baselines --backbone` that is not there fails before the data is loaded; `suite
+    --report-only` on a folder that is not there says to run the suite first (both were
+    tracebacks)."""
+    from typer.testing import CliRunner
+
+    from fedrec.cli import app
+
+    r = CliRunner()
+    res = r.invoke(app, ["baselines", "--protocol", "A", "--out", str(tmp_path / "b"),
+                         "--only", "zeroshot", "--backbone", str(tmp_path / "nope")])  # fmt: skip
+    assert res.exit_code == 2 and "no config.json" in res.output, res.output
+    res = r.invoke(app, ["audit", str(tmp_path), "--canaries", "5", "--set", "dp=false"])
+    assert res.exit_code == 2 and "only apply with --empirical" in res.output, res.output
+    res = r.invoke(app, ["suite", "quick", "--out", str(tmp_path / "s"), "--report-only"])
+    assert res.exit_code == 2 and "run `fedrec suite quick" in " ".join(res.output.split())
+    assert "Traceback" not in res.output

@@ -301,8 +301,14 @@ def audit_secure(run: Path, cfg: FedConfig, tolerance: float) -> tuple[dict[str,
     path = run / "metrics.json"
     if not path.is_file():
         return {"enabled": True, "verified": False}, [f"{path} missing: user-level DP unverified"]
-    doc = json.loads(path.read_text())
-    claim = (doc.get("privacy") or {}).get("user_level") or {}
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return {"enabled": True, "verified": False}, [f"{path} is unreadable ({err})"]
+    privacy = doc.get("privacy") if isinstance(doc, dict) else None
+    claim = (privacy.get("user_level") if isinstance(privacy, dict) else None) or {}
+    if not isinstance(claim, dict):
+        claim = {}
     if not claim.get("enabled") or not isinstance(claim.get("secure_agg"), dict):
         return {"enabled": True, "verified": False}, [
             f"{path}: secure-agg=true in config.json but no secure-aggregation record in "

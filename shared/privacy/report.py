@@ -38,8 +38,8 @@ def load_fed_config(run: Path) -> FedConfig:
     path = run / "config.json"
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found: `fedrec audit` needs a federated run directory "
-            "(written by `fedrec simulate` or the ServerApp)"
+            f"{path} not found: not a federated run directory (one is written by "
+            "`fedrec simulate` or the ServerApp)"
         )
     try:
         doc = json.loads(path.read_text())
@@ -48,6 +48,11 @@ def load_fed_config(run: Path) -> FedConfig:
         raise ValueError(
             f"{path} is not a federated run's config (no 'federation' section): {e}"
         ) from None
+    if not isinstance(fed, dict):
+        raise ValueError(
+            f"{path} is not a federated run's config: its 'federation' section is a "
+            f"{type(fed).__name__}, not an object of run-config keys"
+        )
     return parse_run_config(fed, where=str(path))
 
 
@@ -217,8 +222,23 @@ def _check_claim(run: Path, audit: LedgerAudit, summ: dict[str, Any], tol: float
             Finding("warning", f"{path} missing (run not finished?): no claim to compare")
         )
         return
-    claimed = json.loads(path.read_text()).get("privacy", {}).get("epsilon_max")
-    if isinstance(claimed, (int, float)) and claimed < summ["epsilon_max"] * (1 - tol):
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        doc = err
+    privacy = doc.get("privacy") if isinstance(doc, dict) else None
+    claimed = privacy.get("epsilon_max") if isinstance(privacy, dict) else None
+    if (
+        not isinstance(claimed, (int, float))
+        or isinstance(claimed, bool)
+        or not math.isfinite(claimed)
+    ):
+        why = "no numeric privacy.epsilon_max"
+        if isinstance(doc, Exception):
+            why = f"unreadable ({doc})"
+        audit.findings.append(Finding("error", f"{path}: {why}; the run's claim cannot be checked"))
+        return
+    if claimed < summ["epsilon_max"] * (1 - tol):
         audit.findings.append(
             Finding(
                 "error",
