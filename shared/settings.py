@@ -46,6 +46,8 @@ def as_bool(value: object) -> bool:
 def _coerce(kind: type, value: Any) -> Any:
     if kind is bool:
         return as_bool(value)
+    if kind in (int, float) and isinstance(value, bool):  # TOML's true is not a number
+        raise ValueError(value)
     if kind is int and isinstance(value, float) and not value.is_integer():
         raise ValueError(value)
     if kind is int and isinstance(value, str):

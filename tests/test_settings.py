@@ -49,6 +49,10 @@ def test_spellings_bools_and_non_finite_values():
     assert (m.lora_r, m.train_scale) == (4, False)
     with pytest.raises(ValueError, match="'init-scale' = 'nan' is not a finite number"):
         from_dict(ModelConfig, {"init-scale": "nan"})
+    # a TOML true is not the number 1 (num-rounds = true ran one round)
+    for key in ("num-rounds", "lr"):
+        with pytest.raises(ValueError, match=f"'{key}' = True is not a valid"):
+            parse_run_config({key: True})
 
 
 def test_train_central_takes_the_same_set_syntax():
