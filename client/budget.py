@@ -163,7 +163,9 @@ class FileStore:
             _write_durably(self.path, budget.to_json(), ".budget-")
 
     def update(self, change: Callable[[Budget], Budget]) -> Budget:
-        with self._errors(), _locked(self.path):
+        with contextlib.ExitStack() as held:
+            with self._errors():  # the lock's file; what change() raises is its own
+                held.enter_context(_locked(self.path))
             new = change(self.load())
             self.save(new)
         return new

@@ -342,11 +342,17 @@ def train_round(
     if accountant is not None:
         took = [(float(s), float(q), int(n)) for s, q, n in accountant.history]
         if took != with_steps([], sigma, q, steps):  # Opacus took other steps: a bug
+            bug = f"local DP-SGD took the steps {took} but {steps} at ({sigma}, {q}) were charged"
             # never leave an under-count: the steps the accountant recorded go on top
-            store.update(lambda b: Budget([*b.history, *took], b.mechanism, b.epsilon_max))
+            try:
+                store.update(lambda b: Budget([*b.history, *took], b.mechanism, b.epsilon_max))
+            except Exception as err:  # the bug must still be told, with why the top-up failed
+                raise RuntimeError(
+                    f"{bug} to the budget: an accounting bug; adding the steps taken to the "
+                    f"budget failed too: {err}"
+                ) from None
             raise RuntimeError(
-                f"local DP-SGD took the steps {took} but {steps} at ({sigma}, {q}) were charged "
-                "to the budget: an accounting bug; the budget now holds both (an over-count)"
+                f"{bug} to the budget: an accounting bug; the budget now holds both (an over-count)"
             )
         runs, eps = charged, eps_after[0]  # the charge's history and epsilon, checked above
     loss_mean = float(np.mean(losses)) if losses else math.nan

@@ -101,6 +101,10 @@ def check_run_dir(run: Path, cfg: FedConfig, resume: bool) -> None:
     previous = run / "config.json"
     if resume and (run / "checkpoint" / "round.json").is_file():
         old = json.loads(previous.read_text()).get("federation") if previous.is_file() else None
+        try:  # keys added to fedrec since the run started take their defaults
+            old = parse_run_config(old).as_dict() if isinstance(old, dict) else None
+        except ValueError:
+            old = None
         if old != cfg.as_dict():
             raise ValueError(
                 f"cannot resume {run}: its config.json differs from this run's settings; "
@@ -112,8 +116,8 @@ def check_run_dir(run: Path, cfg: FedConfig, resume: bool) -> None:
                 raise ValueError(
                     f"{run} already holds a run (privacy/{name} exists)"
                     + (
-                        " with no checkpoint to resume from (it finished, or stopped before its "
-                        "first round ended): use a new run directory"
+                        " with no checkpoint to resume from (it stopped before its first round "
+                        "ended, or its checkpoint was removed): use a new run directory"
                         if resume
                         else ": use a new run directory, or --resume (resume=true) to continue it"
                     )

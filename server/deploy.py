@@ -73,16 +73,19 @@ _RESERVED = ("ca", "server")  # ca.key and server.key are the CA's and the Super
 def check_node_names(nodes: list[str]) -> None:
     """Node names become file names (``NAME.key``, ``NAME.pub``) in the deployment folder:
     letters, digits, ``_ . -``, starting with a letter or digit, at most 64 characters, not
-    ``ca`` or ``server``, no two alike. Raises ValueError before anything is written."""
+    ``ca`` or ``server``, no two alike (ignoring case). Raises ValueError before anything is
+    written."""
     if not nodes:
         raise ValueError("give at least one node name")
-    bad = [n for n in nodes if not _NODE_NAME.fullmatch(n) or n in _RESERVED]
+    # file names: on a case-insensitive file system CA.key is ca.key and n0.key is N0.key
+    bad = [n for n in nodes if not _NODE_NAME.fullmatch(n) or n.lower() in _RESERVED]
     if bad:
         raise ValueError(
             f"node names {bad} are not usable: a name is 1-64 letters, digits, '_', '.' or '-', "
             f"starting with a letter or digit, and not {' or '.join(_RESERVED)}"
         )
-    twice = sorted({n for n in nodes if nodes.count(n) > 1})
+    folded = [n.lower() for n in nodes]
+    twice = sorted({n for n in nodes if folded.count(n.lower()) > 1})
     if twice:
         raise ValueError(f"node names {twice} are given more than once")
 

@@ -288,6 +288,8 @@ def test_bad_input_found_by_an_outside_review_fails_early_and_clearly(tmp_path, 
     d = tmp_path / "d"
     fails(["deploy", "init", str(d), "--nodes", "a,a"], "more than once")
     fails(["deploy", "init", str(d), "--nodes", "ca"], "not usable")
+    fails(["deploy", "init", str(d), "--nodes", "CA"], "not usable")  # ca.key on macOS
+    fails(["deploy", "init", str(d), "--nodes", "n0,N0"], "more than once")
     fails(["deploy", "init", str(d), "--nodes", "a", "--superlink", "h:99999"], "1..65535")
     assert not d.exists()
     fails(["deploy", "init", str(conf), "--nodes", "a"], "is a file")
@@ -315,3 +317,25 @@ def test_a_missing_backbone_or_suite_folder_is_a_clear_error(tmp_path):
     res = r.invoke(app, ["suite", "quick", "--out", str(tmp_path / "s"), "--report-only"])
     assert res.exit_code == 2 and "run `fedrec suite quick" in " ".join(res.output.split())
     assert "Traceback" not in res.output
+
+
+def test_a_run_started_before_a_new_setting_existed_can_be_resumed(tmp_path):
+    """A run's config.json from an older fedrec lacks the keys added since (e.g.
+    server-lr-final): they take their defaults, so resuming it with its own settings works;
+    a setting that really differs is still refused."""
+    from fedrec.server.app import check_run_dir
+    from fedrec.shared.federation.config import FedConfig
+
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "round.json").write_text('{"round": 2}')
+    cfg = FedConfig(num_rounds=5)
+    old = cfg.as_dict()
+    del old["server_lr_final"]
+    (run / "config.json").write_text(json.dumps({"federation": old}))
+    check_run_dir(run, cfg, True)  # no error
+    with pytest.raises(ValueError, match="differs from this run's settings"):
+        check_run_dir(run, FedConfig(num_rounds=6), True)
+    (run / "config.json").write_text(json.dumps({"federation": {**old, "from_the_future": 1}}))
+    with pytest.raises(ValueError, match="differs from this run's settings"):
+        check_run_dir(run, cfg, True)

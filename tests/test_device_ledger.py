@@ -160,7 +160,9 @@ def test_a_bad_user_level_cap_is_a_node_config_error(node, match):
     assert user_level_cap({"user-epsilon-max": "8", "user-delta-max": "1e-4"}) == (8.0, 1e-4)
 
 
-def test_a_devices_unreadable_local_budget_tells_the_server_a_constant(tmp_path, caplog):
+def test_a_devices_unreadable_local_budget_tells_the_server_a_constant(
+    tmp_path, caplog, monkeypatch
+):
     """A device's local-DP budget file that cannot be read or written stops its round with a
     constant message (what a ClientApp error tells the server); the file's path and the fault
     go to the device's log. The CLI's store (not quiet) still names both."""
@@ -187,9 +189,32 @@ def test_a_devices_unreadable_local_budget_tells_the_server_a_constant(tmp_path,
     with pytest.raises(ValueError, match="refusing to train") as err:
         FileStore(store.path).load()  # the CLI's reader: the detail is the user's own
     assert str(store.path) in str(err.value)
-    # a write that fails (the state folder is a file): the same constant
+    # its lock cannot be taken (the state folder is a file): the same constant
     (tmp_path / "blocked").write_text("")
     blocked = FileStore(tmp_path / "blocked" / "privacy-budget.json", quiet=True)
     with pytest.raises(ValueError) as err:
         blocked.update(lambda b: b)
     assert str(err.value) == BUDGET_FAILURE
+    # the write itself fails (a full disk): the same constant, the old file kept
+    import fedrec.client.budget as budget_module
+
+    good = FileStore(tmp_path / "good" / "privacy-budget.json", quiet=True)
+    good.save(Budget([(1.2, 0.5, 4)], FedConfig(dp=True).dp_mechanism(), 8.0))
+
+    def full(*_a, **_k):
+        raise OSError(28, "No space left on device", str(tmp_path / "secret"))
+
+    monkeypatch.setattr(budget_module, "_write_durably", full)
+    for attempt in (lambda: good.save(Budget()), lambda: good.update(lambda b: b)):
+        with pytest.raises(ValueError) as err:
+            attempt()
+        assert str(err.value) == BUDGET_FAILURE and "secret" not in str(err.value)
+    monkeypatch.undo()
+    assert good.load().history == [(1.2, 0.5, 4)]
+
+    # what the change itself raises is its own (a refusal, an accounting error), not the file's
+    def refuse(_b):
+        raise ValueError("the change's own reason")
+
+    with pytest.raises(ValueError, match="the change's own reason"):
+        good.update(refuse)

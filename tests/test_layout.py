@@ -116,7 +116,7 @@ def test_write_is_atomic_and_replaces(tmp_path):
 def test_write_never_replaces_a_folder_that_is_not_a_data_folder(tmp_path, monkeypatch):
     """A folder holding anything but the layout's files, or a file, is refused before anything
     is written (``fedrec data synth`` on a user's folder deleted it); an empty folder is used;
-    the published folder is readable by others (not mkdtemp's 0700); "." works."""
+    the published folder is readable by others (not mkdtemp's 0700)."""
     items = {1: {"title": "A"}}
     precious = tmp_path / "precious"
     (precious / "sub").mkdir(parents=True)
@@ -135,10 +135,16 @@ def test_write_never_replaces_a_folder_that_is_not_a_data_folder(tmp_path, monke
     out = write_dataset(empty, interactions=[(1, 1, 5)], items=items)
     assert load_dataset(out).n_interactions == 1
     assert out.stat().st_mode & 0o055 == 0o055 & ~_umask()
+    # the current folder (or one holding it) is refused: replacing it pulled it from under
+    # the shell; a new folder below it is fine
     here = tmp_path / "here"
     here.mkdir()
     monkeypatch.chdir(here)
-    assert load_dataset(write_dataset(".", interactions=[(1, 1, 5)], items=items)).n_interactions
+    for where in (".", ".."):
+        with pytest.raises(ValueError, match="current folder"):
+            write_dataset(where, interactions=[(1, 1, 5)], items=items)
+    assert Path.cwd() == here and here.is_dir()
+    assert load_dataset(write_dataset("d", interactions=[(1, 1, 5)], items=items)).n_interactions
 
 
 def _umask() -> int:

@@ -348,8 +348,14 @@ def _check_replaceable(root: Path) -> None:
     (only the layout's files): never delete someone's files."""
     if not root.exists() and not root.is_symlink():
         return
+    cwd = Path.cwd()
+    if root == cwd or root in cwd.parents:
+        raise DataError(
+            f"{root} is the current folder or holds it; replacing it would pull the folder out "
+            "from under this shell: write the data to a new folder, e.g. data/synth"
+        )
     if not root.is_dir() or root.is_symlink():
-        raise ValueError(
+        raise DataError(
             f"{root} exists and is not a folder; refusing to replace it: choose another path "
             "for the data folder"
         )
@@ -357,7 +363,7 @@ def _check_replaceable(root: Path) -> None:
     other = sorted(p.name for p in root.iterdir() if p.name not in known or not p.is_file())
     if other:
         shown = ", ".join(other[:5]) + (", ..." if len(other) > 5 else "")
-        raise ValueError(
+        raise DataError(
             f"{root} exists and is not a fedrec data folder (it holds {shown}); refusing to "
             "replace it: choose a new folder, or remove it first"
         )
