@@ -299,8 +299,6 @@ def init_deployment(
             f"--superlink {superlink!r}: expected HOST:PORT with a port in 1..65535, "
             "e.g. 127.0.0.1:8000"
         )
-    check_node_names(nodes)
-    check_folder(root)
     names = tuple(dict.fromkeys((host, *hosts, "localhost", "127.0.0.1")))
     creds = make_credentials(root, nodes=nodes, hosts=names)
     flwr_home_config(root / "flwr-home", name="fedrec", control=superlink, ca_cert=creds.ca_cert)
