@@ -55,13 +55,12 @@ def presets() -> dict[str, str]:
 
 
 def preset_file(name: str) -> Path:
-    path = PRESETS / f"{name}.toml"
-    if name not in presets() or not path.is_file():  # "" or a path is not a preset's name
+    if name not in presets():  # the presets folder's file names: "" or a path is none of them
         raise ValueError(
             f"--preset {name!r} is not a preset; choose one of {', '.join(presets())} "
             "(`fedrec simulate --list-presets` describes them)"
         )
-    return path
+    return PRESETS / f"{name}.toml"
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
