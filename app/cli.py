@@ -70,7 +70,10 @@ def _check_out(out_dir: Path, command: str) -> None:
     parent = out_dir
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+    if not parent.is_dir():
+        _fail(f"--out {out_dir}: {parent} is a file, not a folder, so no folder can be made "
+              "under it: give a path whose parents are folders", 2)  # fmt: skip
+    if not os.access(parent, os.W_OK | os.X_OK):
         _fail(f"--out {out_dir}: cannot write in {parent} (permissions): choose another folder", 2)
 
 
@@ -357,7 +360,13 @@ def simulate_cmd(
     secure aggregation, no trusted server). Settings: defaults < --preset < --config < --set."""
     from fedrec.server.outputs import baseline_names
     from fedrec.shared.federation.config import parse_sets
-    from fedrec.simulations.launch import DEFAULT_PRESET, presets, resolve, simulate
+    from fedrec.simulations.launch import (
+        DEFAULT_PRESET,
+        check_ray_address,
+        presets,
+        resolve,
+        simulate,
+    )
 
     if list_presets:
         for name, text in presets().items():
@@ -381,6 +390,8 @@ def simulate_cmd(
         else:
             cfg, server = resolve(config, parse_sets(set_ or []), quick, preset)
         baseline_names(baselines)
+        if ray_address is not None:
+            check_ray_address(ray_address)
     except FileNotFoundError as e:
         _fail(f"--resume: {e}; nothing to resume in {out_dir}", 2)
     except ValueError as e:
@@ -898,6 +909,12 @@ def recommend_cmd(
         _fail("give --history, --profile or --query (a new user needs at least one).", 2)
     try:
         rec = Recommender.load(run)
+        unknown = [i for i in ids if i not in rec.position]
+        if unknown:
+            known = sorted(rec.position)
+            _fail(f"--history: item id {unknown[0]} is not in the catalog of the model in {run} "
+                  f"({len(known)} items, ids {known[0]}..{known[-1]}); give ids of that "
+                  "catalog, or describe a new title with --query", 2)  # fmt: skip
         if profile and not rec.uses_profile:
             if not ids and not query:
                 _fail(f"--profile: the model in {run} was trained without profiles "
@@ -952,6 +969,19 @@ def _print_metrics(result: dict) -> None:
 def main() -> None:
     """Console-script entry point. Ctrl-C ends any command with one line and exit 130 (the
     shell's code for SIGINT; typer turns KeyboardInterrupt into a silent exit 130)."""
+    import warnings
+
+    from fedrec.shared.settings import SettingWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ANN202
+        if issubclass(category, SettingWarning):  # one plain line, not Python's file:line form
+            err.print(f"warning: {escape(str(message))}", soft_wrap=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
     try:
         app()
     except SystemExit as e:

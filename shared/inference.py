@@ -182,6 +182,24 @@ class Recommender:
         k = min(k, int(torch.isfinite(scores).sum()))
         # descending score, ties by ascending item id: the catalog is in ascending id order
         order = np.argsort(-scores.numpy(), kind="stable")[:k]
+        # one reason per distinct input: an item the history holds twice is one reason, its
+        # terms summed (every term of one item has the same sign: positive recency weights)
+        first: dict[int, int] = {}
+        row_of: list[int] = []
+        reasons: list[dict[str, Any]] = []
+        for lab in labels:
+            item = lab.get("item_id")
+            if item is not None and item in first:
+                row_of.append(first[item])
+                continue
+            if item is not None:
+                first[item] = len(reasons)
+            row_of.append(len(reasons))
+            reasons.append(lab)
+        if len(reasons) < len(labels):
+            merged = torch.zeros(len(reasons), contrib.shape[1], dtype=contrib.dtype)
+            contrib = merged.index_add_(0, torch.tensor(row_of), contrib)
+        labels = reasons
         out = []
         for i in order.tolist():
             because: list[dict[str, Any]] = []

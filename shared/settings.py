@@ -26,6 +26,11 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+class SettingWarning(UserWarning):
+    """A setting that has no effect, or less than asked, with the others given (``lr-id``
+    without ``id-residual``): the command line prints it as one ``warning:`` line."""
+
+
 def key_of(name: str) -> str:
     """A field name as a settings key: ``lora_r`` -> ``lora-r``."""
     return name.replace("_", "-")

@@ -302,6 +302,25 @@ def _term_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+def check_ray_address(address: str) -> None:
+    """``--ray-address`` must be ``auto`` or ``HOST:PORT`` (``ray://HOST:PORT`` for Ray Client),
+    the port in 1..65535: a wrong one otherwise fails deep inside Ray, after the SuperLink
+    started, with a message that does not name the option."""
+    rest = address.removeprefix("ray://")
+    if address == "auto":
+        return
+    host, sep, port = rest.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")  # an IPv6 literal: [::1]:6379
+    ok = bool(sep) and bool(host) and not any(c.isspace() or c in "/@" for c in host)
+    if ok and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535:
+        return
+    raise ValueError(
+        f"--ray-address {address!r} is not a Ray cluster address: give 'auto' (the cluster "
+        "`ray start --head` started on this machine) or HOST:PORT of its head node, e.g. "
+        "10.0.0.5:6379 (ray://HOST:PORT for Ray Client), the port in 1..65535"
+    )
+
+
 def simulate(
     cfg: FedConfig,
     out: Path,
@@ -334,6 +353,8 @@ def simulate(
     from fedrec.server.outputs import baseline_names
     from fedrec.shared.backbone import resolve_backbone
 
+    if ray_address is not None:
+        check_ray_address(ray_address)
     out = out.resolve()
     resolve_backbone(cfg.backbone)  # a backbone that is not there fails here, not in Flower
     check_run_dir(out, cfg, resume)

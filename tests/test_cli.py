@@ -86,11 +86,21 @@ def test_train_central_and_recommend(synth_dir, tiny_backbone, tmp_path):
     for args, needle in (
         (["--history", "1,x"], "comma-separated"),
         (["--history", "424242"], "424242"),
+        (["--history", "1,424242"], "not in the catalog of the model in"),
         (["-k", "0", "--history", "1"], "-k 0"),
         ([], "--history, --profile or --query"),
     ):
         r = fedrec("recommend", run, *args)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, args
+    assert "add_items" not in fedrec("recommend", run, "--history", "424242").stderr
+    # an item given twice is one reason, with both its terms' share
+    once = json.loads(fedrec("recommend", run, "--history", "1", "-k", "3", "--json").stdout)
+    r = fedrec("recommend", run, "--history", "1,1,1", "-k", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    for rec in json.loads(r.stdout):
+        items = [b["item_id"] for b in rec["because"] if "item_id" in b]
+        assert items == [1], rec["because"]
+    assert [x["item_id"] for x in once] == [x["item_id"] for x in json.loads(r.stdout)]
 
 
 @pytest.mark.parametrize(
@@ -339,3 +349,35 @@ def test_a_run_started_before_a_new_setting_existed_can_be_resumed(tmp_path):
     (run / "config.json").write_text(json.dumps({"federation": {**old, "from_the_future": 1}}))
     with pytest.raises(ValueError, match="differs from this run's settings"):
         check_run_dir(run, cfg, True)
+
+
+def test_more_bad_input_from_the_review_is_named_before_anything_starts(tmp_path, monkeypatch):
+    """A Ray address that is not one, an --out under a file, and a setting that has no effect
+    (a one-line warning, not Python's warning format): each is said before Flower starts."""
+    from typer.testing import CliRunner
+
+    from fedrec.cli import app
+    from fedrec.simulations import launch
+
+    for good in ("auto", "10.0.0.5:6379", "head.example:6379", "ray://h:10001", "[::1]:6379"):
+        launch.check_ray_address(good)
+    for bad in ("", "host", "host:0", "host:70000", ":6379", "a b:1", "h:6379/x", "h:６"):
+        with pytest.raises(ValueError, match="--ray-address"):
+            launch.check_ray_address(bad)
+    started = []
+    monkeypatch.setattr(launch, "simulate", lambda *a, **k: started.append(a) or {})
+    r = CliRunner()
+    out = str(tmp_path / "run")
+    res = r.invoke(app, ["simulate", "--out", out, "--ray-address", "localhost"])
+    assert res.exit_code == 2 and "HOST:PORT" in res.output and not started, res.output
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    res = r.invoke(app, ["simulate", "--out", str(afile / "run")])
+    assert res.exit_code == 2 and "is a file" in " ".join(res.output.split()), res.output
+    assert "permissions" not in res.output and not started
+    # the real command: a setting ignored by the others is one "warning:" line
+    res = fedrec("simulate", "--out", tmp_path / "r2", "--preset", "quick", "--set", "silos=3",
+                 "--set", f"backbone={tmp_path / 'nope'}")  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert "warning: run config 'silos' is ignored: partition=user" in res.stderr
+    assert "UserWarning" not in res.stderr and "SettingWarning" not in res.stderr

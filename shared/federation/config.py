@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from fedrec.shared.model.config import ModelConfig
-from fedrec.shared.settings import parse_fields
+from fedrec.shared.settings import SettingWarning, parse_fields
 
 AGGREGATORS = ("ffa", "fedavg")
 
@@ -440,22 +440,24 @@ class FedConfig:
                 if getattr(self, key) != getattr(FedConfig, key):
                     warnings.warn(
                         f"run config '{key.replace('_', '-')}' is ignored: dp=false",
-                        UserWarning,
+                        SettingWarning,
                         stacklevel=3,
                     )
         if not self.id_residual and self.lr_id != FedConfig.lr_id:
             warnings.warn(
-                "run config 'lr-id' is ignored: id-residual=false", UserWarning, stacklevel=3
+                "run config 'lr-id' is ignored: id-residual=false", SettingWarning, stacklevel=3
             )
         if not self.item_offsets and self.lr_offsets != FedConfig.lr_offsets:
             warnings.warn(
-                "run config 'lr-offsets' is ignored: item-offsets=0", UserWarning, stacklevel=3
+                "run config 'lr-offsets' is ignored: item-offsets=0", SettingWarning, stacklevel=3
             )
         if not self.user_map and self.lr_map != FedConfig.lr_map:
-            warnings.warn("run config 'lr-map' is ignored: user-map=0", UserWarning, stacklevel=3)
+            warnings.warn(
+                "run config 'lr-map' is ignored: user-map=0", SettingWarning, stacklevel=3
+            )
         if self.partition == "user" and self.silos != FedConfig.silos:
             warnings.warn(
-                "run config 'silos' is ignored: partition=user", UserWarning, stacklevel=3
+                "run config 'silos' is ignored: partition=user", SettingWarning, stacklevel=3
             )
 
     def model_config(self) -> ModelConfig:

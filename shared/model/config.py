@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from fedrec.shared.settings import parse_fields
+from fedrec.shared.settings import SettingWarning, parse_fields
 
 
 def _check(cond: bool, key: str, value: object, need: str) -> None:
@@ -181,7 +181,7 @@ class TrainConfig:
         if self.max_steps and self.epochs > 1:
             warnings.warn(
                 f"max_steps={self.max_steps} caps training; epochs={self.epochs} may not all run",
-                UserWarning,
+                SettingWarning,
                 stacklevel=2,
             )
 
