@@ -257,7 +257,15 @@ class ContextStore:
 
 def device_state_dir(node: Any) -> Path | None:
     """A device's own state folder (``state-dir``, default ``<data-dir>/fedrec-state``); None in
-    simulation, where clients have no folder of their own."""
+    simulation, where clients have no folder of their own. ``state-dir`` without ``data-dir``
+    is refused: a node with a state folder keeps a device's record, and only a device (a node
+    with ``data-dir``) gets the device's checks (``client.app.device_guard``)."""
+    if "state-dir" in node and "data-dir" not in node:
+        raise ValueError(
+            "node config has state-dir but no data-dir: state-dir is a device's option (where "
+            "it keeps its privacy record); start the SuperNode with --node-config "
+            "\"data-dir='/path/to/data' state-dir='/path/to/state'\", or without state-dir"
+        )
     if "state-dir" in node:
         return Path(str(node["state-dir"]))
     if "data-dir" in node:

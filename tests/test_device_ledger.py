@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -218,3 +219,16 @@ def test_a_devices_unreadable_local_budget_tells_the_server_a_constant(
 
     with pytest.raises(ValueError, match="the change's own reason"):
         good.update(refuse)
+
+
+def test_a_state_folder_without_a_data_folder_is_refused(tmp_path):
+    """A node with state-dir keeps a device's record, so it must be a device (data-dir), which
+    gets the device's checks; a simulated partition with a state folder is a config error."""
+    from fedrec.client.budget import device_state_dir
+
+    with pytest.raises(ValueError, match="state-dir but no data-dir"):
+        device_state_dir({"partition-id": 0, "state-dir": str(tmp_path / "s")})
+    assert device_state_dir({"partition-id": 0}) is None
+    assert device_state_dir({"data-dir": "/d", "state-dir": "/s"}) == Path("/s")
+    assert device_state_dir({"data-dir": "/d"}) == Path("/d/fedrec-state")
+    assert not (tmp_path / "s").exists()
