@@ -500,3 +500,32 @@ def test_a_bad_metrics_or_config_file_is_an_error_that_names_it(tmp_path):
     (run / "config.json").write_text(json.dumps({"federation": "x"}))
     with pytest.raises(ValueError, match="config.json is not a federated run's config.*str"):
         audit_run(run, plot=False)
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_a_user_level_run_with_a_bad_metrics_file_fails_the_audit_and_claims_nothing(
+    tmp_path, secure
+):
+    """User-level runs (trusted server, and secure aggregation: the default preset) with a
+    metrics.json missing, not JSON, not an object, or with a field of the wrong type: the
+    audit fails naming the file and the statement claims nothing (these crashed it with a
+    KeyError or AttributeError and a traceback)."""
+    from fedrec.shared.privacy.report import audit_run
+
+    cfg = FedConfig(dp=False, user_dp=True, secure_agg=secure, num_rounds=2, user_delta=1e-4)
+    texts = [None, "{broken", "[]", "{}", '{"privacy": []}',
+             '{"privacy": {"user_level": {"enabled": true, "releases": "x"}}}',
+             '{"privacy": {"user_level": {"enabled": true, "secure_agg": {"cohort": "x"}}}}',
+             '{"model": [], "privacy": {"user_level": {"enabled": true, "clients": 10}}}']  # fmt: skip
+    for i, text in enumerate(texts):
+        run = tmp_path / str(i)
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"federation": cfg.as_dict()}))
+        if text is not None:
+            (run / "metrics.json").write_text(text)
+        report, statement = audit_run(run, plot=False)
+        assert not report["ok"], text
+        assert any("metrics.json" in f["message"] for f in report["findings"]), (text, report)
+        assert "nothing is claimed" in " ".join(statement.split()) or "FAIL" in statement, text
+    r = audit_cli(str(tmp_path / "2"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr

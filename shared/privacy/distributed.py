@@ -319,7 +319,9 @@ def audit_secure(run: Path, cfg: FedConfig, tolerance: float) -> tuple[dict[str,
     try:
         expected = plan(cfg, int(sa["cohort"]), int(sa["dim"]))
     except (KeyError, TypeError, ValueError) as err:
-        return dict(claim) | {"verified": False}, [f"cannot recompute the plan: {err}"]
+        return dict(claim) | {"verified": False}, [
+            f"{path}: cannot recompute the secure-aggregation plan from its record ({err!r})"
+        ]
     for key, mine in expected.as_dict().items():
         theirs = sa.get(key)
         if not isinstance(theirs, (int, float)) or not math.isclose(

@@ -129,8 +129,19 @@ def _user_level(cfg: FedConfig, u: dict[str, Any]) -> str:
         )
     if not u.get("enabled"):
         return "## User-level DP\n\nOn, but the run ended before any round was accounted.\n"
-    if cfg.secure_agg:
-        return _secure(u)
+    try:
+        return _secure(u) if cfg.secure_agg else _trusted(u)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        # the run's record is missing or malformed (the audit's findings say what): no claim
+        return (
+            "## User-level DP\n\nOn (`user-dp=true`), but the run's user-level record in "
+            "`metrics.json` is missing or incomplete, so **nothing is claimed**: see the "
+            "verification below.\n"
+        )
+
+
+def _trusted(u: dict[str, Any]) -> str:
+    """User-level DP with a trusted server adding the noise (Flower's DP wrapper)."""
     return f"""## User-level DP (DP-FedAvg, server side)
 
 - **Unit of privacy**: {u["unit"]}. **Adjacency**: {u["adjacency"]}.

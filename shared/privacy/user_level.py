@@ -91,12 +91,38 @@ def audit_user_level(
     if cfg.secure_agg:
         from fedrec.shared.privacy.distributed import audit_secure
 
-        return audit_secure(run, cfg, tolerance)
+        try:
+            return audit_secure(run, cfg, tolerance)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:  # a malformed record
+            return {"enabled": True, "verified": False}, [
+                f"{run / 'metrics.json'}: the secure-aggregation record is malformed ({err}): "
+                "user-level DP unverified"
+            ]
     path = run / "metrics.json"
     if not path.is_file():
         return {"enabled": True, "verified": False}, [f"{path} missing: user-level DP unverified"]
-    doc = json.loads(path.read_text())
-    claim = (doc.get("privacy") or {}).get("user_level") or {}
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return {"enabled": True, "verified": False}, [f"{path} is unreadable ({err})"]
+    if not isinstance(doc, dict):
+        doc = {}
+    privacy = doc.get("privacy")
+    claim = (privacy.get("user_level") if isinstance(privacy, dict) else None) or {}
+    if not isinstance(claim, dict):
+        claim = {}
+    try:
+        return _verify_trusted(path, doc, claim, cfg, tolerance)
+    except (TypeError, ValueError, AttributeError) as err:  # a field of the wrong type
+        return {"enabled": True, "verified": False}, [
+            f"{path}: the user-level record is malformed ({err}): user-level DP unverified"
+        ]
+
+
+def _verify_trusted(
+    path: Path, doc: dict[str, Any], claim: dict[str, Any], cfg: FedConfig, tolerance: float
+) -> tuple[dict[str, Any], list[str]]:
+    """:func:`audit_user_level` for a trusted-server run whose ``metrics.json`` parsed."""
     problems: list[str] = []
     if not claim.get("enabled"):
         return {"enabled": True, "verified": False}, [
