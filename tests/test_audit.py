@@ -513,10 +513,10 @@ def test_a_user_level_run_with_a_bad_metrics_file_fails_the_audit_and_claims_not
     from fedrec.shared.privacy.report import audit_run
 
     cfg = FedConfig(dp=False, user_dp=True, secure_agg=secure, num_rounds=2, user_delta=1e-4)
-    texts = [None, "{broken", "[]", "{}", '{"privacy": []}',
-             '{"privacy": {"user_level": {"enabled": true, "releases": "x"}}}',
-             '{"privacy": {"user_level": {"enabled": true, "secure_agg": {"cohort": "x"}}}}',
-             '{"model": [], "privacy": {"user_level": {"enabled": true, "clients": 10}}}']  # fmt: skip
+    on = '{"privacy": {"user_level": {"enabled": true, '
+    texts = [None, "{broken", "[]", "{}", '{"privacy": []}', on + '"releases": "x"}}}',
+             on + '"secure_agg": {"cohort": "x"}}}}',
+             '{"model": [], ' + on[1:] + '"clients": 10}}}']  # fmt: skip
     for i, text in enumerate(texts):
         run = tmp_path / str(i)
         run.mkdir()
