@@ -14,9 +14,12 @@ or texts. The whole message contract: :mod:`fedrec.shared.federation.contract`; 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +44,35 @@ from fedrec.shared.federation.params import (
 from fedrec.shared.model.examples import right_aligned
 
 app = ClientApp()
+
+
+_log = logging.getLogger(__name__)
+
+# What a device's round tells the server when its data folder cannot be loaded, or the global
+# model cannot be kept in its state folder: a ClientApp's error text reaches the server, and
+# these errors name the device's paths and, for data, a line and a value of its own history.
+# The device's own log has the details.
+DATA_FAILURE = (
+    "this device refuses the round: its data folder cannot be loaded (the device's own log "
+    "says why)"
+)
+CACHE_FAILURE = (
+    "this device refuses the round: it cannot keep the global model in its state folder (the "
+    "device's own log says why)"
+)
+
+
+@contextlib.contextmanager
+def device_private(node: Any, constant: str) -> Iterator[None]:
+    """On a device (a node with ``data-dir``), any error inside becomes ``ValueError(constant)``
+    and the original goes to the device's log; in simulation errors pass as they are."""
+    try:
+        yield
+    except Exception as err:
+        if "data-dir" not in node:
+            raise
+        _log.warning("%s: %s: %s", constant, type(err).__name__, err)
+        raise ValueError(constant) from None
 
 
 def round_config(msg: Message) -> tuple[FedConfig, dict[str, Any]]:
@@ -155,7 +187,8 @@ def train_reply(msg: Message, context: Context, *, secure: bool = False) -> Mess
     """Train on the client's own data; the reply with the whole travelling state."""
     t0 = time.perf_counter()
     cfg, extra = round_config(msg)
-    client = client_state(cfg, context.node_config)
+    with device_private(context.node_config, DATA_FAILURE):
+        client = client_state(cfg, context.node_config)
     if extra.get("catalog") and extra["catalog"] != client.catalog:
         raise ValueError(
             f"catalog mismatch: the server's item catalog is {extra['catalog']}, this client's "
@@ -163,7 +196,8 @@ def train_reply(msg: Message, context: Context, *, secure: bool = False) -> Mess
         )
     received = from_record(msg.content.array_records[contract.ARRAYS])
     load_travelling(client.model, received)
-    cache_global(client, context.node_config)
+    with device_private(context.node_config, CACHE_FAILURE):
+        cache_global(client, context.node_config)
     server_round = int(extra.get("server-round", 0))
     seed = cfg.seed * 1_000_003 + server_round * 7919 + _name_key(client.name)
     store = budget_store(context, client.name, extra)
@@ -232,9 +266,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     centralized metric on the same split (``tests/test_federation.py``).
     """
     cfg, _extra = round_config(msg)
-    client = client_state(cfg, context.node_config)
+    with device_private(context.node_config, DATA_FAILURE):
+        client = client_state(cfg, context.node_config)
     load_travelling(client.model, from_record(msg.content.array_records[contract.ARRAYS]))
-    cache_global(client, context.node_config)
+    with device_private(context.node_config, CACHE_FAILURE):
+        cache_global(client, context.node_config)
     evalset = client.split.tests.get("test")
     sums: dict[str, int | float] = {"num-queries": 0, "HR@10": 0.0, "NDCG@10": 0.0}
     if evalset is not None:

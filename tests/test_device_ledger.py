@@ -13,6 +13,8 @@ import pytest
 from fedrec.client.budget import UserLevelLedger
 from fedrec.shared.privacy import skellam
 
+from .test_strategy import task_identity  # noqa: F401
+
 # about one secure round of the default on ML-100K: 424 minimum survivors x mu 4,541, clip 10
 # at scale 102.4 over 4,774 coordinates
 ENTRY = {"mu_total": 1.93e6, "l1": 70_750.0, "l2": 1_024.0, "risk": 0.0}
@@ -232,3 +234,47 @@ def test_a_state_folder_without_a_data_folder_is_refused(tmp_path):
     assert device_state_dir({"data-dir": "/d", "state-dir": "/s"}) == Path("/s")
     assert device_state_dir({"data-dir": "/d"}) == Path("/d/fedrec-state")
     assert not (tmp_path / "s").exists()
+
+
+def test_a_devices_broken_data_or_state_folder_tells_the_server_a_constant(
+    tmp_path, synth_dir, caplog
+):  # task_identity (autouse, imported): messages need a task
+    """A device whose data file cannot be parsed (the error names its path, a line and a value
+    of its own history) or whose state folder cannot hold the global model: its plain train
+    and evaluate rounds fail with a constant text, what a ClientApp error tells the server; the
+    details go to the device's own log. In simulation the error passes as it is."""
+    import shutil
+
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+
+    from fedrec.client import app as client_app
+    from fedrec.shared.federation import contract
+    from fedrec.shared.federation.config import FedConfig
+
+    data = tmp_path / "mydata"
+    shutil.copytree(synth_dir, data)
+    rows = (data / "interactions.tsv").read_text().splitlines()
+    (data / "interactions.tsv").write_text(
+        "\n".join([*rows[:5], "7\t3\tSECRET-VALUE\t1.0", *rows[5:]])
+    )
+    node = {"data-dir": str(data), "state-dir": str(tmp_path / "state")}
+    cfg = FedConfig(data=str(data)).to_flat()
+    for kind, handler in (("train", client_app.train), ("evaluate", client_app.evaluate)):
+        msg = Message(RecordDict({contract.CONFIG: ConfigRecord(cfg)}), dst_node_id=1,
+                      message_type=kind)  # fmt: skip
+        ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fedrec.client.app"):
+            with pytest.raises(ValueError) as err:
+                handler(msg, ctx)
+        assert str(err.value) == client_app.DATA_FAILURE, kind
+        assert "SECRET" in caplog.text and str(data) in caplog.text
+    # the same data in simulation (no device folder): the error itself, for the developer
+    with pytest.raises(ValueError, match="SECRET") as err:
+        with client_app.device_private({"partition-id": 0}, client_app.DATA_FAILURE):
+            raise ValueError(f"{data}/interactions.tsv:6: 'SECRET-VALUE' is not a number")
+    # a state folder that cannot hold the model cache
+    with pytest.raises(ValueError) as err:
+        with client_app.device_private(node, client_app.CACHE_FAILURE):
+            raise NotADirectoryError(20, "Not a directory", str(tmp_path / "state"))
+    assert str(err.value) == client_app.CACHE_FAILURE and str(tmp_path) not in str(err.value)
