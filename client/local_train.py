@@ -57,7 +57,7 @@ from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from torch.utils.data import TensorDataset
 
-from fedrec.client.budget import Budget, BudgetStore
+from fedrec.client.budget import BUDGET_FAILURE, Budget, BudgetStore
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.model.candidates import (
     CandidateScorer,
@@ -347,9 +347,16 @@ def train_round(
             try:
                 store.update(lambda b: Budget([*b.history, *took], b.mechanism, b.epsilon_max))
             except Exception as err:  # the bug must still be told, with why the top-up failed
+                # a device's budget-file error is a constant that says the round is refused:
+                # here the round has trained, so say only that the file could not be written
+                why = (
+                    "the budget file cannot be written (the device's own log says why)"
+                    if str(err) == BUDGET_FAILURE
+                    else str(err)
+                )
                 raise RuntimeError(
                     f"{bug} to the budget: an accounting bug; adding the steps taken to the "
-                    f"budget failed too: {err}"
+                    f"budget failed too: {why}; nothing this round trained is sent"
                 ) from None
             raise RuntimeError(
                 f"{bug} to the budget: an accounting bug; the budget now holds both (an over-count)"

@@ -294,7 +294,7 @@ def init_deployment(
 ) -> tuple[Credentials, str]:
     """Credentials, ``root/flwr-home/config.toml`` and ``root/commands.sh`` for a deployment."""
     host, _, port = superlink.rpartition(":")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise ValueError(
             f"--superlink {superlink!r}: expected HOST:PORT with a port in 1..65535, "
             "e.g. 127.0.0.1:8000"

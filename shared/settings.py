@@ -53,6 +53,9 @@ def _coerce(kind: type, value: Any) -> Any:
         return as_bool(value)
     if kind in (int, float) and isinstance(value, bool):  # TOML's true is not a number
         raise ValueError(value)
+    # TOML's false is not a text (str(False) would be 'False'), nor is a list or a table
+    if kind is str and (isinstance(value, bool) or not isinstance(value, (str, int, float))):
+        raise ValueError(value)
     if kind is int and isinstance(value, float) and not value.is_integer():
         raise ValueError(value)
     if kind is int and isinstance(value, str):

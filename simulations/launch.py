@@ -92,11 +92,14 @@ def _flat(path: Path, table: dict[str, Any]) -> dict[str, Any]:
     # one key however it is spelled (num_rounds is num-rounds), so that a later layer
     # (--config over --preset, --set over both) overrides it whichever spelling each uses
     out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for k, v in table.items():
         kebab = k.replace("_", "-")
         if kebab in out:
-            raise ValueError(f"--config {path}: '{kebab}' is set twice (as {kebab} and {k})")
-        out[kebab] = v
+            raise ValueError(
+                f"--config {path}: '{kebab}' is set twice (as {spelled[kebab]} and {k}): keep one"
+            )
+        out[kebab], spelled[kebab] = v, k
     return out
 
 

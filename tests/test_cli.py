@@ -276,7 +276,8 @@ def test_bad_input_found_by_an_outside_review_fails_early_and_clearly(tmp_path, 
     assert cfg.num_rounds == 5
     both = tmp_path / "both.toml"
     both.write_text("num_rounds = 2\nnum-rounds = 3\n")
-    fails(["simulate", "--out", out, "--config", str(both)], "set twice")
+    fails(["simulate", "--out", out, "--config", str(both)],
+          "set twice (as num_rounds and num-rounds)")  # fmt: skip
     # an error text is printed as it is, not as markup (it lost "[tool.flwr.app.config]")
     nested = tmp_path / "nested.toml"
     nested.write_text("[a]\nb = 1\n")
@@ -301,6 +302,7 @@ def test_bad_input_found_by_an_outside_review_fails_early_and_clearly(tmp_path, 
     fails(["deploy", "init", str(d), "--nodes", "CA"], "not usable")  # ca.key on macOS
     fails(["deploy", "init", str(d), "--nodes", "n0,N0"], "more than once")
     fails(["deploy", "init", str(d), "--nodes", "a", "--superlink", "h:99999"], "1..65535")
+    fails(["deploy", "init", str(d), "--nodes", "a", "--superlink", "h:\uff18000"], "1..65535")
     assert not d.exists()
     fails(["deploy", "init", str(conf), "--nodes", "a"], "is a file")
     fails(["deploy", "init", str(conf / "sub"), "--nodes", "a"], "is a file")

@@ -626,3 +626,23 @@ def test_steps_beyond_the_charge_are_recorded_and_raise(ds, tiny_backbone, tmp_p
         train_round(scorer, _data(ds), cfg, FileStore(path), seed=0)
     hist = FileStore(path).load().history
     assert sum(n for *_, n in hist) == 2 + 3  # the short charge plus the three steps taken
+    # on a device whose file cannot be written for the top-up: the error says the file could
+    # not be written, not that the device refuses a round it has already trained
+    import fedrec.client.budget as budget_module
+
+    store = FileStore(tmp_path / "dev" / "privacy-budget.json", quiet=True)
+    writes = []
+
+    def second_write_fails(path, doc, prefix):  # noqa: ANN001, ANN202
+        writes.append(path)
+        if len(writes) > 1:
+            raise OSError(28, "No space left on device")
+        real_write(path, doc, prefix)
+
+    real_write = budget_module._write_durably
+    monkeypatch.setattr(budget_module, "_write_durably", second_write_fails)
+    scorer = CandidateScorer(make_model(ds, tiny_backbone, id_residual=False, ffa=True))
+    with pytest.raises(RuntimeError, match="accounting bug") as err:
+        train_round(scorer, _data(ds), cfg, store, seed=0)
+    assert "the budget file cannot be written" in str(err.value)
+    assert "refuses the round" not in str(err.value) and len(writes) == 2

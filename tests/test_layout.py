@@ -145,6 +145,24 @@ def test_write_never_replaces_a_folder_that_is_not_a_data_folder(tmp_path, monke
             write_dataset(where, interactions=[(1, 1, 5)], items=items)
     assert Path.cwd() == here and here.is_dir()
     assert load_dataset(write_dataset("d", interactions=[(1, 1, 5)], items=items)).n_interactions
+    # ... also by another path to it (a symlinked parent); a symlink is never replaced
+    alias = tmp_path / "alias"
+    alias.symlink_to(tmp_path)
+    with pytest.raises(ValueError, match="current folder"):
+        write_dataset(alias / "here", interactions=[(1, 1, 5)], items=items)
+    link = tmp_path / "link"
+    link.symlink_to(here / "d")
+    with pytest.raises(ValueError, match="symbolic link.*give the real path"):
+        write_dataset(link, interactions=[(1, 1, 5)], items=items)
+    assert link.is_symlink() and Path.cwd() == here
+    # a folder it cannot read: a clear error, not a traceback (as root every folder reads,
+    # so the listing is made to fail as it does for a user without the permission)
+    def denied(self):  # noqa: ANN001, ANN202
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    with pytest.raises(ValueError, match="cannot be read \\(Permission denied\\)"):
+        write_dataset(here / "d", interactions=[(1, 1, 5)], items=items)
 
 
 def _umask() -> int:

@@ -473,3 +473,20 @@ def test_a_device_reads_its_user_level_cap_at_its_own_delta(synth_dir, tiny_back
     replies = _masked_round(cfg, cohort=3, parts=[0, 1, 2], devices=devices)
     assert all(not r.has_error() for r in replies.values())
     assert len(UserLevelLedger(tmp_path / "dev0" / "user-level-budget.json").load()) == 1
+
+
+def test_the_statements_name_the_server_optimizer_and_its_decay_only_when_it_decays():
+    """The secure statement says how the server applies the noisy mean (it did not), and a
+    one-round run, where the cosine schedule applies no decay, is not said to decay."""
+    from fedrec.shared.privacy.distributed import plan, secure_summary
+    from fedrec.shared.privacy.statement import statement
+    from fedrec.shared.privacy.user_level import server_optimizer_text
+
+    cfg = FedConfig(dp=False, user_dp=True, secure_agg=True, user_clip=1.0, num_rounds=4,
+                    server_lr=2.0, server_lr_final=0.25)  # fmt: skip
+    p = plan(cfg, 50, 4774)
+    rounds = [{"round": 1, "released": True, "survivors": 50, "mu_honest": p.mu_client * 46}]
+    text = " ".join(statement(cfg, {"user_level": secure_summary(cfg, p, rounds, 100)}).split())
+    assert "its optimizer (sgd, lr 2 decayed to 0.25x by round 4 (cosine)) steps on" in text
+    one = FedConfig(dp=False, user_dp=True, num_rounds=1, server_lr_final=0.25)
+    assert server_optimizer_text(one) == "sgd, lr 1"

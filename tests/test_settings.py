@@ -53,13 +53,21 @@ def test_spellings_bools_and_non_finite_values():
     for key in ("num-rounds", "lr"):
         with pytest.raises(ValueError, match=f"'{key}' = True is not a valid"):
             parse_run_config({key: True})
+    # nor is a TOML false a text (audit-canaries = false became the file name 'False')
+    for value in (False, [1], {"a": 1}):
+        with pytest.raises(ValueError, match="'audit-canaries' = .* is not a valid str"):
+            parse_run_config({"audit-canaries": value})
+    assert parse_run_config({"data": 100}).data == "100"  # a number is still its text
 
 
 def test_train_central_takes_the_same_set_syntax():
     model, train = parse_overrides(["lora-r=4", "epochs=3", "train.lr=0.001", "seed=5"])
-    assert model == {"lora-r": "4", "seed": "5"}
+    assert model == {"lora_r": "4", "seed": "5"}
     assert train == {"epochs": "3", "lr": "0.001", "seed": "5"}
     from_dict(ModelConfig, model), from_dict(TrainConfig, train)  # both parse
+    # one key however it is spelled: the last --set wins (it was the last of that spelling)
+    _, train = parse_overrides(["batch-size=1", "batch_size=2", "batch-size=3"])
+    assert train == {"batch_size": "3"}
     for bad, msg in (["nope=1", "unknown key 'nope'"], ["x.lr=1", "expected KEY=VALUE"],
                      ["lr", "expected KEY=VALUE"]):  # fmt: skip
         with pytest.raises(ValueError, match=msg):

@@ -348,19 +348,30 @@ def _check_replaceable(root: Path) -> None:
     (only the layout's files): never delete someone's files."""
     if not root.exists() and not root.is_symlink():
         return
-    cwd = Path.cwd()
-    if root == cwd or root in cwd.parents:
+    if root.is_symlink():
+        raise DataError(
+            f"{root} is a symbolic link; refusing to replace it (the new folder would take the "
+            f"link's place, not its target's): give the real path, {root.resolve()}"
+        )
+    cwd, real = Path.cwd().resolve(), root.resolve()  # the same folder by any path
+    if real == cwd or real in cwd.parents:
         raise DataError(
             f"{root} is the current folder or holds it; replacing it would pull the folder out "
             "from under this shell: write the data to a new folder, e.g. data/synth"
         )
-    if not root.is_dir() or root.is_symlink():
+    if not root.is_dir():
         raise DataError(
             f"{root} exists and is not a folder; refusing to replace it: choose another path "
             "for the data folder"
         )
     known = {INTERACTIONS, ITEMS, USERS, META}
-    other = sorted(p.name for p in root.iterdir() if p.name not in known or not p.is_file())
+    try:
+        other = sorted(p.name for p in root.iterdir() if p.name not in known or not p.is_file())
+    except OSError as err:
+        raise DataError(
+            f"{root} exists and cannot be read ({err.strerror or err}); refusing to replace it: "
+            "choose another folder, or fix its permissions"
+        ) from None
     if other:
         shown = ", ".join(other[:5]) + (", ..." if len(other) > 5 else "")
         raise DataError(

@@ -55,8 +55,8 @@ def parse_overrides(pairs: Sequence[str]) -> tuple[dict[str, Any], dict[str, Any
             known = sorted(k.replace("_", "-") for names in sections.values() for k in names)
             raise ValueError(f"--set {pair!r}: unknown key '{name}'. Known keys: "
                              + ", ".join(dict.fromkeys(known)))  # fmt: skip
-        for s in where:
-            out[s][name] = value.strip()
+        for s in where:  # one key however it is spelled: the last --set wins
+            out[s][field] = value.strip()
     return out["model"], out["train"]
 
 

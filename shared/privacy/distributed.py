@@ -20,6 +20,7 @@ from typing import Any
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.federation.secagg import default_threshold
 from fedrec.shared.privacy import skellam
+from fedrec.shared.privacy.user_level import server_optimizer_text
 
 
 def neighbours_for(cohort: int, configured: int) -> int:
@@ -241,6 +242,7 @@ def secure_summary(
             "released); the clients not counted as colluders add their noise share"
         ),
         "clip": cfg.user_clip,
+        "server_optimizer": server_optimizer_text(cfg),
         "secure_agg": p.as_dict(),
         "mu_total_used": mu,
         "noise_std_on_sum": math.sqrt(2 * mu) / p.encoding.scale,
@@ -377,6 +379,7 @@ def audit_secure(run: Path, cfg: FedConfig, tolerance: float) -> tuple[dict[str,
     # the statement the audit prints is built from these recomputed values, not the claim's
     out = dict(claim) | {
         "verified": not problems,
+        "server_optimizer": server_optimizer_text(cfg),  # from the config, as the claim's
         "epsilon_claimed": claimed,
         "epsilon_replace_one_claimed": claimed_replace,
         "epsilon": max(eps, indep),

@@ -192,8 +192,9 @@ def _secure(u: dict[str, Any]) -> str:
   per coordinate and masks the vector (SecAgg+, {sa["neighbours"]} neighbours per client,
   Shamir threshold {sa["threshold"]}). The server learns the sum modulo 2^{sa["bits"]} of the
   survivors' noisy vectors (plus who replied when); it divides the decoded sum by the cohort
-  size {sa["cohort"]}. Each client recomputes this calibration from the run config and refuses
-  a request for less noise, another grid or a lower threshold.
+  size {sa["cohort"]}, and its optimizer ({u.get("server_optimizer", "not recorded")}) steps on
+  that noisy mean: post-processing, no privacy cost. Each client recomputes this calibration
+  from the run config and refuses a request for less noise, another grid or a lower threshold.
 - **epsilon = {u["epsilon"]:.4f} at delta = {u["delta"]}** after {u["releases"]} released
   round(s) (budget {u["epsilon_budget"]}, which the calibration meets for rounds with only the
   minimum {sa["min_survivors"]} survivors; this figure counts the survivors the released rounds

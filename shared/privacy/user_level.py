@@ -44,8 +44,7 @@ def user_level_summary(
         "with no data)",
         "mechanism": "DP-FedAvg: server-side fixed clipping (Flower wrapper) + Gaussian noise on "
         "the clipped mean, before the server optimizer",
-        "server_optimizer": f"{cfg.server_opt}, lr {cfg.server_lr:g}"
-        + (f" decayed to {cfg.server_lr_final:g}x (cosine)" if cfg.server_lr_final < 1 else ""),
+        "server_optimizer": server_optimizer_text(cfg),
         "clip": cfg.user_clip,
         "noise_multiplier": noise_multiplier,
         "noise_std": noise_multiplier * cfg.user_clip / sampled,
@@ -75,6 +74,14 @@ def sample_size(cfg: FedConfig, num_clients: int) -> int:
     """The number of clients Flower's FedAvg samples per round (its own formula): the fixed
     denominator of the trusted server's mean, and so of its noise's std on that mean."""
     return max(int(num_clients * cfg.fraction_train), cfg.min_replies)
+
+
+def server_optimizer_text(cfg: FedConfig) -> str:
+    """How the server applies the released mean (post-processing), e.g. ``sgd, lr 2``."""
+    decays = cfg.server_lr_final < 1 and cfg.num_rounds > 1  # as ServerOptimizer.lr_at
+    return f"{cfg.server_opt}, lr {cfg.server_lr:g}" + (
+        f" decayed to {cfg.server_lr_final:g}x by round {cfg.num_rounds} (cosine)" if decays else ""
+    )
 
 
 def audit_user_level(
