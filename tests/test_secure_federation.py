@@ -92,7 +92,25 @@ def test_secure_aggregation_round_with_dropouts_is_released_and_audited(
     log.write_text("".join(json.dumps(r) + "\n" for r in bad))
     report, text = audit_run(out, plot=False)
     assert not report["ok"] and "below the plan's minimum" in text
+    # ... or impossible counts: more survivors than masked inputs or than the cohort (they
+    # would count more noise shares and print a lower epsilon)
+    for field, value in (("survivors", 10 * sa["cohort"]), ("masked", 10 * sa["cohort"]),
+                         ("cohort", sa["cohort"] + 1)):  # fmt: skip
+        bad = [json.loads(x) for x in kept.splitlines()]
+        bad[0]["survivors"] = bad[0]["masked"] = bad[0]["cohort"]  # all survived
+        bad[0][field] = value
+        log.write_text("".join(json.dumps(r) + "\n" for r in bad))
+        report, text = audit_run(out, plot=False)
+        assert not report["ok"] and "are inconsistent" in text, field
     log.write_text(kept)
+    # a cohort that the config's fraction-train does not give for the run's clients fails
+    kept_metrics = (out / "metrics.json").read_text()
+    doc = json.loads(kept_metrics)
+    doc["privacy"]["user_level"]["clients"] *= 2
+    (out / "metrics.json").write_text(json.dumps(doc))
+    report, text = audit_run(out, plot=False)
+    assert not report["ok"] and "fraction-train=0.5" in text
+    (out / "metrics.json").write_text(kept_metrics)
 
     # the audit recomputes the replace-one epsilon too, and prints the statement from its
     # recomputation: an under-claimed replace-one figure fails, and is not what it prints

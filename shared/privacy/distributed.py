@@ -335,6 +335,27 @@ def audit_secure(run: Path, cfg: FedConfig, tolerance: float) -> tuple[dict[str,
     except ValueError as err:
         return dict(claim) | {"verified": False}, [*problems, str(err)]
     released = [r for r in rounds if r.get("released")]
+    # the records must agree with each other and with the config: the survivor counts set
+    # the noise counted, so an impossible count (more survivors than clients sent a masked
+    # input, more than the cohort) must not pass for more noise
+    clients = claim.get("clients")
+    if not isinstance(clients, int) or isinstance(clients, bool) or clients <= 0:
+        problems.append(f"{path}: the secure-aggregation record names no client count")
+    elif max(int(clients * cfg.fraction_train), cfg.min_replies) != expected.cohort:
+        problems.append(
+            f"secure-aggregation plan: cohort {expected.cohort}, but fraction-train="
+            f"{cfg.fraction_train} and min-replies={cfg.min_replies} give "
+            f"{max(int(clients * cfg.fraction_train), cfg.min_replies)} of {clients} clients"
+        )
+    for r in rounds:
+        cohort, masked = int(r.get("cohort", -1)), int(r.get("masked", 0))
+        surv = int(r.get("survivors", 0))
+        if cohort != expected.cohort or not 0 <= surv <= masked <= cohort:
+            problems.append(
+                f"secagg.jsonl round {r.get('round')}: cohort {r.get('cohort')}, masked inputs "
+                f"{r.get('masked')}, survivors {r.get('survivors')} are inconsistent (the plan's "
+                f"cohort is {expected.cohort}; survivors <= masked inputs <= cohort)"
+            )
     for r in released:
         surv = int(r.get("survivors", 0))
         if surv < expected.min_survivors:

@@ -266,14 +266,17 @@ def _not_protected(cfg: FedConfig) -> str:
     if cfg.secure_agg:
         replies = (
             "- A secure round's reply holds only the masked vector and constants: whether the "
-            "client trained,\n  had data or failed is not sent (a client without data, or whose "
-            "training failed, sends a\n  zero change with its noise share).\n"
+            "client trained\n  or had data is not sent (a client without data sends a zero "
+            "change with its noise share,\n  and so does a device, a SuperNode with `data-dir`, "
+            "whose training failed; in a simulation a\n  failed client's error reaches the "
+            "server, a visible dropout: there it is a bug to see).\n"
         )
         roster = ""
         counts = (
             "- Per round, `metrics.json` and `privacy/secagg.jsonl` record how many clients "
-            "replied at each stage\n  and survived, and whether the round was released: these "
-            "counts are not noised.\n"
+            "replied at each stage\n  and survived, whether the round was released, and each "
+            "stage's wall-clock seconds and bytes:\n  these are not noised (the masked-input "
+            "stage lasts until the slowest client has trained).\n"
         )
     else:
         replies = (
@@ -319,9 +322,14 @@ def _not_protected(cfg: FedConfig) -> str:
         "- The item catalog (ids and texts) is public by assumption: negatives are drawn from it"
         "\n  and every client holds it."
     )
+    why_longer = (
+        "its negatives are\n  drawn per sampled example"
+        if cfg.negative_sampling == "keyed"
+        else "it trains on more\n  sampled examples, up to `max-batch` a step"
+    )
     timing = (
-        "- Reply timing and dropouts: a client's round takes longer with more data (its "
-        "negatives are\n  drawn per sampled example), and the server sees when each reply "
+        f"- Reply timing and dropouts: a client's round takes longer with more data ({why_longer}"
+        "), and a client with no\n  data answers at once; the server sees when each reply "
         "arrives.\n"
     )
     whole = (
