@@ -73,9 +73,11 @@ class Budget:
         """Parse; a history without a mechanism (an older fedrec's file) is refused: its epsilon
         cannot be recomputed without knowing what it was spent under."""
         try:
-            history = [(float(s), float(q), int(n)) for s, q, n in raw["history"]]
+            history = [_entry(s, q, n) for s, q, n in raw["history"]]
             mech = raw.get("mechanism")
             cap = raw.get("epsilon_max")
+            if cap is not None and not (isinstance(cap, (int, float)) and 0 < cap < math.inf):
+                raise ValueError(f"epsilon_max {cap!r} is not a positive number")
             if mech is not None and set(mech) != {"accountant", "adjacency", "group_size", "delta"}:
                 raise ValueError(f"mechanism {mech!r} lacks fields or has unknown ones")
             budget = cls(history, mech, None if cap is None else float(cap))
@@ -93,6 +95,20 @@ class Budget:
                 "earlier spending is not counted."
             )
         return budget
+
+
+def _entry(sigma: Any, q: Any, n: Any) -> tuple[float, float, int]:
+    """One accountant history entry ``(noise multiplier, sample rate, steps)``, checked: a
+    hand-edited or corrupted file must not under-count (negative or fractional steps, a zero
+    or negative noise, a rate outside (0, 1])."""
+    if any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in (sigma, q, n)):
+        raise ValueError(f"history entry {[sigma, q, n]!r} is not three numbers")
+    if not (0 < sigma < math.inf and 0 < q <= 1 and n >= 0 and float(n).is_integer()):
+        raise ValueError(
+            f"history entry {[sigma, q, n]!r}: needs noise > 0, sample rate in (0, 1] and a "
+            "whole number of steps >= 0"
+        )
+    return float(sigma), float(q), int(n)
 
 
 class BudgetStore(Protocol):
@@ -323,6 +339,8 @@ class UserLevelLedger:
             for e in entries:  # a NaN would make the composed epsilon 0
                 if not all(math.isfinite(v) and v >= 0 for v in e.values()) or e["mu_total"] <= 0:
                     raise ValueError(f"entry {e} is not finite and positive")
+                if e["risk"] >= 1:  # a probability (a share of delta), never 1 or more
+                    raise ValueError(f"entry {e}: risk {e['risk']} is not a probability below 1")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(
                 f"user-level privacy record {self.path} is unreadable ({err}); refusing to "

@@ -278,3 +278,28 @@ def test_a_devices_broken_data_or_state_folder_tells_the_server_a_constant(
         with client_app.device_private(node, client_app.CACHE_FAILURE):
             raise NotADirectoryError(20, "Not a directory", str(tmp_path / "state"))
     assert str(err.value) == client_app.CACHE_FAILURE and str(tmp_path) not in str(err.value)
+
+
+def test_a_budget_file_that_would_under_count_is_refused(tmp_path):
+    """Hand-edited or corrupted records that would lower the epsilon (negative or fractional
+    steps, a non-positive noise or cap, a rate outside (0, 1], a collusion risk of 1 or more)
+    are unreadable: the device refuses to train and `fedrec deploy budget` says so."""
+    from fedrec.client.budget import Budget, FileStore, UserLevelLedger
+    from fedrec.shared.federation.config import FedConfig
+
+    mech = FedConfig(dp=True).dp_mechanism()
+    path = tmp_path / "privacy-budget.json"
+    good = {"history": [[2.6, 0.5, 3]], "mechanism": mech, "epsilon_max": 8.0}
+    path.write_text(json.dumps(good))
+    assert FileStore(path).load() == Budget([(2.6, 0.5, 3)], mech, 8.0)
+    for history, cap in (([[2.6, 0.5, 3], [2.6, 0.5, -3]], 8.0), ([[2.6, 0.5, 3.7]], 8.0),
+                         ([[0.0, 0.5, 3]], 8.0), ([[2.6, 1.5, 3]], 8.0), ([[2.6, 0.5, True]], 8),
+                         ([[2.6, 0.5, 3]], -1), ([[2.6, 0.5, 3]], "8")):  # fmt: skip
+        path.write_text(json.dumps(good | {"history": history, "epsilon_max": cap}))
+        with pytest.raises(ValueError, match="unreadable"):
+            FileStore(path).load()
+    record = tmp_path / "user-level-budget.json"
+    entry = {"mu_total": 1e6, "l1": 7e4, "l2": 1e3, "risk": 2.0}
+    record.write_text(json.dumps({"releases": [entry]}))
+    with pytest.raises(ValueError, match="unreadable.*not a probability"):
+        UserLevelLedger(record).load()
