@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
+import zipfile
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -153,6 +154,11 @@ def data_fetch(
             path = fetch_ml100k(data_dir, source=source, log=lambda m: err.print(f"  {m}"))
     except (OSError, DataError) as e:
         _fail(str(e), 1)
+    except (zipfile.BadZipFile, ValueError, KeyError, IndexError) as e:  # a malformed --from
+        if source is None:
+            raise
+        _fail(f"--from {source}: not a readable ml-100k.zip, recbole wheel or folder of atomic "
+              f"files ({type(e).__name__}: {e}); give the file as downloaded", 1)  # fmt: skip
     out.print(f"ML-100K ready at {path} (source: {describe_source(path)})")
 
 
@@ -338,7 +344,7 @@ def train_central_cmd(
                 quick=quick, baselines=[] if no_baselines else None,
                 log=lambda m: progress.console.print(f"  {m}"), on_step=on_step, data=data,
             )  # fmt: skip
-        except ValueError as e:
+        except (ValueError, FileNotFoundError) as e:  # FileNotFoundError: a missing backbone
             _fail(str(e), 2)
     if as_json:
         print(dumps(result, indent=2, default=str))
@@ -970,7 +976,9 @@ def recommend_cmd(
             recs = rec.cold_start(profile=profile, query=query, history=ids, k=k, explain=explain)
         else:
             recs = rec.recommend(history=ids, profile=profile, k=k, explain=explain)
-    except (ModelFileError, KeyError, ValueError) as e:
+    except (ModelFileError, KeyError, ValueError, FileNotFoundError) as e:
+        # FileNotFoundError: the run's backbone is not on this machine (a moved folder, or
+        # smollm2 / mpnet not installed or fetched here)
         _fail(str(e).strip("'\""), 2)
     if as_json:
         print(dumps([r.as_dict() for r in recs], indent=2))

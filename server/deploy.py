@@ -271,6 +271,20 @@ def device_folders(src: Path, out: Path, devices: int) -> list[Path]:
     if len(users) < devices:
         raise ValueError(f"{len(users)} users cannot fill {devices} devices")
     owner = {u: i % devices for i, u in enumerate(users)}
+    # every target checked before the first is written: never a half-written split
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder: give a folder for the device folders")
+    taken = [out / f"device-{d}" for d in range(devices) if (out / f"device-{d}").exists()]
+    if taken:
+        raise FileExistsError(
+            f"{', '.join(str(t) for t in taken[:3])} already exist{'s' if len(taken) == 1 else ''}"
+            f": nothing was written; choose a new folder for the devices, or remove those"
+        )
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{out}: {parent} is a file, so no folder can be made under it")
     folders = []
     for d in range(devices):
         folder = out / f"device-{d}"

@@ -422,3 +422,34 @@ def test_an_out_folder_holding_a_users_files_is_never_written(tmp_path, monkeypa
     monkeypatch.setattr(launch, "simulate", lambda *a, **k: started.append(a) or {})
     r.invoke(app, ["simulate", "--out", str(early)])
     assert started
+
+
+def test_split_data_fetch_and_backbone_errors_are_one_line_and_write_nothing(synth_dir, tmp_path):
+    """split-data into a folder where one device folder exists, or under a file: nothing is
+    written (it wrote device-0 and device-1 first); a bad --from file for data fetch, and a
+    missing backbone for train-central: one line, no traceback."""
+    from typer.testing import CliRunner
+
+    from fedrec.cli import app
+
+    r = CliRunner()
+    out = tmp_path / "split"
+    (out / "device-2").mkdir(parents=True)
+    res = r.invoke(app, ["deploy", "split-data", str(synth_dir), str(out), "--devices", "3"])
+    assert res.exit_code == 2 and "nothing was written" in " ".join(res.output.split())
+    assert sorted(p.name for p in out.iterdir()) == ["device-2"]
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for target in (afile, afile / "sub"):
+        res = r.invoke(app, ["deploy", "split-data", str(synth_dir), str(target)])
+        assert res.exit_code == 2 and "is a file" in res.output, res.output
+    bad = tmp_path / "bad.zip"
+    bad.write_text("not a zip")
+    res = r.invoke(app, ["data", "fetch", "ml-100k", "--data-dir", str(tmp_path / "dd"),
+                         "--from", str(bad)])  # fmt: skip
+    assert res.exit_code == 1 and "--from" in res.output and "Traceback" not in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.output
+    nope = f"backbone={tmp_path / 'nope'}"
+    res = r.invoke(app, ["train-central", "--protocol", "A", "--data", str(synth_dir), "--out",
+                         str(tmp_path / "tc"), "--set", nope])  # fmt: skip
+    assert res.exit_code == 2 and "no config.json" in res.output, res.output
