@@ -149,7 +149,7 @@ def make_credentials(
             sans.append(x509.DNSName(h))
     server = (
         x509.CertificateBuilder()
-        .subject_name(_name(hosts[0]))
+        .subject_name(_name(hosts[0][:64]))  # a CN holds 64 characters; the SANs name all
         .issuer_name(ca.subject)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
@@ -303,6 +303,33 @@ def device_folders(src: Path, out: Path, devices: int) -> list[Path]:
     return folders
 
 
+def check_host(host: str, option: str) -> str:
+    """``host`` as it goes into the certificate: an IP address (an IPv6 one may come in
+    brackets) or a DNS name (labels of letters, digits and '-', 1..63 characters each, 253 in
+    all). Raises ValueError naming ``option``."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        pass
+    labels = bare.split(".")
+    ok = 0 < len(bare) <= 253 and all(
+        0 < len(label) <= 63
+        and label.isascii()
+        and all(c.isalnum() or c == "-" for c in label)
+        and not label.startswith("-")
+        and not label.endswith("-")
+        for label in labels
+    )
+    if not ok or bare != host:
+        raise ValueError(
+            f"{option} {host!r}: not an IP address or a host name (letters, digits and '-' "
+            "between dots, at most 63 characters between dots and 253 in all); an IPv6 address "
+            "goes in brackets in --superlink, e.g. [::1]:8000"
+        )
+    return bare
+
+
 def init_deployment(
     root: Path, *, nodes: list[str], superlink: str = "127.0.0.1:8000", hosts: tuple[str, ...] = ()
 ) -> tuple[Credentials, str]:
@@ -313,7 +340,13 @@ def init_deployment(
             f"--superlink {superlink!r}: expected HOST:PORT with a port in 1..65535, "
             "e.g. 127.0.0.1:8000"
         )
-    names = tuple(dict.fromkeys((host, *hosts, "localhost", "127.0.0.1")))
+    if ":" in host and not host.startswith("["):  # ::1:8000 is ambiguous, and no HOST:PORT
+        raise ValueError(
+            f"--superlink {superlink!r}: write an IPv6 address in brackets, e.g. [::1]:{port}"
+        )
+    bare = check_host(host, "--superlink")
+    extra = [check_host(h, "--host") for h in hosts]
+    names = tuple(dict.fromkeys((bare, *extra, "localhost", "127.0.0.1")))
     creds = make_credentials(root, nodes=nodes, hosts=names)
     flwr_home_config(root / "flwr-home", name="fedrec", control=superlink, ca_cert=creds.ca_cert)
     text = commands(creds, superlink=superlink)

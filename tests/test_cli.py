@@ -303,6 +303,15 @@ def test_bad_input_found_by_an_outside_review_fails_early_and_clearly(tmp_path, 
     fails(["deploy", "init", str(d), "--nodes", "n0,N0"], "more than once")
     fails(["deploy", "init", str(d), "--nodes", "a", "--superlink", "h:99999"], "1..65535")
     fails(["deploy", "init", str(d), "--nodes", "a", "--superlink", "h:\uff18000"], "1..65535")
+    # host names go into the certificate: valid names only, IPv6 in brackets, nothing written
+    for link, word in ((f"{'h' * 300}:8000", "253 in all"), ("a b:8000", "not an IP address"),
+                       ("::1:8000", "in brackets"), ("[h]:8000", "not an IP address")):  # fmt: skip
+        fails(["deploy", "init", str(d), "--nodes", "a", "--superlink", link], word)
+    fails(["deploy", "init", str(d), "--nodes", "a", "--host", "bad host!"], "--host")
+    assert not d.exists()
+    from fedrec.server.deploy import check_host
+
+    assert check_host("[::1]", "x") == "::1" and check_host("edge-1.example.org", "x")
     assert not d.exists()
     fails(["deploy", "init", str(conf), "--nodes", "a"], "is a file")
     fails(["deploy", "init", str(conf / "sub"), "--nodes", "a"], "is a file")
