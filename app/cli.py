@@ -196,6 +196,8 @@ def data_validate(
 
     try:
         summary = summarize(load_dataset(directory))
+    except OSError as e:  # e.g. a name too long for the file system
+        _fail(f"{directory}: cannot be read as a data folder ({e.strerror or e})", 1)
     except DataError as e:
         if as_json:
             print(dumps({"ok": False, "error": str(e), "file": e.file, "line": e.line,
@@ -222,11 +224,15 @@ def data_synth(
     """Write a small seeded synthetic data set whose item texts correlate with preferences."""
     from fedrec.shared.data.synthetic import generate
 
+    if seed < 0:
+        _fail(f"--seed {seed}: give a seed >= 0", 2)
     try:
         path = generate(directory, n_users=users, n_items=items, n_topics=topics, seed=seed,
                         max_interactions=min(20, items))  # fmt: skip
     except ValueError as e:
         _fail(str(e), 2)
+    except OSError as e:  # e.g. a name too long for the file system, a read-only folder
+        _fail(f"{directory}: cannot write the data folder there ({e.strerror or e})", 2)
     out.print(f"synthetic data written to {path}")
 
 
@@ -268,7 +274,8 @@ def baselines(
     names = list(BASELINES) if only is None else _names(only)
     bad = [n for n in names if n not in BASELINES]
     if bad or not names:
-        _fail(f"--only {','.join(only or [])!r}: unknown {bad}; choose from "
+        what = f"unknown {bad}" if bad else "no baseline named"
+        _fail(f"--only {','.join(only or [])!r}: {what}; choose from "
               f"{', '.join(BASELINES)}.", 2)  # fmt: skip
     ds = load(data)
     config = {"command": "baselines", "protocol": protocol, "data": data, "dataset": ds.name,
@@ -954,6 +961,15 @@ def recommend_cmd(
         ids = [int(x) for x in history.split(",") if x.strip()] if history else []
     except ValueError:
         _fail(f"--history {history!r}: expected comma-separated integer item ids.", 2)
+    for option, text in (("--profile", profile), ("--query", query)):
+        if text is None:
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8
+            _fail(f"{option}: the text is not valid UTF-8; give it in UTF-8", 2)
+        if not text.strip():
+            _fail(f"{option} is blank: give some text, or leave {option} out", 2)
     if not ids and not profile and not query:
         _fail("give --history, --profile or --query (a new user needs at least one).", 2)
     try:

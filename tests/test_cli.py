@@ -462,3 +462,26 @@ def test_split_data_fetch_and_backbone_errors_are_one_line_and_write_nothing(syn
     res = r.invoke(app, ["train-central", "--protocol", "A", "--data", str(synth_dir), "--out",
                          str(tmp_path / "tc"), "--set", nope])  # fmt: skip
     assert res.exit_code == 2 and "no config.json" in res.output, res.output
+
+
+def test_blank_or_odd_arguments_are_named(tmp_path, synth_dir):
+    """A blank --only, a negative seed, a name too long for the file system, a blank or
+    non-UTF-8 query: one line naming the option (tracebacks or internal names before)."""
+    from typer.testing import CliRunner
+
+    from fedrec.cli import app
+
+    r = CliRunner()
+    res = r.invoke(app, ["baselines", "--out", str(tmp_path / "b"), "--only", ","])
+    assert res.exit_code == 2 and "no baseline named" in res.output, res.output
+    res = r.invoke(app, ["data", "synth", str(tmp_path / "s"), "--seed", "-1"])
+    assert res.exit_code == 2 and "--seed -1" in res.output, res.output
+    long = str(tmp_path / ("a" * 300))
+    res = r.invoke(app, ["data", "synth", long])
+    assert res.exit_code == 2 and "cannot write" in res.output and res.exception is not None
+    assert isinstance(res.exception, SystemExit), res.output
+    res = r.invoke(app, ["data", "validate", long])
+    assert res.exit_code == 1 and "cannot be read" in res.output, res.output
+    for query, word in (("   ", "is blank"), ("caf\udcc3", "not valid UTF-8")):
+        res = r.invoke(app, ["recommend", str(tmp_path), "--query", query])
+        assert res.exit_code == 2 and word in res.output, (query, res.output)
