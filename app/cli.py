@@ -872,13 +872,27 @@ def deploy_add_node(
         _fail(str(e), 2)
     if not (directory / "ca.crt").is_file():
         _fail(f"{directory} has no ca.crt: run `fedrec deploy init` first", 2)
-    if (directory / f"{name}.key").exists():
-        _fail(f"{directory / (name + '.key')} already exists: keys are never overwritten", 2)
+    # names are compared ignoring case, as init does (on macOS n2.key is N2.key)
+    taken = [p for p in directory.iterdir() if p.name.lower() == f"{name}.key".lower()]
+    if taken:
+        _fail(f"{taken[0]} already exists (node names ignore case): keys are never "
+              "overwritten; choose another name", 2)  # fmt: skip
+    import re
+    import shlex
+
+    script = directory / "commands.sh"
+    found = (
+        re.search(r"flower-supernode --superlink (\S+)", script.read_text())
+        if script.is_file()
+        else None
+    )
+    superlink = found.group(1) if found else "HOST:PORT"
     priv, pub = make_node_key(directory, name)
     print(
         f"FLWR_HOME={directory / 'flwr-home'} flwr supernode register {pub} --name {name}\n"
-        f"flower-supernode --superlink HOST:PORT --root-certificates {directory / 'ca.crt'} "
-        f"--auth-supernode-private-key {priv} --node-config \"data-dir='/path/to/data'\""
+        f"flower-supernode --superlink {superlink} --root-certificates "
+        f"{shlex.quote(str(directory / 'ca.crt'))} --auth-supernode-private-key "
+        f"{shlex.quote(str(priv))} --node-config \"data-dir='/path/to/data'\""
     )
 
 

@@ -318,6 +318,9 @@ def test_bad_input_found_by_an_outside_review_fails_early_and_clearly(tmp_path, 
     assert r.invoke(app, ["deploy", "init", str(d), "--nodes", "a"]).exit_code == 0
     for name in ("../evil", "", "sub/x", ".hidden"):
         fails(["deploy", "add-node", str(d), name], "not usable")
+    fails(["deploy", "add-node", str(d), "A"], "ignore case")  # a.key exists (macOS: A.key)
+    added = r.invoke(app, ["deploy", "add-node", str(d), "b"])
+    assert added.exit_code == 0 and "--superlink 127.0.0.1:8000" in added.output, added.output
     assert not (tmp_path / "evil.key").exists() and not (d / ".key").exists()
 
 
