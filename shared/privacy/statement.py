@@ -325,7 +325,8 @@ def _not_protected(cfg: FedConfig) -> str:
     why_longer = (
         "its negatives are\n  drawn per sampled example"
         if cfg.negative_sampling == "keyed"
-        else "it trains on more\n  sampled examples, up to `max-batch` a step"
+        else "it trains on more\n  sampled examples"
+        + (", up to `max-batch` a step" if cfg.max_batch > 0 else "")
     )
     timing = (
         f"- Reply timing and dropouts: a client's round takes longer with more data ({why_longer}"
