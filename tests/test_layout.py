@@ -155,6 +155,7 @@ def test_write_never_replaces_a_folder_that_is_not_a_data_folder(tmp_path, monke
     with pytest.raises(ValueError, match="symbolic link.*give the real path"):
         write_dataset(link, interactions=[(1, 1, 5)], items=items)
     assert link.is_symlink() and Path.cwd() == here
+
     # a folder it cannot read: a clear error, not a traceback (as root every folder reads,
     # so the listing is made to fail as it does for a user without the permission)
     def denied(self):  # noqa: ANN001, ANN202
