@@ -20,7 +20,7 @@ from typing import Any
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.federation.secagg import default_threshold
 from fedrec.shared.privacy import skellam
-from fedrec.shared.privacy.user_level import server_optimizer_text
+from fedrec.shared.privacy.user_level import sample_size, server_optimizer_text
 
 
 def neighbours_for(cohort: int, configured: int) -> int:
@@ -113,8 +113,7 @@ def check_cohort(cfg: FedConfig, clients: int) -> None:
     """Before a run starts: the cohort that ``clients`` connected clients give is large enough
     for secure aggregation (at least 3, at least one counted noise share, a collusion risk
     within 1 % of delta). Raises ValueError saying what to change."""
-    cohort = max(int(clients * cfg.fraction_train), cfg.min_replies)
-    _cohort_parameters(cfg, cohort)
+    _cohort_parameters(cfg, sample_size(cfg, clients))
 
 
 def _cohort_parameters(cfg: FedConfig, cohort: int) -> tuple[int, int, int, int, int, float]:
@@ -341,11 +340,11 @@ def audit_secure(run: Path, cfg: FedConfig, tolerance: float) -> tuple[dict[str,
     clients = claim.get("clients")
     if not isinstance(clients, int) or isinstance(clients, bool) or clients <= 0:
         problems.append(f"{path}: the secure-aggregation record names no client count")
-    elif max(int(clients * cfg.fraction_train), cfg.min_replies) != expected.cohort:
+    elif sample_size(cfg, clients) != expected.cohort:
         problems.append(
             f"secure-aggregation plan: cohort {expected.cohort}, but fraction-train="
             f"{cfg.fraction_train} and min-replies={cfg.min_replies} give "
-            f"{max(int(clients * cfg.fraction_train), cfg.min_replies)} of {clients} clients"
+            f"{sample_size(cfg, clients)} of {clients} clients"
         )
     for r in rounds:
         counts = [r.get("cohort", -1), r.get("masked", 0), r.get("survivors", 0)]
