@@ -107,3 +107,45 @@ def test_an_unwritable_directory_still_gives_the_cache(parts, tmp_path, caplog):
         )
     assert "not written" in caplog.text
     assert _same(got, cc.build_catalog_cache(base, tok, texts, max_length=16))
+
+
+def test_a_block_that_norms_the_mlp_output_is_refused():
+    """Gemma 2/3 norm the MLP's output before the residual: base + a linear change does not
+    describe that block, so the adapter site refuses it (it used to be taken as Llama's)."""
+    from transformers import Gemma3TextConfig, Gemma3TextModel
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+    )
+    with pytest.raises(ValueError, match="post_feedforward_layernorm"):
+        cc.adapter_site(Gemma3TextModel(config))
+
+
+def test_build_refuses_a_site_that_misreads_the_block(tiny_llama, synth_dir, monkeypatch):
+    """A cache whose norm(base) is not the model's own output is refused when built, naming
+    the model: the check that catches any block the site misreads."""
+    base, tok = load_backbone(tiny_llama)
+    texts = load_dataset(synth_dir).item_texts()[:8]
+    cc.build_catalog_cache(base, tok, texts, max_length=16)  # the true site passes
+    real = cc.adapter_site
+
+    def wrong(model):  # noqa: ANN001, ANN202 - the residual taken from the wrong module
+        site = real(model)
+        return cc.AdapterSite(
+            target=site.target,
+            proj=site.proj,
+            norm=site.norm,
+            residual_module=model.layers[-1].input_layernorm,
+            residual_arg=0,
+        )
+
+    monkeypatch.setattr(cc, "adapter_site", wrong)
+    with pytest.raises(ValueError, match="LlamaModel: the catalog cache does not reproduce"):
+        cc.build_catalog_cache(base, tok, texts, max_length=16)

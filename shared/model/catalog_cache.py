@@ -95,6 +95,15 @@ def adapter_site(model: Any) -> AdapterSite:
         )
     if hasattr(model, "layers") and hasattr(model, "norm"):  # Llama, SmolLM2, ...
         n, last = len(model.layers), model.layers[-1]
+        if hasattr(last, "post_feedforward_layernorm"):
+            # Gemma 2/3: the MLP's output is normed before the residual add, so the block's
+            # output is not base + (a linear change of down_proj's output): no cached tower
+            raise ValueError(
+                f"backbone {type(model).__name__} is not supported: its last block norms the "
+                "MLP output before the residual (post_feedforward_layernorm, as Gemma 2 and 3 "
+                "do), which fedrec's cached item tower cannot express; use a BERT-style "
+                "encoder (minilm, mpnet) or a Llama-style decoder (smollm2)"
+            )
         return AdapterSite(
             target=rf".*layers\.{n - 1}\.mlp\.down_proj",
             proj=last.mlp.down_proj,
@@ -168,7 +177,7 @@ def build_catalog_cache(
                 max_length=max_length,
                 return_tensors="pt",
             )
-            model(**tok)
+            out = model(**tok)
             mask = tok["attention_mask"].bool()  # (batch, tokens)
             if not torch.equal(mask.sum(1), lengths[rows_here]):
                 raise RuntimeError("tokenizer lengths differ between two calls on the same texts")
@@ -179,6 +188,7 @@ def build_catalog_cache(
             x_out[dest] = project(x) if project is not None else x
             base_out[dest] = (base_proj(captured["x"]) + captured["residual"])[mask]
             captured.clear()
+            _check_reproduces(type(model).__name__, site.norm(base_out[dest]), out[0][mask])
     finally:
         for h in handles:
             h.remove()
@@ -189,6 +199,20 @@ def build_catalog_cache(
         a = project.weight.detach().clone()
         return CatalogCache(None, base_out, segment, counts, ax=x_out, a_weight=a)
     return CatalogCache(x_out, base_out, segment, counts)
+
+
+def _check_reproduces(name: str, cached: torch.Tensor, output: torch.Tensor) -> None:
+    """The cache must give the backbone's own output at the adapter site with the adapter at
+    zero (the site's norm of ``base``); else the tower trained on it is another model."""
+    err = float((cached - output).abs().max()) if output.numel() else 0.0
+    scale = float(output.abs().max()) if output.numel() else 0.0
+    if not err <= 1e-3 * max(scale, 1e-6):
+        raise ValueError(
+            f"backbone {name}: the catalog cache does not reproduce the model's output (largest "
+            f"difference {err:.3g} at values up to {scale:.3g}): its last block is not the "
+            "BERT-style or Llama-style block fedrec's cached item tower expects (the adapted "
+            "projection's output plus a residual, then the norm whose output the model returns)"
+        )
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
