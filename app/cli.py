@@ -109,11 +109,11 @@ def resolve_data(data: str) -> Path:
 
     try:
         return resolve_data_dir(data)
-    except FileNotFoundError:
-        home = default_data_home() / data
-    if data == "ml-100k":
-        _fail(f"ML-100K is not in {home.parent}: run `fedrec data fetch ml-100k` first.", 2)
-    _fail(f"--data {data!r}: no such folder, and no data set of that name in {home.parent}.", 2)
+    except FileNotFoundError as e:
+        if data == "ml-100k":
+            home = default_data_home()
+            _fail(f"ML-100K is not in {home}: run `fedrec data fetch ml-100k` first.", 2)
+        _fail(f"--{e}", 2)
     raise AssertionError  # unreachable
 
 
@@ -233,6 +233,7 @@ def data_synth(
         _fail(f"--seed {seed}: give a seed >= 0", 2)
     try:
         path = generate(directory, n_users=users, n_items=items, n_topics=topics, seed=seed,
+                        min_interactions=min(8, items),
                         max_interactions=min(20, items))  # fmt: skip
     except ValueError as e:
         _fail(str(e), 2)

@@ -498,3 +498,34 @@ def test_blank_or_odd_arguments_are_named(tmp_path, synth_dir):
     for query, word in (("   ", "is blank"), ("caf\udcc3", "not valid UTF-8")):
         res = r.invoke(app, ["recommend", str(tmp_path), "--query", query])
         assert res.exit_code == 2 and word in res.output, (query, res.output)
+
+
+def test_data_that_is_empty_a_file_or_a_tiny_catalog(tmp_path):
+    """An empty data value is not the current folder, a file is named as a file, a missing
+    absolute path names the data home (it named the path's parent), and `data synth` with 4
+    items writes a valid folder (it failed on an internal parameter)."""
+    from typer.testing import CliRunner
+
+    from fedrec.cli import app
+    from fedrec.shared.federation.data_and_model import resolve_data_dir
+
+    with pytest.raises(FileNotFoundError, match="data is empty"):
+        resolve_data_dir("")
+    afile = tmp_path / "afile"
+    afile.write_text("x\n")
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
+        resolve_data_dir(str(afile))
+    with pytest.raises(FileNotFoundError, match="no such folder") as info:
+        resolve_data_dir(str(tmp_path / "nowhere"))
+    assert f"name in {tmp_path}." not in str(info.value)
+    r = CliRunner()
+    out = tmp_path / "run"
+    for data, needle in (("", "--data is empty"), (str(afile), "is a file")):
+        res = r.invoke(app, ["train-central", "--protocol", "A", "--data", data, "--out", str(out)])
+        assert res.exit_code == 2 and needle in res.output, res.output
+        assert not out.exists()
+    tiny = tmp_path / "tiny"
+    res = r.invoke(app, ["data", "synth", str(tiny), "--items", "4", "--users", "3"])
+    assert res.exit_code == 0, res.output
+    res = r.invoke(app, ["data", "validate", str(tiny)])
+    assert res.exit_code == 0, res.output

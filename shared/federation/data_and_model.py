@@ -26,14 +26,23 @@ def resolve_data_dir(data: str) -> Path:
     """``ml-100k`` (in the data home) or a folder in the fedrec layout."""
     from fedrec.shared.data.movielens import default_data_home
 
+    if not data.strip():  # Path("") is the current folder: never what an empty value meant
+        raise FileNotFoundError(
+            "data is empty: give 'ml-100k' or the path of a folder in the fedrec layout"
+        )
     path = Path(data)
     if path.is_dir():
         return path
-    home = default_data_home() / data
-    if home.is_dir():
-        return home
+    if path.exists():
+        raise FileNotFoundError(
+            f"data '{data}' is a file, not a folder: give the folder that holds "
+            "interactions.tsv and items.tsv"
+        )
+    home = default_data_home()
+    if (home / data).is_dir() and not path.is_absolute():
+        return home / data
     raise FileNotFoundError(
-        f"data '{data}': no such folder and no data set of that name in {home.parent}. "
+        f"data '{data}': no such folder and no data set of that name in {home}. "
         "Run `fedrec data fetch ml-100k` or point 'data' at a folder in the fedrec layout."
     )
 
