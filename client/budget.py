@@ -73,7 +73,17 @@ class Budget:
         """Parse; a history without a mechanism (an older fedrec's file) is refused: its epsilon
         cannot be recomputed without knowing what it was spent under."""
         try:
-            history = [_entry(s, q, n) for s, q, n in raw["history"]]
+            if not isinstance(raw, dict):
+                raise TypeError(f"the file holds a JSON {type(raw).__name__}, not an object")
+            entries = raw["history"]
+            if not isinstance(entries, list):
+                raise TypeError(f"history is a JSON {type(entries).__name__}, not a list")
+            for e in entries:
+                if not (isinstance(e, list) and len(e) == 3):
+                    raise ValueError(
+                        f"history entry {e!r} is not [noise multiplier, sample rate, steps]"
+                    )
+            history = [_entry(s, q, n) for s, q, n in entries]
             mech = raw.get("mechanism")
             cap = raw.get("epsilon_max")
             if cap is not None and not (isinstance(cap, (int, float)) and 0 < cap < math.inf):
@@ -83,7 +93,7 @@ class Budget:
             budget = cls(history, mech, None if cap is None else float(cap))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(
-                f"privacy state {where} is unreadable ({err}); refusing to train: a lost "
+                f"privacy state {where} is unreadable ({_why(err)}); refusing to train: a lost "
                 "accountant would restart epsilon from zero. Restore it from a backup."
             ) from None
         if budget.history and budget.mechanism is None:
@@ -95,6 +105,19 @@ class Budget:
                 "earlier spending is not counted."
             )
         return budget
+
+
+def _why(err: BaseException) -> str:
+    """What is wrong with a budget file, in words (not a KeyError's bare ``'history'``)."""
+    if isinstance(err, json.JSONDecodeError):
+        return f"not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}"
+    if isinstance(err, KeyError):
+        return f"no field {err.args[0]!r}" if err.args else "a field is missing"
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    if isinstance(err, (TypeError, AttributeError)) and "JSON" not in str(err):
+        return f"a field has the wrong type ({err})"
+    return str(err)
 
 
 def _entry(sigma: Any, q: Any, n: Any) -> tuple[float, float, int]:
@@ -171,7 +194,11 @@ class FileStore:
             try:
                 raw = json.loads(self.path.read_text())
             except (OSError, ValueError) as err:
-                raw = {"unreadable": str(err)}
+                raise ValueError(
+                    f"privacy state file {self.path} is unreadable ({_why(err)}); refusing to "
+                    "train: a lost accountant would restart epsilon from zero. Restore it from "
+                    "a backup."
+                ) from None
             return Budget.from_json(raw, f"file {self.path}")
 
     def save(self, budget: Budget) -> None:
@@ -333,6 +360,8 @@ class UserLevelLedger:
             return []
         try:
             raw = json.loads(self.path.read_text())
+            if not isinstance(raw, dict):
+                raise TypeError(f"the file holds a JSON {type(raw).__name__}, not an object")
             entries = [
                 {k: float(e[k]) for k in ("mu_total", "l1", "l2", "risk")} for e in raw["releases"]
             ]
@@ -343,7 +372,7 @@ class UserLevelLedger:
                     raise ValueError(f"entry {e}: risk {e['risk']} is not a probability below 1")
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(
-                f"user-level privacy record {self.path} is unreadable ({err}); refusing to "
+                f"user-level privacy record {self.path} is unreadable ({_why(err)}); refusing to "
                 "train: a lost record would restart the device's user-level epsilon from zero. "
                 "Restore it from a backup."
             ) from None

@@ -303,3 +303,30 @@ def test_a_budget_file_that_would_under_count_is_refused(tmp_path):
     record.write_text(json.dumps({"releases": [entry]}))
     with pytest.raises(ValueError, match="unreadable.*not a probability"):
         UserLevelLedger(record).load()
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("{}", "no field 'history'"),
+        ("[]", "holds a JSON list, not an object"),
+        ('{"history": 5}', "history is a JSON int, not a list"),
+        ('{"history": [[1, 0.5]]}', r"\[1, 0.5\] is not \[noise multiplier, sample rate, steps\]"),
+        ("notjson", "not valid JSON: Expecting value at line 1, column 1"),
+    ],
+)
+def test_an_unreadable_budget_file_says_what_is_wrong_in_words(tmp_path, text, why):
+    """`fedrec deploy budget` and a device name what is wrong with the file (a KeyError's bare
+    'history' before, and a file that was not JSON was reported as a missing field)."""
+    from fedrec.client.budget import FileStore, UserLevelLedger
+
+    path = tmp_path / "privacy-budget.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"unreadable \\((the file |history entry )?{why}"):
+        FileStore(path).load()
+    record = tmp_path / "user-level-budget.json"
+    for body, want in (("{}", "no field 'releases'"), ('{"releases": [{}]}', "no field 'mu_total'"),
+                       ("{", "not valid JSON")):  # fmt: skip
+        record.write_text(body)
+        with pytest.raises(ValueError, match=f"unreadable \\({want}"):
+            UserLevelLedger(record).load()
