@@ -10,9 +10,12 @@ noise of standard deviation ``z * user-clip / n`` (Flower's own ``compute_stdv``
 clipped mean change **before** the server optimizer takes its step. That is the Gaussian
 mechanism on the clipped sum divided by ``n``:
 replacing one client's update by zeros (the client present with no data: zero-out adjacency)
-changes that sum by at most ``user-clip``. With ``n`` fixed, adding or removing a client, or
-swapping it for another, swaps one update for another: up to twice that, and the statement gives
-the epsilon for that adjacency beside the claimed one.
+changes that sum by at most ``user-clip``. Swapping one client's data for another's (the number
+of clients unchanged, replace-one) swaps one update for another: up to twice that, and the
+statement gives the epsilon for that adjacency beside the claimed one. Adding or removing a
+client is not claimed: ``n`` is computed from the number of clients
+(:func:`fedrec.shared.privacy.user_level.sample_size`), so it can change with it, and with it the
+divisor and the noise's scale.
 
 Three things make that true here and are what this module adds around the wrapper:
 

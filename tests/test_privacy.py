@@ -181,3 +181,25 @@ def test_statement_says_what_local_randomness_the_server_can_know():
         capture_output=True, text=True, check=True, env={"PYTHONHASHSEED": "123", "PATH": ""},
     )  # fmt: skip
     assert int(out.stdout.strip()) == _name_key("p7")
+
+
+def test_trusted_user_level_statement_claims_replace_one_and_not_add_remove():
+    """With a trusted server the sample size follows the number of clients, so one client more
+    or fewer can change the divisor and the noise's scale: the statement claims zero-out,
+    reports replace-one, and says add/remove is not claimed (it gave the replace-one epsilon
+    for adding or removing a client)."""
+    import json
+    from pathlib import Path
+
+    from fedrec.shared.federation.config import FedConfig
+    from fedrec.shared.privacy.statement import statement
+
+    run = Path(__file__).parents[1] / "simulations/results/item-offsets/cdp-off16/metrics.json"
+    u = json.loads(run.read_text())["privacy"]["user_level"]
+    p = {"rounds_per_client": {}, "clients": 943, "epsilon_max": 0.0, "epsilon_median": 0.0,
+         "refusals": 0, "user_level": u}  # fmt: skip
+    text = statement(FedConfig(user_dp=True, fraction_train=0.5), p)
+    assert "epsilon = 7.9936 at delta = 0.0001" in text
+    assert "Replace-one (one client's data\n  swapped for another's" in text and "19.3967" in text
+    assert "Adding or removing a client is **not claimed**" in text
+    assert "adding or removing a client (or swapping" not in text

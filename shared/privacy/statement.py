@@ -152,11 +152,14 @@ def _trusted(u: dict[str, Any]) -> str:
   mean before the server optimizer ({u.get("server_optimizer", "sgd, lr 1")}) uses it: any
   server step is post-processing of that release.
 - **epsilon = {u["epsilon"]:.4f} at delta = {u["delta"]}** after {u["releases"]} noisy
-  release(s) (budget {u["epsilon_budget"]}), {u["accounting"]}, for zero-out adjacency. With
-  a fixed number of clients per round, adding or removing a client (or swapping it for another)
-  changes the sum by up to twice the clip: for that adjacency epsilon is
-  {u.get("epsilon_replace_one", float("nan")):.4f} (the same releases at half the noise
-  multiplier). Flower samples a fixed number
+  release(s) (budget {u["epsilon_budget"]}), {u["accounting"]}, for zero-out adjacency (one
+  client's update replaced by zeros, everything else unchanged). Replace-one (one client's data
+  swapped for another's, the number of clients unchanged) changes the sum by up to twice the
+  clip: epsilon {u.get("epsilon_replace_one", float("nan")):.4f} (the same releases at half the
+  noise multiplier). Adding or removing a client is **not claimed**: the sample size is
+  computed from the number of clients (`fraction-train` x clients, at least `min-replies`), so
+  one client more or fewer can change the divisor and the noise's scale together, which neither
+  bound covers. Flower samples a fixed number
   of clients without replacement, which is not the Poisson sampling the amplification bound
   assumes; under that assumption it would be {u["epsilon_if_poisson_sampling"]:.4f} (not claimed).
 - **Trust**: the server is trusted to clip and add the noise (no secure aggregation: it sees
