@@ -214,13 +214,15 @@ def commands(
     """
     q = shlex.quote
     host, _, port = superlink.rpartition(":")
+    # an IPv6 address is bracketed in HOST:PORT, bare where it is bound (uvicorn's getaddrinfo)
+    bind = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     home = creds.root / "flwr-home"
     lines = [
         "# 1. server: the SuperLink (TLS on all APIs, only registered SuperNodes may connect)",
         f"flower-superlink --ssl-ca-certfile {q(str(creds.ca_cert))} "
         f"--ssl-certfile {q(str(creds.server_cert))} --ssl-keyfile {q(str(creds.server_key))} "
         f"--enable-supernode-auth --disable-runtime-dependency-installation "
-        f"--database {q(str(creds.root / 'superlink.db'))} --host {q(host)} --port {q(port)}",
+        f"--database {q(str(creds.root / 'superlink.db'))} --host {q(bind)} --port {q(port)}",
         "",
         "# 2. server: register each SuperNode's public key (flwr talks to the Control API)",
         f"export FLWR_HOME={q(str(home))}",

@@ -313,6 +313,13 @@ def test_bad_input_found_by_an_outside_review_fails_early_and_clearly(tmp_path, 
 
     assert check_host("[::1]", "x") == "::1" and check_host("edge-1.example.org", "x")
     assert not d.exists()
+    # an IPv6 SuperLink: the SuperLink binds the bare address (uvicorn cannot resolve
+    # "[::1]"), the SuperNodes dial the bracketed HOST:PORT
+    v6 = tmp_path / "v6"
+    assert r.invoke(app, ["deploy", "init", str(v6), "--nodes", "a", "--superlink",
+                          "[::1]:8000"]).exit_code == 0  # fmt: skip
+    script = (v6 / "commands.sh").read_text()
+    assert "--host ::1 --port 8000" in script and "--superlink '[::1]:8000'" in script
     fails(["deploy", "init", str(conf), "--nodes", "a"], "is a file")
     fails(["deploy", "init", str(conf / "sub"), "--nodes", "a"], "is a file")
     assert r.invoke(app, ["deploy", "init", str(d), "--nodes", "a"]).exit_code == 0
