@@ -190,3 +190,16 @@ def test_synthetic_loads(synth_dir, tmp_path):
     assert np.all(ds.timestamps[:-1] <= ds.timestamps[1:])
     shutil.copytree(synth_dir, tmp_path / "copy")
     assert load_dataset(tmp_path / "copy").item_texts() == ds.item_texts()
+
+
+def test_write_from_a_deleted_current_folder(tmp_path, monkeypatch):
+    """A shell whose folder was deleted can still replace a data folder given by its full path
+    (Path.cwd() raised FileNotFoundError inside the current-folder check)."""
+    items = {1: {"title": "A"}, 2: {"title": "B"}}
+    root = write_dataset(tmp_path / "w", interactions=[(1, 1, 5)], items=items)
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    out = write_dataset(root, interactions=[(1, 1, 5), (1, 2, 6)], items=items)
+    assert load_dataset(out).n_interactions == 2

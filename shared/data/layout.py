@@ -353,8 +353,12 @@ def _check_replaceable(root: Path) -> None:
             f"{root} is a symbolic link; refusing to replace it (the new folder would take the "
             f"link's place, not its target's): give the real path, {root.resolve()}"
         )
-    cwd, real = Path.cwd().resolve(), root.resolve()  # the same folder by any path
-    if real == cwd or real in cwd.parents:
+    try:
+        cwd: Path | None = Path.cwd().resolve()
+    except FileNotFoundError:  # the shell's folder was deleted: it is not the existing root
+        cwd = None
+    real = root.resolve()  # the same folder by any path
+    if cwd is not None and (real == cwd or real in cwd.parents):
         raise DataError(
             f"{root} is the current folder or holds it; replacing it would pull the folder out "
             "from under this shell: write the data to a new folder, e.g. data/synth"
