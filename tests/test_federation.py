@@ -328,7 +328,7 @@ def test_user_level_dp_on_a_real_federation(synth_dir, tiny_backbone, tmp_path):
     report, text = audit_run(out, plot=False)
     assert not report["ok"] and "claimed replace-one epsilon" in text
     # the statement printed gives the recomputed figure, not the doctored claim
-    assert f"for that adjacency epsilon is\n  {replace:.4f}" in text
+    assert f"clip: epsilon {replace:.4f} (the same releases" in text.replace("\n  ", " ")
     # every figure the statement prints is recomputed: more noise claimed than z x clip / n
     # gives fails, and the statement prints the recomputed std
     std = u["noise_multiplier"] * cfg.user_clip / u["sampled_per_round"]
