@@ -37,9 +37,9 @@ def user_level_summary(
         "unit": "one client's whole data set ("
         + ("one user" if cfg.partition == "user" else "one silo of users")
         + ")",
-        # with a fixed number of clients per round, adding or removing one client swaps its
-        # update for another's (sensitivity 2 x clip / n); the calibration covers one client's
-        # update replaced by zeros (sensitivity clip / n): zero-out adjacency
+        # the calibration covers one client's update replaced by zeros (sensitivity clip / n):
+        # zero-out adjacency. Adding or removing a client is not claimed: n follows the number
+        # of clients, so the divisor and the noise's scale can change with it (statement.py)
         "adjacency": "zero-out one client (its update replaced by zeros: the client present "
         "with no data)",
         "mechanism": "DP-FedAvg: server-side fixed clipping (Flower wrapper) + Gaussian noise on "
@@ -54,8 +54,8 @@ def user_level_summary(
         "delta": cfg.user_delta,
         "epsilon": epsilon_spent(history=hist, delta=cfg.user_delta) if releases else 0.0,
         "epsilon_budget": cfg.user_epsilon,
-        # the same releases for replace-one (one client's update swapped for another's, or
-        # add/remove at a fixed sample size): twice the sensitivity, i.e. noise multiplier z / 2
+        # the same releases for replace-one (one client's update swapped for another's, the
+        # number of clients unchanged): twice the sensitivity, i.e. noise multiplier z / 2
         "epsilon_replace_one": (
             epsilon_spent(history=[(noise_multiplier / 2, 1.0, releases)], delta=cfg.user_delta)
             if releases
