@@ -525,6 +525,18 @@ def test_data_that_is_empty_a_file_or_a_tiny_catalog(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such folder") as info:
         resolve_data_dir(str(tmp_path / "nowhere"))
     assert f"name in {tmp_path}." not in str(info.value)
+    # a stray file named like the data set in the current folder does not hide the data home
+    home, here = tmp_path / "home", tmp_path / "here"
+    (home / "ml-100k").mkdir(parents=True)
+    here.mkdir()
+    (here / "ml-100k").write_text("not a folder\n")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(here)
+        mp.setenv("FEDREC_DATA", str(home))
+        assert resolve_data_dir("ml-100k") == home / "ml-100k"
+        mp.setenv("FEDREC_DATA", str(tmp_path / "empty-home"))
+        with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
+            resolve_data_dir("ml-100k")
     r = CliRunner()
     out = tmp_path / "run"
     for data, needle in (("", "--data is empty"), (str(afile), "is a file")):

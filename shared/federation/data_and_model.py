@@ -33,16 +33,23 @@ def resolve_data_dir(data: str) -> Path:
     path = Path(data)
     if path.is_dir():
         return path
+    home = default_data_home()
+    # a relative name is looked up in the data home before a stray file of that name here
+    # is blamed: `ml-100k` must reach the fetched copy whatever sits in the current folder
+    if not path.is_absolute() and (home / data).is_dir():
+        return home / data
     if path.exists():
         raise FileNotFoundError(
             f"data '{data}' is a file, not a folder: give the folder that holds "
             "interactions.tsv and items.tsv"
         )
-    home = default_data_home()
-    if (home / data).is_dir() and not path.is_absolute():
-        return home / data
+    if path.is_absolute():  # never looked up in the data home
+        raise FileNotFoundError(
+            f"data '{data}': no such folder. Point 'data' at a folder in the fedrec layout "
+            "(interactions.tsv, items.tsv), or give 'ml-100k' after `fedrec data fetch ml-100k`."
+        )
     raise FileNotFoundError(
-        f"data '{data}': no such folder and no data set of that name in {home}. "
+        f"data '{data}': no such folder here and no data set of that name in {home}. "
         "Run `fedrec data fetch ml-100k` or point 'data' at a folder in the fedrec layout."
     )
 
