@@ -74,10 +74,10 @@ class Budget:
         cannot be recomputed without knowing what it was spent under."""
         try:
             if not isinstance(raw, dict):
-                raise TypeError(f"the file holds a JSON {type(raw).__name__}, not an object")
+                raise TypeError(f"the record is a JSON {_json_type(raw)}, not an object")
             entries = raw["history"]
             if not isinstance(entries, list):
-                raise TypeError(f"history is a JSON {type(entries).__name__}, not a list")
+                raise TypeError(f"'history' is a JSON {_json_type(entries)}, not an array")
             for e in entries:
                 if not (isinstance(e, list) and len(e) == 3):
                     raise ValueError(
@@ -105,6 +105,13 @@ class Budget:
                 "earlier spending is not counted."
             )
         return budget
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type (``null``, ``object``...), not Python's."""
+    names = {type(None): "null", bool: "boolean", int: "number", float: "number",
+             str: "string", list: "array", dict: "object"}  # fmt: skip
+    return names.get(type(value), type(value).__name__)
 
 
 def _why(err: BaseException) -> str:
@@ -361,10 +368,17 @@ class UserLevelLedger:
         try:
             raw = json.loads(self.path.read_text())
             if not isinstance(raw, dict):
-                raise TypeError(f"the file holds a JSON {type(raw).__name__}, not an object")
-            entries = [
-                {k: float(e[k]) for k in ("mu_total", "l1", "l2", "risk")} for e in raw["releases"]
-            ]
+                raise TypeError(f"the file holds a JSON {_json_type(raw)}, not an object")
+            releases = raw["releases"]
+            if not isinstance(releases, list):
+                raise TypeError(f"'releases' is a JSON {_json_type(releases)}, not an array")
+            for e in releases:
+                if not isinstance(e, dict):
+                    raise TypeError(f"release entry {e!r} is a JSON {_json_type(e)}, not an object")
+                for k in ("mu_total", "l1", "l2", "risk"):
+                    if isinstance(e.get(k), bool) or not isinstance(e.get(k, 0), (int, float)):
+                        raise ValueError(f"release entry field {k!r} is not a number: {e[k]!r}")
+            entries = [{k: float(e[k]) for k in ("mu_total", "l1", "l2", "risk")} for e in releases]
             for e in entries:  # a NaN would make the composed epsilon 0
                 if not all(math.isfinite(v) and v >= 0 for v in e.values()) or e["mu_total"] <= 0:
                     raise ValueError(f"entry {e} is not finite and positive")
