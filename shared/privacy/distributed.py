@@ -212,6 +212,21 @@ def check_request(cfg: FedConfig, fields: dict[str, Any], threshold: int) -> Non
             )
 
 
+def cohort_colluder_tail(clients: int, cohort: int, colluders: int, fraction: float) -> float:
+    """The chance that a cohort of ``cohort`` clients drawn without replacement from ``clients``
+    holds more than ``colluders`` of the ``ceil(fraction x clients)`` colluders of the whole
+    population (hypergeometric tail, exact in integers). The plan assumes at most ``colluders``
+    per cohort; this says how far that is from the same fraction over the population."""
+    total = min(clients, math.ceil(fraction * clients))
+    if cohort > clients or colluders >= min(total, cohort):
+        return 0.0
+    ways = sum(
+        math.comb(total, x) * math.comb(clients - total, cohort - x)
+        for x in range(colluders + 1, min(total, cohort) + 1)
+    )
+    return ways / math.comb(clients, cohort)
+
+
 def secure_summary(
     cfg: FedConfig, p: SecurePlan, rounds: list[dict[str, Any]], clients: int
 ) -> dict[str, Any]:
@@ -224,6 +239,8 @@ def secure_summary(
     indep = skellam.skellam_epsilon_independent(mu, l2, n, p.delta) if n else 0.0
     _ratio, exact = skellam.independent_rdp_ratio(mu, l2)
     replace = _replace_one(mu, l1, l2, n, p.delta)
+    population = min(clients, math.ceil(cfg.secagg_colluders * clients))
+    tail = cohort_colluder_tail(clients, p.cohort, p.colluders, cfg.secagg_colluders)
     return {
         "enabled": True,
         "unit": "one client's whole data set ("
@@ -238,8 +255,14 @@ def secure_summary(
             f"{p.colluders} of each round's {p.cohort} clients collude with it (their noise "
             "shares are not counted); at most "
             f"{p.cohort - p.min_survivors} drop out (a round with fewer survivors is not "
-            "released); the clients not counted as colluders add their noise share"
+            "released); the clients not counted as colluders add their noise share. This is "
+            "assumed of each cohort, not of the whole population: if "
+            f"{population} of all {clients} clients (the same fraction) colluded, a random "
+            f"cohort would hold more than {p.colluders} of them with probability "
+            f"{tail:.2g} a round, and such a round is not covered by the epsilon below"
         ),
+        "colluders_population_same_fraction": population,
+        "colluders_cohort_tail": tail,
         "clip": cfg.user_clip,
         "server_optimizer": server_optimizer_text(cfg),
         "secure_agg": p.as_dict(),
