@@ -154,6 +154,11 @@ def test_statement_names_the_group_for_sliding_window_examples():
     assert "item catalog (ids and texts) is public" in plain
     assert "Federated evaluation was off" in plain
     assert "sends its HR@10" in statement(FedConfig(fraction_evaluate=0.5), p)
+    # the negatives are described as the run draws them (it said 'keyed' for shared ones)
+    flat = lambda t: " ".join(t.split())  # noqa: E731
+    assert "Each example's negatives and cold-dropout mask are a keyed hash" in flat(plain)
+    shared = flat(statement(FedConfig(negative_sampling="shared"), p))
+    assert "one set for the whole batch" in shared and "Each example's negatives" not in shared
 
 
 def test_statement_says_what_local_randomness_the_server_can_know():

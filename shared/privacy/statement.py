@@ -57,9 +57,7 @@ def _local(cfg: FedConfig, p: dict[str, Any]) -> str:
 - **Mechanism**: local DP-SGD with Opacus at every client: Poisson sampling at rate
   {_rate(cfg)}, per-example clipping to L2 norm {cfg.max_grad_norm}, Gaussian noise,
   {cfg.local_steps} steps per round. The noised sum is divided by a constant
-  ({_divisor(cfg)}), never by the data's size. Each example's
-  negatives and cold-dropout mask are a keyed hash of that example and a per-round secret
-  (fresh OS randomness), so no example's gradient depends on another's.
+  ({_divisor(cfg)}), never by the data's size. {_negatives(cfg)}
 - **Accountant**: {_ACCOUNTANTS[cfg.accountant]}, over each client's whole history
   (persistent across rounds, stored with its mechanism and the client's own cap); sampling
   assumption: Poisson subsampling within the client's own examples. No amplification from
@@ -138,6 +136,23 @@ def _user_level(cfg: FedConfig, u: dict[str, Any]) -> str:
             "`metrics.json` is missing or incomplete, so **nothing is claimed**: see the "
             "verification below.\n"
         )
+
+
+def _negatives(cfg: FedConfig) -> str:
+    """How negatives are drawn, as the run drew them: neither way lets one example's gradient
+    depend on another example."""
+    if cfg.negative_sampling == "shared":
+        return (
+            "Each step's negatives are one set for the whole batch, drawn from a per-round "
+            "secret (fresh OS randomness) and the step only, never from the data, with their "
+            "cold-dropout flags; a target's flag is a keyed hash of its item, the secret and "
+            "the step. So no example's gradient depends on another's."
+        )
+    return (
+        "Each example's negatives and cold-dropout mask are a keyed hash of that example and "
+        "a per-round secret (fresh OS randomness), so no example's gradient depends on "
+        "another's."
+    )
 
 
 def _trusted(u: dict[str, Any]) -> str:
