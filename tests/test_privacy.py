@@ -157,6 +157,7 @@ def test_statement_names_the_group_for_sliding_window_examples():
     # the negatives are described as the run draws them (it said 'keyed' for shared ones)
     flat = lambda t: " ".join(t.split())  # noqa: E731
     assert "Each example's negatives and cold-dropout mask are a keyed hash" in flat(plain)
+    assert "except an interaction that is its user's only training interaction" in flat(plain)
     shared = flat(statement(FedConfig(negative_sampling="shared"), p))
     assert "one set for the whole batch" in shared and "Each example's negatives" not in shared
 

@@ -52,7 +52,9 @@ def _local(cfg: FedConfig, p: dict[str, Any]) -> str:
         bars = "\n  Distribution of per-client epsilon:\n\n" + "\n".join(rows) + "\n"
     return f"""## Local DP-SGD (per interaction)
 
-- **Unit of privacy**: one interaction (user, item, timestamp) of a client's data.
+- **Unit of privacy**: one interaction (user, item, timestamp) of a client's data, except an
+  interaction that is its user's only training interaction (removing it removes the user from
+  the client's roster; see "Not protected").
 - **Adjacency**: add/remove one interaction. {_examples(cfg)}
 - **Mechanism**: local DP-SGD with Opacus at every client: Poisson sampling at rate
   {_rate(cfg)}, per-example clipping to L2 norm {cfg.max_grad_norm}, Gaussian noise,
