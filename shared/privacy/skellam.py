@@ -32,7 +32,8 @@ Adjacency: one client's update replaced by zeros (its integer vector removed fro
 the integer sensitivities are the per-client bounds ``Delta_2 = l2_bound`` and ``Delta_1 =
 l1_bound`` (the zero-out adjacency of :mod:`fedrec.shared.privacy.user_level`). Replacing one
 client's update by another's moves the sum by a difference of two such vectors: pass
-``l2 = 2 l2_bound`` and ``l1 = min(l2**2, sqrt(d) l2)`` for that relation.
+``l2 = 2 l2_bound`` and ``l1 = 2 l1_bound`` for that relation (the triangle inequality, what
+:mod:`fedrec.shared.privacy.distributed` does).
 
 Accounting (:func:`skellam_rdp`): Theorem 3.5 of the paper (the multi-dimensional Skellam
 mechanism; the RDP bound the authors' code implements), for integer orders ``alpha > 1``,
