@@ -209,3 +209,25 @@ def test_trusted_user_level_statement_claims_replace_one_and_not_add_remove():
     assert "Replace-one (one client's data\n  swapped for another's" in text and "19.3967" in text
     assert "Adding or removing a client is **not claimed**" in text
     assert "adding or removing a client (or swapping" not in text
+
+
+def test_a_user_level_delta_near_one_over_the_clients_is_flagged():
+    """delta 1e-3 for 943 clients allows about one user exposed outright: the statement says so
+    and what delta to set; delta 1e-4 (delta x N = 0.094) is flagged too, 1e-5 is not."""
+    import json
+    from pathlib import Path
+
+    from fedrec.shared.federation.config import FedConfig
+    from fedrec.shared.privacy.statement import statement
+
+    run = Path(__file__).parents[1] / "simulations/results/item-offsets/cdp-off16/metrics.json"
+    u = json.loads(run.read_text())["privacy"]["user_level"]
+    p = {"rounds_per_client": {}, "clients": 943, "epsilon_max": 0.0, "epsilon_median": 0.0,
+         "refusals": 0}  # fmt: skip
+    cfg = FedConfig(user_dp=True, fraction_train=0.5)
+    for delta, flagged in ((1e-3, True), (1e-4, True), (1e-5, False)):
+        text = " ".join(statement(cfg, p | {"user_level": u | {"delta": delta}}).split())
+        assert ("**On delta**" in text) is flagged, delta
+        if flagged:
+            assert f"delta x clients = {delta:g} x 943 = {delta * 943:.3g}" in text
+            assert "A delta of at most 1e-05 (0.01 / clients)" in text

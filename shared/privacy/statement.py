@@ -130,7 +130,7 @@ def _user_level(cfg: FedConfig, u: dict[str, Any]) -> str:
     if not u.get("enabled"):
         return "## User-level DP\n\nOn, but the run ended before any round was accounted.\n"
     try:
-        return _secure(u) if cfg.secure_agg else _trusted(u)
+        return (_secure(u) if cfg.secure_agg else _trusted(u)) + _delta_note(u)
     except (KeyError, TypeError, ValueError, AttributeError):
         # the run's record is missing or malformed (the audit's findings say what): no claim
         return (
@@ -154,6 +154,21 @@ def _negatives(cfg: FedConfig) -> str:
         "Each example's negatives and cold-dropout mask are a keyed hash of that example and "
         "a per-round secret (fresh OS randomness), so no example's gradient depends on "
         "another's."
+    )
+
+
+def _delta_note(u: dict[str, Any]) -> str:
+    """A warning when delta is not small against 1 / (number of clients): a mechanism that
+    publishes a random user's data outright with probability delta meets (0, delta)-DP, so a
+    delta near 1/N allows about delta x N users to be exposed."""
+    n, delta = int(u.get("clients") or 0), float(u["delta"])
+    if n <= 0 or delta * n <= 0.01:
+        return ""
+    return (
+        f"\n**On delta**: delta x clients = {delta:g} x {n} = {delta * n:.3g}. (epsilon, delta)-DP "
+        "allows a mechanism that exposes\n  a random user's data outright with probability "
+        f"delta; at this delta that is about {delta * n:.2g} of the {n} users.\n  A delta of "
+        f"at most {0.01 / n:.1g} (0.01 / clients) keeps that below 1 %: set `user-delta`.\n"
     )
 
 
