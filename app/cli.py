@@ -110,7 +110,7 @@ def resolve_data(data: str) -> Path:
     try:
         return resolve_data_dir(data)
     except FileNotFoundError as e:
-        if data == "ml-100k" and "is a file" not in str(e):
+        if data == "ml-100k" and not Path(data).exists():  # not a stray file of that name
             home = default_data_home()
             _fail(f"ML-100K is not in {home}: run `fedrec data fetch ml-100k` first.", 2)
         _fail(f"--{e}", 2)

@@ -213,12 +213,17 @@ def check_request(cfg: FedConfig, fields: dict[str, Any], threshold: int) -> Non
             )
 
 
+def population_colluders(clients: int, fraction: float) -> int:
+    """``secagg-colluders``' fraction applied to the whole population, rounded up."""
+    return min(clients, math.ceil(fraction * clients))
+
+
 def cohort_colluder_tail(clients: int, cohort: int, colluders: int, fraction: float) -> float:
     """The chance that a cohort of ``cohort`` clients drawn without replacement from ``clients``
-    holds more than ``colluders`` of the ``ceil(fraction x clients)`` colluders of the whole
-    population (hypergeometric tail, exact in integers). The plan assumes at most ``colluders``
-    per cohort; this says how far that is from the same fraction over the population."""
-    total = min(clients, math.ceil(fraction * clients))
+    holds more than ``colluders`` of the :func:`population_colluders` of the whole population
+    (hypergeometric tail, exact in integers). The plan assumes at most ``colluders`` per
+    cohort; this says how far that is from the same fraction over the population."""
+    total = population_colluders(clients, fraction)
     if cohort > clients or colluders >= min(total, cohort):
         return 0.0
     ways = sum(
@@ -240,7 +245,7 @@ def secure_summary(
     indep = skellam.skellam_epsilon_independent(mu, l2, n, p.delta) if n else 0.0
     _ratio, exact = skellam.independent_rdp_ratio(mu, l2)
     replace = _replace_one(mu, l1, l2, n, p.delta)
-    population = min(clients, math.ceil(cfg.secagg_colluders * clients))
+    population = population_colluders(clients, cfg.secagg_colluders)
     tail = cohort_colluder_tail(clients, p.cohort, p.colluders, cfg.secagg_colluders)
     return {
         "enabled": True,
