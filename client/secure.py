@@ -216,7 +216,7 @@ def _user_level_check(
     state = device_state_dir(node)
     if state is None:
         return None, {}
-    p = plan(cfg, int(f["cohort"]), int(f["dim"]))
+    p = plan(cfg, int(f["cohort"]), int(f["dim"]), int(f["clients"]))
     entry = {
         "mu_total": p.mu_total,
         "l1": skellam.l1_bound(p.encoding),

@@ -199,7 +199,7 @@ def run_federation(
     if cfg.user_dp and cfg.secure_agg:
         clients = len(list(grid.get_node_ids()))
         sampled = sample_size(cfg, clients)
-        secure_plan = plan_secure(cfg, sampled, sum(t.numel() for t in state.values()))
+        secure_plan = plan_secure(cfg, sampled, sum(t.numel() for t in state.values()), clients)
         runner = secure = SecureUserDP(
             strategy, secure_plan, log_path=run / "privacy" / "secagg.jsonl"
         )

@@ -228,6 +228,7 @@ class SecureUserDP:
                 "scale": enc.scale,
                 "dim": enc.dim,
                 "cohort": p.cohort,
+                "clients": p.clients,
                 "beta": enc.beta,
                 "mu": p.mu_client,
             }

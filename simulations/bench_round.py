@@ -501,7 +501,12 @@ def client_costs(
     secure: dict[str, Any] = {}
     for c in per_round:
         scfg, _ = resolve(None, fedrec_sets(True, c, supernodes, 3), preset="central-dp")
-        secure[str(c)] = _secure_costs(scfg, c, dim, train_msg, context, plain, supernodes, samples)
+        try:
+            secure[str(c)] = _secure_costs(
+                scfg, c, dim, train_msg, context, plain, supernodes, samples
+            )
+        except ValueError as err:  # a cohort the secure plan refuses (too many colluders)
+            secure[str(c)] = {"refused": str(err)}
     shutil.rmtree(run_dir, ignore_errors=True)
     return {"dim": dim, "shapes": shapes, "plain": plain, "secure": secure}
 
@@ -526,7 +531,7 @@ def _secure_costs(
     from fedrec.shared.privacy.distributed import neighbours_for
     from fedrec.shared.privacy.distributed import plan as plan_secure
 
-    p = plan_secure(scfg, c, dim)
+    p = plan_secure(scfg, c, dim, supernodes)
     k = neighbours_for(c, scfg.secagg_neighbours)
     threshold = default_threshold(k + 1)
     if (k, threshold) != (p.neighbours, p.threshold):
@@ -583,6 +588,7 @@ def _secure_costs(
                 "scale": enc.scale,
                 "dim": enc.dim,
                 "cohort": p.cohort,
+                "clients": p.clients,
                 "beta": enc.beta,
                 "mu": p.mu_client,
             },
@@ -699,6 +705,17 @@ def bench(
             print(f"{v}: {c} of {supernodes} clients per round, {r} rounds ...", flush=True)
             wd = workdir / f"{v}-c{c}"
             runner = run_noop if v.startswith("noop") else run_fedrec
+            if "secagg" in v:
+                from fedrec.shared.privacy.distributed import check_cohort
+
+                scfg, _ = resolve(None, fedrec_sets(True, c, supernodes, r), preset="central-dp")
+                try:
+                    check_cohort(scfg, supernodes)
+                except ValueError as err:  # recorded, not measured: the plan refuses it
+                    print(f"  refused: {err}", flush=True)
+                    results.append({"variant": v, "clients_per_round": c, "refused": str(err)})
+                    write_json(out, doc)
+                    continue
             res = runner(v, supernodes, c, r, wd)
             med = _median_after_first(res["round_seconds"])
             row = {
@@ -711,7 +728,7 @@ def bench(
                 **res,
             }
             base = next(
-                (x for x in results if x["variant"] == BASELINE.get(v) and
+                (x for x in results if x["variant"] == BASELINE.get(v) and "refused" not in x and
                  x["clients_per_round"] == c),
                 None,
             )  # fmt: skip
@@ -720,7 +737,7 @@ def bench(
                 row["ratio_to_baseline"] = med / base["median_round_seconds"]
             plain = next(
                 (x for x in results if x["variant"] == v.removesuffix("+poll") and
-                 x["clients_per_round"] == c and v.endswith("+poll")),
+                 "refused" not in x and x["clients_per_round"] == c and v.endswith("+poll")),
                 None,
             )  # fmt: skip
             if plain is not None:
@@ -747,6 +764,9 @@ def bench(
 def summary(doc: dict[str, Any]) -> list[str]:
     lines = []
     for x in doc["results"]:
+        if "refused" in x:
+            lines.append(f"{x['variant']} C={x['clients_per_round']}: refused ({x['refused']})")
+            continue
         ratio = (
             f", {x['ratio_to_baseline']:.2f}x {x['baseline']}" if "ratio_to_baseline" in x else ""
         ) + (
@@ -775,6 +795,9 @@ def summary(doc: dict[str, Any]) -> list[str]:
             f"{plain['upload_payload_bytes']} B payload, {plain['upload_wire_bytes']} B wire"
         )
         for c, s in costs["secure"].items():
+            if "refused" in s:
+                lines.append(f"secure aggregation, C={c}: refused ({s['refused']})")
+                continue
             lines.append(
                 f"secure aggregation, C={c} (k={s['neighbours']}): upload "
                 f"{s['upload_payload_bytes']} B payload ({s['ratio_upload_payload_to_plain']:.2f}x"

@@ -202,21 +202,77 @@ def test_the_claim_counts_only_shares_the_sum_really_carries():
 
 def test_plan_refuses_collusion_the_graph_cannot_absorb():
     """SecAgg+'s random graph: colluders holding a threshold of one node's shares could unmask
-    it; the plan bounds that chance and refuses a configuration where it exceeds 1 % of
-    delta (too many colluders, too few neighbours)."""
-    from fedrec.shared.privacy.distributed import collusion_risk, plan
+    it; the plan bounds that chance, grows the automatic neighbour count until it is within 1 %
+    of delta, and refuses a configuration where it cannot be (a fixed neighbour count too
+    small, too many colluders for the cohort)."""
+    from fedrec.shared.federation.secagg import default_threshold
+    from fedrec.shared.privacy.distributed import collusion_risk, neighbours_for, plan
 
     ok = FedConfig(dp=False, user_dp=True, secure_agg=True, user_clip=10.0, user_delta=1e-4,
                    num_rounds=10, fraction_train=0.5)  # fmt: skip
-    p = plan(ok, 471, 4774)
-    assert p.colluders == 24 and p.collusion_risk < 1e-8
+    p = plan(ok, 471, 4774, 943)
+    # 5 % of all 943 clients, all assumed in the cohort: 48 (not 5 % of the cohort, 24)
+    assert p.colluders == 48 and p.collusion_risk <= 1e-6
     assert p.delta == pytest.approx(1e-4 - p.collusion_risk)
+    # the log-sized graph (28 neighbours) is not enough for 48 colluders: the plan took the
+    # smallest even k that is
+    assert neighbours_for(471, 0) == 28 < p.neighbours
+    k = p.neighbours - 2
+    assert collusion_risk(471, k, default_threshold(k + 1), 48, 10) > 1e-6
+    with pytest.raises(ValueError, match="lower secagg-colluders"):
+        plan(FedConfig(**{**ok.as_dict(), "secagg_colluders": 0.3}), 471, 4774, 943)
     with pytest.raises(ValueError, match="raise secagg-neighbours"):
-        plan(FedConfig(**{**ok.as_dict(), "secagg_colluders": 0.3}), 471, 4774)
-    with pytest.raises(ValueError, match="raise secagg-neighbours"):
-        plan(FedConfig(**{**ok.as_dict(), "secagg_neighbours": 4}), 471, 4774)
+        plan(FedConfig(**{**ok.as_dict(), "secagg_neighbours": 4}), 471, 4774, 943)
+    # 48 colluders can be all of a small cohort's honest shares: refused, not assumed away
+    with pytest.raises(ValueError, match="48 colluders"):
+        plan(FedConfig(**{**ok.as_dict(), "fraction_train": 0.05}), 47, 4774, 943)
+    # the rule of runs before 2026-12-03 (audits only): 5 % of the cohort, the log-sized graph
+    old = plan(ok, 471, 4774, None)
+    assert old.colluders == 24 and old.neighbours == 28
     # the complete graph: certain as soon as the colluders reach the threshold
     assert collusion_risk(10, 9, 5, 5, 1) == 1.0 and collusion_risk(10, 9, 5, 4, 1) == 0.0
+
+
+def test_the_colluders_are_counted_in_the_population_on_random_configurations():
+    """Property test on random populations, fractions, dropouts and budgets: the plan subtracts
+    ceil(secagg-colluders x population) colluders from every round's survivors (all of them
+    possibly in one cohort), its per-client share times the honest shares of the worst
+    accepted round is the claimed noise, that noise meets the budget with both accountants,
+    and its collusion risk is within 1 % of delta."""
+    from fedrec.shared.privacy import skellam
+    from fedrec.shared.privacy.distributed import plan
+
+    rng = np.random.default_rng(7)
+    checked = 0
+    for _ in range(40):
+        clients = int(rng.integers(20, 3000))
+        cfg = FedConfig(
+            dp=False, user_dp=True, secure_agg=True, user_clip=float(rng.uniform(0.5, 10)),
+            user_delta=float(10 ** rng.uniform(-5, -3)), num_rounds=int(rng.integers(1, 12)),
+            fraction_train=float(rng.uniform(0.2, 1.0)), secagg_dropout=float(rng.uniform(0, 0.3)),
+            secagg_colluders=float(rng.uniform(0, 0.1)), user_epsilon=float(rng.uniform(1, 10)),
+        )  # fmt: skip
+        cohort = max(int(clients * cfg.fraction_train), cfg.min_replies)
+        want = min(cohort, math.ceil(cfg.secagg_colluders * clients))
+        try:
+            p = plan(cfg, cohort, 64, clients)
+        except ValueError as err:  # refused: only when the counted shares or the graph fail
+            assert "honest noise shares" in str(err) or "lower secagg-colluders" in str(err)
+            continue
+        checked += 1
+        assert p.colluders == want
+        honest = p.min_survivors - want - 1
+        assert honest >= 1 and p.honest_min == honest
+        assert p.mu_client * honest == pytest.approx(p.mu_total, rel=1e-9)
+        assert p.collusion_risk <= 0.01 * cfg.user_delta
+        l1, l2 = skellam.l1_bound(p.encoding), skellam.l2_bound(p.encoding)
+        d = cfg.user_delta - p.collusion_risk
+        eps = skellam.skellam_epsilon(p.mu_total, l1, l2, cfg.num_rounds, d)
+        assert eps <= cfg.user_epsilon * (1 + 1e-9)
+        assert skellam.skellam_epsilon_independent(p.mu_total, l2, cfg.num_rounds, d) <= (
+            cfg.user_epsilon * (1 + 1e-6)
+        )
+    assert checked >= 20
 
 
 def test_a_client_refuses_less_noise_or_a_lower_threshold_than_its_own_calibration():
@@ -224,16 +280,28 @@ def test_a_client_refuses_less_noise_or_a_lower_threshold_than_its_own_calibrati
 
     cfg = FedConfig(dp=False, user_dp=True, secure_agg=True, user_clip=10.0, user_delta=1e-4,
                     num_rounds=10, fraction_train=0.5)  # fmt: skip
-    p = plan(cfg, 471, 4774)
+    p = plan(cfg, 471, 4774, 943)
     e = p.encoding
-    fields = {"cohort": 471, "dim": 4774, "clip": e.clip, "scale": e.scale, "bits": e.bits,
-              "beta": e.beta, "mu": p.mu_client}  # fmt: skip
+    fields = {"cohort": 471, "clients": 943, "dim": 4774, "clip": e.clip, "scale": e.scale,
+              "bits": e.bits, "beta": e.beta, "mu": p.mu_client}  # fmt: skip
     check_request(cfg, fields, p.threshold)  # as calibrated: accepted
     for key, value in (("mu", p.mu_client / 2), ("scale", e.scale * 2), ("clip", 20.0)):
         with pytest.raises(ValueError, match=f"asks {key}="):
             check_request(cfg, fields | {key: value}, p.threshold)
     with pytest.raises(ValueError, match="asks threshold="):
         check_request(cfg, fields, p.threshold - 1)
+    # the per-cohort rule's noise (fewer colluders counted, so less noise per client) is less
+    # than this client's calibration gives: refused
+    old = plan(cfg, 471, 4774, None)
+    assert old.mu_client < p.mu_client
+    with pytest.raises(ValueError, match="asks mu="):
+        check_request(cfg, fields | {"mu": old.mu_client}, old.threshold)
+    # a population the run's sampling cannot draw this cohort from, or none at all: refused
+    with pytest.raises(ValueError, match="give 50; refused"):
+        check_request(cfg, fields | {"clients": 100}, p.threshold)
+    for bad in (None, "943", 0, True):
+        with pytest.raises(ValueError, match="clients="):
+            check_request(cfg, fields | {"clients": bad}, p.threshold)
 
 
 def test_the_statement_says_when_the_numerical_check_is_only_the_gaussian_limit():
@@ -244,8 +312,8 @@ def test_the_statement_says_when_the_numerical_check_is_only_the_gaussian_limit(
 
     cfg = FedConfig(dp=False, user_dp=True, secure_agg=True, user_clip=1.0,
                     user_noise_multiplier=40.0, num_rounds=2)  # fmt: skip
-    p = plan(cfg, 50, 4774)
-    rounds = [{"round": r, "released": True, "survivors": 50, "mu_honest": p.mu_client * 46}
+    p = plan(cfg, 50, 4774, 100)
+    rounds = [{"round": r, "released": True, "survivors": 50, "mu_honest": p.mu_client * 44}
               for r in (1, 2)]  # fmt: skip
     u = secure_summary(cfg, p, rounds, 100)
     assert u["independent_exact"] is False and u["releases"] == 2
@@ -261,8 +329,12 @@ def test_a_cohort_secure_aggregation_cannot_use_is_refused_before_the_run(tmp_pa
     from fedrec.cli import app
     from fedrec.shared.privacy.distributed import check_cohort
 
-    cfg = FedConfig(dp=False, user_dp=True, secure_agg=True, fraction_train=0.1)
+    cfg = FedConfig(dp=False, user_dp=True, secure_agg=True, fraction_train=0.5)
     check_cohort(cfg, 943)
+    # 94 of 943 a round: 48 colluders (5 % of all clients) could hold a threshold of any
+    # node's shares even in the complete graph
+    with pytest.raises(ValueError, match="lower secagg-colluders"):
+        check_cohort(FedConfig(**{**cfg.as_dict(), "fraction_train": 0.1}), 943)
     with pytest.raises(ValueError, match="at least 3 clients"):
         check_cohort(FedConfig(**{**cfg.as_dict(), "fraction_train": 0.002}), 943)
     out = tmp_path / "o"
@@ -270,8 +342,15 @@ def test_a_cohort_secure_aggregation_cannot_use_is_refused_before_the_run(tmp_pa
         "simulate", "--out", str(out), "--set", f"data={synth_dir}", "--set", "secure-agg=true",
         "--set", "user-dp=true", "--set", "dp=false", "--set", "secagg-colluders=0.45",
     ])  # fmt: skip
-    assert r.exit_code == 2 and "raise secagg-neighbours" in r.output, r.output
+    assert r.exit_code == 2 and "raise fraction-train or lower secagg-" in r.output, r.output
     assert not out.exists()
+
+
+def _population(cfg: FedConfig, cohort: int) -> int:
+    """The fewest clients the run's sampling draws a cohort of ``cohort`` from."""
+    from fedrec.shared.privacy.user_level import sample_size
+
+    return next(n for n in range(cohort, 100 * cohort) if sample_size(cfg, n) == cohort)
 
 
 def _masked_round(
@@ -296,7 +375,7 @@ def _masked_round(
     ds, split = dataset_and_split(cfg.data, cfg.protocol, cfg.seed)
     state = travelling_state(model_for(cfg, ds, split))
     dim = sum(t.numel() for t in state.values())
-    p = plan(cfg, cohort, dim)
+    p = plan(cfg, cohort, dim, _population(cfg, cohort))
     nodes = list(range(1, len(parts) + 1))
     devices = devices or {}
     ctxs = {
@@ -325,8 +404,8 @@ def _masked_round(
         for dst, ct in zip(rec["dst"], rec["ct"], strict=True):
             routed[int(dst)].append((n, bytes(ct)))
     e = p.encoding
-    asked = {"clip": e.clip, "scale": e.scale, "dim": e.dim, "cohort": cohort, "beta": e.beta,
-             "mu": p.mu_client}  # fmt: skip
+    asked = {"clip": e.clip, "scale": e.scale, "dim": e.dim, "cohort": cohort, "clients": p.clients,
+             "beta": e.beta, "mu": p.mu_client}  # fmt: skip
     return {
         part: send("masked", n, {"src": [s for s, _ in routed[n]],
                                  "ct": [c for _, c in routed[n]], **asked}, model=True)
@@ -423,7 +502,7 @@ def test_a_device_records_its_user_level_releases_and_refuses_past_its_cap(
     cfg = secure_cfg(synth_dir, tiny_backbone)
     ds, split = dataset_and_split(cfg.data, cfg.protocol, cfg.seed)
     dim = sum(t.numel() for t in travelling_state(model_for(cfg, ds, split)).values())
-    p = plan(cfg, 3, dim)
+    p = plan(cfg, 3, dim, _population(cfg, 3))
     l1, l2 = skellam.l1_bound(p.encoding), skellam.l2_bound(p.encoding)
     risk = p.collusion_risk / cfg.num_rounds
     one = skellam.skellam_epsilon(p.mu_total, l1, l2, 1, cfg.user_delta - risk)
@@ -475,7 +554,7 @@ def test_a_device_reads_its_user_level_cap_at_its_own_delta(synth_dir, tiny_back
     cfg = secure_cfg(synth_dir, tiny_backbone)
     ds, split = dataset_and_split(cfg.data, cfg.protocol, cfg.seed)
     dim = sum(t.numel() for t in travelling_state(model_for(cfg, ds, split)).values())
-    p = plan(cfg, 3, dim)
+    p = plan(cfg, 3, dim, _population(cfg, 3))
     l1, l2 = skellam.l1_bound(p.encoding), skellam.l2_bound(p.encoding)
     risk = p.collusion_risk / cfg.num_rounds
     own = 10 * cfg.user_delta
@@ -506,35 +585,56 @@ def test_the_statements_name_the_server_optimizer_and_its_decay_only_when_it_dec
 
     cfg = FedConfig(dp=False, user_dp=True, secure_agg=True, user_clip=1.0, num_rounds=4,
                     server_lr=2.0, server_lr_final=0.25)  # fmt: skip
-    p = plan(cfg, 50, 4774)
-    rounds = [{"round": 1, "released": True, "survivors": 50, "mu_honest": p.mu_client * 46}]
+    p = plan(cfg, 50, 4774, 100)
+    rounds = [{"round": 1, "released": True, "survivors": 50, "mu_honest": p.mu_client * 44}]
     text = " ".join(statement(cfg, {"user_level": secure_summary(cfg, p, rounds, 100)}).split())
     assert "its optimizer (sgd, lr 2 decayed to 0.25x by round 4 (cosine)) steps on" in text
     one = FedConfig(dp=False, user_dp=True, num_rounds=1, server_lr_final=0.25)
     assert server_optimizer_text(one) == "sgd, lr 1"
 
 
-def test_the_colluder_assumption_is_per_cohort_and_its_population_tail_is_stated():
-    """The plan assumes at most ceil(secagg-colluders x cohort) colluders in each cohort. The
-    statement says that this is per cohort, and how likely a random cohort is to break it if the
-    same fraction of the whole population colluded (hypergeometric tail, checked against
-    SciPy's independent implementation; 0.44 a round for the default's 943 / 471 / 5 %)."""
-    from scipy.stats import hypergeom
-
-    from fedrec.shared.privacy.distributed import cohort_colluder_tail, plan, secure_summary
+def test_the_statement_states_the_colluders_of_the_population():
+    """The trust line says how many of all clients are assumed to collude and that all of them
+    are assumed to be in every cohort; their noise shares are not counted."""
+    from fedrec.shared.privacy.distributed import plan, secure_summary
     from fedrec.shared.privacy.statement import statement
 
-    for n, cohort, frac in ((943, 471, 0.05), (100, 50, 0.05), (300, 40, 0.1), (60, 60, 0.05)):
-        c = math.ceil(frac * cohort)
-        want = float(hypergeom.sf(c, n, min(n, math.ceil(frac * n)), cohort))
-        assert cohort_colluder_tail(n, cohort, c, frac) == pytest.approx(want, rel=1e-9, abs=1e-15)
-    assert cohort_colluder_tail(943, 471, 24, 0.05) == pytest.approx(0.4382, abs=1e-4)
     cfg = FedConfig(dp=False, user_dp=True, secure_agg=True, user_clip=1.0, num_rounds=4)
-    p = plan(cfg, 50, 4774)
-    rounds = [{"round": 1, "released": True, "survivors": 50, "mu_honest": p.mu_client * 46}]
+    p = plan(cfg, 50, 4774, 100)
+    assert p.colluders == 5
+    rounds = [{"round": 1, "released": True, "survivors": 50, "mu_honest": p.mu_client * 44}]
     u = secure_summary(cfg, p, rounds, 100)
-    tail = float(hypergeom.sf(p.colluders, 100, 5, 50))
-    assert u["colluders_cohort_tail"] == pytest.approx(tail) and tail > 0.01
     text = " ".join(statement(cfg, {"user_level": u}).split())
-    assert "assumed of each cohort, not of the whole population" in text
-    assert f"more than {p.colluders} of them with probability {tail:.2g} a round" in text
+    assert "at most 5 of all 100 clients (secagg-colluders = 0.05 of the population)" in text
+    assert "all of them are in every round's cohort of 50 (5 noise shares not counted" in text
+    assert "older colluder rule" not in text
+    with pytest.raises(ValueError, match="among 100 clients, the run had 99"):
+        secure_summary(cfg, p, rounds, 99)
+
+
+def test_a_run_made_under_the_per_cohort_rule_is_audited_and_given_its_population_epsilon(
+    tmp_path,
+):
+    """The committed main job (made before 2026-12-03) counted 24 colluders per cohort of 471.
+    `fedrec audit` still passes it under the rule it was made with, and its statement adds the
+    epsilon under the population rule (48 of 943), recomputed from the same releases: higher
+    than the claim, lower than infinity."""
+    import shutil
+    from pathlib import Path
+
+    from fedrec.shared.privacy.report import audit_run
+
+    src = Path(__file__).resolve().parents[1] / "simulations/results/main-job"
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    report, text = audit_run(run, plot=False)
+    u = report["user_level_dp"]
+    assert report["ok"], report
+    assert u["secure_agg"]["colluders"] == 24 and u["colluders_population"] == 48
+    assert u["epsilon"] < u["epsilon_population_colluders"] < 10
+    text = " ".join(text.split())
+    assert "Made under the older colluder rule" in text
+    assert (
+        f"this run's epsilon (recomputed by `fedrec audit` from the same releases) is "
+        f"**{u['epsilon_population_colluders']:.4f}**" in text
+    )

@@ -323,7 +323,7 @@ def test_the_claimed_calibration_meets_the_budget_with_both_accountants():
     assert skellam_epsilon_independent(claimed, l2, releases, delta) <= eps
     cfg = FedConfig(dp=False, user_dp=True, secure_agg=True, user_clip=1.0, num_rounds=2,
                     user_epsilon=0.5, user_delta=1e-5)  # fmt: skip
-    p = plan(cfg, 60, 40)
+    p = plan(cfg, 60, 40, 60)
     rounds = [{"round": r, "released": True, "survivors": 60, "mu_honest": p.mu_total}
               for r in (1, 2)]  # fmt: skip
     u = secure_summary(cfg, p, rounds, 60)

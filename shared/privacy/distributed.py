@@ -47,6 +47,9 @@ class SecurePlan:
     # works at delta = user-delta - collusion_risk
     collusion_risk: float
     delta: float
+    # the population the colluders are counted in (None: runs before 2026-12-03 counted
+    # secagg-colluders per cohort)
+    clients: int | None = None
 
     @property
     def honest_min(self) -> int:
@@ -72,7 +75,9 @@ class SecurePlan:
             "mu_total_claimed": self.mu_total,
             "collusion_risk": self.collusion_risk,
             "delta_accountant": self.delta,
-        }
+        } | ({} if self.clients is None else {
+            "colluders_scope": "population", "population": self.clients
+        })  # fmt: skip
 
 
 # the integer L2 norm a clipped update is scaled to (see plan)
@@ -113,46 +118,80 @@ def check_cohort(cfg: FedConfig, clients: int) -> None:
     """Before a run starts: the cohort that ``clients`` connected clients give is large enough
     for secure aggregation (at least 3, at least one counted noise share, a collusion risk
     within 1 % of delta). Raises ValueError saying what to change."""
-    _cohort_parameters(cfg, sample_size(cfg, clients))
+    _cohort_parameters(cfg, sample_size(cfg, clients), clients)
 
 
-def _cohort_parameters(cfg: FedConfig, cohort: int) -> tuple[int, int, int, int, int, float]:
-    """``(k, threshold, min_survivors, colluders, honest, collusion_risk)`` for a cohort."""
+def cohort_colluders(cfg: FedConfig, cohort: int, clients: int | None) -> int:
+    """The colluders the plan subtracts from a cohort: ``secagg-colluders`` of the whole
+    population of ``clients``, all of them assumed to be in the cohort (the worst case; the
+    server does not have to bias its sampling for it to happen by chance), at most the
+    cohort. ``clients=None`` is the rule of runs made before 2026-12-03: the fraction of each
+    cohort, an assumption about every round's draw rather than about the population."""
+    if clients is None:
+        return math.ceil(cfg.secagg_colluders * cohort)
+    return min(cohort, population_colluders(clients, cfg.secagg_colluders))
+
+
+def _cohort_parameters(
+    cfg: FedConfig, cohort: int, clients: int | None
+) -> tuple[int, int, int, int, int, float]:
+    """``(k, threshold, min_survivors, colluders, honest, collusion_risk)`` for a cohort drawn
+    from ``clients`` (None: the pre-2026-12-03 per-cohort colluder rule, for audits).
+
+    With ``secagg-neighbours`` = 0 the neighbour count starts at :func:`neighbours_for`'s
+    3 log2(cohort) and grows (by 2) until the collusion risk is within its share of delta:
+    more colluders need larger groups (Bell et al. 2020 size k by the corrupted fraction)."""
     if cohort < 3:
         raise ValueError(
             f"secure-agg=true needs a cohort of at least 3 clients per round, got {cohort}: "
             "raise fraction-train or min-replies"
         )
+    colluders = cohort_colluders(cfg, cohort, clients)
+    min_survivors = max(2, math.ceil((1 - cfg.secagg_dropout) * cohort))
+    whole = f"{clients} clients" if clients is not None else "the cohort"
+    if clients is not None and population_colluders(clients, cfg.secagg_colluders) > colluders:
+        whole += (
+            f": {population_colluders(clients, cfg.secagg_colluders)} colluders, as many as the "
+            "cohort holds"
+        )
     k = neighbours_for(cohort, cfg.secagg_neighbours)
     t = default_threshold(k + 1)
-    min_survivors = max(t, math.ceil((1 - cfg.secagg_dropout) * cohort))
-    colluders = math.ceil(cfg.secagg_colluders * cohort)
+    risk = collusion_risk(cohort, k, t, colluders, cfg.num_rounds)
+    budget = RISK_SHARE * cfg.user_delta
+    while risk > budget and not cfg.secagg_neighbours and k < neighbours_for(cohort, cohort):
+        k = min(k + 2, neighbours_for(cohort, cohort))
+        t = default_threshold(k + 1)
+        risk = collusion_risk(cohort, k, t, colluders, cfg.num_rounds)
+    min_survivors = max(t, min_survivors)
     honest = honest_shares(min_survivors, colluders)
     if honest < 1:
         raise ValueError(
             f"secure-agg: a cohort of {cohort} with secagg-dropout={cfg.secagg_dropout} and "
-            f"secagg-colluders={cfg.secagg_colluders} leaves {honest} honest noise shares; "
-            "raise fraction-train or lower secagg-dropout / secagg-colluders"
+            f"secagg-colluders={cfg.secagg_colluders} of {whole} ({colluders} colluders "
+            f"counted, all possibly in one cohort) leaves {honest} honest noise shares; raise "
+            "fraction-train or lower secagg-dropout / secagg-colluders"
         )
-    risk = collusion_risk(cohort, k, t, colluders, cfg.num_rounds)
-    if risk > RISK_SHARE * cfg.user_delta:
+    if risk > budget:
         raise ValueError(
-            f"secure-agg: with {colluders} colluders in a cohort of {cohort}, {k} neighbours and "
-            f"threshold {t}, the chance that colluders hold a threshold of some node's shares "
-            f"over {cfg.num_rounds} rounds is up to {risk:.3g}, above {RISK_SHARE:g} x "
-            f"user-delta={cfg.user_delta}: raise secagg-neighbours (0 = automatic) or lower "
-            "secagg-colluders"
+            f"secure-agg: with {colluders} colluders ({cfg.secagg_colluders} of {whole}) in a "
+            f"cohort of {cohort}, {k} neighbours and threshold {t}, the chance that colluders "
+            f"hold a threshold of some node's shares over {cfg.num_rounds} rounds is up to "
+            f"{risk:.3g}, above {RISK_SHARE:g} x user-delta={cfg.user_delta}: "
+            + ("raise secagg-neighbours (0 = automatic), " if cfg.secagg_neighbours else "")
+            + "raise fraction-train or lower secagg-colluders"
         )
     return k, t, min_survivors, colluders, honest, risk
 
 
 @functools.lru_cache(maxsize=8)
-def plan(cfg: FedConfig, cohort: int, dim: int) -> SecurePlan:
-    """Calibrate the run: the cohort's graph, the integer encoding and each client's noise.
+def plan(cfg: FedConfig, cohort: int, dim: int, clients: int | None) -> SecurePlan:
+    """Calibrate the run: the cohort's graph, the integer encoding and each client's noise,
+    for a cohort of ``cohort`` drawn from ``clients`` connected clients (None: the rule of runs
+    made before 2026-12-03, see :func:`cohort_colluders`; only audits of such runs use it).
 
-    Deterministic in ``(cfg, cohort, dim)``: the server computes it once, each client again to
-    check what the server asks of it (:func:`check_request`); cached per process."""
-    k, t, min_survivors, colluders, honest, risk = _cohort_parameters(cfg, cohort)
+    Deterministic in ``(cfg, cohort, dim, clients)``: the server computes it once, each client
+    again to check what the server asks of it (:func:`check_request`); cached per process."""
+    k, t, min_survivors, colluders, honest, risk = _cohort_parameters(cfg, cohort, clients)
     delta = cfg.user_delta - risk
 
     def calibrated(enc: skellam.SkellamConfig) -> float:
@@ -187,15 +226,34 @@ def plan(cfg: FedConfig, cohort: int, dim: int) -> SecurePlan:
         mu_client=skellam.noise_shares(mu_total, honest),
         collusion_risk=risk,
         delta=delta,
+        clients=clients,
     )
 
 
 def check_request(cfg: FedConfig, fields: dict[str, Any], threshold: int) -> None:
     """A client's check of a masked-input request against its own recomputation of the plan
-    (from the run config and the cohort size): the server cannot ask it for less noise, a
-    coarser or different encoding, or a lower Shamir threshold than the calibration gives.
-    Raises ValueError saying what differs."""
-    p = plan(cfg, int(fields["cohort"]), int(fields["dim"]))
+    (from the run config, the cohort size and the population the server states): the server
+    cannot ask it for less noise, a coarser or different encoding, or a lower Shamir threshold
+    than the calibration gives. The stated population must give the stated cohort under the
+    run's sampling (``fraction-train``, ``min-replies``), which pins it to within 1 /
+    fraction-train clients; when ``min-replies`` sets the cohort, a server that understated
+    the population could lower the colluder count, which an honest-but-curious server does
+    not. Raises ValueError saying what differs."""
+    cohort, clients = fields.get("cohort"), fields.get("clients")
+    for key, v in (("cohort", cohort), ("clients", clients)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(
+                f"secure aggregation: the server's request has {key}={v!r}, not a positive whole "
+                "number; refused"
+            )
+    assert isinstance(cohort, int) and isinstance(clients, int)
+    if sample_size(cfg, clients) != cohort:
+        raise ValueError(
+            f"secure aggregation: the server states a cohort of {cohort} drawn from {clients} "
+            f"clients, but fraction-train={cfg.fraction_train} and min-replies="
+            f"{cfg.min_replies} give {sample_size(cfg, clients)}; refused"
+        )
+    p = plan(cfg, cohort, int(fields["dim"]), clients)
     e = p.encoding
     wants = {
         "clip": e.clip, "scale": e.scale, "bits": e.bits, "beta": e.beta, "mu": p.mu_client,
@@ -209,28 +267,14 @@ def check_request(cfg: FedConfig, fields: dict[str, Any], threshold: int) -> Non
         ):
             raise ValueError(
                 f"secure aggregation: the server asks {key}={theirs}, but this client's "
-                f"calibration for a cohort of {p.cohort} gives {mine}; refused"
+                f"calibration for a cohort of {p.cohort} of {clients} clients gives {mine}; "
+                "refused"
             )
 
 
 def population_colluders(clients: int, fraction: float) -> int:
     """``secagg-colluders``' fraction applied to the whole population, rounded up."""
     return min(clients, math.ceil(fraction * clients))
-
-
-def cohort_colluder_tail(clients: int, cohort: int, colluders: int, fraction: float) -> float:
-    """The chance that a cohort of ``cohort`` clients drawn without replacement from ``clients``
-    holds more than ``colluders`` of the :func:`population_colluders` of the whole population
-    (hypergeometric tail, exact in integers). The plan assumes at most ``colluders`` per
-    cohort; this says how far that is from the same fraction over the population."""
-    total = population_colluders(clients, fraction)
-    if cohort > clients or colluders >= min(total, cohort):
-        return 0.0
-    ways = sum(
-        math.comb(total, x) * math.comb(clients - total, cohort - x)
-        for x in range(colluders + 1, min(total, cohort) + 1)
-    )
-    return ways / math.comb(clients, cohort)
 
 
 def secure_summary(
@@ -245,8 +289,11 @@ def secure_summary(
     indep = skellam.skellam_epsilon_independent(mu, l2, n, p.delta) if n else 0.0
     _ratio, exact = skellam.independent_rdp_ratio(mu, l2)
     replace = _replace_one(mu, l1, l2, n, p.delta)
-    population = population_colluders(clients, cfg.secagg_colluders)
-    tail = cohort_colluder_tail(clients, p.cohort, p.colluders, cfg.secagg_colluders)
+    if p.clients != clients:
+        raise ValueError(
+            f"secure_summary: the plan counts colluders among {p.clients} clients, the run had "
+            f"{clients}"
+        )
     return {
         "enabled": True,
         "unit": "one client's whole data set ("
@@ -258,17 +305,13 @@ def secure_summary(
         "(Bell et al. 2020); client-side clipping and conditional randomized rounding",
         "trust": (
             "honest-but-curious server; at most "
-            f"{p.colluders} of each round's {p.cohort} clients collude with it (their noise "
-            "shares are not counted); at most "
-            f"{p.cohort - p.min_survivors} drop out (a round with fewer survivors is not "
-            "released); the clients not counted as colluders add their noise share. This is "
-            "assumed of each cohort, not of the whole population: if "
-            f"{population} of all {clients} clients (the same fraction) colluded, a random "
-            f"cohort would hold more than {p.colluders} of them with probability "
-            f"{tail:.2g} a round, and such a round is not covered by the epsilon below"
+            f"{population_colluders(clients, cfg.secagg_colluders)} of all {clients} clients "
+            f"(secagg-colluders = {cfg.secagg_colluders:g} of the population) collude with it, "
+            f"and the claim assumes all of them are in every round's cohort of {p.cohort} "
+            f"({p.colluders} noise shares not counted, whichever clients the server samples); "
+            f"at most {p.cohort - p.min_survivors} drop out (a round with fewer survivors is not "
+            "released); the clients not counted as colluders add their noise share"
         ),
-        "colluders_population_same_fraction": population,
-        "colluders_cohort_tail": tail,
         "clip": cfg.user_clip,
         "server_optimizer": server_optimizer_text(cfg),
         "secure_agg": p.as_dict(),
@@ -346,14 +389,27 @@ def audit_secure(run: Path, cfg: FedConfig, tolerance: float) -> tuple[dict[str,
         ]
     sa = claim["secure_agg"]
     problems: list[str] = []
+    # runs made before 2026-12-03 counted the colluders per cohort (no colluders_scope): they
+    # are checked against that rule, and the audit adds what the population rule would give
+    legacy = sa.get("colluders_scope") != "population"
     try:
-        expected = plan(cfg, int(sa["cohort"]), int(sa["dim"]))
+        population = None if legacy else int(sa["population"])
+        expected = plan(cfg, int(sa["cohort"]), int(sa["dim"]), population)
     except (KeyError, TypeError, ValueError) as err:
         return dict(claim) | {"verified": False}, [
             f"{path}: cannot recompute the secure-aggregation plan from its record ({err!r})"
         ]
+    if not legacy and claim.get("clients") != population:
+        problems.append(
+            f"secure-aggregation plan: colluders counted among {population} clients, but the "
+            f"run had {claim.get('clients')}"
+        )
     for key, mine in expected.as_dict().items():
         theirs = sa.get(key)
+        if isinstance(mine, str):
+            if theirs != mine:
+                problems.append(f"secure-aggregation plan: {key} is {theirs!r}, not {mine!r}")
+            continue
         if not isinstance(theirs, (int, float)) or not math.isclose(
             float(theirs), float(mine), rel_tol=1e-9, abs_tol=1e-12
         ):
@@ -408,6 +464,7 @@ def audit_secure(run: Path, cfg: FedConfig, tolerance: float) -> tuple[dict[str,
         )
     mu = min(mus, default=expected.mu_total)
     l1, l2 = skellam.l1_bound(expected.encoding), skellam.l2_bound(expected.encoding)
+    extra: dict[str, Any] = {}
     eps = skellam.skellam_epsilon(mu, l1, l2, n, expected.delta) if n and mu > 0 else 0.0
     if n and mu <= 0:
         eps = math.inf
@@ -431,24 +488,33 @@ def audit_secure(run: Path, cfg: FedConfig, tolerance: float) -> tuple[dict[str,
         problems.append(
             f"user-level epsilon {max(eps, indep):.6g} exceeds the budget {cfg.user_epsilon}"
         )
+    if legacy and isinstance(clients, int) and not isinstance(clients, bool) and clients > 0:
+        extra["epsilon_population_colluders"] = _population_epsilon(
+            cfg, expected, released, clients, n
+        )
+        extra["colluders_population"] = cohort_colluders(cfg, expected.cohort, clients)
     # the statement the audit prints is built from these recomputed values, not the claim's
-    out = dict(claim) | {
-        "verified": not problems,
-        "server_optimizer": server_optimizer_text(cfg),  # from the config, as the claim's
-        "epsilon_claimed": claimed,
-        "epsilon_replace_one_claimed": claimed_replace,
-        "epsilon": max(eps, indep),
-        "epsilon_analytic": eps,
-        "epsilon_independent": indep,
-        "epsilon_replace_one": replace,
-        "mu_total_used": mu,
-        "releases": n,
-        "epsilon_recomputed": max(eps, indep),
-        "epsilon_independent_recomputed": indep,
-        "epsilon_replace_one_recomputed": replace,
-        "releases_recomputed": n,
-        "rounds_logged": len(rounds),
-    }
+    out = (
+        dict(claim)
+        | extra
+        | {
+            "verified": not problems,
+            "server_optimizer": server_optimizer_text(cfg),  # from the config, as the claim's
+            "epsilon_claimed": claimed,
+            "epsilon_replace_one_claimed": claimed_replace,
+            "epsilon": max(eps, indep),
+            "epsilon_analytic": eps,
+            "epsilon_independent": indep,
+            "epsilon_replace_one": replace,
+            "mu_total_used": mu,
+            "releases": n,
+            "epsilon_recomputed": max(eps, indep),
+            "epsilon_independent_recomputed": indep,
+            "epsilon_replace_one_recomputed": replace,
+            "releases_recomputed": n,
+            "rounds_logged": len(rounds),
+        }
+    )
     return out, problems
 
 
@@ -457,6 +523,30 @@ def _count(r: dict[str, Any], key: str) -> int:
     counts are checked; 0 survivors counts the least noise, the conservative reading)."""
     v = r.get(key, 0)
     return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def _population_epsilon(
+    cfg: FedConfig, p: SecurePlan, released: list[dict[str, Any]], clients: int, releases: int
+) -> float:
+    """For a run made under the per-cohort colluder rule: its epsilon had ``secagg-colluders``
+    of all ``clients`` colluded, all in the cohort (the rule of :func:`cohort_colluders`):
+    fewer noise shares counted per round, and more of delta to the collusion risk of its graph.
+    Infinite when no noise share or no delta is left."""
+    colluders = cohort_colluders(cfg, p.cohort, clients)
+    risk = collusion_risk(p.cohort, p.neighbours, p.threshold, colluders, cfg.num_rounds)
+    counted = [honest_shares(_count(r, "survivors"), colluders) for r in released]
+    honest = min(counted, default=honest_shares(p.min_survivors, colluders))
+    delta = cfg.user_delta - risk
+    if not releases:
+        return 0.0
+    if honest < 1 or delta <= 0:
+        return math.inf
+    mu = p.mu_client * honest
+    l1, l2 = skellam.l1_bound(p.encoding), skellam.l2_bound(p.encoding)
+    return max(
+        skellam.skellam_epsilon(mu, l1, l2, releases, delta),
+        skellam.skellam_epsilon_independent(mu, l2, releases, delta),
+    )
 
 
 def _replace_one(mu: float, l1: float, l2: float, releases: int, delta: float) -> float:

@@ -260,6 +260,22 @@ def _secure(u: dict[str, Any]) -> str:
   The noise comes from NumPy's PCG64 seeded with 128 bits of OS entropy on each client, not a
   cryptographically secure generator. A client that adds less noise than asked weakens the
   guarantee: the claim assumes the clients not counted as colluders follow the protocol.
+""" + _legacy_colluders(u)
+
+
+def _legacy_colluders(u: dict[str, Any]) -> str:
+    """For a run made before 2026-12-03 (colluders counted per cohort), what ``fedrec audit``
+    recomputed under the population rule runs use now; empty otherwise."""
+    eps = u.get("epsilon_population_colluders")
+    if not isinstance(eps, (int, float)):
+        return ""
+    sa = u["secure_agg"]
+    return f"""- **Made under the older colluder rule**: this run assumed at most {sa["colluders"]}
+  colluders in each cohort of {sa["cohort"]}, an assumption about every round's draw. Runs since
+  2026-12-03 assume at most the same fraction of the whole population,
+  {u.get("colluders_population")} of {u.get("clients")} clients, all possibly in one cohort. Under
+  that assumption this run's epsilon (recomputed by `fedrec audit` from the same releases) is
+  **{eps:.4f}** at delta = {u["delta"]}.
 """
 
 
