@@ -349,7 +349,9 @@ class UserLevelLedger:
     ``privacy-budget.json`` (local DP), replaced atomically.
 
     Its epsilon composes the entries' Skellam RDP bounds (Agarwal, Kairouz, Liu 2021, Theorem
-    3.5; RDP adds up over releases) at ``delta`` minus the entries' collusion risks. Rounds the
+    3.5; RDP adds up over releases) at ``delta`` minus the entries' collusion risks, and the
+    entries' numerically computed RDP curves the same way, and takes the larger (as a run's
+    statement does). Rounds the
     device did not join cost its user nothing under zero-out adjacency (the release does not
     depend on its data). Each entry counts the a-priori noise (the minimum survivors), so for
     the rounds it joined this is at least what the run's statement claims for them (which
@@ -401,7 +403,11 @@ class UserLevelLedger:
         rest = delta - sum(e["risk"] for e in entries)
         if not rest > 0:
             return math.inf
-        return skellam.composed_epsilon([(e["mu_total"], e["l1"], e["l2"]) for e in entries], rest)
+        # the larger of the two computations, as a run's statement claims
+        return max(
+            skellam.composed_epsilon([(e["mu_total"], e["l1"], e["l2"]) for e in entries], rest),
+            skellam.composed_epsilon_independent([(e["mu_total"], e["l2"]) for e in entries], rest),
+        )
 
     def check_cap(
         self, entries: list[dict[str, float]], entry: dict[str, float], cap: float, delta: float

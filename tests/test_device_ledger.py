@@ -33,6 +33,29 @@ def test_the_collusion_risk_comes_out_of_delta(tmp_path):
     assert ledger.epsilon([], 1e-4) == 0.0
 
 
+def test_the_record_takes_the_larger_of_the_two_computations_as_a_statement_does(tmp_path):
+    """A run's statement claims max(analytic, numerical). At a small budget the noise that
+    meets the analytic bound gives a higher numerical epsilon: the device's record must count
+    that one, and a cap between the two refuses the round (it was let through before)."""
+    ledger = UserLevelLedger(tmp_path / "user-level-budget.json")
+    l1, l2, delta = 4.0, 2.0, 1e-5
+    mu = skellam.calibrate_mu(0.5, delta, 2, l1, l2)
+    entries = [{"mu_total": mu, "l1": l1, "l2": l2, "risk": 0.0}] * 2
+    analytic = skellam.skellam_epsilon(mu, l1, l2, 2, delta)
+    numerical = skellam.skellam_epsilon_independent(mu, l2, 2, delta)
+    assert analytic <= 0.5 < numerical
+    assert ledger.epsilon(entries, delta) == pytest.approx(numerical, rel=1e-12)
+    # different releases: each curve composed on its own, the same figure when they coincide
+    assert skellam.composed_epsilon_independent([(mu, l2), (mu, l2)], delta) == pytest.approx(
+        numerical, rel=1e-12
+    )
+    mixed = skellam.composed_epsilon_independent([(mu, l2), (2 * mu, l2)], delta)
+    assert skellam.skellam_epsilon_independent(2 * mu, l2, 2, delta) < mixed < numerical
+    ledger.append(entries[0])
+    with pytest.raises(ValueError, match="user-epsilon-max"):
+        ledger.append(entries[1], cap=(analytic + numerical) / 2, delta=delta)
+
+
 def test_the_cap_is_checked_again_when_the_entry_is_written(tmp_path):
     """Another run on the device added rounds after this round's first check: the append
     itself refuses, and writes nothing."""

@@ -61,6 +61,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -634,6 +635,30 @@ def skellam_epsilon_independent(
         return math.inf
     convert = _balle if conversion == "balle" else _mironov
     return convert(INDEPENDENT_ORDERS[keep], rdp[keep], delta)
+
+
+def composed_epsilon_independent(releases: list[tuple[float, float]], delta: float) -> float:
+    """:func:`skellam_epsilon_independent` for releases that may differ, each ``(mu_total,
+    l2)``: their numerical RDP curves added up and converted at ``delta`` as that function
+    does (Balle et al.). 0 for none; ``inf`` if one has no noise. Identical releases are
+    computed once."""
+    _check_release(len(releases), delta)
+    rdp = np.zeros(INDEPENDENT_ORDERS.size)
+    for (mu_total, l2), times in Counter(releases).items():
+        _check_sens(0.0, l2)
+        mu = _check_mu(mu_total, "mu_total")
+        if l2 == 0:
+            continue
+        if mu == 0:
+            return math.inf
+        ratio, _exact = independent_rdp_ratio(mu, l2)
+        rdp = rdp + ratio * l2 * l2 * times
+    if not rdp.any():
+        return 0.0
+    keep = np.isfinite(rdp)
+    if not keep.any():
+        return math.inf
+    return _balle(INDEPENDENT_ORDERS[keep], rdp[keep], delta)
 
 
 # --- choosing gamma ----------------------------------------------------------------------------
