@@ -615,7 +615,7 @@ def test_the_statement_states_the_colluders_of_the_population():
 def test_a_run_made_under_the_per_cohort_rule_is_audited_and_given_its_population_epsilon(
     tmp_path,
 ):
-    """The committed main job (made before 2026-12-03) counted 24 colluders per cohort of 471.
+    """The suite's A-secure run (made before 2026-12-03) counted 24 colluders per cohort of 471.
     `fedrec audit` still passes it under the rule it was made with, and its statement adds the
     epsilon under the population rule (48 of 943), recomputed from the same releases: higher
     than the claim, lower than infinity."""
@@ -624,7 +624,7 @@ def test_a_run_made_under_the_per_cohort_rule_is_audited_and_given_its_populatio
 
     from fedrec.shared.privacy.report import audit_run
 
-    src = Path(__file__).resolve().parents[1] / "simulations/results/main-job"
+    src = Path(__file__).resolve().parents[1] / "simulations/results/suite-full/runs/A-secure"
     run = tmp_path / "run"
     shutil.copytree(src, run)
     report, text = audit_run(run, plot=False)
