@@ -72,10 +72,22 @@ def _kind(config: dict[str, Any]) -> str:
 
 
 def _check_same(base: dict[str, Any], r: dict[str, Any], allowed: set[str], why: str) -> None:
+    """ValueError unless the two configs agree outside ``allowed`` and the seed. A key one
+    config lacks (written by an older fedrec) counts as FedConfig's default: an option added
+    later at its default did not change the run."""
+    import dataclasses
+
+    from fedrec.shared.federation.config import FedConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(FedConfig)}
+
+    def value(config: dict[str, Any], k: str) -> Any:
+        return config[k] if k in config else defaults.get(k, dataclasses.MISSING)
+
     keys = base["config"].keys() | r["config"].keys()
     diff = sorted(
         k for k in keys
-        if k != "seed" and k not in allowed and base["config"].get(k) != r["config"].get(k)
+        if k != "seed" and k not in allowed and value(base["config"], k) != value(r["config"], k)
     )  # fmt: skip
     if diff:
         raise ValueError(f"runs/{r['name']}: settings differ from {base['name']} in {diff}; {why}")
@@ -171,10 +183,17 @@ def headline(results: Path, *, label: str | None = None) -> str:
             + _spread([_test(r["metrics"])["NDCG@10"] for r in groups["nodp"]])
             + "."
         )
+    sa0 = u0["secure_agg"]
+    colluders = (
+        f"at most {sa0['colluders']} of all {u0['clients']} users collude with it, all assumed "
+        "to be in every round's cohort"
+        if sa0.get("colluders_scope") == "population"
+        else f"at most {sa0['colluders']} of each round's {sa0['cohort']} users collude with it"
+    )
     lines = [
         f"**One user per device, user-level DP, no trusted server** (SecAgg+ with distributed "
         f"Skellam noise: the server sees only the noisy sum; it is assumed honest but curious, "
-        "i.e. it follows the protocol): median test NDCG@10 "
+        f"i.e. it follows the protocol; {colluders}): median test NDCG@10 "
         f"**{statistics.median(ndcg):.4f}** over "
         f"{len(private)} runs (min {min(ndcg):.4f}, max {max(ndcg):.4f}) against popularity "
         f"{pop:.4f} and item-kNN {knn:.4f} on the same split; epsilon at most "
