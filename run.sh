@@ -36,7 +36,7 @@ case "$verb" in
     "$VENV/bin/fedrec" data fetch ml-100k
     # The main job: a federated simulation on ML-100K (Flower simulation runtime, the default
     # MiniLM backbone with LoRA) with fedrec simulate's default preset "secure": one user per
-    # client, 471 of 943 per round, 10 rounds, user-level DP (epsilon 8 at delta 1e-4) with
+    # client, 471 of 943 per round, 10 rounds, user-level DP (epsilon 8 at delta 1e-5) with
     # secure aggregation and distributed noise, no trusted server (about 10 min on 2 cores).
     # `fedrec simulate --list-presets` lists the others. It rewrites its own run directory each
     # time (a run directory never mixes runs).
