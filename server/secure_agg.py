@@ -24,8 +24,9 @@ post-processing.
 
 Accounting (:mod:`fedrec.shared.privacy.skellam`): the released sum carries Skellam noise with
 parameter ``mu`` times the number of noise shares in it. The claim counts only the shares of
-survivors that are not assumed to collude with the server (``secagg-colluders`` of the
-cohort) and not the protected user's own share. Each client's share is calibrated at the start
+survivors that are not assumed to collude with the server (``secagg-colluders`` of all
+clients, all assumed to be in the cohort) and not the protected user's own share. Each
+client's share is calibrated at the start
 for the worst round the run accepts (``secagg-dropout`` of the cohort gone, colluders
 subtracted), so that ``num-rounds`` releases spend at most (``user-epsilon``, ``user-delta``);
 no amplification by client sampling is claimed (the server knows the cohort). Each round's

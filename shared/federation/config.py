@@ -204,8 +204,8 @@ class FedConfig:
     # secure aggregation: the largest fraction of a round's cohort that may drop out; a round
     # with fewer survivors is not released (the noise is calibrated for that many shares)
     secagg_dropout: float = 0.1
-    # secure aggregation: fraction of the cohort assumed to collude with the server; their noise
-    # shares are not counted in the privacy claim
+    # secure aggregation: fraction of all connected clients (rounded up) assumed to collude with
+    # the server, all assumed to be in every cohort; their noise shares are not counted
     secagg_colluders: float = 0.05
     # SIMULATION ONLY, to test dropout recovery: "FRACTION:STAGE" makes every round(1 /
     # FRACTION)-th partition (p0, p5, ...) fail at secure-aggregation stage STAGE (share, masked

@@ -255,8 +255,9 @@ def _secure(u: dict[str, Any]) -> str:
   zero change with its noise share like any other, so these counts do not show it) and
   whether a round was released; a server that deviates from the protocol (the
   paper's consistency round with signatures is not implemented, so a malicious server could ask
-  different clients for a node's two kinds of share); Sybil clients; the choice of the cohort
-  and the timing of replies.
+  different clients for a node's two kinds of share); Sybil clients; the timing of replies
+  (which clients the server samples does not matter: the colluders are assumed to be in every
+  cohort).
   The noise comes from NumPy's PCG64 seeded with 128 bits of OS entropy on each client, not a
   cryptographically secure generator. A client that adds less noise than asked weakens the
   guarantee: the claim assumes the clients not counted as colluders follow the protocol.
@@ -273,8 +274,10 @@ def _legacy_colluders(u: dict[str, Any]) -> str:
     return f"""- **Made under the older colluder rule**: this run assumed at most {sa["colluders"]}
   colluders in each cohort of {sa["cohort"]}, an assumption about every round's draw. Runs since
   2026-12-03 assume at most the same fraction of the whole population,
-  {u.get("colluders_population")} of {u.get("clients")} clients, all possibly in one cohort. Under
-  that assumption this run's epsilon (recomputed by `fedrec audit` from the same releases) is
+  {u.get("colluders_population")} of {u.get("clients")} clients, all assumed to be in every cohort,
+  counted with this run's own SecAgg+ graph (whose collusion risk for that many colluders can
+  exceed what a run made now would accept). Under that assumption this run's epsilon
+  (recomputed by `fedrec audit` from the same releases) is
   **{eps:.4f}** at delta = {u["delta"]}.
 """
 
