@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from fedrec import __version__
+from fedrec.shared.federation.config import FedConfig as _FedConfig
 from fedrec.shared.rundir import dumps
 
 app = typer.Typer(
@@ -606,6 +607,9 @@ def _interrupted_simulation(out_dir: Path, rounds: int) -> NoReturn:
     raise typer.Exit(130)
 
 
+# `deploy budget`'s default delta: the run config's own default (that module imports no torch)
+_USER_DELTA = _FedConfig.user_delta
+
 _INTERRUPT_EXPLAINED = False  # set once a command has said what an interruption left behind
 
 
@@ -930,8 +934,12 @@ def deploy_split_data(
 def deploy_budget(
     folder: Annotated[Path, typer.Argument(help="A device's state folder, or its data folder.")],
     user_delta: Annotated[
-        float, typer.Option(help="delta for the user-level epsilon of the secure rounds.")
-    ] = 1e-4,
+        float,
+        typer.Option(
+            help="delta for the user-level epsilon of the secure rounds (default: the run "
+            "config's user-delta default)."
+        ),
+    ] = _USER_DELTA,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """What this device has spent, from its own files: local DP-SGD (privacy-budget.json) and

@@ -210,6 +210,7 @@ def test_deploy_budget_reads_a_devices_own_records(tmp_path):
     """`fedrec deploy budget DIR`: a device's local DP-SGD epsilon (its accountant history) and
     its user-level epsilon over the secure rounds it joined, recomputed from its files."""
     from fedrec.client.budget import Budget, FileStore, UserLevelLedger
+    from fedrec.shared.federation.config import FedConfig
     from fedrec.shared.privacy import skellam
     from fedrec.shared.privacy.accounting import epsilon_spent
 
@@ -225,9 +226,22 @@ def test_deploy_budget_reads_a_devices_own_records(tmp_path):
     b = json.loads(r.stdout)
     local = epsilon_spent(history=[(1.1, 0.02, 40)], delta=1e-5, accountant="rdp")
     assert b["local_dp"]["epsilon"] == pytest.approx(local) and b["local_dp"]["steps"] == 40
-    user = skellam.skellam_epsilon(2.0e6, 70828.3, 1025.1, 3, 1e-4 - 3e-12)
-    assert b["user_level"]["secure_rounds"] == 3
+
+    def composed(delta: float) -> float:  # the larger of the two accountants, as a run claims
+        rest = delta - 3e-12
+        return max(
+            skellam.skellam_epsilon(2.0e6, 70828.3, 1025.1, 3, rest),
+            skellam.composed_epsilon_independent([(2.0e6, 1025.1)] * 3, rest),
+        )
+
+    # the default delta is the run config's default user-delta
+    user = composed(FedConfig().user_delta)
+    assert b["user_level"]["secure_rounds"] == 3 and b["user_level"]["delta"] == 1e-5
     assert b["user_level"]["epsilon"] == pytest.approx(user)
+    r = fedrec("deploy", "budget", state, "--json", "--user-delta", "1e-4")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["user_level"]["epsilon"] == pytest.approx(composed(1e-4))
+    assert composed(1e-4) < user  # a larger delta, a smaller epsilon
     r = fedrec("deploy", "budget", state)
     assert r.returncode == 0 and "3 secure round(s)" in r.stdout and f"{user:.4f}" in r.stdout
     r = fedrec("deploy", "budget", tmp_path / "nope")

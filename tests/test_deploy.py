@@ -315,6 +315,13 @@ def test_secure_aggregation_round_survives_a_killed_supernode(deployment, tiny_b
     for i in (0, 1):
         b = run([str(BIN / "fedrec"), "deploy", "budget", str(d["devices"][i]), "--json"], env)
         assert b.returncode == 0, b.stderr
+        # the default delta is the run config's default, the one this run used
+        assert json.loads(b.stdout)["user_level"]["delta"] == u["delta"]
+        b = run(
+            [str(BIN / "fedrec"), "deploy", "budget", str(d["devices"][i]), "--json",
+             "--user-delta", repr(u["delta"])], env,
+        )  # fmt: skip
+        assert b.returncode == 0, b.stderr
         user = json.loads(b.stdout)["user_level"]
         # at the plan's a-priori noise (the minimum survivors): never below the run's analytic
         # bound, which counts the survivors the round had
