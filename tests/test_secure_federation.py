@@ -624,7 +624,7 @@ def test_a_run_made_under_the_per_cohort_rule_is_audited_and_given_its_populatio
 
     from fedrec.shared.privacy.report import audit_run
 
-    src = Path(__file__).resolve().parents[1] / "simulations/results/suite-full/runs/A-secure"
+    src = Path(__file__).resolve().parent / "fixtures" / "legacy-secure-run"
     run = tmp_path / "run"
     shutil.copytree(src, run)
     report, text = audit_run(run, plot=False)
@@ -632,9 +632,34 @@ def test_a_run_made_under_the_per_cohort_rule_is_audited_and_given_its_populatio
     assert report["ok"], report
     assert u["secure_agg"]["colluders"] == 24 and u["colluders_population"] == 48
     assert u["epsilon"] < u["epsilon_population_colluders"] < 10
+    # the old graph's risk with 48 colluders, taken from delta, is printed: 10 % of 1e-4
+    assert 0.05 < u["collusion_risk_population"] / u["delta"] < 0.2
     text = " ".join(text.split())
     assert "Made under the older colluder rule" in text
+    assert f"{u['collusion_risk_population'] / u['delta']:.1%} of delta" in text
+    assert "above the run's budget" not in text  # 7.82 < 8
     assert (
         f"this run's epsilon (recomputed by `fedrec audit` from the same releases) is "
         f"**{u['epsilon_population_colluders']:.4f}**" in text
     )
+
+
+def test_the_older_rule_paragraph_says_when_the_population_epsilon_passes_the_budget():
+    """A legacy run whose population-rule epsilon exceeds its budget is told so in its
+    statement, with the figure to read it by; one within budget is not."""
+    from fedrec.shared.privacy.statement import _legacy_colluders
+
+    u = {
+        "secure_agg": {"colluders": 24, "cohort": 471},
+        "colluders_population": 48,
+        "clients": 943,
+        "delta": 1e-4,
+        "collusion_risk_population": 1.04e-5,
+        "epsilon_budget": 8.0,
+    }
+    over = " ".join(_legacy_colluders(u | {"epsilon_population_colluders": 8.31}).split())
+    assert "**This is above the run's budget of 8**: read the run as having spent 8.3100" in over
+    assert "1.04e-05, 10.4% of delta" in over
+    within = " ".join(_legacy_colluders(u | {"epsilon_population_colluders": 7.82}).split())
+    assert "above the run's budget" not in within and "**7.8200**" in within
+    assert _legacy_colluders({"delta": 1e-4}) == ""  # a run under the population rule

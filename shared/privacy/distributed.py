@@ -236,9 +236,11 @@ def check_request(cfg: FedConfig, fields: dict[str, Any], threshold: int) -> Non
     cannot ask it for less noise, a coarser or different encoding, or a lower Shamir threshold
     than the calibration gives. The stated population must give the stated cohort under the
     run's sampling (``fraction-train``, ``min-replies``), which pins it to within 1 /
-    fraction-train clients; when ``min-replies`` sets the cohort, a server that understated
-    the population could lower the colluder count, which an honest-but-curious server does
-    not. Raises ValueError saying what differs."""
+    fraction-train clients (so a server that understated it could lower the colluder count
+    ceil(secagg-colluders x clients) by up to ceil(secagg-colluders / fraction-train): 1 at
+    the defaults), and when ``min-replies`` sets the cohort not at all; an honest-but-curious
+    server states it truly, and that is the trust model. Raises ValueError saying what
+    differs."""
     cohort, clients = fields.get("cohort"), fields.get("clients")
     for key, v in (("cohort", cohort), ("clients", clients)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -489,9 +491,10 @@ def audit_secure(run: Path, cfg: FedConfig, tolerance: float) -> tuple[dict[str,
             f"user-level epsilon {max(eps, indep):.6g} exceeds the budget {cfg.user_epsilon}"
         )
     if legacy and isinstance(clients, int) and not isinstance(clients, bool) and clients > 0:
-        extra["epsilon_population_colluders"] = _population_epsilon(
-            cfg, expected, released, clients, n
-        )
+        (
+            extra["epsilon_population_colluders"],
+            extra["collusion_risk_population"],
+        ) = _population_epsilon(cfg, expected, released, clients, n)
         extra["colluders_population"] = cohort_colluders(cfg, expected.cohort, clients)
     # the statement the audit prints is built from these recomputed values, not the claim's
     out = (
@@ -527,26 +530,27 @@ def _count(r: dict[str, Any], key: str) -> int:
 
 def _population_epsilon(
     cfg: FedConfig, p: SecurePlan, released: list[dict[str, Any]], clients: int, releases: int
-) -> float:
+) -> tuple[float, float]:
     """For a run made under the per-cohort colluder rule: its epsilon had ``secagg-colluders``
     of all ``clients`` colluded, all in the cohort (the rule of :func:`cohort_colluders`):
     fewer noise shares counted per round, and more of delta to the collusion risk of its graph.
-    Infinite when no noise share or no delta is left."""
+    Returns (epsilon, that risk); epsilon is infinite when no noise share or no delta is left."""
     colluders = cohort_colluders(cfg, p.cohort, clients)
     risk = collusion_risk(p.cohort, p.neighbours, p.threshold, colluders, cfg.num_rounds)
     counted = [honest_shares(_count(r, "survivors"), colluders) for r in released]
     honest = min(counted, default=honest_shares(p.min_survivors, colluders))
     delta = cfg.user_delta - risk
     if not releases:
-        return 0.0
+        return 0.0, risk
     if honest < 1 or delta <= 0:
-        return math.inf
+        return math.inf, risk
     mu = p.mu_client * honest
     l1, l2 = skellam.l1_bound(p.encoding), skellam.l2_bound(p.encoding)
-    return max(
+    eps = max(
         skellam.skellam_epsilon(mu, l1, l2, releases, delta),
         skellam.skellam_epsilon_independent(mu, l2, releases, delta),
     )
+    return eps, risk
 
 
 def _replace_one(mu: float, l1: float, l2: float, releases: int, delta: float) -> float:

@@ -271,14 +271,28 @@ def _legacy_colluders(u: dict[str, Any]) -> str:
     if not isinstance(eps, (int, float)):
         return ""
     sa = u["secure_agg"]
+    risk = u.get("collusion_risk_population")
+    risk_text = (
+        f"whose collusion risk for that many colluders is {risk:.3g}, {risk / u['delta']:.1%} "
+        "of delta, taken from delta; a run made now accepts at most 1 %"
+        if isinstance(risk, (int, float)) and u.get("delta")
+        else "whose collusion risk for that many colluders can exceed what a run made now "
+        "would accept"
+    )
+    budget = u.get("epsilon_budget")
+    over = (
+        f"\n  **This is above the run's budget of {budget:g}**: read the run as having spent "
+        f"{eps:.4f}, not {budget:g}."
+        if isinstance(budget, (int, float)) and eps > budget * (1 + 1e-6)
+        else ""
+    )
     return f"""- **Made under the older colluder rule**: this run assumed at most {sa["colluders"]}
   colluders in each cohort of {sa["cohort"]}, an assumption about every round's draw. Runs since
   2026-12-03 assume at most the same fraction of the whole population,
   {u.get("colluders_population")} of {u.get("clients")} clients, all assumed to be in every cohort,
-  counted with this run's own SecAgg+ graph (whose collusion risk for that many colluders can
-  exceed what a run made now would accept). Under that assumption this run's epsilon
-  (recomputed by `fedrec audit` from the same releases) is
-  **{eps:.4f}** at delta = {u["delta"]}.
+  counted with this run's own SecAgg+ graph ({risk_text}). Under that assumption this run's
+  epsilon (recomputed by `fedrec audit` from the same releases) is
+  **{eps:.4f}** at delta = {u["delta"]}.{over}
 """
 
 
