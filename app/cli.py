@@ -972,6 +972,14 @@ def deploy_budget(
         f"the {user['secure_rounds']} secure round(s) this device joined, across runs (each at "
         "its plan's a-priori noise; rounds it did not join cost nothing under zero-out)"
     )
+    if user.get("per_cohort_rule_rounds"):
+        print(
+            f"  {user['per_cohort_rule_rounds']} of these rounds were recorded before 2026-12-03, "
+            "when a round assumed 5 % of its cohort colluding instead of 5 % of all clients, all "
+            "in the cohort: their noise is counted for more honest clients than today's rule "
+            "allows, so this epsilon understates theirs, by an amount the record cannot tell "
+            "(it does not hold those rounds' cohort and population)"
+        )
 
 
 @app.command("recommend")

@@ -339,6 +339,11 @@ def budget_store(context: Context, name: str, extra: dict[str, Any]) -> BudgetSt
     return MemoryStore()
 
 
+# A user-level entry's field: the colluders its plan assumed, counted in the whole population
+# and all placed in the cohort (the rule since 2026-12-03). Entries without it are older.
+POPULATION_COLLUDERS = "population_colluders"
+
+
 @dataclass
 class UserLevelLedger:
     """A device's record of the user-level releases it took part in, across runs: one entry per
@@ -381,6 +386,14 @@ class UserLevelLedger:
                     if isinstance(e.get(k), bool) or not isinstance(e.get(k, 0), (int, float)):
                         raise ValueError(f"release entry field {k!r} is not a number: {e[k]!r}")
             entries = [{k: float(e[k]) for k in ("mu_total", "l1", "l2", "risk")} for e in releases]
+            for e, raw_e in zip(entries, releases, strict=True):
+                if POPULATION_COLLUDERS in raw_e:  # absent: written under the per-cohort rule
+                    c = raw_e[POPULATION_COLLUDERS]
+                    if isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0:
+                        raise ValueError(
+                            f"release entry field {POPULATION_COLLUDERS!r} is not a count: {c!r}"
+                        )
+                    e[POPULATION_COLLUDERS] = float(c)
             for e in entries:  # a NaN would make the composed epsilon 0
                 if not all(math.isfinite(v) and v >= 0 for v in e.values()) or e["mu_total"] <= 0:
                     raise ValueError(f"entry {e} is not finite and positive")
@@ -393,6 +406,16 @@ class UserLevelLedger:
                 "Restore it from a backup."
             ) from None
         return entries
+
+    @staticmethod
+    def per_cohort_rule(entries: list[dict[str, float]]) -> int:
+        """How many ``entries`` were written before 2026-12-03, when a round's plan assumed its
+        colluders were 5 % of its cohort (24 of 471) rather than 5 % of all clients, all in the
+        cohort (48 of 943). Such an entry's ``mu_total`` counts the noise of more honest clients
+        than today's rule does, so its epsilon is lower than today's rule gives; by how much
+        needs the round's cohort and population, which the entry does not hold. Entries written
+        since carry ``population_colluders``."""
+        return sum(POPULATION_COLLUDERS not in e for e in entries)
 
     def epsilon(self, entries: list[dict[str, float]], delta: float) -> float:
         """The composed epsilon of ``entries`` at ``delta`` (minus their collusion risks)."""
@@ -517,5 +540,6 @@ def device_budget(folder: Path, user_delta: float) -> dict[str, Any]:
         "secure_rounds": len(entries),
         "delta": user_delta,
         "epsilon": ledger.epsilon(entries, user_delta),
+        "per_cohort_rule_rounds": ledger.per_cohort_rule(entries),
     }
     return out

@@ -34,7 +34,13 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedrec.client.budget import CapRefused, UserLevelLedger, device_state_dir, user_level_cap
+from fedrec.client.budget import (
+    POPULATION_COLLUDERS,
+    CapRefused,
+    UserLevelLedger,
+    device_state_dir,
+    user_level_cap,
+)
 from fedrec.client.runtime import public_name
 from fedrec.shared.federation import contract
 from fedrec.shared.federation.config import FedConfig
@@ -222,12 +228,23 @@ def _user_level_check(
         "l1": skellam.l1_bound(p.encoding),
         "l2": skellam.l2_bound(p.encoding),
         "risk": p.collusion_risk / cfg.num_rounds,
+        POPULATION_COLLUDERS: float(p.colluders),
     }
     ledger = UserLevelLedger(state / "user-level-budget.json")
     caps = user_level_cap(node)
     if caps is not None:
         with _quiet_record():
-            ledger.check_cap(ledger.load(), entry, *caps)
+            entries = ledger.load()
+            old = ledger.per_cohort_rule(entries)
+            if old:
+                _log.warning(
+                    "%d entries of %s were written under the per-cohort colluder rule (before "
+                    "2026-12-03): each counts more honest noise than today's rule, so the cap "
+                    "check below understates them by an amount the record cannot tell",
+                    old,
+                    ledger.path,
+                )
+            ledger.check_cap(entries, entry, *caps)
     return ledger, entry
 
 

@@ -244,6 +244,15 @@ def test_deploy_budget_reads_a_devices_own_records(tmp_path):
     assert composed(1e-4) < user  # a larger delta, a smaller epsilon
     r = fedrec("deploy", "budget", state)
     assert r.returncode == 0 and "3 secure round(s)" in r.stdout and f"{user:.4f}" in r.stdout
+    # these entries have no population_colluders: written under the older per-cohort rule
+    assert b["user_level"]["per_cohort_rule_rounds"] == 3
+    assert "3 of these rounds were recorded before 2026-12-03" in r.stdout
+    assert "understates" in r.stdout
+    ledger.path.write_text(json.dumps({"releases": [dict(entry, population_colluders=48)]}))
+    r = fedrec("deploy", "budget", state, "--json")
+    assert json.loads(r.stdout)["user_level"]["per_cohort_rule_rounds"] == 0
+    r = fedrec("deploy", "budget", state)
+    assert r.returncode == 0 and "before 2026-12-03" not in r.stdout
     r = fedrec("deploy", "budget", tmp_path / "nope")
     assert r.returncode == 2 and "no such folder" in r.stderr and "Traceback" not in r.stderr
     from fedrec.client.budget import device_budget

@@ -326,4 +326,5 @@ def test_secure_aggregation_round_survives_a_killed_supernode(deployment, tiny_b
         # at the plan's a-priori noise (the minimum survivors): never below the run's analytic
         # bound, which counts the survivors the round had
         assert user["secure_rounds"] == 1
+        assert user["per_cohort_rule_rounds"] == 0  # the entry names its colluder rule
         assert user["epsilon"] >= u["epsilon_analytic"] * (1 - 1e-9) > 0

@@ -363,3 +363,39 @@ def test_an_unreadable_budget_file_says_what_is_wrong_in_words(tmp_path, text, w
         record.write_text(body)
         with pytest.raises(ValueError, match=f"unreadable \\({want}"):
             UserLevelLedger(record).load()
+
+
+def test_an_entry_says_which_colluder_rule_its_plan_used(tmp_path, caplog):
+    """A device's entry for a secure round records the colluders its plan assumed in the whole
+    population (48 of 943 at the default); entries written before that rule (2026-12-03) lack
+    the field and are counted as such, so `fedrec deploy budget` and the device's log can say
+    that their epsilon is understated; a bad value in the field makes the record unreadable."""
+    from fedrec.client import secure as client_secure
+    from fedrec.client.budget import POPULATION_COLLUDERS
+    from fedrec.shared.federation.config import FedConfig
+
+    cfg = FedConfig(user_dp=True, secure_agg=True, dp=False)
+    state = tmp_path / "state"
+    node = {"data-dir": str(tmp_path), "state-dir": str(state)}
+    fields = {"cohort": 471, "dim": 4774, "clients": 943}
+    ledger, entry = client_secure._user_level_check(cfg, fields, node)
+    assert ledger is not None and entry[POPULATION_COLLUDERS] == 48.0  # ceil(5 % of 943)
+    path = state / "user-level-budget.json"
+    assert ledger.path == path
+    older = {k: entry[k] for k in ("mu_total", "l1", "l2", "risk")}  # as written before
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"releases": [older, older]}))
+    ledger.append(entry)
+    entries = ledger.load()
+    assert UserLevelLedger.per_cohort_rule(entries) == 2
+    assert [POPULATION_COLLUDERS in e for e in entries] == [False, False, True]
+    # the epsilon itself does not depend on the field
+    assert ledger.epsilon(entries, 1e-5) == pytest.approx(ledger.epsilon([older] * 3, 1e-5))
+    capped = {**node, "user-epsilon-max": 1e3, "user-delta-max": 1e-5}
+    with caplog.at_level("WARNING", logger="fedrec.client.secure"):
+        client_secure._user_level_check(cfg, fields, capped)
+    assert "2 entries" in caplog.text and "per-cohort colluder rule" in caplog.text
+    for bad in (-1, "48", True, None):
+        path.write_text(json.dumps({"releases": [dict(entry, **{POPULATION_COLLUDERS: bad})]}))
+        with pytest.raises(ValueError, match="unreadable.*population_colluders"):
+            UserLevelLedger(path).load()
