@@ -967,10 +967,17 @@ def deploy_budget(
         )
     else:
         print("local DP-SGD: no steps recorded")
+    trusted = (
+        f" and {user['trusted_rounds']} trusted-server round(s) (the Gaussian noise the run "
+        "config gives the server, no sampling amplification)"
+        if user.get("trusted_rounds")
+        else ""
+    )
     print(
         f"user-level DP: epsilon {user['epsilon']:.4f} at delta {user['delta']:g} per user over "
-        f"the {user['secure_rounds']} secure round(s) this device joined, across runs (each at "
-        "its plan's a-priori noise; rounds it did not join cost nothing under zero-out)"
+        f"the {user['secure_rounds']} secure round(s){trusted} this device joined, across runs "
+        "(each secure round at its plan's a-priori noise; rounds it did not join cost nothing "
+        "under zero-out)"
     )
     if user.get("per_cohort_rule_rounds"):
         print(

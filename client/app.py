@@ -28,7 +28,14 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedrec.client.budget import budget_store, device_state_dir, node_number, user_level_cap
+from fedrec.client.budget import (
+    append_round,
+    budget_store,
+    device_state_dir,
+    node_number,
+    trusted_round_record,
+    user_level_cap,
+)
 from fedrec.client.local_train import train_round
 from fedrec.client.runtime import ClientState, client_state
 from fedrec.shared.evaluation import per_query_metrics
@@ -88,7 +95,9 @@ def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
     shows which items it trained on) and ``use-profile`` (not covered by the per-interaction
     guarantee); with ``delta-max`` set it refuses a larger delta, with ``user-delta-max`` a
     larger user-level delta, with ``user-epsilon-max`` a trusted-server run whose user-level
-    budget is larger (secure rounds check the device's own record instead). Raises
+    budget is larger (every round then also checks the device's own cross-run record, in
+    :func:`train_reply` for a trusted-server round and in ``client.secure`` for a secure
+    one). Raises
     ``ValueError``: the server sees a failed reply, and nothing was trained or sent. These
     depend on the run config and the node config only, never on the data."""
     if "data-dir" not in node:
@@ -202,6 +211,13 @@ def train_reply(msg: Message, context: Context, *, secure: bool = False) -> Mess
     seed = cfg.seed * 1_000_003 + server_round * 7919 + _name_key(client.name)
     store = budget_store(context, client.name, extra)
     device_guard(cfg, context.node_config, secure=secure)
+    record = None
+    if cfg.user_dp and not secure:
+        # a trusted-server round: the device's user-level record counts it (the Gaussian noise
+        # the run config gives the server), beside the secure rounds, across runs
+        from fedrec.shared.privacy.user_level import user_noise_multiplier
+
+        record = trusted_round_record(context.node_config, user_noise_multiplier(cfg))
     # the device owner's own cap, if set (a NaN would be stored as the device's cap and never
     # refuse: an error)
     cap = node_number(context.node_config, "epsilon-max") if cfg.dp else None
@@ -248,6 +264,8 @@ def train_reply(msg: Message, context: Context, *, secure: bool = False) -> Mess
         if spec is not None and part is not None and int(part) % spec[0] == 0:
             state = poisoned(state, received, spec[1], spec[2])  # simulation only
         content[contract.ARRAYS] = to_record(state)
+    if record is not None:  # recorded before the reply leaves the device
+        append_round(*record, context.node_config)
     return Message(content=content, reply_to=msg)
 
 

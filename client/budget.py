@@ -50,6 +50,25 @@ class CapRefused(ValueError):
         super().__init__(CAP_REFUSAL)
 
 
+RECORD_FAILURE = (
+    "this device refuses the round: its user-level privacy record cannot be read or written "
+    "(the device's own log says why)"
+)
+
+
+@contextlib.contextmanager
+def quiet_record() -> Iterator[None]:
+    """Errors of the device's user-level record reach the server as a constant: their text
+    (the record's path, what is wrong with it) goes to the device's own log."""
+    try:
+        yield
+    except CapRefused:
+        raise
+    except (ValueError, OSError) as err:
+        _log.warning("user-level privacy record: %s: %s", type(err).__name__, err)
+        raise ValueError(RECORD_FAILURE) from None
+
+
 @dataclass
 class Budget:
     """A client's privacy state: the accountant history, the mechanism it was spent under (the
@@ -339,6 +358,43 @@ def budget_store(context: Context, name: str, extra: dict[str, Any]) -> BudgetSt
     return MemoryStore()
 
 
+# A user-level entry of a trusted-server round: its Gaussian noise multiplier (noise std on the
+# clipped sum over the clip), instead of a secure round's Skellam fields.
+GAUSSIAN_Z = "gaussian_z"
+
+
+def _number(e: dict[str, Any], k: str) -> float:
+    v = e[k]
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"release entry field {k!r} is not a number: {v!r}")
+    return float(v)
+
+
+def _ledger_entry(e: Any) -> dict[str, float]:
+    """One release entry of ``user-level-budget.json``, checked: a secure round's Skellam
+    ``mu_total``, ``l1``, ``l2``, ``risk`` (and ``population_colluders`` since 2026-12-03), or a
+    trusted-server round's ``gaussian_z``. ValueError, KeyError or TypeError for anything that
+    could lower the epsilon (a NaN would make it 0)."""
+    if not isinstance(e, dict):
+        raise TypeError(f"release entry {e!r} is a JSON {_json_type(e)}, not an object")
+    if GAUSSIAN_Z in e:
+        z = _number(e, GAUSSIAN_Z)
+        if not (math.isfinite(z) and z > 0):
+            raise ValueError(f"entry {e}: {GAUSSIAN_Z} {z} is not finite and positive")
+        return {GAUSSIAN_Z: z, "risk": 0.0}
+    out = {k: _number(e, k) for k in ("mu_total", "l1", "l2", "risk")}
+    if POPULATION_COLLUDERS in e:  # absent: written under the per-cohort rule
+        c = e[POPULATION_COLLUDERS]
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0:
+            raise ValueError(f"release entry field {POPULATION_COLLUDERS!r} is not a count: {c!r}")
+        out[POPULATION_COLLUDERS] = float(c)
+    if not all(math.isfinite(v) and v >= 0 for v in out.values()) or out["mu_total"] <= 0:
+        raise ValueError(f"entry {out} is not finite and positive")
+    if out["risk"] >= 1:  # a probability (a share of delta), never 1 or more
+        raise ValueError(f"entry {out}: risk {out['risk']} is not a probability below 1")
+    return out
+
+
 # A user-level entry's field: the colluders its plan assumed, counted in the whole population
 # and all placed in the cohort (the rule since 2026-12-03). Entries without it are older.
 POPULATION_COLLUDERS = "population_colluders"
@@ -347,7 +403,9 @@ POPULATION_COLLUDERS = "population_colluders"
 @dataclass
 class UserLevelLedger:
     """A device's record of the user-level releases it took part in, across runs: one entry per
-    secure round it sent a masked input in, with that round's a-priori noise (the plan's
+    trusted-server round it sent an update in (the Gaussian noise multiplier the run config
+    gives the server, ``gaussian_z``: RDP alpha / 2z^2 for the round, no sampling amplification),
+    and one per secure round it sent a masked input in, with that round's a-priori noise (the plan's
     ``mu_total``: what a round keeps with only the minimum survivors, so the entry does not
     depend on the server's report of who survived), the integer sensitivities, and the round's
     share of its run's collusion risk. Kept in ``<state>/user-level-budget.json`` next to
@@ -379,26 +437,7 @@ class UserLevelLedger:
             releases = raw["releases"]
             if not isinstance(releases, list):
                 raise TypeError(f"'releases' is a JSON {_json_type(releases)}, not an array")
-            for e in releases:
-                if not isinstance(e, dict):
-                    raise TypeError(f"release entry {e!r} is a JSON {_json_type(e)}, not an object")
-                for k in ("mu_total", "l1", "l2", "risk"):
-                    if isinstance(e.get(k), bool) or not isinstance(e.get(k, 0), (int, float)):
-                        raise ValueError(f"release entry field {k!r} is not a number: {e[k]!r}")
-            entries = [{k: float(e[k]) for k in ("mu_total", "l1", "l2", "risk")} for e in releases]
-            for e, raw_e in zip(entries, releases, strict=True):
-                if POPULATION_COLLUDERS in raw_e:  # absent: written under the per-cohort rule
-                    c = raw_e[POPULATION_COLLUDERS]
-                    if isinstance(c, bool) or not isinstance(c, (int, float)) or not c >= 0:
-                        raise ValueError(
-                            f"release entry field {POPULATION_COLLUDERS!r} is not a count: {c!r}"
-                        )
-                    e[POPULATION_COLLUDERS] = float(c)
-            for e in entries:  # a NaN would make the composed epsilon 0
-                if not all(math.isfinite(v) and v >= 0 for v in e.values()) or e["mu_total"] <= 0:
-                    raise ValueError(f"entry {e} is not finite and positive")
-                if e["risk"] >= 1:  # a probability (a share of delta), never 1 or more
-                    raise ValueError(f"entry {e}: risk {e['risk']} is not a probability below 1")
+            entries = [_ledger_entry(e) for e in releases]
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ValueError(
                 f"user-level privacy record {self.path} is unreadable ({_why(err)}); refusing to "
@@ -415,7 +454,12 @@ class UserLevelLedger:
         than today's rule does, so its epsilon is lower than today's rule gives; by how much
         needs the round's cohort and population, which the entry does not hold. Entries written
         since carry ``population_colluders``."""
-        return sum(POPULATION_COLLUDERS not in e for e in entries)
+        return sum(GAUSSIAN_Z not in e and POPULATION_COLLUDERS not in e for e in entries)
+
+    @staticmethod
+    def trusted(entries: list[dict[str, float]]) -> int:
+        """How many ``entries`` are trusted-server rounds (Gaussian noise the server adds)."""
+        return sum(GAUSSIAN_Z in e for e in entries)
 
     def epsilon(self, entries: list[dict[str, float]], delta: float) -> float:
         """The composed epsilon of ``entries`` at ``delta`` (minus their collusion risks)."""
@@ -426,10 +470,13 @@ class UserLevelLedger:
         rest = delta - sum(e["risk"] for e in entries)
         if not rest > 0:
             return math.inf
-        # the larger of the two computations, as a run's statement claims
+        sk = [e for e in entries if GAUSSIAN_Z not in e]
+        zs = [e[GAUSSIAN_Z] for e in entries if GAUSSIAN_Z in e]
+        # the larger of the two computations, as a run's statement claims (the Gaussian
+        # rounds' RDP is exact and the same in both)
         return max(
-            skellam.composed_epsilon([(e["mu_total"], e["l1"], e["l2"]) for e in entries], rest),
-            skellam.composed_epsilon_independent([(e["mu_total"], e["l2"]) for e in entries], rest),
+            skellam.composed_epsilon([(e["mu_total"], e["l1"], e["l2"]) for e in sk], rest, zs),
+            skellam.composed_epsilon_independent([(e["mu_total"], e["l2"]) for e in sk], rest, zs),
         )
 
     def check_cap(
@@ -462,6 +509,39 @@ class UserLevelLedger:
             if cap is not None:
                 self.check_cap(entries, entry, cap, delta)
             _write_durably(self.path, {"releases": [*entries, entry]}, ".user-level-")
+
+
+def trusted_round_record(
+    node: Any, noise_multiplier: float
+) -> tuple[UserLevelLedger, dict[str, float]] | None:
+    """On a device, before it trains in a trusted-server user-level round: its user-level
+    record and this round's entry (the Gaussian noise multiplier the run config gives), after
+    refusing the round if the record's epsilon with it would pass ``user-epsilon-max`` (at
+    ``user-delta-max``). None in simulation (no device folder). The caller appends the entry
+    before the reply leaves (:meth:`UserLevelLedger.append`, the cap checked again there)."""
+    state = device_state_dir(node)
+    if state is None:
+        return None
+    entry = {GAUSSIAN_Z: float(noise_multiplier), "risk": 0.0}
+    ledger = UserLevelLedger(state / "user-level-budget.json")
+    caps = user_level_cap(node)
+    with quiet_record():
+        _ledger_entry(entry)  # a bad multiplier is the run config's error, never recorded
+        if caps is not None:
+            ledger.check_cap(ledger.load(), entry, *caps)
+    return ledger, entry
+
+
+def append_round(ledger: UserLevelLedger, entry: dict[str, float], node: Any) -> None:
+    """``entry`` added to ``ledger`` under its lock, the node's cap checked again there (another
+    run on the device may have added rounds since the first check); errors as
+    :func:`quiet_record` gives them."""
+    caps = user_level_cap(node)
+    with quiet_record():
+        if caps is None:
+            ledger.append(entry)
+        else:
+            ledger.append(entry, cap=caps[0], delta=caps[1])
 
 
 def node_number(node: Any, key: str, *, below: float = math.inf) -> float | None:
@@ -537,7 +617,8 @@ def device_budget(folder: Path, user_delta: float) -> dict[str, Any]:
     entries = ledger.load()
     out["local_dp"] = local
     out["user_level"] = {
-        "secure_rounds": len(entries),
+        "secure_rounds": len(entries) - ledger.trusted(entries),
+        "trusted_rounds": ledger.trusted(entries),
         "delta": user_delta,
         "epsilon": ledger.epsilon(entries, user_delta),
         "per_cohort_rule_rounds": ledger.per_cohort_rule(entries),

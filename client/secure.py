@@ -24,10 +24,8 @@ cryptographically secure generator.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -36,9 +34,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from fedrec.client.budget import (
     POPULATION_COLLUDERS,
-    CapRefused,
+    RECORD_FAILURE,  # noqa: F401 - re-exported: read here by callers and tests
     UserLevelLedger,
+    append_round,
     device_state_dir,
+    quiet_record,
     user_level_cap,
 )
 from fedrec.client.runtime import public_name
@@ -196,12 +196,7 @@ def masked(msg: Message, context: Context) -> Message:
     _save(context, rnd, client)
     if ledger is not None:  # recorded before the masked input leaves the device
         # the cap again, under the record's lock: another run may have added rounds since
-        caps = user_level_cap(context.node_config)
-        with _quiet_record():
-            if caps is None:
-                ledger.append(entry)
-            else:
-                ledger.append(entry, cap=caps[0], delta=caps[1])
+        append_round(ledger, entry, context.node_config)
     # everything but the masked vector is a constant: whether the client trained, had data,
     # or why not, would tell the server what the noise hides
     content = RecordDict()
@@ -233,7 +228,7 @@ def _user_level_check(
     ledger = UserLevelLedger(state / "user-level-budget.json")
     caps = user_level_cap(node)
     if caps is not None:
-        with _quiet_record():
+        with quiet_record():
             entries = ledger.load()
             old = ledger.per_cohort_rule(entries)
             if old:
@@ -246,25 +241,6 @@ def _user_level_check(
                 )
             ledger.check_cap(entries, entry, *caps)
     return ledger, entry
-
-
-RECORD_FAILURE = (
-    "this device refuses the round: its user-level privacy record cannot be read or written "
-    "(the device's own log says why)"
-)
-
-
-@contextlib.contextmanager
-def _quiet_record() -> Iterator[None]:
-    """Errors of the device's user-level record reach the server as a constant: their text
-    (the record's path, what is wrong with it) goes to the device's own log."""
-    try:
-        yield
-    except CapRefused:
-        raise
-    except (ValueError, OSError) as err:
-        _log.warning("user-level privacy record: %s: %s", type(err).__name__, err)
-        raise ValueError(RECORD_FAILURE) from None
 
 
 def unmask(msg: Message, context: Context) -> Message:

@@ -663,3 +663,90 @@ def test_the_older_rule_paragraph_says_when_the_population_epsilon_passes_the_bu
     within = " ".join(_legacy_colluders(u | {"epsilon_population_colluders": 7.82}).split())
     assert "above the run's budget" not in within and "**7.8200**" in within
     assert _legacy_colluders({"delta": 1e-4}) == ""  # a run under the population rule
+
+
+def test_a_device_records_its_trusted_server_rounds_beside_its_secure_ones(
+    synth_dir, tiny_backbone, tmp_path, monkeypatch
+):
+    """A device that trains in a trusted-server user-level round (user-dp without secure
+    aggregation) writes the round's Gaussian noise multiplier into the same cross-run record as
+    its secure rounds, before the reply leaves; the record composes them (the Gaussian RDP,
+    alpha / 2z^2 a round, checked against Opacus' RDP accountant), so the device's cap refuses a
+    second run that the per-run check alone would let through, and `deploy budget` counts it."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrec.client import app as client_app
+    from fedrec.client.budget import CAP_REFUSAL, GAUSSIAN_Z, UserLevelLedger, device_budget
+    from fedrec.shared.federation import contract
+    from fedrec.shared.federation.data_and_model import dataset_and_split, model_for
+    from fedrec.shared.federation.params import to_record, travelling_state
+    from fedrec.shared.privacy import skellam
+    from fedrec.shared.privacy.accounting import epsilon_spent
+    from fedrec.shared.privacy.user_level import user_noise_multiplier
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)  # messages are built inside a task
+    cfg = secure_cfg(synth_dir, tiny_backbone, secure_agg=False, num_rounds=1)
+    z = user_noise_multiplier(cfg)
+    d = cfg.user_delta
+    opacus = [epsilon_spent(history=[(z, 1.0, n)], delta=d, accountant="rdp") for n in (1, 2)]
+
+    # the record's Gaussian part against Opacus' RDP accountant (other orders: within 2 %,
+    # the audit's tolerance) and above the exact epsilon of n Gaussian releases (one of
+    # multiplier z / sqrt(n); Balle and Wang 2018), which no RDP conversion can go below
+    def exact(zz: float) -> float:
+        def phi(x: float) -> float:
+            return 0.5 * math.erfc(-x / math.sqrt(2))
+
+        def delta_at(e: float) -> float:
+            return phi(1 / (2 * zz) - e * zz) - math.exp(e) * phi(-1 / (2 * zz) - e * zz)
+
+        lo, hi = 0.0, 100.0
+        for _ in range(200):
+            lo, hi = ((lo + hi) / 2, hi) if delta_at((lo + hi) / 2) > d else (lo, (lo + hi) / 2)
+        return hi
+
+    for n in (1, 2):
+        for got in (skellam.composed_epsilon_independent([], d, [z] * n),
+                    skellam.composed_epsilon([], d, [z] * n)):  # fmt: skip
+            assert got == pytest.approx(opacus[n - 1], rel=0.02)
+            assert exact(z / math.sqrt(n)) < got < 1.3 * exact(z / math.sqrt(n))
+    ledger = UserLevelLedger(tmp_path / "dev" / "user-level-budget.json")
+    one, two = (ledger.epsilon([{GAUSSIAN_Z: z, "risk": 0.0}] * n, d) for n in (1, 2))
+    assert max(one, opacus[0]) < two
+    cap = (max(one, opacus[0]) + two) / 2  # one run of one round passes, a second does not
+    node = {"data-dir": str(synth_dir), "state-dir": str(tmp_path / "dev"),
+            "allow-no-dp": "true", "user-epsilon-max": cap, "user-delta-max": d}  # fmt: skip
+    ds, split = dataset_and_split(cfg.data, cfg.protocol, cfg.seed)
+    state = travelling_state(model_for(cfg, ds, split))
+
+    def train_once() -> Message:
+        config = ConfigRecord({**cfg.to_flat(), "server-round": 1})
+        content = RecordDict({contract.ARRAYS: to_record(state), contract.CONFIG: config})
+        ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+        return client_app.train(Message(content, dst_node_id=1, message_type="train"), ctx)
+
+    reply = train_once()
+    assert not reply.has_error() and contract.ARRAYS in reply.content
+    entries = ledger.load()
+    assert entries == [{GAUSSIAN_Z: pytest.approx(z), "risk": 0.0}]
+    assert ledger.epsilon(entries, d) == pytest.approx(one)
+    b = device_budget(tmp_path / "dev", d)["user_level"]
+    assert (b["trusted_rounds"], b["secure_rounds"]) == (1, 0)
+    assert b["epsilon"] == pytest.approx(one)
+    # a second run of the same settings: its own check passes (one round, under the cap), the
+    # record's does not
+    with pytest.raises(ValueError) as err:
+        train_once()
+    assert str(err.value) == CAP_REFUSAL
+    assert len(ledger.load()) == 1
+    # a secure round's entry composes with it
+    sk = {"mu_total": 1.93e6, "l1": 70_750.0, "l2": 1_024.0, "risk": 0.0}
+    both = ledger.epsilon([*entries, sk], d)
+    assert both > max(one, ledger.epsilon([sk], d))
+    # a bad multiplier in the record makes it unreadable
+    for bad in (0, -1.0, "2", None, True):
+        ledger.path.write_text(json.dumps({"releases": [{GAUSSIAN_Z: bad}]}))
+        with pytest.raises(ValueError, match="unreadable"):
+            ledger.load()

@@ -62,6 +62,7 @@ import functools
 import math
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -353,13 +354,28 @@ def skellam_epsilon(mu_total: float, l1: float, l2: float, releases: int, delta:
     return _opacus_epsilon(ANALYTIC_ORDERS, rdp, delta)
 
 
-def composed_epsilon(releases: list[tuple[float, float, float]], delta: float) -> float:
+def gaussian_rdp(orders: np.ndarray, gaussian: Sequence[float]) -> np.ndarray:
+    """RDP at ``orders`` of Gaussian releases, each with sensitivity 1 and noise multiplier
+    ``z`` (std ``z`` times the sensitivity): ``alpha / (2 z^2)`` each, exact at every order
+    (Mironov 2017, Proposition 7), added up. ValueError for a ``z`` that is not finite and > 0."""
+    total = 0.0
+    for z in gaussian:
+        if isinstance(z, bool) or not (math.isfinite(z) and z > 0):
+            raise ValueError(f"Gaussian noise multiplier {z!r} must be a finite number > 0")
+        total += 1.0 / (2.0 * z * z)
+    return np.asarray(orders, dtype=np.float64) * total
+
+
+def composed_epsilon(
+    releases: list[tuple[float, float, float]], delta: float, gaussian: Sequence[float] = ()
+) -> float:
     """Epsilon at ``delta`` after Skellam releases that may differ, each ``(mu_total, l1,
     l2)``: their :func:`skellam_rdp` bounds at :data:`ANALYTIC_ORDERS` added up and converted
-    as :func:`skellam_epsilon` does (which is this with ``releases`` identical ones). 0 for
-    none; ``inf`` if one has no noise."""
+    as :func:`skellam_epsilon` does (which is this with ``releases`` identical ones), with the
+    RDP of Gaussian releases of noise multipliers ``gaussian`` (:func:`gaussian_rdp`; a
+    trusted server's user-level rounds) added in. 0 for none; ``inf`` if one has no noise."""
     _check_release(len(releases), delta)
-    rdp = np.zeros(len(ANALYTIC_ORDERS))
+    rdp = gaussian_rdp(np.asarray(ANALYTIC_ORDERS, dtype=np.float64), gaussian)
     for mu_total, l1, l2 in releases:
         _check_sens(l1, l2)
         mu = _check_mu(mu_total, "mu_total")
@@ -637,13 +653,16 @@ def skellam_epsilon_independent(
     return convert(INDEPENDENT_ORDERS[keep], rdp[keep], delta)
 
 
-def composed_epsilon_independent(releases: list[tuple[float, float]], delta: float) -> float:
+def composed_epsilon_independent(
+    releases: list[tuple[float, float]], delta: float, gaussian: Sequence[float] = ()
+) -> float:
     """:func:`skellam_epsilon_independent` for releases that may differ, each ``(mu_total,
-    l2)``: their numerical RDP curves added up and converted at ``delta`` as that function
-    does (Balle et al.). 0 for none; ``inf`` if one has no noise. Identical releases are
-    computed once."""
+    l2)``: their numerical RDP curves added up, with the RDP of Gaussian releases of noise
+    multipliers ``gaussian`` (:func:`gaussian_rdp`), and converted at ``delta`` as that
+    function does (Balle et al.). 0 for none; ``inf`` if one has no noise. Identical releases
+    are computed once."""
     _check_release(len(releases), delta)
-    rdp = np.zeros(INDEPENDENT_ORDERS.size)
+    rdp = gaussian_rdp(INDEPENDENT_ORDERS, gaussian)
     for (mu_total, l2), times in Counter(releases).items():
         _check_sens(0.0, l2)
         mu = _check_mu(mu_total, "mu_total")
