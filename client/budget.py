@@ -361,6 +361,9 @@ def budget_store(context: Context, name: str, extra: dict[str, Any]) -> BudgetSt
 # A user-level entry of a trusted-server round: its Gaussian noise multiplier (noise std on the
 # clipped sum over the clip), instead of a secure round's Skellam fields.
 GAUSSIAN_Z = "gaussian_z"
+# A user-level entry's field: the colluders its plan assumed, counted in the whole population
+# and all placed in the cohort (the rule since 2026-12-03). Entries without it are older.
+POPULATION_COLLUDERS = "population_colluders"
 
 
 def _number(e: dict[str, Any], k: str) -> float:
@@ -393,11 +396,6 @@ def _ledger_entry(e: Any) -> dict[str, float]:
     if out["risk"] >= 1:  # a probability (a share of delta), never 1 or more
         raise ValueError(f"entry {out}: risk {out['risk']} is not a probability below 1")
     return out
-
-
-# A user-level entry's field: the colluders its plan assumed, counted in the whole population
-# and all placed in the cohort (the rule since 2026-12-03). Entries without it are older.
-POPULATION_COLLUDERS = "population_colluders"
 
 
 @dataclass
@@ -524,12 +522,32 @@ def trusted_round_record(
         return None
     entry = {GAUSSIAN_Z: float(noise_multiplier), "risk": 0.0}
     ledger = UserLevelLedger(state / "user-level-budget.json")
-    caps = user_level_cap(node)
     with quiet_record():
         _ledger_entry(entry)  # a bad multiplier is the run config's error, never recorded
-        if caps is not None:
-            ledger.check_cap(ledger.load(), entry, *caps)
+    check_round(ledger, entry, node)
     return ledger, entry
+
+
+def check_round(ledger: UserLevelLedger, entry: dict[str, float], node: Any) -> None:
+    """Before a device trains: refuse the round (:class:`CapRefused`) if ``ledger``'s epsilon
+    with ``entry`` would pass the node's ``user-epsilon-max`` (at ``user-delta-max``); the
+    device's log says when the record holds entries of the older per-cohort colluder rule,
+    which the check understates. Errors as :func:`quiet_record` gives them."""
+    caps = user_level_cap(node)
+    if caps is None:
+        return
+    with quiet_record():
+        entries = ledger.load()
+        old = ledger.per_cohort_rule(entries)
+        if old:
+            _log.warning(
+                "%d entries of %s were written under the per-cohort colluder rule (before "
+                "2026-12-03): each counts more honest noise than today's rule, so the cap "
+                "check below understates them by an amount the record cannot tell",
+                old,
+                ledger.path,
+            )
+        ledger.check_cap(entries, entry, *caps)
 
 
 def append_round(ledger: UserLevelLedger, entry: dict[str, float], node: Any) -> None:
@@ -616,9 +634,10 @@ def device_budget(folder: Path, user_delta: float) -> dict[str, Any]:
     ledger = UserLevelLedger(user_file)
     entries = ledger.load()
     out["local_dp"] = local
+    trusted = ledger.trusted(entries)
     out["user_level"] = {
-        "secure_rounds": len(entries) - ledger.trusted(entries),
-        "trusted_rounds": ledger.trusted(entries),
+        "secure_rounds": len(entries) - trusted,
+        "trusted_rounds": trusted,
         "delta": user_delta,
         "epsilon": ledger.epsilon(entries, user_delta),
         "per_cohort_rule_rounds": ledger.per_cohort_rule(entries),

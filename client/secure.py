@@ -37,9 +37,8 @@ from fedrec.client.budget import (
     RECORD_FAILURE,  # noqa: F401 - re-exported: read here by callers and tests
     UserLevelLedger,
     append_round,
+    check_round,
     device_state_dir,
-    quiet_record,
-    user_level_cap,
 )
 from fedrec.client.runtime import public_name
 from fedrec.shared.federation import contract
@@ -226,20 +225,7 @@ def _user_level_check(
         POPULATION_COLLUDERS: float(p.colluders),
     }
     ledger = UserLevelLedger(state / "user-level-budget.json")
-    caps = user_level_cap(node)
-    if caps is not None:
-        with quiet_record():
-            entries = ledger.load()
-            old = ledger.per_cohort_rule(entries)
-            if old:
-                _log.warning(
-                    "%d entries of %s were written under the per-cohort colluder rule (before "
-                    "2026-12-03): each counts more honest noise than today's rule, so the cap "
-                    "check below understates them by an amount the record cannot tell",
-                    old,
-                    ledger.path,
-                )
-            ledger.check_cap(entries, entry, *caps)
+    check_round(ledger, entry, node)
     return ledger, entry
 
 
