@@ -11,6 +11,7 @@ from fedrec.client.local_train import (
     ClientExamples,
     build_examples,
     calibrated_noise,
+    poisson_batches,
     train_round,
 )
 from fedrec.shared.federation.config import FedConfig
@@ -179,6 +180,33 @@ def test_empty_poisson_batches_are_handled(ds, tiny_backbone):  # noqa: F811
     r = train_round(scorer, one, cfg, MemoryStore(), seed=0)
     assert r.trained and r.steps == 20  # most batches are empty; each still counts as a step
     assert all(torch.isfinite(p).all() for p in scorer.parameters())
+
+
+@pytest.mark.parametrize("q", [0.02, 0.3, 0.9])
+def test_poisson_batches_are_opacus_draws(q):
+    """The vectorized sampler takes Opacus' Poisson draws: from the same generator state, the
+    same rows as its UniformWithReplacementSampler, step after step (empty draws included),
+    every tensor indexed alike; about q n rows a step; tensors of unequal length refused."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    n, steps = 57, 40
+    context = torch.arange(n * 3).reshape(n, 3)
+    targets = torch.arange(n) + 1000
+    ours = poisson_batches([context, targets], q, torch.Generator().manual_seed(11))
+    opacus = UniformWithReplacementSampler(
+        num_samples=n, sample_rate=q, generator=torch.Generator().manual_seed(11), steps=steps
+    )
+    sizes = []
+    for want in opacus:
+        ctx, tgt = next(ours)
+        assert tgt.tolist() == [1000 + i for i in want]
+        assert torch.equal(ctx, context[want])
+        assert ctx.dtype == context.dtype and ctx.shape[1:] == context.shape[1:]
+        sizes.append(len(want))
+    assert len(sizes) == steps
+    assert abs(sum(sizes) / steps - q * n) < 4 * (q * (1 - q) * n / steps) ** 0.5 + 0.5
+    with pytest.raises(ValueError, match="rows"):
+        next(poisson_batches([context, targets[:-1]], q, torch.Generator()))
 
 
 def test_non_dp_round_reports_no_epsilon(ds, tiny_backbone):  # noqa: F811
