@@ -16,7 +16,9 @@ Where a client's data comes from:
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,8 +128,45 @@ def public_name(node_config: dict[str, Any]) -> str:
     return "unnamed"
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_MALLOC = {"tuned": None}  # None: not tried in this process yet
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed memory in this process for reuse (once per process).
+
+    A local step allocates and frees temporaries of 0.5-3 MB (a batch's token rows, its item
+    vectors). By default glibc serves blocks that large with fresh ``mmap`` pages and returns
+    them on free, so every step faults its temporaries in again; on the 2-core VM fedrec is
+    measured on, one 2 MB temporary cost up to 4 ms that way against 0.1 ms reused. Here the
+    mmap threshold is 32 MiB (glibc's maximum), freed heap is trimmed only beyond 1 GiB, and the
+    heap grows 64 MiB at a time: the process keeps its high-water mark of memory instead. Set
+    ``FEDREC_MALLOC_TUNE=0`` to leave malloc as it is. Returns whether the settings were applied
+    (False there, and on a C library without ``mallopt``, e.g. macOS or musl)."""
+    if _MALLOC["tuned"] is not None:
+        return bool(_MALLOC["tuned"])
+    ok = False
+    if os.environ.get("FEDREC_MALLOC_TUNE", "1") != "0":
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            ok = all(
+                libc.mallopt(param, value) == 1
+                for param, value in (
+                    (_M_MMAP_THRESHOLD, 32 * 2**20),
+                    (_M_TRIM_THRESHOLD, 2**30),
+                    (_M_TOP_PAD, 64 * 2**20),
+                )
+            )
+        except (OSError, AttributeError):
+            ok = False
+    _MALLOC["tuned"] = ok
+    return ok
+
+
 def client_state(cfg: FedConfig, node_config: dict[str, Any]) -> ClientState:
     """Build (or reuse) this client's state from the run config and its node config."""
+    keep_freed_memory()
     if "data-dir" in node_config:
         data_dir, part = Path(str(node_config["data-dir"])), None
     elif "partition-id" in node_config:

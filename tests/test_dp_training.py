@@ -674,3 +674,26 @@ def test_steps_beyond_the_charge_are_recorded_and_raise(ds, tiny_backbone, tmp_p
         train_round(scorer, _data(ds), cfg, store, seed=0)
     assert "the budget file cannot be written" in str(err.value)
     assert "refuses the round" not in str(err.value) and len(writes) == 2
+
+
+def test_a_client_process_keeps_freed_memory_unless_told_not_to():
+    """keep_freed_memory sets glibc's malloc thresholds once per process (True on glibc), and
+    FEDREC_MALLOC_TUNE=0 leaves malloc alone (False); each case in a fresh interpreter."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    # the second call reports the first's outcome
+    code = "from fedrec.client.runtime import keep_freed_memory as k; print(k(), k())"
+    base = {k: v for k, v in os.environ.items() if k != "FEDREC_MALLOC_TUNE"}
+
+    def run(env: dict[str, str]) -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+        )
+        return out.stdout.split()
+
+    assert run({**base, "FEDREC_MALLOC_TUNE": "0"}) == ["False", "False"]
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert run(base) == ["True", "True"]
