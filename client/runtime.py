@@ -130,7 +130,7 @@ def public_name(node_config: dict[str, Any]) -> str:
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_MALLOC = {"tuned": None}  # None: not tried in this process yet
+_MALLOC: dict[str, bool | None] = {"tuned": None}  # None: not tried in this process yet
 
 
 def keep_freed_memory() -> bool:
