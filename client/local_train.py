@@ -368,11 +368,13 @@ def poisson_batches(
     tensors: Sequence[torch.Tensor], q: float, gen: torch.Generator
 ) -> Iterator[list[torch.Tensor]]:
     """Endless Poisson batches of the rows of ``tensors``: each row independently with
-    probability ``q`` at every step, drawn from ``gen``. The same draws as Opacus'
-    ``DPDataLoader`` (its ``UniformWithReplacementSampler``: ``torch.rand(n, generator=gen) < q``
-    per step; the same batches from the same generator, a test checks it), but one index per
-    tensor instead of a dataset lookup and a collate per example (about 3 ms of a one-user
-    client's round of sliding windows). An empty draw is a batch of 0 rows."""
+    probability ``q`` at every step, drawn from ``gen``: the draw of the sampler Opacus'
+    ``DPDataLoader`` uses (``UniformWithReplacementSampler``: ``torch.rand(n, generator=gen) <
+    q`` per step; the same batches from the same generator state, a test checks it), but one
+    index per tensor instead of a dataset lookup and a collate per example (about 3 ms of a
+    one-user client's round of sliding windows). The loader's stream is not the same one: torch's
+    DataLoader also takes a seed from the generator each time it starts an epoch; the
+    distribution of every batch is. An empty draw is a batch of 0 rows."""
     n = int(tensors[0].shape[0])
     if any(int(t.shape[0]) != n for t in tensors):
         raise ValueError(f"poisson_batches: tensors of {[int(t.shape[0]) for t in tensors]} rows")

@@ -137,13 +137,15 @@ def keep_freed_memory() -> bool:
     """Let glibc's malloc keep freed memory in this process for reuse (once per process).
 
     A local step allocates and frees temporaries of 0.5-3 MB (a batch's token rows, its item
-    vectors). By default glibc serves blocks that large with fresh ``mmap`` pages and returns
-    them on free, so every step faults its temporaries in again; on the 2-core VM fedrec is
-    measured on, one 2 MB temporary cost up to 4 ms that way against 0.1 ms reused. Here the
-    mmap threshold is 32 MiB (glibc's maximum), freed heap is trimmed only beyond 1 GiB, and the
-    heap grows 64 MiB at a time: the process keeps its high-water mark of memory instead. Set
-    ``FEDREC_MALLOC_TUNE=0`` to leave malloc as it is. Returns whether the settings were applied
-    (False there, and on a C library without ``mallopt``, e.g. macOS or musl)."""
+    vectors). By default glibc returns freed memory to the system: a block above its (dynamic)
+    mmap threshold is unmapped on free, and the heap's free top is trimmed beyond twice that
+    threshold, so later steps fault fresh pages in again; on the 2-core VM fedrec is measured on,
+    a product of two fresh 2 MB temporaries took up to 4 ms that way against 0.2 ms with these
+    settings (a micro-benchmark). Here the mmap threshold is fixed at 32 MiB (glibc's maximum on
+    64-bit; fixing it turns the dynamic threshold off), freed heap is trimmed only beyond 1 GiB,
+    and the heap grows 64 MiB at a time: the process keeps its high-water mark of memory
+    instead. ``FEDREC_MALLOC_TUNE=0`` leaves malloc as it is. Returns whether the settings were
+    applied (False then, and on a C library without ``mallopt``, e.g. macOS or musl)."""
     if _MALLOC["tuned"] is not None:
         return bool(_MALLOC["tuned"])
     ok = False
