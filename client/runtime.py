@@ -17,6 +17,7 @@ Where a client's data comes from:
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -130,9 +131,9 @@ def public_name(node_config: dict[str, Any]) -> str:
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_MALLOC: dict[str, bool | None] = {"tuned": None}  # None: not tried in this process yet
 
 
+@functools.cache  # once per process
 def keep_freed_memory() -> bool:
     """Let glibc's malloc keep freed memory in this process for reuse (once per process).
 
@@ -146,24 +147,20 @@ def keep_freed_memory() -> bool:
     and the heap grows 64 MiB at a time: the process keeps its high-water mark of memory
     instead. ``FEDREC_MALLOC_TUNE=0`` leaves malloc as it is. Returns whether the settings were
     applied (False then, and on a C library without ``mallopt``, e.g. macOS or musl)."""
-    if _MALLOC["tuned"] is not None:
-        return bool(_MALLOC["tuned"])
-    ok = False
-    if os.environ.get("FEDREC_MALLOC_TUNE", "1") != "0":
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            ok = all(
-                libc.mallopt(param, value) == 1
-                for param, value in (
-                    (_M_MMAP_THRESHOLD, 32 * 2**20),
-                    (_M_TRIM_THRESHOLD, 2**30),
-                    (_M_TOP_PAD, 64 * 2**20),
-                )
+    if os.environ.get("FEDREC_MALLOC_TUNE", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return all(
+            libc.mallopt(param, value) == 1
+            for param, value in (
+                (_M_MMAP_THRESHOLD, 32 * 2**20),
+                (_M_TRIM_THRESHOLD, 2**30),
+                (_M_TOP_PAD, 64 * 2**20),
             )
-        except (OSError, AttributeError):
-            ok = False
-    _MALLOC["tuned"] = ok
-    return ok
+        )
+    except (OSError, AttributeError):
+        return False
 
 
 def client_state(cfg: FedConfig, node_config: dict[str, Any]) -> ClientState:

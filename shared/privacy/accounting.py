@@ -242,8 +242,8 @@ def _rdp_per_step(
 
 
 # Pure in its arguments and called by every client of a run with the same ones (a user-level
-# round computes the run's noise multiplier; Opacus' binary search took about 4 ms a call, a
-# tenth of a one-user client's round): computed once per process.
+# round computes the run's noise multiplier, a local-DP one its calibrated sigma; Opacus' binary
+# search took about 4 ms a call, a tenth of a one-user client's round): once per process.
 @functools.lru_cache(maxsize=1024)
 def noise_for_budget(
     *,

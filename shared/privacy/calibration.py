@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.privacy.accounting import noise_for_budget
-
-_SIGMA: dict[tuple[Any, ...], float] = {}
 
 
 def calibrated_noise(cfg: FedConfig, sample_rate: float | None = None) -> float:
@@ -22,28 +19,20 @@ def calibrated_noise(cfg: FedConfig, sample_rate: float | None = None) -> float:
     interaction-level adjacency of ``cfg`` (:meth:`FedConfig.dp_adjacency`), for a client that
     samples at ``sample_rate`` (default: a one-user client's,
     :meth:`FedConfig.client_sample_rate`; with ``expected-batch`` each client has its own).
-    Memoized per process: the search takes seconds and every round of a run asks again."""
+    Memoized per process (:func:`noise_for_budget` is cached on its arguments): the search
+    takes seconds and every round of a run asks again."""
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
     q = cfg.client_sample_rate(1) if sample_rate is None else sample_rate
-    key = (
-        cfg.epsilon,
-        q,
-        cfg.local_steps,
-        cfg.rounds_planned(),
-        *cfg.dp_mechanism().values(),
+    return noise_for_budget(
+        epsilon=cfg.epsilon,
+        delta=cfg.delta,
+        sample_rate=q,
+        steps=cfg.local_steps * cfg.rounds_planned(),
+        accountant=cfg.accountant,
+        group=cfg.dp_group(),
+        adjacency=cfg.dp_adjacency(),
     )
-    if key not in _SIGMA:
-        _SIGMA[key] = noise_for_budget(
-            epsilon=cfg.epsilon,
-            delta=cfg.delta,
-            sample_rate=q,
-            steps=cfg.local_steps * cfg.rounds_planned(),
-            accountant=cfg.accountant,
-            group=cfg.dp_group(),
-            adjacency=cfg.dp_adjacency(),
-        )
-    return _SIGMA[key]
 
 
 def run_checker(cfg: FedConfig) -> Callable[[tuple[float, float, int]], str | None]:
