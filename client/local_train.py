@@ -284,7 +284,8 @@ def train_round(
     id_emb = scorer.id_emb
     umap = scorer.user_map.weight if scorer.user_map is not None else None
     offs = scorer.off.weight if scorer.off is not None else None
-    own = [p for p in (id_emb, umap, offs) if p is not None]
+    facs = scorer.fac.weight if scorer.fac is not None else None
+    own = [p for p in (id_emb, umap, offs, facs) if p is not None]
     params = [p for p in scorer.parameters() if p.requires_grad and all(p is not q for q in own)]
     groups: list[dict[str, Any]] = [{"params": params}]
     if id_emb is not None:
@@ -293,6 +294,8 @@ def train_round(
         groups.append({"params": [umap], "lr": cfg.map_lr()})
     if offs is not None:  # likewise
         groups.append({"params": [offs], "lr": cfg.offsets_lr()})
+    if facs is not None:  # likewise
+        groups.append({"params": [facs], "lr": cfg.factors_lr()})
     # Adam's moments start fresh each round: they are computed from privatized gradients only
     # (post-processing), and nothing but the adapter travels.
     base_opt: torch.optim.Optimizer = (

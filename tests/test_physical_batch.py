@@ -257,3 +257,37 @@ def test_the_item_offsets_step_at_their_own_learning_rate(ds, tiny_backbone, fix
     assert float(off_a.abs().sum()) > 0
     assert torch.allclose(off_b, off_a * 0.1, atol=1e-7)
     assert torch.equal(b_a, b_b)
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_the_item_factors_step_at_their_own_learning_rate(ds, tiny_backbone, fixed_secrets, dp):  # noqa: F811
+    """``lr-factors`` scales the item factors' change alone (the same batch, negatives and
+    noise: a separate step size is post-processing of the same gradient); the adapter's change
+    is the same whatever it is."""
+    model = make_model(ds, tiny_backbone, id_residual=False, ffa=True, item_factors=3)
+    state = model.state_dict()
+    init = model.item_fac.detach().clone()
+    extra = {} if dp else {"dp": False, "epsilon": 8.0}
+    changes = []
+    for lr_fac in (0.5, 0.05):
+        m = make_model(ds, tiny_backbone, id_residual=False, ffa=True, item_factors=3)
+        m.load_state_dict(state)
+        cfg = _cfg(
+            backbone=str(tiny_backbone), local_steps=1, item_factors=3, lr_factors=lr_fac, **extra
+        )
+        train_round(CandidateScorer(m), _data(ds), cfg, MemoryStore(), seed=0)
+        b = m.lora_layer().lora_B["default"].weight
+        changes.append((m.item_fac.detach() - init, b.detach().clone()))
+    (fac_a, b_a), (fac_b, b_b) = changes
+    assert float(fac_a.abs().sum()) > 0
+    assert torch.allclose(fac_b, fac_a * 0.1, atol=1e-6)
+    assert torch.equal(b_a, b_b)
+
+
+def test_lr_factors_is_checked():
+    assert FedConfig(item_factors=4, lr=3.0).factors_lr() == 3.0
+    assert FedConfig(item_factors=4, lr=3.0, lr_factors=0.01).factors_lr() == 0.01
+    with pytest.warns(UserWarning, match="lr-factors"):
+        FedConfig(lr_factors=0.5)
+    with pytest.raises(ValueError, match="lr-factors"):
+        FedConfig(item_factors=4, lr_factors=-1.0)

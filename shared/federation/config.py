@@ -71,6 +71,10 @@ class FedConfig:
     # round (k = 8: 13,456 on ML-100K), so unlike the ID table usable under DP
     item_factors: int = 0
     factor_init: float = 0.1  # the std of the factors' seeded random init
+    # the item factors' local learning rate; 0 = ``lr``. A step size of their own is
+    # post-processing of the same (clipped, noised) gradient: under local DP-SGD it costs no
+    # privacy; under user-level DP the client's whole change is clipped after local training
+    lr_factors: float = 0.0
     # with item-factors and use-profile: the profile also enters the factor space through a
     # learned k x dim map (a rank-k profile-by-item preference; ModelConfig.profile_factors)
     profile_factors: bool = False
@@ -298,6 +302,12 @@ class FedConfig:
             "0 when item-factors > 0 (one per-item term at a time)",
         )
         _need(
+            0 <= self.lr_factors < 10_000,
+            "lr-factors",
+            self.lr_factors,
+            "[0, 10000); 0 = the same as lr",
+        )
+        _need(
             0 <= self.lr_offsets < 10_000,
             "lr-offsets",
             self.lr_offsets,
@@ -447,6 +457,10 @@ class FedConfig:
             warnings.warn(
                 "run config 'lr-id' is ignored: id-residual=false", SettingWarning, stacklevel=3
             )
+        if not self.item_factors and self.lr_factors != FedConfig.lr_factors:
+            warnings.warn(
+                "run config 'lr-factors' is ignored: item-factors=0", SettingWarning, stacklevel=3
+            )
         if not self.item_offsets and self.lr_offsets != FedConfig.lr_offsets:
             warnings.warn(
                 "run config 'lr-offsets' is ignored: item-offsets=0", SettingWarning, stacklevel=3
@@ -486,6 +500,10 @@ class FedConfig:
     def map_lr(self) -> float:
         """The user map's SGD learning rate: ``lr-map``, or ``lr`` when it is 0."""
         return self.lr_map or self.lr
+
+    def factors_lr(self) -> float:
+        """The item factors' local learning rate: ``lr-factors``, or ``lr`` when it is 0."""
+        return self.lr_factors or self.lr
 
     def offsets_lr(self) -> float:
         """The item offsets' SGD learning rate: ``lr-offsets``, or ``lr`` when it is 0."""
