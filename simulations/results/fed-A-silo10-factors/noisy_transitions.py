@@ -1,8 +1,9 @@
 """How much of the first-order sequential signal survives per-interaction DP in 10 silos?
 
 Each silo would release its own "last item -> next item" transition counts with Gaussian noise
-(replace-one adjacency: replacing one interaction changes at most 4 cells by 1, L2 sensitivity
-2, so noise std 2 z per cell for noise multiplier z); the server sums the 10 releases, whose
+of std 2 z per cell for noise multiplier z (replace-one adjacency: the L2 sensitivity is 2 when
+the new interaction takes the old one's place in the sequence, sqrt(6) when it may sit
+elsewhere in time, so 2 z favours the counts); the server sums the 10 releases, whose
 noise adds up to std 2 z sqrt(10) per cell. This scores protocol A (valid and test NDCG@10) with
 the summed counts: the last L items' rows (weights 1, 0.5, 0.25), plus pw times popularity
 scaled to [0, 1]. z = 0 is the non-private count. It simulates the noise; it is not a fedrec
