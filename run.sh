@@ -37,7 +37,7 @@ case "$verb" in
     # The main job: a federated simulation on ML-100K (Flower simulation runtime, the default
     # MiniLM backbone with LoRA) with fedrec simulate's default preset "secure": one user per
     # client, 471 of 943 per round, 10 rounds, user-level DP (epsilon 8 at delta 1e-5) with
-    # secure aggregation and distributed noise, no trusted server (about 10 min on 2 cores).
+    # secure aggregation and distributed noise, no trusted server (3 to 8 min on 2 cores).
     # `fedrec simulate --list-presets` lists the others. It rewrites its own run directory each
     # time (a run directory never mixes runs).
     rm -rf "${FEDREC_RUN:-runs/main}"
