@@ -21,6 +21,7 @@ def load(run: Path) -> dict:
     return {
         "name": run.name,
         "seed": c["seed"],
+        "setting": f"{c['examples']} examples, history {c['history_len']}, {c['accountant']}",
         "budget": m["privacy"]["epsilon_budget"],
         "spent": m["privacy"]["epsilon_max"],
         "delta": m["privacy"]["delta"],
@@ -33,22 +34,25 @@ def load(run: Path) -> dict:
 
 runs = [load(p.parent) for p in sorted(HERE.glob("runs/*/metrics.json"))]
 print(
-    "| run | seed | epsilon per interaction and silo (budget / spent) "
+    "| run | setting | seed | epsilon per interaction and silo (budget / spent) "
     "| test NDCG@10 | test HR@10 | valid NDCG@10 (rounds 0 / 5 / 10) | seconds |"
 )
-print("|---|---:|---|---:|---:|---|---:|")
-for r in sorted(runs, key=lambda r: (-r["budget"], r["seed"])):
+print("|---|---|---:|---|---:|---:|---|---:|")
+for r in sorted(runs, key=lambda r: (r["setting"], -r["budget"], r["seed"])):
     print(
-        f"| `{r['name']}` | {r['seed']} | {r['budget']:g} / {r['spent']:.3f} "
+        f"| `{r['name']}` | {r['setting']} | {r['seed']} | {r['budget']:g} / {r['spent']:.3f} "
         f"at delta {r['delta']:g} | {r['test']['NDCG@10']:.4f} | {r['test']['HR@10']:.4f} "
         f"| {' / '.join(f'{v:.4f}' for v in r['valid'])} | {r['seconds']:.0f} |"
     )
 print()
-print("| epsilon | runs | median test NDCG@10 | min | max |")
-print("|---:|---:|---:|---:|---:|")
-for eps in sorted({r["budget"] for r in runs}, reverse=True):
-    t = [r["test"]["NDCG@10"] for r in runs if r["budget"] == eps]
-    print(f"| {eps:g} | {len(t)} | {statistics.median(t):.4f} | {min(t):.4f} | {max(t):.4f} |")
+print("| setting | epsilon | runs | median test NDCG@10 | min | max |")
+print("|---|---:|---:|---:|---:|---:|")
+for setting, eps in sorted(
+    {(r["setting"], r["budget"]) for r in runs}, key=lambda k: (k[0], -k[1])
+):
+    t = [r["test"]["NDCG@10"] for r in runs if (r["setting"], r["budget"]) == (setting, eps)]
+    med, lo, hi = statistics.median(t), min(t), max(t)
+    print(f"| {setting} | {eps:g} | {len(t)} | {med:.4f} | {lo:.4f} | {hi:.4f} |")
 print()
 base: dict[str, set[float]] = {}
 for r in runs:
