@@ -10,6 +10,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def adjacency(run: Path) -> str:
+    """What the ledger's epsilons bound: one interaction replaced, or added or removed."""
+    kinds = {
+        json.loads(line)["adjacency"]
+        for line in (run / "privacy" / "ledger.jsonl").read_text().splitlines()
+        if line.strip()
+    }
+    return " and ".join(sorted(kinds))
+
+
 def load(run: Path) -> dict:
     m = json.loads((run / "metrics.json").read_text())
     c = json.loads((run / "config.json").read_text())["federation"]
@@ -21,7 +31,8 @@ def load(run: Path) -> dict:
     return {
         "name": run.name,
         "seed": c["seed"],
-        "setting": f"{c['examples']} examples, history {c['history_len']}, {c['accountant']}",
+        "setting": f"{c['examples']} examples, history {c['history_len']}, {c['accountant']}, "
+        f"{adjacency(run)}",
         "budget": m["privacy"]["epsilon_budget"],
         "spent": m["privacy"]["epsilon_max"],
         "delta": m["privacy"]["delta"],
