@@ -281,21 +281,18 @@ def train_round(
         *([torch.as_tensor(data.profile)] if data.profile is not None else []),
     ]
     batches = poisson_batches(tensors, q, secret)
-    id_emb = scorer.id_emb
-    umap = scorer.user_map.weight if scorer.user_map is not None else None
-    offs = scorer.off.weight if scorer.off is not None else None
-    facs = scorer.fac.weight if scorer.fac is not None else None
-    own = [p for p in (id_emb, umap, offs, facs) if p is not None]
+    # the per-item tables and the user map, each at its own step size: post-processing of the
+    # same (clipped, noised) gradient
+    own_lr = [
+        (scorer.id_emb, cfg.id_lr()),
+        (scorer.user_map.weight if scorer.user_map is not None else None, cfg.map_lr()),
+        (scorer.off.weight if scorer.off is not None else None, cfg.offsets_lr()),
+        (scorer.fac.weight if scorer.fac is not None else None, cfg.factors_lr()),
+    ]
+    own = [p for p, _ in own_lr if p is not None]
     params = [p for p in scorer.parameters() if p.requires_grad and all(p is not q for q in own)]
     groups: list[dict[str, Any]] = [{"params": params}]
-    if id_emb is not None:
-        groups.append({"params": [id_emb], "lr": cfg.id_lr()})
-    if umap is not None:  # its own step size: post-processing of the same gradient
-        groups.append({"params": [umap], "lr": cfg.map_lr()})
-    if offs is not None:  # likewise
-        groups.append({"params": [offs], "lr": cfg.offsets_lr()})
-    if facs is not None:  # likewise
-        groups.append({"params": [facs], "lr": cfg.factors_lr()})
+    groups += [{"params": [p], "lr": lr} for p, lr in own_lr if p is not None]
     # Adam's moments start fresh each round: they are computed from privatized gradients only
     # (post-processing), and nothing but the adapter travels.
     base_opt: torch.optim.Optimizer = (
