@@ -162,6 +162,8 @@ def run_federation(
         log.info("resuming after round %d from %s", offset, run / "checkpoint")
     # atomic: a run interrupted here leaves the old config.json or the new one, never half
     write_json(run / "config.json", {"command": "simulate", "federation": cfg.as_dict()})
+    if not resume:  # a fresh start: lines from a run that stopped before its first round go
+        (run / "progress.jsonl").unlink(missing_ok=True)
     on_round = ProgressFile(run / "progress.jsonl", on_round)
     load_travelling(model, state)
     bank = ProfileBank(model)

@@ -363,6 +363,13 @@ def simulate(
     check_run_dir(out, cfg, resume)
     baseline_names(baselines)
     n = n_clients(cfg)
+    if cfg.min_replies > n:  # Flower would wait for nodes that never come
+        raise ValueError(
+            f"run config 'min-replies' is {cfg.min_replies}, but this run has only {n} "
+            f"client(s) ({cfg.partition} partition of {cfg.data}): no round could ever "
+            f"aggregate. Set --set min-replies={n} or fewer"
+            + (", or more silos" if cfg.partition == "silo" else "")
+        )
     if cfg.secure_agg:  # refuse a cohort secure aggregation cannot use before Flower starts
         from fedrec.shared.privacy.distributed import check_cohort
 
@@ -386,6 +393,8 @@ def simulate(
     metrics = out / "metrics.json"
     before = _mtime(metrics)  # a resumed run's old metrics.json must not pass for a new one
     flower_log = out / "flower.log"
+    if not resume:  # a run that stopped before its first round left lines of its own
+        (out / "progress.jsonl").unlink(missing_ok=True)
     progress = _Progress(out / "progress.jsonl", on_round)
     sim = [
         f"num-supernodes={n}",

@@ -264,7 +264,9 @@ def test_deploy_budget_reads_a_devices_own_records(tmp_path):
     assert r.returncode == 2 and "unreadable" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_bad_input_found_by_an_outside_review_fails_early_and_clearly(tmp_path, monkeypatch):
+def test_bad_input_found_by_an_outside_review_fails_early_and_clearly(
+    tmp_path, monkeypatch, synth_dir, tiny_backbone
+):
     """Each of these started Flower, printed a traceback, deleted a user's folder or wrote a key
     outside the deployment folder (a review that tried the CLI with bad input); now each is a
     one-line error, exit 2, before anything is written or started."""
@@ -312,6 +314,13 @@ def test_bad_input_found_by_an_outside_review_fails_early_and_clearly(tmp_path, 
     with pytest.raises(FileNotFoundError, match="no config.json"):
         real_simulate(FedConfig(backbone=str(tmp_path / "nope")), tmp_path / "run2")
     assert not (tmp_path / "run2").exists()
+    # more replies a round than the run has clients: Flower waited for nodes forever
+    one_silo = FedConfig(
+        data=str(synth_dir), partition="silo", silos=1, backbone=str(tiny_backbone)
+    )
+    with pytest.raises(ValueError, match=r"'min-replies' is 2, but this run has only 1 client"):
+        real_simulate(one_silo, tmp_path / "run3")
+    assert not (tmp_path / "run3").exists()
     # data synth never replaces a folder that is not a data folder
     precious = tmp_path / "precious"
     precious.mkdir()

@@ -29,6 +29,9 @@ def sim_run(synth_dir, tiny_backbone, tmp_path_factory):
         local_steps=2, sample_rate=0.5, negatives=10, slots=6, epsilon=3.0, lr=0.5,
     )  # fmt: skip
     rounds: list[dict] = []
+    # what a run that stopped before its first round leaves: a new run starts the file afresh
+    out.mkdir()
+    (out / "progress.jsonl").write_text('{"round": 0, "stale": true}\n')
     result = simulate(cfg, out, baselines="popularity", num_cpus=2, on_round=rounds.append)
     return cfg, out, result, rounds
 
@@ -49,6 +52,7 @@ def test_simulation_writes_the_run_directory(sim_run):
     assert "Successfully started run" in log and "deprecated" not in log.lower()
     progress = [json.loads(x) for x in (out / "progress.jsonl").read_text().splitlines()]
     assert progress == json.loads(json.dumps(rounds))
+    assert not any("stale" in p for p in progress)
     assert not flower_processes(log)  # the SuperLink and all under it are gone
 
 
