@@ -317,6 +317,33 @@ def test_poison_is_parsed_validated_and_refused_on_devices():
     assert torch.equal(poisoned(got, base, "scale", 4.0)["w"], torch.tensor([9.0]))
 
 
+def test_round_config_is_parsed_once_per_distinct_config_and_a_bad_one_always_fails(
+    task_identity,  # noqa: F811 - a Message needs a task
+):
+    from fedrec.client import app as client_app
+    from fedrec.shared.federation import contract
+    from fedrec.shared.federation.config import FedConfig
+
+    def msg(**cfg) -> Message:  # noqa: ANN003
+        record = ConfigRecord({**cfg, "server-round": 3, "catalog": "c"})
+        return Message(RecordDict({contract.CONFIG: record}), dst_node_id=1, message_type="train")
+
+    a, extra = client_app.round_config(msg(**{"lr": 2.0, "num-rounds": 4}))
+    assert extra == {"server-round": 3, "catalog": "c"}
+    again, _ = client_app.round_config(msg(**{"num-rounds": 4, "lr": 2.0}))
+    assert again is a and a == FedConfig(lr=2.0, num_rounds=4)
+    other, _ = client_app.round_config(msg(**{"lr": 3.0, "num-rounds": 4}))
+    assert other.lr == 3.0 and a.lr == 2.0
+    # another raw value is another entry, whatever the parser makes of it (4.0 is not 4)
+    assert client_app.round_config(msg(**{"lr": 2.0, "num-rounds": 4.0}))[0] is not a
+    for _ in range(2):  # a config that fails to parse fails every time, never cached
+        with pytest.raises(ValueError, match="num-rounds|num_rounds"):
+            client_app.round_config(msg(**{"num-rounds": -1}))
+    for k in range(client_app._PARSED_MAX + 4):  # the cache stays bounded
+        client_app.round_config(msg(**{"seed": k}))
+    assert len(client_app._PARSED) <= client_app._PARSED_MAX
+
+
 # --- bad data and bad requests: exit 2 with one line naming the file and key -------------------
 def _cli(*args: str):  # noqa: ANN202 - typer's Result
     from typer.testing import CliRunner
@@ -553,7 +580,10 @@ CASES: dict[str, tuple[str, str]] = {
 def test_every_listed_case_has_a_test():
     import importlib
 
-    missing = [case for case, (module, name) in CASES.items()
-               if not callable(getattr(importlib.import_module(f"tests.{module}"), name, None))]
+    missing = [
+        case
+        for case, (module, name) in CASES.items()
+        if not callable(getattr(importlib.import_module(f"tests.{module}"), name, None))
+    ]
     assert not missing, f"cases with no test: {missing}"
     print(f"{len(CASES)} listed robustness cases, each with its test")  # noqa: T201
