@@ -134,7 +134,10 @@ class TransitionOnPrior:
         k: int = 3,
         seed: int = 0,
         max_iter: int = 200,
+        tied: bool = False,
     ) -> None:
+        """``tied``: one factor table for the given items and the candidates (``E = F``, the
+        symmetric FISM form fedrec's ``model.item_factors`` has) instead of two."""
         self.pp = pp
         n = split.n_items
         users = np.unique(split.train_user)
@@ -150,16 +153,17 @@ class TransitionOnPrior:
         mask = g.bool()
         gen = torch.Generator().manual_seed(seed)
         e = (0.01 * torch.randn(n, rank, generator=gen)).requires_grad_(True)
-        f = (0.01 * torch.randn(n, rank, generator=gen)).requires_grad_(True)
+        f = e if tied else (0.01 * torch.randn(n, rank, generator=gen)).requires_grad_(True)
         a = torch.tensor(1.0, requires_grad=True)
+        params = [e, a] if tied else [e, f, a]
         total = t.sum()
-        opt = torch.optim.LBFGS([e, f, a], max_iter=max_iter, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS(params, max_iter=max_iter, line_search_fn="strong_wolfe")
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
             z = (a * prior + (g @ e) @ f.T).masked_fill(mask, -1e9)
             nll = -(t * torch.log_softmax(z, dim=1)).sum() / total
-            loss = nll + lam * ((e**2).sum() + (f**2).sum())
+            loss = nll + lam * ((e**2).sum() + (f**2).sum())  # tied: 2 lam |E|^2
             loss.backward()
             return loss
 
@@ -228,6 +232,8 @@ def run(ds: Dataset, log: Any = print) -> dict[str, Any]:
         ("profile_loglinear", "k=0", v0,
          lambda sp, p, lam: ProfileLogLinear(sp, ds.user_fields, all_fields, lam)),
         ("transition_on_prior", "k=3", v3, lambda sp, p, lam: TransitionOnPrior(sp, p, lam)),
+        ("transition_on_prior_tied", "k=3", v3,
+         lambda sp, p, lam: TransitionOnPrior(sp, p, lam, tied=True)),
     ):  # fmt: skip
         trace = []
         for lam in LAMBDAS:

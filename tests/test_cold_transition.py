@@ -50,6 +50,10 @@ def test_the_transition_learns_what_the_first_items_say_beyond_the_segment():
     s[[0, 1, 2]] = -np.inf
     assert set(np.argsort(-s)[:3].tolist()) == {3, 4, 9}
     assert s[3] > s[8] and s[4] > s[8]
+    tied = TransitionOnPrior(sp, pp, lam=1e-4, rank=4, max_iter=300, tied=True)
+    assert tied.e.data_ptr() == tied.f.data_ptr()  # one table for given items and candidates
+    st = tied.score(*_args(1, hist))[0]
+    assert st[3] > st[8] and st[4] > st[8]  # co-occurrence is symmetric here
 
 
 def test_a_strong_penalty_leaves_the_segments_prior():
@@ -100,3 +104,27 @@ def test_by_history_length_keeps_the_queries_of_one_length():
         [4, 5, 6],
     ]
     assert three.profiles == ["a", "b"] and len(by_history_length(es, 0)) == 2
+
+
+def test_segment_priors_rows_are_each_users_segment_log_popularity_and_sets_are_checked():
+    import pytest
+
+    from fedrec.simulations.segment_prior import FLOOR, _parse_sets, log_prior
+
+    seqs = [[0, 1], [0, 2], [3, 4], [3, 3]]
+    sp = _split(seqs)
+    fields = {100: {"gender": "M"}, 101: {"gender": "M"}, 102: {"gender": "F"}}  # 103: none
+    pp = ProfilePopularity(sp, fields, fields=["gender"], shrink=0.0)
+    prior = log_prior(pp, sp.n_users)
+    assert prior.shape == (4, N_ITEMS)
+    m = np.zeros(N_ITEMS)
+    m[[0, 1, 2]] = [2, 1, 1]
+    assert np.allclose(prior[0], np.log(m / 4 + FLOOR)) and np.allclose(prior[1], prior[0])
+    everyone = np.bincount(sp.train_item, minlength=N_ITEMS) / 8  # no profile: popularity
+    assert np.allclose(prior[3], np.log(everyone + FLOOR))
+    assert _parse_sets(["model.init_scale=2", "train.mask_positives=true"]) == {
+        "model.init_scale": 2,
+        "train.mask_positives": True,
+    }
+    with pytest.raises(SystemExit, match="model.KEY=VALUE"):
+        _parse_sets(["init_scale=2"])

@@ -161,6 +161,33 @@ def test_example_loss_is_per_example_and_masks_context(ds, tiny_backbone):
         assert torch.allclose(per[1], alone[0], atol=1e-6)
 
 
+def test_a_fixed_log_prior_offset_enters_the_loss_and_the_scores(ds, tiny_backbone):
+    model = make_model(ds, tiny_backbone)
+    model.eval()
+    n = len(model.item_texts)
+    rng = np.random.default_rng(0)
+    prior = np.log(rng.dirichlet(np.ones(n), size=3)).astype(np.float32)  # per user index
+    with torch.no_grad():
+        items = model.item_embeddings()
+        ctx = torch.tensor([[-1, -1, -1, -1, -1, -1, 3, 4], [-1] * 8])
+        targets = torch.tensor([7, 3])
+        users = np.array([2, 0])
+        off = torch.from_numpy(prior[users])
+        got = example_loss(model, items, ctx, targets, None, reduction="none", offset=off)
+        logits = model.scores(model.user_embeddings(items, ctx), items) + off
+        logits[0, [3, 4]] = -torch.inf
+        assert torch.allclose(got, torch.nn.functional.cross_entropy(logits, targets,
+                              reduction="none"), atol=1e-5)  # fmt: skip
+        plain = example_loss(model, items, ctx, targets, None, reduction="none")
+        assert not torch.allclose(got, plain)
+    bank = ProfileBank(model)
+    hist = [np.array([3, 4]), np.array([], dtype=np.int64)]
+    args = (users, hist, [None, None], np.zeros(2, dtype=bool))
+    with_prior = ModelScorer(model, bank, lambda us: prior[us]).score(*args)
+    without = ModelScorer(model, bank).score(*args)
+    assert np.allclose(with_prior - without, prior[users], atol=1e-5)
+
+
 def test_empty_history_and_no_profile_rank_by_bias(ds, tiny_backbone):
     model = make_model(ds, tiny_backbone)
     with torch.no_grad():

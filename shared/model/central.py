@@ -38,8 +38,12 @@ def example_loss(
     text: torch.Tensor | None = None,
     as_cold: torch.Tensor | None = None,
     positives: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Full-catalog softmax cross-entropy; ``context`` (batch, L) is masked out of the softmax.
+
+    ``offset`` (batch, n_items): a fixed log-prior added to the logits (e.g. the log of the
+    user's segment popularity), so that the model learns only what is left over it.
 
     With ``as_cold`` (n_items,) bool and the items' ``text`` embeddings, the flagged items are
     scored as cold items are (text only, no bias) on the candidate side. ``positives`` (batch,
@@ -51,6 +55,8 @@ def example_loss(
         logits = model.scores(users, candidates, as_cold)  # (batch, n_items)
     else:
         logits = model.scores(users, items)  # (batch, n_items)
+    if offset is not None:
+        logits = logits + offset
     known = torch.zeros_like(logits, dtype=torch.bool)
     rows = torch.arange(context.shape[0]).unsqueeze(1).expand_as(context)
     valid = context >= 0
@@ -64,12 +70,20 @@ def example_loss(
 class ModelScorer:
     """A trained model as a :class:`~fedrec.shared.evaluation.Scorer` (item vectors fixed)."""
 
-    def __init__(self, model: RecModel, profile_of: Callable[[str], torch.Tensor]) -> None:
+    def __init__(
+        self,
+        model: RecModel,
+        profile_of: Callable[[str], torch.Tensor],
+        offset: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> None:
+        """``offset(users)``: a fixed (batch, n_items) log-prior added to the scores, the one
+        the model was trained with (see :func:`example_loss`)."""
         model.eval()
         with torch.no_grad():
             self.items = model.item_embeddings()
         self.model = model
         self.profile_of = profile_of
+        self.offset = offset
 
     @torch.no_grad()
     def score(
@@ -85,7 +99,8 @@ class ModelScorer:
             [self.profile_of(p) if p and use else torch.zeros(self.model.dim) for p in profiles]
         )
         u = self.model.user_embeddings(self.items, ctx, prof)
-        return self.model.scores(u, self.items).numpy()
+        scores = self.model.scores(u, self.items).numpy()
+        return scores if self.offset is None else scores + self.offset(np.asarray(users))
 
 
 @dataclass
@@ -125,8 +140,12 @@ def train_central(
     *,
     log: Callable[[str], None] = lambda _m: None,
     on_step: Callable[[int, int, float], None] | None = None,
+    offsets: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place on ``split``'s training data; keep the best validation epoch.
+
+    ``offsets`` (n_users, n_items): a fixed log-prior per user index added to the logits in
+    training and validation (:func:`example_loss`).
 
     Without validation queries (protocols B and C, unless ``train.holdout`` carved some out of the
     training data: :func:`fedrec.shared.splitting.holdout_split`) it runs all ``cfg.epochs`` and
@@ -146,6 +165,7 @@ def train_central(
     bank = ProfileBank(model)
     bank.add(user_profiles)
     zero = torch.zeros(model.dim)
+    prior = None if offsets is None else torch.as_tensor(offsets, dtype=torch.float32)
     prof = torch.stack([bank(p) if p else zero for p in user_profiles])  # (n_users, dim)
     # the per-item tables (ID residuals, item factors, item offsets) at their own learning rate
     id_params = [p for p in (model.id_emb, model.item_fac, model.item_off) if p is not None]
@@ -186,6 +206,7 @@ def train_central(
                 text=text,
                 as_cold=as_cold,
                 positives=None if positives is None else positives[users[idx]],
+                offset=None if prior is None else prior[users[idx]],
             )
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -199,7 +220,8 @@ def train_central(
         entry: dict[str, Any] = {"epoch": epoch, "loss": float(np.mean(losses)), "steps": step}
         if has_valid:
             assert split.valid is not None
-            m = evaluate(ModelScorer(model, bank), split.valid, ks=(10,), with_auc=False)
+            scorer = ModelScorer(model, bank, None if offsets is None else lambda us: offsets[us])
+            m = evaluate(scorer, split.valid, ks=(10,), with_auc=False)
             entry["valid_NDCG@10"] = round(m["NDCG@10"], 5)
             entry["valid_HR@10"] = round(m["HR@10"], 5)
             score = m["NDCG@10"]
