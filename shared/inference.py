@@ -60,6 +60,12 @@ class Recommender:
     """Ranks the catalog for a history, a profile or a query; accepts new items at once."""
 
     def __init__(self, model: RecModel, item_ids: Sequence[int], titles: Sequence[str]) -> None:
+        if model.item_fac_ctx is not None:
+            raise ValueError(
+                "this model has context item factors (model.factor_context=true, a central-"
+                "training experiment): the recommender scores symmetric item factors only; "
+                "train without factor_context to serve the model"
+            )
         self.model = model
         self.item_ids = np.asarray(item_ids, dtype=np.int64)
         self.titles = list(titles)

@@ -384,3 +384,35 @@ def test_item_offsets_travel_start_at_zero_and_learn_from_the_first_step(ds, tin
         FedConfig(item_offsets=4, item_factors=4)
     with pytest.raises(ValueError, match="item_offsets"):
         ModelConfig(item_offsets=2, item_factors=2)
+
+
+def test_context_factors_make_the_history_side_its_own_table(ds, tiny_backbone):
+    from fedrec.shared.model.candidates import CandidateScorer
+
+    with pytest.raises(ValueError, match="factor_context"):
+        ModelConfig(factor_context=True)
+    sym = make_model(ds, tiny_backbone, item_factors=4)
+    asym = make_model(ds, tiny_backbone, item_factors=4, factor_context=True)
+    assert sym.item_fac_ctx is None and asym.item_fac_ctx is not None
+    assert torch.equal(sym.item_fac, asym.item_fac)  # the same seeded target table
+    assert not torch.equal(asym.item_fac_ctx, asym.item_fac)
+    warm = asym.warm.nonzero().squeeze(1)[:3].tolist()
+    hist = torch.tensor([[-1] * 5 + warm])
+    with torch.no_grad():
+        items = asym.item_embeddings()
+        u = asym.user_embeddings(items, hist)
+        w = asym.history_weights(hist >= 0)[0, -3:]
+        expect = (w.unsqueeze(1) * asym.item_fac_ctx[warm]).sum(0)
+        assert torch.allclose(u[0, -4:], expect, atol=1e-6)
+        # the score's factor term pairs the context table's sum with the target table
+        s = (
+            asym.scores(u, items)[0]
+            - asym.scores(torch.cat([u[:, :-4], 0 * u[:, -4:]], 1), items)[0]
+        )
+        assert torch.allclose(s[warm], (asym.item_fac[warm] @ expect), atol=1e-4)
+    with pytest.raises(ValueError, match="factor_context"):
+        CandidateScorer(make_model(ds, tiny_backbone, item_factors=4, factor_context=True))
+    from fedrec.shared.inference import Recommender
+
+    with pytest.raises(ValueError, match="factor_context"):  # served only when implemented
+        Recommender(asym, list(range(len(asym.item_texts))), asym.item_texts)

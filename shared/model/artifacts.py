@@ -26,6 +26,7 @@ HEAD = (
     "id_emb",
     "item_bias",
     "item_fac",
+    "item_fac_ctx",
     "item_off",
     "profile_fac",
     "user_map",

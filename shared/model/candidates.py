@@ -332,6 +332,11 @@ class CandidateScorer(nn.Module):
                 "DP training implements the recency user tower only; "
                 "model.user_tower='additive' is for central training"
             )
+        if model.item_fac_ctx is not None:
+            raise ValueError(
+                "DP training implements symmetric item factors only; "
+                "model.factor_context=true is for central training"
+            )
         cache = model.cache
         if cache is None:
             raise ValueError("CandidateScorer needs the model's catalog cache (with_cache=True)")

@@ -168,7 +168,8 @@ def train_central(
     prior = None if offsets is None else torch.as_tensor(offsets, dtype=torch.float32)
     prof = torch.stack([bank(p) if p else zero for p in user_profiles])  # (n_users, dim)
     # the per-item tables (ID residuals, item factors, item offsets) at their own learning rate
-    id_params = [p for p in (model.id_emb, model.item_fac, model.item_off) if p is not None]
+    tables = (model.id_emb, model.item_fac, model.item_fac_ctx, model.item_off)
+    id_params = [p for p in tables if p is not None]
     others = [
         p for p in model.parameters() if p.requires_grad and all(p is not q for q in id_params)
     ]

@@ -48,6 +48,10 @@ class ModelConfig:
     (``P`` a learned ``k x dim`` map of the unit profile embedding, zero at init), so
     ``<P p, f_i>`` is a learned rank-k profile-by-item preference (what a cold user's profile
     says about each item beyond the text similarity).
+    ``factor_context``: with item factors, the history side reads a second per-item table
+    ``c_j`` (seeded random like ``f``): ``<sum_j w_j c_{h_j}, f_i>``, an asymmetric
+    "given these, then that" transition instead of FISM's symmetric similarity (central
+    training only: the DP candidate path refuses it).
     ``item_offsets``: ``k`` > 0 adds a learned per-item ``k``-vector ``g_i`` (warm items only,
     zero at init) and the term ``<P^T u, g_i>`` to the score, ``u`` the user vector and ``P`` the
     top-``k`` principal directions of the frozen catalog text embeddings (public, as the catalog
@@ -93,6 +97,7 @@ class ModelConfig:
     item_factors: int = 0
     factor_init: float = 0.1
     profile_factors: bool = False
+    factor_context: bool = False
     item_offsets: int = 0
     user_map: int = 0
     user_map_space: str = "free"
@@ -129,6 +134,12 @@ class ModelConfig:
             "profile_factors",
             self.profile_factors,
             "needs item_factors > 0 and use_profile = true",
+        )
+        _check(
+            not self.factor_context or self.item_factors > 0,
+            "factor_context",
+            self.factor_context,
+            "needs item_factors > 0",
         )
         _check(0 < self.init_scale <= 100, "init_scale", self.init_scale, "0 < scale <= 100")
 

@@ -141,6 +141,11 @@ class RecModel(nn.Module):
             g = torch.Generator().manual_seed(cfg.seed + 1)
             init = torch.randn(n_items, cfg.item_factors, generator=g) * cfg.factor_init
             self.item_fac = nn.Parameter(init)
+        self.item_fac_ctx: nn.Parameter | None = None  # (n_items, k): the history side's table
+        if cfg.factor_context:
+            g = torch.Generator().manual_seed(cfg.seed + 2)
+            init = torch.randn(n_items, cfg.item_factors, generator=g) * cfg.factor_init
+            self.item_fac_ctx = nn.Parameter(init)
         self.profile_fac: nn.Parameter | None = None  # (k, dim): the profile into factor space
         if cfg.profile_factors:
             self.profile_fac = nn.Parameter(
@@ -348,7 +353,8 @@ class RecModel(nn.Module):
             return u
         idx = history.clamp(min=0)
         wf = w * self.warm[idx]  # a cold item's factors were never trained
-        uf = (wf.unsqueeze(-1) * self.item_fac[idx]).sum(1)
+        side = self.item_fac if self.item_fac_ctx is None else self.item_fac_ctx
+        uf = (wf.unsqueeze(-1) * side[idx]).sum(1)
         if self.profile_fac is not None and profile is not None:
             uf = uf + F.normalize(profile, dim=-1) @ self.profile_fac.T
         return torch.cat([u, uf], dim=1)
