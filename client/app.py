@@ -92,12 +92,14 @@ _PARSED_MAX = 16
 def round_config(msg: Message) -> tuple[FedConfig, dict[str, Any]]:
     raw = dict(msg.content[contract.CONFIG])
     extra = {k: raw.pop(k) for k in EXTRA_KEYS if k in raw}
-    key = tuple(sorted((k, repr(v)) for k, v in raw.items()))
+    # in the record's own order, not sorted: two spellings of one key (num-rounds, num_rounds)
+    # parse to the last one, so the order is part of what a config means
+    key = tuple((k, repr(v)) for k, v in raw.items())
     cfg = _PARSED.get(key)
     if cfg is None:
         cfg = parse_run_config(raw, where="round config from the server")
         if len(_PARSED) >= _PARSED_MAX:
-            _PARSED.pop(next(iter(_PARSED)))
+            _PARSED.pop(next(iter(_PARSED), key), None)
         _PARSED[key] = cfg
     return cfg, extra
 

@@ -330,8 +330,13 @@ def test_round_config_is_parsed_once_per_distinct_config_and_a_bad_one_always_fa
 
     a, extra = client_app.round_config(msg(**{"lr": 2.0, "num-rounds": 4}))
     assert extra == {"server-round": 3, "catalog": "c"}
-    again, _ = client_app.round_config(msg(**{"num-rounds": 4, "lr": 2.0}))
+    again, _ = client_app.round_config(msg(**{"lr": 2.0, "num-rounds": 4}))
     assert again is a and a == FedConfig(lr=2.0, num_rounds=4)
+    assert client_app.round_config(msg(**{"num-rounds": 4, "lr": 2.0}))[0] == a
+    # two spellings of one key: the last wins, so the order is part of the config
+    first, _ = client_app.round_config(msg(**{"num-rounds": 4, "num_rounds": 5}))
+    second, _ = client_app.round_config(msg(**{"num_rounds": 5, "num-rounds": 4}))
+    assert (first.num_rounds, second.num_rounds) == (5, 4)
     other, _ = client_app.round_config(msg(**{"lr": 3.0, "num-rounds": 4}))
     assert other.lr == 3.0 and a.lr == 2.0
     # another raw value is another entry, whatever the parser makes of it (4.0 is not 4)
