@@ -416,3 +416,29 @@ def test_context_factors_make_the_history_side_its_own_table(ds, tiny_backbone):
 
     with pytest.raises(ValueError, match="factor_context"):  # served only when implemented
         Recommender(asym, list(range(len(asym.item_texts))), asym.item_texts)
+
+
+def test_train_central_uses_each_users_own_offset_row(ds, tiny_backbone):
+    """A row-constant offset cannot change a softmax (training is then the plain one, to the
+    last bit of the loss); an offset that differs between users' rows does change it, and one
+    that makes every example's target near-certain leaves almost no loss to train on."""
+    sp = protocol_a(ds)
+    profiles = [ds.user_text(int(u)) for u in sp.user_ids]
+    cfg = TrainConfig(epochs=1, batch_size=32, max_steps=3, patience=1)
+    n_items = len(ds.item_ids)
+
+    def loss(offsets):  # noqa: ANN001, ANN202
+        torch.manual_seed(0)
+        model = make_model(ds, tiny_backbone)
+        return train_central(model, sp, profiles, cfg, offsets=offsets)["epochs"][0]["loss"]
+
+    plain = loss(None)
+    shift = np.repeat(np.arange(sp.n_users, dtype=np.float32)[:, None], n_items, axis=1)
+    assert abs(loss(shift) - plain) < 1e-5
+    # each user's own training items strongly favoured: only right if row u is user u's
+    favour = np.zeros((sp.n_users, n_items), dtype=np.float32)
+    favour[sp.train_user, sp.train_item] = 30.0
+    own = loss(favour)
+    assert own < 0.5 * plain
+    wrong = loss(np.roll(favour, 1, axis=0))  # every user given another user's row
+    assert wrong > own + 1.0
