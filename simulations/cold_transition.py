@@ -39,9 +39,17 @@ from fedrec.shared.data import Dataset, load_dataset
 from fedrec.shared.evaluation import evaluate
 from fedrec.shared.rundir import versions, write_json
 from fedrec.shared.splitting import EvalSet, Split, holdout_split, make_split
+from fedrec.simulations.blend_prior import FLOOR
 
 LAMBDAS = (1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
-FLOOR = 1e-8  # added to pp's probabilities before the log (an item no one rated)
+
+
+def log_prior(pp: ProfilePopularity, users: np.ndarray) -> np.ndarray:
+    """(len(users), n_items) ``log(pp(i | segment of u) + FLOOR)`` for user indices ``users``
+    (the floor: an item no one in a segment took, as the blend's)."""
+    empty = [np.empty(0, dtype=np.int64)] * len(users)
+    p = pp.score(users, empty, [None] * len(users), np.zeros(len(users), dtype=bool))
+    return np.log(p + FLOOR).astype(np.float32)
 
 
 def profile_onehot(
@@ -148,7 +156,7 @@ class TransitionOnPrior:
             given[r, items[:k]] = 1.0
             rest[r, items[k:]] = 1.0
             rest[r, items[:k]] = 0.0  # a repeat of a given item is excluded at test too
-        prior = torch.from_numpy(self._log_prior(users))
+        prior = torch.from_numpy(log_prior(pp, users))
         g, t = torch.from_numpy(given), torch.from_numpy(rest)
         mask = g.bool()
         gen = torch.Generator().manual_seed(seed)
@@ -170,11 +178,6 @@ class TransitionOnPrior:
         opt.step(closure)
         self.e, self.f, self.a = e.detach(), f.detach(), float(a.detach())
 
-    def _log_prior(self, users: np.ndarray) -> np.ndarray:
-        empty = [np.empty(0, dtype=np.int64)] * len(users)
-        p = self.pp.score(users, empty, [None] * len(users), np.zeros(len(users), dtype=bool))
-        return np.log(p + FLOOR).astype(np.float32)
-
     def score(
         self,
         users: np.ndarray,
@@ -182,7 +185,7 @@ class TransitionOnPrior:
         profiles: Sequence[str | None],
         warm: np.ndarray,
     ) -> np.ndarray:
-        s = self.a * self._log_prior(np.asarray(users))
+        s = self.a * log_prior(self.pp, np.asarray(users))
         for b, h in enumerate(history):
             if len(h):
                 s[b] += ((self.e[torch.as_tensor(np.asarray(h))].sum(0)) @ self.f.T).numpy()

@@ -39,9 +39,9 @@ from fedrec.shared.model.config import ModelConfig, TrainConfig, as_dict, from_d
 from fedrec.shared.model.run_central import with_profile_template
 from fedrec.shared.rundir import versions, write_json
 from fedrec.shared.splitting import holdout_split, make_split
+from fedrec.simulations.cold_transition import FLOOR as FLOOR  # the floor of log_prior
 from fedrec.simulations.cold_transition import by_history_length
-
-FLOOR = 1e-8  # added to pp's probabilities before the log (an item no one in a segment took)
+from fedrec.simulations.cold_transition import log_prior as user_log_prior
 
 # the suite's C-central (simulations/suites/full.toml)
 C_CENTRAL: dict[str, Any] = {
@@ -58,10 +58,7 @@ C_CENTRAL: dict[str, Any] = {
 
 def log_prior(pp: ProfilePopularity, n_users: int) -> np.ndarray:
     """(n_users, n_items) ``log(pp(i | segment of u) + FLOOR)`` for every user index."""
-    users = np.arange(n_users)
-    empty = [np.empty(0, dtype=np.int64)] * n_users
-    p = pp.score(users, empty, [None] * n_users, np.zeros(n_users, dtype=bool))
-    return np.log(p + FLOOR).astype(np.float32)
+    return user_log_prior(pp, np.arange(n_users))
 
 
 def _parse_sets(sets: list[str]) -> dict[str, Any]:
