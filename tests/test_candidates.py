@@ -172,6 +172,77 @@ def test_opacus_per_sample_grads_equal_micro_batch_loop(
     gsm._close()
 
 
+@pytest.mark.parametrize("ffa,factors,pfac,umap", FACTORS)
+def test_distinct_item_path_equals_the_batch_first_path(
+    ds,  # noqa: F811
+    tiny_backbone,
+    ffa,
+    factors,
+    pfac,
+    umap,
+):
+    """Without Opacus' hooks the scorer embeds the batch's distinct items once (a (U, dim)
+    table, no per-example copies); with any forward hook it takes the batch-first path the
+    grad samplers need. Both give the same logits and the same gradient for every trainable
+    parameter, with an item repeated within and across examples and candidates flagged cold;
+    and a scorer inside a GradSampleModule takes the batch-first path."""
+    model = make_model(
+        ds,
+        tiny_backbone,
+        id_residual=False,
+        ffa=ffa,
+        profile_factors=pfac,
+        **_per_item(factors),
+        **_umap(umap),
+    )
+    _perturb_profile_factors(model)
+    perturb_lora(model, seed=7)
+    with torch.no_grad():
+        model.item_bias.normal_()
+        model.pos_logits.normal_()
+    if factors:
+        _cold_history_item(model)
+    context, cands, prof = _batch(model, seed=4)
+    cands[1, 4] = cands[0, 2]  # one item in two examples
+    cands[2, 5] = cands[2, 6]  # one item twice in one example
+    cands[0, 6] = context[2, -1]  # a candidate that is another example's context item
+    as_cold = torch.zeros_like(cands, dtype=torch.bool)
+    as_cold[1, 2:5] = True
+    scorer = CandidateScorer(model)
+    params = [p for p in scorer.parameters() if p.requires_grad]
+    seen = []
+    calls = candidates.LoRAItemTower.unit
+
+    def counted(self, u):
+        seen.append(u.shape)
+        return calls(self, u)
+
+    out = []
+    for hooked in (False, True):
+        handle = scorer.register_forward_hook(lambda *a: None) if hooked else None
+        seen.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(candidates.LoRAItemTower, "unit", counted)
+            logits = scorer(context, cands, prof, as_cold)
+        assert (len(seen) == 1) is not hooked  # the distinct path ran, or did not
+        loss = candidate_loss(logits, context, cands, reduction="sum")
+        out.append((logits.detach(), torch.autograd.grad(loss, params)))
+        if handle is not None:
+            handle.remove()
+    (l0, g0), (l1, g1) = out
+    assert torch.allclose(l0, l1, atol=1e-5)
+    for j, (a, b) in enumerate(zip(g0, g1, strict=True)):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), j
+    assert any(a.abs().max() > 0 for a in g0)
+    gsm = GradSampleModule(scorer, loss_reduction="sum")
+    seen.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(candidates.LoRAItemTower, "unit", counted)
+        gsm(context, cands, prof, as_cold)
+    gsm._close()
+    assert seen == []  # under Opacus: never the distinct path
+
+
 def test_candidate_loss_masks_collisions():
     logits = torch.zeros(1, 4)
     context = torch.tensor([[5, -1]])

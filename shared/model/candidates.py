@@ -210,6 +210,12 @@ class LoRAItemTower(nn.Module):
         tok, row, _ = self.tokens(u)
         return self.embed(u, tok, row)[5][inv]
 
+    def unit(self, u: torch.Tensor) -> torch.Tensor:
+        """``(U, dim)`` adapted unit vectors of the distinct items ``u`` (U,), by plain autograd
+        (nothing saved for the grad sampler)."""
+        tok, row, _ = self.tokens(u)
+        return self.embed(u, tok, row)[6]
+
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         # only the batch's distinct items: a small batch touches a small part of the catalog
         u, inv = torch.unique(items, return_inverse=True)
@@ -428,6 +434,12 @@ class CandidateScorer(nn.Module):
             pooled = pooled + self.id_emb[items] * keep.unsqueeze(-1)
         return F.normalize(pooled, dim=-1)
 
+    def _hooked(self) -> bool:
+        """Whether a module of this scorer has forward hooks (Opacus' GradSampleModule adds
+        them to every trainable one): the per-example gradients then need the batch-first
+        path, where each example's inputs reach each module in its own row."""
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
+
     def _pooled(self, items: torch.Tensor) -> torch.Tensor:
         """The token path's mean-pooled adapted text embeddings (batch, k, dim), not normalized."""
         x = self.tok_x[items]  # (batch, k, T, r | inter)
@@ -446,15 +458,28 @@ class CandidateScorer(nn.Module):
         b, n_ctx = context.shape
         valid = context >= 0  # (batch, L)
         both = torch.cat([context.clamp(min=0), candidates], dim=1)  # (batch, L + M)
-        text_only = None
-        if self.id_emb is not None and as_cold is not None:
-            text_only = torch.cat([torch.zeros_like(context, dtype=torch.bool), as_cold], dim=1)
-        vecs = self.item_vectors(both, text_only)
-        ctx_vecs, cand_vecs = vecs[:, :n_ctx], vecs[:, n_ctx:]
         pos = torch.arange(self.history_len - n_ctx, self.history_len).expand(b, -1)
         logits_w = self.recency(pos).masked_fill(~valid, -torch.inf)  # (batch, L)
         w = torch.nan_to_num(torch.softmax(logits_w, dim=1), nan=0.0)
-        user = (w.unsqueeze(-1) * ctx_vecs).sum(1)  # (batch, dim)
+        # Without per-example gradients (no Opacus hooks: user-level DP, no DP), the batch's
+        # distinct items are embedded once and never expanded to (batch, L + M, dim): the
+        # context sum and the candidate dot products are products with the (U, dim) table
+        # (in a one-user step about 80 distinct items against 16 x 71 gathered rows). The same
+        # numbers as the batch-first path below (tests/test_candidates.py).
+        distinct = self.tower is not None and self.id_emb is None and not self._hooked()
+        if distinct:
+            assert self.tower is not None
+            u, inv = torch.unique(both, return_inverse=True)
+            table = self.tower.unit(u)  # (U, dim)
+            mix = torch.zeros(b, u.shape[0], dtype=w.dtype).scatter_add(1, inv[:, :n_ctx], w)
+            user = mix @ table  # (batch, dim)
+        else:
+            text_only = None
+            if self.id_emb is not None and as_cold is not None:
+                text_only = torch.cat([torch.zeros_like(context, dtype=torch.bool), as_cold], dim=1)
+            vecs = self.item_vectors(both, text_only)
+            ctx_vecs, cand_vecs = vecs[:, :n_ctx], vecs[:, n_ctx:]
+            user = (w.unsqueeze(-1) * ctx_vecs).sum(1)  # (batch, dim)
         if self.user_map is not None:
             delta = self.user_map(user @ self.user_map_basis)
             if self.user_map_catalog:
@@ -463,12 +488,14 @@ class CandidateScorer(nn.Module):
         if profile is not None and self.use_profile:
             user = user + self.gate(profile).unsqueeze(1) * profile
         user = F.normalize(user, dim=-1)
-        # a multiply and a sum, not a batched matrix-vector product: on one CPU thread the
-        # batched GEMV (forward and both backward products) took about 3x longer at a
-        # one-user step's (16, 51, 384)
-        scores = self.scale(context).exp().unsqueeze(1) * (cand_vecs * user.unsqueeze(1)).sum(
-            -1
-        )  # (batch, M)
+        if distinct:  # every example against every distinct item, then its own candidates
+            dots = (user @ table.T).gather(1, inv[:, n_ctx:])  # (batch, M)
+        else:
+            # a multiply and a sum, not a batched matrix-vector product: on one CPU thread the
+            # batched GEMV (forward and both backward products) took about 3x longer at a
+            # one-user step's (16, 51, 384)
+            dots = (cand_vecs * user.unsqueeze(1)).sum(-1)
+        scores = self.scale(context).exp().unsqueeze(1) * dots  # (batch, M)
         keep = self.warm[candidates]  # (batch, M)
         if as_cold is not None:
             keep = keep & ~as_cold
