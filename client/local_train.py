@@ -322,6 +322,8 @@ def train_round(
     else:
         opt = base_opt
     module.train()
+    if not cfg.dp and scorer.tower is not None and scorer.id_emb is None:
+        scorer.tower.start_round()  # many clients of a round in one process: see its doc
     losses, done = [], 0
     try:
         while done < steps:

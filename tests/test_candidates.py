@@ -243,6 +243,46 @@ def test_distinct_item_path_equals_the_batch_first_path(
     assert seen == []  # under Opacus: never the distinct path
 
 
+def test_round_start_catalog_gives_the_same_vectors_and_gradient_of_b(ds, tiny_backbone):  # noqa: F811
+    """The catalog's forward at a round's start B (built the second time a process sees that
+    B) gives the same unit vectors and the same gradient of B as the token-level graph; it is
+    not built at the first sighting, and not used once B has moved."""
+    model = make_model(ds, tiny_backbone, id_residual=False, ffa=True)
+    perturb_lora(model, seed=8)
+    tower = CandidateScorer(model).tower
+    assert tower is not None
+    g = torch.Generator().manual_seed(9)
+    u = torch.tensor([0, 2, 3, 7, 11, 20])
+    upstream = torch.randn(u.shape[0], model.dim, generator=g)
+
+    def vectors_and_grad():
+        tower.weight.grad = None
+        e = tower.unit(u)
+        (e * upstream).sum().backward()
+        return e.detach(), tower.weight.grad.clone()
+
+    want = vectors_and_grad()
+    tower.start_round()
+    assert tower._at_start is None  # first sighting of this B: nothing built
+    tower.start_round()
+    assert tower._at_start is not None  # second: the catalog at B
+    built = candidates._FromCatalog.apply
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(candidates._FromCatalog, "apply", lambda *a: calls.append(1) or built(*a))
+        got = vectors_and_grad()
+        assert calls == [1]
+        assert torch.allclose(got[0], want[0], atol=1e-6)
+        assert want[1].abs().max() > 0
+        assert torch.allclose(got[1], want[1], atol=1e-6, rtol=1e-4)
+        with torch.no_grad():
+            # a local step moved B: the token-level graph again
+            tower.weight.add_(torch.randn(tower.weight.shape, generator=g))
+        moved = vectors_and_grad()
+        assert calls == [1]
+    assert not torch.allclose(moved[0], want[0], atol=1e-3)
+
+
 def test_candidate_loss_masks_collisions():
     logits = torch.zeros(1, 4)
     context = torch.tensor([[5, -1]])

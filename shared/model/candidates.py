@@ -169,6 +169,9 @@ class LoRAItemTower(nn.Module):
         self.eps = float(norm.eps)
         self.scaling = scaling
         self._saved: tuple[torch.Tensor, ...] | None = None
+        # B seen at a round's start, and the whole catalog's forward at it (see start_round)
+        self._start: torch.Tensor | None = None
+        self._at_start: _CatalogAtB | None = None
 
     def _state(self) -> list[torch.Tensor]:
         """The trainable tensors' current values (to tell whether a saved forward is stale)."""
@@ -210,9 +213,30 @@ class LoRAItemTower(nn.Module):
         tok, row, _ = self.tokens(u)
         return self.embed(u, tok, row)[5][inv]
 
+    def start_round(self) -> None:
+        """Called by a client before its first local step. In a simulation process that
+        serves many clients of one round, each starts from the same global B: the second
+        time this process sees a round's B, the whole catalog's forward at it is computed
+        once (:class:`_CatalogAtB`), and every later first step at that B takes its item
+        vectors from there and its gradient of B in closed form (no token-level graph). Not
+        for FedAvg-LoRA (A trains too); a process that serves one client never builds it."""
+        if self.a_weight is not None:
+            return
+        b = self.weight.detach()
+        if self._at_start is not None and torch.equal(self._at_start.weight, b):
+            return
+        if self._start is not None and torch.equal(self._start, b):
+            self._at_start = _CatalogAtB.build(self)
+            return
+        self._start, self._at_start = b.clone(), None
+
     def unit(self, u: torch.Tensor) -> torch.Tensor:
         """``(U, dim)`` adapted unit vectors of the distinct items ``u`` (U,), by plain autograd
-        (nothing saved for the grad sampler)."""
+        (nothing saved for the grad sampler); at a round's start B, from the catalog's cached
+        forward (:meth:`start_round`)."""
+        at = self._at_start
+        if at is not None and torch.equal(at.weight, self.weight):
+            return _FromCatalog.apply(self.weight, u, self, at)
         tok, row, _ = self.tokens(u)
         return self.embed(u, tok, row)[6]
 
@@ -225,6 +249,65 @@ class LoRAItemTower(nn.Module):
         self._saved = (items, u, inv, tok, row, slot, x, a.detach(), z.detach(), mu, rstd,
                        pooled.detach(), *(p.detach().clone() for p in self._state()))  # fmt: skip
         return e[inv]  # (batch, k, dim)
+
+
+class _CatalogAtB:
+    """The whole catalog's item-tower forward at one B (FFA-LoRA: A frozen): unit vectors
+    ``e`` and norms of the pooled vectors per item, and per token LayerNorm's normalised
+    input ``xhat`` and inverse std ``rstd``, with ``s_a = sum_t rstd_t a_t`` per item: what
+    :class:`_FromCatalog`'s backward needs (about 40 MB for ML-100K under MiniLM)."""
+
+    def __init__(self, weight: torch.Tensor, e: torch.Tensor, norm: torch.Tensor,
+                 xhat: torch.Tensor, rstd: torch.Tensor, s_a: torch.Tensor) -> None:  # fmt: skip
+        self.weight, self.e, self.norm, self.xhat, self.rstd, self.s_a = (
+            weight, e, norm, xhat, rstd, s_a,
+        )  # fmt: skip
+
+    @staticmethod
+    def build(tower: LoRAItemTower) -> _CatalogAtB:
+        with torch.no_grad():
+            n = tower.counts.shape[0]
+            u = torch.arange(n)
+            row = torch.repeat_interleave(u, tower.counts)
+            tok = torch.arange(row.shape[0])
+            _x, a, z, mu, rstd, pooled, e = tower.embed(u, tok, row)
+            xhat = (z - mu) * rstd
+            s_a = torch.zeros(n, a.shape[1], dtype=a.dtype).index_add_(0, row, rstd * a)
+            norm = pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # as F.normalize
+            return _CatalogAtB(tower.weight.detach().clone(), e, norm, xhat, rstd, s_a)
+
+
+class _FromCatalog(torch.autograd.Function):
+    """Unit item vectors ``(U, dim)`` of distinct items ``u`` read from a :class:`_CatalogAtB`
+    at the current B, and B's gradient in closed form from the items' tokens: with ``g`` the
+    gradient at ``e_i``, ``w_i = gamma * (g - e_i (e_i . g)) / (|p_i| n_i)``,
+    ``w' = w - mean(w)`` and ``c_t = xhat_t . w_i``, LayerNorm's backward gives
+    ``dB = s * sum_i [ w'_i s_a,i^T - (1/dim) sum_t c_t xhat_t (rstd_t a_t)^T ]`` (the formula
+    of :func:`_lora_tower_grad_sample`, summed over the batch's distinct items)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, weight: torch.Tensor, u: torch.Tensor, tower: LoRAItemTower, at: _CatalogAtB
+    ) -> torch.Tensor:
+        ctx.tower, ctx.at = tower, at
+        ctx.save_for_backward(u)
+        return at.e.index_select(0, u)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (u,) = ctx.saved_tensors
+        tower, at = ctx.tower, ctx.at
+        e, norm = at.e.index_select(0, u), at.norm.index_select(0, u)
+        g_pooled = (g - e * (e * g).sum(-1, keepdim=True)) / norm
+        w = tower.ln_weight * g_pooled / tower.counts[u].unsqueeze(1)  # dloss/dxhat_t (U, dim)
+        wc = w - w.mean(-1, keepdim=True)
+        tok, row, _ = tower.tokens(u)
+        xhat = at.xhat.index_select(0, tok)  # (tokens, dim)
+        c = (xhat * w.index_select(0, row)).sum(-1, keepdim=True)  # (tokens, 1)
+        ra = at.rstd.index_select(0, tok) * tower.feats.index_select(0, tok)  # (tokens, r)
+        term1 = (at.s_a.index_select(0, u).T @ wc).T  # (dim, r); operand order: see below
+        term2 = ((c * ra).T @ xhat).T  # (dim, r), the fast single-thread GEMM layout
+        return tower.scaling * (term1 - term2 / xhat.shape[1]), None, None, None
 
 
 class _LowRankProduct(torch.autograd.Function):
