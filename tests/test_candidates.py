@@ -196,6 +196,7 @@ def test_distinct_item_path_equals_the_batch_first_path(
         **_umap(umap),
     )
     _perturb_profile_factors(model)
+    _random_layer_norm(model, seed=11)
     perturb_lora(model, seed=7)
     with torch.no_grad():
         model.item_bias.normal_()
@@ -243,17 +244,42 @@ def test_distinct_item_path_equals_the_batch_first_path(
     assert seen == []  # under Opacus: never the distinct path
 
 
-def test_round_start_catalog_gives_the_same_vectors_and_gradient_of_b(ds, tiny_backbone):  # noqa: F811
-    """The catalog's forward at a round's start B (built the second time a process sees that
-    B) gives the same unit vectors and the same gradient of B as the token-level graph; it is
-    not built at the first sighting, and not used once B has moved."""
+def _random_layer_norm(model, seed: int) -> None:
+    """Give the LayerNorm after the adapter a random scale and shift (a fresh tiny backbone
+    has 1 and 0, under which a missing or misplaced scale would go unseen)."""
+    from fedrec.shared.model.catalog_cache import adapter_site
+
+    norm = adapter_site(model.backbone.base_model.model).norm
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(norm.weight.shape, generator=g))
+        norm.bias.copy_(0.3 * torch.randn(norm.bias.shape, generator=g))
+
+
+def test_round_start_catalog_gives_the_same_vectors_and_gradients(
+    ds,  # noqa: F811
+    tiny_backbone,
+    monkeypatch,
+):
+    """The catalog's forward at a round's start B (built once BUILD_AFTER clients started from
+    that B in this process) gives the same unit vectors and the same gradient of B as the
+    token-level graph, and the scorer with it the same logits and gradients of every
+    parameter as the batch-first path; it is not built before, and not used once B moved."""
+    monkeypatch.setattr(candidates, "BUILD_AFTER", 3)
     model = make_model(ds, tiny_backbone, id_residual=False, ffa=True)
+    _random_layer_norm(model, seed=10)
     perturb_lora(model, seed=8)
-    tower = CandidateScorer(model).tower
-    assert tower is not None
+    with torch.no_grad():
+        model.item_bias.normal_()
+        model.pos_logits.normal_()
+    scorer = CandidateScorer(model)
+    tower = scorer.tower
+    assert tower is not None and float(tower.ln_weight.std()) > 0.1
     g = torch.Generator().manual_seed(9)
     u = torch.tensor([0, 2, 3, 7, 11, 20])
     upstream = torch.randn(u.shape[0], model.dim, generator=g)
+    context, cands, prof = _batch(model, seed=5)
+    params = [p for p in scorer.parameters() if p.requires_grad]
 
     def vectors_and_grad():
         tower.weight.grad = None
@@ -261,11 +287,21 @@ def test_round_start_catalog_gives_the_same_vectors_and_gradient_of_b(ds, tiny_b
         (e * upstream).sum().backward()
         return e.detach(), tower.weight.grad.clone()
 
+    def scorer_logits_and_grads(hooked: bool):
+        handle = scorer.register_forward_hook(lambda *a: None) if hooked else None
+        logits = scorer(context, cands, prof)
+        if handle is not None:
+            handle.remove()
+        loss = candidate_loss(logits, context, cands, reduction="sum")
+        return logits.detach(), torch.autograd.grad(loss, params)
+
     want = vectors_and_grad()
+    batch_first = scorer_logits_and_grads(hooked=True)
+    for _ in range(2):
+        tower.start_round()
+        assert tower._at_start is None  # fewer than BUILD_AFTER clients at this B: not built
     tower.start_round()
-    assert tower._at_start is None  # first sighting of this B: nothing built
-    tower.start_round()
-    assert tower._at_start is not None  # second: the catalog at B
+    assert tower._at_start is not None  # the third: the catalog at B
     built = candidates._FromCatalog.apply
     calls = []
     with pytest.MonkeyPatch.context() as mp:
@@ -275,12 +311,49 @@ def test_round_start_catalog_gives_the_same_vectors_and_gradient_of_b(ds, tiny_b
         assert torch.allclose(got[0], want[0], atol=1e-6)
         assert want[1].abs().max() > 0
         assert torch.allclose(got[1], want[1], atol=1e-6, rtol=1e-4)
+        logits, grads = scorer_logits_and_grads(hooked=False)
+        assert calls == [1, 1]  # the scorer's distinct path read the catalog
+        assert torch.allclose(logits, batch_first[0], atol=1e-5)
+        for j, (a, b) in enumerate(zip(grads, batch_first[1], strict=True)):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), j
         with torch.no_grad():
             # a local step moved B: the token-level graph again
             tower.weight.add_(torch.randn(tower.weight.shape, generator=g))
         moved = vectors_and_grad()
-        assert calls == [1]
+        assert calls == [1, 1]
     assert not torch.allclose(moved[0], want[0], atol=1e-3)
+    tower.start_round()  # a new B: the old catalog is dropped, counting starts again
+    assert tower._at_start is None and tower._seen == 1
+
+
+@pytest.mark.parametrize("dp", [True, False])
+def test_round_start_catalog_only_without_local_dp_and_never_for_fedavg_lora(
+    ds,  # noqa: F811
+    tiny_backbone,
+    monkeypatch,
+    dp,
+):
+    """A client round asks for the round-start catalog only without local DP-SGD (whose
+    scorer runs under Opacus' hooks and never reads it); FedAvg-LoRA (A trains) never builds
+    it."""
+    from fedrec.client.budget import MemoryStore
+    from fedrec.client.local_train import train_round
+
+    from .test_dp_training import _cfg, _data
+
+    monkeypatch.setattr(candidates, "BUILD_AFTER", 1)
+    fedavg = CandidateScorer(make_model(ds, tiny_backbone, id_residual=False, ffa=False)).tower
+    assert fedavg is not None
+    fedavg.start_round()
+    assert fedavg._at_start is None
+    starts: list[int] = []
+    monkeypatch.setattr(candidates.LoRAItemTower, "start_round", lambda self: starts.append(1))
+    model = make_model(ds, tiny_backbone, id_residual=False, ffa=True)
+    extra = {} if dp else {"dp": False, "epsilon": 8.0}
+    cfg = _cfg(backbone=str(tiny_backbone), local_steps=2, **extra)
+    res = train_round(CandidateScorer(model), _data(ds), cfg, MemoryStore(), seed=0)
+    assert res.trained
+    assert starts == ([] if dp else [1])
 
 
 def test_candidate_loss_masks_collisions():

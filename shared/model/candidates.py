@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from fedrec.shared.model.catalog_cache import adapter_site
 from fedrec.shared.model.towers import RecModel
@@ -171,6 +172,7 @@ class LoRAItemTower(nn.Module):
         self._saved: tuple[torch.Tensor, ...] | None = None
         # B seen at a round's start, and the whole catalog's forward at it (see start_round)
         self._start: torch.Tensor | None = None
+        self._seen = 0  # clients that started from _start in this process
         self._at_start: _CatalogAtB | None = None
 
     def _state(self) -> list[torch.Tensor]:
@@ -215,27 +217,31 @@ class LoRAItemTower(nn.Module):
 
     def start_round(self) -> None:
         """Called by a client before its first local step. In a simulation process that
-        serves many clients of one round, each starts from the same global B: the second
-        time this process sees a round's B, the whole catalog's forward at it is computed
-        once (:class:`_CatalogAtB`), and every later first step at that B takes its item
-        vectors from there and its gradient of B in closed form (no token-level graph). Not
-        for FedAvg-LoRA (A trains too); a process that serves one client never builds it."""
+        serves many clients of one round, each starts from the same global B: once this
+        process has seen ``BUILD_AFTER`` clients start from one B, the whole catalog's forward
+        at it is computed (:class:`_CatalogAtB`, about as long as 25 first steps), and every
+        later first step at that B takes its item vectors from there and its gradient of B in
+        closed form (no token-level graph). Not for FedAvg-LoRA (A trains too). A process that
+        serves fewer clients than that per B (a device, a few silos per process) never builds
+        it."""
         if self.a_weight is not None:
             return
         b = self.weight.detach()
         if self._at_start is not None and torch.equal(self._at_start.weight, b):
             return
         if self._start is not None and torch.equal(self._start, b):
-            self._at_start = _CatalogAtB.build(self)
+            self._seen += 1
+            if self._seen >= BUILD_AFTER:
+                self._at_start = _CatalogAtB.build(self)
             return
-        self._start, self._at_start = b.clone(), None
+        self._start, self._seen, self._at_start = b.clone(), 1, None
 
     def unit(self, u: torch.Tensor) -> torch.Tensor:
         """``(U, dim)`` adapted unit vectors of the distinct items ``u`` (U,), by plain autograd
         (nothing saved for the grad sampler); at a round's start B, from the catalog's cached
         forward (:meth:`start_round`)."""
         at = self._at_start
-        if at is not None and torch.equal(at.weight, self.weight):
+        if at is not None and self.a_weight is None and torch.equal(at.weight, self.weight):
             return _FromCatalog.apply(self.weight, u, self, at)
         tok, row, _ = self.tokens(u)
         return self.embed(u, tok, row)[6]
@@ -249,6 +255,12 @@ class LoRAItemTower(nn.Module):
         self._saved = (items, u, inv, tok, row, slot, x, a.detach(), z.detach(), mu, rstd,
                        pooled.detach(), *(p.detach().clone() for p in self._state()))  # fmt: skip
         return e[inv]  # (batch, k, dim)
+
+
+# Clients of one round seen starting from one B before a process builds the catalog at that B:
+# the build costs about 25 first steps' worth of the token-level graph, and each later first
+# step saves a few milliseconds (simulations/results/bench-round/README.md).
+BUILD_AFTER = 16
 
 
 class _CatalogAtB:
@@ -294,6 +306,7 @@ class _FromCatalog(torch.autograd.Function):
         return at.e.index_select(0, u)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         (u,) = ctx.saved_tensors
         tower, at = ctx.tower, ctx.at
