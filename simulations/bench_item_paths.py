@@ -57,44 +57,17 @@ def main() -> None:
     if args.pairs < 1 or args.repeats < 1:
         ap.error("--pairs and --repeats must be at least 1")
 
-    import torch
-    from flwr.app import ConfigRecord, Context, Message, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
-
     from fedrec.client import app as client_app
-    from fedrec.shared.federation import contract
-    from fedrec.shared.federation.data_and_model import (
-        catalog_digest,
-        dataset_and_split,
-        model_for,
-        resolve_data_dir,
-    )
-    from fedrec.shared.federation.params import to_record, travelling_state
-    from fedrec.simulations.bench_round import fedrec_sets
+    from fedrec.simulations.bench_round import InProcessClients, fedrec_sets
     from fedrec.simulations.launch import resolve
 
-    torch.set_num_threads(1)  # a Ray actor with num_cpus=1 runs one thread
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     n = 943
     cfg, _ = resolve(None, fedrec_sets(False, n, n, 3), preset="central-dp")
-    ds, split = dataset_and_split(resolve_data_dir(cfg.data), cfg.protocol, cfg.seed)
-    state = travelling_state(model_for(cfg, ds, split))
-    catalog = catalog_digest(ds.item_texts())
     run_dir = Path(tempfile.mkdtemp(prefix="fedrec-bench-paths-"))
+    clients = InProcessClients(cfg, n, run_dir)
 
     def body(part: int) -> float:
-        config = ConfigRecord(
-            {**cfg.to_flat(), "catalog": catalog, "run-dir": str(run_dir), "server-round": 1}
-        )
-        content = RecordDict({contract.ARRAYS: to_record(state), contract.CONFIG: config})
-        msg = Message(content, dst_node_id=part + 1, message_type="train")
-        ctx = Context(
-            run_id=1,
-            node_id=part + 1,
-            node_config={"partition-id": part, "num-partitions": n},
-            state=RecordDict(),
-            run_config={},
-        )
+        msg, ctx = clients.train_msg(cfg, part + 1), clients.context(part + 1, part)
         t = time.perf_counter()
         client_app.train(msg, ctx)
         return time.perf_counter() - t

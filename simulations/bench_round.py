@@ -423,57 +423,81 @@ def _payload(rec: Any) -> int:
     return 0
 
 
-def client_costs(
-    supernodes: int, per_round: list[int], samples: int, workdir: Path
-) -> dict[str, Any]:
-    """fedrec's ClientApp bodies and message sizes, measured in this process."""
-    import torch
-    from flwr.app import ConfigRecord, Context, Message, RecordDict
+class InProcessClients:
+    """fedrec's ClientApp body called in this process as a simulation actor calls it: one
+    thread, a task identity, the global arrays of ``cfg``'s initial model, ML-100K's catalog
+    digest and ``run_dir`` in every train message. Shared by the in-process benchmarks."""
 
-    from fedrec.client import app as client_app
-    from fedrec.server.secure_agg import SECAGG
-    from fedrec.shared.federation import contract
-    from fedrec.shared.federation.data_and_model import (
-        catalog_digest,
-        dataset_and_split,
-        model_for,
-        resolve_data_dir,
-    )
-    from fedrec.shared.federation.params import to_record, travelling_state
-    from fedrec.simulations.launch import resolve
+    def __init__(self, cfg: Any, supernodes: int, run_dir: Path) -> None:
+        import torch
+        from flwr.supercore.task_identity import TaskIdentity
 
-    torch.set_num_threads(1)  # a Ray actor with num_cpus=1 runs one thread
-    # Flower builds messages inside a task; give this process one, as the runtime does
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    c0 = per_round[0]
-    cfg, _ = resolve(None, fedrec_sets(False, c0, supernodes, 3), preset="central-dp")
-    ds, split = dataset_and_split(resolve_data_dir(cfg.data), cfg.protocol, cfg.seed)
-    model = model_for(cfg, ds, split)
-    state = travelling_state(model)
-    dim = sum(t.numel() for t in state.values())
-    shapes = {k: list(t.shape) for k, t in state.items()}
-    catalog = catalog_digest(ds.item_texts())
-    run_dir = workdir / "inproc"
-
-    def train_msg(c: Any, node: int, extra: dict[str, Any] | None = None) -> Message:
-        config = ConfigRecord(
-            {**c.to_flat(), "catalog": catalog, "run-dir": str(run_dir), "server-round": 1}
+        from fedrec.shared.federation.data_and_model import (
+            catalog_digest,
+            dataset_and_split,
+            model_for,
+            resolve_data_dir,
         )
-        content = RecordDict({contract.ARRAYS: to_record(state), contract.CONFIG: config})
+        from fedrec.shared.federation.params import travelling_state
+
+        torch.set_num_threads(1)  # a Ray actor with num_cpus=1 runs one thread
+        # Flower builds messages inside a task; give this process one, as the runtime does
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+        ds, split = dataset_and_split(resolve_data_dir(cfg.data), cfg.protocol, cfg.seed)
+        self.state = travelling_state(model_for(cfg, ds, split))
+        self.catalog = catalog_digest(ds.item_texts())
+        self.cfg, self.supernodes, self.run_dir = cfg, supernodes, run_dir
+
+    def train_msg(self, c: Any, node: int, extra: dict[str, Any] | None = None) -> Any:
+        """A round-1 train message to ``node`` under the settings ``c`` (``extra``: a SecAgg+
+        stage's config record)."""
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        from fedrec.server.secure_agg import SECAGG
+        from fedrec.shared.federation import contract
+        from fedrec.shared.federation.params import to_record
+
+        config = ConfigRecord(
+            {
+                **c.to_flat(),
+                "catalog": self.catalog,
+                "run-dir": str(self.run_dir),
+                "server-round": 1,
+            }
+        )
+        content = RecordDict({contract.ARRAYS: to_record(self.state), contract.CONFIG: config})
         if extra is not None:
             content[SECAGG] = ConfigRecord(extra)
         return Message(content, dst_node_id=node, message_type="train")
 
-    def context(node: int, part: int) -> Context:
+    def context(self, node: int, part: int) -> Any:
+        """The node's context: partition ``part`` of ``supernodes``."""
+        from flwr.app import Context, RecordDict
+
         return Context(
             run_id=1,
             node_id=node,
-            node_config={"partition-id": part, "num-partitions": supernodes},
+            node_config={"partition-id": part, "num-partitions": self.supernodes},
             state=RecordDict(),
             run_config={},
         )
+
+
+def client_costs(
+    supernodes: int, per_round: list[int], samples: int, workdir: Path
+) -> dict[str, Any]:
+    """fedrec's ClientApp bodies and message sizes, measured in this process."""
+    from fedrec.client import app as client_app
+    from fedrec.shared.federation import contract
+    from fedrec.simulations.launch import resolve
+
+    c0 = per_round[0]
+    cfg, _ = resolve(None, fedrec_sets(False, c0, supernodes, 3), preset="central-dp")
+    clients = InProcessClients(cfg, supernodes, workdir / "inproc")
+    state, run_dir = clients.state, clients.run_dir
+    dim = sum(t.numel() for t in state.values())
+    shapes = {k: list(t.shape) for k, t in state.items()}
+    train_msg, context = clients.train_msg, clients.context
 
     # the plain round (fedrec-dp): distinct partitions, the first call (the build) left out
     body, wire_in, wire_out = [], 0, 0
