@@ -36,7 +36,7 @@ from fedrec.shared.data import load_dataset
 from fedrec.shared.evaluation import evaluate
 from fedrec.shared.model.central import ModelScorer, build_model, train_central
 from fedrec.shared.model.config import ModelConfig, TrainConfig, as_dict, from_dict
-from fedrec.shared.model.run_central import with_profile_template
+from fedrec.shared.model.run_central import parse_overrides, with_profile_template
 from fedrec.shared.rundir import versions, write_json
 from fedrec.shared.splitting import holdout_split, make_split
 from fedrec.simulations.cold_transition import FLOOR as FLOOR  # the floor of log_prior
@@ -61,19 +61,13 @@ def log_prior(pp: ProfilePopularity, n_users: int) -> np.ndarray:
     return user_log_prior(pp, np.arange(n_users))
 
 
-def _parse_sets(sets: list[str]) -> dict[str, Any]:
-    import json
-
-    out: dict[str, Any] = {}
-    for s in sets:
-        key, sep, value = s.partition("=")
-        if not sep or not key.startswith(("model.", "train.")):
-            raise SystemExit(f"--set {s!r}: expected model.KEY=VALUE or train.KEY=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+def settings_from(pairs: list[str]) -> dict[str, Any]:
+    """``--set`` pairs as ``train-central`` reads them (:func:`parse_overrides`), keyed
+    ``model.NAME`` / ``train.NAME`` as :data:`C_CENTRAL` is; values stay text until
+    :func:`run` parses them into the configs."""
+    model_sets, train_sets = parse_overrides(pairs)
+    return {**{f"model.{k}": v for k, v in model_sets.items()},
+            **{f"train.{k}": v for k, v in train_sets.items()}}  # fmt: skip
 
 
 def run(sets: dict[str, Any], log: Any = print) -> dict[str, Any]:
@@ -151,7 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
-    result = run(_parse_sets(args.sets))
+    try:
+        sets = settings_from(args.sets)
+    except ValueError as err:
+        ap.error(str(err))
+    result = run(sets)
     if args.out is not None:
         write_json(args.out, result)
         print(f"wrote {args.out}")

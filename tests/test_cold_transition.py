@@ -109,7 +109,8 @@ def test_by_history_length_keeps_the_queries_of_one_length():
 def test_segment_priors_rows_are_each_users_segment_log_popularity_and_sets_are_checked():
     import pytest
 
-    from fedrec.simulations.segment_prior import FLOOR, _parse_sets, log_prior
+    from fedrec.shared.model.config import ModelConfig, TrainConfig, from_dict
+    from fedrec.simulations.segment_prior import FLOOR, log_prior, settings_from
 
     seqs = [[0, 1], [0, 2], [3, 4], [3, 3]]
     sp = _split(seqs)
@@ -122,9 +123,12 @@ def test_segment_priors_rows_are_each_users_segment_log_popularity_and_sets_are_
     assert np.allclose(prior[0], np.log(m / 4 + FLOOR)) and np.allclose(prior[1], prior[0])
     everyone = np.bincount(sp.train_item, minlength=N_ITEMS) / 8  # no profile: popularity
     assert np.allclose(prior[3], np.log(everyone + FLOOR))
-    assert _parse_sets(["model.init_scale=2", "train.mask_positives=true"]) == {
-        "model.init_scale": 2,
-        "train.mask_positives": True,
-    }
-    with pytest.raises(SystemExit, match="model.KEY=VALUE"):
-        _parse_sets(["init_scale=2"])
+    sets = settings_from(["model.init_scale=2", "mask-positives=true", "train.lr=0.01"])
+    assert sets == {"model.init_scale": "2", "train.mask_positives": "true", "train.lr": "0.01"}
+    assert from_dict(ModelConfig, {"init_scale": sets["model.init_scale"]}).init_scale == 2.0
+    train = from_dict(TrainConfig, {k[6:]: v for k, v in sets.items() if k.startswith("train.")})
+    assert train.mask_positives is True and train.lr == 0.01
+    with pytest.raises(ValueError, match="unknown key 'no_such'"):
+        settings_from(["no_such=2"])
+    with pytest.raises(ValueError, match="model.KEY=VALUE"):
+        settings_from(["init_scale"])
