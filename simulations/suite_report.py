@@ -469,8 +469,10 @@ HEADLINE: dict[str, list[tuple[str, dict[str, str]]]] = {
          {"A": "A-central", "B": "B-central", "C": "C-central"}),
         ("fedrec trained centrally, with the cold prior (text-predicted popularity)",
          {"B": "B-central-prior"}),
-        ("fedrec federated, 10 silos, local DP, sliding windows of two items (the `silos` "
-         "preset)", {"A": "A-fed-eps8-windows"}),
+        ("fedrec federated, 10 silos, local DP, sliding windows of two items, larger batches "
+         "(the `silos` preset)", {"A": "A-fed-eps8-batch"}),
+        ("fedrec federated, 10 silos, local DP, sliding windows of two items",
+         {"A": "A-fed-eps8-windows"}),
         ("fedrec federated, 10 silos, local DP, disjoint examples", {"A": "A-fed-eps8",
                                                                     "B": "B-fed-eps8",
                                                                     "C": "C-fed-eps8"}),

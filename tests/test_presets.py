@@ -20,11 +20,11 @@ def test_every_preset_parses_and_says_what_it_is():
         parse_run_config(load_config_file(preset_file(name)))
 
 
-def test_silos_is_the_full_suites_windows_experiment():
+def test_silos_is_the_full_suites_batch_experiment():
     """The silos preset reproduces the experiment whose result the docs report for it."""
     suite = load_suite("full")
-    e = next(x for x in suite.experiments if x.name == "A-fed-eps8-windows")
-    assert "A-fed-eps8-windows" in presets()["silos"]
+    e = next(x for x in suite.experiments if x.name == "A-fed-eps8-batch")
+    assert "A-fed-eps8-batch" in presets()["silos"]
     want = parse_run_config(sim_settings(suite, e))
     got, _ = resolve(None, {}, preset="silos")
     assert got == want
