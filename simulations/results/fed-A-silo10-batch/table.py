@@ -22,7 +22,7 @@ def load(run: Path) -> dict:
         "name": run.name,
         "seed": c["seed"],
         "shape": f"q {c['sample_rate']:g}, {c['num_rounds']} x {c['local_steps']} steps, "
-        f"lr {c['lr']:g}",
+        f"lr {c['lr']:g}, epsilon {c['epsilon']:g}",
         "valid": [(v["round"], v["valid_NDCG@10"]) for v in valid],
         "test": None,
     }
@@ -41,7 +41,7 @@ def load(run: Path) -> dict:
 runs = [load(p.parent) for p in sorted(HERE.glob("runs/*/config.json"))]
 preset = [load(SEEDS / f"seq-h2-eps8-seed{s}") for s in (0, 1, 2)]
 print(
-    "| run | seed | shape (sample rate, rounds x local steps, lr) | noise multiplier "
+    "| run | seed | shape (sample rate, rounds x local steps, lr, epsilon budget) | noise multiplier "
     "| epsilon spent | valid NDCG@10 by round | test NDCG@10 | test HR@10 | seconds |"
 )
 print("|---|---:|---|---:|---:|---|---:|---:|---:|")
