@@ -41,8 +41,9 @@ def load(run: Path) -> dict:
 runs = [load(p.parent) for p in sorted(HERE.glob("runs/*/config.json"))]
 preset = [load(SEEDS / f"seq-h2-eps8-seed{s}") for s in (0, 1, 2)]
 print(
-    "| run | seed | shape (sample rate, rounds x local steps, lr, epsilon budget) | noise multiplier "
-    "| epsilon spent | valid NDCG@10 by round | test NDCG@10 | test HR@10 | seconds |"
+    "| run | seed | shape (sample rate, rounds x local steps, lr, epsilon budget) "
+    "| noise multiplier | epsilon spent | valid NDCG@10 by round | test NDCG@10 | test HR@10 "
+    "| seconds |"
 )
 print("|---|---:|---|---:|---:|---|---:|---:|---:|")
 for r in preset + runs:
