@@ -446,7 +446,7 @@ class InProcessClients:
         ds, split = dataset_and_split(resolve_data_dir(cfg.data), cfg.protocol, cfg.seed)
         self.state = travelling_state(model_for(cfg, ds, split))
         self.catalog = catalog_digest(ds.item_texts())
-        self.cfg, self.supernodes, self.run_dir = cfg, supernodes, run_dir
+        self.supernodes, self.run_dir = supernodes, run_dir
 
     def train_msg(self, c: Any, node: int, extra: dict[str, Any] | None = None) -> Any:
         """A round-1 train message to ``node`` under the settings ``c`` (``extra``: a SecAgg+
