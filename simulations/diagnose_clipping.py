@@ -5,11 +5,12 @@ clipping, measured on one client's real round.
 
 It runs fedrec's ClientApp body in this process for one partition (the same data, model,
 batches and DP-SGD step as a simulation's client: :class:`bench_round.InProcessClients`), and
-records, at every clipping of a physical batch, each example's per-parameter gradient norms
-before the clip (Opacus' ``DPOptimizer.clip_and_accumulate`` reads the same per-example
-gradients). The report gives the distribution of the examples' total norms against the clip
-(how often and how hard it binds) and each group's share of an example's squared norm (which
-parameters take the clip, and so the signal, of a step).
+records, at every clipping of a physical batch, each example's squared gradient norm per
+parameter group before the clip (Opacus' ``DPOptimizer.clip_and_accumulate`` reads the same
+per-example gradients). The report gives the distribution of the examples' total norms
+against the clip (how often and how hard it binds) and each group's share of an example's
+squared norm (which parameters take the clip of a step; a share of the norm is not a share of
+the signal: the noise is the same on every coordinate).
 
 A diagnostic for the data's owner, on the owner's machine: the norms are computed from the raw
 per-example gradients, before clipping and noise, and are not differentially private. Nothing
@@ -63,7 +64,7 @@ def group_of(name: str) -> str:
     for kind in ("lora_B", "lora_A"):
         if kind in name:
             return kind
-    name = re.sub(r"\.\d+\.", ".", name)
+    name = re.sub(r"\.\d+(?=\.)", "", name)
     return name.removesuffix(".weight") if name.endswith(".weight") else name
 
 
@@ -178,7 +179,8 @@ def run(preset: str | None, sets: dict[str, str], part: int, work: Path) -> dict
 def _print(out: dict[str, Any]) -> None:
     n, c = out["norm"], out["clip"]
     print(
-        f"{out['examples']} examples clipped at {c}: norm p10 {n['p10']:.3f}, median "
+        f"{out['examples']} example gradients (one per example per step) against the clip "
+        f"{c}: norm p10 {n['p10']:.3f}, median "
         f"{n['p50']:.3f}, p90 {n['p90']:.3f}; {100 * out['clipped_fraction']:.1f} % above "
         f"the clip (median clip factor {out['clip_factor']['p50']:.3f})"
     )

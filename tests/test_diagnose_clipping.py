@@ -30,6 +30,7 @@ def test_records_the_per_example_norms_of_a_known_gradient():
     weight's squared norm is |x_i|^2 and its bias's 1, before any clipping."""
     torch.manual_seed(0)
     x = torch.randn(7, 4) * 3
+    originals = (lt.GradSampleModule, DPOptimizer.clip_and_accumulate)
     with dc.recording() as rec:
         lin = torch.nn.Linear(4, 1)
         module = lt.GradSampleModule(lin, loss_reduction="sum")
@@ -53,11 +54,22 @@ def test_records_the_per_example_norms_of_a_known_gradient():
     w = out["groups"]["weight"]["mean_share"]
     assert w == pytest.approx(float((x.pow(2).sum(1) / norms**2).mean()), rel=1e-5)
     assert w + out["groups"]["bias"]["mean_share"] == pytest.approx(1.0)
-    # the optimizer still clipped and stepped as Opacus does
-    assert lin.weight.grad is not None
-    # the patches are undone
-    assert lt.GradSampleModule is not None and lt.GradSampleModule.__name__ == "GradSampleModule"
-    assert DPOptimizer.clip_and_accumulate.__name__ == "clip_and_accumulate"
+    # the optimizer still clipped as Opacus does (no noise here): the summed clipped gradients
+    g = torch.cat([x, torch.ones(7, 1)], dim=1)
+    clipped = (g * (1.0 / norms).clamp(max=1.0).unsqueeze(1)).sum(0)
+    got = torch.cat([lin.weight.grad.reshape(-1), lin.bias.grad.reshape(-1)])
+    assert torch.allclose(got, clipped, atol=1e-5)
+    # the patches are undone: the very objects from before
+    assert (lt.GradSampleModule, DPOptimizer.clip_and_accumulate) == originals
+
+
+def test_the_patches_are_undone_when_the_round_fails():
+    originals = (lt.GradSampleModule, DPOptimizer.clip_and_accumulate)
+    with pytest.raises(RuntimeError, match="boom"), dc.recording():
+        assert DPOptimizer.clip_and_accumulate is not originals[1]
+        raise RuntimeError("boom")
+    assert lt.GradSampleModule is originals[0]
+    assert DPOptimizer.clip_and_accumulate is originals[1]
 
 
 def test_a_real_round_records_every_sampled_example(ds, tiny_backbone):  # noqa: F811
@@ -69,6 +81,7 @@ def test_a_real_round_records_every_sampled_example(ds, tiny_backbone):  # noqa:
     with dc.recording() as rec:
         res = train_round(scorer, _data(ds), cfg, MemoryStore(), seed=0)
     assert res.trained and res.steps == 3
+    assert len(sizes) > res.steps  # physical batches: more forward passes than steps
     assert len(rec.rows) == sum(sizes) > 0  # every physical batch's examples, once
     out = dc.report(rec)
     assert {"lora_B", "item_bias"} <= set(out["groups"])
