@@ -62,6 +62,7 @@ from fedrec.shared.model.candidates import (
     candidate_loss,
     keyed_candidates,
     shared_candidates,
+    top_rows,
 )
 from fedrec.shared.model.examples import disjoint_examples, sequence_examples
 from fedrec.shared.privacy.accounting import Run, epsilon_spent
@@ -324,15 +325,21 @@ def train_round(
     module.train()
     if not cfg.dp and scorer.tower is not None and scorer.id_emb is None:
         scorer.tower.start_round()  # many clients of a round in one process: see its doc
+    # factor-rows: only the rows of the items the global bias ranks highest train; the others
+    # get no per-example gradient (CandidateScorer detaches them) and are put back after every
+    # step, which discards the noise DP-SGD added there (post-processing)
+    held = select_rows(scorer, cfg.factor_rows)
     losses, done = [], 0
     try:
         while done < steps:
             batch = capped(next(batches), cfg.max_batch, secret)
             loss = _step(module, opt, batch, scorer.n_items, cfg, key, done)
+            restore_rows(scorer, held)
             if loss is not None:
                 losses.append(loss)
             done += 1
     finally:
+        scorer.rows = None
         if isinstance(module, GradSampleModule):
             module._close()  # remove Opacus hooks: the scorer is reused next round
     eps, runs = 0.0, list(history)
@@ -364,6 +371,30 @@ def train_round(
     return RoundResult(
         True, len(data), done, loss_mean, eps, sigma, q, total_steps=total, history=runs
     )
+
+
+def select_rows(scorer: CandidateScorer, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """With ``factor-rows`` n > 0: set ``scorer.rows`` to :func:`top_rows` of the bias the
+    round starts from and return each per-item table (factors, offsets) with a copy of its
+    values, for :func:`restore_rows`; n = 0: every row trains, nothing held."""
+    tables = [m.weight for m in (scorer.fac, scorer.off) if m is not None]
+    if n <= 0 or not tables:
+        scorer.rows = None
+        return []
+    if scorer.bias is None:
+        raise ValueError("factor-rows > 0 needs the learned item bias (item-bias = true)")
+    scorer.rows = top_rows(scorer.bias.weight, n)
+    return [(w, w.detach().clone()) for w in tables]
+
+
+@torch.no_grad()
+def restore_rows(scorer: CandidateScorer, held: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Put every per-item table's unselected rows back to the values the round started from."""
+    if not held or scorer.rows is None:
+        return
+    off = ~scorer.rows
+    for w, start in held:
+        w[off] = start[off]
 
 
 def poisson_batches(

@@ -86,6 +86,13 @@ class FedConfig:
     # change is clipped after local training, whatever the step sizes; under local DP-SGD it
     # steps on the same clipped, noised gradient: post-processing)
     lr_offsets: float = 0.0
+    # n > 0, with item-factors or item-offsets: a round trains the per-item rows of only the n
+    # items with the highest learned item bias in the global model it starts from (a released
+    # model: post-processing, no privacy cost; none in a round whose global bias is still
+    # constant, as before the first aggregation). The other rows get no gradient and no noise
+    # and stay as they are: DP-FEST-style row selection (Ghazi et al. 2023), so DP-SGD's noise
+    # lands only on rows with many examples. 0 = every row trains
+    factor_rows: int = 0
     # r > 0: a learned rank-r map on the history part of the user vector, s -> s + (s P) Q
     # (ModelConfig.user_map): a transition from the items watched to the next one, r * dim
     # numbers that travel each round (r = 16: 6,144 with MiniLM; r * r with the catalog space),
@@ -295,6 +302,15 @@ class FedConfig:
         _need(0 < self.lr < 100, "lr", self.lr, "(0, 100)")
         _need(0 <= self.item_factors <= 64, "item-factors", self.item_factors, "0..64")
         _need(0 <= self.item_offsets <= 64, "item-offsets", self.item_offsets, "0..64")
+        _need(0 <= self.factor_rows <= 10_000_000, "factor-rows", self.factor_rows, "0..10000000")
+        _need(
+            not self.factor_rows
+            or (self.item_bias and (self.item_factors > 0 or self.item_offsets > 0)),
+            "factor-rows",
+            self.factor_rows,
+            "0, or item-factors or item-offsets > 0 with item-bias = true (rows are chosen by "
+            "the learned item bias)",
+        )
         _need(
             not (self.item_offsets and self.item_factors),
             "item-offsets",

@@ -467,6 +467,11 @@ class CandidateScorer(nn.Module):
         if model.item_off is not None:
             self.register_buffer("offset_basis", model.offset_basis, persistent=False)
         self.profile_fac = Project(model.profile_fac) if model.profile_fac is not None else None
+        # the per-item rows (factors or offsets) a round trains, (n_items,) bool; None = all.
+        # The other rows enter the scores as they are but get no gradient (detached below, so
+        # each example's gradient there is exactly 0) and local training puts them back after
+        # every step (no noise): see top_rows and client.local_train
+        self.rows: torch.Tensor | None = None
         # the per-item ID table (no-DP training only: Opacus has no per-example sampler for it,
         # and a GradSampleModule around this scorer refuses it, see client.local_train)
         self.id_emb: nn.Parameter | None = model.id_emb
@@ -599,7 +604,7 @@ class CandidateScorer(nn.Module):
             scores = scores + self.bias(candidates) * keep
         if self.fac is not None:
             # as RecModel.scores: u_f = sum_j w_j f_{h_j} over warm context items
-            fac = self.fac(both)  # (batch, L + M, k)
+            fac = self._selected(self.fac(both), both)  # (batch, L + M, k)
             wf = w * self.warm[context.clamp(min=0)]
             uf = (wf.unsqueeze(-1) * fac[:, :n_ctx]).sum(1)  # (batch, k)
             if self.profile_fac is not None and profile is not None:
@@ -608,8 +613,34 @@ class CandidateScorer(nn.Module):
         if self.off is not None:
             # as RecModel.scores: <P^T u, g_i> on warm candidates, u the unit user vector
             uo = user @ self.offset_basis  # (batch, k)
-            scores = scores + (self.off(candidates) @ uo.unsqueeze(-1)).squeeze(-1) * keep
+            off = self._selected(self.off(candidates), candidates)
+            scores = scores + (off @ uo.unsqueeze(-1)).squeeze(-1) * keep
         return scores
+
+    def _selected(self, rows: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Per-item ``rows`` (batch, k, d) gathered for ``items`` (batch, k), detached where the
+        item is not among :attr:`rows` (no gradient flows to an unselected row)."""
+        if self.rows is None:
+            return rows
+        return torch.where(self.rows[items].unsqueeze(-1), rows, rows.detach())
+
+
+def top_rows(bias: torch.Tensor, n: int) -> torch.Tensor:
+    """The per-item rows a round trains (``factor-rows`` n > 0): a (n_items,) bool mask of the n
+    items with the highest ``bias`` (ties to the lower index), or of none while ``bias`` is
+    constant (not trained yet: before the first aggregation every item's is 0, and a top-n
+    would be the first n items of the catalog).
+
+    Privacy: ``bias`` is the global model's learned item bias, which the server released to
+    every client; the mask is a function of it alone, so choosing rows is post-processing and
+    reads none of the client's data."""
+    b = bias.detach().reshape(-1)
+    mask = torch.zeros(b.shape[0], dtype=torch.bool)
+    if n <= 0 or b.numel() == 0 or bool((b == b[0]).all()):
+        return mask
+    order = torch.argsort(-b, stable=True)
+    mask[order[:n]] = True
+    return mask
 
 
 def keyed_candidates(
