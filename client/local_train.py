@@ -328,9 +328,9 @@ def train_round(
     # factor-rows: only the rows of the items the global bias ranks highest train; the others
     # get no per-example gradient (CandidateScorer detaches them) and are put back after every
     # step, which discards the noise DP-SGD added there (post-processing)
-    held = select_rows(scorer, cfg.factor_rows)
     losses, done = [], 0
     try:
+        held = select_rows(scorer, cfg.factor_rows)
         while done < steps:
             batch = capped(next(batches), cfg.max_batch, secret)
             loss = _step(module, opt, batch, scorer.n_items, cfg, key, done)

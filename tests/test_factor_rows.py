@@ -90,33 +90,50 @@ def test_unselected_rows_get_zero_per_example_gradient(ds, tiny_backbone, seed, 
     assert torch.equal(masked[:, rows], full[:, rows])
 
 
+@pytest.mark.parametrize("table", ["item_factors", "item_offsets"])
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
 @pytest.mark.parametrize("dp", [True, False])
 def test_a_round_changes_only_the_selected_rows_and_accounts_as_before(
     ds,  # noqa: F811
     tiny_backbone,
     dp,
+    opt,
+    table,
     monkeypatch,
 ):
-    """A real round (DP-SGD with its noise, or plain SGD): the unselected rows of the factor
-    table are bit-identical after it, the selected ones moved; the adapter trained; the budget
-    holds the same history and epsilon as the same round without selection."""
+    """A real round (DP-SGD with its noise, or plain SGD; SGD or Adam; steps split into
+    physical batches of 2): the unselected rows of the per-item table are bit-identical after
+    it, the selected ones moved; the adapter trained; the budget holds the same history and
+    epsilon as the same round without selection."""
     monkeypatch.setattr(lt.secrets, "randbits", lambda k: 12345)
     monkeypatch.setattr(lt.secrets, "token_bytes", lambda n: bytes(range(n)))
     extra = {} if dp else {"dp": False, "epsilon": 8.0}
+    attr = "item_fac" if table == "item_factors" else "item_off"
     out = {}
     for n in (0, 15):
-        model = make_model(ds, tiny_backbone, id_residual=False, ffa=True, item_factors=3)
+        model = make_model(ds, tiny_backbone, id_residual=False, ffa=True, **{table: 3})
         _bias(model, 0)
-        before = model.item_fac.detach().clone()
+        before = getattr(model, attr).detach().clone()
         b_before = model.lora_layer().lora_B["default"].weight.detach().clone()
-        cfg = _cfg(backbone=str(tiny_backbone), item_factors=3, factor_rows=n, **extra)
+        cfg = _cfg(
+            backbone=str(tiny_backbone),
+            factor_rows=n,
+            local_opt=opt,
+            lr=0.5 if opt == "sgd" else 0.01,
+            physical_batch=2,
+            **{table: 3},
+            **extra,
+        )
         store = MemoryStore()
-        res = train_round(CandidateScorer(model), _data(ds), cfg, store, seed=0)
-        assert res.trained
-        moved = (model.item_fac - before).abs().sum(1) > 0
+        sizes: list[int] = []
+        scorer = CandidateScorer(model)
+        scorer.register_forward_pre_hook(lambda _m, a, s=sizes: s.append(int(a[0].shape[0])))
+        res = train_round(scorer, _data(ds), cfg, store, seed=0)
+        assert res.trained and len(sizes) > res.steps  # steps were split
+        moved = (getattr(model, attr) - before).abs().sum(1) > 0
         b_moved = (model.lora_layer().lora_B["default"].weight - b_before).abs().max() > 0
         out[n] = (moved, res, store.budget.history if dp else None, b_moved)
-    model = make_model(ds, tiny_backbone, id_residual=False, ffa=True, item_factors=3)
+    model = make_model(ds, tiny_backbone, id_residual=False, ffa=True, **{table: 3})
     _bias(model, 0)
     rows = top_rows(model.item_bias, 15)
     moved, res, history, b_moved = out[15]
