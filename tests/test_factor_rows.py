@@ -162,3 +162,56 @@ def test_factor_rows_needs_a_table_and_the_bias():
     with pytest.raises(ValueError, match="factor-rows"):
         FedConfig(factor_rows=-1, item_factors=4)
     assert FedConfig(factor_rows=10, item_offsets=4).factor_rows == 10
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_the_client_app_selects_the_rows_of_the_bias_it_receives(
+    synth_dir, tiny_backbone, tmp_path, monkeypatch, dp
+):
+    """Through the ClientApp's train handler (a Flower Message in, a reply out): the rows that
+    move are the top-n of the item bias in the *received* global state, and sending a different
+    bias moves a different set. So the selection reads the released model, loaded before any
+    data is touched, and not the client's own earlier state or its data."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrec.client import app as client_app
+    from fedrec.shared.federation import contract
+    from fedrec.shared.federation.data_and_model import dataset_and_split, model_for
+    from fedrec.shared.federation.params import from_record, to_record, travelling_state
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)  # messages are built inside a task
+    n = 6
+    cfg = FedConfig(
+        data=str(synth_dir), backbone=str(tiny_backbone), max_length=16, history_len=4,
+        item_factors=4, factor_rows=n, local_steps=2, sample_rate=0.5, negatives=10, slots=6,
+        lr=0.5, lr_factors=2.0, dp=dp, epsilon=50.0, num_rounds=1,
+    )  # fmt: skip
+    data, split = dataset_and_split(cfg.data, cfg.protocol, cfg.seed)
+    base = travelling_state(model_for(cfg, data, split))
+    (bias_key,) = [k for k in base if k.endswith("item_bias")]
+    (fac_key,) = [k for k in base if k.endswith("item_fac")]
+    moved_sets = []
+    for seed in (0, 1):
+        g = torch.Generator().manual_seed(seed)
+        sent = dict(base)
+        sent[bias_key] = torch.randn(base[bias_key].shape, generator=g)
+        config = ConfigRecord({**cfg.to_flat(), "server-round": 1 + seed})
+        content = RecordDict({contract.ARRAYS: to_record(sent), contract.CONFIG: config})
+        # a device each time: the budget one device spent in the first call would refuse the second
+        node = {
+            "data-dir": str(synth_dir),
+            "state-dir": str(tmp_path / f"dev{seed}"),
+            "allow-no-dp": "true",
+        }
+        ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+        reply = client_app.train(Message(content, dst_node_id=1, message_type="train"), ctx)
+        assert not reply.has_error()
+        assert contract.ARRAYS in reply.content, reply.content[contract.CLIENT]["reason"]
+        got = from_record(reply.content[contract.ARRAYS])
+        top = set(torch.topk(sent[bias_key].flatten(), n).indices.tolist())
+        moved = set(torch.nonzero((got[fac_key] != sent[fac_key]).any(dim=1)).flatten().tolist())
+        assert moved and moved <= top, (moved, top)
+        moved_sets.append(moved)
+    assert moved_sets[0] != moved_sets[1]
