@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrec.client.budget import (
@@ -49,6 +50,7 @@ from fedrec.shared.federation.params import (
     travelling_state,
 )
 from fedrec.shared.model.examples import right_aligned
+from fedrec.shared.privacy.calibration import planned_release
 
 app = ClientApp()
 
@@ -108,9 +110,10 @@ def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
     """A device (a SuperNode with ``data-dir``) decides what it trains under, not the server:
     without ``allow-no-dp=true`` in its node config it refuses a round without local DP (which
     would send its raw update and the counts DP hides), ``id-residual`` (the per-item table
-    shows which items it trained on) and ``use-profile`` (not covered by the per-interaction
-    guarantee); with ``delta-max`` set it refuses a larger delta, with ``user-delta-max`` a
-    larger user-level delta, with ``user-epsilon-max`` a trusted-server run whose user-level
+    shows which items it trained on), ``use-profile`` (not covered by the per-interaction
+    guarantee) and ``segment-prior`` (its table's row shows the users' profile segment); with
+    ``delta-max`` set it refuses a larger delta, with ``user-delta-max`` a larger user-level
+    delta, with ``user-epsilon-max`` a trusted-server run whose user-level
     budget is larger (every round then also checks the device's own cross-run record, in
     :func:`train_reply` for a trusted-server round and in ``client.secure`` for a secure
     one). Raises
@@ -122,13 +125,15 @@ def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
     # a secure-aggregation round (train.secagg_masked) sends only a masked, noised vector the
     # device computes itself: that is DP without local DP-SGD; a plain train round is not
     private = cfg.dp or (secure and cfg.secure_agg and cfg.user_dp)
-    if not allow and (not private or cfg.id_residual or cfg.use_profile):
+    if not allow and (not private or cfg.id_residual or cfg.use_profile or cfg.segment_prior):
         raise ValueError(
             "this device trains only under local DP, or user-level DP with secure aggregation, "
-            f"without id-residual or use-profile; the server asked dp={cfg.dp}, user-dp="
+            "without id-residual, use-profile or segment-prior (its counts show which profile "
+            f"segment the device's users are in); the server asked dp={cfg.dp}, user-dp="
             f"{cfg.user_dp}, secure-agg={cfg.secure_agg} in a {'secure' if secure else 'plain'} "
-            f"round, id-residual={cfg.id_residual}, use-profile={cfg.use_profile}. Set node "
-            "config allow-no-dp=true to accept such rounds."
+            f"round, id-residual={cfg.id_residual}, use-profile={cfg.use_profile}, "
+            f"segment-prior={cfg.segment_prior!r}. Set node config allow-no-dp=true to accept "
+            "such rounds."
         )
     if cfg.poison:
         raise ValueError(
@@ -237,7 +242,14 @@ def train_reply(msg: Message, context: Context, *, secure: bool = False) -> Mess
     # the device owner's own cap, if set (a NaN would be stored as the device's cap and never
     # refuse: an error)
     cap = node_number(context.node_config, "epsilon-max") if cfg.dp else None
-    res = train_round(client.scorer, client.examples, cfg, store, seed=seed, device_cap=cap)
+    # the segment counts go out once, with the run's first round (charged with its steps)
+    releasing = (
+        client.segment_counts is not None and server_round == contract.SEGMENT_ROUND and not secure
+    )
+    release = planned_release(cfg) if releasing else None
+    res = train_round(
+        client.scorer, client.examples, cfg, store, seed=seed, device_cap=cap, release=release
+    )
     # Under DP (local or user-level) nothing computed from the data leaves without noise: the
     # example count, the training loss and the round's duration are sent as constants (the
     # keys stay: the reply format does not depend on the setting).
@@ -280,9 +292,28 @@ def train_reply(msg: Message, context: Context, *, secure: bool = False) -> Mess
         if spec is not None and part is not None and int(part) % spec[0] == 0:
             state = poisoned(state, received, spec[1], spec[2])  # simulation only
         content[contract.ARRAYS] = to_record(state)
+        if releasing and (res.released or not cfg.dp):
+            assert client.segment_counts is not None
+            content[contract.SEGMENTS] = segment_record(client.segment_counts, cfg)
     if record is not None:  # recorded before the reply leaves the device
         append_round(*record, context.node_config)
     return Message(content=content, reply_to=msg)
+
+
+def segment_record(counts: np.ndarray, cfg: FedConfig) -> ArrayRecord:
+    """The release of a client's segment counts: under local DP every cell gets Gaussian noise
+    of std ``segment-noise`` (L2 sensitivity 1: one interaction is one count), drawn from OS
+    entropy, and the noised value is rounded to a whole number; without DP the exact counts.
+
+    The rounding is post-processing of the Gaussian release, and it is what keeps it one: a
+    float64 sum ``count + noise`` carries low-order bits that depend on the count (a count of 0
+    leaves the noise's own fine bits, a count of 1 or more rounds them away), which would tell
+    a zero cell from a nonzero one (Mironov 2012 on floating-point noise)."""
+    table = np.array(counts, dtype=np.float64)
+    if cfg.dp:
+        rng = np.random.default_rng(secrets.randbits(128))
+        table = np.rint(table + rng.normal(0.0, cfg.segment_noise, size=table.shape))
+    return ArrayRecord({"counts": Array(table)})
 
 
 def poisoned(state: dict, received: dict, kind: str, scale: float) -> dict:

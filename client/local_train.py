@@ -124,6 +124,8 @@ class RoundResult:
     reason: str = ""  # why the round was refused
     total_steps: int = 0  # DP steps in the client's whole history after this round
     history: list[Run] = field(default_factory=list)  # the accountant history after this round
+    # the round also paid for a release (the segment counts' run, charged with its steps)
+    released: bool = False
 
 
 def spent(cfg: FedConfig, history: Sequence[Run]) -> float:
@@ -197,6 +199,7 @@ def train_round(
     *,
     seed: int,
     device_cap: float | None = None,
+    release: Run | None = None,
 ) -> RoundResult:
     """Train ``scorer``'s parameters in place for one round; update ``store`` when DP is on.
 
@@ -210,6 +213,9 @@ def train_round(
     checked again on what the store holds, under a device file's lock): a round that fails
     after that still counts. After training, the steps Opacus' accountant recorded must equal
     the charge; if they do not (a bug), they are charged on top and RuntimeError raised.
+    ``release``: a release this round also makes (the segment counts, under local DP: the run
+    it is charged as), checked against the cap and charged with the round's steps, in the same
+    update; the result's ``released`` says it was charged (the caller then makes it).
     """
     q, steps = cfg.client_sample_rate(data.users), cfg.local_steps
     budget = store.load()
@@ -218,6 +224,11 @@ def train_round(
     mech = cfg.dp_mechanism()
 
     eps_after: list[float] = []  # the history's epsilon with this round, once checked
+    if release is not None and not cfg.dp:
+        raise ValueError("a release is charged only under local DP (dp=true)")
+
+    def with_release(history: list[Run]) -> list[Run]:
+        return [*history, release] if release is not None else history
 
     def over(b: Budget) -> _Refused | None:
         """Why ``b`` cannot take this round (mechanism or cap), or None."""
@@ -230,7 +241,7 @@ def train_round(
             )
         cap = device_cap if device_cap is not None else b.epsilon_max
         limit = min(cfg.epsilon, cap) if cap is not None else cfg.epsilon
-        after = spent(cfg, with_steps(b.history, sigma, q, steps))
+        after = spent(cfg, with_release(with_steps(b.history, sigma, q, steps)))
         eps_after[:] = [after]
         if after > limit:
             before = spent(cfg, b.history)
@@ -266,7 +277,7 @@ def train_round(
             # the device's cap: the owner's, else the one stored, else this (first) run's
             keep = device_cap if device_cap is not None else b.epsilon_max
             keep = cfg.epsilon if keep is None else keep
-            return Budget(with_steps(b.history, sigma, q, steps), mech, keep)
+            return Budget(with_release(with_steps(b.history, sigma, q, steps)), mech, keep)
 
         try:
             charged = store.update(charge).history
@@ -369,7 +380,16 @@ def train_round(
     loss_mean = float(np.mean(losses)) if losses else math.nan
     total = _total_steps(runs)
     return RoundResult(
-        True, len(data), done, loss_mean, eps, sigma, q, total_steps=total, history=runs
+        True,
+        len(data),
+        done,
+        loss_mean,
+        eps,
+        sigma,
+        q,
+        total_steps=total,
+        history=runs,
+        released=release is not None,
     )
 
 

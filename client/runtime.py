@@ -36,6 +36,7 @@ from fedrec.shared.federation.data_and_model import (  # built as the server bui
     model_for,
     resolve_data_dir,
 )
+from fedrec.shared.federation.segments import count_table, n_segments, parse_fields, segment_of
 from fedrec.shared.model.candidates import CandidateScorer
 from fedrec.shared.model.central import ProfileBank
 from fedrec.shared.model.towers import RecModel
@@ -55,6 +56,9 @@ class ClientState:
     catalog: str
     name: str
     dataset: Dataset | None = None
+    # with segment-prior: this client's training interactions counted per (segment, item),
+    # exact (the noise is drawn when a round releases it, see client.app)
+    segment_counts: np.ndarray | None = None
 
 
 def with_canaries(
@@ -212,6 +216,13 @@ def client_state(cfg: FedConfig, node_config: dict[str, Any]) -> ClientState:
         profiles=profiles,
         sequence=cfg.examples == "sequence",  # under local DP: group privacy (cfg.dp_group())
     )
+    counts = None
+    if cfg.segment_prior:
+        fields = parse_fields(cfg.segment_prior)
+        segs = [segment_of(ds.user_fields.get(int(split.user_ids[u])), fields) for u in users]
+        counts = count_table(
+            [items for items, _times in per_user], segs, split.n_items, n_segments(fields)
+        )
     state = ClientState(
         model,
         _SCORERS[id(model)],
@@ -221,6 +232,7 @@ def client_state(cfg: FedConfig, node_config: dict[str, Any]) -> ClientState:
         dataset_digest(ds),
         name,
         ds,
+        counts,
     )
     _CLIENTS[key] = state
     return state

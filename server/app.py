@@ -195,6 +195,7 @@ def run_federation(
     # evaluate their own users' test items); unknown (None) when the server holds none
     test = split.tests.get("test")
     strategy.max_queries = len(test.users) if test is not None and len(test.users) else None
+    strategy.n_items = split.n_items  # the shape segment-count tables must have
     runner: FedRecStrategy | UserLevelDP | SecureUserDP = strategy
     user_dp: dict[str, Any] | None = None
     secure: SecureUserDP | None = None
@@ -240,6 +241,16 @@ def run_federation(
             cfg.user_epsilon,
             cfg.user_delta,
         )
+    if cfg.dp and cfg.segment_prior:  # a release too costly for the budget: say so now
+        from fedrec.shared.privacy.calibration import calibrated_noise
+
+        try:
+            calibrated_noise(cfg)
+        except ValueError as err:
+            raise ValueError(
+                f"run config 'segment-noise' = {cfg.segment_noise} does not fit the budget "
+                f"epsilon = {cfg.epsilon}: {err}"
+            ) from None
     train_config = ConfigRecord(
         {**cfg.to_flat(), "catalog": catalog_digest(ds.item_texts()), "run-dir": str(run.resolve())}
     )
@@ -282,6 +293,7 @@ def run_federation(
         baselines=baselines,
         seconds=time.perf_counter() - t0,
         user_level=user_level,
+        segments=(strategy.segment_sum, strategy.segment_tables),
     )
 
 

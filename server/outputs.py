@@ -8,10 +8,19 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedrec.shared.baselines import BASELINES, run_baselines
 from fedrec.shared.data.dataset import Dataset
 from fedrec.shared.evaluation import evaluate
 from fedrec.shared.federation.config import FedConfig
+from fedrec.shared.federation.segments import (
+    SegmentPrior,
+    SegmentPriorScorer,
+    n_segments,
+    parse_fields,
+    segment_of,
+)
 from fedrec.shared.model.artifacts import save_model
 from fedrec.shared.model.central import ModelScorer, ProfileBank
 from fedrec.shared.model.cold_prior import attach_cold_prior, clear_cold_prior
@@ -58,6 +67,7 @@ def write_outputs(
     baselines: str,
     seconds: float,
     user_level: dict[str, Any] | None = None,
+    segments: tuple[np.ndarray | None, int] = (None, 0),
 ) -> dict[str, Any]:
     prior: dict[str, Any] | None = None
     if cfg.cold_prior > 0:  # post-processing of the released model and the public catalog
@@ -65,7 +75,10 @@ def write_outputs(
             prior = attach_cold_prior(model, cfg.cold_prior)
         except ValueError as err:  # e.g. too few trained items: keep the run's outputs
             prior = {"weight": cfg.cold_prior, "error": f"not attached: {err}"}
-    scorer = ModelScorer(model, bank)
+    scorer: Any = ModelScorer(model, bank)
+    segment_info = None
+    if cfg.segment_prior:
+        scorer, segment_info = with_segment_prior(scorer, cfg, ds, split, *segments)
     result: dict[str, Any] = {"protocol": cfg.protocol, "command": "simulate"}
     result["model"] = {
         "metrics": {k: evaluate(scorer, es) for k, es in split.tests.items()},
@@ -76,6 +89,11 @@ def write_outputs(
     }
     if prior is not None:
         result["model"]["cold_prior"] = prior
+    if segment_info is not None:
+        if "error" not in segment_info:  # the same model without the prior, for comparison
+            alone = ModelScorer(model, bank)
+            segment_info["model_alone"] = {k: evaluate(alone, es) for k, es in split.tests.items()}
+        result["model"]["segment_prior"] = segment_info
     if split.valid is not None:
         result["model"]["valid"] = evaluate(scorer, split.valid)
     save_model(model, run, item_ids=[int(i) for i in ds.item_ids], titles=item_titles(ds))
@@ -105,6 +123,33 @@ def write_outputs(
     (run / "privacy" / "statement.md").write_text(statement(cfg, result["privacy"]))
     plot_rounds(run / "rounds.png", rounds, central, result["baselines"])
     return result
+
+
+def with_segment_prior(
+    scorer: Any, cfg: FedConfig, ds: Dataset, split: Split, total: np.ndarray | None, tables: int
+) -> tuple[Any, dict[str, Any]]:
+    """``scorer`` with the segment prior for new users (:mod:`fedrec.shared.federation.segments`)
+    from the summed released tables, and what metrics.json says about it. No table received:
+    the model alone, and the reason."""
+    info: dict[str, Any] = {
+        "fields": list(parse_fields(cfg.segment_prior)),
+        "tables": tables,
+        "noise_per_table": cfg.segment_noise if cfg.dp else 0.0,
+        "shrink": cfg.segment_shrink,
+        "weight": cfg.segment_weight,
+        "counts_file": "segment_counts.npz",
+        # what each table adds to a client's round-1 upload (float64 cells, before framing)
+        "table_bytes": 8 * n_segments(parse_fields(cfg.segment_prior)) * split.n_items,
+    }
+    if total is None or tables == 0:
+        return scorer, info | {"error": "no segment counts were received: the model alone ranks"}
+    fields = parse_fields(cfg.segment_prior)
+    noise_var = cfg.segment_noise**2 * tables if cfg.dp else 0.0
+    prior = SegmentPrior(total, noise_var=noise_var, kappa=cfg.segment_shrink)
+    user_segments = np.array(
+        [segment_of(ds.user_fields.get(int(u)), fields) for u in split.user_ids]
+    )
+    return SegmentPriorScorer(scorer, prior, user_segments, cfg.segment_weight), info
 
 
 def privacy_summary(cfg: FedConfig, ledger: list[dict[str, Any]]) -> dict[str, Any]:

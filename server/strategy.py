@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
@@ -41,10 +42,13 @@ from fedrec.shared.federation.params import (
     UpdateError,
     change_norm,
     check_update,
+    decode_array,
     from_record,
     to_record,
 )
+from fedrec.shared.federation.segments import n_segments, parse_fields
 from fedrec.shared.federation.server_opt import ServerOptimizer
+from fedrec.shared.privacy.calibration import planned_release
 
 log = logging.getLogger("fedrec.server")
 
@@ -136,6 +140,18 @@ class FedRecStrategy(FedAvg):
         # from the split it holds; None = not known, e.g. a deployment)
         self.max_queries: int | None = None
         self.federated_eval: dict[int, dict[str, float]] = {}
+        # segment-prior: the sum of the segment-count tables accepted (None before any), how
+        # many, and where the sum is kept (RUN/segment_counts.npz, so a resumed run has it);
+        # n_items is the catalog's size (set by the ServerApp; None: not checked)
+        self.segment_sum: np.ndarray | None = None
+        self.segment_tables = 0
+        self.n_items: int | None = None
+        self.segment_file = ledger.parent.parent / "segment_counts.npz"
+        if cfg.segment_prior and round_offset > 0 and self.segment_file.is_file():
+            # a resumed run: round 1's sum was kept (a fresh run never reads an old file)
+            self.segment_sum, self.segment_tables = load_segment_sum(self.segment_file)
+        elif round_offset == 0:
+            self.segment_file.unlink(missing_ok=True)
 
     def summary(self) -> None:
         log.info(
@@ -195,10 +211,21 @@ class FedRecStrategy(FedAvg):
                 continue
             trained = bool(metrics.get("trained", 0))
             line = (
-                self._ledger_line(name, rnd, metrics, trained) | _history_field(msg)
+                self._ledger_line(name, rnd, metrics, trained)
+                | _history_field(msg)
+                | self._release_field(msg)
                 if self.cfg.dp
                 else None
             )
+            if contract.SEGMENTS in msg.content:
+                table = self._segment_table(msg, rnd, trained)
+                if isinstance(table, str):
+                    log.warning("round %d: segment counts from %s rejected: %s", rnd, name, table)
+                else:
+                    self.segment_sum = (
+                        table if self.segment_sum is None else self.segment_sum + table
+                    )
+                    self.segment_tables += 1
             if trained:
                 try:
                     arrays = _record(msg, contract.ARRAYS, ArrayRecord)
@@ -233,6 +260,8 @@ class FedRecStrategy(FedAvg):
             note = failure_note(kinds, silent, self.cfg.round_timeout)
             lines.append({"round": rnd, "note": note})
         self._append_ledger(lines)
+        if self.segment_sum is not None and rnd == contract.SEGMENT_ROUND:
+            save_segment_sum(self.segment_file, self.segment_sum, self.segment_tables)
         if silent:
             log.warning(
                 "round %d: %d sampled client(s) did not reply within round-timeout=%ss: their "
@@ -413,7 +442,24 @@ class FedRecStrategy(FedAvg):
         except UpdateError:
             name = f"n{msg.metadata.src_node_id}"  # never under another client's name
         line = self._ledger_line(name, rnd, m, bool(m["trained"]))
-        return line | _history_field(msg) | {"accepted": False}
+        return line | _history_field(msg) | self._release_field(msg) | {"accepted": False}
+
+    def _release_field(self, msg: Message) -> dict[str, Any]:
+        """``{"release": [sigma, 1.0, 1]}`` when the reply carries segment counts under local DP:
+        the run the client charged for them (the config's, :func:`planned_release`), whatever
+        the server then does with the table."""
+        release = planned_release(self.cfg)
+        if release is None or contract.SEGMENTS not in msg.content:
+            return {}
+        return {"release": [float(release[0]), float(release[1]), int(release[2])]}
+
+    def _segment_table(self, msg: Message, rnd: int, trained: bool) -> np.ndarray | str:
+        """The reply's segment-count table, or what is wrong with it."""
+        if not self.cfg.segment_prior:
+            return "this run has no segment-prior"
+        if rnd != contract.SEGMENT_ROUND or not trained:
+            return f"sent in round {rnd} (trained={trained}); only round {contract.SEGMENT_ROUND}'s"
+        return segment_table(_record(msg, contract.SEGMENTS, ArrayRecord), self.cfg, self.n_items)
 
     def _ledger_line(
         self, name: str, rnd: int, metrics: dict[str, Any], trained: bool
@@ -510,6 +556,49 @@ def _median_norm(changes: dict[str, torch.Tensor]) -> float | None:
     per_tensor = [c.double().pow(2).reshape(len(c), -1).sum(1) for c in changes.values()]
     sq = torch.stack(per_tensor).sum(0)  # (n_accepted,): squared norm of each whole change
     return statistics.median(sq.sqrt().tolist())
+
+
+SEGMENT_CELL_MAX = 1e12  # a count table's cell beyond this is not a count (and could overflow)
+
+
+def segment_table(record: Any, cfg: FedConfig, n_items: int | None) -> np.ndarray | str:
+    """A reply's segment-count record as a table, or what is wrong with it: one float64 array
+    ``counts`` of shape (segments, catalog items) holding whole numbers (noised and rounded
+    under DP, exact and >= 0 without), each within :data:`SEGMENT_CELL_MAX`."""
+    if not isinstance(record, ArrayRecord) or set(record.keys()) != {"counts"}:
+        return "not an array record holding exactly 'counts'"
+    try:
+        table = decode_array("counts", record["counts"])
+    except Exception as err:  # noqa: BLE001 - a client's bytes: any failure is a rejection
+        return f"unreadable: {type(err).__name__}: {err}"
+    if table.dtype != np.float64:
+        return f"dtype {table.dtype}, expected float64"
+    want = n_segments(parse_fields(cfg.segment_prior))
+    if (
+        table.ndim != 2
+        or table.shape[0] != want
+        or (n_items is not None and table.shape[1] != n_items)
+    ):
+        return f"shape {table.shape}, expected ({want}, {n_items or 'catalog items'})"
+    if not np.isfinite(table).all() or (np.abs(table) > SEGMENT_CELL_MAX).any():
+        return f"not every count is finite and within {SEGMENT_CELL_MAX:g}"
+    if (table != np.round(table)).any():
+        return "not every count is a whole number (counts are released rounded)"
+    if not cfg.dp and (table < 0).any():
+        return "without DP the counts must be >= 0"
+    return table
+
+
+def save_segment_sum(path: Path, total: np.ndarray, tables: int) -> None:
+    """``RUN/segment_counts.npz``: the summed segment counts and how many tables, atomically."""
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, counts=total, tables=np.array(tables))
+    tmp.replace(path)
+
+
+def load_segment_sum(path: Path) -> tuple[np.ndarray, int]:
+    with np.load(path) as f:
+        return np.asarray(f["counts"], dtype=np.float64), int(f["tables"])
 
 
 def _history_field(msg: Message) -> dict[str, Any]:

@@ -113,6 +113,16 @@ class FedConfig:
     # (shared/model/cold_prior.py), times w: post-processing of the released model and the
     # public catalog, no privacy cost; 0 = cold items keep no bias
     cold_prior: float = 0.0
+    # profile fields (a comma list of age, gender): clients that train in the run's first round
+    # also send their interactions counted per (segment, item), with Gaussian noise of std
+    # segment-noise per cell under local DP (charged to their budget: shared/federation/
+    # segments.py); new users are then ranked by segment-weight x the log of the summed
+    # counts' segment prior plus the model's score. "" = none
+    segment_prior: str = ""
+    segment_noise: float = 2.0  # the release's noise multiplier (L2 sensitivity 1) under local DP
+    # the prior's empirical-Bayes shrinkage toward global popularity (larger: less shrinkage)
+    segment_shrink: float = 3.0
+    segment_weight: float = 100.0  # w in w x log prior + the model's score, for new users
     # --- rounds ---
     num_rounds: int = 20  # rounds of the federation
     fraction_train: float = 0.1  # fraction of the clients sampled each round
@@ -239,6 +249,27 @@ class FedConfig:
         _need(0 <= self.seed < 2**31, "seed", self.seed, "0..2147483647")
         _need(0 <= self.cold_dropout < 1, "cold-dropout", self.cold_dropout, "0 <= p < 1")
         _need(0 <= self.cold_prior <= 100, "cold-prior", self.cold_prior, "0..100; 0 = none")
+        from fedrec.shared.federation.segments import parse_fields
+
+        parse_fields(self.segment_prior)  # names the key and the field
+        _need(0 < self.segment_noise <= 1e4, "segment-noise", self.segment_noise, "(0, 10000]")
+        _need(0 < self.segment_shrink <= 1e6, "segment-shrink", self.segment_shrink, "(0, 1e6]")
+        _need(0 < self.segment_weight <= 1e6, "segment-weight", self.segment_weight, "(0, 1e6]")
+        _need(
+            not (self.segment_prior and self.user_dp),
+            "segment-prior",
+            self.segment_prior,
+            "'' with user-dp = true (the release is accounted per interaction under local "
+            "DP-SGD; the user-level and secure-aggregation paths do not carry it)",
+        )
+        _need(
+            not self.segment_prior or self.protocol == "C",
+            "segment-prior",
+            self.segment_prior,
+            "'' unless protocol = C: the prior ranks only users the federation never trained "
+            "(protocol C's), and under A's leave-last-out split one interaction added to a user "
+            "with at most two can move another of their items into training (two counts)",
+        )
         _need(
             not self.cold_prior or self.item_bias,
             "cold-prior",

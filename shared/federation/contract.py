@@ -10,8 +10,9 @@ every ``FedConfig`` key (kebab-case, :meth:`FedConfig.to_flat`) plus :data:`EXTR
 
 Client -> server (train): a ``MetricRecord`` :data:`METRICS` with exactly :data:`TRAIN_METRICS`,
 a ``ConfigRecord`` :data:`CLIENT` with :data:`CLIENT_FIELDS`, and, when the client trained,
-:data:`ARRAYS` (its travelling tensors). Evaluate replies: :data:`METRICS` with exactly
-:data:`EVAL_METRICS`. Never item ids, histories or texts.
+:data:`ARRAYS` (its travelling tensors) and, in round :data:`SEGMENT_ROUND` of a run with
+``segment-prior``, :data:`SEGMENTS` (its noised segment counts). Evaluate replies:
+:data:`METRICS` with exactly :data:`EVAL_METRICS`. Never item ids, histories or texts.
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ CONFIG = "config"
 ARRAYS = "arrays"
 METRICS = "metrics"
 CLIENT = "client"
-REPLY_RECORDS = frozenset({METRICS, ARRAYS, CLIENT})  # anything else in a reply is rejected
+# with run config segment-prior, in the run's first round: an ArrayRecord holding one array,
+# "counts" (segments x catalog items, float64): the client's interaction counts per (segment,
+# item), noised under local DP (fedrec.shared.federation.segments)
+SEGMENTS = "segments"
+SEGMENT_ROUND = 1  # the server round whose train replies carry it
+REPLY_RECORDS = frozenset({METRICS, ARRAYS, CLIENT, SEGMENTS})  # anything else is rejected
 
 # round-config keys beside FedConfig's: Flower's round number, the server's catalog fingerprint
 # (:func:`fedrec.shared.federation.data_and_model.catalog_digest`), the run directory (where a

@@ -255,27 +255,44 @@ def noise_for_budget(
     tolerance: float = 0.01,
     group: int = 1,
     adjacency: str = "add-remove",
+    extra: tuple[Run, ...] = (),
 ) -> float:
     """The smallest noise multiplier (to 0.1 %) whose ``steps`` at ``sample_rate`` spend at most
-    ``epsilon`` under ``adjacency`` / ``group`` (see :func:`epsilon_spent`).
+    ``epsilon`` under ``adjacency`` / ``group`` (see :func:`epsilon_spent`), composed with the
+    fixed runs ``extra`` (another release the same budget pays for, e.g. a count table's).
 
-    Add/remove with group 1 under RDP or PRV starts from Opacus' binary search; every result is
-    re-checked against :func:`epsilon_spent`, so the budget is never exceeded by a search's
-    tolerance."""
+    Add/remove with group 1 under RDP or PRV and no ``extra`` starts from Opacus' binary search;
+    every result is re-checked against :func:`epsilon_spent`, so the budget is never exceeded by
+    a search's tolerance."""
     if not epsilon > 0:
         raise ValueError(f"epsilon={epsilon} must be > 0")
     _check_run(1.0, sample_rate, steps)
+    for run in extra:
+        _check_run(*run)
+    if extra:
+        alone = epsilon_spent(
+            history=list(extra),
+            delta=delta,
+            accountant=accountant,
+            group=group,
+            adjacency=adjacency,
+        )
+        if alone >= epsilon:
+            raise ValueError(
+                f"the fixed release(s) {list(extra)} alone spend epsilon {alone:.3f} >= the "
+                f"budget {epsilon} at delta={delta}: raise their noise or the budget"
+            )
 
     def spent(sigma: float) -> float:
         return epsilon_spent(
-            history=[(sigma, sample_rate, steps)],
+            history=[(sigma, sample_rate, steps), *extra],
             delta=delta,
             accountant=accountant,
             group=group,
             adjacency=adjacency,
         )
 
-    if group == 1 and adjacency == "add-remove" and accountant in ("rdp", "prv"):
+    if group == 1 and adjacency == "add-remove" and accountant in ("rdp", "prv") and not extra:
         sigma = float(
             get_noise_multiplier(
                 target_epsilon=epsilon,

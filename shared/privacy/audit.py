@@ -90,9 +90,13 @@ def _carried(first: dict[str, Any]) -> list[Run] | None:
     hist, total = first.get("history"), int(first.get("total_steps", -1))
     trained = bool(first.get("trained", first["steps"] > 0)) and first["steps"] > 0
     own = first["steps"] if trained else 0
+    this = [(float(first["noise_multiplier"]), float(first["sample_rate"]), own)] if trained else []
+    release = _release_run(first["release"]) if "release" in first else None
+    if release is not None and bool(first.get("trained", first["steps"] > 0)):
+        this.append(release)  # the round's release is on the line too, not carried
+        own += release[2]
     if total <= own:
         return None
-    this = [(float(first["noise_multiplier"]), float(first["sample_rate"]), own)] if trained else []
     runs = _unledgered(hist, this)  # the reported history minus this round
     if not runs or sum(n for _s, _q, n in runs) != total - own:
         return None
@@ -299,6 +303,7 @@ def audit_ledger(
     num_rounds: int | None = None,
     mechanism: dict[str, Any] | None = None,
     expected_run: Callable[[Run], str | None] | None = None,
+    expected_release: Run | None = None,
 ) -> LedgerAudit:
     """Verify ``path`` (see the module docstring). ``budget`` / ``num_rounds`` / ``mechanism``
     (:meth:`FedConfig.dp_mechanism`: accountant, adjacency, group_size, delta) come from the
@@ -308,7 +313,10 @@ def audit_ledger(
     ``expected_run``: checks each trained line's (noise multiplier, sample rate, steps) against
     the run's config and returns what is wrong, or None
     (:func:`fedrec.shared.privacy.calibration.run_checker`; a ledger with less noise or more
-    steps than the config's calibration is an error)."""
+    steps than the config's calibration is an error). A line's ``release`` (``[sigma, q,
+    steps]``, a segment-count release the client paid for in that round, see
+    :mod:`fedrec.shared.federation.segments`) joins the history after the round's DP-SGD steps;
+    with ``expected_release`` (the run the config charges it as) any other value is an error."""
     entries, findings = read_ledger_lines(path)
     clients: dict[str, ClientAudit] = {}
     seen: dict[tuple[str, int], int] = {}
@@ -427,6 +435,22 @@ def audit_ledger(
                         (float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
                     )
                     steps_so_far += int(e["steps"])
+                if "release" in e:
+                    release = _release_run(e["release"])
+                    problem = (
+                        "is not [noise multiplier > 0, sample rate in (0, 1], steps >= 1]"
+                        if release is None
+                        else None
+                        if expected_release is None or release == expected_release
+                        else f"is not the one config.json charges, {list(expected_release)}"
+                    )
+                    if problem is not None:
+                        findings.append(
+                            Finding("error", f"release {e['release']!r} {problem}", name, rnd, no)
+                        )
+                    if release is not None:  # counted whatever its noise: never an under-count
+                        c.history.append(release)
+                        steps_so_far += release[2]
                 c.rounds.append(rnd)
             else:
                 if e["steps"] > 0:
@@ -434,6 +458,17 @@ def audit_ledger(
                         Finding(
                             "error",
                             f"marked as not trained but reports {e['steps']} steps",
+                            name,
+                            rnd,
+                            no,
+                        )
+                    )
+                if "release" in e:
+                    findings.append(
+                        Finding(
+                            "error",
+                            "marked as not trained but reports a release (one goes only with a "
+                            "trained round)",
                             name,
                             rnd,
                             no,
@@ -527,6 +562,20 @@ def audit_ledger(
     for c in clients.values():
         budget_view(c, by_client[c.client])
     return audit
+
+
+def _release_run(value: Any) -> Run | None:
+    """A ledger line's ``release`` as a run, or None when it is not a valid one."""
+    try:
+        sigma, q, steps = value
+        run = (float(sigma), float(q), int(steps))
+    except (TypeError, ValueError):
+        return None
+    if isinstance(steps, bool) or steps != run[2]:
+        return None
+    if not (run[0] > 0 and math.isfinite(run[0]) and 0 < run[1] <= 1 and run[2] >= 1):
+        return None
+    return run
 
 
 def _line_mechanism(e: dict[str, Any]) -> dict[str, Any]:

@@ -20,10 +20,12 @@ def calibrated_noise(cfg: FedConfig, sample_rate: float | None = None) -> float:
     samples at ``sample_rate`` (default: a one-user client's,
     :meth:`FedConfig.client_sample_rate`; with ``expected-batch`` each client has its own).
     Memoized per process (:func:`noise_for_budget` is cached on its arguments): the search
-    takes seconds and every round of a run asks again."""
+    takes seconds and every round of a run asks again. With ``segment-prior`` the budget also
+    pays for the segment release (:func:`planned_release`)."""
     if cfg.noise_multiplier > 0:
         return cfg.noise_multiplier
     q = cfg.client_sample_rate(1) if sample_rate is None else sample_rate
+    release = planned_release(cfg)
     return noise_for_budget(
         epsilon=cfg.epsilon,
         delta=cfg.delta,
@@ -32,7 +34,18 @@ def calibrated_noise(cfg: FedConfig, sample_rate: float | None = None) -> float:
         accountant=cfg.accountant,
         group=cfg.dp_group(),
         adjacency=cfg.dp_adjacency(),
+        extra=(release,) if release is not None else (),
     )
+
+
+def planned_release(cfg: FedConfig) -> tuple[float, float, int] | None:
+    """The accountant-history run the segment release is charged as under local DP
+    (:func:`fedrec.shared.federation.segments.release_run`), or None when there is none."""
+    if not (cfg.dp and cfg.segment_prior):
+        return None
+    from fedrec.shared.federation.segments import release_run
+
+    return release_run(cfg.segment_noise, cfg.dp_adjacency(), cfg.dp_group())
 
 
 def run_checker(cfg: FedConfig) -> Callable[[tuple[float, float, int]], str | None]:

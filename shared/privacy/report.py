@@ -29,7 +29,7 @@ from fedrec.shared.privacy.audit import (
     audit_ledger,
     summary,
 )
-from fedrec.shared.privacy.calibration import run_checker
+from fedrec.shared.privacy.calibration import planned_release, run_checker
 from fedrec.shared.privacy.statement import statement
 from fedrec.shared.privacy.user_level import audit_user_level
 
@@ -93,6 +93,7 @@ def audit_run(
         num_rounds=cfg.num_rounds,
         mechanism=mech,
         expected_run=run_checker(cfg),
+        expected_release=planned_release(cfg),
     )
     summ = summary(audit)
     _check_claim(run, audit, summ, tolerance)

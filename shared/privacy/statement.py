@@ -25,7 +25,8 @@ def statement(cfg: FedConfig, p: dict[str, Any]) -> str:
         return (
             "# Privacy statement\n\nDifferential privacy was OFF for this run: client updates are "
             "the plain result of local SGD and carry no formal guarantee. Only adapter tensors, "
-            f"the model head and whitelisted metrics left the clients.{table}\n"
+            "the model head and whitelisted metrics left the clients."
+            f"{table}{_segments_clear(cfg)}\n"
         )
     parts = ["# Privacy statement", ""]
     if cfg.dp:
@@ -68,8 +69,49 @@ def _local(cfg: FedConfig, p: dict[str, Any]) -> str:
 - **delta** = {cfg.delta}; **budget** epsilon_max = {cfg.epsilon} per client.
 - **Per-client epsilon** ({p["clients"]} clients that took part): max {p["epsilon_max"]:.4f},
   median {p["epsilon_median"]:.4f}. Rounds trained per client: {hist or "none"}.
-  Refused rounds (budget): {p["refusals"]}.{bars}
+  Refused rounds (budget): {p["refusals"]}.{bars}{_segments(cfg)}
 """
+
+
+def _segments_clear(cfg: FedConfig) -> str:
+    if not cfg.segment_prior:
+        return ""
+    return (
+        f" With `segment-prior` = {cfg.segment_prior!r} each client that trained in round 1 also "
+        "sent its exact interaction counts per (segment, item): which items its users in each "
+        "segment took, in the clear."
+    )
+
+
+def _segments(cfg: FedConfig) -> str:
+    if not cfg.segment_prior:
+        return ""
+    from fedrec.shared.privacy.calibration import planned_release
+
+    release = planned_release(cfg)
+    assert release is not None
+    return f"""
+- **Segment counts** (`segment-prior` = {cfg.segment_prior!r}): each client that
+  trained in round 1 also released its interaction counts per (segment, item), cells fixed in
+  advance by the profile fields and the catalog, with Gaussian noise of std {cfg.segment_noise}
+  per cell, rounded to whole numbers (one interaction changes one count by 1: L2 sensitivity 1;
+  the rounding is post-processing). It is charged to the
+  client's budget in the same history, as one step at sample rate 1 and noise multiplier
+  {release[0]:g} ({_release_bound(cfg)}); the ledger shows it as the round's `release`, the
+  epsilons above include it, and the DP-SGD noise was calibrated with it in the budget. New
+  users are ranked with the server's sum of the tables (post-processing).
+"""
+
+
+def _release_bound(cfg: FedConfig) -> str:
+    if cfg.dp_adjacency() == "replace-one" and cfg.accountant == "rdp":
+        return "under RDP a replacement is two add/remove steps by group privacy: an upper bound"
+    if cfg.dp_adjacency() == "replace-one":
+        return (
+            "its replace-one curve is the release's own; the add/remove branch counts it at\n"
+            "  half its shift, but the replace-one branch dominates it and sets every epsilon"
+        )
+    return f"group privacy over {cfg.dp_group()} steps: an upper bound"
 
 
 _ACCOUNTANTS = {
@@ -296,6 +338,16 @@ def _legacy_colluders(u: dict[str, Any]) -> str:
 """
 
 
+def _segment_fields(cfg: FedConfig) -> str:
+    if not cfg.segment_prior:
+        return ""
+    return (
+        f"- The profile fields that put a user in a segment ({cfg.segment_prior!r}): "
+        "every interaction of the\n  user is counted in that segment's row, so the fields are "
+        "not covered by the per-interaction\n  guarantee (the counts are).\n"
+    )
+
+
 def _not_protected(cfg: FedConfig) -> str:
     evaluation = (
         f"- Federated evaluation (`fraction-evaluate` = {cfg.fraction_evaluate} in this run): "
@@ -414,5 +466,5 @@ the server releases (user-level DP, when on). Everything below is outside them:
 - Which clients took part in which round (client ids in the ledger).
 - Profile fields when `use-profile` is on ({cfg.use_profile} in this run): a profile feeds every
   example of its user, so it is not covered by the per-interaction guarantee.
-{tuning}{randomness}{prior}{partial if cfg.dp else ""}
+{_segment_fields(cfg)}{tuning}{randomness}{prior}{partial if cfg.dp else ""}
 """

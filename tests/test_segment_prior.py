@@ -1,0 +1,350 @@
+"""The segment prior: each client's (segment, item) counts, released once under local DP.
+
+What the privacy claim rests on, checked on random data: the table's cells are fixed in advance
+and one interaction changes exactly one count by exactly 1 (L2 sensitivity 1); the history run it
+is charged as has the release's own epsilon under replace-one (a second, independent PLD
+computation) and an upper bound under group privacy; the DP-SGD noise is calibrated with it in
+the budget. Then a real Flower simulation: the clients' tables carry noise of the claimed
+standard deviation, the ledger shows each release, and `fedrec audit` recomputes every epsilon
+with it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import dp_accounting
+import numpy as np
+import pytest
+
+from fedrec.shared.federation.config import FedConfig, parse_run_config
+from fedrec.shared.federation.segments import (
+    AGE_EDGES,
+    SegmentPrior,
+    SegmentPriorScorer,
+    count_table,
+    n_segments,
+    parse_fields,
+    release_run,
+    segment_of,
+)
+from fedrec.shared.privacy.accounting import epsilon_spent, noise_for_budget
+
+
+def gaussian_epsilon(z: float, delta: float) -> float:
+    """The Gaussian mechanism's epsilon (sensitivity 1, noise multiplier z), computed with
+    dp-accounting's PLD directly: not through fedrec's history format."""
+    acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
+    acc.compose(dp_accounting.GaussianDpEvent(z))
+    return float(acc.get_epsilon(delta))
+
+
+def test_fields_and_cells_are_fixed_in_advance():
+    assert parse_fields("") == () and parse_fields(" age , gender ") == ("age", "gender")
+    for bad in ("zip", "age,age", "occupation"):
+        with pytest.raises(ValueError, match="segment-prior"):
+            parse_fields(bad)
+    assert n_segments(("age",)) == len(AGE_EDGES) + 2 and n_segments(("gender",)) == 3
+    assert n_segments(("age", "gender")) == (len(AGE_EDGES) + 2) * 3
+    ages = {"17": 0, "18": 1, "24": 1, "25": 2, "49": 4, "55": 5, "56": 6, "90": 6}
+    for age, cell in ages.items():
+        assert segment_of({"age": age}, ("age",)) == cell, age
+    unknown = len(AGE_EDGES) + 1
+    for junk in ("", "n/a", "nan", None):
+        assert segment_of({"age": junk} if junk is not None else {}, ("age",)) == unknown
+    assert segment_of({"gender": "f"}, ("gender",)) == 0
+    assert segment_of({"gender": "M"}, ("gender",)) == 1
+    assert segment_of({"gender": "x"}, ("gender",)) == 2
+    assert segment_of(None, ("age", "gender")) == n_segments(("age", "gender")) - 1
+    with pytest.raises(ValueError, match="segment-prior"):
+        parse_run_config({"segment-prior": "zip"})
+    with pytest.raises(ValueError, match="user-dp"):
+        parse_run_config({"segment-prior": "age", "user-dp": True, "dp": False})
+    with pytest.raises(ValueError, match="segment-noise"):
+        parse_run_config({"segment-prior": "age", "segment-noise": 0, "protocol": "C"})
+    for protocol in ("A", "B"):  # the prior ranks only protocol C's never-trained users
+        with pytest.raises(ValueError, match="unless protocol = C"):
+            parse_run_config({"segment-prior": "age", "protocol": protocol})
+
+
+def _random_profile(rng: np.random.Generator) -> dict[str, str]:
+    profile = {}
+    if rng.random() < 0.9:
+        profile["age"] = rng.choice([str(int(rng.integers(5, 95))), "", "unknown"])
+    if rng.random() < 0.9:
+        profile["gender"] = rng.choice(["M", "F", "m", "", "other"])
+    return profile
+
+
+@pytest.mark.parametrize("fields", [("age",), ("gender",), ("age", "gender")])
+def test_one_interaction_changes_one_count_by_one(fields):
+    """Random data sets and a random interaction added or removed (also one of a user the data
+    did not hold): the tables have the same fixed shape and differ in exactly one cell, by
+    exactly 1."""
+    rng = np.random.default_rng(7)
+    n_seg = n_segments(fields)
+    for _trial in range(200):
+        n_users, n_items = int(rng.integers(1, 8)), int(rng.integers(1, 30))
+        profiles = [_random_profile(rng) for _ in range(n_users + 1)]
+        segs = [segment_of(p, fields) for p in profiles]
+        # a user rates an item at most once
+        items = [rng.permutation(n_items)[: rng.integers(0, n_items + 1)] for _ in range(n_users)]
+        base = count_table(items, segs[:n_users], n_items, n_seg)
+        assert base.shape == (n_seg, n_items) and base.sum() == sum(len(i) for i in items)
+        u = int(rng.integers(0, n_users + 1))  # n_users: a user the data set did not hold
+        if u < n_users and len(items[u]) and rng.random() < 0.5:  # remove one of u's items
+            other = [it if k != u else it[1:] for k, it in enumerate(items)]
+            users = segs[:n_users]
+        else:  # add one item u did not take
+            held = items[u] if u < n_users else np.zeros(0, dtype=np.int64)
+            free = np.setdiff1d(np.arange(n_items), held)
+            if not free.size:
+                continue
+            new = np.append(held, rng.choice(free)).astype(np.int64)
+            other = [*items, new] if u == n_users else [new if k == u else it for k, it in
+                                                        enumerate(items)]  # fmt: skip
+            users = segs[: n_users + 1] if u == n_users else segs[:n_users]
+        diff = count_table(other, users, n_items, n_seg) - base
+        assert np.count_nonzero(diff) == 1 and abs(diff.sum()) == 1
+        assert np.linalg.norm(diff) == 1.0
+
+
+@pytest.mark.parametrize("z", [0.7, 2.0, 5.0])
+def test_the_charged_run_is_the_release_under_replace_one(z):
+    """Written as one step at sample rate 1 and noise multiplier 2z, fedrec's replace-one
+    epsilon is the sensitivity-1 Gaussian mechanism's own (dp-accounting PLD on the mechanism
+    directly); under group privacy over k steps, k z is an upper bound on it."""
+    delta = 1e-5
+    run = release_run(z, "replace-one", 1)
+    assert run == (2 * z, 1.0, 1)
+    got = epsilon_spent(history=[run], delta=delta, accountant="pld", adjacency="replace-one")
+    assert got == pytest.approx(gaussian_epsilon(z, delta), rel=0.01)
+    for k in (3, 5, 41):
+        run = release_run(z, "add-remove", k)
+        assert run == (k * z, 1.0, 1)
+        bound = epsilon_spent(history=[run], delta=delta, accountant="rdp", group=k)
+        assert bound >= gaussian_epsilon(z, delta)
+    with pytest.raises(ValueError, match="segment-noise"):
+        release_run(0.0, "replace-one", 1)
+
+
+@pytest.mark.parametrize(
+    ("sigma", "q", "steps", "z"), [(0.6, 0.025, 100, 2.0), (1.5, 0.1, 30, 1.0)]
+)
+def test_composition_with_dp_sgd_is_bounded_by_the_ledger_history(sigma, q, steps, z):
+    """An interaction added to an empty slot is an add/remove step for DP-SGD and a count of 1
+    for the release: composed directly in dp-accounting (add/remove DP-SGD with the Gaussian
+    mechanism), it is within what fedrec's replace-one history (DP-SGD, then the release at
+    2z) gives, which also covers a replacement."""
+    delta = 1e-5
+    ledger = epsilon_spent(
+        history=[(sigma, q, steps), release_run(z, "replace-one", 1)],
+        delta=delta,
+        accountant="pld",
+        adjacency="replace-one",
+    )
+    acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-3)
+    acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    acc.compose(dp_accounting.GaussianDpEvent(z))
+    assert float(acc.get_epsilon(delta)) <= ledger * (1 + 1e-3)
+
+
+def test_the_noise_is_calibrated_with_the_release_in_the_budget():
+    base = {"partition": "silo", "silos": 10, "sample-rate": 0.025, "local-steps": 10,
+            "num-rounds": 10, "fraction-train": 1.0, "protocol": "C"}  # fmt: skip
+    from fedrec.shared.privacy.calibration import calibrated_noise, planned_release
+
+    plain = parse_run_config(base)
+    cfg = parse_run_config(base | {"segment-prior": "age", "segment-noise": 2.0})
+    assert planned_release(plain) is None and planned_release(cfg) == (4.0, 1.0, 1)
+    assert planned_release(parse_run_config(base | {"segment-prior": "age", "dp": False})) is None
+    sigma = calibrated_noise(cfg)
+    assert sigma > calibrated_noise(plain)
+    history = [(sigma, 0.025, 100), (4.0, 1.0, 1)]
+    kw = {"delta": cfg.delta, "adjacency": "replace-one"}
+    assert epsilon_spent(history=history, accountant="pld", **kw) <= cfg.epsilon
+    # a second accountant (Opacus' PRV numerics) agrees within 2 %
+    assert epsilon_spent(history=history, accountant="prv", **kw) == pytest.approx(
+        cfg.epsilon, rel=0.02
+    )
+    # 0.1 % less noise would pass the budget: the calibration is tight
+    tighter = [(sigma * 0.995, 0.025, 100), (4.0, 1.0, 1)]
+    assert epsilon_spent(history=tighter, accountant="pld", **kw) > cfg.epsilon
+    with pytest.raises(ValueError, match="alone spend epsilon"):
+        noise_for_budget(
+            epsilon=1.0, delta=1e-5, sample_rate=0.1, steps=10, accountant="pld",
+            adjacency="replace-one", extra=((0.5, 1.0, 1),),
+        )  # fmt: skip
+
+
+def test_the_prior_shrinks_with_the_noise_and_scores_only_new_users():
+    counts = np.array([[30.0, 0.0, 10.0, 0.0], [0.0, 20.0, 10.0, 10.0]])
+    exact = SegmentPrior(counts, noise_var=0.0, kappa=3.0)
+    assert np.allclose(exact.rows, counts / counts.sum(axis=1, keepdims=True))
+    noisy = SegmentPrior(counts, noise_var=1e9, kappa=3.0)  # all noise: global popularity
+    assert np.allclose(noisy.rows, counts.sum(0) / counts.sum(), atol=1e-6)
+
+    class Flat:
+        def score(self, users, history, profiles, warm):  # noqa: ANN001, ANN202
+            return np.zeros((len(users), 4), dtype=np.float32)
+
+    scorer = SegmentPriorScorer(Flat(), exact, np.array([0, 1, 1]), weight=2.0)
+    out = scorer.score(np.array([0, 1, 2]), [np.zeros(0)] * 3, [None] * 3,
+                       np.array([True, False, False]))  # fmt: skip
+    assert not out[0].any()  # a user the federation trained on: the model alone
+    assert np.allclose(out[1], 2.0 * exact.log_prior(np.array([1]))[0])
+    assert np.argmax(out[1]) == 1 and np.argmax(out[2]) == 1
+
+
+def _sim(synth_dir, tiny_backbone, out, **over):
+    from fedrec.simulations.launch import simulate
+
+    cfg = FedConfig(
+        data=str(synth_dir), backbone=str(tiny_backbone), max_length=16, history_len=8,
+        protocol="C", num_rounds=2, fraction_train=1.0, partition="silo", silos=3, min_replies=2,
+        evaluate_every=0, local_steps=2, sample_rate=0.5, negatives=10, slots=6, epsilon=8.0,
+        lr=0.5, segment_prior="age", segment_noise=3.0, **over,
+    )  # fmt: skip
+    return cfg, simulate(cfg, out, baselines="popularity", num_cpus=2)
+
+
+def _true_counts(synth_dir, cfg: FedConfig) -> np.ndarray:
+    from fedrec.shared.data import load_dataset
+    from fedrec.shared.splitting import make_split
+
+    ds = load_dataset(synth_dir)
+    split = make_split(ds, "C")
+    fields = parse_fields(cfg.segment_prior)
+    users = np.unique(split.train_user)
+    items = [split.train_item[split.train_user == u] for u in users]
+    segs = [segment_of(ds.user_fields.get(int(split.user_ids[u])), fields) for u in users]
+    return count_table(items, segs, split.n_items, n_segments(fields))
+
+
+def test_a_real_federation_releases_noised_counts_and_accounts_for_them(
+    synth_dir, tiny_backbone, tmp_path
+):
+    from fedrec.shared.privacy.report import audit_run
+
+    out = tmp_path / "dp"
+    cfg, result = _sim(synth_dir, tiny_backbone, out)
+    info = result["model"]["segment_prior"]
+    assert info["tables"] == 3 and info["fields"] == ["age"] and "error" not in info
+    assert set(info["model_alone"]) == set(result["model"]["metrics"]) == {"k=0", "k=3"}
+    with np.load(out / "segment_counts.npz") as f:
+        released, tables = f["counts"], int(f["tables"])
+    truth = _true_counts(synth_dir, cfg)
+    assert tables == 3 and released.shape == truth.shape
+    assert np.array_equal(released, np.rint(released))  # each table was released rounded
+    # the sum of three tables, each noised with std segment-noise per cell
+    residual = (released - truth).ravel()
+    want = cfg.segment_noise * np.sqrt(tables)
+    assert residual.size >= 500 and 0.85 * want < residual.std() < 1.15 * want
+    assert abs(residual.mean()) < 4 * want / np.sqrt(residual.size)
+    lines = [json.loads(x) for x in (out / "privacy" / "ledger.jsonl").read_text().splitlines()]
+    lines = [x for x in lines if "client" in x]
+    release = [2 * cfg.segment_noise, 1.0, 1]
+    assert sorted(x["client"] for x in lines if x.get("release") == release) == ["p0", "p1", "p2"]
+    assert all(x["round"] == 1 for x in lines if "release" in x)
+    for x in lines:  # every reported epsilon counts the release
+        runs = [(y["noise_multiplier"], y["sample_rate"], y["steps"]) for y in lines
+                if y["client"] == x["client"] and y["round"] <= x["round"]]  # fmt: skip
+        want_eps = epsilon_spent(
+            history=[*runs, tuple(release)], delta=cfg.delta, accountant="pld",
+            adjacency="replace-one",
+        )  # fmt: skip
+        assert x["epsilon_after"] == pytest.approx(want_eps, rel=1e-6)
+        assert x["total_steps"] == sum(r[2] for r in runs) + 1
+    report, text = audit_run(out)
+    assert report["ok"], [f for f in report["findings"] if f["severity"] == "error"]
+    assert "Segment counts" in (out / "privacy" / "statement.md").read_text()
+    # the audit catches a ledger that under-states the release's cost
+    path = out / "privacy" / "ledger.jsonl"
+    raw = path.read_text()
+    path.write_text(raw.replace(json.dumps(release), json.dumps([cfg.segment_noise * 4, 1.0, 1])))
+    report, _ = audit_run(out)
+    assert not report["ok"]
+    assert any("release" in f["message"] for f in report["findings"])
+    path.write_text(raw)
+
+
+def test_without_dp_the_server_sums_the_exact_counts(synth_dir, tiny_backbone, tmp_path):
+    out = tmp_path / "nodp"
+    cfg, result = _sim(synth_dir, tiny_backbone, out, dp=False)
+    with np.load(out / "segment_counts.npz") as f:
+        released = f["counts"]
+    assert np.array_equal(released, _true_counts(synth_dir, cfg))
+    assert "in the clear" in (out / "privacy" / "statement.md").read_text()
+    assert result["model"]["segment_prior"]["noise_per_table"] == 0.0
+
+
+def test_the_server_rejects_a_bad_table_with_a_reason_and_keeps_a_good_one():
+    from flwr.app import Array, ArrayRecord
+
+    from fedrec.server.strategy import segment_table
+
+    cfg = FedConfig(protocol="C", segment_prior="age", partition="silo", silos=2)
+    rows = n_segments(("age",))
+    good = np.rint(np.random.default_rng(0).normal(5, 3, (rows, 7)))
+    assert np.array_equal(segment_table(ArrayRecord({"counts": Array(good)}), cfg, 7), good)
+    bad = {
+        "strings": np.full((rows, 7), "x"),
+        "complex": good.astype(np.complex128),
+        "float32": good.astype(np.float32),
+        "shape": good[:, :6],
+        "rows": good[:-1],
+        "nan": np.where(good > 5, np.nan, good),
+        "huge": np.where(good > 5, 1e308, good),
+        "fractions": good + 0.25,
+    }
+    for name, table in bad.items():
+        problem = segment_table(ArrayRecord({"counts": Array(table)}), cfg, 7)
+        assert isinstance(problem, str) and problem, name
+    assert isinstance(segment_table(ArrayRecord({"other": Array(good)}), cfg, 7), str)
+    assert isinstance(segment_table(None, cfg, 7), str)
+    negative = np.where(good > 5, -1.0, good)
+    assert isinstance(segment_table(ArrayRecord({"counts": Array(negative)}), cfg, 7), np.ndarray)
+    nodp = FedConfig(protocol="C", segment_prior="age", dp=False, epsilon=FedConfig.epsilon)
+    assert "must be >= 0" in segment_table(ArrayRecord({"counts": Array(negative)}), nodp, 7)
+
+
+def test_the_release_is_whole_numbers_with_the_noise_of_the_config():
+    """Rounded: a float sum count + noise keeps low-order bits that tell a zero cell from a
+    nonzero one; whole numbers do not. The rounding is post-processing of the Gaussian."""
+    from fedrec.client.app import segment_record
+    from fedrec.shared.federation.params import decode_array
+
+    cfg = FedConfig(protocol="C", segment_prior="age", segment_noise=3.0)
+    counts = np.zeros((n_segments(("age",)), 5000))
+    counts[:, ::2] = 1.0
+    out = decode_array("counts", segment_record(counts, cfg)["counts"])
+    assert out.dtype == np.float64 and np.array_equal(out, np.rint(out))
+    residual = out - counts
+    assert 0.95 * 3.0 < residual.std() < 1.05 * 3.0  # rounding adds variance 1/12
+    # the zero and the one cells' values are alike (no fine bits apart from the count)
+    assert abs(residual[:, ::2].std() - residual[:, 1::2].std()) < 0.1
+    exact = FedConfig(protocol="C", segment_prior="age", dp=False, epsilon=FedConfig.epsilon)
+    assert np.array_equal(decode_array("counts", segment_record(counts, exact)["counts"]), counts)
+
+
+def test_a_device_refuses_segment_prior_unless_its_owner_allows_it(tmp_path):
+    from fedrec.client.app import device_guard
+
+    cfg = FedConfig(protocol="C", segment_prior="age")
+    with pytest.raises(ValueError, match="segment-prior"):
+        device_guard(cfg, {"data-dir": str(tmp_path)})
+    device_guard(cfg, {"data-dir": str(tmp_path), "allow-no-dp": "true"})
+    device_guard(FedConfig(protocol="C"), {"data-dir": str(tmp_path)})
+
+
+def test_a_fresh_run_never_reads_an_old_sum_and_a_resumed_one_does(tmp_path):
+    from fedrec.server.strategy import FedRecStrategy, save_segment_sum
+
+    cfg = FedConfig(protocol="C", segment_prior="age", partition="silo", silos=2)
+    ledger = tmp_path / "privacy" / "ledger.jsonl"
+    old = np.ones((n_segments(("age",)), 4))
+    save_segment_sum(tmp_path / "segment_counts.npz", old, 2)
+    resumed = FedRecStrategy(cfg, template={}, ledger=ledger, round_offset=3)
+    assert resumed.segment_tables == 2 and np.array_equal(resumed.segment_sum, old)
+    fresh = FedRecStrategy(cfg, template={}, ledger=ledger, round_offset=0)
+    assert fresh.segment_sum is None and not (tmp_path / "segment_counts.npz").exists()
