@@ -131,19 +131,19 @@ def with_segment_prior(
     """``scorer`` with the segment prior for new users (:mod:`fedrec.shared.federation.segments`)
     from the summed released tables, and what metrics.json says about it. No table received:
     the model alone, and the reason."""
+    fields = parse_fields(cfg.segment_prior)
     info: dict[str, Any] = {
-        "fields": list(parse_fields(cfg.segment_prior)),
+        "fields": list(fields),
         "tables": tables,
         "noise_per_table": cfg.segment_noise if cfg.dp else 0.0,
         "shrink": cfg.segment_shrink,
         "weight": cfg.segment_weight,
         "counts_file": "segment_counts.npz",
         # what each table adds to a client's round-1 upload (float64 cells, before framing)
-        "table_bytes": 8 * n_segments(parse_fields(cfg.segment_prior)) * split.n_items,
+        "table_bytes": 8 * n_segments(fields) * split.n_items,
     }
     if total is None or tables == 0:
         return scorer, info | {"error": "no segment counts were received: the model alone ranks"}
-    fields = parse_fields(cfg.segment_prior)
     noise_var = cfg.segment_noise**2 * tables if cfg.dp else 0.0
     prior = SegmentPrior(total, noise_var=noise_var, kappa=cfg.segment_shrink)
     user_segments = np.array(
