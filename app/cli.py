@@ -997,6 +997,14 @@ def recommend_cmd(
     ] = None,
     profile: Annotated[str | None, typer.Option(help="Profile text of a new user.")] = None,
     query: Annotated[str | None, typer.Option(help="Free-text query, e.g. 'space robots'.")] = None,
+    age: Annotated[
+        int | None,
+        typer.Option(help="A new user's age, for a run with a segment prior (segment-prior)."),
+    ] = None,
+    gender: Annotated[
+        str | None,
+        typer.Option(help="A new user's gender, F or M, for a run with a segment prior."),
+    ] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="How many items.")] = 10,
     explain: Annotated[bool, typer.Option(help="Say which inputs drove each score.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
@@ -1020,10 +1028,27 @@ def recommend_cmd(
             _fail(f"{option}: the text is not valid UTF-8; give it in UTF-8", 2)
         if not text.strip():
             _fail(f"{option} is blank: give some text, or leave {option} out", 2)
-    if not ids and not profile and not query:
-        _fail("give --history, --profile or --query (a new user needs at least one).", 2)
+    if age is not None and not 0 < age < 130:
+        _fail(f"--age {age}: give the user's age in years (1 to 129)", 2)
+    if gender is not None and gender.strip().upper() not in ("F", "M"):
+        _fail(f"--gender {gender!r}: give F or M (the values the segment prior counts)", 2)
+    segment = {f: v for f, v in (("age", age), ("gender", gender)) if v is not None} or None
+    if not ids and not profile and not query and not segment:
+        _fail("give --history, --profile, --query or --age/--gender (a new user needs at least "
+              "one).", 2)  # fmt: skip
     try:
         rec = Recommender.load(run)
+        if segment and rec.segment is None:
+            why = rec.segment_error or f"the run in {run} has no segment prior"
+            _fail(f"--age/--gender: {why}; they act only through a federated run's segment "
+                  "prior (trained with segment-prior): leave them out, or describe the user "
+                  "with --profile", 2)  # fmt: skip
+        if segment and rec.segment is not None:
+            unused = [f for f in segment if f not in rec.segment.fields]
+            if unused:
+                err.print(f"note: the segment prior of {run} is by {', '.join(rec.segment.fields)}"
+                          f": --{unused[0]} is ignored")  # fmt: skip
+                segment = {f: v for f, v in segment.items() if f in rec.segment.fields} or None
         unknown = [i for i in ids if i not in rec.position]
         if unknown:
             known = sorted(rec.position)
@@ -1038,8 +1063,10 @@ def recommend_cmd(
             err.print(f"note: the model in {run} was trained without profiles: --profile is "
                       "ignored")  # fmt: skip
             profile = None
-        if query or not ids:
-            recs = rec.cold_start(profile=profile, query=query, history=ids, k=k, explain=explain)
+        if query or segment or not ids:
+            recs = rec.cold_start(
+                profile=profile, query=query, history=ids, k=k, explain=explain, segment=segment
+            )
         else:
             recs = rec.recommend(history=ids, profile=profile, k=k, explain=explain)
     except (ModelFileError, KeyError, ValueError, FileNotFoundError) as e:
@@ -1066,6 +1093,8 @@ def _because(b: dict) -> str:
         return f"profile {share}"
     if "query" in b:
         return f"query {share}"
+    if "segment" in b:
+        return f"{b['segment']} (segment prior) {share}"
     return f"popularity {share}"
 
 

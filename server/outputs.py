@@ -15,8 +15,8 @@ from fedrec.shared.data.dataset import Dataset
 from fedrec.shared.evaluation import evaluate
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.federation.segments import (
-    SegmentPrior,
     SegmentPriorScorer,
+    build_prior,
     n_segments,
     parse_fields,
     segment_of,
@@ -144,8 +144,9 @@ def with_segment_prior(
     }
     if total is None or tables == 0:
         return scorer, info | {"error": "no segment counts were received: the model alone ranks"}
-    noise_var = cfg.segment_noise**2 * tables if cfg.dp else 0.0
-    prior = SegmentPrior(total, noise_var=noise_var, kappa=cfg.segment_shrink)
+    prior = build_prior(
+        total, tables, dp=cfg.dp, noise=cfg.segment_noise, shrink=cfg.segment_shrink
+    )
     user_segments = np.array(
         [segment_of(ds.user_fields.get(int(u)), fields) for u in split.user_ids]
     )

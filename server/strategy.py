@@ -217,15 +217,14 @@ class FedRecStrategy(FedAvg):
                 if self.cfg.dp
                 else None
             )
-            if contract.SEGMENTS in msg.content:
-                table = self._segment_table(msg, rnd, trained)
-                if isinstance(table, str):
-                    log.warning("round %d: segment counts from %s rejected: %s", rnd, name, table)
-                else:
-                    self.segment_sum = (
-                        table if self.segment_sum is None else self.segment_sum + table
-                    )
-                    self.segment_tables += 1
+            # the reply's segment counts are checked now and summed only with its update
+            # (a reply whose update is rejected contributes neither)
+            table = (
+                self._segment_table(msg, rnd, trained) if contract.SEGMENTS in msg.content else None
+            )
+            if isinstance(table, str):
+                log.warning("round %d: segment counts from %s rejected: %s", rnd, name, table)
+                table = None
             if trained:
                 try:
                     arrays = _record(msg, contract.ARRAYS, ArrayRecord)
@@ -241,6 +240,11 @@ class FedRecStrategy(FedAvg):
                         lines.append(line | {"accepted": False})
                     continue
                 accepted.append(update)
+                if table is not None:
+                    self.segment_sum = (
+                        table if self.segment_sum is None else self.segment_sum + table
+                    )
+                    self.segment_tables += 1
                 if not (self.cfg.dp or self.cfg.user_dp):  # under DP clients send constants
                     losses.append(float(metrics["loss"]))
                     seconds.append(float(metrics.get("seconds", 0.0)))

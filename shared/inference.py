@@ -29,6 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fedrec.shared.federation.segments import (
+    SEGMENT_FIELDS,
+    RunPrior,
+    describe,
+    load_run_prior,
+    segment_of,
+)
 from fedrec.shared.model.artifacts import load_model
 from fedrec.shared.model.examples import right_aligned
 from fedrec.shared.model.towers import RecModel
@@ -75,6 +82,9 @@ class Recommender:
         self.fac: torch.Tensor | None = None  # (n_items, k) item factors, 0 for untrained items
         self.off: torch.Tensor | None = None  # (n_items, k) item offsets, 0 for untrained items
         self._texts: dict[str, torch.Tensor] = {}
+        # a federated run's segment prior for new users (``segment-prior``), or None
+        self.segment: RunPrior | None = None
+        self.segment_error: str | None = None  # why a run with the setting has no prior here
 
     # --- loading -----------------------------------------------------------------------------
     @classmethod
@@ -108,6 +118,10 @@ class Recommender:
                 rec.off = fac
             else:
                 rec.fac = fac
+        try:
+            rec.segment = load_run_prior(run, len(rec.item_ids))
+        except ValueError as e:  # the model still ranks; asking for the prior says why not
+            rec.segment_error = str(e)
         return rec
 
     @torch.no_grad()
@@ -142,6 +156,7 @@ class Recommender:
         k: int,
         exclude: set[int],
         explain: bool,
+        segment: int | None = None,
     ) -> list[Recommendation]:
         if not isinstance(k, int) or k <= 0:
             raise ValueError(f"k={k!r}: ask for at least one recommendation (k >= 1)")
@@ -183,7 +198,18 @@ class Recommender:
         if self.off is not None:
             # item offsets: <P^T u, g_i> is linear in u, so each term's share of u adds its part
             contrib += ((parts / norm) @ m.offset_basis) @ self.off.T
-        scores = contrib.sum(0) + self.bias
+        if segment is not None and self.segment is not None:
+            # the run's evaluation ranks a new user by weight * log prior + the model; the log
+            # prior is shifted by its catalog median (a constant: the ranking is the same) so
+            # that its share in an explanation is what it adds over a typical item
+            log_prior = self.segment.weight * self.segment.prior.log_prior(np.array([segment]))[0]
+            prior = torch.as_tensor(log_prior - np.median(log_prior), dtype=torch.float64)
+            # added in float64, as the evaluation adds it (scores of a few hundred)
+            scores = (contrib.sum(0) + self.bias).double() + prior
+            contrib = torch.cat([contrib, prior.to(contrib.dtype).unsqueeze(0)])
+            labels.append({"segment": describe(self.segment.fields, segment)})
+        else:
+            scores = contrib.sum(0) + self.bias
         scores[self._positions(exclude, "exclude")] = -torch.inf
         k = min(k, int(torch.isfinite(scores).sum()))
         # descending score, ties by ascending item id: the catalog is in ascending id order
@@ -306,12 +332,44 @@ class Recommender:
         k: int = 10,
         *,
         explain: bool = False,
+        segment: Mapping[str, Any] | None = None,
     ) -> list[Recommendation]:
-        """Top ``k`` for a new user from a profile text, a free-text query and/or 1-3 items."""
-        if not (profile and profile.strip()) and not (query and query.strip()) and not history:
-            raise ValueError("cold_start() needs a profile, a query or at least one history item")
+        """Top ``k`` for a new user from a profile text, a free-text query, 1-3 items and/or,
+        for a federated run trained with ``segment-prior``, the user's profile fields
+        (``segment={"age": 25, "gender": "F"}``): then ranked as the run's evaluation ranked its
+        new users, ``segment-weight x log prior(item | segment)`` plus the model's score. A field
+        the run's prior does not use is ignored; one it uses and ``segment`` lacks puts the user
+        in that field's ``unknown`` cell (close to global popularity)."""
+        cell = self._segment(segment)
+        if (
+            not (profile and profile.strip())
+            and not (query and query.strip())
+            and not history
+            and cell is None
+        ):
+            raise ValueError(
+                "cold_start() needs a profile, a query, a segment or at least one history item"
+            )
         pos = self._positions(history, "history")
-        return self._rank(pos, self._profile(profile), query, k, set(history), explain)
+        return self._rank(pos, self._profile(profile), query, k, set(history), explain, cell)
+
+    def _segment(self, segment: Mapping[str, Any] | None) -> int | None:
+        if segment is None:
+            return None
+        if not isinstance(segment, Mapping):
+            raise ValueError(f"segment={segment!r}: expected a mapping like {{'age': 25}}")
+        unknown = sorted(set(segment) - set(SEGMENT_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"segment field {unknown[0]!r} is not a segment field; use {SEGMENT_FIELDS}"
+            )
+        if self.segment is None:
+            raise ValueError(
+                self.segment_error
+                or "this model has no segment prior (a federated run trained with segment-prior "
+                "has one): rank a new user by profile text, query or items instead"
+            )
+        return segment_of(segment, self.segment.fields)
 
     @torch.no_grad()
     def add_items(self, items: Mapping[int, str]) -> None:

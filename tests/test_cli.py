@@ -88,7 +88,8 @@ def test_train_central_and_recommend(synth_dir, tiny_backbone, tmp_path):
         (["--history", "424242"], "424242"),
         (["--history", "1,424242"], "not in the catalog of the model in"),
         (["-k", "0", "--history", "1"], "-k 0"),
-        ([], "--history, --profile or --query"),
+        ([], "--history, --profile, --query or --age/--gender"),
+        (["--age", "30"], "has no segment prior"),  # a central run: no released counts
     ):
         r = fedrec("recommend", run, *args)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, args

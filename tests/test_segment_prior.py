@@ -276,6 +276,78 @@ def test_without_dp_the_server_sums_the_exact_counts(synth_dir, tiny_backbone, t
     assert np.array_equal(released, _true_counts(synth_dir, cfg))
     assert "in the clear" in (out / "privacy" / "statement.md").read_text()
     assert result["model"]["segment_prior"]["noise_per_table"] == 0.0
+    _check_serving(out, synth_dir, result, cfg)
+
+
+def _check_serving(out, synth_dir, result, cfg: FedConfig) -> None:
+    """The public API and ``fedrec recommend`` rank new users with the run's segment prior as
+    the run's evaluation did; without the prior they say why."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from fedrec.cli import app
+    from fedrec.shared.data import load_dataset
+    from fedrec.shared.inference import Recommender
+    from fedrec.shared.splitting import make_split
+    from fedrec.simulations.recommend_segment import api_metrics
+
+    ds = load_dataset(synth_dir)
+    split = make_split(ds, "C")
+    api = api_metrics(out, ds, split)
+    alone = result["model"]["segment_prior"]["model_alone"]
+    # the prior changes the ranking here, so the agreement below says the API applies it
+    assert any(
+        alone[name]["NDCG@10"] != pytest.approx(result["model"]["metrics"][name]["NDCG@10"])
+        for name in ("k=0", "k=3")
+    )
+    for name in ("k=0", "k=3"):
+        for metric in ("NDCG@10", "Recall@10"):
+            want = result["model"]["metrics"][name][metric]
+            assert api[name][metric] == pytest.approx(want, abs=1e-9), (name, metric)
+    rec = Recommender.load(out)
+    assert rec.segment is not None and rec.segment.fields == ("age",)
+    assert rec.segment.weight == cfg.segment_weight
+    n = len(rec.item_ids)
+    plain = {r.item_id: r.score for r in rec.cold_start(history=[int(ds.item_ids[0])], k=n)}
+    ranked = rec.cold_start(history=[int(ds.item_ids[0])], k=n, segment={"age": 30})
+    cell = segment_of({"age": 30}, ("age",))
+    log_prior = cfg.segment_weight * rec.segment.prior.log_prior(np.array([cell]))[0]
+    shift = log_prior - np.median(log_prior)
+    for r in ranked:  # the model's score plus the prior's, and ranked by it
+        want = plain[r.item_id] + shift[rec.position[r.item_id]]
+        assert r.score == pytest.approx(want, rel=1e-5, abs=1e-3)
+    assert [r.score for r in ranked] == sorted((r.score for r in ranked), reverse=True)
+    assert {"segment": "age 25-34"} in [
+        {k: v for k, v in b.items() if k == "segment"}
+        for b in rec.cold_start(segment={"age": 30}, explain=True)[0].because
+    ]
+    with pytest.raises(ValueError, match="not a segment field"):
+        rec.cold_start(segment={"zip": "12345"})
+    runner = CliRunner()
+    r = runner.invoke(app, ["recommend", str(out), "--age", "30", "--json", "-k", "3"])
+    assert r.exit_code == 0, r.output
+    assert [x["item_id"] for x in json.loads(r.stdout)] == [
+        x.item_id for x in rec.cold_start(segment={"age": 30}, k=3)
+    ]
+    r = runner.invoke(app, ["recommend", str(out), "--age", "30", "--gender", "F", "-k", "3"])
+    assert r.exit_code == 0 and "--gender is ignored" in r.output
+    for bad, message in ((["--age", "0"], "--age 0"), (["--gender", "x"], "give F or M")):
+        r = runner.invoke(app, ["recommend", str(out), *bad])
+        assert r.exit_code == 2 and message in r.output, r.output
+    # counts removed: the model still serves; asking for the prior says why it cannot
+    gone = out.parent / "gone"
+    shutil.copytree(out, gone)
+    (gone / "segment_counts.npz").unlink()
+    assert Recommender.load(gone).cold_start(history=[int(ds.item_ids[0])], k=2)
+    r = runner.invoke(app, ["recommend", str(gone), "--age", "30"])
+    assert r.exit_code == 2 and "segment_counts.npz not found" in r.output, r.output
+    # a run without the setting
+    config = json.loads((gone / "config.json").read_text())
+    config["federation"]["segment_prior"] = ""
+    (gone / "config.json").write_text(json.dumps(config))
+    r = runner.invoke(app, ["recommend", str(gone), "--age", "30"])
+    assert r.exit_code == 2 and "has no segment prior" in r.output, r.output
 
 
 def test_the_server_rejects_a_bad_table_with_a_reason_and_keeps_a_good_one():
@@ -306,6 +378,57 @@ def test_the_server_rejects_a_bad_table_with_a_reason_and_keeps_a_good_one():
     assert isinstance(segment_table(ArrayRecord({"counts": Array(negative)}), cfg, 7), np.ndarray)
     nodp = FedConfig(protocol="C", segment_prior="age", dp=False, epsilon=FedConfig.epsilon)
     assert "must be >= 0" in segment_table(ArrayRecord({"counts": Array(negative)}), nodp, 7)
+
+
+def test_a_reply_whose_update_is_rejected_adds_no_segment_counts(tmp_path, monkeypatch):
+    """The table and the update of one reply stand or fall together: a reply whose update is
+    rejected (here: NaN) is on the ledger with its release, but its counts are not summed."""
+    import torch
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrec.server.strategy import FedRecStrategy
+    from fedrec.shared.federation import contract
+    from fedrec.shared.federation.params import to_record
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    template = {"lora.B": torch.zeros(3, 2), "head.item_bias": torch.zeros(4)}
+    cfg = FedConfig(protocol="C", segment_prior="age", partition="silo", silos=3, min_replies=1,
+                    server_opt="sgd", server_lr=1.0)  # fmt: skip
+    s = FedRecStrategy(cfg, template=dict(template), ledger=tmp_path / "privacy" / "ledger.jsonl")
+    s.n_items = 4
+    rows = n_segments(("age",))
+    tables = [np.full((rows, 4), float(10 * (n + 1))) for n in range(3)]
+    updates = [
+        {"lora.B": torch.ones(3, 2), "head.item_bias": torch.ones(4)},
+        {"lora.B": torch.ones(3, 2), "head.item_bias": torch.tensor([1.0, float("nan"), 0, 0])},
+        {"lora.B": torch.ones(3, 2), "head.item_bias": torch.ones(4)},
+    ]
+    metrics = {"num-examples": 5, "trained": 1, "loss": 1.0, "epsilon": 0.5, "steps": 4,
+               "total-steps": 4, "noise-multiplier": 1.1, "sample-rate": 0.5,
+               "seconds": 0.1}  # fmt: skip
+    replies = []
+    for n, (table, update) in enumerate(zip(tables, updates, strict=True), 1):
+        content = RecordDict(
+            {
+                "metrics": MetricRecord(metrics),
+                "client": ConfigRecord({"name": f"p{n}", "reason": ""}),
+                "arrays": to_record(update),
+                contract.SEGMENTS: ArrayRecord({"counts": Array(table)}),
+            }
+        )
+        to_node = Message(content=RecordDict(), dst_node_id=n, message_type="train")
+        replies.append(Message(content=content, reply_to=to_node))
+    _arrays, out = s.aggregate_train(contract.SEGMENT_ROUND, replies)
+    assert out["accepted"] == 2 and out["rejected"] == 1
+    assert s.segment_tables == 2
+    assert np.array_equal(s.segment_sum, tables[0] + tables[2])
+    lines = [
+        json.loads(x) for x in (tmp_path / "privacy" / "ledger.jsonl").read_text().splitlines()
+    ]
+    assert [x.get("accepted", True) for x in lines if "client" in x] == [True, False, True]
+    assert all("release" in x for x in lines if "client" in x)  # each spent it
 
 
 def test_the_release_is_whole_numbers_with_the_noise_of_the_config():

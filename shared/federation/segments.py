@@ -26,7 +26,10 @@ per-interaction guarantee, as with ``use-profile``; the counts are.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,6 +91,26 @@ def segment_of(profile: Mapping[str, Any] | None, fields: Sequence[str]) -> int:
         value = _value(f, str((profile or {}).get(f, "")))
         index = index * _cells(f) + value
     return index
+
+
+def describe(fields: Sequence[str], segment: int) -> str:
+    """A segment in words, e.g. ``"age 25-34, gender F"`` (the inverse of :func:`segment_of`)."""
+    parts = []
+    for f in reversed(fields):
+        segment, value = divmod(segment, _cells(f))
+        if value == _cells(f) - 1:
+            parts.append(f"{f} unknown")
+        elif f == "age":
+            if value == 0:
+                span = f"under {int(AGE_EDGES[0])}"
+            elif value == len(AGE_EDGES):
+                span = f"{int(AGE_EDGES[-1])}+"
+            else:
+                span = f"{int(AGE_EDGES[value - 1])}-{int(AGE_EDGES[value]) - 1}"
+            parts.append(f"age {span}")
+        else:
+            parts.append(f"gender {GENDERS[value]}")
+    return ", ".join(reversed(parts))
 
 
 def count_table(
@@ -157,3 +180,63 @@ class SegmentPriorScorer:
             segs = self.user_segments[np.asarray(users)[cold]]
             scores[cold] = scores[cold] + self.weight * self.prior.log_prior(segs)
         return scores
+
+
+def build_prior(
+    total: np.ndarray, tables: int, *, dp: bool, noise: float, shrink: float
+) -> SegmentPrior:
+    """The prior from the sum of ``tables`` released tables: under DP each cell of the sum
+    carries noise of variance ``tables * noise**2``; without DP the counts are exact."""
+    return SegmentPrior(total, noise_var=noise**2 * tables if dp else 0.0, kappa=shrink)
+
+
+@dataclass
+class RunPrior:
+    """A finished run's segment prior, as its evaluation used it (:func:`load_run_prior`)."""
+
+    prior: SegmentPrior
+    fields: tuple[str, ...]
+    weight: float
+    tables: int
+
+
+def load_run_prior(run: Path, n_items: int) -> RunPrior | None:
+    """The segment prior of the run in ``run`` (its ``config.json`` and ``segment_counts.npz``),
+    built as the run's own evaluation built it (``server/outputs.py``); ``None`` for a run
+    without ``segment-prior``. ValueError naming the file when the run has the setting but its
+    counts are missing, damaged or for another catalog."""
+    run = Path(run)
+    config = run / "config.json"
+    try:
+        doc = json.loads(config.read_text()) if config.is_file() else None
+    except (OSError, ValueError):
+        doc = None  # unreadable: no prior to serve (the model's own files are checked apart)
+    fed: dict[str, Any] = doc.get("federation") or {} if isinstance(doc, dict) else {}
+    spec = fed.get("segment_prior") if isinstance(fed, dict) else None
+    if not spec:
+        return None
+    fields = parse_fields(str(spec))
+    path = run / "segment_counts.npz"
+    if not path.is_file():
+        raise ValueError(
+            f"{path} not found: the run has segment-prior={spec!r} but no summed counts (no "
+            "client sent a table, or the file was removed); its new users are ranked by the model "
+            "alone, as its metrics.json says"
+        )
+    try:
+        with np.load(path) as f:
+            total, tables = np.asarray(f["counts"], dtype=np.float64), int(f["tables"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"{path}: not a segment-count file fedrec wrote ({e})") from None
+    want = (n_segments(fields), int(n_items))
+    if total.shape != want or not np.isfinite(total).all() or tables < 1:
+        raise ValueError(
+            f"{path}: counts of shape {total.shape} ({tables} tables) do not fit this run's prior "
+            f"(shape {want}: {want[0]} segments of {list(fields)} x {want[1]} catalog items); "
+            "restore the file from the run"
+        )
+    prior = build_prior(
+        total, tables, dp=bool(fed.get("dp")), noise=float(fed["segment_noise"]),
+        shrink=float(fed["segment_shrink"]),
+    )  # fmt: skip
+    return RunPrior(prior, fields, float(fed["segment_weight"]), tables)
