@@ -1040,15 +1040,24 @@ def recommend_cmd(
         rec = Recommender.load(run)
         if segment and rec.segment is None:
             why = rec.segment_error or f"the run in {run} has no segment prior"
-            _fail(f"--age/--gender: {why}; they act only through a federated run's segment "
-                  "prior (trained with segment-prior): leave them out, or describe the user "
-                  "with --profile", 2)  # fmt: skip
+            _fail(f"--age/--gender: {why}; they act only through a run's segment prior (fedrec "
+                  "simulate with segment-prior, train-central with train.segment_prior): leave "
+                  "them out, or describe the user with --profile", 2)  # fmt: skip
         if segment and rec.segment is not None:
+            by = ", ".join(rec.segment.fields)
             unused = [f for f in segment if f not in rec.segment.fields]
             if unused:
-                err.print(f"note: the segment prior of {run} is by {', '.join(rec.segment.fields)}"
-                          f": --{unused[0]} is ignored")  # fmt: skip
+                err.print(f"note: the segment prior of {run} is by {by}: --{unused[0]} is "
+                          "ignored")  # fmt: skip
                 segment = {f: v for f, v in segment.items() if f in rec.segment.fields} or None
+                if segment is None and not ids and not profile and not query:
+                    first = rec.segment.fields[0]
+                    _fail(f"--{unused[0]}: the segment prior of {run} is by {by}; give "
+                          f"--{first} (or --history, --profile, --query)", 2)  # fmt: skip
+            missing = [f for f in rec.segment.fields if f not in (segment or {})]
+            if segment and missing:
+                err.print(f"note: no --{missing[0]}: the user is in the prior's "
+                          f"'{missing[0]} unknown' cell")  # fmt: skip
         unknown = [i for i in ids if i not in rec.position]
         if unknown:
             known = sorted(rec.position)

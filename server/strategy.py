@@ -46,7 +46,12 @@ from fedrec.shared.federation.params import (
     from_record,
     to_record,
 )
-from fedrec.shared.federation.segments import n_segments, parse_fields
+from fedrec.shared.federation.segments import (
+    load_segment_sum,
+    n_segments,
+    parse_fields,
+    save_segment_sum,
+)
 from fedrec.shared.federation.server_opt import ServerOptimizer
 from fedrec.shared.privacy.calibration import planned_release
 
@@ -591,18 +596,6 @@ def segment_table(record: Any, cfg: FedConfig, n_items: int | None) -> np.ndarra
     if not cfg.dp and (table < 0).any():
         return "without DP the counts must be >= 0"
     return table
-
-
-def save_segment_sum(path: Path, total: np.ndarray, tables: int) -> None:
-    """``RUN/segment_counts.npz``: the summed segment counts and how many tables, atomically."""
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, counts=total, tables=np.array(tables))
-    tmp.replace(path)
-
-
-def load_segment_sum(path: Path) -> tuple[np.ndarray, int]:
-    with np.load(path) as f:
-        return np.asarray(f["counts"], dtype=np.float64), int(f["tables"])
 
 
 def _history_field(msg: Message) -> dict[str, Any]:

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from fedrec.shared.federation.segments import (
+    FLOOR,
+    GENDERS,
     SEGMENT_FIELDS,
     RunPrior,
     describe,
@@ -85,6 +87,7 @@ class Recommender:
         # a federated run's segment prior for new users (``segment-prior``), or None
         self.segment: RunPrior | None = None
         self.segment_error: str | None = None  # why a run with the setting has no prior here
+        self._segment_ids: dict[int, int] = {}  # item id -> the prior's column
 
     # --- loading -----------------------------------------------------------------------------
     @classmethod
@@ -122,6 +125,8 @@ class Recommender:
             rec.segment = load_run_prior(run, len(rec.item_ids))
         except ValueError as e:  # the model still ranks; asking for the prior says why not
             rec.segment_error = str(e)
+        # the prior's columns: the catalog as loaded (items added later have none)
+        rec._segment_ids = {int(i): c for c, i in enumerate(rec.item_ids)}
         return rec
 
     @torch.no_grad()
@@ -199,14 +204,17 @@ class Recommender:
             # item offsets: <P^T u, g_i> is linear in u, so each term's share of u adds its part
             contrib += ((parts / norm) @ m.offset_basis) @ self.off.T
         if segment is not None and self.segment is not None:
-            # the run's evaluation ranks a new user by weight * log prior + the model; the log
-            # prior is shifted by its catalog median (a constant: the ranking is the same) so
-            # that its share in an explanation is what it adds over a typical item
-            log_prior = self.segment.weight * self.segment.prior.log_prior(np.array([segment]))[0]
-            prior = torch.as_tensor(log_prior - np.median(log_prior), dtype=torch.float64)
-            # added in float64, as the evaluation adds it (scores of a few hundred)
-            scores = (contrib.sum(0) + self.bias).double() + prior
-            contrib = torch.cat([contrib, prior.to(contrib.dtype).unsqueeze(0)])
+            # the run's evaluation ranks a new user by weight * log prior + the model, added in
+            # float64 as there; an item added after loading has no column: no member of the
+            # segment took it, as for a catalog item none took (the prior's floor)
+            row = self.segment.prior.log_prior(np.array([segment]))[0]
+            cols = np.array([self._segment_ids.get(int(i), -1) for i in self.item_ids])
+            log_prior = self.segment.weight * np.where(cols >= 0, row[cols], np.log(FLOOR))
+            scores = (contrib.sum(0) + self.bias).double() + torch.as_tensor(log_prior)
+            # in the explanation the prior's term is shifted by its catalog median, so that its
+            # share is what it adds over a typical item (the shift changes no ranking)
+            shifted = torch.as_tensor(log_prior - np.median(log_prior), dtype=contrib.dtype)
+            contrib = torch.cat([contrib, shifted.unsqueeze(0)])
             labels.append({"segment": describe(self.segment.fields, segment)})
         else:
             scores = contrib.sum(0) + self.bias
@@ -358,11 +366,21 @@ class Recommender:
             return None
         if not isinstance(segment, Mapping):
             raise ValueError(f"segment={segment!r}: expected a mapping like {{'age': 25}}")
-        unknown = sorted(set(segment) - set(SEGMENT_FIELDS))
+        unknown = sorted(set(segment) - set(SEGMENT_FIELDS), key=str)
         if unknown:
             raise ValueError(
                 f"segment field {unknown[0]!r} is not a segment field; use {SEGMENT_FIELDS}"
             )
+        age, gender = segment.get("age"), segment.get("gender")
+        if age is not None:
+            try:
+                years = float(age) if not isinstance(age, bool) else float("nan")
+            except (TypeError, ValueError):
+                years = float("nan")
+            if not 0 < years < 130:
+                raise ValueError(f"segment age={age!r}: give the user's age in years (1 to 129)")
+        if gender is not None and str(gender).strip().upper() not in GENDERS:
+            raise ValueError(f"segment gender={gender!r}: give one of {GENDERS}")
         if self.segment is None:
             raise ValueError(
                 self.segment_error

@@ -1,7 +1,8 @@
 """The public ``Recommender.cold_start(segment=...)`` against a federated run's own evaluation.
 
 ``python -m fedrec.simulations.recommend_segment RUN [RUN ...]``: each RUN is a protocol-C
-``fedrec simulate`` run trained with ``segment-prior``. For every test query of protocol C (a new
+``fedrec simulate`` run trained with ``segment-prior`` (or a ``train-central`` run with
+``train.segment_prior``). For every test query of protocol C (a new
 user, their profile fields and their first k = 0 or 3 items) it ranks with ``cold_start()`` given
 the user's segment fields, and prints NDCG@10 and Recall@10 per k beside the values in the run's
 ``metrics.json``: they must agree (the API ranks new users as the run's evaluation did). Result:
@@ -22,6 +23,7 @@ from fedrec.shared.data import load_dataset
 from fedrec.shared.data.dataset import Dataset
 from fedrec.shared.federation.data_and_model import resolve_data_dir
 from fedrec.shared.inference import Recommender
+from fedrec.shared.model.run_central import with_profile_template
 from fedrec.shared.splitting import Split, make_split
 
 
@@ -60,9 +62,16 @@ def api_metrics(run: Path, ds: Dataset, split: Split, k: int = 10) -> dict[str, 
 
 def compare(run: Path) -> dict[str, Any]:
     """``api_metrics`` beside the run's own ``metrics.json``."""
-    fed: dict[str, Any] = json.loads((run / "config.json").read_text())["federation"]
-    ds = load_dataset(resolve_data_dir(str(fed["data"])))
-    split = make_split(ds, str(fed["protocol"]))
+    config: dict[str, Any] = json.loads((run / "config.json").read_text())
+    if "federation" in config:  # fedrec simulate
+        fed = config["federation"]
+        ds = load_dataset(resolve_data_dir(str(fed["data"])))
+        protocol = str(fed["protocol"])
+    else:  # fedrec train-central: its profile texts as it rendered them
+        ds = load_dataset(resolve_data_dir(str(config["data"])))
+        ds = with_profile_template(ds, str(config["model"]["profile_template"]))
+        protocol = str(config["protocol"])
+    split = make_split(ds, protocol)
     api = api_metrics(run, ds, split)
     evaluated = json.loads((run / "metrics.json").read_text())["model"]["metrics"]
     report: dict[str, Any] = {"run": str(run)}

@@ -329,7 +329,7 @@ def _bench_lines(rows: list[dict[str, Any]]) -> list[str]:
 
 def bench_summary(b: dict[str, Any]) -> list[str]:
     """Human-readable lines for the benchmarks' results files (medians, with their reference)."""
-    if b.get("kind") in ("aggregation", "simulation-scaling", "dp-step"):
+    if b.get("kind") in ("aggregation", "simulation-scaling", "dp-step", "segment-release"):
         return list(b.get("summary", []))
     if "round_seconds_dp" in b:  # bench_client
         return [
@@ -469,6 +469,8 @@ HEADLINE: dict[str, list[tuple[str, dict[str, str]]]] = {
          {"A": "A-central", "B": "B-central", "C": "C-central"}),
         ("fedrec trained centrally, with the cold prior (text-predicted popularity)",
          {"B": "B-central-prior"}),
+        ("fedrec trained centrally, with the segment prior (exact age-band counts)",
+         {"C": "C-central-segment"}),
         ("fedrec federated, 10 silos, local DP, sliding windows of two items, larger batches "
          "(the `silos` preset)", {"A": "A-fed-eps8-batch"}),
         ("fedrec federated, 10 silos, local DP, sliding windows of two items",

@@ -313,9 +313,8 @@ def _check_serving(out, synth_dir, result, cfg: FedConfig) -> None:
     ranked = rec.cold_start(history=[int(ds.item_ids[0])], k=n, segment={"age": 30})
     cell = segment_of({"age": 30}, ("age",))
     log_prior = cfg.segment_weight * rec.segment.prior.log_prior(np.array([cell]))[0]
-    shift = log_prior - np.median(log_prior)
     for r in ranked:  # the model's score plus the prior's, and ranked by it
-        want = plain[r.item_id] + shift[rec.position[r.item_id]]
+        want = plain[r.item_id] + log_prior[rec.position[r.item_id]]
         assert r.score == pytest.approx(want, rel=1e-5, abs=1e-3)
     assert [r.score for r in ranked] == sorted((r.score for r in ranked), reverse=True)
     assert {"segment": "age 25-34"} in [
@@ -335,6 +334,36 @@ def _check_serving(out, synth_dir, result, cfg: FedConfig) -> None:
     for bad, message in ((["--age", "0"], "--age 0"), (["--gender", "x"], "give F or M")):
         r = runner.invoke(app, ["recommend", str(out), *bad])
         assert r.exit_code == 2 and message in r.output, r.output
+    # an item added after loading has no column in the prior: it ranks below every item the
+    # segment took, and the catalog items keep their order
+    before = [r.item_id for r in rec.cold_start(segment={"age": 30}, k=5)]
+    rec.add_items({99999: "A film nobody has seen. Genres: Drama"})
+    after = rec.cold_start(segment={"age": 30}, k=n + 1)
+    assert [r.item_id for r in after[:5]] == before
+    took = {int(rec.item_ids[rec.position[i]]) for i in rec.position if i != 99999
+            and rec.segment.prior.rows[cell][rec._segment_ids[i]] > 0}  # fmt: skip
+    ranks = {r.item_id: k for k, r in enumerate(after)}
+    assert took and max(ranks[i] for i in took) < ranks[99999]
+    for bad in ({"age": -5}, {"age": "old"}, {"age": True}, {"gender": "x"}):
+        with pytest.raises(ValueError, match="segment"):
+            rec.cold_start(segment=bad)
+    r = runner.invoke(app, ["recommend", str(out), "--gender", "F"])
+    assert r.exit_code == 2 and "give --age" in r.output, r.output
+    # damaged files: plain ranking still works; --age says which file and why, no traceback
+    damaged = out.parent / "damaged"
+    shutil.copytree(out, damaged)
+    (damaged / "segment_counts.npz").write_bytes(b"PK\x03\x04 not a zip")
+    r = runner.invoke(app, ["recommend", str(damaged), "--history", str(int(ds.item_ids[0]))])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["recommend", str(damaged), "--age", "30"])
+    assert r.exit_code == 2 and "not a segment-count file" in r.output, r.output
+    shutil.copy(out / "segment_counts.npz", damaged / "segment_counts.npz")
+    config = json.loads((damaged / "config.json").read_text())
+    config["federation"]["segment_noise"] = None
+    (damaged / "config.json").write_text(json.dumps(config))
+    r = runner.invoke(app, ["recommend", str(damaged), "--age", "30"])
+    assert r.exit_code == 2 and "segment_noise=None" in r.output, r.output
+    assert not isinstance(r.exception, Exception) or isinstance(r.exception, SystemExit)
     # counts removed: the model still serves; asking for the prior says why it cannot
     gone = out.parent / "gone"
     shutil.copytree(out, gone)
@@ -461,7 +490,8 @@ def test_a_device_refuses_segment_prior_unless_its_owner_allows_it(tmp_path):
 
 
 def test_a_fresh_run_never_reads_an_old_sum_and_a_resumed_one_does(tmp_path):
-    from fedrec.server.strategy import FedRecStrategy, save_segment_sum
+    from fedrec.server.strategy import FedRecStrategy
+    from fedrec.shared.federation.segments import save_segment_sum
 
     cfg = FedConfig(protocol="C", segment_prior="age", partition="silo", silos=2)
     ledger = tmp_path / "privacy" / "ledger.jsonl"
@@ -471,3 +501,59 @@ def test_a_fresh_run_never_reads_an_old_sum_and_a_resumed_one_does(tmp_path):
     assert resumed.segment_tables == 2 and np.array_equal(resumed.segment_sum, old)
     fresh = FedRecStrategy(cfg, template={}, ledger=ledger, round_offset=0)
     assert fresh.segment_sum is None and not (tmp_path / "segment_counts.npz").exists()
+
+
+def test_central_training_ranks_new_users_with_the_exact_segment_prior(
+    synth_dir, tiny_backbone, tmp_path
+):
+    """``train.segment_prior``: central C ranks new users as the federation's prior does, from
+    exact counts; the run keeps them, so the public API and ``fedrec recommend`` serve them."""
+    from typer.testing import CliRunner
+
+    from fedrec.cli import app
+    from fedrec.shared.data import load_dataset
+    from fedrec.shared.model.run_central import with_profile_template
+    from fedrec.shared.splitting import make_split
+    from fedrec.simulations.recommend_segment import api_metrics, compare
+
+    run = tmp_path / "central"
+    args = ["train-central", "--protocol", "C", "--data", str(synth_dir), "--no-baselines",
+            "--set", f"model.backbone={tiny_backbone}", "--set", "model.max_length=16",
+            "--set", "train.epochs=1", "--set", "train.batch_size=64",
+            "--set", "train.segment_prior=age"]  # fmt: skip
+    r = CliRunner().invoke(app, [*args, "--out", str(run)])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((run / "metrics.json").read_text())["model"]
+    info = metrics["segment_prior"]
+    assert info["fields"] == ["age"] and info["weight"] == 100.0
+    assert any(
+        info["model_alone"][k]["NDCG@10"] != pytest.approx(metrics["metrics"][k]["NDCG@10"])
+        for k in ("k=0", "k=3")
+    )
+    # the saved counts are the training users' exact (age band, item) counts
+    with np.load(run / "segment_counts.npz") as f:
+        counts, tables = f["counts"], int(f["tables"])
+    cfg = FedConfig(protocol="C", segment_prior="age")
+    assert tables == 1 and np.array_equal(counts, _true_counts(synth_dir, cfg))
+    # the public path reproduces the run's evaluation (the profile texts as the run rendered
+    # them: compare() reads the template from the run's config)
+    report = compare(run)
+    assert set(report) >= {"k=0", "k=3"}
+    template = json.loads((run / "config.json").read_text())["model"]["profile_template"]
+    ds = with_profile_template(load_dataset(synth_dir), template)
+    split = make_split(ds, "C")
+    api = api_metrics(run, ds, split)
+    for k in ("k=0", "k=3"):
+        for metric in ("NDCG@10", "Recall@10"):
+            assert api[k][metric] == pytest.approx(metrics["metrics"][k][metric], abs=1e-9)
+    r = CliRunner().invoke(app, ["recommend", str(run), "--age", "40", "--json", "-k", "2"])
+    assert r.exit_code == 0 and len(json.loads(r.stdout)) == 2, r.output
+    # protocol A has no new users; a field outside the fixed ones is refused
+    for bad, needle in (
+        (["--protocol", "A", "--set", "train.segment_prior=age"], "protocol C only"),
+        (["--set", "train.segment_prior=zip"], "segment_prior"),
+    ):
+        r = CliRunner().invoke(app, [*args[:1], "--data", str(synth_dir), "--no-baselines",
+                                     *bad, "--out", str(tmp_path / "bad")])  # fmt: skip
+        assert r.exit_code == 2 and needle in r.output, (bad, r.output)
+        assert not (tmp_path / "bad").exists()

@@ -190,6 +190,18 @@ def build_prior(
     return SegmentPrior(total, noise_var=noise**2 * tables if dp else 0.0, kappa=shrink)
 
 
+def save_segment_sum(path: Path, total: np.ndarray, tables: int) -> None:
+    """``RUN/segment_counts.npz``: the summed segment counts and how many tables, atomically."""
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, counts=total, tables=np.array(tables))
+    tmp.replace(path)
+
+
+def load_segment_sum(path: Path) -> tuple[np.ndarray, int]:
+    with np.load(path) as f:
+        return np.asarray(f["counts"], dtype=np.float64), int(f["tables"])
+
+
 @dataclass
 class RunPrior:
     """A finished run's segment prior, as its evaluation used it (:func:`load_run_prior`)."""
@@ -200,22 +212,57 @@ class RunPrior:
     tables: int
 
 
+def _number(section: Mapping[str, Any], key: str, where: str, *, zero: bool = False) -> float:
+    value = section.get(key)
+    number = float("nan")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    if not np.isfinite(number) or number < 0 or (number == 0 and not zero):
+        raise ValueError(
+            f"{where}: {key}={value!r} is not a {'non-negative' if zero else 'positive'} number; "
+            "the file is not as fedrec wrote it (restore it from the run)"
+        )
+    return number
+
+
 def load_run_prior(run: Path, n_items: int) -> RunPrior | None:
     """The segment prior of the run in ``run`` (its ``config.json`` and ``segment_counts.npz``),
-    built as the run's own evaluation built it (``server/outputs.py``); ``None`` for a run
-    without ``segment-prior``. ValueError naming the file when the run has the setting but its
-    counts are missing, damaged or for another catalog."""
+    built as the run's own evaluation built it (``server/outputs.py`` for ``fedrec simulate``,
+    ``shared/model/run_central.py`` for ``train-central``); ``None`` for a run without one.
+    ValueError (only) naming the file, and the key, when the run has the setting but its config
+    or counts are damaged, missing or for another catalog."""
     run = Path(run)
     config = run / "config.json"
-    try:
-        doc = json.loads(config.read_text()) if config.is_file() else None
-    except (OSError, ValueError):
-        doc = None  # unreadable: no prior to serve (the model's own files are checked apart)
-    fed: dict[str, Any] = doc.get("federation") or {} if isinstance(doc, dict) else {}
-    spec = fed.get("segment_prior") if isinstance(fed, dict) else None
-    if not spec:
+    if not config.is_file():
         return None
-    fields = parse_fields(str(spec))
+    try:
+        doc = json.loads(config.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{config}: not readable JSON ({e}); restore it from the run") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{config}: expected a JSON object; restore it from the run")
+    fed, train = doc.get("federation"), doc.get("train")
+    if isinstance(fed, dict):  # fedrec simulate: the sum of the released tables
+        spec = fed.get("segment_prior")
+        if not spec:
+            return None
+        dp = fed.get("dp")
+        if not isinstance(dp, bool):
+            raise ValueError(f"{config}: federation.dp={dp!r} is not true or false")
+        noise = _number(fed, "segment_noise", f"{config} federation", zero=True)
+        shrink = _number(fed, "segment_shrink", f"{config} federation")
+        weight = _number(fed, "segment_weight", f"{config} federation")
+    elif isinstance(train, dict):  # train-central: the exact counts, one table
+        spec = train.get("segment_prior")
+        if not spec:
+            return None
+        dp, noise, shrink = False, 0.0, 1.0
+        weight = _number(train, "segment_weight", f"{config} train")
+    else:
+        return None
+    if not isinstance(spec, str):
+        raise ValueError(f"{config}: segment_prior={spec!r} is not a comma list of fields")
+    fields = parse_fields(spec)
     path = run / "segment_counts.npz"
     if not path.is_file():
         raise ValueError(
@@ -224,10 +271,12 @@ def load_run_prior(run: Path, n_items: int) -> RunPrior | None:
             "alone, as its metrics.json says"
         )
     try:
-        with np.load(path) as f:
-            total, tables = np.asarray(f["counts"], dtype=np.float64), int(f["tables"])
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{path}: not a segment-count file fedrec wrote ({e})") from None
+        total, tables = load_segment_sum(path)
+    except Exception as e:  # noqa: BLE001 - a damaged file: zip, pickle, dtype, shape errors
+        raise ValueError(
+            f"{path}: not a segment-count file fedrec wrote ({type(e).__name__}: {e}); restore "
+            "it from the run"
+        ) from None
     want = (n_segments(fields), int(n_items))
     if total.shape != want or not np.isfinite(total).all() or tables < 1:
         raise ValueError(
@@ -235,8 +284,5 @@ def load_run_prior(run: Path, n_items: int) -> RunPrior | None:
             f"(shape {want}: {want[0]} segments of {list(fields)} x {want[1]} catalog items); "
             "restore the file from the run"
         )
-    prior = build_prior(
-        total, tables, dp=bool(fed.get("dp")), noise=float(fed["segment_noise"]),
-        shrink=float(fed["segment_shrink"]),
-    )  # fmt: skip
-    return RunPrior(prior, fields, float(fed["segment_weight"]), tables)
+    prior = build_prior(total, tables, dp=dp, noise=noise, shrink=shrink)
+    return RunPrior(prior, fields, weight, tables)

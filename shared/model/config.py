@@ -161,6 +161,10 @@ class TrainConfig:
     ``cold_prior``: after training, give items never trained a popularity predicted from their
     text, this many logits per unit of log count (:mod:`fedrec.shared.model.cold_prior`; it
     reads the training counts, so central training only); 0 = none.
+    ``segment_prior`` (protocol C only; ``age``, ``gender`` or ``age,gender``): after training,
+    rank new users by ``segment_weight`` x log of their segment's item distribution in the
+    training data plus the model's score, the federated ``segment-prior``'s scorer with exact
+    counts (:mod:`fedrec.shared.federation.segments`); "" = none.
     """
 
     epochs: int = 8  # passes over the training examples
@@ -175,6 +179,8 @@ class TrainConfig:
     mask_positives: bool = False
     holdout: float = 0.0
     cold_prior: float = 0.0
+    segment_prior: str = ""
+    segment_weight: float = 100.0
     seed: int = 0  # seed of the example order and negatives
 
     def __post_init__(self) -> None:
@@ -182,6 +188,14 @@ class TrainConfig:
         _check(self.set_max_context >= 0, "set_max_context", self.set_max_context, ">= 0")
         _check(0 <= self.holdout < 1, "holdout", self.holdout, "0 <= fraction < 1")
         _check(0 <= self.cold_prior <= 100, "cold_prior", self.cold_prior, "0..100")
+        _check(0 < self.segment_weight <= 1e6, "segment_weight", self.segment_weight, "(0, 1e6]")
+        fields = [f.strip() for f in self.segment_prior.split(",") if f.strip()]
+        _check(
+            all(f in ("age", "gender") for f in fields) and len(set(fields)) == len(fields),
+            "segment_prior",
+            self.segment_prior,
+            "a comma list of the profile fields age, gender (each once), or '' for none",
+        )
         _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         _check(1 <= self.batch_size <= 65536, "batch_size", self.batch_size, "1..65536")
         _check(0 < self.lr < 1, "lr", self.lr, "0 < lr < 1")

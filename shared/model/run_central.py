@@ -18,13 +18,22 @@ import torch
 from fedrec.shared.baselines import BASELINES, run_baselines
 from fedrec.shared.data.dataset import Dataset, render
 from fedrec.shared.evaluation import evaluate
+from fedrec.shared.federation.segments import (
+    SegmentPriorScorer,
+    build_prior,
+    count_table,
+    n_segments,
+    parse_fields,
+    save_segment_sum,
+    segment_of,
+)
 from fedrec.shared.model.artifacts import save_model
 from fedrec.shared.model.central import ModelScorer, build_model, train_central
 from fedrec.shared.model.cold_prior import attach_cold_prior
 from fedrec.shared.model.config import ModelConfig, TrainConfig, as_dict, from_dict
 from fedrec.shared.plots import plot_training
 from fedrec.shared.rundir import versions, write_json
-from fedrec.shared.splitting import holdout_split, make_split
+from fedrec.shared.splitting import Split, holdout_split, make_split
 
 QUICK_TRAIN: dict[str, Any] = {"epochs": 1, "max_steps": 60}
 QUICK_BASELINES = ["popularity", "itemknn"]
@@ -100,6 +109,22 @@ def with_profile_template(ds: Dataset, template: str) -> Dataset:
     return dataclasses.replace(ds, user_text_template=template)
 
 
+def central_segment_scorer(
+    scorer: Any, ds: Dataset, fit: Split, cfg: TrainConfig
+) -> tuple[Any, np.ndarray]:
+    """``scorer`` with the segment prior of the users ``fit`` trains on, and their (segment,
+    item) counts: exact (central training is not private), as the federation's
+    ``segment-prior`` ranks new users with its released sum."""
+    fields = parse_fields(cfg.segment_prior)
+    users = np.unique(fit.train_user)
+    segs = [segment_of(ds.user_fields.get(int(fit.user_ids[u])), fields) for u in users]
+    items = [fit.train_item[fit.train_user == u] for u in users]
+    counts = count_table(items, segs, fit.n_items, n_segments(fields))
+    prior = build_prior(counts, 1, dp=False, noise=0.0, shrink=1.0)  # the segments' own rows
+    every = [segment_of(ds.user_fields.get(int(u)), fields) for u in fit.user_ids]
+    return SegmentPriorScorer(scorer, prior, np.array(every), cfg.segment_weight), counts
+
+
 def run_train_central(
     ds: Dataset,
     protocol: str,
@@ -123,6 +148,11 @@ def run_train_central(
     names: Sequence[str] = (
         (QUICK_BASELINES if quick else BASELINES) if baselines is None else baselines
     )
+    if train_cfg.segment_prior and protocol != "C":
+        raise ValueError(
+            f"train setting segment_prior={train_cfg.segment_prior!r} is for new users, protocol "
+            f"C only (this run is protocol {protocol}); leave it out"
+        )
     ds = with_profile_template(ds, model_cfg.profile_template)
     split = make_split(ds, protocol)
     profiles = [ds.user_text(int(u)) for u in split.user_ids]
@@ -144,7 +174,19 @@ def run_train_central(
         counts = np.bincount(fit.train_item, minlength=len(ds.item_ids))
         prior = attach_cold_prior(model, train_cfg.cold_prior, counts=counts)
         log(f"cold prior: weight {prior['weight']}, ridge lambda {prior['lambda']} (5-fold CV)")
-    scorer = ModelScorer(model, bank)
+    scorer: Any = ModelScorer(model, bank)
+    segment_info, segment_counts = None, None
+    if train_cfg.segment_prior:
+        segment_info = {
+            "fields": list(parse_fields(train_cfg.segment_prior)),
+            "weight": train_cfg.segment_weight,
+            "counts": "exact (the training users' interactions, no noise)",
+            "model_alone": {k: evaluate(scorer, es) for k, es in split.tests.items()},
+        }
+        if fit.valid is not None:
+            segment_info["valid_model_alone"] = evaluate(scorer, fit.valid)
+        scorer, segment_counts = central_segment_scorer(scorer, ds, fit, train_cfg)
+        log(f"segment prior by {train_cfg.segment_prior}: weight {train_cfg.segment_weight}")
     result: dict[str, Any] = {"protocol": protocol}
     result["model"] = {
         "metrics": {k: evaluate(scorer, es) for k, es in split.tests.items()},
@@ -152,9 +194,13 @@ def run_train_central(
     }
     if prior is not None:
         result["model"]["cold_prior"] = prior
+    if segment_info is not None:
+        result["model"]["segment_prior"] = segment_info
     if fit.valid is not None:
         result["model"]["valid"] = evaluate(scorer, fit.valid)
     save_model(model, out, item_ids=[int(i) for i in ds.item_ids], titles=item_titles(ds))
+    if segment_counts is not None:  # what `fedrec recommend --age` ranks new users with
+        save_segment_sum(out / "segment_counts.npz", segment_counts, 1)
     base = run_baselines(ds, protocol, names=names, backbone=model_cfg.backbone, log=log)
     result["split"] = base["split"]
     result["baselines"] = base["baselines"]
