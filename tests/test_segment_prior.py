@@ -258,6 +258,22 @@ def test_a_real_federation_releases_noised_counts_and_accounts_for_them(
     report, text = audit_run(out)
     assert report["ok"], [f for f in report["findings"] if f["severity"] == "error"]
     assert "Segment counts" in (out / "privacy" / "statement.md").read_text()
+    # served as evaluated: the noise variance of three tables enters the shrinkage
+    from fedrec.shared.data import load_dataset
+    from fedrec.shared.inference import Recommender
+    from fedrec.shared.splitting import make_split
+    from fedrec.simulations.recommend_segment import api_metrics
+
+    rec = Recommender.load(out)
+    assert rec.segment is not None and rec.segment.tables == 3
+    want = SegmentPrior(released, noise_var=3 * cfg.segment_noise**2, kappa=cfg.segment_shrink)
+    assert np.allclose(rec.segment.prior.rows, want.rows)
+    assert not np.allclose(want.rows, SegmentPrior(released, noise_var=0.0, kappa=1.0).rows)
+    ds = load_dataset(synth_dir)
+    api = api_metrics(out, ds, make_split(ds, "C"))
+    for k in ("k=0", "k=3"):
+        for metric in ("NDCG@10", "Recall@10"):
+            assert api[k][metric] == pytest.approx(result["model"]["metrics"][k][metric], abs=1e-9)
     # the audit catches a ledger that under-states the release's cost
     path = out / "privacy" / "ledger.jsonl"
     raw = path.read_text()
