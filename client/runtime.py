@@ -36,7 +36,7 @@ from fedrec.shared.federation.data_and_model import (  # built as the server bui
     model_for,
     resolve_data_dir,
 )
-from fedrec.shared.federation.segments import count_table, n_segments, parse_fields, segment_of
+from fedrec.shared.federation.segments import count_table, n_segments, parse_fields, segments_of
 from fedrec.shared.model.candidates import CandidateScorer
 from fedrec.shared.model.central import ProfileBank
 from fedrec.shared.model.towers import RecModel
@@ -219,7 +219,7 @@ def client_state(cfg: FedConfig, node_config: dict[str, Any]) -> ClientState:
     counts = None
     if cfg.segment_prior:
         fields = parse_fields(cfg.segment_prior)
-        segs = [segment_of(ds.user_fields.get(int(split.user_ids[u])), fields) for u in users]
+        segs = segments_of(ds.user_fields, split.user_ids[users], fields)
         counts = count_table(
             [items for items, _times in per_user], segs, split.n_items, n_segments(fields)
         )

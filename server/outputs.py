@@ -19,7 +19,7 @@ from fedrec.shared.federation.segments import (
     build_prior,
     n_segments,
     parse_fields,
-    segment_of,
+    segments_of,
 )
 from fedrec.shared.model.artifacts import save_model
 from fedrec.shared.model.central import ModelScorer, ProfileBank
@@ -147,9 +147,7 @@ def with_segment_prior(
     prior = build_prior(
         total, tables, dp=cfg.dp, noise=cfg.segment_noise, shrink=cfg.segment_shrink
     )
-    user_segments = np.array(
-        [segment_of(ds.user_fields.get(int(u)), fields) for u in split.user_ids]
-    )
+    user_segments = segments_of(ds.user_fields, split.user_ids, fields)
     return SegmentPriorScorer(scorer, prior, user_segments, cfg.segment_weight), info
 
 

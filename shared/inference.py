@@ -87,7 +87,8 @@ class Recommender:
         # a federated run's segment prior for new users (``segment-prior``), or None
         self.segment: RunPrior | None = None
         self.segment_error: str | None = None  # why a run with the setting has no prior here
-        self._segment_ids: dict[int, int] = {}  # item id -> the prior's column
+        # per catalog position, the segment prior's column (-1: an item added after loading)
+        self._segment_cols = np.empty(0, dtype=np.int64)
 
     # --- loading -----------------------------------------------------------------------------
     @classmethod
@@ -125,8 +126,7 @@ class Recommender:
             rec.segment = load_run_prior(run, len(rec.item_ids))
         except ValueError as e:  # the model still ranks; asking for the prior says why not
             rec.segment_error = str(e)
-        # the prior's columns: the catalog as loaded (items added later have none)
-        rec._segment_ids = {int(i): c for c, i in enumerate(rec.item_ids)}
+        rec._segment_cols = np.arange(len(rec.item_ids))  # the catalog as loaded
         return rec
 
     @torch.no_grad()
@@ -208,7 +208,7 @@ class Recommender:
             # float64 as there; an item added after loading has no column: no member of the
             # segment took it, as for a catalog item none took (the prior's floor)
             row = self.segment.prior.log_prior(np.array([segment]))[0]
-            cols = np.array([self._segment_ids.get(int(i), -1) for i in self.item_ids])
+            cols = self._segment_cols
             log_prior = self.segment.weight * np.where(cols >= 0, row[cols], np.log(FLOOR))
             scores = (contrib.sum(0) + self.bias).double() + torch.as_tensor(log_prior)
             # in the explanation the prior's term is shifted by its catalog median, so that its
@@ -415,6 +415,7 @@ class Recommender:
             self.off = torch.cat([self.off, torch.zeros(len(ids), self.off.shape[1])])
         self.item_ids = np.concatenate([self.item_ids, np.asarray(ids, dtype=np.int64)])
         self.titles += [items[i] for i in ids]
+        self._segment_cols = np.concatenate([self._segment_cols, np.full(len(ids), -1)])
         self._sort_by_id()
 
     def _sort_by_id(self) -> None:
@@ -428,6 +429,7 @@ class Recommender:
         if self.off is not None:
             self.off = self.off[t]
         self.titles = [self.titles[i] for i in order.tolist()]
+        self._segment_cols = self._segment_cols[order]
         self.position = {int(i): k for k, i in enumerate(self.item_ids)}
 
 

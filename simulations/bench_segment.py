@@ -46,7 +46,7 @@ from fedrec.shared.federation.segments import (
     count_table,
     n_segments,
     parse_fields,
-    segment_of,
+    segments_of,
 )
 from fedrec.shared.privacy.calibration import planned_release
 from fedrec.shared.rundir import versions, write_json
@@ -108,8 +108,8 @@ def main() -> None:
     count_s, release_s, tables, record_bytes = [], [], [], []
     for st in states["with"]:
         split = st.split
-        segs = [segment_of(st.dataset.user_fields.get(int(split.user_ids[u])), fields)
-                if st.dataset is not None else 0 for u in st.users]  # fmt: skip
+        assert st.dataset is not None
+        segs = segments_of(st.dataset.user_fields, split.user_ids[st.users], fields)
         items = [split.train_item[_user_rows(split, u)] for u in st.users]
         t = time.perf_counter()
         counts = count_table(items, segs, split.n_items, n_segments(fields))

@@ -357,7 +357,7 @@ def _check_serving(out, synth_dir, result, cfg: FedConfig) -> None:
     after = rec.cold_start(segment={"age": 30}, k=n + 1)
     assert [r.item_id for r in after[:5]] == before
     took = {int(rec.item_ids[rec.position[i]]) for i in rec.position if i != 99999
-            and rec.segment.prior.rows[cell][rec._segment_ids[i]] > 0}  # fmt: skip
+            and rec.segment.prior.rows[cell][rec._segment_cols[rec.position[i]]] > 0}  # fmt: skip
     ranks = {r.item_id: k for k, r in enumerate(after)}
     assert took and max(ranks[i] for i in took) < ranks[99999]
     for bad in ({"age": -5}, {"age": "old"}, {"age": True}, {"gender": "x"}):

@@ -93,6 +93,14 @@ def segment_of(profile: Mapping[str, Any] | None, fields: Sequence[str]) -> int:
     return index
 
 
+def segments_of(
+    user_fields: Mapping[int, Mapping[str, Any]], user_ids: Sequence[int] | np.ndarray,
+    fields: Sequence[str],
+) -> np.ndarray:  # fmt: skip
+    """``segment_of`` for each of ``user_ids`` (a dataset's ``user_fields``), int64."""
+    return np.array([segment_of(user_fields.get(int(u)), fields) for u in user_ids], dtype=np.int64)
+
+
 def describe(fields: Sequence[str], segment: int) -> str:
     """A segment in words, e.g. ``"age 25-34, gender F"`` (the inverse of :func:`segment_of`)."""
     parts = []
@@ -114,7 +122,10 @@ def describe(fields: Sequence[str], segment: int) -> str:
 
 
 def count_table(
-    items_per_user: Sequence[np.ndarray], segments: Sequence[int], n_items: int, n_seg: int
+    items_per_user: Sequence[np.ndarray],
+    segments: Sequence[int] | np.ndarray,
+    n_items: int,
+    n_seg: int,
 ) -> np.ndarray:
     """``(n_seg, n_items)`` float64: user ``u``'s items counted in row ``segments[u]``."""
     table = np.zeros((n_seg, n_items), dtype=np.float64)

@@ -25,7 +25,7 @@ from fedrec.shared.federation.segments import (
     n_segments,
     parse_fields,
     save_segment_sum,
-    segment_of,
+    segments_of,
 )
 from fedrec.shared.model.artifacts import save_model
 from fedrec.shared.model.central import ModelScorer, build_model, train_central
@@ -117,12 +117,11 @@ def central_segment_scorer(
     ``segment-prior`` ranks new users with its released sum."""
     fields = parse_fields(cfg.segment_prior)
     users = np.unique(fit.train_user)
-    segs = [segment_of(ds.user_fields.get(int(fit.user_ids[u])), fields) for u in users]
+    every = segments_of(ds.user_fields, fit.user_ids, fields)
     items = [fit.train_item[fit.train_user == u] for u in users]
-    counts = count_table(items, segs, fit.n_items, n_segments(fields))
+    counts = count_table(items, every[users], fit.n_items, n_segments(fields))
     prior = build_prior(counts, 1, dp=False, noise=0.0, shrink=1.0)  # the segments' own rows
-    every = [segment_of(ds.user_fields.get(int(u)), fields) for u in fit.user_ids]
-    return SegmentPriorScorer(scorer, prior, np.array(every), cfg.segment_weight), counts
+    return SegmentPriorScorer(scorer, prior, every, cfg.segment_weight), counts
 
 
 def run_train_central(
