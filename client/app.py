@@ -289,12 +289,16 @@ def train_reply(msg: Message, context: Context, *, secure: bool = False) -> Mess
         state = travelling_state(client.model)
         spec = cfg.poison_spec()
         part = context.node_config.get("partition-id")
-        if spec is not None and part is not None and int(part) % spec[0] == 0:
+        attacker = spec is not None and part is not None and int(part) % spec[0] == 0
+        if attacker and spec is not None and spec[1] != "promote":
             state = poisoned(state, received, spec[1], spec[2])  # simulation only
         content[contract.ARRAYS] = to_record(state)
         if releasing and (res.released or not cfg.dp):
             assert client.segment_counts is not None
-            content[contract.SEGMENTS] = segment_record(client.segment_counts, cfg)
+            table = segment_record(client.segment_counts, cfg)
+            if attacker and spec is not None and spec[1] == "promote":  # simulation only
+                table = promoted(table, spec[2])
+            content[contract.SEGMENTS] = table
     if record is not None:  # recorded before the reply leaves the device
         append_round(*record, context.node_config)
     return Message(content=content, reply_to=msg)
@@ -313,6 +317,15 @@ def segment_record(counts: np.ndarray, cfg: FedConfig) -> ArrayRecord:
     if cfg.dp:
         rng = np.random.default_rng(secrets.randbits(128))
         table = np.rint(table + rng.normal(0.0, cfg.segment_noise, size=table.shape))
+    return ArrayRecord({"counts": Array(table)})
+
+
+def promoted(record: ArrayRecord, scale: float) -> ArrayRecord:
+    """A simulated attacker's segment counts (``poison`` kind ``promote``): the released table
+    with ``round(scale)`` added to every segment's cell of the catalog's last item, to push it
+    to new users; whole numbers, as an honest release's."""
+    table = np.array(record["counts"].numpy(), dtype=np.float64)
+    table[:, -1] += float(round(scale))
     return ArrayRecord({"counts": Array(table)})
 
 

@@ -67,7 +67,7 @@ def write_outputs(
     baselines: str,
     seconds: float,
     user_level: dict[str, Any] | None = None,
-    segments: tuple[np.ndarray | None, int] = (None, 0),
+    segments: tuple[np.ndarray | None, int, float | None] = (None, 0, None),
 ) -> dict[str, Any]:
     prior: dict[str, Any] | None = None
     if cfg.cold_prior > 0:  # post-processing of the released model and the public catalog
@@ -126,11 +126,18 @@ def write_outputs(
 
 
 def with_segment_prior(
-    scorer: Any, cfg: FedConfig, ds: Dataset, split: Split, total: np.ndarray | None, tables: int
+    scorer: Any,
+    cfg: FedConfig,
+    ds: Dataset,
+    split: Split,
+    total: np.ndarray | None,
+    tables: int,
+    noise_tables: float | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """``scorer`` with the segment prior for new users (:mod:`fedrec.shared.federation.segments`)
-    from the summed released tables, and what metrics.json says about it. No table received:
-    the model alone, and the reason."""
+    from the combined released tables (summed, or combined robustly with ``noise_tables`` their
+    noise variance in units of one table's), and what metrics.json says about it. No table
+    received: the model alone, and the reason."""
     fields = parse_fields(cfg.segment_prior)
     info: dict[str, Any] = {
         "fields": list(fields),
@@ -139,13 +146,21 @@ def with_segment_prior(
         "shrink": cfg.segment_shrink,
         "weight": cfg.segment_weight,
         "counts_file": "segment_counts.npz",
+        # how the tables were combined (the run's robust setting: "none" sums them)
+        "combined": cfg.robust,
+        "noise_tables": tables if noise_tables is None else noise_tables,
         # what each table adds to a client's round-1 upload (float64 cells, before framing)
         "table_bytes": 8 * n_segments(fields) * split.n_items,
     }
     if total is None or tables == 0:
         return scorer, info | {"error": "no segment counts were received: the model alone ranks"}
     prior = build_prior(
-        total, tables, dp=cfg.dp, noise=cfg.segment_noise, shrink=cfg.segment_shrink
+        total,
+        tables,
+        dp=cfg.dp,
+        noise=cfg.segment_noise,
+        shrink=cfg.segment_shrink,
+        noise_tables=noise_tables,
     )
     user_segments = segments_of(ds.user_fields, split.user_ids, fields)
     return SegmentPriorScorer(scorer, prior, user_segments, cfg.segment_weight), info

@@ -47,6 +47,8 @@ from fedrec.shared.federation.params import (
     to_record,
 )
 from fedrec.shared.federation.segments import (
+    combine_tables,
+    load_segment_noise,
     load_segment_sum,
     n_segments,
     parse_fields,
@@ -150,11 +152,21 @@ class FedRecStrategy(FedAvg):
         # n_items is the catalog's size (set by the ServerApp; None: not checked)
         self.segment_sum: np.ndarray | None = None
         self.segment_tables = 0
+        # the combined table's noise variance in units of one table's (the number of tables for
+        # a sum; more for a robust combination: segments.combine_variance)
+        self.segment_noise_tables: float | None = None
         self.n_items: int | None = None
+        # the largest count a client's table may hold in one cell (set by the ServerApp from
+        # the split it holds: a count of the federation's interactions of one item, so at most
+        # the number of its training interactions; None = only SEGMENT_CELL_MAX); under DP the
+        # noise's margin is added (segment_table)
+        self.segment_cell_max: float | None = None
         self.segment_file = ledger.parent.parent / "segment_counts.npz"
         if cfg.segment_prior and round_offset > 0 and self.segment_file.is_file():
-            # a resumed run: round 1's sum was kept (a fresh run never reads an old file)
+            # a resumed run: round 1's combined table was kept (a fresh run never reads an old
+            # file)
             self.segment_sum, self.segment_tables = load_segment_sum(self.segment_file)
+            self.segment_noise_tables = load_segment_noise(self.segment_file)
         elif round_offset == 0:
             self.segment_file.unlink(missing_ok=True)
 
@@ -190,6 +202,7 @@ class FedRecStrategy(FedAvg):
         failures = [failure_kind(r) for r in self.extra_failures]
         self.extra_failures = []
         lines: list[dict[str, Any]] = []
+        tables: list[np.ndarray] = []  # the accepted replies' segment-count tables
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -246,10 +259,7 @@ class FedRecStrategy(FedAvg):
                     continue
                 accepted.append(update)
                 if table is not None:
-                    self.segment_sum = (
-                        table if self.segment_sum is None else self.segment_sum + table
-                    )
-                    self.segment_tables += 1
+                    tables.append(table)
                 if not (self.cfg.dp or self.cfg.user_dp):  # under DP clients send constants
                     losses.append(float(metrics["loss"]))
                     seconds.append(float(metrics.get("seconds", 0.0)))
@@ -269,8 +279,20 @@ class FedRecStrategy(FedAvg):
             note = failure_note(kinds, silent, self.cfg.round_timeout)
             lines.append({"round": rnd, "note": note})
         self._append_ledger(lines)
-        if self.segment_sum is not None and rnd == contract.SEGMENT_ROUND:
-            save_segment_sum(self.segment_file, self.segment_sum, self.segment_tables)
+        if tables:  # only in round 1 (_segment_table refuses any other)
+            # summed, or under robust aggregation combined cell by cell as the model's changes
+            # are: one client's table then moves a cell by a bounded amount
+            self.segment_sum, self.segment_noise_tables = combine_tables(
+                tables, self.cfg.robust, self.cfg.trim_fraction
+            )
+            self.segment_tables = len(tables)
+            save_segment_sum(
+                self.segment_file,
+                self.segment_sum,
+                self.segment_tables,
+                noise_tables=self.segment_noise_tables,
+                combined=self.cfg.robust,
+            )
         if silent:
             log.warning(
                 "round %d: %d sampled client(s) did not reply within round-timeout=%ss: their "
@@ -468,7 +490,12 @@ class FedRecStrategy(FedAvg):
             return "this run has no segment-prior"
         if rnd != contract.SEGMENT_ROUND or not trained:
             return f"sent in round {rnd} (trained={trained}); only round {contract.SEGMENT_ROUND}'s"
-        return segment_table(_record(msg, contract.SEGMENTS, ArrayRecord), self.cfg, self.n_items)
+        return segment_table(
+            _record(msg, contract.SEGMENTS, ArrayRecord),
+            self.cfg,
+            self.n_items,
+            cell_max=self.segment_cell_max,
+        )
 
     def _ledger_line(
         self, name: str, rnd: int, metrics: dict[str, Any], trained: bool
@@ -570,10 +597,19 @@ def _median_norm(changes: dict[str, torch.Tensor]) -> float | None:
 SEGMENT_CELL_MAX = 1e12  # a count table's cell beyond this is not a count (and could overflow)
 
 
-def segment_table(record: Any, cfg: FedConfig, n_items: int | None) -> np.ndarray | str:
+# an honest table's cell is its count plus Gaussian noise of std segment-noise: beyond this many
+# standard deviations (probability about 1.5e-23 a cell) it is not an honest release
+SEGMENT_NOISE_MARGIN = 10.0
+
+
+def segment_table(
+    record: Any, cfg: FedConfig, n_items: int | None, *, cell_max: float | None = None
+) -> np.ndarray | str:
     """A reply's segment-count record as a table, or what is wrong with it: one float64 array
     ``counts`` of shape (segments, catalog items) holding whole numbers (noised and rounded
-    under DP, exact and >= 0 without), each within :data:`SEGMENT_CELL_MAX`."""
+    under DP, exact and >= 0 without), each within :data:`SEGMENT_CELL_MAX` and, with
+    ``cell_max`` (the most interactions one cell can count), within ``cell_max`` plus, under
+    DP, :data:`SEGMENT_NOISE_MARGIN` noise standard deviations (and above minus that margin)."""
     if not isinstance(record, ArrayRecord) or set(record.keys()) != {"counts"}:
         return "not an array record holding exactly 'counts'"
     try:
@@ -595,6 +631,15 @@ def segment_table(record: Any, cfg: FedConfig, n_items: int | None) -> np.ndarra
         return "not every count is a whole number (counts are released rounded)"
     if not cfg.dp and (table < 0).any():
         return "without DP the counts must be >= 0"
+    if cell_max is not None:
+        margin = SEGMENT_NOISE_MARGIN * cfg.segment_noise if cfg.dp else 0.0
+        high, low = float(table.max()), float(table.min())
+        if high > cell_max + margin or low < -margin:
+            return (
+                f"a cell holds {high if high > cell_max + margin else low:g}, outside "
+                f"[{-margin:g}, {cell_max + margin:g}] (at most {cell_max:g} interactions per "
+                f"cell{f', plus {SEGMENT_NOISE_MARGIN:g} noise std' if margin else ''})"
+            )
     return table
 
 

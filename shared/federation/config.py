@@ -138,13 +138,16 @@ class FedConfig:
     update_norm_action: str = "reject"  # reject or clip a change above update-norm-max
     # How the server combines the accepted changes: "none" (their mean, FedAvg), or per
     # coordinate "trimmed-mean" (the trim-fraction largest and smallest values dropped) or
-    # "median": robust to a minority of poisoned updates. Not with user-dp (its noise is
+    # "median": robust to a minority of poisoned updates. With segment-prior the clients'
+    # count tables are combined the same way, cell by cell. Not with user-dp (its noise is
     # calibrated for the mean's sensitivity).
     robust: str = "none"
     trim_fraction: float = 0.1  # with robust=trimmed-mean: fraction dropped at each end
     # SIMULATION ONLY, to measure robustness: "FRACTION:KIND:SCALE" makes every round(1 /
     # FRACTION)-th partition (p0, p10, ...) send a poisoned change after training honestly:
-    # KIND "scale" sends SCALE x its change, "sign-flip" -SCALE x its change. "" = no attack.
+    # KIND "scale" sends SCALE x its change, "sign-flip" -SCALE x its change, "promote" its
+    # honest change and, with segment-prior, its count table with round(SCALE) added to every
+    # segment's cell of the catalog's last item (an item pushed to new users). "" = no attack.
     # A device (a SuperNode with data-dir) refuses a run that sets it.
     poison: str = ""
     server_opt: str = "sgd"  # how the server applies the mean client change: sgd|momentum|adam
@@ -584,14 +587,16 @@ class FedConfig:
         parts = self.poison.split(":")
         try:
             fraction, kind, scale = float(parts[0]), parts[1], float(parts[2])
-            if len(parts) != 3 or not 0 < fraction <= 1 or kind not in ("scale", "sign-flip"):
+            kinds = ("scale", "sign-flip", "promote")
+            if len(parts) != 3 or not 0 < fraction <= 1 or kind not in kinds:
                 raise ValueError
             if not math.isfinite(scale) or scale <= 0:
                 raise ValueError
         except (ValueError, IndexError):
             raise ValueError(
                 f"run config 'poison' = {self.poison!r} is invalid: FRACTION:KIND:SCALE with "
-                "FRACTION in (0, 1], KIND scale or sign-flip, SCALE > 0 (e.g. 0.1:sign-flip:4)"
+                "FRACTION in (0, 1], KIND scale, sign-flip or promote, SCALE > 0 (e.g. "
+                "0.1:sign-flip:4)"
             ) from None
         return max(1, round(1 / fraction)), kind, scale
 

@@ -26,10 +26,13 @@ per-interaction guarantee, as with ``use-profile``; the counts are.
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -194,23 +197,123 @@ class SegmentPriorScorer:
 
 
 def build_prior(
-    total: np.ndarray, tables: int, *, dp: bool, noise: float, shrink: float
+    total: np.ndarray,
+    tables: int,
+    *,
+    dp: bool,
+    noise: float,
+    shrink: float,
+    noise_tables: float | None = None,
 ) -> SegmentPrior:
-    """The prior from the sum of ``tables`` released tables: under DP each cell of the sum
-    carries noise of variance ``tables * noise**2``; without DP the counts are exact."""
-    return SegmentPrior(total, noise_var=noise**2 * tables if dp else 0.0, kappa=shrink)
+    """The prior from the combination of ``tables`` released tables: under DP each cell of the
+    sum carries noise of variance ``tables * noise**2`` (``noise_tables * noise**2`` when the
+    tables were combined robustly, :func:`combine_tables`); without DP the counts are exact."""
+    var = noise**2 * (tables if noise_tables is None else noise_tables) if dp else 0.0
+    return SegmentPrior(total, noise_var=var, kappa=shrink)
 
 
-def save_segment_sum(path: Path, total: np.ndarray, tables: int) -> None:
-    """``RUN/segment_counts.npz``: the summed segment counts and how many tables, atomically."""
+COMBINE = ("none", "trimmed-mean", "median")  # the run config's ``robust`` values
+
+
+def trimmed_count(n: int, how: str, trim: float) -> int:
+    """How many values :func:`combine_tables` drops at each end of a cell's ``n`` values (the
+    model's ``robust_mean``: the median when trimming would leave nothing)."""
+    if how == "none":
+        return 0
+    k = int(trim * n)
+    if how == "median" or n - 2 * k < 1:
+        return (n - 1) // 2
+    return k
+
+
+# combine_variance simulates the noise for up to this many tables (above: the asymptotic formula)
+_SIMULATED_TABLES = 200
+
+
+@functools.lru_cache(maxsize=64)
+def combine_variance(n: int, how: str, trim: float) -> float:
+    """Variance of :func:`combine_tables`' per-cell result over ``n`` tables whose cells carry
+    independent normal noise of variance 1, in units of that variance (the sum's is ``n``):
+    ``n**2`` times the variance of the trimmed mean (or median) of ``n`` standard normal values.
+    Up to :data:`_SIMULATED_TABLES` tables it is simulated (20,000 seeded draws, about 1 %
+    standard error; the same number every call); above, the asymptotic variance of the trimmed
+    mean, ``n (erf-part + 2 b c**2) / (1 - 2b)**2`` with ``b`` the fraction dropped at each end
+    and ``c`` the normal quantile at ``1 - b`` (the median: ``n pi / 2``). It sets only the
+    prior's shrinkage (how much a cell is trusted), never a privacy parameter."""
+    if n < 1:
+        raise ValueError(f"combine_variance: n={n} must be >= 1")
+    k = trimmed_count(n, how, trim)
+    if k == 0:
+        return float(n)
+    if n <= _SIMULATED_TABLES:
+        x = np.sort(np.random.default_rng(0).standard_normal((20_000, n)), axis=1)
+        return float((x[:, k : n - k].mean(axis=1) * n).var())
+    if 2 * k + 1 >= n:  # the median
+        return n * math.pi / 2
+    b = k / n
+    c = NormalDist().inv_cdf(1 - b)
+    inner = (2 * NormalDist().cdf(c) - 1) - 2 * c * NormalDist().pdf(c)
+    return n * (inner + 2 * b * c * c) / (1 - 2 * b) ** 2
+
+
+def combine_tables(tables: Sequence[np.ndarray], how: str, trim: float) -> tuple[np.ndarray, float]:
+    """The released tables combined into one sum-like table, and its noise variance in units of
+    one table's (:func:`combine_variance`). ``how`` (the run config's ``robust``): ``none``
+    sums them; ``trimmed-mean`` / ``median`` take, cell by cell, the mean after dropping the
+    :func:`trimmed_count` largest and smallest values (the median when that leaves one or two),
+    times the number of tables, so one client's table moves a cell by a bounded amount however
+    large its counts. Post-processing of the releases: no privacy cost."""
+    if how not in COMBINE:
+        raise ValueError(f"combine_tables: how={how!r} is not one of {', '.join(COMBINE)}")
+    if not tables:
+        raise ValueError("combine_tables: no tables")
+    stacked = np.stack([np.asarray(t, dtype=np.float64) for t in tables])
+    n = stacked.shape[0]
+    k = trimmed_count(n, how, trim)
+    if k == 0:
+        total = stacked.sum(axis=0)
+    else:
+        ordered = np.sort(stacked, axis=0)
+        total = ordered[k : n - k].mean(axis=0) * n
+    return total, combine_variance(n, how, trim)
+
+
+def save_segment_sum(
+    path: Path,
+    total: np.ndarray,
+    tables: int,
+    *,
+    noise_tables: float | None = None,
+    combined: str = "none",
+) -> None:
+    """``RUN/segment_counts.npz``, atomically: the combined segment counts, how many tables,
+    their noise variance in units of one table's (``noise_tables``, the number of tables for a
+    sum) and how they were combined (``combined``: the run's ``robust``)."""
     tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, counts=total, tables=np.array(tables))
+    np.savez(
+        tmp,
+        counts=total,
+        tables=np.array(tables),
+        noise_tables=np.array(float(tables if noise_tables is None else noise_tables)),
+        combined=np.array(combined),
+    )
     tmp.replace(path)
 
 
 def load_segment_sum(path: Path) -> tuple[np.ndarray, int]:
     with np.load(path) as f:
         return np.asarray(f["counts"], dtype=np.float64), int(f["tables"])
+
+
+def load_segment_noise(path: Path) -> float | None:
+    """The file's ``noise_tables`` (None in a file written before it was kept: a sum)."""
+    with np.load(path) as f:
+        if "noise_tables" not in f.files:
+            return None
+        value = float(f["noise_tables"])
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"noise_tables={value!r} is not a positive number")
+    return value
 
 
 @dataclass
@@ -283,6 +386,7 @@ def load_run_prior(run: Path, n_items: int) -> RunPrior | None:
         )
     try:
         total, tables = load_segment_sum(path)
+        noise_tables = load_segment_noise(path)
     except Exception as e:  # noqa: BLE001 - a damaged file: zip, pickle, dtype, shape errors
         raise ValueError(
             f"{path}: not a segment-count file fedrec wrote ({type(e).__name__}: {e}); restore "
@@ -295,5 +399,5 @@ def load_run_prior(run: Path, n_items: int) -> RunPrior | None:
             f"(shape {want}: {want[0]} segments of {list(fields)} x {want[1]} catalog items); "
             "restore the file from the run"
         )
-    prior = build_prior(total, tables, dp=dp, noise=noise, shrink=shrink)
+    prior = build_prior(total, tables, dp=dp, noise=noise, shrink=shrink, noise_tables=noise_tables)
     return RunPrior(prior, fields, weight, tables)
