@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -57,7 +56,6 @@ from fedrec.shared.model.central import ModelScorer, ProfileBank
 from fedrec.shared.privacy.distributed import plan as plan_secure
 from fedrec.shared.privacy.distributed import secure_summary
 from fedrec.shared.rundir import dumps, write_json
-from fedrec.shared.splitting import Split
 
 SERVER_KEYS = ("run-dir", "resume", "baselines")
 log = logging.getLogger("fedrec.server")
@@ -198,7 +196,6 @@ def run_federation(
     test = split.tests.get("test")
     strategy.max_queries = len(test.users) if test is not None and len(test.users) else None
     strategy.n_items = split.n_items  # the shape segment-count tables must have
-    strategy.segment_cell_max = segment_cell_max(split) if cfg.segment_prior else None
     runner: FedRecStrategy | UserLevelDP | SecureUserDP = strategy
     user_dp: dict[str, Any] | None = None
     secure: SecureUserDP | None = None
@@ -296,18 +293,14 @@ def run_federation(
         baselines=baselines,
         seconds=time.perf_counter() - t0,
         user_level=user_level,
-        segments=(strategy.segment_sum, strategy.segment_tables, strategy.segment_noise_tables),
+        segments=(
+            strategy.segment_sum,
+            strategy.segment_tables,
+            strategy.segment_noise_tables,
+            strategy.segment_combined,
+            strategy.segment_trimmed,
+        ),
     )
-
-
-def segment_cell_max(split: Split) -> float:
-    """The most interactions one (segment, item) cell of a client's table can count, from the
-    population the server's split holds: its number of users when no user has an item twice
-    (each user counts an item once), else its number of training interactions."""
-    pairs = split.train_user.astype(np.int64) * max(1, split.n_items) + split.train_item
-    if np.unique(pairs).size == pairs.size:
-        return float(len(split.user_ids))
-    return float(pairs.size)
 
 
 def make_server_app() -> ServerApp:

@@ -67,7 +67,7 @@ def write_outputs(
     baselines: str,
     seconds: float,
     user_level: dict[str, Any] | None = None,
-    segments: tuple[np.ndarray | None, int, float | None] = (None, 0, None),
+    segments: tuple[np.ndarray | None, int, float | None, str, int] = (None, 0, None, "none", 0),
 ) -> dict[str, Any]:
     prior: dict[str, Any] | None = None
     if cfg.cold_prior > 0:  # post-processing of the released model and the public catalog
@@ -133,9 +133,12 @@ def with_segment_prior(
     total: np.ndarray | None,
     tables: int,
     noise_tables: float | None = None,
+    combined: str = "none",
+    trimmed: int = 0,
 ) -> tuple[Any, dict[str, Any]]:
     """``scorer`` with the segment prior for new users (:mod:`fedrec.shared.federation.segments`)
-    from the combined released tables (summed, or combined robustly with ``noise_tables`` their
+    from the combined released tables (summed, or combined robustly: ``combined`` the run's
+    ``robust``, ``trimmed`` the values dropped at each end of a cell, ``noise_tables`` the DP
     noise variance in units of one table's), and what metrics.json says about it. No table
     received: the model alone, and the reason."""
     fields = parse_fields(cfg.segment_prior)
@@ -146,8 +149,10 @@ def with_segment_prior(
         "shrink": cfg.segment_shrink,
         "weight": cfg.segment_weight,
         "counts_file": "segment_counts.npz",
-        # how the tables were combined (the run's robust setting: "none" sums them)
-        "combined": cfg.robust,
+        # how the tables were combined ("none": summed; else the robust combination, which
+        # drops `trimmed` values at each end of a cell: 0 means it summed them)
+        "combined": combined,
+        "trimmed": trimmed,
         "noise_tables": tables if noise_tables is None else noise_tables,
         # what each table adds to a client's round-1 upload (float64 cells, before framing)
         "table_bytes": 8 * n_segments(fields) * split.n_items,

@@ -48,11 +48,12 @@ from fedrec.shared.federation.params import (
 )
 from fedrec.shared.federation.segments import (
     combine_tables,
-    load_segment_noise,
+    load_segment_meta,
     load_segment_sum,
     n_segments,
     parse_fields,
     save_segment_sum,
+    trimmed_count,
 )
 from fedrec.shared.federation.server_opt import ServerOptimizer
 from fedrec.shared.privacy.calibration import planned_release
@@ -147,26 +148,31 @@ class FedRecStrategy(FedAvg):
         # from the split it holds; None = not known, e.g. a deployment)
         self.max_queries: int | None = None
         self.federated_eval: dict[int, dict[str, float]] = {}
-        # segment-prior: the sum of the segment-count tables accepted (None before any), how
-        # many, and where the sum is kept (RUN/segment_counts.npz, so a resumed run has it);
-        # n_items is the catalog's size (set by the ServerApp; None: not checked)
+        # segment-prior: the combination of the segment-count tables accepted (None before
+        # any: their sum, or under robust aggregation their cell-by-cell trimmed mean or median
+        # times their number), how many, and where it is kept (RUN/segment_counts.npz, so a
+        # resumed run has it); n_items is the catalog's size (set by the ServerApp; None: not
+        # checked)
         self.segment_sum: np.ndarray | None = None
         self.segment_tables = 0
-        # the combined table's noise variance in units of one table's (the number of tables for
-        # a sum; more for a robust combination: segments.combine_variance)
+        # the combination's DP noise variance in units of one table's (None: the number of
+        # tables, a sum; more for a robust combination: segments.combine_variance), how it was
+        # combined and how many values of each cell it dropped at each end (0: a sum)
         self.segment_noise_tables: float | None = None
+        self.segment_combined = "none"
+        self.segment_trimmed = 0
         self.n_items: int | None = None
-        # the largest count a client's table may hold in one cell (set by the ServerApp from
-        # the split it holds: a count of the federation's interactions of one item, so at most
-        # the number of its training interactions; None = only SEGMENT_CELL_MAX); under DP the
-        # noise's margin is added (segment_table)
-        self.segment_cell_max: float | None = None
+        # the most interactions a cell of a client's table can count (segment-cell-max; None:
+        # only SEGMENT_CELL_MAX); under DP the noise's margin is added (segment_table)
+        self.segment_cell_max = cfg.segment_cell_max if cfg.segment_cell_max > 0 else None
         self.segment_file = ledger.parent.parent / "segment_counts.npz"
         if cfg.segment_prior and round_offset > 0 and self.segment_file.is_file():
             # a resumed run: round 1's combined table was kept (a fresh run never reads an old
-            # file)
+            # file); a file from before the combination was recorded holds a sum
             self.segment_sum, self.segment_tables = load_segment_sum(self.segment_file)
-            self.segment_noise_tables = load_segment_noise(self.segment_file)
+            meta = load_segment_meta(self.segment_file)
+            self.segment_noise_tables = meta.noise_tables
+            self.segment_combined, self.segment_trimmed = meta.combined, meta.trimmed
         elif round_offset == 0:
             self.segment_file.unlink(missing_ok=True)
 
@@ -202,7 +208,10 @@ class FedRecStrategy(FedAvg):
         failures = [failure_kind(r) for r in self.extra_failures]
         self.extra_failures = []
         lines: list[dict[str, Any]] = []
-        tables: list[np.ndarray] = []  # the accepted replies' segment-count tables
+        # the accepted replies' segment-count tables: kept for a robust combination, else summed
+        tables: list[np.ndarray] = []
+        summed: np.ndarray | None = None
+        n_tables = 0
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -235,14 +244,24 @@ class FedRecStrategy(FedAvg):
                 if self.cfg.dp
                 else None
             )
-            # the reply's segment counts are checked now and summed only with its update
-            # (a reply whose update is rejected contributes neither)
+            # the reply's segment counts are checked now; the table and the update stand or
+            # fall together (a bad table, e.g. beyond segment-cell-max, is not an honest
+            # release: the whole reply is rejected; a rejected update adds no counts)
             table = (
                 self._segment_table(msg, rnd, trained) if contract.SEGMENTS in msg.content else None
             )
             if isinstance(table, str):
-                log.warning("round %d: segment counts from %s rejected: %s", rnd, name, table)
-                table = None
+                rejected += 1
+                log.warning(
+                    "round %d: reply from %s (node %d) rejected, its segment counts: %s",
+                    rnd,
+                    name,
+                    node,
+                    table,
+                )
+                if line is not None:  # it trained and released, so it spent budget
+                    lines.append(line | {"accepted": False})
+                continue
             if trained:
                 try:
                     arrays = _record(msg, contract.ARRAYS, ArrayRecord)
@@ -259,7 +278,11 @@ class FedRecStrategy(FedAvg):
                     continue
                 accepted.append(update)
                 if table is not None:
-                    tables.append(table)
+                    if self.cfg.robust == "none":  # a sum keeps only its running total
+                        summed = table if summed is None else summed + table
+                        n_tables += 1
+                    else:
+                        tables.append(table)
                 if not (self.cfg.dp or self.cfg.user_dp):  # under DP clients send constants
                     losses.append(float(metrics["loss"]))
                     seconds.append(float(metrics.get("seconds", 0.0)))
@@ -279,20 +302,8 @@ class FedRecStrategy(FedAvg):
             note = failure_note(kinds, silent, self.cfg.round_timeout)
             lines.append({"round": rnd, "note": note})
         self._append_ledger(lines)
-        if tables:  # only in round 1 (_segment_table refuses any other)
-            # summed, or under robust aggregation combined cell by cell as the model's changes
-            # are: one client's table then moves a cell by a bounded amount
-            self.segment_sum, self.segment_noise_tables = combine_tables(
-                tables, self.cfg.robust, self.cfg.trim_fraction
-            )
-            self.segment_tables = len(tables)
-            save_segment_sum(
-                self.segment_file,
-                self.segment_sum,
-                self.segment_tables,
-                noise_tables=self.segment_noise_tables,
-                combined=self.cfg.robust,
-            )
+        if tables or summed is not None:  # only in round 1 (_segment_table refuses any other)
+            self._combine_segments(rnd, tables, summed, n_tables)
         if silent:
             log.warning(
                 "round %d: %d sampled client(s) did not reply within round-timeout=%ss: their "
@@ -484,6 +495,33 @@ class FedRecStrategy(FedAvg):
             return {}
         return {"release": [float(release[0]), float(release[1]), int(release[2])]}
 
+    def _combine_segments(
+        self, rnd: int, tables: list[np.ndarray], summed: np.ndarray | None, n_summed: int
+    ) -> None:
+        """Round 1's accepted tables combined and kept in RUN/segment_counts.npz: ``summed``
+        (their running sum, ``n_summed`` of them) with robust=none, else ``tables`` combined
+        cell by cell as the model's changes are."""
+        how = self.cfg.robust
+        n = n_summed if how == "none" else len(tables)
+        k = trimmed_count(n, how, self.cfg.trim_fraction)
+        if how == "none":
+            assert summed is not None
+            total, var = summed, float(n)
+        else:
+            total, var = combine_tables(tables, how, self.cfg.trim_fraction)
+            if k == 0:
+                log.warning(
+                    "round %d: robust=%s over %d segment tables drops nothing (trim-fraction "
+                    "%s): the tables are summed, and one client can move every cell",
+                    rnd,
+                    how,
+                    n,
+                    self.cfg.trim_fraction,
+                )
+        self.segment_sum, self.segment_noise_tables = total, var
+        self.segment_tables, self.segment_combined, self.segment_trimmed = n, how, k
+        save_segment_sum(self.segment_file, total, n, noise_tables=var, combined=how, trimmed=k)
+
     def _segment_table(self, msg: Message, rnd: int, trained: bool) -> np.ndarray | str:
         """The reply's segment-count table, or what is wrong with it."""
         if not self.cfg.segment_prior:
@@ -634,11 +672,12 @@ def segment_table(
     if cell_max is not None:
         margin = SEGMENT_NOISE_MARGIN * cfg.segment_noise if cfg.dp else 0.0
         high, low = float(table.max()), float(table.min())
+        plus = f", plus {SEGMENT_NOISE_MARGIN:g} noise std" if margin else ""
         if high > cell_max + margin or low < -margin:
             return (
                 f"a cell holds {high if high > cell_max + margin else low:g}, outside "
-                f"[{-margin:g}, {cell_max + margin:g}] (at most {cell_max:g} interactions per "
-                f"cell{f', plus {SEGMENT_NOISE_MARGIN:g} noise std' if margin else ''})"
+                f"[{-margin:g}, {cell_max + margin:g}] (segment-cell-max {cell_max:g} "
+                f"interactions per cell{plus})"
             )
     return table
 

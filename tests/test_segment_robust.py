@@ -10,6 +10,8 @@ summed, its counts put the item first for every new user; combined by the median
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -17,7 +19,7 @@ from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.federation.segments import (
     combine_tables,
     combine_variance,
-    load_segment_noise,
+    load_segment_meta,
     n_segments,
     save_segment_sum,
     trimmed_count,
@@ -109,16 +111,42 @@ def test_the_server_rejects_a_table_beyond_the_population_bound():
     assert isinstance(problem, str) and "31" in problem
 
 
-def test_the_population_bound_is_users_or_interactions(synth_dir):
-    from fedrec.server.app import segment_cell_max
-    from fedrec.shared.data import load_dataset
-    from fedrec.shared.splitting import make_split
+def test_the_config_refuses_what_the_combination_cannot_do():
+    base = {"protocol": "C", "segment_prior": "age"}
+    # one-user tables: the median of 0/1 rows is 0 almost everywhere, no estimate of the sum
+    for robust in ("median", "trimmed-mean"):
+        with pytest.raises(ValueError, match="partition = silo"):
+            FedConfig(**base, robust=robust, partition="user")
+        FedConfig(**base, robust=robust, partition="silo", silos=10)
+    FedConfig(**base, partition="user")  # summed: fine
+    with pytest.raises(ValueError, match="segment-cell-max"):
+        FedConfig(**base, segment_cell_max=-1.0)
+    # the promote attack needs a table to promote in, and a whole count to add
+    with pytest.raises(ValueError, match="promote"):
+        FedConfig(protocol="C", poison="0.1:promote:40")
+    with pytest.raises(ValueError, match="promote"):
+        FedConfig(**base, poison="0.1:promote:0.4")
+    assert FedConfig(**base, poison="0.5:promote:40").poison_spec() == (2, "promote", 40.0)
+    with pytest.raises(ValueError, match="promote"):
+        FedConfig(poison="0.5:boost:40")
 
-    split = make_split(load_dataset(synth_dir), "C")
-    assert segment_cell_max(split) == float(split.n_users)  # no user has an item twice
-    split.train_item[1] = split.train_item[0]  # user 0 now has an item twice
-    split.train_user[1] = split.train_user[0]
-    assert segment_cell_max(split) == float(split.train_item.size)
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_combination_is_the_model_updates_robust_mean(seed):
+    """Cell for cell, the tables are combined as ``robust_mean`` combines the clients' changes
+    (the same values dropped, the median of an even count the mean of the middle two), times n."""
+    import torch
+
+    from fedrec.server.strategy import robust_mean
+
+    rng = np.random.default_rng(seed)
+    for n in range(1, 25):
+        stacked = rng.normal(0, 10, (n, 2, 9))
+        for how in ("median", "trimmed-mean"):
+            for trim in (0.0, 0.1, 0.2, 0.34, 0.49):
+                total, _ = combine_tables(list(stacked), how, trim)
+                want = robust_mean(torch.as_tensor(stacked), how, trim).numpy() * n
+                assert np.allclose(total, want), (n, how, trim)
 
 
 def _replies(tables, updates):
@@ -184,22 +212,72 @@ def test_the_strategy_combines_the_tables_as_it_combines_the_updates(robust, tmp
     assert resumed.segment_noise_tables == var and np.array_equal(resumed.segment_sum, want)
 
 
+def test_a_reply_whose_table_is_out_of_bounds_is_rejected_whole(tmp_path, monkeypatch):
+    """A table beyond segment-cell-max is no honest release: its reply's update is not
+    aggregated either, the reply counts as rejected, and its release stays on the ledger."""
+    import torch
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrec.server.strategy import FedRecStrategy
+    from fedrec.shared.federation import contract
+    from fedrec.shared.federation.params import from_record
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    template = {"lora.B": torch.zeros(3, 2), "head.item_bias": torch.zeros(4)}
+    cfg = FedConfig(protocol="C", segment_prior="age", partition="silo", silos=3, min_replies=1,
+                    segment_cell_max=50.0, segment_noise=2.0)  # fmt: skip
+    s = FedRecStrategy(cfg, template=dict(template), ledger=tmp_path / "privacy" / "ledger.jsonl")
+    s.n_items = 4
+    rows = n_segments(("age",))
+    tables = [np.full((rows, 4), 10.0) for _ in range(3)]
+    tables[1][0, 3] = 50.0 + 10 * 2.0 + 1  # one count above the bound and its noise margin
+    updates = [{"lora.B": torch.full((3, 2), v), "head.item_bias": torch.full((4,), v)}
+               for v in (1.0, 100.0, 3.0)]  # fmt: skip
+    arrays, out = s.aggregate_train(contract.SEGMENT_ROUND, _replies(tables, updates))
+    assert out["accepted"] == 2 and out["rejected"] == 1
+    assert s.segment_tables == 2 and np.array_equal(s.segment_sum, tables[0] + tables[2])
+    assert torch.allclose(from_record(arrays)["lora.B"], torch.full((3, 2), 2.0))  # (1 + 3) / 2
+    lines = [
+        json.loads(x) for x in (tmp_path / "privacy" / "ledger.jsonl").read_text().splitlines()
+    ]
+    assert [x.get("accepted", True) for x in lines if "client" in x] == [True, False, True]
+    assert all("release" in x for x in lines if "client" in x)  # each spent it
+    # at the bound plus its margin the table is accepted
+    tables[1][0, 3] = 50.0 + 10 * 2.0
+    s2 = FedRecStrategy(cfg, template=dict(template), ledger=tmp_path / "p2" / "ledger.jsonl")
+    s2.n_items = 4
+    _, out = s2.aggregate_train(contract.SEGMENT_ROUND, _replies(tables, updates))
+    assert out["accepted"] == 3 and s2.segment_tables == 3
+
+
 def test_an_old_counts_file_is_read_as_a_sum(tmp_path):
+    from fedrec.server.strategy import FedRecStrategy
+
     path = tmp_path / "segment_counts.npz"
     np.savez(path, counts=np.ones((2, 3)), tables=np.array(4))  # as fedrec wrote it before
-    assert load_segment_noise(path) is None
-    save_segment_sum(path, np.ones((2, 3)), 4, noise_tables=6.5, combined="median")
-    assert load_segment_noise(path) == 6.5
+    meta = load_segment_meta(path)
+    assert meta.noise_tables is None and meta.combined == "none" and meta.trimmed == 0
+    # a run resumed under robust=median from such a file reports what the file holds: a sum
+    cfg = FedConfig(protocol="C", segment_prior="age", partition="silo", silos=4, robust="median")
+    resumed = FedRecStrategy(
+        cfg, template={}, ledger=tmp_path / "privacy" / "l.jsonl", round_offset=2
+    )
+    assert resumed.segment_combined == "none" and resumed.segment_noise_tables is None
+    save_segment_sum(path, np.ones((2, 3)), 4, noise_tables=6.5, combined="median", trimmed=1)
+    meta = load_segment_meta(path)
+    assert (meta.noise_tables, meta.combined, meta.trimmed) == (6.5, "median", 1)
     np.savez(path, counts=np.ones((2, 3)), tables=np.array(4), noise_tables=np.array(-1.0))
     with pytest.raises(ValueError, match="noise_tables"):
-        load_segment_noise(path)
+        load_segment_meta(path)
 
 
-def test_the_promote_attack_is_simulation_only_and_parsed():
+def test_a_device_never_runs_the_promote_attack(tmp_path):
+    from fedrec.client.app import device_guard
+
     cfg = FedConfig(protocol="C", segment_prior="age", poison="0.5:promote:40")
-    assert cfg.poison_spec() == (2, "promote", 40.0)
-    with pytest.raises(ValueError, match="promote"):
-        FedConfig(poison="0.5:boost:40")
+    with pytest.raises(ValueError, match="poison"):
+        device_guard(cfg, {"data-dir": str(tmp_path), "allow-no-dp": "true"})
 
 
 def _promote_run(synth_dir, tiny_backbone, out, robust):
@@ -234,6 +312,7 @@ def test_a_real_federation_median_keeps_one_silos_promoted_item_off_new_users_li
         result = _promote_run(synth_dir, tiny_backbone, out, robust)
         info = result["model"]["segment_prior"]
         assert info["tables"] == 5 and info["combined"] == robust
+        assert info["trimmed"] == (2 if robust == "median" else 0)
         assert info["noise_tables"] == pytest.approx(combine_variance(5, robust, 0.1))
         rec = Recommender.load(out)
         assert rec.segment is not None

@@ -116,13 +116,19 @@ class FedConfig:
     # profile fields (a comma list of age, gender): clients that train in the run's first round
     # also send their interactions counted per (segment, item), with Gaussian noise of std
     # segment-noise per cell under local DP (charged to their budget: shared/federation/
-    # segments.py); new users are then ranked by segment-weight x the log of the summed
-    # counts' segment prior plus the model's score. "" = none
+    # segments.py); new users are then ranked by segment-weight x the log of the combined
+    # counts' segment prior plus the model's score (the tables summed, or with robust
+    # aggregation combined cell by cell). "" = none
     segment_prior: str = ""
     segment_noise: float = 2.0  # the release's noise multiplier (L2 sensitivity 1) under local DP
     # the prior's empirical-Bayes shrinkage toward global popularity (larger: less shrinkage)
     segment_shrink: float = 3.0
     segment_weight: float = 100.0  # w in w x log prior + the model's score, for new users
+    # the most interactions one (segment, item) cell of a client's table can honestly count
+    # (e.g. the most users a client holds, when no user has an item twice): a reply whose table
+    # has a cell above it (plus 10 noise std under local DP) or below minus that margin is
+    # rejected whole, update included. 0 = no bound beyond 1e12
+    segment_cell_max: float = 0.0
     # --- rounds ---
     num_rounds: int = 20  # rounds of the federation
     fraction_train: float = 0.1  # fraction of the clients sampled each round
@@ -259,6 +265,21 @@ class FedConfig:
         _need(0 < self.segment_shrink <= 1e6, "segment-shrink", self.segment_shrink, "(0, 1e6]")
         _need(0 < self.segment_weight <= 1e6, "segment-weight", self.segment_weight, "(0, 1e6]")
         _need(
+            0 <= self.segment_cell_max <= 1e12,
+            "segment-cell-max",
+            self.segment_cell_max,
+            "[0, 1e12] (0 = no bound)",
+        )
+        _need(
+            not (self.segment_prior and self.robust != "none" and self.partition == "user"),
+            "robust",
+            self.robust,
+            "none with segment-prior and partition = user: a one-user table holds one user's "
+            "0/1 counts, so the median (or a trimmed mean) of such tables is 0 in almost every "
+            "cell and is no estimate of their sum; a robust combination needs clients of many "
+            "users each (partition = silo)",
+        )
+        _need(
             not (self.segment_prior and self.user_dp),
             "segment-prior",
             self.segment_prior,
@@ -308,7 +329,16 @@ class FedConfig:
             "mean of clipped updates; set robust=none",
         )
         if self.poison:
-            self.poison_spec()  # raises ValueError naming the key
+            spec = self.poison_spec()  # raises ValueError naming the key
+            _need(
+                spec is None
+                or spec[1] != "promote"
+                or (bool(self.segment_prior) and spec[2] >= 0.5),
+                "poison",
+                self.poison,
+                "kind promote with segment-prior set and SCALE >= 0.5 (it adds round(SCALE) to a "
+                "segment-count table)",
+            )
         if self.secagg_test_dropout:
             self.dropout_spec()
         _need(

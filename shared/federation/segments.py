@@ -4,7 +4,8 @@ With run config ``segment-prior`` (profile fields, e.g. ``age`` or ``age,gender`
 that trains in the run's first round also sends its training interactions counted per
 (segment, item) cell, where a user's segment is fixed by their profile fields alone. Under local
 DP every cell gets Gaussian noise of standard deviation ``segment-noise`` on the client, before
-the table leaves it; the server sums the tables it receives. After the last round a user the
+the table leaves it; the server sums the tables it receives (with ``robust`` aggregation it
+combines them cell by cell instead, :func:`combine_tables`). After the last round a user the
 federation never trained on (a new user, protocol C) is ranked by
 ``segment-weight * log prior(item | segment) + the model's score``, the prior an empirical-Bayes
 shrinkage of the noisy segment counts toward the noisy global popularity
@@ -147,12 +148,12 @@ def release_run(noise: float, adjacency: str, group: int) -> tuple[float, float,
 
 
 class SegmentPrior:
-    """Per-segment item distributions from a summed (noisy) count table.
+    """Per-segment item distributions from a summed (or robustly combined) noisy count table.
 
     ``p`` is the global popularity (the column sums, clipped at 0); a segment's row is shrunk
     toward its share of it, cell by cell: ``E + (c - E) * kappa E / (kappa E + var)``, with
     ``E = n_seg p`` the cell's expected count under global popularity and ``var`` the noise
-    variance of the summed cell (0 without DP: the segment's own counts). Post-processing of the
+    variance of the combined cell (0 without DP: the segment's own counts). Post-processing of the
     release."""
 
     def __init__(self, table: np.ndarray, *, noise_var: float, kappa: float) -> None:
@@ -239,7 +240,9 @@ def combine_variance(n: int, how: str, trim: float) -> float:
     standard error; the same number every call); above, the asymptotic variance of the trimmed
     mean, ``n (erf-part + 2 b c**2) / (1 - 2b)**2`` with ``b`` the fraction dropped at each end
     and ``c`` the normal quantile at ``1 - b`` (the median: ``n pi / 2``). It sets only the
-    prior's shrinkage (how much a cell is trusted), never a privacy parameter."""
+    prior's shrinkage (how much a cell is trusted), never a privacy parameter, and it is the DP
+    noise's part only: a robust combination also errs by how far the clients' true counts
+    differ from one another, which a sum does not."""
     if n < 1:
         raise ValueError(f"combine_variance: n={n} must be >= 1")
     k = trimmed_count(n, how, trim)
@@ -261,8 +264,12 @@ def combine_tables(tables: Sequence[np.ndarray], how: str, trim: float) -> tuple
     one table's (:func:`combine_variance`). ``how`` (the run config's ``robust``): ``none``
     sums them; ``trimmed-mean`` / ``median`` take, cell by cell, the mean after dropping the
     :func:`trimmed_count` largest and smallest values (the median when that leaves one or two),
-    times the number of tables, so one client's table moves a cell by a bounded amount however
-    large its counts. Post-processing of the releases: no privacy cost."""
+    times the number of tables. With ``k = trimmed_count(n, how, trim)`` > 0, up to ``k``
+    tables, whatever they hold, leave every combined cell within ``n`` times the range of the
+    other tables' values at that cell; with ``k`` = 0 (too few tables for ``trim``) it is the
+    sum and gives no such bound. It estimates the sum only when the clients are alike (many
+    users each, similar in size): the config refuses it for one-user clients. Post-processing of
+    the releases: no privacy cost."""
     if how not in COMBINE:
         raise ValueError(f"combine_tables: how={how!r} is not one of {', '.join(COMBINE)}")
     if not tables:
@@ -285,10 +292,12 @@ def save_segment_sum(
     *,
     noise_tables: float | None = None,
     combined: str = "none",
+    trimmed: int = 0,
 ) -> None:
     """``RUN/segment_counts.npz``, atomically: the combined segment counts, how many tables,
-    their noise variance in units of one table's (``noise_tables``, the number of tables for a
-    sum) and how they were combined (``combined``: the run's ``robust``)."""
+    their DP noise variance in units of one table's (``noise_tables``; the number of tables for
+    a sum), how they were combined (``combined``: the run's ``robust``) and how many values of
+    each cell were dropped at each end (``trimmed``: 0 is a sum)."""
     tmp = path.with_name(f".{path.name}.tmp.npz")
     np.savez(
         tmp,
@@ -296,6 +305,7 @@ def save_segment_sum(
         tables=np.array(tables),
         noise_tables=np.array(float(tables if noise_tables is None else noise_tables)),
         combined=np.array(combined),
+        trimmed=np.array(int(trimmed)),
     )
     tmp.replace(path)
 
@@ -305,15 +315,28 @@ def load_segment_sum(path: Path) -> tuple[np.ndarray, int]:
         return np.asarray(f["counts"], dtype=np.float64), int(f["tables"])
 
 
-def load_segment_noise(path: Path) -> float | None:
-    """The file's ``noise_tables`` (None in a file written before it was kept: a sum)."""
+@dataclass
+class Combination:
+    """How a counts file's tables were combined (:func:`load_segment_meta`)."""
+
+    noise_tables: float | None  # None: a file written before it was kept (a sum)
+    combined: str = "none"
+    trimmed: int = 0
+
+
+def load_segment_meta(path: Path) -> Combination:
+    """The file's combination; a file written before these keys were kept holds a sum."""
     with np.load(path) as f:
         if "noise_tables" not in f.files:
-            return None
+            return Combination(None)
         value = float(f["noise_tables"])
+        combined = str(f["combined"]) if "combined" in f.files else "none"
+        trimmed = int(f["trimmed"]) if "trimmed" in f.files else 0
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"noise_tables={value!r} is not a positive number")
-    return value
+    if combined not in COMBINE or trimmed < 0:
+        raise ValueError(f"combined={combined!r}, trimmed={trimmed!r} are not a combination")
+    return Combination(value, combined, trimmed)
 
 
 @dataclass
@@ -356,7 +379,7 @@ def load_run_prior(run: Path, n_items: int) -> RunPrior | None:
     if not isinstance(doc, dict):
         raise ValueError(f"{config}: expected a JSON object; restore it from the run")
     fed, train = doc.get("federation"), doc.get("train")
-    if isinstance(fed, dict):  # fedrec simulate: the sum of the released tables
+    if isinstance(fed, dict):  # fedrec simulate: the released tables, combined
         spec = fed.get("segment_prior")
         if not spec:
             return None
@@ -380,13 +403,13 @@ def load_run_prior(run: Path, n_items: int) -> RunPrior | None:
     path = run / "segment_counts.npz"
     if not path.is_file():
         raise ValueError(
-            f"{path} not found: the run has segment-prior={spec!r} but no summed counts (no "
+            f"{path} not found: the run has segment-prior={spec!r} but no combined counts (no "
             "client sent a table, or the file was removed); its new users are ranked by the model "
             "alone, as its metrics.json says"
         )
     try:
         total, tables = load_segment_sum(path)
-        noise_tables = load_segment_noise(path)
+        noise_tables = load_segment_meta(path).noise_tables
     except Exception as e:  # noqa: BLE001 - a damaged file: zip, pickle, dtype, shape errors
         raise ValueError(
             f"{path}: not a segment-count file fedrec wrote ({type(e).__name__}: {e}); restore "
