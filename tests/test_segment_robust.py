@@ -1,10 +1,12 @@
-"""The segment prior against a poisoning client: a plausibility bound on every cell of a table,
-and, under ``robust`` aggregation, the tables combined cell by cell as the model's changes are.
+"""The segment prior against a poisoning client: a bound on every cell of a table
+(``segment-cell-max``; a reply beyond it is rejected whole), and, under ``robust`` aggregation,
+the tables combined cell by cell as the model's changes are.
 
 Checked on random data: without ``robust`` the combination is the sum; with it, however large
-the values a minority of tables carry, every combined cell stays within the honest tables' range
-(times their number); the noise variance the prior's shrinkage uses matches a simulation. Then
-the server's strategy on replies, and a real Flower simulation where one silo promotes an item:
+the values up to k tables carry (k the values dropped at each end), every combined cell stays
+within the other tables' range (times their number), and it equals the model side's
+``robust_mean``; the noise variance the prior's shrinkage uses matches a simulation. Then the
+server's strategy on replies, and a real Flower simulation where one silo promotes an item:
 summed, its counts put the item first for every new user; combined by the median, they do not.
 """
 
@@ -82,7 +84,7 @@ def test_the_noise_variance_of_a_combination_matches_an_independent_simulation(n
     assert combine_variance(n, how, trim) == pytest.approx(simulated, rel=0.04)
 
 
-def test_the_server_rejects_a_table_beyond_the_population_bound():
+def test_the_server_rejects_a_table_beyond_segment_cell_max():
     from flwr.app import Array, ArrayRecord
 
     from fedrec.server.strategy import SEGMENT_NOISE_MARGIN, segment_table
