@@ -260,6 +260,26 @@ def test_pyproject_flower_config_equals_defaults():
     assert data["tool"]["flwr"]["app"]["components"]["serverapp"] == "fedrec.server.app:app"
 
 
+def test_the_flower_app_bundle_holds_the_code_not_the_results():
+    """What `flwr run` sends to a SuperLink (the FAB, built by Flower's own builder from this
+    checkout): the app's code and presets, none of the committed results, docs or tests, and
+    far below Flower's 10 MB cap (the results alone are over 8 MB)."""
+    import io
+    import zipfile
+    from pathlib import Path
+
+    from flwr.cli.build import build_fab_from_files, collect_files
+    from flwr.common.constant import FAB_MAX_SIZE
+
+    root = Path(__file__).parents[1]
+    fab, _ = build_fab_from_files(collect_files(root.resolve()))
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert "server/app.py" in names and "client/app.py" in names
+    assert "simulations/presets/secure.toml" in names
+    assert not [n for n in names if n.startswith(("simulations/results/", "docs/", "tests/"))]
+    assert len(fab) < FAB_MAX_SIZE / 4
+
+
 def test_audit_verifies_the_real_run(sim_run):
     """`fedrec audit`'s independent recomputation agrees with what the real clients reported."""
     from fedrec.shared.privacy.report import audit_run
