@@ -34,13 +34,14 @@ import numpy as np
 from fedrec.shared.baselines.profile_popularity import ProfilePopularity
 from fedrec.shared.baselines.runner import tune_profile_popularity
 from fedrec.shared.evaluation import Scorer, evaluate
+from fedrec.shared.federation.segments import FLOOR as SEGMENT_FLOOR
 from fedrec.shared.model.central import ModelScorer, ProfileBank
 from fedrec.shared.rundir import versions, write_json
 from fedrec.shared.splitting import EvalSet
 from fedrec.simulations.holdout_run import load_holdout_run
 
 WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, math.inf)
-FLOOR = 1e-8
+FLOOR = SEGMENT_FLOOR  # the same floor as the federation's segment prior
 
 
 class Blend:

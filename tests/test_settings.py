@@ -74,8 +74,10 @@ def test_train_central_takes_the_same_set_syntax():
             parse_overrides([bad])
 
 
-@pytest.mark.parametrize(("command", "classes"),
-                         [("simulate", [FedConfig]), ("train-central", [ModelConfig, TrainConfig])])
+@pytest.mark.parametrize(
+    ("command", "classes"),
+    [("simulate", [FedConfig]), ("train-central", [ModelConfig, TrainConfig])],
+)
 def test_fedrec_config_lists_every_key(command, classes):
     import json
 

@@ -33,6 +33,7 @@ from dp_accounting.pld import pld_privacy_accountant
 
 from fedrec.shared.evaluation import evaluate
 from fedrec.shared.federation.data_and_model import dataset_and_split, resolve_data_dir
+from fedrec.shared.splitting import EvalSet
 
 SILOS, DELTA, Z = 10, 1e-5, 0.85
 RANKS = (4, 8, 16, 32, 64, 0)  # 0: no truncation
@@ -47,7 +48,9 @@ for h in sp.train_histories():
     if len(h) > 1:
         np.add.at(counts, (h[:-1], h[1:]), 1.0)
 pop = np.bincount(sp.train_item, minlength=n).astype(float)
-assert sp.valid is not None
+if sp.valid is None:
+    raise SystemExit("protocol A's split must hold a validation set")
+valid_set: EvalSet = sp.valid
 
 
 class Transitions:
@@ -77,7 +80,7 @@ def scores(m: np.ndarray, p: np.ndarray) -> dict[tuple[int, int, float], tuple[f
         for last in LASTS:
             for pw in PWS:
                 sc = Transitions(low, p, pw, last)
-                v = evaluate(sc, sp.valid, with_auc=False)["NDCG@10"]
+                v = evaluate(sc, valid_set, with_auc=False)["NDCG@10"]
                 t = evaluate(sc, sp.tests["test"], with_auc=False)["NDCG@10"]
                 out[(r, last, pw)] = (v, t)
     return out

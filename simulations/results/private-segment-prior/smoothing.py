@@ -123,7 +123,7 @@ print(
 res = []
 for kappa in (1.0, 3.0, 10.0):
     r = run(("age",), "base", kappa, 0)
-    res.append(("base", kappa, 0, r))
+    res.append(("base", kappa, 0.0, r))
     print("base", kappa, r, flush=True)
     for lam in (0.1, 0.3, 0.5, 1.0):
         for kind in ("neigh", "kernel"):
