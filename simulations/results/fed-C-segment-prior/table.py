@@ -63,13 +63,17 @@ for r in [suite, *runs]:
         f"| {a['k=0']:.4f} | {a['k=3']:.4f} "
         f"| {pair['pop']} | {pair['pp']} | {r['seconds']:.0f} | {r['audit']} |"
     )
+# one setting per run-name prefix (`age-z2-seed0` -> `age-z2`: segment-noise 2)
+settings = sorted({r["name"].rsplit("-seed", 1)[0] for r in runs})
 if runs:
     print()
-    print("| medians over the runs | k=0 | k=3 |")
-    print("|---|---:|---:|")
-    for label, key in (("with the segment prior", "with"), ("the same runs' model alone", "alone")):
-        vals = {k: statistics.median(r[key][k] for r in runs) for k in ("k=0", "k=3")}
-        print(f"| {label} | {vals['k=0']:.4f} | {vals['k=3']:.4f} |")
+    print("| medians over the runs of a setting | runs | k=0 | k=3 |")
+    print("|---|---:|---:|---:|")
+    for setting in settings:
+        mine = [r for r in runs if r["name"].rsplit("-seed", 1)[0] == setting]
+        for label, key in (("with the segment prior", "with"), ("the model alone", "alone")):
+            vals = {k: statistics.median(r[key][k] for r in mine) for k in ("k=0", "k=3")}
+            print(f"| `{setting}`, {label} | {len(mine)} | {vals['k=0']:.4f} | {vals['k=3']:.4f} |")
 
 # the same runs on Recall@10 (the suite's C tables show both)
 METRIC = "Recall@10"
