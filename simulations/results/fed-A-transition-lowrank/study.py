@@ -2,7 +2,7 @@
 noise (distributed DP) matter for it?
 
 Run: ``python simulations/results/fed-A-transition-lowrank/study.py > output.txt`` (ML-100K from
-``FEDREC_DATA``; about three minutes on 2 cores). A computation, not a fedrec mechanism.
+``FEDREC_DATA``; two to four minutes on 2 cores). A computation, not a fedrec mechanism.
 
 The release is ``../fed-A-silo10-factors/noisy_transitions.py``'s: each of ten silos sends its
 "last item -> next item" transition counts (L2 sensitivity sqrt(3) under fedrec's unit, one
@@ -38,7 +38,7 @@ from fedrec.shared.splitting import EvalSet
 SILOS, DELTA, Z = 10, 1e-5, 0.85
 RANKS = (4, 8, 16, 32, 64, 0)  # 0: no truncation
 LASTS = (1, 3, 5)
-PWS = (0.0, 1.0, 5.0)
+PWS = (0.0, 1.0, 5.0, 20.0, 100.0)
 DRAWS = (0, 1, 2)
 
 ds, sp = dataset_and_split(resolve_data_dir("ml-100k"), "A", 0)
