@@ -4,7 +4,7 @@ Usage, from the repository: python simulations/results/backbone-smollm2/table.py
 
 The `silos` preset with SmolLM2 (``runs/``) beside the preset's three MiniLM runs
 (``../fed-A-silo10-batch/runs/q10-r3-lr16-seed*``): validation NDCG@10 by round, test NDCG@10 and
-HR@10, the epsilon each run spent and its audit, and the client seconds per round.
+HR@10, the epsilon each run spent, the run's wall-clock seconds and its audit.
 """
 
 import json
@@ -36,7 +36,7 @@ def row(run: Path, label: str) -> str:
 
 print(
     "| run | backbone | seed | DP-SGD noise multiplier | epsilon | valid NDCG@10 by round "
-    "(0, 1, ...) | test NDCG@10 | test HR@10 | seconds | audit |"
+    "(0, 1, ...) | test NDCG@10 | test HR@10 | run seconds | audit |"
 )
 print("|---|---|---:|---:|---:|---|---:|---:|---:|---|")
 for run in sorted(PRESET.glob("q10-r3-lr16-seed*")):
