@@ -37,6 +37,7 @@ from fedrec.server.user_dp import (
     user_level_summary,
     user_noise_multiplier,
 )
+from fedrec.shared.backbone import check_prior_backbone
 from fedrec.shared.evaluation import evaluate
 from fedrec.shared.federation.config import FedConfig, parse_run_config
 from fedrec.shared.federation.data_and_model import (
@@ -154,6 +155,8 @@ def run_federation(
     data_dir = resolve_data_dir(cfg.data)
     ds, split = dataset_and_split(data_dir, cfg.protocol, cfg.seed)
     model = model_for(cfg, ds, split)
+    if cfg.cold_prior_backbone:  # the prior's encoder: fail before any round, not after the last
+        check_prior_backbone(cfg.cold_prior_backbone)
     state = travelling_state(model)
     offset, opt_state = 0, dict[str, torch.Tensor]()
     check_run_dir(run, cfg, resume)

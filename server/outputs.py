@@ -23,7 +23,7 @@ from fedrec.shared.federation.segments import (
 )
 from fedrec.shared.model.artifacts import save_model
 from fedrec.shared.model.central import ModelScorer, ProfileBank
-from fedrec.shared.model.cold_prior import attach_cold_prior, clear_cold_prior
+from fedrec.shared.model.cold_prior import attach_cold_prior, clear_cold_prior, own_backbone
 from fedrec.shared.model.run_central import item_titles
 from fedrec.shared.model.towers import RecModel
 from fedrec.shared.plots import plot_rounds
@@ -52,6 +52,25 @@ def read_ledger(path: Path) -> list[dict[str, Any]]:
     return [x for x in lines if "client" in x]
 
 
+def _cold_prior(cfg: FedConfig, model: RecModel, bank: ProfileBank, split: Split) -> dict[str, Any]:
+    """Attach the cold prior (``cold-prior``, read by ``cold-prior-backbone``). With another
+    encoder than the model's own, the same model with its own backbone's prior is scored first:
+    a paired comparison recorded as ``own_backbone``."""
+    own: dict[str, Any] | None = None
+    try:
+        if not own_backbone(model, cfg.cold_prior_backbone):
+            own = attach_cold_prior(model, cfg.cold_prior)
+            scorer = ModelScorer(model, bank)
+            own["metrics"] = {k: evaluate(scorer, es) for k, es in split.tests.items()}
+        prior = attach_cold_prior(model, cfg.cold_prior, backbone=cfg.cold_prior_backbone)
+    except (ValueError, FileNotFoundError) as err:  # e.g. too few trained items: keep the run
+        clear_cold_prior(model)
+        return {"weight": cfg.cold_prior, "error": f"not attached: {err}"}
+    if own is not None:
+        prior["own_backbone"] = own
+    return prior
+
+
 def write_outputs(
     run: Path,
     cfg: FedConfig,
@@ -71,10 +90,7 @@ def write_outputs(
 ) -> dict[str, Any]:
     prior: dict[str, Any] | None = None
     if cfg.cold_prior > 0:  # post-processing of the released model and the public catalog
-        try:
-            prior = attach_cold_prior(model, cfg.cold_prior)
-        except ValueError as err:  # e.g. too few trained items: keep the run's outputs
-            prior = {"weight": cfg.cold_prior, "error": f"not attached: {err}"}
+        prior = _cold_prior(cfg, model, bank, split)
     scorer: Any = ModelScorer(model, bank)
     segment_info = None
     if cfg.segment_prior:

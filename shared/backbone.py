@@ -74,6 +74,15 @@ def resolve_backbone(name_or_path: str | Path = DEFAULT_BACKBONE) -> Path:
     return path
 
 
+def check_prior_backbone(name_or_path: str) -> Path:
+    """:func:`resolve_backbone` for the run config's ``cold-prior-backbone``, its error naming
+    that key."""
+    try:
+        return resolve_backbone(name_or_path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"run config 'cold-prior-backbone': {e}") from None
+
+
 def _parted() -> set[str]:
     from fedrec.shared.backbone_fetch import PARTED
 

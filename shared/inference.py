@@ -39,6 +39,7 @@ from fedrec.shared.federation.segments import (
     segment_of,
 )
 from fedrec.shared.model.artifacts import load_model
+from fedrec.shared.model.cold_prior import encode_for_prior
 from fedrec.shared.model.examples import right_aligned
 from fedrec.shared.model.towers import RecModel
 
@@ -406,7 +407,7 @@ class Recommender:
         emb = F.normalize(self.model.encode_texts(texts), dim=-1)
         bias = torch.zeros(len(ids))
         if bool(self.model.cold_prior.any()):
-            bias = self.model.cold_prior_of(self.model.encode_texts(texts, adapted=False))
+            bias = self.model.cold_prior_of(encode_for_prior(self.model, texts))
         self.items = torch.cat([self.items, emb])
         self.bias = torch.cat([self.bias, bias])
         if self.fac is not None:  # a new item has no trained factors

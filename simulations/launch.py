@@ -354,12 +354,14 @@ def simulate(
     directory is written by this machine's ServerApp only."""
     from fedrec.server.app import check_run_dir
     from fedrec.server.outputs import baseline_names
-    from fedrec.shared.backbone import resolve_backbone
+    from fedrec.shared.backbone import check_prior_backbone, resolve_backbone
 
     if ray_address is not None:
         check_ray_address(ray_address)
     out = out.resolve()
     resolve_backbone(cfg.backbone)  # a backbone that is not there fails here, not in Flower
+    if cfg.cold_prior_backbone:
+        check_prior_backbone(cfg.cold_prior_backbone)
     check_run_dir(out, cfg, resume)
     baseline_names(baselines)
     n = n_clients(cfg)

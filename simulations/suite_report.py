@@ -480,6 +480,8 @@ HEADLINE: dict[str, list[tuple[str, dict[str, str]]]] = {
                                                                     "C": "C-fed-eps8"}),
         ("fedrec federated, 10 silos, local DP, disjoint examples, with the cold prior",
          {"B": "B-fed-eps8-prior"}),
+        ("fedrec federated, 10 silos, local DP, disjoint examples, with the cold prior read by "
+         "mpnet (on the server only)", {"B": "B-fed-eps8-prior-mpnet"}),
         ("fedrec federated, 10 silos, local DP, disjoint examples, with the segment prior",
          {"C": "C-fed-eps8-segment"}),
         ("fedrec federated, 10 silos, local DP, disjoint examples", {"A": "A-fed-eps3"}),

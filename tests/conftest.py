@@ -55,6 +55,32 @@ def tiny_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_wide_encoder(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another random BERT on the same tokenizer, 48 wide (the tiny backbone is 32): a second
+    encoder, e.g. the one a cold prior reads."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    root = tmp_path_factory.mktemp("tiny-wide-bert")
+    for f in tiny_backbone.iterdir():
+        if "token" in f.name:
+            shutil.copy(f, root / f.name)
+    torch.manual_seed(1)
+    config = BertConfig(
+        vocab_size=len(AutoTokenizer.from_pretrained(tiny_backbone)),
+        hidden_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tiny_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random Llama (decoder) sharing the tiny word-level tokenizer."""
     import shutil

@@ -16,7 +16,12 @@ from fedrec.shared.data import load_dataset
 from fedrec.shared.inference import Recommender
 from fedrec.shared.model.artifacts import ModelFileError, load_model, save_model
 from fedrec.shared.model.central import ModelScorer, ProfileBank
-from fedrec.shared.model.cold_prior import attach_cold_prior, fit_text_prior, frozen_features
+from fedrec.shared.model.cold_prior import (
+    attach_cold_prior,
+    clear_cold_prior,
+    fit_text_prior,
+    frozen_features,
+)
 from fedrec.shared.splitting import protocol_a, protocol_b
 from fedrec.simulations.cold_prior import WEIGHTS
 
@@ -136,6 +141,65 @@ def test_federation_config_needs_the_item_bias_for_a_prior():
     with pytest.raises(ValueError, match="needs item-bias"):
         FedConfig(cold_prior=1.0, item_bias=False)
     assert FedConfig(cold_prior=1.0).cold_prior == 1.0
+
+
+def test_federation_config_ties_the_prior_encoder_to_a_prior():
+    from fedrec.shared.federation.config import FedConfig
+
+    with pytest.raises(ValueError, match="cold-prior-backbone.*unless cold-prior > 0"):
+        FedConfig(cold_prior_backbone="mpnet")
+    assert FedConfig(cold_prior=1.0, cold_prior_backbone="mpnet").cold_prior_backbone == "mpnet"
+
+
+def test_prior_on_another_encoder_is_its_ridge_and_serves_new_items_by_it(
+    cold_model, tiny_backbone, tiny_wide_encoder, tmp_path
+):
+    """A prior read by another encoder (48 wide, the model is 32): the cold items get the ridge
+    prediction from that encoder's embeddings (recomputed here), the function is stored at its
+    width with its encoder, survives save and load, and a new item added at serving time is
+    embedded by that encoder (its bias equals a catalog item's with the same text); clearing
+    returns the model to its own width."""
+    from fedrec.shared.backbone import TextEncoder
+
+    ds, model, _ = cold_model
+    warm = model.warm.numpy()
+    wide = str(tiny_wide_encoder)
+    info = attach_cold_prior(model, 1.0, backbone=wide)
+    assert info["backbone"] == wide
+    assert model.cold_prior_backbone == wide and model.cold_prior.numel() == 49
+    feats = TextEncoder(wide).encode(model.item_texts)
+    ridge = fit_text_prior(feats, model.item_bias.detach().double().numpy(), warm)
+    want = torch.as_tensor(ridge.predict(feats) * ~warm, dtype=torch.float32)
+    assert torch.allclose(model.cold_prior_items, want, atol=1e-4)
+    assert model.cold_prior_items[~model.warm].abs().sum() > 0
+    own = model.cold_prior_items.clone()
+    attach_cold_prior(model, 1.0, backbone=str(model.cfg.backbone))  # its own name: its own
+    assert model.cold_prior_backbone == "" and model.cold_prior.numel() == 33
+    assert not torch.allclose(model.cold_prior_items, own, atol=1e-3)
+    attach_cold_prior(model, 1.0, backbone=wide)
+
+    run = tmp_path / "run"
+    titles = [ds.item_fields[int(i)]["title"] for i in ds.item_ids]
+    save_model(model, run, item_ids=[int(i) for i in ds.item_ids], titles=titles)
+    loaded, meta = load_model(run)
+    assert meta["cold_prior_backbone"] == wide and loaded.cold_prior_backbone == wide
+    assert torch.equal(loaded.cold_prior, model.cold_prior)
+    assert torch.equal(loaded.cold_prior_items, model.cold_prior_items)
+    rec = Recommender.load(run)
+    cold = int(np.flatnonzero(~warm)[0])
+    rec.add_items({10_000: ds.item_texts()[cold]})
+    got = float(rec.bias[rec.position[10_000]])
+    assert got == pytest.approx(float(model.cold_prior_items[cold]), abs=1e-4)
+
+    meta["cold_prior_backbone"] = 7
+    (run / "model" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError, match="'cold_prior_backbone' must be a string"):
+        load_model(run)
+    clear_cold_prior(model)
+    assert model.cold_prior_backbone == "" and model.cold_prior.numel() == 33
+    assert not model.cold_prior.any() and not model.cold_prior_items.any()
+    with pytest.raises(ValueError, match="does not fit"):
+        model.set_cold_prior(torch.zeros(49), model.cold_prior_items)  # 48 wide, no encoder
 
 
 def test_prior_refuses_counts_of_other_items(cold_model):

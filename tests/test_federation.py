@@ -411,11 +411,13 @@ def test_id_table_federation_without_dp(synth_dir, tiny_backbone, tmp_path):
 
 
 def test_cold_prior_is_attached_by_the_server_after_the_last_round(
-    synth_dir, tiny_backbone, tmp_path
+    synth_dir, tiny_backbone, tiny_wide_encoder, tmp_path
 ):
-    """cold-prior=1 on protocol B: the server regresses the released model's item biases on the
-    frozen text (post-processing) and gives the cold items the prediction; it is in the saved
-    model, and the reported test metrics are that model's."""
+    """cold-prior=1 on protocol B, read by another encoder (cold-prior-backbone): the server
+    regresses the released model's item biases on that encoder's embeddings of the public texts
+    (post-processing) and gives the cold items the prediction; it is in the saved model with its
+    encoder, the reported test metrics are that model's, and the same model with the prior on its
+    own frozen backbone is scored beside it (a paired comparison)."""
     from fedrec.shared.data import load_dataset
     from fedrec.shared.evaluation import evaluate
     from fedrec.shared.model.artifacts import load_model
@@ -429,11 +431,19 @@ def test_cold_prior_is_attached_by_the_server_after_the_last_round(
         protocol="B", num_rounds=1, fraction_train=1.0, partition="silo", silos=2,
         evaluate_every=0, local_steps=2, sample_rate=0.5, negatives=10, lr=0.5, dp=False,
         epsilon=FedConfig.epsilon, cold_dropout=0.5, cold_prior=1.0,
+        cold_prior_backbone=str(tiny_wide_encoder),
     )  # fmt: skip
     result = simulate(cfg, out, baselines="none", num_cpus=2)
     info = result["model"]["cold_prior"]
     assert "learned item bias" in info["target"] and info["weight"] == 1.0
+    assert info["backbone"] == str(tiny_wide_encoder)
+    own = info["own_backbone"]
+    assert own["backbone"] == str(tiny_backbone) and "own_backbone" not in own
+    assert set(own["metrics"]) == {"cold_items"}
+    assert own["metrics"] != result["model"]["metrics"]  # another prior, other scores
     model, _ = load_model(out)
+    assert model.cold_prior_backbone == str(tiny_wide_encoder)
+    assert model.cold_prior.numel() == 48 + 1
     split = protocol_b(load_dataset(synth_dir))
     cold = torch.zeros(len(model.warm), dtype=torch.bool)
     cold[torch.as_tensor(split.cold_items)] = True

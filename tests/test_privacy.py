@@ -162,6 +162,22 @@ def test_statement_names_the_group_for_sliding_window_examples():
     assert "one set for the whole batch" in shared and "Each example's negatives" not in shared
 
 
+def test_statement_names_the_encoder_the_cold_prior_reads():
+    from fedrec.shared.federation.config import FedConfig
+    from fedrec.shared.privacy.statement import statement
+
+    p = {"rounds_per_client": {"2": 3}, "clients": 3, "epsilon_max": 7.9, "epsilon_median": 7.9,
+         "refusals": 0}  # fmt: skip
+    flat = lambda t: " ".join(t.split())  # noqa: E731
+    assert "cold prior" not in flat(statement(FedConfig(protocol="B"), p))
+    own = flat(statement(FedConfig(protocol="B", cold_prior=1.0), p))
+    assert "embedded by the model's frozen backbone" in own and "post-processing" in own
+    other = flat(statement(FedConfig(protocol="B", cold_prior=1.0, cold_prior_backbone="mpnet"), p))
+    assert "embedded by `mpnet`, a pretrained encoder only the server loads" in other
+    named = FedConfig(protocol="B", cold_prior=1.0, cold_prior_backbone="minilm")
+    assert "embedded by the model's frozen backbone" in flat(statement(named, p))
+
+
 def test_statement_says_what_local_randomness_the_server_can_know():
     """Without local DP a client's negatives are keyed by things the server knows (run seed,
     round, client name); with local DP by an OS secret. The statement says which."""

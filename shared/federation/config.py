@@ -113,6 +113,12 @@ class FedConfig:
     # (shared/model/cold_prior.py), times w: post-processing of the released model and the
     # public catalog, no privacy cost; 0 = cold items keep no bias
     cold_prior: float = 0.0
+    # the encoder whose frozen text embeddings the cold prior regresses on: '' = the model's own
+    # backbone (no adapter); or another backbone the server has (e.g. mpnet, after `fedrec
+    # backbone fetch mpnet`): only the server reads it, over the public catalog texts, after the
+    # last round (post-processing, no privacy cost); the clients never load it. A new item added
+    # at serving time is then embedded by that encoder too
+    cold_prior_backbone: str = ""
     # profile fields (a comma list of age, gender): clients that train in the run's first round
     # also send their interactions counted per (segment, item), with Gaussian noise of std
     # segment-noise per cell under local DP (charged to their budget: shared/federation/
@@ -293,6 +299,12 @@ class FedConfig:
             "'' unless protocol = C: the prior ranks only users the federation never trained "
             "(protocol C's), and under A's leave-last-out split one interaction added to a user "
             "with at most two can move another of their items into training (two counts)",
+        )
+        _need(
+            not self.cold_prior_backbone or self.cold_prior > 0,
+            "cold-prior-backbone",
+            self.cold_prior_backbone,
+            "'' unless cold-prior > 0 (it says which encoder the cold prior reads)",
         )
         _need(
             not self.cold_prior or self.item_bias,

@@ -59,6 +59,8 @@ def save_model(model: RecModel, run: Path, *, item_ids: list[int], titles: list[
             "item_ids": item_ids,
             "item_texts": model.item_texts,
             "titles": titles,
+            # the encoder the cold prior reads ('' = this model's frozen backbone)
+            "cold_prior_backbone": model.cold_prior_backbone,
         },
     )
 
@@ -174,13 +176,23 @@ def load_model(run: Path, *, backbone: str | None = None) -> tuple[RecModel, dic
             raise ModelFileError(
                 f"{run}/model/head.safetensors: has {present} but not all of {list(OPTIONAL_HEAD)}"
             )
+        prior_backbone = meta.get("cold_prior_backbone", "")
+        if not isinstance(prior_backbone, str):
+            raise ModelFileError(
+                f"{run}/model/model.json: 'cold_prior_backbone' must be a string (an encoder's "
+                "name or folder, '' for the model's own backbone)"
+            )
         for name in present:
             buf = getattr(model, name)
-            if head[name].shape != buf.shape or not torch.isfinite(head[name]).all():
+            want = buf.shape
+            if name == "cold_prior" and prior_backbone:  # another encoder's width + 1
+                want = head[name].shape if head[name].ndim == 1 and len(head[name]) > 1 else want
+            if head[name].shape != want or not torch.isfinite(head[name]).all():
                 raise ModelFileError(
                     f"{run}/model/head.safetensors: '{name}' is mis-shaped or not finite"
                 )
-            buf.copy_(head[name])
+        if present:
+            model.set_cold_prior(head["cold_prior"], head["cold_prior_items"], prior_backbone)
         if bool((model.cold_prior_items * model.warm).any()):
             raise ModelFileError(
                 f"{run}/model/head.safetensors: 'cold_prior_items' is non-zero on trained items"

@@ -123,6 +123,32 @@ def frozen_features(
     return torch.cat(out).double().numpy()
 
 
+def own_backbone(model: Any, backbone: str) -> bool:
+    """Whether a prior on ``backbone`` reads ``model``'s own frozen backbone ('' or its name)."""
+    return backbone in ("", str(model.cfg.backbone))
+
+
+def prior_features(model: Any, backbone: str = "") -> np.ndarray:
+    """The catalog's text embeddings a prior on ``backbone`` regresses on: the model's own frozen
+    backbone (:func:`frozen_features`) for '' or its own name; else that encoder's normalized,
+    mean-pooled embeddings (:class:`fedrec.shared.backbone.TextEncoder`, cached on disk: the
+    embeddings the text-popularity baseline reads)."""
+    if own_backbone(model, backbone):
+        return frozen_features(model)
+    from fedrec.shared.backbone import TextEncoder
+
+    return TextEncoder(backbone).encode_cached(model.item_texts)
+
+
+def encode_for_prior(model: Any, texts: list[str]) -> torch.Tensor:
+    """Frozen embeddings of new ``texts`` by the encoder the model's prior reads."""
+    if not model.cold_prior_backbone:
+        return model.encode_texts(texts, adapted=False)
+    from fedrec.shared.backbone import TextEncoder
+
+    return torch.as_tensor(TextEncoder(model.cold_prior_backbone).encode(texts))
+
+
 @torch.no_grad()
 def attach_cold_prior(
     model: Any,
@@ -130,6 +156,7 @@ def attach_cold_prior(
     *,
     counts: np.ndarray | None = None,
     features: np.ndarray | None = None,
+    backbone: str = "",
 ) -> dict[str, Any]:
     """Fit the prior and store it in the model: ``cold_prior`` (dim + 1: the weighted linear
     function of a frozen text embedding, for items added later) and ``cold_prior_items`` (its
@@ -140,7 +167,11 @@ def attach_cold_prior(
     ``log(1 + n_i)``, centred on the trained items' mean prediction. Without: the target is the
     model's own learned item bias (``b_i`` of the trained items), not centred, so that ``weight``
     1 gives a cold item the bias its text predicts; that reads nothing but the released model and
-    the public catalog (post-processing: what a DP federation may do)."""
+    the public catalog (post-processing: what a DP federation may do).
+
+    ``backbone``: the encoder of ``features`` ('' = the model's own frozen backbone; another
+    one's name or folder is stored with the prior, so that items added later are embedded by it;
+    ``features`` default to :func:`prior_features` of it)."""
     if not (np.isfinite(weight) and weight >= 0):
         raise ValueError(f"cold prior weight {weight!r} must be a finite number >= 0")
     warm = model.warm.numpy()
@@ -160,15 +191,21 @@ def attach_cold_prior(
             )
         target = model.item_bias.detach().double().numpy()
         what = "the model's learned item bias (post-processing of the model)"
-    x = frozen_features(model) if features is None else features
+    x = prior_features(model, backbone) if features is None else np.asarray(features)
+    if x.ndim != 2 or x.shape[0] != warm.shape[0]:
+        raise ValueError(f"cold prior: features {x.shape} for {warm.shape[0]} catalog items")
     prior = fit_text_prior(x, target, warm)
     center = float(prior.predict(x[warm]).mean()) if counts is not None else 0.0
     coef = weight * prior.coef
     intercept = weight * (prior.y_mean - float(prior.x_mean @ prior.coef) - center)
     items = (x @ coef + intercept) * ~warm
-    model.cold_prior.copy_(torch.as_tensor(np.append(coef, intercept), dtype=torch.float32))
-    model.cold_prior_items.copy_(torch.as_tensor(items, dtype=torch.float32))
+    model.set_cold_prior(
+        torch.as_tensor(np.append(coef, intercept), dtype=torch.float32),
+        torch.as_tensor(items, dtype=torch.float32),
+        "" if own_backbone(model, backbone) else backbone,
+    )
     return {
+        "backbone": str(model.cfg.backbone) if own_backbone(model, backbone) else backbone,
         "weight": float(weight),
         "lambda": prior.lam,
         "cv_mse": {str(k): round(v, 5) for k, v in prior.cv_mse.items()},
@@ -180,9 +217,9 @@ def attach_cold_prior(
 
 @torch.no_grad()
 def clear_cold_prior(model: Any) -> None:
-    """Remove the prior (zeros): e.g. before a model object is trained again."""
-    model.cold_prior.zero_()
-    model.cold_prior_items.zero_()
+    """Remove the prior (zeros, on the model's own width): e.g. before a model object is
+    trained again."""
+    model.set_cold_prior(torch.zeros(model.dim + 1), torch.zeros_like(model.cold_prior_items))
 
 
 __all__ = [
@@ -190,6 +227,9 @@ __all__ = [
     "TextPrior",
     "attach_cold_prior",
     "clear_cold_prior",
+    "encode_for_prior",
     "fit_text_prior",
     "frozen_features",
+    "own_backbone",
+    "prior_features",
 ]

@@ -136,6 +136,9 @@ class RecModel(nn.Module):
         # embedding, and its value for each catalog item (0 for trained ones)
         self.register_buffer("cold_prior", torch.zeros(int(base.config.hidden_size) + 1))
         self.register_buffer("cold_prior_items", torch.zeros(n_items))
+        # '' = the prior reads this model's frozen backbone; else the name or folder of the
+        # encoder it reads (its own width: ``cold_prior`` is then that encoder's dim + 1)
+        self.cold_prior_backbone = ""
         self.item_fac: nn.Parameter | None = None
         if cfg.item_factors:
             g = torch.Generator().manual_seed(cfg.seed + 1)
@@ -256,9 +259,34 @@ class RecModel(nn.Module):
         keep = self.warm if as_cold is None else self.warm & ~as_cold
         return self.item_bias * keep + prior
 
+    @torch.no_grad()
+    def set_cold_prior(self, fn: torch.Tensor, items: torch.Tensor, backbone: str = "") -> None:
+        """Store a cold prior: ``fn`` (width + 1) its linear function of a normalized text
+        embedding of ``backbone`` ('' = this model's frozen backbone, width ``dim``), ``items``
+        (n_items,) its value per catalog item (0 on trained ones)."""
+        width = self.dim if not backbone else None
+        if fn.ndim != 1 or fn.numel() < 2 or (width is not None and fn.numel() != width + 1):
+            raise ValueError(
+                f"cold prior: a linear function of {tuple(fn.shape)} does not fit "
+                + (f"this model's {width}-wide embeddings" if width else "an embedding")
+            )
+        if items.shape != self.cold_prior_items.shape:
+            raise ValueError(
+                f"cold prior: {tuple(items.shape)} item values for {self.warm.numel()}"
+            )
+        self.cold_prior = fn.to(torch.float32).clone()  # a buffer: replaced, any width
+        self.cold_prior_items.copy_(items)
+        self.cold_prior_backbone = str(backbone)
+
     def cold_prior_of(self, frozen: torch.Tensor) -> torch.Tensor:
-        """The cold prior's bias for new items from their frozen-backbone text embeddings
-        ``frozen`` (n, dim), normalized here; 0 when no prior is attached."""
+        """The cold prior's bias for new items from their frozen text embeddings ``frozen``
+        (n, width) by the prior's encoder (:attr:`cold_prior_backbone`; this model's own frozen
+        backbone when ''), normalized here; 0 when no prior is attached."""
+        if frozen.shape[-1] + 1 != self.cold_prior.numel():
+            raise ValueError(
+                f"cold prior: embeddings {frozen.shape[-1]} wide, the prior reads "
+                f"{self.cold_prior.numel() - 1} ({self.cold_prior_backbone or 'this model'})"
+            )
         x = F.normalize(frozen, dim=-1)
         return x @ self.cold_prior[:-1] + self.cold_prior[-1]
 

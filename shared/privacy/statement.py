@@ -372,10 +372,16 @@ def _not_protected(cfg: FedConfig) -> str:
     )
     prior = (
         f"- The cold prior (`cold-prior` = {cfg.cold_prior}): after the last round the server "
-        "regresses the\n  released model's item biases on the public catalog texts and gives "
-        "the items the protocol\n  declared new (public, not derived from interactions) the "
-        "prediction: post-processing of the\n  released model and public data, under the "
-        "guarantees above.\n"
+        "regresses the\n  released model's item biases on the public catalog texts ("
+        + (
+            f"embedded by `{cfg.cold_prior_backbone}`, a\n  pretrained encoder only the server "
+            "loads"
+            if cfg.cold_prior_backbone and cfg.cold_prior_backbone != cfg.backbone
+            else "embedded by the model's frozen\n  backbone"
+        )
+        + ") and gives the items the protocol declared new (public, not derived\n  from "
+        "interactions) the prediction: post-processing of the released model and public data,\n"
+        "  under the guarantees above.\n"
         if cfg.cold_prior > 0
         else ""
     )
