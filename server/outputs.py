@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from collections import Counter
 from pathlib import Path
@@ -30,6 +31,8 @@ from fedrec.shared.plots import plot_rounds
 from fedrec.shared.privacy.statement import statement
 from fedrec.shared.rundir import versions, write_json
 from fedrec.shared.splitting import Split
+
+log = logging.getLogger("fedrec.server")
 
 
 def baseline_names(spec: str) -> list[str]:
@@ -63,9 +66,10 @@ def _cold_prior(cfg: FedConfig, model: RecModel, bank: ProfileBank, split: Split
             scorer = ModelScorer(model, bank)
             own["metrics"] = {k: evaluate(scorer, es) for k, es in split.tests.items()}
         prior = attach_cold_prior(model, cfg.cold_prior, backbone=cfg.cold_prior_backbone)
-    except (ValueError, FileNotFoundError) as err:  # e.g. too few trained items: keep the run
+    except Exception as err:  # e.g. too few trained items, an unreadable encoder: keep the run
         clear_cold_prior(model)
-        return {"weight": cfg.cold_prior, "error": f"not attached: {err}"}
+        log.warning("cold prior not attached: %s: %s", type(err).__name__, err)
+        return {"weight": cfg.cold_prior, "error": f"not attached: {type(err).__name__}: {err}"}
     if own is not None:
         prior["own_backbone"] = own
     return prior

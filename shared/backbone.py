@@ -74,13 +74,13 @@ def resolve_backbone(name_or_path: str | Path = DEFAULT_BACKBONE) -> Path:
     return path
 
 
-def check_prior_backbone(name_or_path: str) -> Path:
-    """:func:`resolve_backbone` for the run config's ``cold-prior-backbone``, its error naming
-    that key."""
+def check_prior_backbone(name_or_path: str, key: str = "run config 'cold-prior-backbone'") -> Path:
+    """:func:`resolve_backbone` for the encoder a cold prior reads, its error naming the setting
+    ``key``."""
     try:
         return resolve_backbone(name_or_path)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"run config 'cold-prior-backbone': {e}") from None
+        raise FileNotFoundError(f"{key}: {e}") from None
 
 
 def _parted() -> set[str]:

@@ -172,10 +172,10 @@ def test_prior_on_another_encoder_is_its_ridge_and_serves_new_items_by_it(
     want = torch.as_tensor(ridge.predict(feats) * ~warm, dtype=torch.float32)
     assert torch.allclose(model.cold_prior_items, want, atol=1e-4)
     assert model.cold_prior_items[~model.warm].abs().sum() > 0
-    own = model.cold_prior_items.clone()
+    wide_items = model.cold_prior_items.clone()
     attach_cold_prior(model, 1.0, backbone=str(model.cfg.backbone))  # its own name: its own
     assert model.cold_prior_backbone == "" and model.cold_prior.numel() == 33
-    assert not torch.allclose(model.cold_prior_items, own, atol=1e-3)
+    assert not torch.allclose(model.cold_prior_items, wide_items, atol=1e-3)
     attach_cold_prior(model, 1.0, backbone=wide)
 
     run = tmp_path / "run"
@@ -191,6 +191,16 @@ def test_prior_on_another_encoder_is_its_ridge_and_serves_new_items_by_it(
     got = float(rec.bias[rec.position[10_000]])
     assert got == pytest.approx(float(model.cold_prior_items[cold]), abs=1e-4)
 
+    # serving with another encoder under that name, or without it: a clear error, no wrong bias
+    good = dict(meta)
+    meta["cold_prior_backbone_fingerprint"] = "0" * 16
+    (run / "model" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="fitted on encoder .* fingerprint"):
+        Recommender.load(run).add_items({10_001: ds.item_texts()[cold]})
+    meta = {**good, "cold_prior_backbone": str(tmp_path / "gone")}
+    (run / "model" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(FileNotFoundError, match="cold prior reads the encoder"):
+        Recommender.load(run).add_items({10_001: ds.item_texts()[cold]})
     meta["cold_prior_backbone"] = 7
     (run / "model" / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ModelFileError, match="'cold_prior_backbone' must be a string"):
@@ -299,6 +309,34 @@ def test_train_central_attaches_the_prior_from_its_training_counts(
     r = fedrec("train-central", "--data", synth_dir, "--out", tmp_path / "bad",
                "--set", "train.cold_prior=-1")  # fmt: skip
     assert r.returncode == 2 and "cold_prior" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_central_prior_on_another_encoder_scores_its_own_beside_it(
+    synth_dir, tiny_backbone, tiny_wide_encoder, tmp_path
+):
+    """train.cold_prior_backbone: the counts' regression reads the other encoder, the saved model
+    keeps it, and the same model with its own backbone's prior is scored beside it; an encoder
+    that is not there fails before training, naming the setting, with nothing written."""
+    run = tmp_path / "central"
+    common = ["--protocol", "B", "--data", synth_dir, "--no-baselines",
+              "--set", f"model.backbone={tiny_backbone}", "--set", "model.max_length=16",
+              "--set", "train.epochs=1", "--set", "train.batch_size=64",
+              "--set", "train.cold_prior=1"]  # fmt: skip
+    r = fedrec("train-central", *common, "--out", run,
+               "--set", f"train.cold_prior_backbone={tiny_wide_encoder}")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    info = json.loads((run / "metrics.json").read_text())["model"]["cold_prior"]
+    assert info["backbone"] == str(tiny_wide_encoder)
+    assert info["own_backbone"]["backbone"] == str(tiny_backbone)
+    assert set(info["own_backbone"]["metrics"]) == {"cold_items"}
+    model, _ = load_model(run)
+    assert model.cold_prior_backbone == str(tiny_wide_encoder)
+    assert model.cold_prior.numel() == 48 + 1
+    missing = tmp_path / "no-such-encoder"
+    r = fedrec("train-central", *common, "--out", tmp_path / "bad",
+               "--set", f"train.cold_prior_backbone={missing}")  # fmt: skip
+    assert r.returncode == 2 and "train setting cold_prior_backbone" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "bad").exists()
 
 
 def test_text_popularity_baseline_scores_trained_by_count_and_cold_by_text(

@@ -173,7 +173,9 @@ def test_statement_names_the_encoder_the_cold_prior_reads():
     own = flat(statement(FedConfig(protocol="B", cold_prior=1.0), p))
     assert "embedded by the model's frozen backbone" in own and "post-processing" in own
     other = flat(statement(FedConfig(protocol="B", cold_prior=1.0, cold_prior_backbone="mpnet"), p))
-    assert "embedded by `mpnet`, a pretrained encoder only the server loads" in other
+    assert "embedded by `mpnet`, an encoder only the server loads" in other
+    assert "pretrained on data independent of this federation's" in other
+    assert "pretrained on data independent" not in own and "`model.cold_prior.error`" in own
     named = FedConfig(protocol="B", cold_prior=1.0, cold_prior_backbone="minilm")
     assert "embedded by the model's frozen backbone" in flat(statement(named, p))
 

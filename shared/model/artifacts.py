@@ -61,6 +61,11 @@ def save_model(model: RecModel, run: Path, *, item_ids: list[int], titles: list[
             "titles": titles,
             # the encoder the cold prior reads ('' = this model's frozen backbone)
             "cold_prior_backbone": model.cold_prior_backbone,
+            "cold_prior_backbone_fingerprint": (
+                backbone_fingerprint(resolve_backbone(model.cold_prior_backbone))
+                if model.cold_prior_backbone
+                else ""
+            ),
         },
     )
 
@@ -193,6 +198,7 @@ def load_model(run: Path, *, backbone: str | None = None) -> tuple[RecModel, dic
                 )
         if present:
             model.set_cold_prior(head["cold_prior"], head["cold_prior_items"], prior_backbone)
+            model.cold_prior_fingerprint = str(meta.get("cold_prior_backbone_fingerprint") or "")
         if bool((model.cold_prior_items * model.warm).any()):
             raise ModelFileError(
                 f"{run}/model/head.safetensors: 'cold_prior_items' is non-zero on trained items"

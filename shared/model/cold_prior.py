@@ -140,13 +140,35 @@ def prior_features(model: Any, backbone: str = "") -> np.ndarray:
     return TextEncoder(backbone).encode_cached(model.item_texts)
 
 
+_ENCODERS: dict[str, Any] = {}  # the prior's other encoder, loaded once per process
+
+
 def encode_for_prior(model: Any, texts: list[str]) -> torch.Tensor:
-    """Frozen embeddings of new ``texts`` by the encoder the model's prior reads."""
+    """Frozen embeddings of new ``texts`` by the encoder the model's prior reads. Another encoder
+    must be on this machine and, when the saved model recorded its fingerprint, be the same
+    one (else a clear error: its biases would be wrong silently)."""
     if not model.cold_prior_backbone:
         return model.encode_texts(texts, adapted=False)
-    from fedrec.shared.backbone import TextEncoder
+    from fedrec.shared.backbone import TextEncoder, backbone_fingerprint, resolve_backbone
 
-    return torch.as_tensor(TextEncoder(model.cold_prior_backbone).encode(texts))
+    name = model.cold_prior_backbone
+    try:
+        path = resolve_backbone(name)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"this model's cold prior reads the encoder {name!r}, which new items must be "
+            f"embedded by: {e}"
+        ) from None
+    want = getattr(model, "cold_prior_fingerprint", "")
+    if want and backbone_fingerprint(path) != want:
+        raise ValueError(
+            f"this model's cold prior was fitted on encoder {name!r} with fingerprint {want}, but "
+            f"{path} has {backbone_fingerprint(path)}: new items would get wrong biases. Point "
+            "it at the encoder the run used"
+        )
+    if str(path) not in _ENCODERS:
+        _ENCODERS[str(path)] = TextEncoder(path)
+    return torch.as_tensor(_ENCODERS[str(path)].encode(texts))
 
 
 @torch.no_grad()
@@ -191,6 +213,10 @@ def attach_cold_prior(
             )
         target = model.item_bias.detach().double().numpy()
         what = "the model's learned item bias (post-processing of the model)"
+    if "/" in backbone:  # a folder: kept as an absolute path with the model
+        from pathlib import Path
+
+        backbone = str(Path(backbone).resolve())
     x = prior_features(model, backbone) if features is None else np.asarray(features)
     if x.ndim != 2 or x.shape[0] != warm.shape[0]:
         raise ValueError(f"cold prior: features {x.shape} for {warm.shape[0]} catalog items")

@@ -160,7 +160,9 @@ class TrainConfig:
     :func:`fedrec.shared.splitting.holdout_split`); 0 = train on everything, keep the last epoch.
     ``cold_prior``: after training, give items never trained a popularity predicted from their
     text, this many logits per unit of log count (:mod:`fedrec.shared.model.cold_prior`; it
-    reads the training counts, so central training only); 0 = none.
+    reads the training counts, so central training only); 0 = none. ``cold_prior_backbone``:
+    the encoder whose embeddings of the catalog texts that regression reads ('' = the model's
+    own frozen backbone; e.g. ``mpnet``): the federation's ``cold-prior-backbone``.
     ``segment_prior`` (protocol C only; ``age``, ``gender`` or ``age,gender``): after training,
     rank new users by ``segment_weight`` x log of their segment's item distribution in the
     training data plus the model's score, the federated ``segment-prior``'s scorer with exact
@@ -179,6 +181,7 @@ class TrainConfig:
     mask_positives: bool = False
     holdout: float = 0.0
     cold_prior: float = 0.0
+    cold_prior_backbone: str = ""
     segment_prior: str = ""
     segment_weight: float = 100.0
     seed: int = 0  # seed of the example order and negatives
@@ -188,6 +191,12 @@ class TrainConfig:
         _check(self.set_max_context >= 0, "set_max_context", self.set_max_context, ">= 0")
         _check(0 <= self.holdout < 1, "holdout", self.holdout, "0 <= fraction < 1")
         _check(0 <= self.cold_prior <= 100, "cold_prior", self.cold_prior, "0..100")
+        _check(
+            not self.cold_prior_backbone or self.cold_prior > 0,
+            "cold_prior_backbone",
+            self.cold_prior_backbone,
+            "'' unless cold_prior > 0 (it says which encoder the cold prior reads)",
+        )
         _check(0 < self.segment_weight <= 1e6, "segment_weight", self.segment_weight, "(0, 1e6]")
         fields = [f.strip() for f in self.segment_prior.split(",") if f.strip()]
         _check(

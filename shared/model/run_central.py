@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedrec.shared.backbone import check_prior_backbone
 from fedrec.shared.baselines import BASELINES, run_baselines
 from fedrec.shared.data.dataset import Dataset, render
 from fedrec.shared.evaluation import evaluate
@@ -29,7 +30,7 @@ from fedrec.shared.federation.segments import (
 )
 from fedrec.shared.model.artifacts import save_model
 from fedrec.shared.model.central import ModelScorer, build_model, train_central
-from fedrec.shared.model.cold_prior import attach_cold_prior
+from fedrec.shared.model.cold_prior import attach_cold_prior, own_backbone
 from fedrec.shared.model.config import ModelConfig, TrainConfig, as_dict, from_dict
 from fedrec.shared.plots import plot_training
 from fedrec.shared.rundir import versions, write_json
@@ -152,6 +153,8 @@ def run_train_central(
             f"train setting segment_prior={train_cfg.segment_prior!r} is for new users, protocol "
             f"C only (this run is protocol {protocol}); leave it out"
         )
+    if train_cfg.cold_prior_backbone:  # the prior's encoder: fail before training, not after
+        check_prior_backbone(train_cfg.cold_prior_backbone, "train setting cold_prior_backbone")
     ds = with_profile_template(ds, model_cfg.profile_template)
     split = make_split(ds, protocol)
     profiles = [ds.user_text(int(u)) for u in split.user_ids]
@@ -171,8 +174,19 @@ def run_train_central(
     prior = None
     if train_cfg.cold_prior > 0:
         counts = np.bincount(fit.train_item, minlength=len(ds.item_ids))
-        prior = attach_cold_prior(model, train_cfg.cold_prior, counts=counts)
-        log(f"cold prior: weight {prior['weight']}, ridge lambda {prior['lambda']} (5-fold CV)")
+        other = train_cfg.cold_prior_backbone
+        own = None
+        if not own_backbone(model, other):  # the same model with its own backbone's prior first
+            own = attach_cold_prior(model, train_cfg.cold_prior, counts=counts)
+            own_scorer = ModelScorer(model, bank)
+            own["metrics"] = {k: evaluate(own_scorer, es) for k, es in split.tests.items()}
+        prior = attach_cold_prior(model, train_cfg.cold_prior, counts=counts, backbone=other)
+        if own is not None:
+            prior["own_backbone"] = own
+        log(
+            f"cold prior: weight {prior['weight']}, read by {prior['backbone']}, ridge lambda "
+            f"{prior['lambda']} (5-fold CV)"
+        )
     scorer: Any = ModelScorer(model, bank)
     segment_info, segment_counts = None, None
     if train_cfg.segment_prior:

@@ -139,6 +139,7 @@ class RecModel(nn.Module):
         # '' = the prior reads this model's frozen backbone; else the name or folder of the
         # encoder it reads (its own width: ``cold_prior`` is then that encoder's dim + 1)
         self.cold_prior_backbone = ""
+        self.cold_prior_fingerprint = ""  # that encoder's, when loaded from a saved model
         self.item_fac: nn.Parameter | None = None
         if cfg.item_factors:
             g = torch.Generator().manual_seed(cfg.seed + 1)
@@ -277,6 +278,7 @@ class RecModel(nn.Module):
         self.cold_prior = fn.to(torch.float32).clone()  # a buffer: replaced, any width
         self.cold_prior_items.copy_(items)
         self.cold_prior_backbone = str(backbone)
+        self.cold_prior_fingerprint = ""
 
     def cold_prior_of(self, frozen: torch.Tensor) -> torch.Tensor:
         """The cold prior's bias for new items from their frozen text embeddings ``frozen``

@@ -6,6 +6,7 @@ its own recomputation of every client's epsilon, so the two can be compared.
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 from fedrec.shared.federation.config import FedConfig
@@ -370,18 +371,33 @@ def _not_protected(cfg: FedConfig) -> str:
         "The user-level guarantee, when on, does not rest on them: it bounds what the clipped, "
         "noised update\n  reveals whatever a client computed from its data.\n"
     )
+    other = bool(cfg.cold_prior_backbone) and cfg.cold_prior_backbone != cfg.backbone
     prior = (
-        f"- The cold prior (`cold-prior` = {cfg.cold_prior}): after the last round the server "
-        "regresses the\n  released model's item biases on the public catalog texts ("
-        + (
-            f"embedded by `{cfg.cold_prior_backbone}`, a\n  pretrained encoder only the server "
-            "loads"
-            if cfg.cold_prior_backbone and cfg.cold_prior_backbone != cfg.backbone
-            else "embedded by the model's frozen\n  backbone"
+        textwrap.fill(
+            f"The cold prior (`cold-prior` = {cfg.cold_prior}): after the last round the server "
+            "regresses the released model's item biases on the public catalog texts ("
+            + (
+                f"embedded by `{cfg.cold_prior_backbone}`, an encoder only the server loads"
+                if other
+                else "embedded by the model's frozen backbone"
+            )
+            + ") and gives the items the protocol declared new (public, not derived from "
+            "interactions) the prediction: post-processing of the released model and public "
+            "data, under the guarantees above"
+            + (
+                ", provided that encoder was pretrained on data independent of this "
+                "federation's (a folder fine-tuned on the clients' interactions would not be)"
+                if other
+                else ""
+            )
+            + ". If the prior cannot be fitted, cold items keep no bias (`metrics.json` "
+            "`model.cold_prior.error` says why).",
+            width=96,
+            initial_indent="- ",
+            subsequent_indent="  ",
+            break_on_hyphens=False,
         )
-        + ") and gives the items the protocol declared new (public, not derived\n  from "
-        "interactions) the prediction: post-processing of the released model and public data,\n"
-        "  under the guarantees above.\n"
+        + "\n"
         if cfg.cold_prior > 0
         else ""
     )

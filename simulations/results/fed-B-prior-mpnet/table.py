@@ -30,7 +30,8 @@ def _row(run: Path) -> dict:
 
 
 def main() -> None:
-    rows = [_row(r) for r in sorted((HERE / "runs").iterdir()) if (r / "metrics.json").is_file()]
+    runs = sorted((HERE / "runs").glob("*-prior-seed*"))  # the federated runs
+    rows = [_row(r) for r in runs if (r / "metrics.json").is_file()]
     print("Runs (test, cold items; `own` = the same model with the prior on its own MiniLM):\n")
     print("| run | seed | prior read by | Recall@10 | NDCG@10 | MRR@10 | Recall@20 "
           "| own-MiniLM prior Recall@10 / NDCG@10 | epsilon | seconds |")  # fmt: skip
