@@ -24,7 +24,7 @@ from fedrec.shared.federation.segments import (
 )
 from fedrec.shared.model.artifacts import save_model
 from fedrec.shared.model.central import ModelScorer, ProfileBank
-from fedrec.shared.model.cold_prior import attach_cold_prior, clear_cold_prior, own_backbone
+from fedrec.shared.model.cold_prior import attach_cold_prior_paired, clear_cold_prior
 from fedrec.shared.model.run_central import item_titles
 from fedrec.shared.model.towers import RecModel
 from fedrec.shared.plots import plot_rounds
@@ -59,20 +59,19 @@ def _cold_prior(cfg: FedConfig, model: RecModel, bank: ProfileBank, split: Split
     """Attach the cold prior (``cold-prior``, read by ``cold-prior-backbone``). With another
     encoder than the model's own, the same model with its own backbone's prior is scored first:
     a paired comparison recorded as ``own_backbone``."""
-    own: dict[str, Any] | None = None
+
+    def score() -> dict[str, Any]:
+        scorer = ModelScorer(model, bank)
+        return {k: evaluate(scorer, es) for k, es in split.tests.items()}
+
     try:
-        if not own_backbone(model, cfg.cold_prior_backbone):
-            own = attach_cold_prior(model, cfg.cold_prior)
-            scorer = ModelScorer(model, bank)
-            own["metrics"] = {k: evaluate(scorer, es) for k, es in split.tests.items()}
-        prior = attach_cold_prior(model, cfg.cold_prior, backbone=cfg.cold_prior_backbone)
+        return attach_cold_prior_paired(
+            model, cfg.cold_prior, score, backbone=cfg.cold_prior_backbone
+        )
     except Exception as err:  # e.g. too few trained items, an unreadable encoder: keep the run
         clear_cold_prior(model)
         log.warning("cold prior not attached: %s: %s", type(err).__name__, err)
         return {"weight": cfg.cold_prior, "error": f"not attached: {type(err).__name__}: {err}"}
-    if own is not None:
-        prior["own_backbone"] = own
-    return prior
 
 
 def write_outputs(

@@ -28,6 +28,7 @@ interactions; :func:`fedrec.shared.federation.data_and_model.warm_items`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,7 +141,8 @@ def prior_features(model: Any, backbone: str = "") -> np.ndarray:
     return TextEncoder(backbone).encode_cached(model.item_texts)
 
 
-_ENCODERS: dict[str, Any] = {}  # the prior's other encoder, loaded once per process
+# the prior's other encoder and its fingerprint, loaded once per process
+_ENCODERS: dict[str, tuple[Any, str]] = {}
 
 
 def encode_for_prior(model: Any, texts: list[str]) -> torch.Tensor:
@@ -159,16 +161,17 @@ def encode_for_prior(model: Any, texts: list[str]) -> torch.Tensor:
             f"this model's cold prior reads the encoder {name!r}, which new items must be "
             f"embedded by: {e}"
         ) from None
+    if str(path) not in _ENCODERS:
+        _ENCODERS[str(path)] = (TextEncoder(path), backbone_fingerprint(path))
+    encoder, found = _ENCODERS[str(path)]
     want = getattr(model, "cold_prior_fingerprint", "")
-    if want and backbone_fingerprint(path) != want:
+    if want and found != want:
         raise ValueError(
             f"this model's cold prior was fitted on encoder {name!r} with fingerprint {want}, but "
-            f"{path} has {backbone_fingerprint(path)}: new items would get wrong biases. Point "
-            "it at the encoder the run used"
+            f"{path} has {found}: new items would get wrong biases. Point it at the encoder the "
+            "run used"
         )
-    if str(path) not in _ENCODERS:
-        _ENCODERS[str(path)] = TextEncoder(path)
-    return torch.as_tensor(_ENCODERS[str(path)].encode(texts))
+    return torch.as_tensor(encoder.encode(texts))
 
 
 @torch.no_grad()
@@ -241,6 +244,27 @@ def attach_cold_prior(
     }
 
 
+def attach_cold_prior_paired(
+    model: Any,
+    weight: float,
+    score: Callable[[], dict[str, Any]],
+    *,
+    backbone: str = "",
+    counts: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """:func:`attach_cold_prior` on ``backbone``; when that is another encoder than the model's
+    own, the same model with its own backbone's prior is scored first (``score()``, the caller's
+    evaluation) and recorded as ``own_backbone``: a paired comparison on one trained model."""
+    own = None
+    if not own_backbone(model, backbone):
+        own = attach_cold_prior(model, weight, counts=counts)
+        own["metrics"] = score()
+    prior = attach_cold_prior(model, weight, counts=counts, backbone=backbone)
+    if own is not None:
+        prior["own_backbone"] = own
+    return prior
+
+
 @torch.no_grad()
 def clear_cold_prior(model: Any) -> None:
     """Remove the prior (zeros, on the model's own width): e.g. before a model object is
@@ -252,6 +276,7 @@ __all__ = [
     "LAMBDAS",
     "TextPrior",
     "attach_cold_prior",
+    "attach_cold_prior_paired",
     "clear_cold_prior",
     "encode_for_prior",
     "fit_text_prior",

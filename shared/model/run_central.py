@@ -30,7 +30,7 @@ from fedrec.shared.federation.segments import (
 )
 from fedrec.shared.model.artifacts import save_model
 from fedrec.shared.model.central import ModelScorer, build_model, train_central
-from fedrec.shared.model.cold_prior import attach_cold_prior, own_backbone
+from fedrec.shared.model.cold_prior import attach_cold_prior_paired
 from fedrec.shared.model.config import ModelConfig, TrainConfig, as_dict, from_dict
 from fedrec.shared.plots import plot_training
 from fedrec.shared.rundir import versions, write_json
@@ -174,15 +174,18 @@ def run_train_central(
     prior = None
     if train_cfg.cold_prior > 0:
         counts = np.bincount(fit.train_item, minlength=len(ds.item_ids))
-        other = train_cfg.cold_prior_backbone
-        own = None
-        if not own_backbone(model, other):  # the same model with its own backbone's prior first
-            own = attach_cold_prior(model, train_cfg.cold_prior, counts=counts)
+
+        def score() -> dict[str, Any]:
             own_scorer = ModelScorer(model, bank)
-            own["metrics"] = {k: evaluate(own_scorer, es) for k, es in split.tests.items()}
-        prior = attach_cold_prior(model, train_cfg.cold_prior, counts=counts, backbone=other)
-        if own is not None:
-            prior["own_backbone"] = own
+            return {k: evaluate(own_scorer, es) for k, es in split.tests.items()}
+
+        prior = attach_cold_prior_paired(
+            model,
+            train_cfg.cold_prior,
+            score,
+            backbone=train_cfg.cold_prior_backbone,
+            counts=counts,
+        )
         log(
             f"cold prior: weight {prior['weight']}, read by {prior['backbone']}, ridge lambda "
             f"{prior['lambda']} (5-fold CV)"
