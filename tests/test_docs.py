@@ -283,3 +283,69 @@ def test_secure_headline_reads_the_runs_and_refuses_mixed_settings(tmp_path):
     (twin / "config.json").write_text(json.dumps(t))
     with pytest.raises(ValueError, match="local DP"):
         headline(tmp_path)
+
+
+def test_readme_seeds_table_is_generated_from_the_committed_runs():
+    """The README's medians over seeds are what `python -m fedrec.simulations.seeds_report
+    --readme README.md` writes from the committed runs: no number typed by hand."""
+    from fedrec.simulations.seeds_report import BEGIN, DEFAULT_RESULTS, END, headline
+
+    text = (REPO / "README.md").read_text()
+    assert text.count(BEGIN) == 1 and text.count(END) == 1
+    block = text[text.index(BEGIN) + len(BEGIN) : text.index(END)].strip()
+    want = headline(REPO / DEFAULT_RESULTS)
+    assert block == want, "README's seeds table differs from the runs: run the command above"
+
+
+def test_seeds_table_reads_the_runs_and_refuses_what_a_median_cannot_mix(tmp_path):
+    """The row is computed from the runs' files (a changed metric changes it; the median of
+    three is the middle value), and the generator refuses runs whose settings differ beyond the
+    seed, a baseline fitted on another split, a single run, and a run without the metric."""
+    import json
+    import shutil
+
+    from fedrec.simulations.seeds_report import DEFAULT_RESULTS, Setting, headline
+
+    src = REPO / DEFAULT_RESULTS
+    s = Setting("x", "fed-A-silo10-batch", "q10-r3-lr16-seed*", (("test", "NDCG@10"),), "als")
+    names = sorted(p.parent.name for p in (src / s.folder / "runs").glob(f"{s.runs}/config.json"))
+    assert len(names) >= 3
+    for name in names:
+        (tmp_path / s.folder / "runs" / name).mkdir(parents=True)
+        for f in ("metrics.json", "config.json"):
+            shutil.copy(src / s.folder / "runs" / name / f, tmp_path / s.folder / "runs" / name / f)
+    base = tmp_path / "suite-full" / "runs" / "A-baselines"
+    base.mkdir(parents=True)
+    shutil.copy(src / "suite-full" / "runs" / "A-baselines" / "metrics.json", base)
+    runs = tmp_path / s.folder / "runs"
+
+    def edit(path, change):
+        d = json.loads(path.read_text())
+        change(d)
+        path.write_text(json.dumps(d))
+
+    for name, v in zip(names[:3], (0.5, 0.1, 0.3), strict=True):
+        edit(runs / name / "metrics.json",
+             lambda d, v=v: d["model"]["metrics"]["test"].update({"NDCG@10": v}))  # fmt: skip
+    als = json.loads((base / "metrics.json").read_text())["baselines"]["als"]["metrics"]
+    row = headline(tmp_path, (s,)).splitlines()[2]
+    assert f"**0.3000** (0.1000 to 0.5000) | als: {als['test']['NDCG@10']:.4f} |" in row
+    # settings that differ beyond the seed
+    edit(runs / names[1] / "config.json", lambda d: d["federation"].update({"lr": 1.5}))
+    with pytest.raises(ValueError, match="differ only in their seed"):
+        headline(tmp_path, (s,))
+    shutil.copy(src / s.folder / "runs" / names[1] / "config.json", runs / names[1])
+    # a baseline fitted on another split
+    edit(base / "metrics.json", lambda d: d["split"].update({"n_train_interactions": 1}))
+    with pytest.raises(ValueError, match="not on the same split"):
+        headline(tmp_path, (s,))
+    shutil.copy(src / "suite-full" / "runs" / "A-baselines" / "metrics.json", base)
+    # a run without the metric
+    edit(runs / names[0] / "metrics.json", lambda d: d["model"]["metrics"].pop("test"))
+    with pytest.raises(ValueError, match="no test NDCG@10"):
+        headline(tmp_path, (s,))
+    # one run is no median
+    for name in names[1:]:
+        shutil.rmtree(runs / name)
+    with pytest.raises(ValueError, match="a median needs two or more"):
+        headline(tmp_path, (s,))

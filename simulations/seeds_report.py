@@ -1,0 +1,175 @@
+"""The README's table of medians over seeds for the federated settings run more than once,
+generated from the committed runs (never typed by hand).
+
+Run: ``python -m fedrec.simulations.seeds_report [--results DIR] [--readme README.md]``
+
+Each setting of :data:`SETTINGS` names a results folder and a glob of its ``runs/*`` that are one
+configuration run with several seeds (refused if their configs differ in anything but the seed).
+Each row gives the median, the smallest and the largest of their test metric, the largest epsilon
+any of them spent, and the bar: a baseline from the full suite's baselines run of the same
+protocol (``suite-full/runs/P-baselines``), refused unless it was fitted on the same split. The
+table goes between ``<!-- seeds-headline:begin -->`` and ``<!-- seeds-headline:end -->`` of the
+README; ``tests/test_docs.py`` checks that the committed README holds exactly what this module
+generates from the committed runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedrec.simulations.secure_report import _check_same
+
+BEGIN, END = "<!-- seeds-headline:begin -->", "<!-- seeds-headline:end -->"
+DEFAULT_RESULTS = Path("simulations/results")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One federated configuration run with several seeds."""
+
+    label: str  # what the configuration is, as the table names it
+    folder: str  # its results folder, under the results directory
+    runs: str  # a glob of its run folders, under ``folder/runs``
+    metrics: tuple[tuple[str, str], ...]  # (evaluation set, metric) of each column value
+    bar: str  # the baseline the target is set against, from ``P-baselines``
+
+
+A = (("test", "NDCG@10"),)
+SETTINGS = (
+    Setting("10 silos, the `silos` preset (sliding windows of two items)", "fed-A-silo10-batch",
+            "q10-r3-lr16-seed*", A, "als"),
+    Setting("the `silos` preset at epsilon 3", "fed-A-silo10-batch", "batch-eps3-seed*", A, "als"),
+    Setting("the `silos` preset at epsilon 1", "fed-A-silo10-batch", "batch-eps1-seed*", A, "als"),
+    Setting("the `silos` preset with 16 item factors", "fed-A-silo10-factor-rows", "fac16-seed*",
+            A, "als"),
+    Setting("the `silos` preset with 16 item factors, 5 rounds", "fed-A-silo10-rounds",
+            "fac16-r5-seed*", A, "als"),
+    Setting("10 silos, sliding windows, 10 rounds of small batches", "fed-A-silo10-seeds",
+            "seq-h2-eps8-seed*", A, "als"),
+    Setting("10 silos, disjoint examples", "fed-A-silo10-seeds", "eps8-seed*", A, "als"),
+    Setting("10 silos, disjoint examples, epsilon 3", "fed-A-silo10-seeds", "eps3-seed*", A, "als"),
+    Setting("10 silos, disjoint examples, epsilon 1", "fed-A-silo10-seeds", "eps1-seed*", A, "als"),
+    Setting("10 silos, cold prior read by MiniLM", "fed-B-prior-mpnet", "minilm-prior-seed*",
+            (("cold_items", "Recall@10"),), "text-popularity"),
+    Setting("10 silos, cold prior read by mpnet (server only)", "fed-B-prior-mpnet",
+            "mpnet-prior-seed*", (("cold_items", "Recall@10"),), "text-popularity"),
+    Setting("10 silos, segment prior (age bands, noise 2)", "fed-C-segment-prior", "age-z2-seed*",
+            (("k=0", "NDCG@10"), ("k=3", "NDCG@10")), "profile-popularity"),
+    Setting("10 silos, segment prior (age bands, noise 1)", "fed-C-segment-prior", "age-z1-seed*",
+            (("k=0", "NDCG@10"), ("k=3", "NDCG@10")), "profile-popularity"),
+)  # fmt: skip
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not readable JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return data
+
+
+def load_setting(results: Path, s: Setting) -> list[dict[str, Any]]:
+    """``[{name, config, metrics}]`` of the setting's runs, sorted by name, checked to differ
+    only in their seed."""
+    runs = []
+    for m in sorted((results / s.folder / "runs").glob(f"{s.runs}/metrics.json")):
+        try:
+            config = _read(m.parent / "config.json")["federation"]
+        except KeyError:
+            raise ValueError(f"{m.parent}/config.json: no 'federation' section") from None
+        runs.append({"name": m.parent.name, "config": config, "metrics": _read(m)})
+    if len(runs) < 2:
+        raise ValueError(
+            f"{results / s.folder}/runs/{s.runs}: {len(runs)} run(s) found, a median needs two "
+            "or more"
+        )
+    for r in runs[1:]:
+        _check_same(runs[0], r, set(), "a median is over runs that differ only in their seed")
+    return runs
+
+
+def _value(metrics: dict[str, Any], where: str, name: str, node: str) -> float:
+    try:
+        return float(metrics["metrics"][where][name])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{node}: no {where} {name} in its metrics") from None
+
+
+def row(results: Path, s: Setting) -> str:
+    runs = load_setting(results, s)
+    protocol = str(runs[0]["config"]["protocol"])
+    base_path = results / "suite-full" / "runs" / f"{protocol}-baselines" / "metrics.json"
+    base = _read(base_path)
+    for r in runs:
+        if r["metrics"].get("split") != base.get("split"):
+            raise ValueError(
+                f"{s.folder}/runs/{r['name']}: its split differs from {base_path}'s, so the "
+                "baseline is not on the same split"
+            )
+    if s.bar not in base.get("baselines", {}):
+        raise ValueError(f"{base_path}: no baseline {s.bar!r}")
+    cells, bars = [], []
+    for where, name in s.metrics:
+        vals = [_value(r["metrics"]["model"], where, name, f"{s.folder}/runs/{r['name']}")
+                for r in runs]  # fmt: skip
+        bar = _value(base["baselines"][s.bar], where, name, f"{base_path} {s.bar}")
+        at = "" if len(s.metrics) == 1 else f"{where}: "
+        cells.append(f"{at}**{statistics.median(vals):.4f}** ({min(vals):.4f} to {max(vals):.4f})")
+        bars.append(f"{at}{bar:.4f}")
+    eps = [float(r["metrics"]["privacy"]["epsilon_max"]) for r in runs]
+    delta = runs[0]["metrics"]["privacy"]["delta"]
+    label = f"{s.label} ([runs](simulations/results/{s.folder}/README.md))"
+    metric = f"{s.metrics[0][1]} ({'cold items' if s.metrics[0][0] == 'cold_items' else 'test'})"
+    return (
+        f"| {protocol} | {label} | {len(runs)} | {max(eps):.2f} / interaction (delta {delta:g}) "
+        f"| {metric} | {'; '.join(cells)} | {s.bar}: {'; '.join(bars)} |"
+    )
+
+
+def headline(results: Path = DEFAULT_RESULTS, settings: tuple[Setting, ...] = SETTINGS) -> str:
+    """The Markdown block (without the markers)."""
+    lines = [
+        "| protocol | federated setting (local DP-SGD, epsilon 8 unless named) | runs | "
+        "epsilon at most | metric | median (min to max) | the bar, same split |",
+        "|---|---|---:|---|---|---|---|",
+        *(row(results, s) for s in settings),
+        "",
+        "Generated from the runs' `metrics.json` (their seeds are their only difference) and "
+        "the full suite's baselines runs of each protocol (`simulations/results/suite-full/runs/`)"
+        " by `python -m fedrec.simulations.seeds_report --readme README.md`.",
+    ]
+    return "\n".join(lines)
+
+
+def write_readme(readme: Path, block: str) -> None:
+    text = readme.read_text()
+    if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
+        raise ValueError(f"{readme}: needs the markers {BEGIN} and {END}, in that order")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    ap.add_argument("--readme", type=Path, default=None, help="write the block into this file")
+    args = ap.parse_args()
+    try:
+        block = headline(args.results)
+        if args.readme is not None:
+            write_readme(args.readme, block)
+    except ValueError as err:
+        ap.exit(2, f"seeds_report: {err}\n")
+    print(block)
+
+
+if __name__ == "__main__":
+    main()
