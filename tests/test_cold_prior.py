@@ -395,3 +395,26 @@ def test_weight_selection_script_runs_on_a_holdout_run_and_refuses_a_run_without
     )  # fmt: skip
     assert r.returncode != 0 and "train.holdout is 0" in r.stderr
     assert "--set train.holdout=0.2" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_own_backbone_is_the_same_folder_whatever_its_spelling(
+    tiny_backbone, tiny_wide_encoder, tmp_path
+):
+    """The paired comparison and the saved model treat a prior as read by the model's own
+    backbone for '', its name, the packaged model's folder for 'minilm', or a link to its folder;
+    another encoder or a name that does not resolve is not its own."""
+    from types import SimpleNamespace
+
+    from fedrec.shared.backbone import resolve_backbone
+    from fedrec.shared.model.cold_prior import own_backbone
+
+    minilm = SimpleNamespace(cfg=SimpleNamespace(backbone="minilm"))
+    assert own_backbone(minilm, "") and own_backbone(minilm, "minilm")
+    assert own_backbone(minilm, str(resolve_backbone("minilm")))
+    assert not own_backbone(minilm, str(tiny_wide_encoder))
+    assert not own_backbone(minilm, str(tmp_path / "gone"))
+    tiny = SimpleNamespace(cfg=SimpleNamespace(backbone=str(tiny_backbone)))
+    link = tmp_path / "link"
+    link.symlink_to(tiny_backbone, target_is_directory=True)
+    assert own_backbone(tiny, str(link)) and own_backbone(tiny, f"{tiny_backbone}/")
+    assert not own_backbone(tiny, "minilm")
