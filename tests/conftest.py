@@ -9,6 +9,19 @@ import pytest
 from fedrec.shared.data.synthetic import FILLER, TOPICS, generate
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory: pytest.TempPathFactory):
+    """The tests' text-embedding and catalog caches (``$FEDREC_CACHE``) live in a temporary
+    folder of the session, not in the user's ``~/.cache/fedrec``: a test run leaves nothing
+    behind and never reads a stale file written by an earlier run or by the user's own runs.
+    Processes the tests start (Flower's, the CLI's) inherit it. A test that needs another
+    folder sets its own."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FEDREC_CACHE", str(tmp_path_factory.mktemp("fedrec-cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate(tmp_path_factory.mktemp("data") / "synth", n_users=60, n_items=90, seed=0)

