@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,27 +214,50 @@ def headline(results: Path, *, label: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_readme(readme: Path, block: str) -> None:
+def write_block(readme: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
+    """Put ``block`` between the markers ``begin`` and ``end`` of ``readme``; the file is
+    rewritten atomically, and left alone when the markers are missing."""
+    import os
+
     text = readme.read_text()
-    if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
-        raise ValueError(f"{readme}: needs the markers {BEGIN} and {END}, in that order")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
+    if begin not in text or end not in text or text.index(begin) > text.index(end):
+        raise ValueError(f"{readme}: needs the markers {begin} and {end}, in that order")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    tmp = readme.with_name(f".{readme.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{head}{begin}\n{block}\n{end}{tail}")
+    os.replace(tmp, readme)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+def write_readme(readme: Path, block: str) -> None:
+    write_block(readme, block)
+
+
+def report_cli(
+    doc: str | None,
+    default_results: Path,
+    make: Callable[[Path], str],
+    begin: str,
+    end: str,
+    prog: str,
+) -> None:
+    """The command line both README generators share: ``[--results DIR] [--readme FILE]``;
+    prints the block, writes it into FILE between the markers, exits 2 on a bad input."""
+    ap = argparse.ArgumentParser(prog=prog, description=(doc or "").splitlines()[0])
+    ap.add_argument("--results", type=Path, default=default_results)
     ap.add_argument("--readme", type=Path, default=None, help="write the block into this file")
     args = ap.parse_args()
     try:
-        block = headline(args.results)
+        block = make(args.results)
         if args.readme is not None:
-            write_readme(args.readme, block)
+            write_block(args.readme, block, begin, end)
     except ValueError as err:
-        ap.exit(2, f"secure_report: {err}\n")
+        ap.exit(2, f"{prog}: {err}\n")
     print(block)
+
+
+def main() -> None:
+    report_cli(__doc__, DEFAULT_RESULTS, headline, BEGIN, END, "secure_report")
 
 
 if __name__ == "__main__":

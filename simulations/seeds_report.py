@@ -15,14 +15,13 @@ generates from the committed runs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedrec.simulations.secure_report import _check_same
+from fedrec.simulations.secure_report import _check_same, report_cli
 
 BEGIN, END = "<!-- seeds-headline:begin -->", "<!-- seeds-headline:end -->"
 DEFAULT_RESULTS = Path("simulations/results")
@@ -148,27 +147,8 @@ def headline(results: Path = DEFAULT_RESULTS, settings: tuple[Setting, ...] = SE
     return "\n".join(lines)
 
 
-def write_readme(readme: Path, block: str) -> None:
-    text = readme.read_text()
-    if BEGIN not in text or END not in text or text.index(BEGIN) > text.index(END):
-        raise ValueError(f"{readme}: needs the markers {BEGIN} and {END}, in that order")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
-    ap.add_argument("--readme", type=Path, default=None, help="write the block into this file")
-    args = ap.parse_args()
-    try:
-        block = headline(args.results)
-        if args.readme is not None:
-            write_readme(args.readme, block)
-    except ValueError as err:
-        ap.exit(2, f"seeds_report: {err}\n")
-    print(block)
+    report_cli(__doc__, DEFAULT_RESULTS, headline, BEGIN, END, "seeds_report")
 
 
 if __name__ == "__main__":
