@@ -74,6 +74,18 @@ def resolve_backbone(name_or_path: str | Path = DEFAULT_BACKBONE) -> Path:
     return path
 
 
+def same_backbone(a: str, b: str) -> bool:
+    """Whether two backbone names or folders are one encoder: equal strings, or names and
+    folders that resolve to the same directory (``minilm`` and the packaged model's folder, a
+    link, a trailing slash). A name that does not resolve is only itself."""
+    if a == b:
+        return True
+    try:
+        return resolve_backbone(a).resolve() == resolve_backbone(b).resolve()
+    except (FileNotFoundError, OSError, ValueError):
+        return False
+
+
 def check_prior_backbone(name_or_path: str, key: str = "run config 'cold-prior-backbone'") -> Path:
     """:func:`resolve_backbone` for the encoder a cold prior reads, its error naming the setting
     ``key``."""

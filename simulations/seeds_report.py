@@ -16,6 +16,7 @@ generates from the committed runs.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,14 +54,18 @@ SETTINGS = (
     Setting("10 silos, disjoint examples", "fed-A-silo10-seeds", "eps8-seed*", A, "als"),
     Setting("10 silos, disjoint examples, epsilon 3", "fed-A-silo10-seeds", "eps3-seed*", A, "als"),
     Setting("10 silos, disjoint examples, epsilon 1", "fed-A-silo10-seeds", "eps1-seed*", A, "als"),
-    Setting("10 silos, cold prior read by MiniLM", "fed-B-prior-mpnet", "minilm-prior-seed*",
+    Setting("10 silos, disjoint examples, cold prior read by MiniLM", "fed-B-prior-mpnet",
+            "minilm-prior-seed*",
             (("cold_items", "Recall@10"),), "text-popularity"),
-    Setting("10 silos, cold prior read by mpnet (server only)", "fed-B-prior-mpnet",
+    Setting("10 silos, disjoint examples, cold prior read by mpnet (server only)",
+            "fed-B-prior-mpnet",
             "mpnet-prior-seed*", (("cold_items", "Recall@10"),), "text-popularity"),
-    Setting("10 silos, segment prior (age bands, noise 2)", "fed-C-segment-prior", "age-z2-seed*",
-            (("k=0", "NDCG@10"), ("k=3", "NDCG@10")), "profile-popularity"),
-    Setting("10 silos, segment prior (age bands, noise 1)", "fed-C-segment-prior", "age-z1-seed*",
-            (("k=0", "NDCG@10"), ("k=3", "NDCG@10")), "profile-popularity"),
+    Setting("10 silos, disjoint examples, segment prior (age bands, noise 2)",
+            "fed-C-segment-prior", "age-z2-seed*", (("k=0", "NDCG@10"), ("k=3", "NDCG@10")),
+            "profile-popularity"),
+    Setting("10 silos, disjoint examples, segment prior (age bands, noise 1)",
+            "fed-C-segment-prior", "age-z1-seed*", (("k=0", "NDCG@10"), ("k=3", "NDCG@10")),
+            "profile-popularity"),
 )  # fmt: skip
 
 
@@ -122,12 +127,13 @@ def row(results: Path, s: Setting) -> str:
         at = "" if len(s.metrics) == 1 else f"{where}: "
         cells.append(f"{at}**{statistics.median(vals):.4f}** ({min(vals):.4f} to {max(vals):.4f})")
         bars.append(f"{at}{bar:.4f}")
-    eps = [float(r["metrics"]["privacy"]["epsilon_max"]) for r in runs]
+    # "at most": rounded up, never below what a run spent
+    eps = math.ceil(max(float(r["metrics"]["privacy"]["epsilon_max"]) for r in runs) * 100) / 100
     delta = runs[0]["metrics"]["privacy"]["delta"]
     label = f"{s.label} ([runs](simulations/results/{s.folder}/README.md))"
     metric = f"{s.metrics[0][1]} ({'cold items' if s.metrics[0][0] == 'cold_items' else 'test'})"
     return (
-        f"| {protocol} | {label} | {len(runs)} | {max(eps):.2f} / interaction (delta {delta:g}) "
+        f"| {protocol} | {label} | {len(runs)} | {eps:.2f} / interaction (delta {delta:g}) "
         f"| {metric} | {'; '.join(cells)} | {s.bar}: {'; '.join(bars)} |"
     )
 

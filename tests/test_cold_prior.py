@@ -175,6 +175,9 @@ def test_prior_on_another_encoder_is_its_ridge_and_serves_new_items_by_it(
     wide_items = model.cold_prior_items.clone()
     attach_cold_prior(model, 1.0, backbone=str(model.cfg.backbone))  # its own name: its own
     assert model.cold_prior_backbone == "" and model.cold_prior.numel() == 33
+    own_items = model.cold_prior_items.clone()
+    attach_cold_prior(model, 1.0, backbone=f"{tiny_backbone}/")  # its own folder, spelt otherwise
+    assert model.cold_prior_backbone == "" and torch.equal(model.cold_prior_items, own_items)
     assert not torch.allclose(model.cold_prior_items, wide_items, atol=1e-3)
     attach_cold_prior(model, 1.0, backbone=wide)
 

@@ -178,6 +178,11 @@ def test_statement_names_the_encoder_the_cold_prior_reads():
     assert "pretrained on data independent" not in own and "`model.cold_prior.error`" in own
     named = FedConfig(protocol="B", cold_prior=1.0, cold_prior_backbone="minilm")
     assert "embedded by the model's frozen backbone" in flat(statement(named, p))
+    from fedrec.shared.backbone import resolve_backbone
+
+    folder = FedConfig(protocol="B", cold_prior=1.0,
+                       cold_prior_backbone=str(resolve_backbone("minilm")))  # fmt: skip
+    assert "embedded by the model's frozen backbone" in flat(statement(folder, p))
 
 
 def test_statement_says_what_local_randomness_the_server_can_know():

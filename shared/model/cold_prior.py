@@ -126,19 +126,11 @@ def frozen_features(
 
 def own_backbone(model: Any, backbone: str) -> bool:
     """Whether a prior on ``backbone`` reads ``model``'s own frozen backbone: '', its name, or
-    another name or folder for the same directory (``minilm`` and the packaged model's folder
-    are one encoder). A name that does not resolve is not the model's own (reading it fails
-    later with the error that says how to fetch it)."""
-    if backbone in ("", str(model.cfg.backbone)):
-        return True
-    from fedrec.shared.backbone import resolve_backbone
+    another name or folder for the same directory
+    (:func:`fedrec.shared.backbone.same_backbone`)."""
+    from fedrec.shared.backbone import same_backbone
 
-    try:
-        theirs = resolve_backbone(backbone).resolve()
-        ours = resolve_backbone(str(model.cfg.backbone)).resolve()
-    except (FileNotFoundError, OSError):
-        return False
-    return theirs == ours
+    return backbone == "" or same_backbone(backbone, str(model.cfg.backbone))
 
 
 def prior_features(model: Any, backbone: str = "") -> np.ndarray:

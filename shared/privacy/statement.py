@@ -371,7 +371,10 @@ def _not_protected(cfg: FedConfig) -> str:
         "The user-level guarantee, when on, does not rest on them: it bounds what the clipped, "
         "noised update\n  reveals whatever a client computed from its data.\n"
     )
-    other = bool(cfg.cold_prior_backbone) and cfg.cold_prior_backbone != cfg.backbone
+    from fedrec.shared.backbone import same_backbone
+
+    prior_encoder = cfg.cold_prior_backbone
+    other = bool(prior_encoder) and not same_backbone(prior_encoder, cfg.backbone)
     prior = (
         textwrap.fill(
             f"The cold prior (`cold-prior` = {cfg.cold_prior}): after the last round the server "
