@@ -215,22 +215,19 @@ def headline(results: Path, *, label: str | None = None) -> str:
 
 
 def write_block(readme: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
-    """Put ``block`` between the markers ``begin`` and ``end`` of ``readme``; the file is
-    rewritten atomically, and left alone when the markers are missing."""
+    """Put ``block`` between the markers ``begin`` and ``end`` of ``readme`` (the suite report's
+    block splicing); the file is rewritten atomically, and left alone when the markers are not
+    there once each, in that order."""
     import os
 
+    from fedrec.simulations.suite_report import _has_block, _replace_block
+
     text = readme.read_text()
-    if begin not in text or end not in text or text.index(begin) > text.index(end):
+    if not _has_block(text, begin, end):
         raise ValueError(f"{readme}: needs the markers {begin} and {end}, in that order")
-    head, rest = text.split(begin, 1)
-    _, tail = rest.split(end, 1)
     tmp = readme.with_name(f".{readme.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{head}{begin}\n{block}\n{end}{tail}")
+    tmp.write_text(_replace_block(text, begin, end, [block]))
     os.replace(tmp, readme)
-
-
-def write_readme(readme: Path, block: str) -> None:
-    write_block(readme, block)
 
 
 def report_cli(

@@ -232,13 +232,14 @@ def attach_cold_prior(
     coef = weight * prior.coef
     intercept = weight * (prior.y_mean - float(prior.x_mean @ prior.coef) - center)
     items = (x @ coef + intercept) * ~warm
+    own = own_backbone(model, backbone)
     model.set_cold_prior(
         torch.as_tensor(np.append(coef, intercept), dtype=torch.float32),
         torch.as_tensor(items, dtype=torch.float32),
-        "" if own_backbone(model, backbone) else backbone,
+        "" if own else backbone,
     )
     return {
-        "backbone": str(model.cfg.backbone) if own_backbone(model, backbone) else backbone,
+        "backbone": str(model.cfg.backbone) if own else backbone,
         "weight": float(weight),
         "lambda": prior.lam,
         "cv_mse": {str(k): round(v, 5) for k, v in prior.cv_mse.items()},
