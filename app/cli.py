@@ -260,6 +260,13 @@ def baselines(
         ),
     ] = None,
     backbone: Annotated[str, typer.Option(help="'minilm' or a local HF model folder.")] = "minilm",
+    seed: Annotated[
+        int,
+        typer.Option(
+            help="Seed of the baselines that draw random numbers (random, ALS, BPR), in tuning "
+            "and in the final fit. Rerun with other seeds to see how far a seed moves them."
+        ),
+    ] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout.")] = False,
 ) -> None:
     """Fit and evaluate the baselines on one protocol; write RUN/config.json, RUN/metrics.json."""
@@ -269,6 +276,8 @@ def baselines(
     from fedrec.shared.splitting import PROTOCOLS
 
     _check_out(out_dir, "baselines")
+    if seed < 0:
+        _fail(f"--seed {seed}: give a seed >= 0", 2)
     if protocol not in PROTOCOLS:
         _fail(f"--protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}.", 2)
     if {"zeroshot", "text-popularity"} & set(list(BASELINES) if only is None else _names(only)):
@@ -286,7 +295,8 @@ def baselines(
               f"{', '.join(BASELINES)}.", 2)  # fmt: skip
     ds = load(data)
     config = {"command": "baselines", "protocol": protocol, "data": data, "dataset": ds.name,
-              "baselines": names, "backbone": backbone, "versions": versions()}  # fmt: skip
+              "baselines": names, "backbone": backbone, "seed": seed,
+              "versions": versions()}  # fmt: skip
     t0 = time.perf_counter()
     with err.status(f"baselines on protocol {protocol}") as status:
 
@@ -295,7 +305,7 @@ def baselines(
             status.update(message)
 
         try:
-            result = run_baselines(ds, protocol, names=names, backbone=backbone, log=log)
+            result = run_baselines(ds, protocol, names=names, backbone=backbone, log=log, seed=seed)
         except DataError as e:
             _fail(str(e), 2)
     result["seconds"] = round(time.perf_counter() - t0, 1)

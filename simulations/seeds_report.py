@@ -7,9 +7,11 @@ Each setting of :data:`SETTINGS` names a results folder and a glob of its ``runs
 configuration run with several seeds (refused if their configs differ in anything but the seed).
 Each row gives the median, the smallest and the largest of their test metric, the largest epsilon
 any of them spent, and the bar: a baseline from the full suite's baselines run of the same
-protocol (``suite-full/runs/P-baselines``), refused unless it was fitted on the same split. The
-table goes between ``<!-- seeds-headline:begin -->`` and ``<!-- seeds-headline:end -->`` of the
-README; ``tests/test_docs.py`` checks that the committed README holds exactly what this module
+protocol (``suite-full/runs/P-baselines``), refused unless it was fitted on the same split;
+beside a seeded bar (ALS), its median and range over the seeds of ``baseline-seeds/runs/P-seed*``
+when that folder holds them (``fedrec baselines --seed S``: how far the bar's own seed moves it).
+The table goes between ``<!-- seeds-headline:begin -->`` and ``<!-- seeds-headline:end -->`` of
+the README; ``tests/test_docs.py`` checks that the committed README holds exactly what this module
 generates from the committed runs.
 """
 
@@ -106,6 +108,32 @@ def _value(metrics: dict[str, Any], where: str, name: str, node: str) -> float:
         raise ValueError(f"{node}: no {where} {name} in its metrics") from None
 
 
+def bar_seeds(results: Path, protocol: str, bar: str, split: Any, where: str, name: str) -> str:
+    """`` (seeds 0 to 9: median M, LO to HI)``: the bar over the seeds of
+    ``baseline-seeds/runs/P-seed*`` (``fedrec baselines --seed S``), when that folder holds two
+    or more runs with the bar; else ''. Runs are refused unless fitted on ``split`` and each
+    names its own seed."""
+    runs = sorted((results / "baseline-seeds" / "runs").glob(f"{protocol}-seed*/metrics.json"))
+    vals: dict[int, float] = {}
+    for m in runs:
+        node = f"baseline-seeds/runs/{m.parent.name}"
+        metrics, config = _read(m), _read(m.parent / "config.json")
+        if bar not in metrics.get("baselines", {}):
+            continue
+        if metrics.get("split") != split:
+            raise ValueError(f"{node}: its split differs from the suite's baselines run")
+        seed = config.get("seed")
+        if not isinstance(seed, int) or seed in vals or m.parent.name != f"{protocol}-seed{seed}":
+            raise ValueError(f"{node}: its config's seed {seed!r} is not its folder's, or repeats")
+        vals[seed] = _value(metrics["baselines"][bar], where, name, f"{node} {bar}")
+    if len(vals) < 2:
+        return ""
+    v = list(vals.values())
+    seeds = f"seeds {min(vals)} to {max(vals)}" if len(vals) == max(vals) - min(vals) + 1 else (
+        f"{len(vals)} seeds")  # fmt: skip
+    return f" ({seeds}: median {statistics.median(v):.4f}, {min(v):.4f} to {max(v):.4f})"
+
+
 def row(results: Path, s: Setting) -> str:
     runs = load_setting(results, s)
     protocol = str(runs[0]["config"]["protocol"])
@@ -126,7 +154,8 @@ def row(results: Path, s: Setting) -> str:
         bar = _value(base["baselines"][s.bar], where, name, f"{base_path} {s.bar}")
         at = "" if len(s.metrics) == 1 else f"{where}: "
         cells.append(f"{at}**{statistics.median(vals):.4f}** ({min(vals):.4f} to {max(vals):.4f})")
-        bars.append(f"{at}{bar:.4f}")
+        spread = bar_seeds(results, protocol, s.bar, base.get("split"), where, name)
+        bars.append(f"{at}{bar:.4f}{spread}")
     # "at most": rounded up, never below what a run spent
     eps = math.ceil(max(float(r["metrics"]["privacy"]["epsilon_max"]) for r in runs) * 100) / 100
     delta = runs[0]["metrics"]["privacy"]["delta"]
@@ -147,8 +176,9 @@ def headline(results: Path = DEFAULT_RESULTS, settings: tuple[Setting, ...] = SE
         *(row(results, s) for s in settings),
         "",
         "Generated from the runs' `metrics.json` (their seeds are their only difference) and "
-        "the full suite's baselines runs of each protocol (`simulations/results/suite-full/runs/`)"
-        " by `python -m fedrec.simulations.seeds_report --readme README.md`.",
+        "the full suite's baselines runs of each protocol (`simulations/results/suite-full/runs/`;"
+        " in brackets, a seeded bar refitted with other seeds: `simulations/results/"
+        "baseline-seeds/`) by `python -m fedrec.simulations.seeds_report --readme README.md`.",
     ]
     return "\n".join(lines)
 

@@ -96,6 +96,33 @@ def test_run_baselines_report(ds, tiny_backbone):
         run_baselines(ds, "A", names=["svd"])
 
 
+def test_seed_reaches_every_fit_of_the_seeded_baselines(ds, monkeypatch):
+    from fedrec.shared.baselines import runner
+
+    seen: list[tuple[str, int | None]] = []
+
+    def recorder(name):
+        real = runner.FACTORIES[name]
+
+        def make(split, **kw):
+            seen.append((name, kw.get("seed")))
+            return real(split, **kw)
+
+        return make
+
+    for name in ("als", "itemknn"):
+        monkeypatch.setitem(runner.FACTORIES, name, recorder(name))
+    monkeypatch.setitem(runner.GRIDS, "als", {"factors": [4, 8]})
+    r = run_baselines(ds, "A", names=["random", "als", "itemknn"], seed=3)
+    # two tuning fits and the final fit of ALS, all with the seed; item-kNN draws nothing
+    assert [s for n, s in seen if n == "als"] == [3, 3, 3]
+    assert {s for n, s in seen if n == "itemknn"} == {None}
+    assert r["baselines"]["als"]["seed"] == 3 and "seed" not in r["baselines"]["itemknn"]
+    assert r["baselines"]["random"]["params"] == {"seed": 3}
+    other = run_baselines(ds, "A", names=["random"], seed=4)["baselines"]["random"]["metrics"]
+    assert other != r["baselines"]["random"]["metrics"]
+
+
 def test_bpr_is_reproducible(ds):
     from fedrec.shared.baselines.matrix_factorization import BPR
 

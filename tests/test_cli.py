@@ -41,6 +41,8 @@ def test_usage_errors_exit_2(synth_dir, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     r = fedrec("baselines", "--only", "svd", "--data", synth_dir, "--out", tmp_path / "r")
     assert r.returncode == 2 and "svd" in r.stderr
+    r = fedrec("baselines", "--seed", "-1", "--data", synth_dir, "--out", tmp_path / "r")
+    assert r.returncode == 2 and "--seed -1" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "r").exists()
 
 

@@ -299,8 +299,10 @@ def test_readme_seeds_table_is_generated_from_the_committed_runs():
 
 def test_seeds_table_reads_the_runs_and_refuses_what_a_median_cannot_mix(tmp_path):
     """The row is computed from the runs' files (a changed metric changes it; the median of
-    three is the middle value), and the generator refuses runs whose settings differ beyond the
-    seed, a baseline fitted on another split, a single run, and a run without the metric."""
+    three is the middle value; so is a seeded bar's over its own seeds), and the generator
+    refuses runs whose settings differ beyond the seed, a baseline fitted on another split (the
+    suite's or a seed's), a seed run whose config names another seed, a single run, and a run
+    without the metric."""
     import json
     import shutil
 
@@ -330,6 +332,25 @@ def test_seeds_table_reads_the_runs_and_refuses_what_a_median_cannot_mix(tmp_pat
     als = json.loads((base / "metrics.json").read_text())["baselines"]["als"]["metrics"]
     row = headline(tmp_path, (s,)).splitlines()[2]
     assert f"**0.2000** (0.1000 to 0.5000) | als: {als['test']['NDCG@10']:.4f} |" in row
+    # the bar over its own seeds, from `fedrec baselines --seed S` runs beside the suite's
+    seeds = tmp_path / "baseline-seeds" / "runs"
+    for seed, v in ((0, 0.3), (1, 0.1), (2, 0.2)):
+        (seeds / f"A-seed{seed}").mkdir(parents=True)
+        edit_base = json.loads((base / "metrics.json").read_text())
+        edit_base["baselines"]["als"]["metrics"]["test"]["NDCG@10"] = v
+        (seeds / f"A-seed{seed}" / "metrics.json").write_text(json.dumps(edit_base))
+        (seeds / f"A-seed{seed}" / "config.json").write_text(json.dumps({"seed": seed}))
+    row = headline(tmp_path, (s,)).splitlines()[2]
+    cell = f"als: {als['test']['NDCG@10']:.4f} (seeds 0 to 2: median 0.2000, 0.1000 to 0.3000) |"
+    assert cell in row
+    (seeds / "A-seed2" / "config.json").write_text(json.dumps({"seed": 1}))
+    with pytest.raises(ValueError, match="not its folder's"):
+        headline(tmp_path, (s,))
+    (seeds / "A-seed2" / "config.json").write_text(json.dumps({"seed": 2}))
+    edit(seeds / "A-seed1" / "metrics.json", lambda d: d["split"].update({"n_users": 1}))
+    with pytest.raises(ValueError, match="split differs"):
+        headline(tmp_path, (s,))
+    shutil.rmtree(tmp_path / "baseline-seeds")
     # settings that differ beyond the seed
     edit(runs / names[1] / "config.json", lambda d: d["federation"].update({"lr": 1.5}))
     with pytest.raises(ValueError, match="differ only in their seed"):

@@ -66,14 +66,24 @@ class PopularityFallback:
         return out
 
 
+SEEDED = ("als", "bpr")  # the tuned baselines whose fit draws random numbers
+
+
+def _seeded(name: str, seed: int) -> dict[str, int]:
+    return {"seed": seed} if name in SEEDED else {}
+
+
 def grid(name: str) -> list[dict[str, Any]]:
     keys = list(GRIDS[name])
     combos = itertools.product(*GRIDS[name].values())
     return [dict(zip(keys, values, strict=True)) for values in combos]
 
 
-def tune(name: str, tuning_split: Split) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Best parameters by validation NDCG@10 on ``tuning_split`` (protocol A), and the trace."""
+def tune(
+    name: str, tuning_split: Split, seed: int = 0
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Best parameters by validation NDCG@10 on ``tuning_split`` (protocol A), and the trace;
+    a seeded model (ALS, BPR) is fitted with ``seed`` at every setting."""
     assert tuning_split.valid is not None, "tuning needs protocol A's validation queries"
     if len(tuning_split.valid) == 0:
         raise DataError(
@@ -84,7 +94,7 @@ def tune(name: str, tuning_split: Split) -> tuple[dict[str, Any], list[dict[str,
         )
     trace: list[dict[str, Any]] = []
     for params in grid(name):
-        model = FACTORIES[name](tuning_split, **params)
+        model = FACTORIES[name](tuning_split, **params, **_seeded(name, seed))
         ndcg = evaluate(model, tuning_split.valid, ks=(10,), with_auc=False)["NDCG@10"]
         trace.append({"params": params, "valid_NDCG@10": round(ndcg, 5)})
     best = max(trace, key=lambda t: float(t["valid_NDCG@10"]))  # first best wins ties
@@ -123,8 +133,11 @@ def run_baselines(
     names: Sequence[str] = BASELINES,
     backbone: str = "minilm",
     log: Callable[[str], None] = lambda _msg: None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Every named baseline, fitted on ``protocol``'s training data and evaluated on its tests."""
+    """Every named baseline, fitted on ``protocol``'s training data and evaluated on its tests.
+    ``seed`` seeds the baselines that draw random numbers (random, ALS, BPR: their
+    initialization, in tuning and in the final fit); the others do not depend on it."""
     unknown = [n for n in names if n not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baselines {unknown}; choose from {list(BASELINES)}")
@@ -138,8 +151,8 @@ def run_baselines(
         if name == "popularity":
             model: Scorer = popularity
         elif name == "random":
-            model = RandomScores(split)
-            entry["params"] = {"seed": 0}
+            model = RandomScores(split, seed=seed)
+            entry["params"] = {"seed": seed}
         elif name == "profile-popularity":
             if not ds.user_fields:
                 model = popularity
@@ -158,9 +171,13 @@ def run_baselines(
             entry["params"] = {"backbone": backbone, "pooling": "mean", "normalized": True}
         else:
             log(f"{name}: tuning {len(grid(name))} settings on protocol A validation")
-            params, trace = tune(name, tuning_split)
+            params, trace = tune(name, tuning_split, seed)
             entry.update(params=params, tuned_on="protocol A validation, NDCG@10", trace=trace)
-            model = PopularityFallback(FACTORIES[name](split, **params), popularity)
+            if _seeded(name, seed):
+                entry["seed"] = seed
+            model = PopularityFallback(
+                FACTORIES[name](split, **params, **_seeded(name, seed)), popularity
+            )
             entry["empty_history"] = "popularity fallback"
         entry["metrics"] = {k: _rounded(evaluate(model, es)) for k, es in split.tests.items()}
         if split.valid is not None:
