@@ -263,8 +263,9 @@ def baselines(
     seed: Annotated[
         int,
         typer.Option(
-            help="Seed of the baselines that draw random numbers (random, ALS, BPR), in tuning "
-            "and in the final fit. Rerun with other seeds to see how far a seed moves them."
+            help="Seed of the baselines whose model is random (random, ALS, BPR), in tuning "
+            "and in the final fit; the others ignore it. Rerun with other seeds to see how far "
+            "a seed moves them."
         ),
     ] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout.")] = False,

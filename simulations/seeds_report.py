@@ -110,24 +110,53 @@ def _value(metrics: dict[str, Any], where: str, name: str, node: str) -> float:
         raise ValueError(f"{node}: no {where} {name} in its metrics") from None
 
 
-def bar_seeds(results: Path, protocol: str, bar: str, split: Any, where: str, name: str) -> str:
-    """`` (seeds 0 to 9: median M, LO to HI)``: the bar over the seeds of
-    ``baseline-seeds/runs/P-seed*`` (``fedrec baselines --seed S``), when that folder holds two
-    or more runs with the bar; else ''. Runs are refused unless fitted on ``split`` and each
-    names its own seed."""
+SEEDED_BARS = ("als", "bpr", "random")  # the baselines whose fit `fedrec baselines --seed` moves
+
+
+def _grid(entry: dict[str, Any]) -> list[Any]:
+    return [t.get("params") for t in entry.get("trace", [])]
+
+
+def bar_seeds(
+    results: Path, protocol: str, bar: str, base: dict[str, Any], where: str, name: str
+) -> str:
+    """`` (seeds 0 to 9: median M, LO to HI)``: a seeded bar (:data:`SEEDED_BARS`) over the
+    seeds of ``baseline-seeds/runs/P-seed*`` (``fedrec baselines --seed S``), when that folder
+    holds two or more runs with the bar; else ''. ``base``: the suite's baselines run. A seed run
+    is refused unless it is a ``baselines`` run on the same split, fitted with the seed its
+    folder names (its config and its metrics say so), tuned over the same grid as the suite's
+    bar, and made with the same ``implicit`` version."""
+    if bar not in SEEDED_BARS:
+        return ""
     runs = sorted((results / "baseline-seeds" / "runs").glob(f"{protocol}-seed*/metrics.json"))
     vals: dict[int, float] = {}
+    suite = base["baselines"][bar]
     for m in runs:
         node = f"baseline-seeds/runs/{m.parent.name}"
         metrics, config = _read(m), _read(m.parent / "config.json")
         if bar not in metrics.get("baselines", {}):
             continue
-        if metrics.get("split") != split:
+        entry = metrics["baselines"][bar]
+        if config.get("command") != "baselines":
+            raise ValueError(f"{node}: not a `fedrec baselines` run")
+        if metrics.get("split") != base.get("split"):
             raise ValueError(f"{node}: its split differs from the suite's baselines run")
         seed = config.get("seed")
-        if not isinstance(seed, int) or seed in vals or m.parent.name != f"{protocol}-seed{seed}":
-            raise ValueError(f"{node}: its config's seed {seed!r} is not its folder's, or repeats")
-        vals[seed] = _value(metrics["baselines"][bar], where, name, f"{node} {bar}")
+        fitted = entry.get("params", {}).get("seed") if bar == "random" else entry.get("seed")
+        if not isinstance(seed, int) or m.parent.name != f"{protocol}-seed{seed}" or fitted != seed:
+            raise ValueError(
+                f"{node}: its config's seed {seed!r} and its {bar} fit's seed {fitted!r} are not "
+                "both its folder's"
+            )
+        if _grid(entry) != _grid(suite):
+            raise ValueError(f"{node}: {bar} was tuned over another grid than the suite's bar")
+        mine = config.get("versions", {}).get("implicit")
+        if mine != base.get("_implicit"):
+            raise ValueError(
+                f"{node}: made with implicit {mine!r}, the suite's bar with "
+                f"{base.get('_implicit')!r}"
+            )
+        vals[seed] = _value(entry, where, name, f"{node} {bar}")
     if len(vals) < 2:
         return ""
     v = list(vals.values())
@@ -141,6 +170,10 @@ def row(results: Path, s: Setting) -> str:
     protocol = str(runs[0]["config"]["protocol"])
     base_path = results / "suite-full" / "runs" / f"{protocol}-baselines" / "metrics.json"
     base = _read(base_path)
+    base_config = base_path.parent / "config.json"
+    base["_implicit"] = (
+        _read(base_config).get("versions", {}).get("implicit") if base_config.is_file() else None
+    )
     for r in runs:
         if r["metrics"].get("split") != base.get("split"):
             raise ValueError(
@@ -156,7 +189,7 @@ def row(results: Path, s: Setting) -> str:
         bar = _value(base["baselines"][s.bar], where, name, f"{base_path} {s.bar}")
         at = "" if len(s.metrics) == 1 else f"{where}: "
         cells.append(f"{at}**{statistics.median(vals):.4f}** ({min(vals):.4f} to {max(vals):.4f})")
-        spread = bar_seeds(results, protocol, s.bar, base.get("split"), where, name)
+        spread = bar_seeds(results, protocol, s.bar, base, where, name)
         bars.append(f"{at}{bar:.4f}{spread}")
     # "at most": rounded up, never below what a run spent
     eps = math.ceil(max(float(r["metrics"]["privacy"]["epsilon_max"]) for r in runs) * 100) / 100

@@ -110,14 +110,17 @@ def test_seed_reaches_every_fit_of_the_seeded_baselines(ds, monkeypatch):
 
         return make
 
-    for name in ("als", "itemknn"):
+    for name in ("als", "bpr", "itemknn"):
         monkeypatch.setitem(runner.FACTORIES, name, recorder(name))
     monkeypatch.setitem(runner.GRIDS, "als", {"factors": [4, 8]})
-    r = run_baselines(ds, "A", names=["random", "als", "itemknn"], seed=3)
-    # two tuning fits and the final fit of ALS, all with the seed; item-kNN draws nothing
+    monkeypatch.setitem(runner.GRIDS, "bpr", {"factors": [4], "iterations": [5]})
+    r = run_baselines(ds, "A", names=["random", "als", "bpr", "itemknn"], seed=3)
+    # every tuning fit and the final fit of ALS and BPR, all with the seed; item-kNN draws nothing
     assert [s for n, s in seen if n == "als"] == [3, 3, 3]
+    assert [s for n, s in seen if n == "bpr"] == [3, 3]
     assert {s for n, s in seen if n == "itemknn"} == {None}
-    assert r["baselines"]["als"]["seed"] == 3 and "seed" not in r["baselines"]["itemknn"]
+    assert r["baselines"]["als"]["seed"] == 3 and r["baselines"]["bpr"]["seed"] == 3
+    assert "seed" not in r["baselines"]["itemknn"]
     assert r["baselines"]["random"]["params"] == {"seed": 3}
     other = run_baselines(ds, "A", names=["random"], seed=4)["baselines"]["random"]["metrics"]
     assert other != r["baselines"]["random"]["metrics"]

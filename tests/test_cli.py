@@ -55,6 +55,13 @@ def test_baselines_write_run_directory(synth_dir, tmp_path):
     assert set(metrics["baselines"]) == {"popularity", "itemknn"}
     assert 0 < metrics["baselines"]["itemknn"]["metrics"]["test"]["NDCG@10"] <= 1
     assert config["versions"]["torch"].startswith("2.13")
+    # --seed reaches the fit and is recorded in both files
+    seeded = tmp_path / "seeded"
+    r = fedrec("baselines", "--data", synth_dir, "--only", "random", "--seed", "3", "--out", seeded)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((seeded / "config.json").read_text())["seed"] == 3
+    got = json.loads((seeded / "metrics.json").read_text())["baselines"]["random"]
+    assert got["params"] == {"seed": 3}
 
 
 @pytest.mark.parametrize(

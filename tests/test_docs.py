@@ -338,17 +338,32 @@ def test_seeds_table_reads_the_runs_and_refuses_what_a_median_cannot_mix(tmp_pat
         (seeds / f"A-seed{seed}").mkdir(parents=True)
         edit_base = json.loads((base / "metrics.json").read_text())
         edit_base["baselines"]["als"]["metrics"]["test"]["NDCG@10"] = v
+        edit_base["baselines"]["als"]["seed"] = seed
         (seeds / f"A-seed{seed}" / "metrics.json").write_text(json.dumps(edit_base))
-        (seeds / f"A-seed{seed}" / "config.json").write_text(json.dumps({"seed": seed}))
+        (seeds / f"A-seed{seed}" / "config.json").write_text(
+            json.dumps({"command": "baselines", "seed": seed})
+        )
     row = headline(tmp_path, (s,)).splitlines()[2]
     cell = f"als: {als['test']['NDCG@10']:.4f} (seeds 0 to 2: median 0.2000, 0.1000 to 0.3000) |"
     assert cell in row
-    (seeds / "A-seed2" / "config.json").write_text(json.dumps({"seed": 1}))
-    with pytest.raises(ValueError, match="not its folder's"):
+    # a bar the seed does not move gets no spread, even with seed runs that hold it
+    pop = Setting("x", s.folder, s.runs, s.metrics, "popularity")
+    assert "(seeds" not in headline(tmp_path, (pop,)).splitlines()[2]
+    a2 = seeds / "A-seed2"
+    cfg = json.loads((a2 / "config.json").read_text())
+    (a2 / "config.json").write_text(json.dumps(cfg | {"seed": 1}))
+    with pytest.raises(ValueError, match="are not both its folder's"):
         headline(tmp_path, (s,))
-    (seeds / "A-seed2" / "config.json").write_text(json.dumps({"seed": 2}))
+    (a2 / "config.json").write_text(json.dumps(cfg))
+    edit(a2 / "metrics.json", lambda d: d["baselines"]["als"].update({"seed": 0}))
+    with pytest.raises(ValueError, match="are not both its folder's"):
+        headline(tmp_path, (s,))
+    edit(a2 / "metrics.json", lambda d: d["baselines"]["als"].update({"seed": 2}))
+    edit(a2 / "metrics.json", lambda d: d["baselines"]["als"]["trace"].pop())
+    with pytest.raises(ValueError, match="another grid"):
+        headline(tmp_path, (s,))
     edit(seeds / "A-seed1" / "metrics.json", lambda d: d["split"].update({"n_users": 1}))
-    with pytest.raises(ValueError, match="split differs"):
+    with pytest.raises(ValueError, match="differs from the suite's baselines run"):
         headline(tmp_path, (s,))
     shutil.rmtree(tmp_path / "baseline-seeds")
     # settings that differ beyond the seed

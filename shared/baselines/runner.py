@@ -66,7 +66,7 @@ class PopularityFallback:
         return out
 
 
-SEEDED = ("als", "bpr")  # the tuned baselines whose fit draws random numbers
+SEEDED = ("als", "bpr")  # the tuned baselines whose initialization is random
 
 
 def _seeded(name: str, seed: int) -> dict[str, int]:
@@ -136,8 +136,10 @@ def run_baselines(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Every named baseline, fitted on ``protocol``'s training data and evaluated on its tests.
-    ``seed`` seeds the baselines that draw random numbers (random, ALS, BPR: their
-    initialization, in tuning and in the final fit); the others do not depend on it."""
+    ``seed`` seeds the baselines whose model is random (random's scores, ALS's and BPR's
+    initialization, in tuning and in the final fit); the others do not depend on it (the
+    random draws some of them make, text-popularity's folds and protocol C's held-out users,
+    have their own fixed seeds)."""
     unknown = [n for n in names if n not in BASELINES]
     if unknown:
         raise ValueError(f"unknown baselines {unknown}; choose from {list(BASELINES)}")
