@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedrec.shared.baselines.runner import SEEDED
 from fedrec.simulations.secure_report import _check_same, report_cli
 
 BEGIN, END = "<!-- seeds-headline:begin -->", "<!-- seeds-headline:end -->"
@@ -110,30 +111,40 @@ def _value(metrics: dict[str, Any], where: str, name: str, node: str) -> float:
         raise ValueError(f"{node}: no {where} {name} in its metrics") from None
 
 
-SEEDED_BARS = ("als", "bpr", "random")  # the baselines whose fit `fedrec baselines --seed` moves
+SEEDED_BARS = (*SEEDED, "random")  # the baselines whose fit `fedrec baselines --seed` moves
 
 
 def _grid(entry: dict[str, Any]) -> list[Any]:
     return [t.get("params") for t in entry.get("trace", [])]
 
 
+def seed_runs(results: Path, protocol: str) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """``(folder, metrics, config)`` of each ``baseline-seeds/runs/P-seed*`` run, read once."""
+    runs = sorted((results / "baseline-seeds" / "runs").glob(f"{protocol}-seed*/metrics.json"))
+    return [(m.parent.name, _read(m), _read(m.parent / "config.json")) for m in runs]
+
+
 def bar_seeds(
-    results: Path, protocol: str, bar: str, base: dict[str, Any], where: str, name: str
+    runs: list[tuple[str, dict[str, Any], dict[str, Any]]],
+    protocol: str,
+    bar: str,
+    base: dict[str, Any],
+    implicit: str | None,
+    where: str,
+    name: str,
 ) -> str:
     """`` (seeds 0 to 9: median M, LO to HI)``: a seeded bar (:data:`SEEDED_BARS`) over the
-    seeds of ``baseline-seeds/runs/P-seed*`` (``fedrec baselines --seed S``), when that folder
-    holds two or more runs with the bar; else ''. ``base``: the suite's baselines run. A seed run
+    seeds of ``runs`` (:func:`seed_runs`; ``fedrec baselines --seed S``), when two or more of them
+    hold the bar; else ''. ``base``: the suite's baselines run, made with ``implicit``. A seed run
     is refused unless it is a ``baselines`` run on the same split, fitted with the seed its
     folder names (its config and its metrics say so), tuned over the same grid as the suite's
     bar, and made with the same ``implicit`` version."""
     if bar not in SEEDED_BARS:
         return ""
-    runs = sorted((results / "baseline-seeds" / "runs").glob(f"{protocol}-seed*/metrics.json"))
     vals: dict[int, float] = {}
     suite = base["baselines"][bar]
-    for m in runs:
-        node = f"baseline-seeds/runs/{m.parent.name}"
-        metrics, config = _read(m), _read(m.parent / "config.json")
+    for folder, metrics, config in runs:
+        node = f"baseline-seeds/runs/{folder}"
         if bar not in metrics.get("baselines", {}):
             continue
         entry = metrics["baselines"][bar]
@@ -143,7 +154,7 @@ def bar_seeds(
             raise ValueError(f"{node}: its split differs from the suite's baselines run")
         seed = config.get("seed")
         fitted = entry.get("params", {}).get("seed") if bar == "random" else entry.get("seed")
-        if not isinstance(seed, int) or m.parent.name != f"{protocol}-seed{seed}" or fitted != seed:
+        if not isinstance(seed, int) or folder != f"{protocol}-seed{seed}" or fitted != seed:
             raise ValueError(
                 f"{node}: its config's seed {seed!r} and its {bar} fit's seed {fitted!r} are not "
                 "both its folder's"
@@ -151,10 +162,9 @@ def bar_seeds(
         if _grid(entry) != _grid(suite):
             raise ValueError(f"{node}: {bar} was tuned over another grid than the suite's bar")
         mine = config.get("versions", {}).get("implicit")
-        if mine != base.get("_implicit"):
+        if mine != implicit:
             raise ValueError(
-                f"{node}: made with implicit {mine!r}, the suite's bar with "
-                f"{base.get('_implicit')!r}"
+                f"{node}: made with implicit {mine!r}, the suite's bar with {implicit!r}"
             )
         vals[seed] = _value(entry, where, name, f"{node} {bar}")
     if len(vals) < 2:
@@ -171,9 +181,10 @@ def row(results: Path, s: Setting) -> str:
     base_path = results / "suite-full" / "runs" / f"{protocol}-baselines" / "metrics.json"
     base = _read(base_path)
     base_config = base_path.parent / "config.json"
-    base["_implicit"] = (
+    implicit = (
         _read(base_config).get("versions", {}).get("implicit") if base_config.is_file() else None
     )
+    seeds = seed_runs(results, protocol) if s.bar in SEEDED_BARS else []
     for r in runs:
         if r["metrics"].get("split") != base.get("split"):
             raise ValueError(
@@ -189,7 +200,7 @@ def row(results: Path, s: Setting) -> str:
         bar = _value(base["baselines"][s.bar], where, name, f"{base_path} {s.bar}")
         at = "" if len(s.metrics) == 1 else f"{where}: "
         cells.append(f"{at}**{statistics.median(vals):.4f}** ({min(vals):.4f} to {max(vals):.4f})")
-        spread = bar_seeds(results, protocol, s.bar, base, where, name)
+        spread = bar_seeds(seeds, protocol, s.bar, base, implicit, where, name)
         bars.append(f"{at}{bar:.4f}{spread}")
     # "at most": rounded up, never below what a run spent
     eps = math.ceil(max(float(r["metrics"]["privacy"]["epsilon_max"]) for r in runs) * 100) / 100

@@ -175,11 +175,9 @@ def run_baselines(
             log(f"{name}: tuning {len(grid(name))} settings on protocol A validation")
             params, trace = tune(name, tuning_split, seed)
             entry.update(params=params, tuned_on="protocol A validation, NDCG@10", trace=trace)
-            if _seeded(name, seed):
-                entry["seed"] = seed
-            model = PopularityFallback(
-                FACTORIES[name](split, **params, **_seeded(name, seed)), popularity
-            )
+            seeded = _seeded(name, seed)
+            entry.update(seeded)
+            model = PopularityFallback(FACTORIES[name](split, **params, **seeded), popularity)
             entry["empty_history"] = "popularity fallback"
         entry["metrics"] = {k: _rounded(evaluate(model, es)) for k, es in split.tests.items()}
         if split.valid is not None:
