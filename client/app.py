@@ -109,7 +109,8 @@ def round_config(msg: Message) -> tuple[FedConfig, dict[str, Any]]:
 def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
     """A device (a SuperNode with ``data-dir``) decides what it trains under, not the server:
     without ``allow-no-dp=true`` in its node config it refuses a round without local DP (which
-    would send its raw update and the counts DP hides), ``id-residual`` (the per-item table
+    would send its raw update and the counts DP hides) or with ``dp-noise=server`` (its clipped
+    change without noise, to a server trusted to add it), ``id-residual`` (the per-item table
     shows which items it trained on), ``use-profile`` (not covered by the per-interaction
     guarantee) and ``segment-prior`` (its table's row shows the users' profile segment); with
     ``delta-max`` set it refuses a larger delta, with ``user-delta-max`` a larger user-level
@@ -124,12 +125,14 @@ def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
     allow = str(node.get("allow-no-dp", "false")).lower() == "true"
     # a secure-aggregation round (train.secagg_masked) sends only a masked, noised vector the
     # device computes itself: that is DP without local DP-SGD; a plain train round is not
-    private = cfg.dp or (secure and cfg.secure_agg and cfg.user_dp)
+    # dp-noise=server sends the clipped change WITHOUT noise (the server is trusted to add it)
+    private = (cfg.dp and cfg.dp_noise == "client") or (secure and cfg.secure_agg and cfg.user_dp)
     if not allow and (not private or cfg.id_residual or cfg.use_profile or cfg.segment_prior):
         raise ValueError(
-            "this device trains only under local DP, or user-level DP with secure aggregation, "
-            "without id-residual, use-profile or segment-prior (its counts show which profile "
-            f"segment the device's users are in); the server asked dp={cfg.dp}, user-dp="
+            "this device trains only under local DP with its own noise, or user-level DP with "
+            "secure aggregation, without id-residual, use-profile or segment-prior (its counts "
+            "show which profile segment the device's users are in); the server asked dp="
+            f"{cfg.dp}, dp-noise={cfg.dp_noise}, user-dp="
             f"{cfg.user_dp}, secure-agg={cfg.secure_agg} in a {'secure' if secure else 'plain'} "
             f"round, id-residual={cfg.id_residual}, use-profile={cfg.use_profile}, "
             f"segment-prior={cfg.segment_prior!r}. Set node config allow-no-dp=true to accept "

@@ -30,6 +30,11 @@ in a :class:`~fedrec.client.budget.BudgetStore`; epsilon is always the whole his
 sigma is calibrated ONCE from the budget over the planned rounds (``FedConfig.rounds_planned``);
 a round that would take epsilon over the budget is refused before any data is touched.
 
+With ``dp-noise=server`` the client takes the same clipped step WITHOUT noise and the trusted
+server adds ``sigma * C`` (times lr / divisor) once to the sum of all clients' changes
+(:mod:`fedrec.server.interaction_dp`): the budget is charged exactly as here, for the noise the
+server adds, and the statement says the server is trusted.
+
 Randomness: Poisson sampling and the Gaussian noise use a generator seeded from OS entropy
 (``secrets``), never from the run config, which the server knows. It is PyTorch's Mersenne
 Twister, not a cryptographic generator (Opacus' ``secure_mode`` needs torchcsprng, not installed):
@@ -320,7 +325,9 @@ def train_round(
         module = GradSampleModule(scorer, loss_reduction="sum")
         dp_opt = DPOptimizer(
             base_opt,
-            noise_multiplier=sigma,
+            # dp-noise=server: the step is the clipped sum without noise; the (trusted) server
+            # adds sigma * C once to the sum of every client's change (server/interaction_dp.py)
+            noise_multiplier=0.0 if cfg.dp_noise == "server" else sigma,
             max_grad_norm=cfg.max_grad_norm,
             expected_batch_size=batch_divisor(cfg, data.users),
             loss_reduction="mean",
@@ -356,7 +363,8 @@ def train_round(
     eps, runs = 0.0, list(history)
     if accountant is not None:
         took = [(float(s), float(q), int(n)) for s, q, n in accountant.history]
-        if took != with_steps([], sigma, q, steps):  # Opacus took other steps: a bug
+        # the optimizer's own noise: sigma, or 0 when the server adds it (dp-noise=server)
+        if took != with_steps([], dp_opt.noise_multiplier, q, steps):  # other steps: a bug
             bug = f"local DP-SGD took the steps {took} but {steps} at ({sigma}, {q}) were charged"
             # never leave an under-count: the steps the accountant recorded go on top
             try:

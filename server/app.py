@@ -244,6 +244,18 @@ def run_federation(
             cfg.user_epsilon,
             cfg.user_delta,
         )
+    if cfg.dp and cfg.dp_noise == "server":
+        from fedrec.server.interaction_dp import ServerNoise
+        from fedrec.shared.privacy.calibration import calibrated_noise
+
+        noise = ServerNoise(strategy, calibrated_noise(cfg, cfg.sample_rate))
+        log.info(
+            "per-interaction DP-SGD with the noise at the (trusted) server: noise multiplier "
+            "%.4f at q %.3g, std %.4g added to the sum of every round's changes",
+            noise.sigma,
+            cfg.sample_rate,
+            noise.std,
+        )
     if cfg.dp and cfg.segment_prior:  # a release too costly for the budget: say so now
         from fedrec.shared.privacy.calibration import calibrated_noise
 

@@ -143,6 +143,10 @@ class FedRecStrategy(FedAvg):
         # user-level DP with a trusted server: the Gaussian mechanism applied to the mean change
         # (clipped sum / fixed denominator) before the server optimizer sees it
         self.mean_noise: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+        # per-interaction DP with the noise at the server (fedrec.server.interaction_dp): an
+        # over-norm update is always scaled down, and the std of the noise each round received
+        self.clip_only = False
+        self.round_noise_std: float | None = None
         self._names: dict[str, int] = {}  # client name -> the node id that first used it
         # the most test queries a federated evaluation reply may count (set by the ServerApp
         # from the split it holds; None = not known, e.g. a deployment)
@@ -351,9 +355,17 @@ class FedRecStrategy(FedAvg):
             )
             info["aggregated"] = False
         else:
+            self.round_noise_std = None
             new = self._mean_step(changes, rnd)
             self.current = new
             info["aggregated"] = True
+            if self.cfg.dp_noise == "server":
+                if self.round_noise_std is None:  # never release an un-noised sum
+                    raise RuntimeError(
+                        f"round {rnd}: dp-noise=server but the server added no noise to the sum "
+                        "of the changes; nothing is released"
+                    )
+                info["server_noise_std"] = self.round_noise_std
         self.rounds.append(info)
         if self.on_round is not None:
             self.on_round(info)
@@ -441,7 +453,7 @@ class FedRecStrategy(FedAvg):
         limit = self.cfg.update_norm_max
         if norm <= limit:
             return update
-        if self.cfg.update_norm_action == "reject":
+        if self.cfg.update_norm_action == "reject" and not self.clip_only:
             raise UpdateError(
                 f"its change has L2 norm {norm:.4g} > update-norm-max={limit:g} (raise it, or "
                 "set update-norm-action=clip to scale such changes down)"
@@ -547,6 +559,8 @@ class FedRecStrategy(FedAvg):
             "total_steps": int(metrics.get("total-steps", -1)),
             "sample_rate": float(metrics["sample-rate"]),
             "noise_multiplier": float(metrics["noise-multiplier"]),
+            # who added that noise: the client ("client") or the trusted server ("server")
+            "noise_at": self.cfg.dp_noise,
             "max_grad_norm": self.cfg.max_grad_norm,
             "delta": self.cfg.delta,
             "accountant": self.cfg.accountant,

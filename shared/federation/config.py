@@ -213,6 +213,14 @@ class FedConfig:
     dp: bool = True  # local DP-SGD on each client
     epsilon: float = 8.0  # each client's local DP budget (per interaction)
     delta: float = 1e-5  # each client's local DP delta
+    # Who adds local DP-SGD's Gaussian noise. "client": each client noises its own clipped
+    # gradient sum (protects against the server). "server": a TRUSTED server adds it once per
+    # round to the sum of all clients' clipped, un-noised gradient sums, each client taking one
+    # DP-SGD step per round at the same sample-rate and batch-divisor: central DP-SGD over the
+    # union of the clients' examples (silos pooling one noise draw), accounted per interaction
+    # exactly as a client's own steps are, but no protection against the server, which sees
+    # every client's un-noised sum (server/interaction_dp.py).
+    dp_noise: str = "client"
     max_grad_norm: float = 1.0  # per-example gradient clip (L2) of DP-SGD
     # pld: dp-accounting's privacy-loss distributions (tight for replace-one); prv: Opacus' PRV
     # numerics; rdp: Opacus' RDP (loose for replace-one: two add/remove steps)
@@ -368,6 +376,9 @@ class FedConfig:
         _need(0 < self.server_lr <= 10, "server-lr", self.server_lr, "(0, 10]")
         _need(0 < self.server_lr_final <= 1, "server-lr-final", self.server_lr_final, "(0, 1]")
         _need(self.local_steps >= 1, "local-steps", self.local_steps, ">= 1")
+        _need(self.dp_noise in ("client", "server"), "dp-noise", self.dp_noise, "client or server")
+        if self.dp_noise == "server":
+            self._check_server_noise()
         _need(self.local_opt in ("sgd", "adam"), "local-opt", self.local_opt, "sgd or adam")
         _need(
             0 <= self.sample_rate <= 1,
@@ -588,6 +599,68 @@ class FedConfig:
             train_scale=False,
             seed=self.seed,
         )
+
+    def _check_server_noise(self) -> None:
+        """``dp-noise = server`` is central DP-SGD over the union of the clients' examples only
+        when every round is ONE subsampled Gaussian release: every client takes one plain SGD
+        step on its clipped sum at the same q and divisor, the server adds the noise to the sum
+        of the changes, and nothing else the clients send depends on their data."""
+        rule = "with dp-noise = server"
+        _need(self.dp, "dp", self.dp, f"true {rule} (the noise is local DP-SGD's)")
+        _need(
+            not (self.user_dp or self.secure_agg),
+            "user-dp",
+            self.user_dp,
+            f"false {rule}, and secure-agg = false (one DP mechanism at a time)",
+        )
+        _need(
+            self.local_steps == 1,
+            "local-steps",
+            self.local_steps,
+            f"1 {rule}: each round must be one DP-SGD step, one noised sum",
+        )
+        _need(self.local_opt == "sgd", "local-opt", self.local_opt, f"sgd {rule}")
+        _need(
+            self.fraction_train == 1,
+            "fraction-train",
+            self.fraction_train,
+            f"1 {rule}: every client takes part every round (no client sampling is assumed)",
+        )
+        _need(
+            self.sample_rate > 0,
+            "sample-rate",
+            self.sample_rate,
+            f"> 0 {rule}: every client samples its examples at the same q",
+        )
+        _need(
+            self.batch_divisor > 0,
+            "batch-divisor",
+            self.batch_divisor,
+            f"> 0 {rule}: every client divides by the same public constant (the expected "
+            "batch of the whole federation, e.g. sample-rate x slots x all users)",
+        )
+        for key, v in (
+            ("lr-factors", self.lr_factors),
+            ("lr-offsets", self.lr_offsets),
+            ("lr-id", self.lr_id),
+            ("lr-map", self.lr_map),
+        ):
+            _need(v == 0, key, v, f"0 (= lr) {rule}: the server noises every tensor at lr")
+        _need(
+            self.factor_rows == 0,
+            "factor-rows",
+            self.factor_rows,
+            f"0 {rule} (the server would have to discard the noise on the rows left untrained)",
+        )
+        _need(
+            self.robust == "none",
+            "robust",
+            self.robust,
+            f"none {rule}: the noise is calibrated for one window's change to the plain sum",
+        )
+        _need(not self.segment_prior, "segment-prior", self.segment_prior, f"'' {rule}")
+        _need(not self.poison, "poison", self.poison, f"'' {rule}")
+        _need(not self.audit_canaries, "audit-canaries", self.audit_canaries, f"'' {rule}")
 
     def map_lr(self) -> float:
         """The user map's SGD learning rate: ``lr-map``, or ``lr`` when it is 0."""

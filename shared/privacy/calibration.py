@@ -78,3 +78,10 @@ def run_checker(cfg: FedConfig) -> Callable[[tuple[float, float, int]], str | No
         return None
 
     return check
+
+
+def server_noise_std(cfg: FedConfig, sigma: float) -> float:
+    """``dp-noise=server``: the standard deviation the trusted server adds to each coordinate of
+    the summed change, ``lr * sigma * max-grad-norm / batch-divisor`` (one window changes that
+    sum by at most ``lr * max-grad-norm / batch-divisor``; :mod:`fedrec.server.interaction_dp`)."""
+    return cfg.lr * sigma * cfg.max_grad_norm / cfg.batch_divisor

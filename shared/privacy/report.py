@@ -27,9 +27,10 @@ from fedrec.shared.privacy.audit import (
     Finding,
     LedgerAudit,
     audit_ledger,
+    read_ledger_lines,
     summary,
 )
-from fedrec.shared.privacy.calibration import planned_release, run_checker
+from fedrec.shared.privacy.calibration import planned_release, run_checker, server_noise_std
 from fedrec.shared.privacy.statement import statement
 from fedrec.shared.privacy.user_level import audit_user_level
 
@@ -177,6 +178,7 @@ def _check_complete(run: Path, cfg: FedConfig, audit: LedgerAudit, tol: float) -
                     round=info["round"],
                 )
             )
+    _check_noise_at(run, cfg, audit, rounds, tol)
     folder = run / "privacy" / "clients"
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         name = path.stem
@@ -213,6 +215,53 @@ def _check_complete(run: Path, cfg: FedConfig, audit: LedgerAudit, tol: float) -
                 name,
             )
         )
+
+
+def _check_noise_at(
+    run: Path, cfg: FedConfig, audit: LedgerAudit, rounds: list[Any], tol: float
+) -> None:
+    """Who added the noise the ledger accounts. Every line must say the run's ``dp-noise``
+    (a line without ``noise_at`` is the client's: ledgers before it existed). With
+    ``dp-noise=server`` every aggregated round of ``metrics.json`` must record the noise the
+    server added to the sum, at least ``lr * sigma * C / batch-divisor`` for the sigma of that
+    round's ledger lines: a round released with less is an error."""
+    rows, _problems = read_ledger_lines(run / "privacy" / "ledger.jsonl")
+    sigmas: dict[int, set[float]] = {}
+    for _n, e in rows:
+        if "client" not in e:
+            continue
+        at = e.get("noise_at", "client")
+        if at != cfg.dp_noise:
+            audit.findings.append(
+                Finding(
+                    "error",
+                    f"ledger line says the noise was added at the {at}, the run's config "
+                    f"says dp-noise = {cfg.dp_noise}",
+                    str(e.get("client")),
+                    round=e.get("round") if isinstance(e.get("round"), int) else None,
+                )
+            )
+        if e.get("trained") and isinstance(e.get("round"), int):
+            sigmas.setdefault(e["round"], set()).add(float(e.get("noise_multiplier", 0.0)))
+    if cfg.dp_noise != "server":
+        return
+    for info in rounds:
+        if not isinstance(info, dict) or not info.get("aggregated"):
+            continue
+        rnd = info.get("round")
+        got = info.get("server_noise_std")
+        for sigma in sorted(sigmas.get(rnd, set()) if isinstance(rnd, int) else set()):
+            need = server_noise_std(cfg, sigma)
+            if not isinstance(got, (int, float)) or got < need * (1 - tol):
+                audit.findings.append(
+                    Finding(
+                        "error",
+                        f"dp-noise = server: metrics.json records server noise std {got} for "
+                        f"this round, the ledger's noise multiplier {sigma:.6g} needs "
+                        f"{need:.6g} (lr x sigma x max-grad-norm / batch-divisor)",
+                        round=rnd,
+                    )
+                )
 
 
 def _check_claim(run: Path, audit: LedgerAudit, summ: dict[str, Any], tol: float) -> None:

@@ -58,10 +58,7 @@ def _local(cfg: FedConfig, p: dict[str, Any]) -> str:
   interaction that is its user's only training interaction (removing it removes the user from
   the client's roster; see "Not protected").
 - **Adjacency**: add/remove one interaction. {_examples(cfg)}
-- **Mechanism**: local DP-SGD with Opacus at every client: Poisson sampling at rate
-  {_rate(cfg)}, per-example clipping to L2 norm {cfg.max_grad_norm}, Gaussian noise,
-  {cfg.local_steps} steps per round. The noised sum is divided by a constant
-  ({_divisor(cfg)}), never by the data's size. {_negatives(cfg)}
+{_mechanism(cfg)} {_negatives(cfg)}
 - **Accountant**: {_ACCOUNTANTS[cfg.accountant]}, over each client's whole history
   (persistent across rounds, stored with its mechanism and the client's own cap); sampling
   assumption: Poisson subsampling within the client's own examples. No amplification from
@@ -120,6 +117,27 @@ _ACCOUNTANTS = {
     "prv": "Opacus' PRV numerics (replace-one through fedrec's own privacy random variable)",
     "rdp": "Opacus RDP (a replacement bounded as two add/remove steps: loose)",
 }
+
+
+def _mechanism(cfg: FedConfig) -> str:
+    if cfg.dp_noise != "server":
+        head = "- **Mechanism**: local DP-SGD with Opacus at every client: Poisson sampling"
+        return f"""{head} at rate
+  {_rate(cfg)}, per-example clipping to L2 norm {cfg.max_grad_norm}, Gaussian noise,
+  {cfg.local_steps} steps per round. The noised sum is divided by a constant
+  ({_divisor(cfg)}), never by the data's size."""
+    return f"""- **Mechanism**: DP-SGD over the union of the clients' examples, the noise added by
+  the server (`dp-noise` = server). Every round every client Poisson-samples its examples at
+  rate {_rate(cfg)}, clips each example's gradient to L2 norm {cfg.max_grad_norm} and takes ONE
+  SGD step (lr {cfg.lr}) on the clipped sum divided by a constant ({_divisor(cfg)}), with NO
+  noise; the server sums every client's change and adds Gaussian noise of standard deviation
+  lr x sigma x {cfg.max_grad_norm} / {cfg.batch_divisor} per coordinate (OS CSPRNG) before its
+  optimizer: one subsampled Gaussian release a round, accounted per interaction as a client's
+  own DP-SGD step would be (the ledger's `noise_at` says "server"; `fedrec audit` checks
+  each round's recorded noise against it).
+- **Trust**: the server is TRUSTED. It sees every client's clipped, un-noised change, so the
+  epsilon below holds against everyone who sees the released models (the other clients
+  included), NOT against the server or anyone who reads the clients' replies on the way."""
 
 
 def _rate(cfg: FedConfig) -> str:
@@ -360,8 +378,12 @@ def _not_protected(cfg: FedConfig) -> str:
         "on held-out items.\n"
     )
     randomness = (
-        "- Randomness: Poisson sampling and noise come from PyTorch's generator seeded from OS "
-        "entropy,\n  not a cryptographically secure generator (Opacus' secure mode is not used); "
+        "- Randomness: Poisson sampling "
+        + ("comes" if cfg.dp_noise == "server" else "and noise come")
+        + " from PyTorch's generator seeded from OS "
+        "entropy,\n  not a cryptographically secure generator (Opacus' secure mode is not used"
+        + ("; the server's noise comes from the OS CSPRNG" if cfg.dp_noise == "server" else "")
+        + "); "
         "negatives and\n  masks from NumPy's PCG64 keyed by BLAKE2b of a 32-byte OS secret per "
         "round.\n"
         if cfg.dp
