@@ -576,6 +576,11 @@ def _headline(cfg, result: dict) -> str:  # noqa: ANN001 - a FedConfig
         swap = f", {rep:.2f} if it is replaced by another's" if isinstance(rep, float) else ""
         guarantee = (f"user-level DP, epsilon {u['epsilon']:.2f} per user at delta {u['delta']} "
                      f"with or without one user's data (zero-out{swap}; {trust})")  # fmt: skip
+    elif cfg.dp and cfg.dp_noise == "server":
+        guarantee = (f"DP-SGD with the noise added by the server, epsilon <= {cfg.epsilon:g} per "
+                     f"interaction at delta {cfg.delta:g} ({cfg.dp_adjacency()}; spent at most "
+                     f"{p['epsilon_max']:.3f}; the server sees each client's un-noised change: "
+                     "it is trusted)")  # fmt: skip
     elif cfg.dp:
         guarantee = (f"local DP-SGD, epsilon <= {cfg.epsilon:g} per interaction and per client at "
                      f"delta {cfg.delta:g} ({cfg.dp_adjacency()}; spent at most "

@@ -357,8 +357,6 @@ class FedRecStrategy(FedAvg):
         else:
             self.round_noise_std = None
             new = self._mean_step(changes, rnd)
-            self.current = new
-            info["aggregated"] = True
             if self.cfg.dp_noise == "server":
                 if self.round_noise_std is None:  # never release an un-noised sum
                     raise RuntimeError(
@@ -366,6 +364,8 @@ class FedRecStrategy(FedAvg):
                         "of the changes; nothing is released"
                     )
                 info["server_noise_std"] = self.round_noise_std
+            self.current = new
+            info["aggregated"] = True
         self.rounds.append(info)
         if self.on_round is not None:
             self.on_round(info)
@@ -458,7 +458,12 @@ class FedRecStrategy(FedAvg):
                 f"its change has L2 norm {norm:.4g} > update-norm-max={limit:g} (raise it, or "
                 "set update-norm-action=clip to scale such changes down)"
             )
-        log.warning("an update's change of L2 norm %.4g clipped to update-norm-max=%g", norm, limit)
+        if self.clip_only:  # dp-noise=server: the change is un-noised, its norm is not logged
+            log.warning("an update's change scaled down to update-norm-max=%g", limit)
+        else:
+            log.warning(
+                "an update's change of L2 norm %.4g clipped to update-norm-max=%g", norm, limit
+            )
         scale = limit / norm
         return {k: self.current[k] + (u - self.current[k]) * scale for k, u in update.items()}
 

@@ -25,6 +25,15 @@ from fedrec.shared.privacy.calibration import calibrated_noise, server_noise_std
 from .test_model import ds, make_model  # noqa: F401 - fixture re-export
 
 
+@pytest.fixture
+def task_identity(monkeypatch):
+    """A Flower task identity for building messages (as tests/test_strategy.py gives its own)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
 def _cfg(**kw):
     base = dict(
         backbone="x", history_len=2, max_length=16, local_steps=1, sample_rate=1.0, negatives=10,
@@ -127,10 +136,57 @@ def test_server_adds_the_calibrated_noise_to_the_sum_not_the_mean(tmp_path):
         ServerNoise(FedRecStrategy(_cfg(dp_noise="client"), template=template, ledger=tmp_path), 1)
 
 
+def test_an_over_norm_update_is_scaled_down_never_rejected_and_its_norm_not_logged(
+    tmp_path, caplog, task_identity
+):
+    """The default update-norm-action is reject; a rejection could turn on one window, so under
+    dp-noise=server the server projects the change onto the ball instead, and does not log
+    the un-noised change's norm."""
+    import logging
+
+    from fedrec.server.interaction_dp import ServerNoise
+    from fedrec.server.strategy import FedRecStrategy
+
+    from .test_strategy import TEMPLATE, _metrics, _reply
+
+    cfg = _cfg(update_norm_max=2.0, update_norm_action="reject", min_replies=1, lr=1.0)
+    s = FedRecStrategy(cfg, template=dict(TEMPLATE), ledger=tmp_path / "ledger.jsonl")
+    ServerNoise(s, sigma=1e-9)  # noise too small to matter here
+    big = {k: torch.full_like(v, 10.0) for k, v in TEMPLATE.items()}
+    with caplog.at_level(logging.WARNING, logger="fedrec.server"):
+        arrays, metrics = s.aggregate_train(
+            1, [_reply(1, big, _metrics(steps=1, **{"total-steps": 1}))]
+        )
+    assert arrays is not None and metrics["accepted"] == 1 and metrics["rejected"] == 0
+    change = torch.cat([s.current[k].reshape(-1) - TEMPLATE[k].reshape(-1) for k in TEMPLATE])
+    assert float(change.norm()) == pytest.approx(2.0, rel=1e-4)
+    assert "scaled down to update-norm-max=2" in caplog.text and "L2 norm" not in caplog.text
+
+
+def test_a_round_without_the_servers_noise_is_not_released(tmp_path, task_identity):
+    from fedrec.server.strategy import FedRecStrategy
+
+    from .test_strategy import TEMPLATE, _metrics, _reply
+
+    s = FedRecStrategy(_cfg(min_replies=1), template=dict(TEMPLATE), ledger=tmp_path / "l.jsonl")
+    one = {k: torch.ones_like(v) for k, v in TEMPLATE.items()}
+    with pytest.raises(RuntimeError, match="added no noise"):
+        s.aggregate_train(
+            1, [_reply(1, one, _metrics(steps=1, **{"total-steps": 1}))]
+        )  # no ServerNoise attached: a bug, caught
+    assert all(torch.equal(s.current[k], TEMPLATE[k]) for k in TEMPLATE)
+
+
 @pytest.mark.parametrize(
     "key,bad,why",
     [
         ("local_steps", 2, "local-steps"),
+        ("lr_offsets", 3.0, "lr-offsets"),
+        ("lr_id", 3.0, "lr-id"),
+        ("lr_map", 3.0, "lr-map"),
+        ("secure_agg", True, "secure-agg"),
+        ("poison", "0.5:scale:2", "poison"),
+        ("audit_canaries", "c.json", "audit-canaries"),
         ("fraction_train", 0.5, "fraction-train"),
         ("batch_divisor", 0.0, "batch-divisor"),
         ("sample_rate", 0.0, "sample-rate"),
@@ -143,8 +199,18 @@ def test_server_adds_the_calibrated_noise_to_the_sum_not_the_mean(tmp_path):
     ],
 )
 def test_server_noise_refuses_settings_that_break_one_release_a_round(key, bad, why):
+    _cfg()  # the base is valid
     with pytest.raises(ValueError, match=why):
         _cfg(**{key: bad})
+
+
+def test_server_noise_refuses_factor_rows_and_the_segment_release():
+    _cfg(dp_noise="client", factor_rows=50, item_factors=4)
+    with pytest.raises(ValueError, match="factor-rows"):
+        _cfg(factor_rows=50, item_factors=4)
+    _cfg(dp_noise="client", protocol="C", segment_prior="gender")
+    with pytest.raises(ValueError, match="segment-prior"):
+        _cfg(protocol="C", segment_prior="gender")
 
 
 def test_a_device_refuses_to_send_its_change_without_noise():
@@ -184,8 +250,20 @@ def test_server_noise_on_a_real_federation(synth_dir, tiny_backbone, tmp_path):
     assert "the server is TRUSTED" in statement and "`dp-noise` = server" in statement
     report, text = audit_run(out, plot=False)
     assert report["ok"], text
+    from fedrec import cli
+
+    line = cli._headline(cfg, result)
+    assert "DP-SGD with the noise added by the server" in line and "it is trusted" in line
     doc = json.loads((out / "metrics.json").read_text())
     doc["model"]["rounds"][1]["server_noise_std"] /= 2
     (out / "metrics.json").write_text(json.dumps(doc))
     report, text = audit_run(out, plot=False)
     assert not report["ok"] and "server noise std" in text
+    # a round the run has no record of (metrics.json and progress.jsonl both without it)
+    del doc["model"]["rounds"][1]
+    doc["model"]["rounds"][0]["server_noise_std"] *= 2
+    (out / "metrics.json").write_text(json.dumps(doc))
+    kept = [x for x in (out / "progress.jsonl").read_text().splitlines() if '"round": 2' not in x]
+    (out / "progress.jsonl").write_text("\n".join(kept) + "\n")
+    report, text = audit_run(out, plot=False)
+    assert not report["ok"] and "records whether" in text and "server noise std" not in text

@@ -607,12 +607,8 @@ class FedConfig:
         of the changes, and nothing else the clients send depends on their data."""
         rule = "with dp-noise = server"
         _need(self.dp, "dp", self.dp, f"true {rule} (the noise is local DP-SGD's)")
-        _need(
-            not (self.user_dp or self.secure_agg),
-            "user-dp",
-            self.user_dp,
-            f"false {rule}, and secure-agg = false (one DP mechanism at a time)",
-        )
+        _need(not self.user_dp, "user-dp", self.user_dp, f"false {rule} (one DP mechanism)")
+        _need(not self.secure_agg, "secure-agg", self.secure_agg, f"false {rule}")
         _need(
             self.local_steps == 1,
             "local-steps",

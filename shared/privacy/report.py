@@ -178,7 +178,7 @@ def _check_complete(run: Path, cfg: FedConfig, audit: LedgerAudit, tol: float) -
                     round=info["round"],
                 )
             )
-    _check_noise_at(run, cfg, audit, rounds, tol)
+    _check_noise_at(run, cfg, audit, rounds)
     folder = run / "privacy" / "clients"
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         name = path.stem
@@ -217,14 +217,15 @@ def _check_complete(run: Path, cfg: FedConfig, audit: LedgerAudit, tol: float) -
         )
 
 
-def _check_noise_at(
-    run: Path, cfg: FedConfig, audit: LedgerAudit, rounds: list[Any], tol: float
-) -> None:
+def _check_noise_at(run: Path, cfg: FedConfig, audit: LedgerAudit, rounds: list[Any]) -> None:
     """Who added the noise the ledger accounts. Every line must say the run's ``dp-noise``
     (a line without ``noise_at`` is the client's: ledgers before it existed). With
-    ``dp-noise=server`` every aggregated round of ``metrics.json`` must record the noise the
-    server added to the sum, at least ``lr * sigma * C / batch-divisor`` for the sigma of that
-    round's ledger lines: a round released with less is an error."""
+    ``dp-noise=server`` every round in which a client trained must have a record, in
+    ``metrics.json`` or ``progress.jsonl`` (which keeps the rounds before a resume), that it was
+    not released, or of the noise the server added to the sum: at least
+    ``lr * sigma * C / batch-divisor`` for the sigma of that round's ledger lines. A round with
+    no record, or released with less, is an error. What the server drew is not visible here:
+    the audit checks what it recorded (the server is trusted; the statement says so)."""
     rows, _problems = read_ledger_lines(run / "privacy" / "ledger.jsonl")
     sigmas: dict[int, set[float]] = {}
     for _n, e in rows:
@@ -245,20 +246,43 @@ def _check_noise_at(
             sigmas.setdefault(e["round"], set()).add(float(e.get("noise_multiplier", 0.0)))
     if cfg.dp_noise != "server":
         return
-    for info in rounds:
-        if not isinstance(info, dict) or not info.get("aggregated"):
+    records: dict[int, dict[str, Any]] = {}
+    progress = run / "progress.jsonl"
+    lines = progress.read_text().splitlines() if progress.is_file() else []
+    for text in lines:
+        try:
+            info = json.loads(text)
+        except ValueError:
             continue
-        rnd = info.get("round")
+        if isinstance(info, dict) and isinstance(info.get("round"), int) and "aggregated" in info:
+            records[info["round"]] = info
+    for info in rounds:  # metrics.json's own rounds have the last word
+        if isinstance(info, dict) and isinstance(info.get("round"), int):
+            records[info["round"]] = info
+    for rnd in sorted(sigmas):
+        info = records.get(rnd)
+        if info is None:
+            audit.findings.append(
+                Finding(
+                    "error",
+                    "dp-noise = server: clients trained in this round, but neither metrics.json "
+                    "nor progress.jsonl records whether, and with what noise, it was released",
+                    round=rnd,
+                )
+            )
+            continue
+        if not info.get("aggregated"):
+            continue
         got = info.get("server_noise_std")
-        for sigma in sorted(sigmas.get(rnd, set()) if isinstance(rnd, int) else set()):
+        for sigma in sorted(sigmas[rnd]):
             need = server_noise_std(cfg, sigma)
-            if not isinstance(got, (int, float)) or got < need * (1 - tol):
+            if not isinstance(got, (int, float)) or got < need * (1 - 1e-9):
                 audit.findings.append(
                     Finding(
                         "error",
-                        f"dp-noise = server: metrics.json records server noise std {got} for "
-                        f"this round, the ledger's noise multiplier {sigma:.6g} needs "
-                        f"{need:.6g} (lr x sigma x max-grad-norm / batch-divisor)",
+                        f"dp-noise = server: the run records server noise std {got} for this "
+                        f"round, the ledger's noise multiplier {sigma:.6g} needs {need:.6g} "
+                        "(lr x sigma x max-grad-norm / batch-divisor)",
                         round=rnd,
                     )
                 )

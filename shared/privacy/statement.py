@@ -52,7 +52,12 @@ def _local(cfg: FedConfig, p: dict[str, Any]) -> str:
             for lo, hi, n in p["histogram"]
         ]
         bars = "\n  Distribution of per-client epsilon:\n\n" + "\n".join(rows) + "\n"
-    return f"""## Local DP-SGD (per interaction)
+    title = (
+        "DP-SGD per interaction, the noise added by a trusted server"
+        if cfg.dp_noise == "server"
+        else "Local DP-SGD (per interaction)"
+    )
+    return f"""## {title}
 
 - **Unit of privacy**: one interaction (user, item, timestamp) of a client's data, except an
   interaction that is its user's only training interaction (removing it removes the user from
