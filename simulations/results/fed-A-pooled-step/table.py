@@ -63,7 +63,11 @@ def main() -> None:
             f"| {silos} | {lr:g} | {len(rs)} | {v:.4f} | "
             f"{statistics.median(t):.4f} ({min(t):.4f} to {max(t):.4f}) |"
         )
-    paired = HERE / "paired.json"
+    print_paired(HERE / "paired.json")
+
+
+def print_paired(paired: Path) -> None:
+    """ALS's own seeds and each run's paired differences from ``paired.json``, if it exists."""
     if not paired.is_file():
         return
     rows = json.loads(paired.read_text())
