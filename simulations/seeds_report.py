@@ -54,8 +54,8 @@ SETTINGS = (
             "fac16-r5-seed*", A, "als"),
     Setting("not a federation: one silo holding every user (the ten silos' noise pooled), 16 "
             "item factors, lr 48", "fed-A-pooled-step", "s1-fac16-lr48-seed*", A, "als"),
-    Setting("10 silos, the noise added once a round by a trusted server (the "
-            "`silos-trusted-server` preset: 16 item factors, lr 48)", "fed-A-server-noise",
+    Setting("10 silos, the noise added once a round by a trusted server (no protection against "
+            "it; the `silos-trusted-server` preset: 16 item factors, lr 48)", "fed-A-server-noise",
             "srv-fac16-lr48-seed*", A, "als"),
     Setting("10 silos, sliding windows, 10 rounds of small batches", "fed-A-silo10-seeds",
             "seq-h2-eps8-seed*", A, "als"),

@@ -248,6 +248,7 @@ def test_server_noise_on_a_real_federation(synth_dir, tiny_backbone, tmp_path):
     assert [r["server_noise_std"] for r in rounds] == [server_noise_std(cfg, sigma)] * 2
     statement = (out / "privacy" / "statement.md").read_text()
     assert "the server is TRUSTED" in statement and "`dp-noise` = server" in statement
+    assert "NOT the clients' replies" in statement and "(local DP-SGD)" not in statement
     report, text = audit_run(out, plot=False)
     assert report["ok"], text
     from fedrec import cli

@@ -510,9 +510,17 @@ def _not_protected(cfg: FedConfig) -> str:
         "interaction; a\n  user with many interactions is protected for each one, not for all "
         "of them together."
     )
+    covers = (
+        "The guarantee covers the global models the server releases, NOT the clients' replies\n"
+        "(`dp-noise` = server: each reply is a clipped change without noise, seen by the server).\n"
+        "Everything below is outside it:"
+        if cfg.dp and cfg.dp_noise == "server"
+        else "The guarantees cover the adapter tensors each client sends (local DP-SGD) and the "
+        "global model\nthe server releases (user-level DP, when on). Everything below is outside "
+        "them:"
+    )
     return f"""## Not protected
-The guarantees cover the adapter tensors each client sends (local DP-SGD) and the global model
-the server releases (user-level DP, when on). Everything below is outside them:
+{covers}
 {replies}{evaluation}{server_eval}{catalog}{roster}
 {counts}{timing}{history}{whole}
 - Which clients took part in which round (client ids in the ledger).
