@@ -36,6 +36,7 @@ def load(run: Path) -> dict:
             else f"{c['silos']} silo, central DP-SGD"
         ),
         "epsilon": c["epsilon"],
+        "lr": c["lr"],
         "seed": c["seed"],
         "valid": [r["valid_NDCG@10"] for r in rows if "valid_NDCG@10" in r],
         "test": m["model"]["metrics"]["test"],
@@ -81,9 +82,10 @@ def main() -> None:
     print(
         summary("10 silos, noise at the server, seeds 0 to 2", [r for r in eight if r["seed"] < 3])
     )
-    for eps in sorted({r["epsilon"] for r in mine if r["epsilon"] != 8}, reverse=True):
-        rs = [r for r in mine if r["epsilon"] == eps]
-        print(summary(f"10 silos, noise at the server, epsilon {eps:g}", rs))
+    others = sorted({(r["epsilon"], r["lr"]) for r in mine if r["epsilon"] != 8}, reverse=True)
+    for eps, lr in others:
+        rs = [r for r in mine if (r["epsilon"], r["lr"]) == (eps, lr)]
+        print(summary(f"10 silos, noise at the server, epsilon {eps:g}, lr {lr:g}", rs))
     pooled_table().print_paired(HERE / "paired.json")
 
 
