@@ -34,11 +34,10 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import torch
 
 from fedrec.server.strategy import FedRecStrategy
-from fedrec.server.user_dp import os_gaussian
+from fedrec.server.user_dp import add_os_noise
 from fedrec.shared.privacy.calibration import server_noise_std
 
 log = logging.getLogger("fedrec.server")
@@ -59,10 +58,7 @@ class ServerNoise:
         strategy.clip_only = True  # an over-norm update is scaled down, never rejected
 
     def noise_sum(self, total: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = {}
-        for k, t in total.items():
-            x = t.detach().cpu().double().numpy()
-            out[k] = torch.from_numpy((x + os_gaussian(x.shape, self.std)).astype(np.float32))
+        out = add_os_noise(total, self.std)
         self.strategy.round_noise_std = self.std
         log.info("server DP-SGD noise of std %.4g added to the sum of the changes", self.std)
         return out

@@ -122,6 +122,16 @@ if _flower_clip is not _clip_update_zero_safe:
     _dp_fixed_clipping.compute_clip_model_update = _clip_update_zero_safe
 
 
+def add_os_noise(tensors: dict[str, torch.Tensor], std: float) -> dict[str, torch.Tensor]:
+    """Every tensor plus :func:`os_gaussian` noise of standard deviation ``std``, added in
+    float64 and returned as float32 tensors."""
+    out = {}
+    for k, t in tensors.items():
+        x = t.detach().cpu().double().numpy()
+        out[k] = torch.from_numpy((x + os_gaussian(x.shape, std)).astype(np.float32))
+    return out
+
+
 def os_gaussian(shape: tuple[int, ...], std: float) -> np.ndarray:
     """Gaussian noise (float64) of standard deviation ``std`` from the operating system's
     CSPRNG (``os.urandom``, 53-bit uniforms, Box-Muller). Flower's helper draws from NumPy's
@@ -168,10 +178,7 @@ class UserLevelDP(DifferentialPrivacyServerSideFixedClipping):
         """The Gaussian mechanism on the clipped mean change (all travelling tensors), called
         by the inner strategy before its server optimizer."""
         std = self.noise_std()
-        out = {}
-        for k, t in mean.items():
-            x = t.detach().cpu().double().numpy()
-            out[k] = torch.from_numpy((x + os_gaussian(x.shape, std)).astype(np.float32))
+        out = add_os_noise(mean, std)
         self._noised = True
         log.info("central DP noise of std %.4g added to the mean change", std)
         return out

@@ -181,6 +181,8 @@ class LedgerAudit:
     # valid client lines per round (what fedrec.shared.privacy.report checks against the
     # per-round reply counts in metrics.json)
     lines_per_round: dict[int, int] = field(default_factory=dict)
+    # every valid line as read, ``(line number, entry)`` (duplicates included; not in as_dict)
+    rows: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
 
     @property
     def errors(self) -> list[Finding]:
@@ -556,7 +558,7 @@ def audit_ledger(
                     name,
                 )
             )
-    audit = LedgerAudit(str(path), len(entries), findings, clients, tolerance)
+    audit = LedgerAudit(str(path), len(entries), findings, clients, tolerance, rows=entries)
     for _no, e in entries:
         audit.lines_per_round[e["round"]] = audit.lines_per_round.get(e["round"], 0) + 1
     for c in clients.values():

@@ -27,7 +27,6 @@ from fedrec.shared.privacy.audit import (
     Finding,
     LedgerAudit,
     audit_ledger,
-    read_ledger_lines,
     summary,
 )
 from fedrec.shared.privacy.calibration import planned_release, run_checker, server_noise_std
@@ -226,9 +225,8 @@ def _check_noise_at(run: Path, cfg: FedConfig, audit: LedgerAudit, rounds: list[
     ``lr * sigma * C / batch-divisor`` for the sigma of that round's ledger lines. A round with
     no record, or released with less, is an error. What the server drew is not visible here:
     the audit checks what it recorded (the server is trusted; the statement says so)."""
-    rows, _problems = read_ledger_lines(run / "privacy" / "ledger.jsonl")
     sigmas: dict[int, set[float]] = {}
-    for _n, e in rows:
+    for _n, e in audit.rows:
         if "client" not in e:
             continue
         at = e.get("noise_at", "client")
