@@ -133,10 +133,12 @@ def cohort_colluders(cfg: FedConfig, cohort: int, clients: int | None) -> int:
 
 
 def _cohort_parameters(
-    cfg: FedConfig, cohort: int, clients: int | None
+    cfg: FedConfig, cohort: int, clients: int | None, delta: float | None = None
 ) -> tuple[int, int, int, int, int, float]:
     """``(k, threshold, min_survivors, colluders, honest, collusion_risk)`` for a cohort drawn
-    from ``clients`` (None: the pre-2026-12-03 per-cohort colluder rule, for audits).
+    from ``clients`` (None: the pre-2026-12-03 per-cohort colluder rule, for audits). The
+    collusion risk may take at most :data:`RISK_SHARE` of ``delta`` (default ``user-delta``;
+    a per-interaction guarantee passes ``delta``).
 
     With ``secagg-neighbours`` = 0 the neighbour count starts at :func:`neighbours_for`'s
     3 log2(cohort) and grows (by 2) until the collusion risk is within its share of delta:
@@ -157,7 +159,8 @@ def _cohort_parameters(
     k = neighbours_for(cohort, cfg.secagg_neighbours)
     t = default_threshold(k + 1)
     risk = collusion_risk(cohort, k, t, colluders, cfg.num_rounds)
-    budget = RISK_SHARE * cfg.user_delta
+    delta_name, delta = ("user-delta", cfg.user_delta) if delta is None else ("delta", delta)
+    budget = RISK_SHARE * delta
     while risk > budget and not cfg.secagg_neighbours and k < neighbours_for(cohort, cohort):
         k = min(k + 2, neighbours_for(cohort, cohort))
         t = default_threshold(k + 1)
@@ -176,7 +179,7 @@ def _cohort_parameters(
             f"secure-agg: with {colluders} colluders ({cfg.secagg_colluders} of {whole}) in a "
             f"cohort of {cohort}, {k} neighbours and threshold {t}, the chance that colluders "
             f"hold a threshold of some node's shares over {cfg.num_rounds} rounds is up to "
-            f"{risk:.3g}, above {RISK_SHARE:g} x user-delta={cfg.user_delta}: "
+            f"{risk:.3g}, above {RISK_SHARE:g} x {delta_name}={delta}: "
             + ("raise secagg-neighbours (0 = automatic), " if cfg.secagg_neighbours else "")
             + "raise fraction-train or lower secagg-colluders"
         )

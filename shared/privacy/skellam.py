@@ -181,6 +181,69 @@ def encode(
     return np.mod(rounded, np.int64(2**cfg.bits)).astype(np.uint64)
 
 
+def encode_unconditional(
+    update: np.ndarray, cfg: SkellamConfig, mu: float, rng: np.random.Generator
+) -> np.ndarray:
+    """:func:`encode` with plain (unconditional) randomized rounding: ``update`` projected onto
+    the L2 ball of radius ``cfg.clip``, scaled by ``cfg.scale``, each coordinate rounded up
+    with probability equal to its fractional part, independently, and never redrawn; then
+    ``Sk(mu, mu)`` noise and the reduction modulo ``2**cfg.bits`` (``cfg.beta`` is unused).
+
+    For a guarantee on ONE EXAMPLE inside a client's update rather than on the client's whole
+    update (:mod:`fedrec.shared.privacy.secure_interaction`): conditional rounding's redraws
+    depend on the whole vector, so two neighbouring updates could not be rounded with shared
+    randomness; plain rounding can (:func:`rounded_shift_bounds`). The uniforms are drawn in
+    a fixed order whatever the update, so two calls with generators in the same state round
+    with the same uniforms."""
+    x = np.asarray(update, dtype=np.float64).ravel()
+    if x.size != cfg.dim:
+        raise ValueError(f"update has {x.size} values, the config says dim={cfg.dim}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("update has non-finite values (nan or inf): refusing to encode it")
+    mu = _check_mu(mu)
+    if mu > MAX_MU:
+        raise ValueError(f"mu={mu:.3g} exceeds {MAX_MU:.3g}: lower scale (fewer integer units)")
+    scaled = _clipped(x, cfg.clip) * cfg.scale
+    floor = np.floor(scaled)
+    rounded = floor.astype(np.int64) + (rng.random(x.size) < scaled - floor)
+    if mu > 0:
+        noise = rng.poisson(mu, cfg.dim).astype(np.int64) - rng.poisson(mu, cfg.dim).astype(
+            np.int64
+        )
+        rounded = rounded + noise
+    return np.mod(rounded, np.int64(2**cfg.bits)).astype(np.uint64)
+
+
+def rounded_shift_bounds(float_l2: float, scale: float, dim: int) -> tuple[float, float]:
+    """``(l1, l2)``: how far apart two plainly rounded vectors (:func:`encode_unconditional`)
+    can be when their scaled-down float inputs are at most ``float_l2`` apart in L2 and both are
+    rounded with the SAME uniforms.
+
+    Coordinate ``i`` rounds ``a`` to ``floor(a) + [u_i < frac(a)]``: a nondecreasing step
+    function of ``a`` with unit steps one apart, so inputs ``a``, ``b`` land at most
+    ``ceil(|a - b|) < |a - b| + 1`` apart, and on the same integer when ``a = b``. With
+    ``delta = scale * (x - x')`` and ``m <= dim`` the coordinates where it is not zero, the
+    integer difference ``e`` has ``|e_i| <= |delta_i| + [delta_i != 0]``, so (triangle
+    inequality) ``||e||_2 <= ||delta||_2 + sqrt(m) <= scale * float_l2 + sqrt(dim)``; ``e`` is
+    an integer vector, so ``||e||_1 <= min(||e||_2^2, sqrt(dim) ||e||_2)``.
+
+    Why the shared uniforms are enough: the mechanism's output given the inputs is the mixture,
+    over the uniforms ``u``, of the Skellam mechanism shifted by the rounded sum. For each
+    ``u`` the two shifts differ by such an ``e``, so each pair of components meets the Skellam
+    RDP bound at ``(l1, l2)``; the Renyi divergence is jointly quasi-convex (van Erven and
+    Harremoes 2014, Theorem 13), so the two mixtures meet it too."""
+    if not (math.isfinite(float_l2) and float_l2 >= 0):
+        raise ValueError(f"float_l2={float_l2} must be a finite number >= 0")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale={scale} must be a finite number > 0")
+    if int(dim) != dim or dim < 1:
+        raise ValueError(f"dim={dim} must be an integer >= 1")
+    if float_l2 == 0:
+        return 0.0, 0.0
+    l2 = scale * float_l2 + math.sqrt(dim)
+    return min(l2 * l2, math.sqrt(dim) * l2), l2
+
+
 def _clipped(x: np.ndarray, clip: float) -> np.ndarray:
     """``x`` scaled to L2 norm at most ``clip``; the norm is computed on ``x / max|x|`` so that
     huge finite values do not overflow, and a zero vector stays zero."""
