@@ -1,8 +1,9 @@
 """Per-interaction DP through secure aggregation (the accounting core,
 fedrec.shared.privacy.secure_interaction): plain randomized rounding with shared uniforms keeps
 two neighbouring changes within the stated integer sensitivity (a property test on random
-data), the rounding is unbiased, the encoded sum decodes, and the plan's noise meets the budget
-by two accountants and matches an independent Gaussian accountant at the same variance."""
+data, and a pair that attains it), the rounding is unbiased and never redrawn, the encoded sum
+decodes, and the plan's noise meets the budget: by Theorem 3.5 and Opacus' Gaussian at the same
+variance for a real model's size, by the theorem and the pmf for a small one."""
 
 from __future__ import annotations
 
@@ -69,6 +70,31 @@ def test_different_uniforms_break_the_bound() -> None:
     assert sk.rounded_shift_bounds(0.0, 3.0, 500) == (0.0, 0.0)
 
 
+def test_the_rounding_term_is_attained() -> None:
+    """The sqrt(dim) term is not slack: inputs whose scaled values sit just either side of the
+    uniforms the generator will draw round apart on every coordinate, so a neighbour pair only
+    2e-9 apart per coordinate lands sqrt(dim) apart."""
+    dim, seed, eta = 400, 7, 1e-9
+    u = np.random.default_rng(seed).random(dim)  # the encoder's first draw (no noise)
+    cfg = sk.SkellamConfig(clip=1e6, scale=1.0, dim=dim, bits=40)
+    e = integers(u - eta, cfg, seed) - integers(u + eta, cfg, seed)
+    t = float(np.linalg.norm(2 * eta * np.ones(dim)))
+    _l1, l2 = sk.rounded_shift_bounds(t, 1.0, dim)
+    assert np.all(e == -1)
+    assert np.linalg.norm(e) == pytest.approx(l2, rel=1e-6)
+    assert np.linalg.norm(e) <= l2
+
+
+def test_rounding_is_not_conditioned_on_the_norm() -> None:
+    """Conditional rounding (encode) redraws any vector above its norm bound; the per-example
+    argument needs plain rounding, which keeps the upper tail: over 1000 draws of 400
+    coordinates at 0.5, some land above conditional rounding's bound."""
+    cfg = sk.SkellamConfig(clip=10.0, scale=1.0, dim=400, bits=40)
+    x = np.full(400, 0.5)
+    norms = [float(np.sum(integers(x, cfg, s) ** 2)) for s in range(1000)]
+    assert max(norms) > sk.l2_bound(cfg) ** 2
+
+
 def test_unconditional_rounding_is_unbiased_and_never_redrawn() -> None:
     cfg = sk.SkellamConfig(clip=100.0, scale=1.0, dim=4, bits=62)
     x = np.array([0.25, -1.5, 2.9, 0.0])
@@ -122,6 +148,10 @@ def silos(**over: object) -> FedConfig:
 
 def test_float_sensitivity_counts_the_windows_one_interaction_moves() -> None:
     assert float_sensitivity(silos()) == pytest.approx(5 * 48.0 * 1.0 / 30176.0)
+    assert float_sensitivity(silos(lr=24.0, max_grad_norm=0.5)) == pytest.approx(
+        5 * 24.0 * 0.5 / 30176.0
+    )
+    assert float_sensitivity(silos(history_len=3)) == pytest.approx(7 * 48.0 / 30176.0)
     assert float_sensitivity(silos(examples="disjoint")) == pytest.approx(2 * 48.0 / 30176.0)
     with pytest.raises(ValueError, match="batch-divisor"):
         float_sensitivity(silos(batch_divisor=0.0))
@@ -131,7 +161,10 @@ def test_plan_meets_the_budget_by_both_accountants_and_matches_a_gaussian() -> N
     cfg = silos()
     p = plan_interaction(cfg, 10, 31686, 10)
     s = float_sensitivity(cfg)
-    # the grid: rounding adds at most ROUNDING_SHARE to the sensitivity
+    # the sensitivity is the rounded bound of this config's float sensitivity, and the grid
+    # is fine enough that rounding adds at most ROUNDING_SHARE to it
+    assert (p.l1, p.l2) == sk.rounded_shift_bounds(s, p.encoding.scale, 31686)
+    assert p.float_sensitivity == s
     assert p.l2 <= (1 + ROUNDING_SHARE) * p.encoding.scale * s * (1 + 1e-12)
     # the claim counts the honest shares of the worst accepted round, not every share
     assert p.mu_client * p.honest_min == pytest.approx(p.mu_total)
@@ -141,8 +174,11 @@ def test_plan_meets_the_budget_by_both_accountants_and_matches_a_gaussian() -> N
     analytic = sk.skellam_epsilon(p.mu_total, p.l1, p.l2, cfg.num_rounds, p.delta)
     numeric = sk.skellam_epsilon_independent(p.mu_total, p.l2, cfg.num_rounds, p.delta)
     assert max(analytic, numeric) == pytest.approx(eps)
-    # a third computation: Opacus' Gaussian RDP at the same variance (the Skellam's discrete
-    # term is negligible at this noise), integer orders
+    # at this noise (mu above MU_EXACT) the second accountant is the Gaussian limit, so the
+    # claim is the theorem's; Opacus' Gaussian at the same variance agrees (the Skellam's
+    # discrete term is negligible here), integer orders
+    assert p.mu_total > sk.MU_EXACT
+    assert analytic >= numeric
     sigma = math.sqrt(2 * p.mu_total) / p.l2
     orders = list(range(2, 257))
     rdp = opacus_rdp.compute_rdp(q=1.0, noise_multiplier=sigma, steps=cfg.num_rounds, orders=orders)
@@ -153,6 +189,33 @@ def test_plan_meets_the_budget_by_both_accountants_and_matches_a_gaussian() -> N
     assert plan_interaction(silos(epsilon=3.0), 10, 31686, 10).mu_total > p.mu_total
     # the plan is what a client recomputes: deterministic
     assert plan_interaction(cfg, 10, 31686, 10) == p
+
+
+def test_a_small_plan_is_checked_on_the_probability_mass_function() -> None:
+    """Few coordinates give a coarse grid and little noise (mu below MU_EXACT): the second
+    accountant computes the Skellam's Renyi divergence from its pmf, and the claim is the
+    larger of the two, within the budget."""
+    cfg = silos(num_rounds=5)
+    p = plan_interaction(cfg, 10, 4, 10)
+    assert p.mu_total < sk.MU_EXACT
+    _ratio, exact = sk.independent_rdp_ratio(p.mu_total, p.l2)
+    assert exact
+    analytic = sk.skellam_epsilon(p.mu_total, p.l1, p.l2, 5, p.delta)
+    numeric = sk.skellam_epsilon_independent(p.mu_total, p.l2, 5, p.delta)
+    assert analytic != numeric
+    assert p.epsilon(releases=5) == max(analytic, numeric) <= cfg.epsilon * (1 + 1e-6)
+
+
+def test_the_collusion_risk_comes_out_of_delta(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedrec.shared.privacy import distributed
+
+    monkeypatch.setattr(distributed, "collusion_risk", lambda *a, **k: 5e-8)
+    p = plan_interaction(silos(), 10, 1000, 10)
+    assert p.collusion_risk == 5e-8
+    assert p.delta == pytest.approx(1e-5 - 5e-8)
+    monkeypatch.setattr(distributed, "collusion_risk", lambda *a, **k: 2e-7)
+    with pytest.raises(ValueError, match="colluders"):
+        plan_interaction(silos(), 10, 1000, 10)
 
 
 def test_more_colluders_mean_more_noise_per_client() -> None:
@@ -171,8 +234,17 @@ def test_more_colluders_mean_more_noise_per_client() -> None:
         ({"batch_divisor": 0.0}, "batch-divisor"),
         ({"update_norm_max": 1e6}, "secagg-bits"),
         ({"dp": False}, "dp = true"),
+        ({"lr_factors": 96.0}, "lr-factors"),
+        ({"factor_rows": 10}, "factor-rows"),
+        ({"robust": "median"}, "robust"),
+        ({"user_dp": True}, "user-dp"),
     ],
 )
 def test_plan_refusals(over: dict[str, object], says: str) -> None:
     with pytest.raises(ValueError, match=says):
         plan_interaction(silos(**over), 10, 31686, 10)
+
+
+def test_a_cohort_short_of_the_clients_is_refused() -> None:
+    with pytest.raises(ValueError, match="every client every round"):
+        plan_interaction(silos(), 5, 31686, 10)

@@ -2,9 +2,9 @@
 noise is distributed Skellam shares inside a SecAgg+ sum.
 
 This module is the calibration and the accounting only; no run uses it yet. The mechanism it
-accounts for is ``dp-noise=server`` (:mod:`fedrec.server.interaction_dp`) with the server's
-Gaussian replaced by the clients' Skellam shares, so that the server never sees one client's
-change:
+accounts for is the full-batch case (``sample-rate`` = 1) of ``dp-noise=server``
+(:mod:`fedrec.server.interaction_dp`), with the server's Gaussian replaced by the clients'
+Skellam shares so that the server never sees one client's change:
 
 1. every client (all of them, every round) takes every one of its examples (``sample-rate`` =
    1: no subsampling), clips each example's gradient to ``max-grad-norm`` C, sums them, divides
@@ -17,31 +17,46 @@ change:
 3. the server learns only the modular sum, decodes it and divides by ``scale``: the sum of the
    changes plus Skellam noise, which its optimizer post-processes.
 
-**Sensitivity.** One window moves a client's float change by at most ``lr C / D``; one
-interaction moves ``group`` windows (:meth:`FedConfig.dp_group`: ``1 + 2 history-len`` add/remove
-steps for sliding windows; a replacement, twice the bound, for disjoint examples), so at most
-``s = factor lr C / D`` with ``factor`` = ``group`` or 2. Every other client's change is the
-same. After plain rounding with shared uniforms the integer sum moves by at most
+**Sensitivity.** One add/remove step of one window moves a client's float change by at most
+``lr C / D``. Under sliding windows one interaction removes its own window and changes the
+context of the next ``history-len`` windows (each change a replacement, two steps):
+:meth:`FedConfig.dp_group` = ``1 + 2 history-len`` steps; under disjoint examples it adds,
+removes or replaces one example (at most two steps). So one interaction moves the change by at
+most ``s = factor lr C / D``, ``factor`` = ``dp_group()`` or 2; every other client's change is
+the same. Every tensor must train at ``lr`` (no per-tensor rates), which
+:func:`plan_interaction` checks with the rest of ``dp-noise=server``'s rules.
+
+After plain rounding with shared uniforms the integer sum moves by at most
 :func:`fedrec.shared.privacy.skellam.rounded_shift_bounds` ``(s, scale, dim)``: ``L2 <= scale
 s + sqrt(dim)``. The group is inside the sensitivity, so no group-privacy conversion is needed.
 
 **Why full batch.** A Poisson-subsampled Skellam mechanism has no tight RDP bound that fedrec
 can cite (the general bound of Zhu and Wang 2019, Theorem 6, about doubles epsilon at the
 ``silos-trusted-server`` preset's q = 0.1); at q = 1 each round is the plain multi-dimensional
-Skellam mechanism, whose RDP fedrec already computes twice
-(:func:`fedrec.shared.privacy.skellam.skellam_epsilon`, Theorem 3.5 of Agarwal, Kairouz, Liu
-2021, and :func:`~fedrec.shared.privacy.skellam.skellam_epsilon_independent`, from the
-probability mass function).
+Skellam mechanism: :func:`fedrec.shared.privacy.skellam.skellam_epsilon` (Theorem 3.5 of
+Agarwal, Kairouz, Liu 2021, a proven bound) and
+:func:`~fedrec.shared.privacy.skellam.skellam_epsilon_independent`, the claim being the larger.
+At the noise a real model's dimension needs (``mu`` above
+:data:`~fedrec.shared.privacy.skellam.MU_EXACT`) the second is the Gaussian limit, not a
+computation from the probability mass function, so there the claim rests on the theorem
+alone; the pmf is used for small ``mu`` only.
 
 **Who adds the noise.** As under user-level secure aggregation
 (:mod:`fedrec.shared.privacy.distributed`): the claim counts only the shares of survivors that
 are neither colluders (``secagg-colluders`` of all clients, all assumed in the cohort) nor the
 client holding the protected interaction, and the chance that the colluders can unmask one
 client (SecAgg+'s random graph) is taken out of ``delta``.
+
+**What the runtime must add** (nothing enforces it yet): a round with fewer than
+``min_survivors`` survivors is not released; every client takes part every round; nothing else
+a client sends depends on its data (no loss, no ``trained`` flag, no budget figure); and the
+change is computed as ``-lr G / D`` in float64 (a float32 difference of two models adds up to
+half an ulp of the weights per coordinate, which ``lr C / D`` does not bound).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -90,12 +105,12 @@ class InteractionPlan:
 
     def epsilon(self, mu_counted: float | None = None, releases: int | None = None) -> float:
         """The claimed epsilon: the larger of the two accountants' (module doc), for
-        ``releases`` rounds (default: all) each carrying at least ``mu_counted`` (default: the
+        ``releases`` rounds (required) each carrying at least ``mu_counted`` (default: the
         plan's ``mu_total``)."""
         mu = self.mu_total if mu_counted is None else mu_counted
-        n = releases if releases is not None else -1
+        n = -1 if releases is None else releases
         if n < 0:
-            raise ValueError("pass releases: the number of rounds released")
+            raise ValueError("pass releases: the number of rounds released (>= 0)")
         if n == 0:
             return 0.0
         if mu <= 0:
@@ -144,6 +159,17 @@ def plan_interaction(cfg: FedConfig, cohort: int, dim: int, clients: int) -> Int
     ValueError too for anything but one full-batch SGD step per round."""
     if not cfg.dp:
         raise ValueError("per-interaction secure aggregation needs dp = true")
+    try:  # dp-noise=server's rules: one plain SGD step a round, every tensor at lr, ...
+        dataclasses.replace(cfg, dp_noise="server", secure_agg=False)
+    except ValueError as err:
+        raise ValueError(
+            f"per-interaction secure aggregation needs what dp-noise=server needs: {err}"
+        ) from None
+    if cohort != clients:
+        raise ValueError(
+            f"a cohort of {cohort} of {clients} clients: per-interaction secure aggregation "
+            "needs every client every round"
+        )
     if cfg.sample_rate != 1:
         raise ValueError(
             f"sample-rate = {cfg.sample_rate}: per-interaction secure aggregation needs 1 (every "

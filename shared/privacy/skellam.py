@@ -190,11 +190,12 @@ def encode_unconditional(
     ``Sk(mu, mu)`` noise and the reduction modulo ``2**cfg.bits`` (``cfg.beta`` is unused).
 
     For a guarantee on ONE EXAMPLE inside a client's update rather than on the client's whole
-    update (:mod:`fedrec.shared.privacy.secure_interaction`): conditional rounding's redraws
-    depend on the whole vector, so two neighbouring updates could not be rounded with shared
-    randomness; plain rounding can (:func:`rounded_shift_bounds`). The uniforms are drawn in
-    a fixed order whatever the update, so two calls with generators in the same state round
-    with the same uniforms."""
+    update (:mod:`fedrec.shared.privacy.secure_interaction`): the privacy argument couples the
+    roundings of two neighbouring updates through shared uniforms
+    (:func:`rounded_shift_bounds`), which conditional rounding's redraws (they depend on the
+    whole vector) would break. The guarantee depends only on the output's distribution (each
+    coordinate an independent Bernoulli of its fractional part); that the uniforms are drawn
+    in a fixed order whatever the update only lets a test reproduce the coupling."""
     x = np.asarray(update, dtype=np.float64).ravel()
     if x.size != cfg.dim:
         raise ValueError(f"update has {x.size} values, the config says dim={cfg.dim}")
