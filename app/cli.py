@@ -264,14 +264,16 @@ def baselines(
         int,
         typer.Option(
             help="Seed of the baselines whose model is random (random, ALS, BPR), in tuning "
-            "and in the final fit; the others ignore it. Rerun with other seeds to see how far "
-            "a seed moves them."
+            "and in the final fit; the others ignore it (a seed other than 0 with none of the "
+            "three in --only is refused). Rerun with other seeds to see how far a seed moves "
+            "them."
         ),
     ] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout.")] = False,
 ) -> None:
     """Fit and evaluate the baselines on one protocol; write RUN/config.json, RUN/metrics.json."""
     from fedrec.shared.baselines import BASELINES, run_baselines
+    from fedrec.shared.baselines.runner import SEEDED
     from fedrec.shared.data import DataError
     from fedrec.shared.rundir import versions, write_json
     from fedrec.shared.splitting import PROTOCOLS
@@ -294,6 +296,13 @@ def baselines(
         what = f"unknown {bad}" if bad else "no baseline named"
         _fail(f"--only {','.join(only or [])!r}: {what}; choose from "
               f"{', '.join(BASELINES)}.", 2)  # fmt: skip
+    seeded = ("random", *SEEDED)
+    if seed != 0 and not set(seeded) & set(names):
+        _fail(
+            f"--seed {seed}: only {', '.join(seeded)} depend on it and --only names none of them "
+            "(the run would equal seed 0's); drop --seed or add one of them to --only",
+            2,
+        )
     ds = load(data)
     config = {"command": "baselines", "protocol": protocol, "data": data, "dataset": ds.name,
               "baselines": names, "backbone": backbone, "seed": seed,

@@ -43,6 +43,13 @@ def test_usage_errors_exit_2(synth_dir, tmp_path):
     assert r.returncode == 2 and "svd" in r.stderr
     r = fedrec("baselines", "--seed", "-1", "--data", synth_dir, "--out", tmp_path / "r")
     assert r.returncode == 2 and "--seed -1" in r.stderr and "Traceback" not in r.stderr
+    # a seed no chosen baseline depends on would write seed 0's run under another seed
+    r = fedrec(
+        "baselines", "--seed", "3", "--only", "popularity", "--data", synth_dir, "--out",
+        tmp_path / "p",
+    )  # fmt: skip
+    assert r.returncode == 2 and "--seed 3" in r.stderr and "drop --seed" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "p").exists()
     assert not (tmp_path / "r").exists()
 
 
