@@ -34,7 +34,9 @@ def load(run: Path) -> dict:
             f"{c['silos']} silos, noise at the server"
             if c.get("dp_noise") == "server"
             else f"{c['silos']} silo, central DP-SGD"
-        ),
+        )
+        + (", full batch" if c["sample_rate"] == 1 else ""),
+        "q": c["sample_rate"],
         "epsilon": c["epsilon"],
         "lr": c["lr"],
         "seed": c["seed"],
@@ -75,6 +77,8 @@ def main() -> None:
     print()
     print("| setting | runs | last valid NDCG@10 median | test NDCG@10 median (min to max) |")
     print("|---|---:|---:|---|")
+    full = [r for r in mine if r["q"] == 1]
+    mine = [r for r in mine if r["q"] != 1]
     eight = [r for r in mine if r["epsilon"] == 8]
     print(summary("pooled: one silo, central DP-SGD, epsilon 8, seeds 0 to 4", pooled))
     print(summary("pooled, seeds 0 to 2", [r for r in pooled if r["seed"] < 3]))
@@ -86,6 +90,8 @@ def main() -> None:
     for eps, lr in others:
         rs = [r for r in mine if (r["epsilon"], r["lr"]) == (eps, lr)]
         print(summary(f"10 silos, noise at the server, epsilon {eps:g}, lr {lr:g}", rs))
+    if full:
+        print(summary("10 silos, noise at the server, full batch (q 1), epsilon 8", full))
     pooled_table().print_paired(HERE / "paired.json")
 
 
