@@ -206,6 +206,21 @@ def test_a_small_plan_is_checked_on_the_probability_mass_function() -> None:
     assert p.epsilon(releases=5) == max(analytic, numeric) <= cfg.epsilon * (1 + 1e-6)
 
 
+def test_where_the_pmf_accountant_binds_the_noise_is_calibrated_for_it() -> None:
+    """At epsilon 0.5 (one round, four coordinates) the pmf accountant's epsilon lies above the
+    theorem's: the plan's noise meets both (more than the theorem alone would ask), and the
+    claimed epsilon is the pmf one."""
+    cfg = silos(epsilon=0.5, num_rounds=1)
+    p = plan_interaction(cfg, 10, 4, 10)
+    analytic = sk.skellam_epsilon(p.mu_total, p.l1, p.l2, 1, p.delta)
+    numeric = sk.skellam_epsilon_independent(p.mu_total, p.l2, 1, p.delta)
+    assert numeric > analytic
+    assert p.epsilon(releases=1) == numeric <= 0.5 * (1 + 1e-6)
+    theorem_only = sk.calibrate_mu(0.5, p.delta, 1, p.l1, p.l2)
+    assert p.mu_total > theorem_only
+    assert sk.skellam_epsilon_independent(theorem_only, p.l2, 1, p.delta) > 0.5
+
+
 def test_the_collusion_risk_comes_out_of_delta(monkeypatch: pytest.MonkeyPatch) -> None:
     from fedrec.shared.privacy import distributed
 
@@ -245,6 +260,16 @@ def test_plan_refusals(over: dict[str, object], says: str) -> None:
         plan_interaction(silos(**over), 10, 31686, 10)
 
 
-def test_a_cohort_short_of_the_clients_is_refused() -> None:
-    with pytest.raises(ValueError, match="every client every round"):
-        plan_interaction(silos(), 5, 31686, 10)
+def test_a_cohort_other_than_the_clients_is_refused() -> None:
+    for cohort in (5, 11):
+        with pytest.raises(ValueError, match="every client every round"):
+            plan_interaction(silos(), cohort, 31686, 10)
+
+
+def test_other_refusals() -> None:
+    with pytest.raises(ValueError, match="local-opt"):
+        plan_interaction(silos(local_opt="adam"), 10, 31686, 10)
+    with pytest.raises(ValueError, match="dim=0"):
+        plan_interaction(silos(), 10, 0, 10)
+    with pytest.raises(ValueError, match="honest noise shares"):
+        plan_interaction(silos(secagg_colluders=0.45, secagg_dropout=0.4), 10, 31686, 10)
