@@ -37,6 +37,7 @@ def load(run: Path) -> dict:
         )
         + (", full batch" if c["sample_rate"] == 1 else ""),
         "q": c["sample_rate"],
+        "rounds": c["num_rounds"],
         "epsilon": c["epsilon"],
         "lr": c["lr"],
         "seed": c["seed"],
@@ -90,8 +91,10 @@ def main() -> None:
     for eps, lr in others:
         rs = [r for r in mine if (r["epsilon"], r["lr"]) == (eps, lr)]
         print(summary(f"10 silos, noise at the server, epsilon {eps:g}, lr {lr:g}", rs))
-    if full:
-        print(summary("10 silos, noise at the server, full batch (q 1), epsilon 8", full))
+    for eps, rounds in sorted({(r["epsilon"], r["rounds"]) for r in full}, reverse=True):
+        rs = [r for r in full if (r["epsilon"], r["rounds"]) == (eps, rounds)]
+        label = f"10 silos, noise at the server, full batch, {rounds} rounds, epsilon {eps:g}"
+        print(summary(label, rs))
     pooled_table().print_paired(HERE / "paired.json")
 
 
