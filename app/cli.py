@@ -585,6 +585,11 @@ def _headline(cfg, result: dict) -> str:  # noqa: ANN001 - a FedConfig
         swap = f", {rep:.2f} if it is replaced by another's" if isinstance(rep, float) else ""
         guarantee = (f"user-level DP, epsilon {u['epsilon']:.2f} per user at delta {u['delta']} "
                      f"with or without one user's data (zero-out{swap}; {trust})")  # fmt: skip
+    elif cfg.dp and cfg.dp_noise == "secure":
+        guarantee = (f"full-batch DP-SGD with the noise added by the clients inside secure "
+                     f"aggregation, epsilon {p['epsilon_max']:.3f} per interaction at delta "
+                     f"{cfg.delta:g} (budget {cfg.epsilon:g}, {cfg.dp_adjacency()}; the server "
+                     "sees only the noisy sum)")  # fmt: skip
     elif cfg.dp and cfg.dp_noise == "server":
         guarantee = (f"DP-SGD with the noise added by the server, epsilon <= {cfg.epsilon:g} per "
                      f"interaction at delta {cfg.delta:g} ({cfg.dp_adjacency()}; spent at most "

@@ -47,12 +47,18 @@ from fedrec.shared.federation.params import (
     from_record,
     load_travelling,
     to_record,
+    travelling_parameters,
     travelling_state,
 )
 from fedrec.shared.model.examples import right_aligned
 from fedrec.shared.privacy.calibration import planned_release
 
 app = ClientApp()
+
+# dp-noise=secure: the record of a train reply holding each travelling tensor's float64 step
+# (-lr x the clipped, divided gradient sum), which client.secure encodes; it never leaves the
+# client (client.secure builds its own reply)
+STEP64 = "step64"
 
 
 _log = logging.getLogger(__name__)
@@ -122,6 +128,13 @@ def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
     depend on the run config and the node config only, never on the data."""
     if "data-dir" not in node:
         return
+    if cfg.dp and cfg.dp_noise == "secure":  # whatever allow-no-dp says
+        raise ValueError(
+            "the server asked dp-noise=secure (per-interaction DP with the noise as shares in a "
+            "secure sum): a device does not run it yet, because it keeps no record of those "
+            "releases across runs; this round is refused. Use dp-noise=client (local DP-SGD) "
+            "or user-level DP with secure aggregation on devices"
+        )
     allow = str(node.get("allow-no-dp", "false")).lower() == "true"
     # a secure-aggregation round (train.secagg_masked) sends only a masked, noised vector the
     # device computes itself: that is DP without local DP-SGD; a plain train round is not
@@ -302,6 +315,13 @@ def train_reply(msg: Message, context: Context, *, secure: bool = False) -> Mess
             if attacker and spec is not None and spec[1] == "promote":  # simulation only
                 table = promoted(table, spec[2])
             content[contract.SEGMENTS] = table
+    if res.steps64 is not None and res.trained:  # dp-noise=secure: read by client.secure only
+        by_param = {id(p): step for p, step in res.steps64}
+        steps = {
+            k: by_param.get(id(p), torch.zeros(p.shape, dtype=torch.float64))
+            for k, p in travelling_parameters(client.model).items()
+        }
+        content[STEP64] = ArrayRecord({k: Array(v.numpy()) for k, v in steps.items()})
     if record is not None:  # recorded before the reply leaves the device
         append_round(*record, context.node_config)
     return Message(content=content, reply_to=msg)

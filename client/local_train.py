@@ -131,6 +131,10 @@ class RoundResult:
     history: list[Run] = field(default_factory=list)  # the accountant history after this round
     # the round also paid for a release (the segment counts' run, charged with its steps)
     released: bool = False
+    # dp-noise=secure: each trained parameter's step ``-lr * grad`` in float64 (the parameter
+    # itself, its step), computed from the clipped, divided sum before the float32 update
+    # rounds it (shared/privacy/secure_interaction.py); None otherwise
+    steps64: list[tuple[torch.nn.Parameter, torch.Tensor]] | None = None
 
 
 def spent(cfg: FedConfig, history: Sequence[Run]) -> float:
@@ -327,7 +331,8 @@ def train_round(
             base_opt,
             # dp-noise=server: the step is the clipped sum without noise; the (trusted) server
             # adds sigma * C once to the sum of every client's change (server/interaction_dp.py)
-            noise_multiplier=0.0 if cfg.dp_noise == "server" else sigma,
+            # dp-noise=secure: the clients add Skellam shares inside the secure sum instead
+            noise_multiplier=0.0 if cfg.dp_noise in ("server", "secure") else sigma,
             max_grad_norm=cfg.max_grad_norm,
             expected_batch_size=batch_divisor(cfg, data.users),
             loss_reduction="mean",
@@ -347,6 +352,7 @@ def train_round(
     # get no per-example gradient (CandidateScorer detaches them) and are put back after every
     # step, which discards the noise DP-SGD added there (post-processing)
     losses, done = [], 0
+    steps64: list[tuple[torch.nn.Parameter, torch.Tensor]] | None = None
     try:
         held = select_rows(scorer, cfg.factor_rows)
         while done < steps:
@@ -356,6 +362,8 @@ def train_round(
             if loss is not None:
                 losses.append(loss)
             done += 1
+        if cfg.dp and cfg.dp_noise == "secure":
+            steps64 = secure_steps(opt, steps)
     finally:
         scorer.rows = None
         if isinstance(module, GradSampleModule):
@@ -398,6 +406,7 @@ def train_round(
         total_steps=total,
         history=runs,
         released=release is not None,
+        steps64=steps64,
     )
 
 
@@ -453,6 +462,29 @@ def capped(batch: list[torch.Tensor], cap: int, gen: torch.Generator) -> list[to
         return batch
     keep = torch.randperm(n, generator=gen)[:cap].sort().values
     return [t[keep] for t in batch]
+
+
+def secure_steps(
+    opt: torch.optim.Optimizer, steps: int
+) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """dp-noise=secure: each parameter's step of the round's one plain SGD step, ``-lr *
+    grad`` in float64, where ``grad`` is what the optimizer stepped with (the clipped sum
+    divided by the public divisor; no noise). Computed here, not as the difference of two
+    float32 models, whose rounding depends on the weights and is not within ``lr C / D``.
+    RuntimeError for anything but one step of plain SGD (the plan refuses such configs)."""
+    if steps != 1 or not isinstance(opt, DPOptimizer):
+        raise RuntimeError("dp-noise=secure takes exactly one DP-SGD step a round")
+    base = opt.original_optimizer
+    if type(base) is not torch.optim.SGD:
+        raise RuntimeError("dp-noise=secure steps with plain SGD only")
+    out = []
+    for group in opt.param_groups:
+        if group.get("momentum", 0) or group.get("weight_decay", 0):
+            raise RuntimeError("dp-noise=secure steps with plain SGD (no momentum, no decay)")
+        for p in group["params"]:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            out.append((p, -float(group["lr"]) * grad.detach().double()))
+    return out
 
 
 def _total_steps(history: list[tuple[float, float, int]]) -> int:

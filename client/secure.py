@@ -47,6 +47,7 @@ from fedrec.shared.federation.params import from_record
 from fedrec.shared.federation.secagg import SecAggClient
 from fedrec.shared.privacy import skellam
 from fedrec.shared.privacy.distributed import check_request, plan
+from fedrec.shared.privacy.secure_interaction import check_interaction_request
 
 _log = logging.getLogger(__name__)
 
@@ -125,15 +126,19 @@ def share(msg: Message, context: Context) -> Message:
 
 
 def masked(msg: Message, context: Context) -> Message:
-    from fedrec.client.app import device_guard, round_config, train_reply
+    from fedrec.client.app import STEP64, device_guard, round_config, train_reply
 
     f = _fields(msg)
     rnd = int(f["round"])
     _simulated_dropout(f, "masked", context)
     client = _load(context, rnd, "masked")
     cfg, _extra = round_config(msg)
-    if not (cfg.secure_agg and cfg.user_dp):
-        raise ValueError("train.secagg_masked in a run without secure-agg=true and user-dp=true")
+    interaction = cfg.dp and cfg.dp_noise == "secure"  # per-interaction DP (else user-level)
+    if not (cfg.secure_agg and (cfg.user_dp or interaction)):
+        raise ValueError(
+            "train.secagg_masked in a run without secure-agg=true and user-dp=true or "
+            "dp-noise=secure"
+        )
     enc = skellam.SkellamConfig(
         clip=float(f["clip"]),
         scale=float(f["scale"]),
@@ -141,18 +146,26 @@ def masked(msg: Message, context: Context) -> Message:
         bits=int(f["bits"]),
         beta=float(f["beta"]),
     )
-    if enc.clip != cfg.user_clip:
+    # user-level: the clip of the whole change; per interaction: the projection radius
+    radius, name_of = (
+        (cfg.update_norm_max, "update-norm-max") if interaction else (cfg.user_clip, "user-clip")
+    )
+    if enc.clip != radius:
         raise ValueError(
             f"secure aggregation: the server asks clip {enc.clip}, the run config says "
-            f"user-clip={cfg.user_clip}"
+            f"{name_of}={radius}"
         )
     mu = float(f["mu"])
     # the server may not ask for less noise, another grid or a lower threshold than this
     # client's own calibration from the run config and the cohort size gives
-    check_request(cfg, f, client.threshold)
+    if interaction:
+        check_interaction_request(cfg, f, client.threshold)
+    else:
+        check_request(cfg, f, client.threshold)
     # the device's own conditions (node config against run config, not data): a visible refusal
+    # (a device refuses dp-noise=secure: it keeps no record of those releases yet)
     device_guard(cfg, context.node_config, secure=True)
-    ledger, entry = _user_level_check(cfg, f, context.node_config)
+    ledger, entry = (None, {}) if interaction else _user_level_check(cfg, f, context.node_config)
     received = from_record(msg.content.array_records[contract.ARRAYS])
     keys = sorted(received)
     before = _flat(received, keys)
@@ -165,7 +178,12 @@ def masked(msg: Message, context: Context) -> Message:
     try:
         reply = train_reply(msg, context, secure=True)
         change = np.zeros_like(before)
-        if contract.ARRAYS in reply.content:
+        if interaction and STEP64 in reply.content:
+            # the step itself in float64, not a difference of float32 models
+            # (shared/privacy/secure_interaction.py: the sensitivity bounds this one)
+            rec = reply.content.array_records[STEP64]
+            change = np.concatenate([rec[k].numpy().astype(np.float64).ravel() for k in keys])
+        elif not interaction and contract.ARRAYS in reply.content:
             state = from_record(reply.content.array_records[contract.ARRAYS])
             change = _flat(state, keys) - before
         if not np.all(np.isfinite(change)):
@@ -188,7 +206,10 @@ def masked(msg: Message, context: Context) -> Message:
         )
         change = np.zeros_like(before)
     rng = np.random.default_rng(secrets.randbits(128))
-    x = skellam.encode(change, enc, mu, rng)
+    if interaction:  # projected onto the ball, plain randomized rounding: never redrawn
+        x = skellam.encode_unconditional(change, enc, mu, rng)
+    else:
+        x = skellam.encode(change, enc, mu, rng)
     srcs = [int(s) for s in f["src"]]
     cts = [bytes(c) for c in f["ct"]]
     y = client.masked_input(list(zip(srcs, cts, strict=True)), x)

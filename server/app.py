@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -54,8 +55,13 @@ from fedrec.shared.federation.params import (
     travelling_state,
 )
 from fedrec.shared.model.central import ModelScorer, ProfileBank
+from fedrec.shared.privacy.distributed import SecurePlan, secure_summary
 from fedrec.shared.privacy.distributed import plan as plan_secure
-from fedrec.shared.privacy.distributed import secure_summary
+from fedrec.shared.privacy.secure_interaction import (
+    InteractionPlan,
+    interaction_summary,
+    plan_interaction,
+)
 from fedrec.shared.rundir import dumps, write_json
 
 SERVER_KEYS = ("run-dir", "resume", "baselines")
@@ -202,7 +208,34 @@ def run_federation(
     runner: FedRecStrategy | UserLevelDP | SecureUserDP = strategy
     user_dp: dict[str, Any] | None = None
     secure: SecureUserDP | None = None
-    if cfg.user_dp and cfg.secure_agg:
+    interaction: InteractionPlan | None = None
+    if cfg.dp and cfg.dp_noise == "secure":
+        clients = len(list(grid.get_node_ids()))
+        dim = sum(t.numel() for t in state.values())
+        interaction = plan_interaction(cfg, clients, dim, clients)
+        runner = secure = SecureUserDP(
+            strategy, interaction, log_path=run / "privacy" / "secagg.jsonl", divisor=1
+        )
+        log.info(
+            "per-interaction DP-SGD without a trusted server: every round all %d clients take "
+            "one full-batch step, project to %.3g, round on a grid of %.4g and add Skellam shares "
+            "of mu %.4g (%.4g counted per round: noise std %.4g on the summed change) inside "
+            "SecAgg+ (%d neighbours, threshold %d, at least %d survivors), calibrated for %d "
+            "releases at epsilon %.3g, delta %.3g",
+            clients,
+            cfg.update_norm_max,
+            interaction.encoding.scale,
+            interaction.mu_client,
+            interaction.mu_total,
+            math.sqrt(2 * interaction.mu_total) / interaction.encoding.scale,
+            interaction.neighbours,
+            interaction.threshold,
+            interaction.min_survivors,
+            cfg.num_rounds,
+            cfg.epsilon,
+            cfg.delta,
+        )
+    elif cfg.user_dp and cfg.secure_agg:
         clients = len(list(grid.get_node_ids()))
         sampled = sample_size(cfg, clients)
         secure_plan = plan_secure(cfg, sampled, sum(t.numel() for t in state.values()), clients)
@@ -283,7 +316,11 @@ def run_federation(
         if result.arrays is not None and len(result.arrays):
             load_travelling(model, from_record(result.arrays))
     user_level = None
-    if secure is not None and user_dp is not None:
+    privacy = None
+    if interaction is not None and secure is not None:
+        privacy = interaction_summary(cfg, interaction, secure.records)
+    elif secure is not None and user_dp is not None:
+        assert isinstance(secure.plan, SecurePlan)
         user_level = secure_summary(cfg, secure.plan, secure.records, user_dp["clients"])
     elif user_dp is not None:
         releases = offset + sum(1 for r in strategy.rounds if r.get("aggregated"))
@@ -308,6 +345,7 @@ def run_federation(
         baselines=baselines,
         seconds=time.perf_counter() - t0,
         user_level=user_level,
+        privacy=privacy,
         segments=(
             strategy.segment_sum,
             strategy.segment_tables,

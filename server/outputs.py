@@ -89,6 +89,7 @@ def write_outputs(
     baselines: str,
     seconds: float,
     user_level: dict[str, Any] | None = None,
+    privacy: dict[str, Any] | None = None,
     segments: tuple[np.ndarray | None, int, float | None, str, int] = (None, 0, None, "none", 0),
 ) -> dict[str, Any]:
     prior: dict[str, Any] | None = None
@@ -120,9 +121,12 @@ def write_outputs(
     base = run_baselines(ds, cfg.protocol, names=baseline_names(baselines), backbone=cfg.backbone)
     result["split"] = base["split"]
     result["baselines"] = base["baselines"]
-    ledger = read_ledger(run / "privacy" / "ledger.jsonl")
-    result["privacy"] = privacy_summary(cfg, ledger)
-    result["privacy"]["user_level"] = user_level or {"enabled": False}
+    if privacy is not None:  # dp-noise=secure: the run's claim, from its secure rounds
+        result["privacy"] = privacy
+    else:
+        ledger = read_ledger(run / "privacy" / "ledger.jsonl")
+        result["privacy"] = privacy_summary(cfg, ledger)
+        result["privacy"]["user_level"] = user_level or {"enabled": False}
     result["seconds"] = round(seconds, 1)
     from fedrec.server import sim_runtime
 

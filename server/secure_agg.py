@@ -56,6 +56,7 @@ from fedrec.shared.federation.params import UpdateError, to_record
 from fedrec.shared.federation.secagg import BelowThreshold, SecAggError, SecAggServer
 from fedrec.shared.privacy import skellam
 from fedrec.shared.privacy.distributed import SecurePlan, honest_shares, read_rounds
+from fedrec.shared.privacy.secure_interaction import InteractionPlan
 
 log = logging.getLogger("fedrec.server")
 
@@ -90,8 +91,19 @@ class SecureUserDP:
     """Runs fedrec's rounds as SecAgg+ rounds; the inner strategy keeps the rounds' records,
     the identity binding, the reply checks and the server optimizer."""
 
-    def __init__(self, inner: FedRecStrategy, plan: SecurePlan, *, log_path: Path) -> None:
+    def __init__(
+        self,
+        inner: FedRecStrategy,
+        plan: SecurePlan | InteractionPlan,
+        *,
+        log_path: Path,
+        divisor: int | None = None,
+    ) -> None:
+        """``divisor``: what the decoded sum is divided by before the server optimizer; the
+        cohort (user-level DP's fixed denominator) by default, 1 for ``dp-noise=secure`` (one
+        DP-SGD step over the union of the clients' examples: the sum of their changes)."""
         self.inner, self.plan, self.log_path = inner, plan, log_path
+        self.divisor = plan.cohort if divisor is None else int(divisor)
         self.keys = flat_keys(inner.template)
         # a resumed run continues the log: earlier rounds' releases still count
         self.records: list[dict[str, Any]] = read_rounds(log_path)
@@ -294,7 +306,7 @@ class SecureUserDP:
         if released is not None:
             total, survivors = released
             change_sum = skellam.decode(total, p.encoding)
-            delta = unflatten(change_sum / p.cohort, inner.template, self.keys)
+            delta = unflatten(change_sum / self.divisor, inner.template, self.keys)
             new = inner.optimizer.step(inner.current, delta, rnd)
             inner.current = new
             honest = honest_shares(len(survivors), p.colluders)

@@ -219,7 +219,9 @@ class FedConfig:
     # DP-SGD step per round at the same sample-rate and batch-divisor: central DP-SGD over the
     # union of the clients' examples (silos pooling one noise draw), accounted per interaction
     # exactly as a client's own steps are, but no protection against the server, which sees
-    # every client's un-noised sum (server/interaction_dp.py).
+    # every client's un-noised sum (server/interaction_dp.py). "secure": the same full-batch
+    # step (sample-rate 1) with the noise added as Skellam shares by the clients inside a SecAgg+
+    # sum (secure-agg=true): no trusted server (shared/privacy/secure_interaction.py).
     dp_noise: str = "client"
     max_grad_norm: float = 1.0  # per-example gradient clip (L2) of DP-SGD
     # pld: dp-accounting's privacy-loss distributions (tight for replace-one); prv: Opacus' PRV
@@ -376,8 +378,13 @@ class FedConfig:
         _need(0 < self.server_lr <= 10, "server-lr", self.server_lr, "(0, 10]")
         _need(0 < self.server_lr_final <= 1, "server-lr-final", self.server_lr_final, "(0, 1]")
         _need(self.local_steps >= 1, "local-steps", self.local_steps, ">= 1")
-        _need(self.dp_noise in ("client", "server"), "dp-noise", self.dp_noise, "client or server")
-        if self.dp_noise == "server":
+        _need(
+            self.dp_noise in ("client", "server", "secure"),
+            "dp-noise",
+            self.dp_noise,
+            "client, server or secure",
+        )
+        if self.dp_noise in ("server", "secure"):
             self._check_server_noise()
         _need(self.local_opt in ("sgd", "adam"), "local-opt", self.local_opt, "sgd or adam")
         _need(
@@ -480,11 +487,12 @@ class FedConfig:
         )
         # before max-batch's: with both set (preset secure plus dp=true) this is the first fix
         _need(
-            not (self.secure_agg and self.dp),
+            not (self.secure_agg and self.dp and self.dp_noise != "secure"),
             "dp",
             self.dp,
             "false with secure-agg=true (local DP-SGD's per-client ledger is not wired into "
-            "secure rounds; user-level DP with distributed noise is the guarantee there)",
+            "secure rounds; user-level DP with distributed noise is the guarantee there), or "
+            "set dp-noise=secure (per-interaction DP with the noise as shares in the secure sum)",
         )
         _need(
             not (self.dp and self.max_batch > 0),
@@ -528,11 +536,11 @@ class FedConfig:
             ">= 0",
         )
         _need(
-            not self.secure_agg or self.user_dp,
+            not self.secure_agg or self.user_dp or self.dp_noise == "secure",
             "secure-agg",
             self.secure_agg,
-            "false unless user-dp=true (secure aggregation carries user-level DP's distributed "
-            "noise; set user-dp=true too)",
+            "false unless user-dp=true or dp-noise=secure (secure aggregation carries "
+            "distributed DP noise; set one of them)",
         )
         _need(2 <= self.secagg_bits <= 62, "secagg-bits", self.secagg_bits, "2..62")
         _need(
@@ -605,10 +613,26 @@ class FedConfig:
         when every round is ONE subsampled Gaussian release: every client takes one plain SGD
         step on its clipped sum at the same q and divisor, the server adds the noise to the sum
         of the changes, and nothing else the clients send depends on their data."""
-        rule = "with dp-noise = server"
+        rule = f"with dp-noise = {self.dp_noise}"
         _need(self.dp, "dp", self.dp, f"true {rule} (the noise is local DP-SGD's)")
         _need(not self.user_dp, "user-dp", self.user_dp, f"false {rule} (one DP mechanism)")
-        _need(not self.secure_agg, "secure-agg", self.secure_agg, f"false {rule}")
+        secure = self.dp_noise == "secure"
+        _need(
+            self.secure_agg == secure,
+            "secure-agg",
+            self.secure_agg,
+            "true with dp-noise = secure (the clients' noise shares need the secure sum)"
+            if secure
+            else f"false {rule} (dp-noise = secure is the version without a trusted server)",
+        )
+        if secure:
+            _need(
+                self.sample_rate == 1,
+                "sample-rate",
+                self.sample_rate,
+                f"1 {rule}: every example every round (fedrec claims no bound for a "
+                "Poisson-subsampled Skellam mechanism)",
+            )
         _need(
             self.local_steps == 1,
             "local-steps",

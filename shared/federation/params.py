@@ -83,6 +83,11 @@ def _travelling(model: RecModel) -> dict[str, torch.Tensor]:
     return out
 
 
+def travelling_parameters(model: RecModel) -> dict[str, torch.Tensor]:
+    """Name -> the model's own Parameter (not a copy), for each travelling tensor."""
+    return _travelling(model)
+
+
 def travelling_state(model: RecModel) -> dict[str, torch.Tensor]:
     """Name -> float32 tensor (detached copy) of everything a round trains and sends."""
     return {k: p.detach().clone().float() for k, p in _travelling(model).items()}

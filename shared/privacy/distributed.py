@@ -118,7 +118,8 @@ def check_cohort(cfg: FedConfig, clients: int) -> None:
     """Before a run starts: the cohort that ``clients`` connected clients give is large enough
     for secure aggregation (at least 3, at least one counted noise share, a collusion risk
     within 1 % of delta). Raises ValueError saying what to change."""
-    _cohort_parameters(cfg, sample_size(cfg, clients), clients)
+    delta = cfg.delta if cfg.dp_noise == "secure" else None  # per interaction: its delta
+    _cohort_parameters(cfg, sample_size(cfg, clients), clients, delta=delta)
 
 
 def cohort_colluders(cfg: FedConfig, cohort: int, clients: int | None) -> int:
@@ -143,10 +144,12 @@ def _cohort_parameters(
     With ``secagg-neighbours`` = 0 the neighbour count starts at :func:`neighbours_for`'s
     3 log2(cohort) and grows (by 2) until the collusion risk is within its share of delta:
     more colluders need larger groups (Bell et al. 2020 size k by the corrupted fraction)."""
+    # a larger cohort: more of the clients per round, or (every client already in it) more
+    grow = "raise fraction-train" if cfg.fraction_train < 1 else "add clients (silos)"
     if cohort < 3:
         raise ValueError(
             f"secure-agg=true needs a cohort of at least 3 clients per round, got {cohort}: "
-            "raise fraction-train or min-replies"
+            + ("raise fraction-train or min-replies" if cfg.fraction_train < 1 else grow)
         )
     colluders = cohort_colluders(cfg, cohort, clients)
     min_survivors = max(2, math.ceil((1 - cfg.secagg_dropout) * cohort))
@@ -171,8 +174,8 @@ def _cohort_parameters(
         raise ValueError(
             f"secure-agg: a cohort of {cohort} with secagg-dropout={cfg.secagg_dropout} and "
             f"secagg-colluders={cfg.secagg_colluders} of {whole} ({colluders} colluders "
-            f"counted, all possibly in one cohort) leaves {honest} honest noise shares; raise "
-            "fraction-train or lower secagg-dropout / secagg-colluders"
+            f"counted, all possibly in one cohort) leaves {honest} honest noise shares; {grow} "
+            "or lower secagg-dropout / secagg-colluders"
         )
     if risk > budget:
         raise ValueError(
@@ -181,7 +184,7 @@ def _cohort_parameters(
             f"hold a threshold of some node's shares over {cfg.num_rounds} rounds is up to "
             f"{risk:.3g}, above {RISK_SHARE:g} x {delta_name}={delta}: "
             + ("raise secagg-neighbours (0 = automatic), " if cfg.secagg_neighbours else "")
-            + "raise fraction-train or lower secagg-colluders"
+            + f"{grow} or lower secagg-colluders"
         )
     return k, t, min_survivors, colluders, honest, risk
 
@@ -436,28 +439,7 @@ def audit_secure(run: Path, cfg: FedConfig, tolerance: float) -> tuple[dict[str,
             f"{cfg.fraction_train} and min-replies={cfg.min_replies} give "
             f"{sample_size(cfg, clients)} of {clients} clients"
         )
-    for r in rounds:
-        counts = [r.get("cohort", -1), r.get("masked", 0), r.get("survivors", 0)]
-        if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
-            problems.append(
-                f"secagg.jsonl round {r.get('round')}: the counts {counts} (cohort, masked "
-                "inputs, survivors) are not whole numbers"
-            )
-            continue
-        cohort, masked, surv = counts
-        if cohort != expected.cohort or not 0 <= surv <= masked <= cohort:
-            problems.append(
-                f"secagg.jsonl round {r.get('round')}: cohort {r.get('cohort')}, masked inputs "
-                f"{r.get('masked')}, survivors {r.get('survivors')} are inconsistent (the plan's "
-                f"cohort is {expected.cohort}; survivors <= masked inputs <= cohort)"
-            )
-    for r in released:
-        surv = _count(r, "survivors")
-        if surv < expected.min_survivors:
-            problems.append(
-                f"round {r['round']} was released with {surv} survivors, below the plan's "
-                f"minimum {expected.min_survivors}"
-            )
+    problems += round_problems(rounds, expected.cohort, expected.min_survivors)
     mus = [expected.mu_client * honest_shares(_count(r, "survivors"), expected.colluders)
            for r in released]  # fmt: skip
     aggregated = sum(1 for r in doc.get("model", {}).get("rounds", []) if r.get("aggregated"))
@@ -522,6 +504,38 @@ def audit_secure(run: Path, cfg: FedConfig, tolerance: float) -> tuple[dict[str,
         }
     )
     return out, problems
+
+
+def round_problems(rounds: list[dict[str, Any]], cohort: int, min_survivors: int) -> list[str]:
+    """What is wrong with ``secagg.jsonl``'s round records against a plan's ``cohort`` and
+    ``min_survivors``: counts that are not whole numbers or are inconsistent (the survivor
+    counts set the noise counted, so an impossible count must not pass for more noise), and a
+    round released with fewer survivors than the minimum."""
+    problems: list[str] = []
+    released = [r for r in rounds if r.get("released")]
+    for r in rounds:
+        counts = [r.get("cohort", -1), r.get("masked", 0), r.get("survivors", 0)]
+        if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+            problems.append(
+                f"secagg.jsonl round {r.get('round')}: the counts {counts} (cohort, masked "
+                "inputs, survivors) are not whole numbers"
+            )
+            continue
+        have, masked, surv = counts
+        if have != cohort or not 0 <= surv <= masked <= have:
+            problems.append(
+                f"secagg.jsonl round {r.get('round')}: cohort {r.get('cohort')}, masked inputs "
+                f"{r.get('masked')}, survivors {r.get('survivors')} are inconsistent (the plan's "
+                f"cohort is {cohort}; survivors <= masked inputs <= cohort)"
+            )
+    for r in released:
+        surv = _count(r, "survivors")
+        if surv < min_survivors:
+            problems.append(
+                f"round {r['round']} was released with {surv} survivors, below the plan's "
+                f"minimum {min_survivors}"
+            )
+    return problems
 
 
 def _count(r: dict[str, Any], key: str) -> int:

@@ -30,6 +30,7 @@ from fedrec.shared.privacy.audit import (
     summary,
 )
 from fedrec.shared.privacy.calibration import planned_release, run_checker, server_noise_std
+from fedrec.shared.privacy.secure_interaction import audit_interaction
 from fedrec.shared.privacy.statement import statement
 from fedrec.shared.privacy.user_level import audit_user_level
 
@@ -85,6 +86,8 @@ def audit_run(
             "findings": [{"severity": "error", "message": m} for m in user_problems],
         }
         return report, text
+    if cfg.dp_noise == "secure":
+        return _audit_secure_interaction(run, cfg, tolerance)
     mech = cfg.dp_mechanism()
     audit = audit_ledger(
         run / "privacy" / "ledger.jsonl",
@@ -122,6 +125,39 @@ def audit_run(
     if cfg.user_dp:
         text += _user_text(user, user_problems)
     return report, text
+
+
+def _audit_secure_interaction(
+    run: Path, cfg: FedConfig, tolerance: float
+) -> tuple[dict[str, Any], str]:
+    """``dp-noise=secure``: no per-client ledger of Gaussian steps (every client takes part in
+    every released round with the same mechanism); the claim is recomputed from the config, the
+    plan and ``privacy/secagg.jsonl`` (:func:`audit_interaction`), and the statement printed
+    from the recomputation."""
+    info, problems = audit_interaction(run, cfg, tolerance)
+    text = statement(cfg, {"secure_interaction": info, "user_level": {"enabled": False}})
+    lines = ["", "## Per-interaction verification (secure aggregation)", ""]
+    if "epsilon_claimed" in info:
+        lines.append(
+            f"Recomputed from config.json, the plan and privacy/secagg.jsonl: epsilon "
+            f"{info['epsilon']:.4f} at delta {cfg.delta} over {info['releases']} release(s) "
+            f"(claimed {_num(info.get('epsilon_claimed'))}). The statement above is built from "
+            "the recomputed values."
+        )
+    lines += [f"FAIL: {m}" for m in problems] or ["PASS"]
+    report = {
+        "run": str(run),
+        "ok": not problems,
+        "dp": True,
+        "noise_at": "secure",
+        "delta": cfg.delta,
+        "budget": cfg.epsilon,
+        "secure_interaction": info,
+        "user_level_dp": {"enabled": False},
+        "secure_aggregation": True,
+        "findings": [{"severity": "error", "message": m} for m in problems],
+    }
+    return report, text + "\n".join(lines) + "\n"
 
 
 def _num(x: Any) -> str:

@@ -1,10 +1,12 @@
 """Per-interaction DP-SGD without a trusted server: the accounting of a full-batch round whose
 noise is distributed Skellam shares inside a SecAgg+ sum.
 
-This module is the calibration and the accounting only; no run uses it yet. The mechanism it
-accounts for is the full-batch case (``sample-rate`` = 1) of ``dp-noise=server``
-(:mod:`fedrec.server.interaction_dp`), with the server's Gaussian replaced by the clients'
-Skellam shares so that the server never sees one client's change:
+This module is the calibration, the client's check of the server's request, the run's claim
+and its audit; ``dp-noise=secure`` runs it (:mod:`fedrec.server.secure_agg` with a sum divisor
+of 1, :func:`fedrec.client.secure.masked`). The mechanism it accounts for is the full-batch
+case (``sample-rate`` = 1) of ``dp-noise=server`` (:mod:`fedrec.server.interaction_dp`), with
+the server's Gaussian replaced by the clients' Skellam shares so that the server never sees one
+client's change:
 
 1. every client (all of them, every round) takes every one of its examples (``sample-rate`` =
    1: no subsampling), clips each example's gradient to ``max-grad-norm`` C, sums them, divides
@@ -47,23 +49,35 @@ are neither colluders (``secagg-colluders`` of all clients, all assumed in the c
 client holding the protected interaction, and the chance that the colluders can unmask one
 client (SecAgg+'s random graph) is taken out of ``delta``.
 
-**What the runtime must add** (nothing enforces it yet): a round with fewer than
-``min_survivors`` survivors is not released; every client takes part every round; nothing else
-a client sends depends on its data (no loss, no ``trained`` flag, no budget figure); and the
-change is computed as ``-lr G / D`` in float64 (a float32 difference of two models adds up to
-half an ulp of the weights per coordinate, which ``lr C / D`` does not bound).
+**What the runtime does for it**: a round with fewer than ``min_survivors`` survivors is not
+released (:class:`fedrec.shared.federation.secagg.SecAggServer`); every client takes part every
+round (the cohort is every client, checked each round); nothing else a client sends depends on
+its data (a secure reply's metrics are constants; a client without data or budget sends a zero
+change with its noise share); and the change is computed as ``-lr G / D`` in float64
+(:func:`fedrec.client.local_train.secure_steps`: a float32 difference of two models would add
+up to half an ulp of the weights per coordinate, which ``lr C / D`` does not bound). ``G`` itself
+is Opacus' float32 sum of the clipped gradients divided by D: its rounding is not covered, as in
+every DP-SGD implementation (the statement says so).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.privacy import skellam
-from fedrec.shared.privacy.distributed import _cohort_parameters
+from fedrec.shared.privacy.distributed import (
+    _cohort_parameters,
+    _count,
+    honest_shares,
+    read_rounds,
+    round_problems,
+)
 
 # the integer grid is fine enough that rounding adds at most this share to the L2 sensitivity
 ROUNDING_SHARE = 0.01
@@ -88,6 +102,7 @@ def float_sensitivity(cfg: FedConfig) -> float:
 class InteractionPlan:
     """Everything fixed for a run: cohort, graph, integer grid and noise."""
 
+    clients: int  # every client, every round: the cohort
     cohort: int
     neighbours: int
     threshold: int
@@ -123,6 +138,7 @@ class InteractionPlan:
     def as_dict(self) -> dict[str, Any]:
         e = self.encoding
         return {
+            "clients": self.clients,
             "cohort": self.cohort,
             "neighbours": self.neighbours,
             "threshold": self.threshold,
@@ -215,6 +231,7 @@ def plan_interaction(cfg: FedConfig, cohort: int, dim: int, clients: int) -> Int
             "secagg-bits or lower update-norm-max"
         )
     return InteractionPlan(
+        clients=clients,
         cohort=cohort,
         neighbours=k,
         threshold=t,
@@ -230,3 +247,204 @@ def plan_interaction(cfg: FedConfig, cohort: int, dim: int, clients: int) -> Int
         collusion_risk=risk,
         delta=delta,
     )
+
+
+def check_interaction_request(cfg: FedConfig, fields: dict[str, Any], threshold: int) -> None:
+    """A client's check of a ``dp-noise=secure`` masked-input request against its own
+    :func:`plan_interaction` from the run config, the cohort and the clients the server
+    states: the cohort must be every client, and the server cannot ask for less noise, another
+    grid or projection radius, or a lower Shamir threshold. Raises ValueError saying what
+    differs."""
+    cohort, clients, dim = fields.get("cohort"), fields.get("clients"), fields.get("dim")
+    for key, v in (("cohort", cohort), ("clients", clients), ("dim", dim)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(
+                f"secure aggregation: the server's request has {key}={v!r}, not a positive whole "
+                "number; refused"
+            )
+    assert isinstance(cohort, int) and isinstance(clients, int) and isinstance(dim, int)
+    p = plan_interaction(cfg, cohort, dim, clients)  # refuses a cohort other than the clients
+    e = p.encoding
+    wants = {
+        "clip": e.clip, "scale": e.scale, "bits": e.bits, "mu": p.mu_client,
+        "threshold": p.threshold,
+    }  # fmt: skip
+    asked = {k: fields.get(k) for k in wants} | {"threshold": threshold}
+    for key, mine in wants.items():
+        theirs = asked[key]
+        if (
+            isinstance(theirs, bool)
+            or not isinstance(theirs, (int, float))
+            or not math.isclose(float(theirs), float(mine), rel_tol=1e-9)
+        ):
+            raise ValueError(
+                f"secure aggregation: the server asks {key}={theirs}, but this client's "
+                f"per-interaction calibration for {clients} clients gives {mine}; refused"
+            )
+
+
+UNIT = (
+    "one interaction (user, item, timestamp) of a client's data, except an interaction that is "
+    "its user's only training interaction"
+)
+TRUST = (
+    "honest-but-curious server that sees only the modular sum of the masked inputs; at most "
+    "{colluders} of the {clients} clients (secagg-colluders = {fraction:g}) collude with it, "
+    "and at most {dropped} drop out (a round with fewer survivors is not released); the noise "
+    "share of the client holding the protected interaction is not counted"
+)
+
+
+def _epsilons(p: InteractionPlan, mu: float, n: int) -> tuple[float, float]:
+    """(Theorem 3.5's epsilon, the numerical accountant's) for ``n`` releases at ``mu``."""
+    if not n:
+        return 0.0, 0.0
+    if mu <= 0:
+        return math.inf, math.inf
+    return (
+        skellam.skellam_epsilon(mu, p.l1, p.l2, n, p.delta),
+        skellam.skellam_epsilon_independent(mu, p.l2, n, p.delta),
+    )
+
+
+def interaction_summary(
+    cfg: FedConfig, p: InteractionPlan, rounds: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """``metrics.json``'s ``privacy`` for a ``dp-noise=secure`` run: every client took part in
+    every released round with the same mechanism, so every client's per-interaction epsilon is
+    the run's (a client that dropped from a round is still charged for it: an over-count)."""
+    released = [r for r in rounds if r.get("released")]
+    n = len(released)
+    mu = min((float(r["mu_honest"]) for r in released), default=p.mu_total)
+    analytic, independent = _epsilons(p, mu, n)
+    eps = max(analytic, independent)
+    _ratio, exact = skellam.independent_rdp_ratio(mu, p.l2)
+    return {
+        "dp": True,
+        "clients": p.clients,
+        "epsilon_max": eps,
+        "epsilon_median": eps,
+        "epsilon_budget": cfg.epsilon,
+        "delta": cfg.delta,
+        "rounds_per_client": {n: p.clients},
+        "refusals": None,  # a secure reply does not say whether its client trained
+        "secure_interaction": {
+            "unit": UNIT,
+            "adjacency": cfg.dp_adjacency(),
+            "group": cfg.dp_group() if cfg.dp_adjacency() == "add-remove" else 1,
+            "mechanism": "one full-batch DP-SGD step a round (no noise at the clients' step); "
+            "each client projects its change, rounds it (plain randomized rounding) and adds "
+            "its Skellam noise share inside a SecAgg+ sum",
+            "trust": TRUST.format(
+                colluders=p.colluders,
+                clients=p.clients,
+                fraction=cfg.secagg_colluders,
+                dropped=p.cohort - p.min_survivors,
+            ),
+            "plan": p.as_dict(),
+            "releases": n,
+            "mu_total_used": mu,
+            "noise_std_on_sum": math.sqrt(2 * mu) / p.encoding.scale,
+            "epsilon": eps,
+            "epsilon_analytic": analytic,
+            "epsilon_independent": independent,
+            # False: the numerical accountant is the Gaussian limit there (not independent)
+            "independent_exact": bool(exact),
+            "delta_accountant": p.delta,
+            "collusion_risk": p.collusion_risk,
+            "accounting": "Skellam RDP bound (Agarwal, Kairouz, Liu 2021, Theorem 3.5) at the "
+            "rounded sensitivities, composed over the releases, each at the smallest released "
+            "round's counted noise; the claim is the larger of that and a numerical "
+            "Renyi-divergence computation; no amplification by sampling",
+        },
+        "user_level": {"enabled": False},
+    }
+
+
+def audit_interaction(
+    run: Path, cfg: FedConfig, tolerance: float
+) -> tuple[dict[str, Any], list[str]]:
+    """Recompute a ``dp-noise=secure`` run's per-interaction epsilon from its config, the
+    plan its ``metrics.json`` states and ``privacy/secagg.jsonl``; problems as text.
+
+    Checks: the stated plan is :func:`plan_interaction`'s for the config and the stated clients
+    and dimension; the round records are consistent and no round was released below the plan's
+    minimum survivors (:func:`~fedrec.shared.privacy.distributed.round_problems`); each released
+    round's counted noise is ``mu_client`` times its honest survivors; the releases cover every
+    aggregated round; the claimed epsilon is not below either recomputation; the recomputed
+    epsilon is within the budget. Trusts what the server's files cannot show: that the clients
+    took one clipped full-batch step, projected, rounded and added their shares."""
+    path = run / "metrics.json"
+    fail: dict[str, Any] = {"verified": False}
+    try:
+        doc = json.loads(path.read_text())
+        claim = doc["privacy"]["secure_interaction"]
+        stated = claim["plan"]
+        expected = plan_interaction(
+            cfg, int(stated["cohort"]), int(stated["dim"]), int(stated["clients"])
+        )
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return fail, [
+            f"{path}: cannot read the per-interaction secure-aggregation claim or recompute its "
+            f"plan ({type(err).__name__}: {err})"
+        ]
+    problems: list[str] = []
+    for key, mine in expected.as_dict().items():
+        theirs = stated.get(key)
+        same = (
+            theirs == mine
+            if isinstance(mine, str)
+            else isinstance(theirs, (int, float))
+            and not isinstance(theirs, bool)
+            and math.isclose(float(theirs), float(mine), rel_tol=1e-9, abs_tol=1e-12)
+        )
+        if not same:
+            problems.append(
+                f"secure-interaction plan: {key} is {theirs!r}, the config gives {mine}"
+            )
+    try:
+        rounds = read_rounds(run / "privacy" / "secagg.jsonl")
+    except ValueError as err:
+        return fail, [*problems, str(err)]
+    problems += round_problems(rounds, expected.cohort, expected.min_survivors)
+    released = [r for r in rounds if r.get("released")]
+    for r in released:
+        want = expected.mu_client * honest_shares(_count(r, "survivors"), expected.colluders)
+        got = r.get("mu_honest")
+        if not isinstance(got, (int, float)) or not math.isclose(got, want, rel_tol=1e-9):
+            problems.append(
+                f"secagg.jsonl round {r.get('round')}: counted noise {got}, but mu_client x "
+                f"honest survivors gives {want}"
+            )
+    mus = [expected.mu_client * honest_shares(_count(r, "survivors"), expected.colluders)
+           for r in released]  # fmt: skip
+    aggregated = sum(1 for r in doc.get("model", {}).get("rounds", []) if r.get("aggregated"))
+    if len(released) < aggregated:
+        problems.append(
+            f"secagg.jsonl records {len(released)} released rounds but metrics.json has "
+            f"{aggregated} aggregated rounds"
+        )
+    n = max(len(released), aggregated, _count(claim, "releases"))
+    mu = min(mus, default=expected.mu_total)
+    analytic, independent = _epsilons(expected, mu, n)
+    eps = max(analytic, independent)
+    claimed = claim.get("epsilon")
+    if not isinstance(claimed, (int, float)) or claimed < eps * (1 - tolerance):
+        problems.append(f"claimed per-interaction epsilon {claimed} is below the recomputed {eps}")
+    for key in ("epsilon_max", "epsilon_median"):
+        value = doc["privacy"].get(key)
+        if not isinstance(value, (int, float)) or value < eps * (1 - tolerance):
+            problems.append(f"metrics.json privacy.{key} = {value} is below the recomputed {eps}")
+    if eps > cfg.epsilon * (1 + 1e-6):
+        problems.append(f"per-interaction epsilon {eps:.6g} exceeds the budget {cfg.epsilon}")
+    out = dict(claim) | {
+        "verified": not problems,
+        "epsilon_claimed": claimed,
+        "epsilon": eps,
+        "epsilon_analytic": analytic,
+        "epsilon_independent": independent,
+        "mu_total_used": mu,
+        "releases": n,
+        "rounds_logged": len(rounds),
+    }
+    return out, problems

@@ -30,7 +30,9 @@ def statement(cfg: FedConfig, p: dict[str, Any]) -> str:
             f"{table}{_segments_clear(cfg)}\n"
         )
     parts = ["# Privacy statement", ""]
-    if cfg.dp:
+    if cfg.dp and cfg.dp_noise == "secure":
+        parts.append(_secure_interaction(cfg, p))
+    elif cfg.dp:
         parts.append(_local(cfg, p))
     else:
         parts.append(
@@ -74,6 +76,83 @@ def _local(cfg: FedConfig, p: dict[str, Any]) -> str:
   median {p["epsilon_median"]:.4f}. Rounds trained per client: {hist or "none"}.
   Refused rounds (budget): {p["refusals"]}.{bars}{_segments(cfg)}
 """
+
+
+def _secure_interaction(cfg: FedConfig, p: dict[str, Any]) -> str:
+    """Per-interaction DP-SGD whose noise the clients add as Skellam shares inside a SecAgg+
+    sum (``dp-noise`` = secure): no trusted server."""
+    try:
+        si = p["secure_interaction"]
+        sa = si["plan"]
+        exact = (
+            "evaluated from the Skellam pmf"
+            if si.get("independent_exact", True)
+            else "its Gaussian limit (mu is beyond the pmf's reach): NOT an independent check "
+            "here, so the claim rests on the theorem"
+        )
+        return f"""## DP-SGD per interaction, the noise added by the clients in secure aggregation
+
+- **Unit of privacy**: {si["unit"]} (see "Not protected").
+- **Adjacency**: add/remove one interaction. {_secure_examples(cfg)}
+- **Mechanism**: every round every client (all {sa["clients"]}, no client sampling) takes
+  every one of its training examples (`sample-rate` = 1: no subsampling is claimed), clips
+  each example's gradient to L2 norm {cfg.max_grad_norm} and takes ONE SGD step (lr {cfg.lr})
+  on the clipped sum divided by the public constant batch-divisor = {cfg.batch_divisor}, with
+  no noise of its own; the step is computed in float64. So one interaction moves one client's
+  change by at most {sa["float_sensitivity"]:.6g} in L2. The client projects its change onto
+  the L2 ball of radius {sa["projection_radius"]:g} (1-Lipschitz), scales it by
+  {sa["scale"]:.6g}, rounds each coordinate up with probability its fractional part (plain
+  randomized rounding, never redrawn), adds Skellam noise Sk(mu, mu) with mu =
+  {sa["mu_client"]:.6g} per coordinate and masks the vector (SecAgg+, {sa["neighbours"]}
+  neighbours, Shamir threshold {sa["threshold"]}). The server learns the sum modulo
+  2^{sa["bits"]} of the survivors' vectors, decodes it (the sum of the changes plus noise)
+  and its optimizer steps on it: post-processing. With the roundings coupled, one interaction
+  moves the integer sum by at most {sa["l2_sensitivity"]:.6g} in L2 and {sa["l1_sensitivity"]:.6g}
+  in L1 (the group of examples one interaction touches is inside this bound: no group-privacy
+  conversion). {_negatives(cfg)} Each client recomputes this calibration from the run config and
+  refuses a request for less noise, another grid or radius, or a lower threshold.
+- **epsilon = {si["epsilon"]:.4f} at delta = {cfg.delta}** per interaction, for every client,
+  after {si["releases"]} released round(s) (budget {cfg.epsilon}, met by the calibration for
+  rounds with only the minimum {sa["min_survivors"]} survivors). {si["accounting"]}. Noise
+  counted per round: mu = {si["mu_total_used"]:.6g} (the shares of the survivors minus
+  {sa["colluders"]} assumed colluders and minus the share of the client holding the
+  interaction), a standard deviation of {si["noise_std_on_sum"]:.4g} on each coordinate of the
+  summed change; analytic bound {si["epsilon_analytic"]:.4f}, numerical computation
+  {si["epsilon_independent"]:.4f} ({exact}). The accountant runs at delta =
+  {si["delta_accountant"]:.6g}: the rest of delta, {si["collusion_risk"]:.3g}, bounds the
+  chance that colluders hold a threshold of some client's shares in SecAgg+'s random graph.
+  A client that dropped out of a round is still charged for it (an over-count).
+- **Trust**: {si["trust"]}. No trusted server: the server never sees one client's change. The
+  guarantee is computational (X25519, HKDF/AES-256-CTR, Fernet). The claim assumes the clients
+  not counted as colluders follow the protocol; a server that deviates from it (no consistency
+  round with signatures) and Sybil clients are not covered.
+- **Arithmetic**: Opacus sums the clipped per-example gradients and divides them in float32;
+  how that rounding changes when one example is removed is not covered (as in every DP-SGD
+  implementation). The Skellam noise comes from NumPy's PCG64 seeded with 128 bits of OS
+  entropy, not a cryptographically secure generator.
+"""
+    except (KeyError, TypeError, ValueError):
+        return (
+            "## DP-SGD per interaction inside secure aggregation\n\nOn (`dp-noise=secure`), but "
+            "the run's record in `metrics.json` is missing or incomplete, so **nothing is "
+            "claimed**: see the verification below.\n"
+        )
+
+
+def _secure_examples(cfg: FedConfig) -> str:
+    """How many clipped gradient terms one interaction moves, under ``dp-noise=secure`` (they
+    are counted in the sensitivity itself, not by a group-privacy conversion)."""
+    if cfg.dp_adjacency() == "replace-one":
+        return (
+            "Each interaction is in exactly one training\n  example (keyed-hash groups): adding "
+            "or removing it adds, removes or replaces that\n  example, at most two clipped "
+            "gradient terms; the sensitivity below counts both."
+        )
+    return (
+        f"Training examples are sliding windows (`examples=sequence`): one interaction\n  "
+        f"changes up to {cfg.dp_group()} examples (1 + 2 x history-len {cfg.history_len}); the "
+        "sensitivity below counts\n  all of them (no group-privacy conversion)."
+    )
 
 
 def _segments_clear(cfg: FedConfig) -> str:
@@ -188,6 +267,11 @@ def _examples(cfg: FedConfig) -> str:
 
 
 def _user_level(cfg: FedConfig, u: dict[str, Any]) -> str:
+    if not cfg.user_dp and cfg.secure_agg:
+        return (
+            "- **User-level DP**: off (`user-dp=false`): the guarantee above is per interaction, "
+            "not per user.\n"
+        )
     if not cfg.user_dp:
         return (
             "- **User-level DP**: off (`user-dp=false`). **Secure aggregation**: off (the server "
@@ -383,7 +467,12 @@ def _not_protected(cfg: FedConfig) -> str:
         "on held-out items.\n"
     )
     randomness = (
-        "- Randomness: Poisson sampling "
+        "- Randomness (`dp-noise` = secure): no sampling (every example every round); the "
+        "clients' rounding\n  and Skellam noise come from NumPy's PCG64 seeded with 128 bits of "
+        "OS entropy; negatives and\n  masks from NumPy's PCG64 keyed by BLAKE2b of a 32-byte OS "
+        "secret per round.\n"
+        if cfg.dp and cfg.dp_noise == "secure"
+        else "- Randomness: Poisson sampling "
         + ("comes" if cfg.dp_noise == "server" else "and noise come")
         + " from PyTorch's generator seeded from OS "
         "entropy,\n  not a cryptographically secure generator (Opacus' secure mode is not used"
@@ -475,7 +564,7 @@ def _not_protected(cfg: FedConfig) -> str:
     history = (
         "- A client's reply carries its whole accountant history (`history`, `total-steps`), "
         "which shows\n  what it spent in earlier runs on the same device.\n"
-        if cfg.dp
+        if cfg.dp and not cfg.secure_agg
         else ""
     )
     server_eval = (
@@ -515,6 +604,9 @@ def _not_protected(cfg: FedConfig) -> str:
         "(`dp-noise` = server: each reply is a clipped change without noise, seen by the server).\n"
         "Everything below is outside it:"
         if cfg.dp and cfg.dp_noise == "server"
+        else "The guarantee covers the masked sums the server unmasks and the global models it "
+        "releases (`dp-noise` = secure).\nEverything below is outside it:"
+        if cfg.dp and cfg.dp_noise == "secure"
         else "The guarantees cover the adapter tensors each client sends (local DP-SGD) and the "
         "global model\nthe server releases (user-level DP, when on). Everything below is outside "
         "them:"
@@ -526,5 +618,5 @@ def _not_protected(cfg: FedConfig) -> str:
 - Which clients took part in which round (client ids in the ledger).
 - Profile fields when `use-profile` is on ({cfg.use_profile} in this run): a profile feeds every
   example of its user, so it is not covered by the per-interaction guarantee.
-{_segment_fields(cfg)}{tuning}{randomness}{prior}{partial if cfg.dp else ""}
+{_segment_fields(cfg)}{tuning}{randomness}{prior}{partial if cfg.dp and not cfg.secure_agg else ""}
 """
