@@ -150,6 +150,16 @@ def masked(msg: Message, context: Context) -> Message:
     radius, name_of = (
         (cfg.update_norm_max, "update-norm-max") if interaction else (cfg.user_clip, "user-clip")
     )
+    if enc.bits != client.bits:  # the modulus it masks with must be the one it encodes for
+        raise ValueError(
+            f"secure aggregation: the server asks encoding bits {enc.bits}, but this round's "
+            f"masks were set up with {client.bits}; refused"
+        )
+    if interaction and rnd > cfg.num_rounds:  # the noise is calibrated for num-rounds releases
+        raise ValueError(
+            f"secure aggregation: round {rnd} of a run planned for num-rounds = "
+            f"{cfg.num_rounds}; refused"
+        )
     if enc.clip != radius:
         raise ValueError(
             f"secure aggregation: the server asks clip {enc.clip}, the run config says "

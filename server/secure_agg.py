@@ -304,12 +304,7 @@ class SecureUserDP:
         inner, p = self.inner, self.plan
         new = None
         if released is not None:
-            total, survivors = released
-            change_sum = skellam.decode(total, p.encoding)
-            delta = unflatten(change_sum / self.divisor, inner.template, self.keys)
-            new = inner.optimizer.step(inner.current, delta, rnd)
-            inner.current = new
-            honest = honest_shares(len(survivors), p.colluders)
+            honest = honest_shares(len(released[1]), p.colluders)
             record |= {
                 "released": True,
                 "honest_shares": honest,
@@ -317,10 +312,23 @@ class SecureUserDP:
             }
         record["stages"] = self.stages
         record["seconds"] = round(time.perf_counter() - self._started, 3)
+        # logged before the sum is used: a release the server has seen is counted even if the
+        # step below fails
         self.records.append(record)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+        if released is not None:
+            change_sum = skellam.decode(released[0], p.encoding)
+            delta = unflatten(change_sum / self.divisor, inner.template, self.keys)
+            new = inner.optimizer.step(inner.current, delta, rnd)
+            inner.current = new
+        # dp-noise=secure: every client's per-interaction epsilon so far (the claim's rule);
+        # user-level DP's is in the run's summary, not per round
+        eps = 0.0
+        if isinstance(p, InteractionPlan):
+            mus = [float(r["mu_honest"]) for r in self.records if r.get("released")]
+            eps = p.epsilon(min(mus, default=p.mu_total), releases=len(mus))
         info = {
             "round": rnd,
             "sent": p.cohort,
@@ -332,8 +340,8 @@ class SecureUserDP:
             "rejected": record.get("rejected", 0),
             "failed": 0,
             "loss": None,
-            "epsilon_max": 0.0,
-            "epsilon_median": 0.0,
+            "epsilon_max": eps,
+            "epsilon_median": eps,
             "client_seconds_median": None,
             "update_norm_median": None,
             "aggregated": new is not None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -354,11 +355,19 @@ def _population(cfg: FedConfig, cohort: int) -> int:
 
 
 def _masked_round(
-    cfg: FedConfig, cohort: int, parts: list[int], devices: dict[int, dict] | None = None
+    cfg: FedConfig,
+    cohort: int,
+    parts: list[int],
+    devices: dict[int, dict] | None = None,
+    *,
+    over: dict[str, dict] | None = None,
 ) -> dict[int, object]:
     """fedrec's client handlers for one group of in-process nodes (setup, share, masked): the
     masked-stage reply of each node, keyed by its partition. ``devices[part]``: that node's
-    config instead of a simulated partition's (a device with data-dir and state-dir)."""
+    config instead of a simulated partition's (a device with data-dir and state-dir).
+    ``over[stage]``: fields a (deviating) server changes in that stage's messages
+    ("setup", "share", "masked"). With ``dp-noise=secure`` the request is the per-interaction
+    plan's, for a cohort of every client."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -375,7 +384,13 @@ def _masked_round(
     ds, split = dataset_and_split(cfg.data, cfg.protocol, cfg.seed)
     state = travelling_state(model_for(cfg, ds, split))
     dim = sum(t.numel() for t in state.values())
-    p = plan(cfg, cohort, dim, _population(cfg, cohort))
+    if cfg.dp_noise == "secure":
+        from fedrec.shared.privacy.secure_interaction import plan_interaction
+
+        p: Any = plan_interaction(cfg, cohort, dim, cohort)
+    else:
+        p = plan(cfg, cohort, dim, _population(cfg, cohort))
+    over = over or {}
     nodes = list(range(1, len(parts) + 1))
     devices = devices or {}
     ctxs = {
@@ -388,7 +403,7 @@ def _masked_round(
     common = {"round": 1, "bits": p.encoding.bits, "threshold": threshold, "test-dropout": ""}
 
     def send(name, n, fields, model=False):
-        content = RecordDict({SECAGG: ConfigRecord({**common, **fields})})
+        content = RecordDict({SECAGG: ConfigRecord({**common, **fields, **over.get(name, {})})})
         if model:
             content[contract.ARRAYS] = to_record(state)
             content[contract.CONFIG] = ConfigRecord({**cfg.to_flat(), "server-round": 1})

@@ -26,7 +26,7 @@ def _cfg(**kw: object) -> FedConfig:
         backbone="x", history_len=2, max_length=16, local_steps=1, sample_rate=1.0, negatives=10,
         lr=0.5, epsilon=8.0, num_rounds=4, fraction_train=1.0, examples="sequence",
         accountant="rdp", dp_noise="secure", secure_agg=True, batch_divisor=7.0,
-        max_grad_norm=0.05, update_norm_max=1.0,
+        max_grad_norm=0.05, update_norm_max=1.0, partition="silo", silos=10,
     )  # fmt: skip
     base.update(kw)
     return FedConfig(**base)  # type: ignore[arg-type]
@@ -131,6 +131,9 @@ def test_secure_interaction_on_a_real_federation(synth_dir, tiny_backbone, tmp_p
     )  # fmt: skip
     assert si["epsilon"] == pytest.approx(eps) and p["epsilon_max"] == si["epsilon"] <= 8.0
     assert si["releases"] == 2 and p["clients"] == 4
+    # each round's line shows the epsilon spent so far (progress.jsonl, the CLI's progress)
+    per_round = [r["epsilon_max"] for r in result["model"]["rounds"]]
+    assert 0 < per_round[0] < per_round[1] == pytest.approx(si["epsilon"])
     ledger = out / "privacy" / "ledger.jsonl"
     assert not ledger.exists() or not ledger.read_text().strip()
     statement = (out / "privacy" / "statement.md").read_text()
@@ -175,6 +178,21 @@ def test_secure_interaction_on_a_real_federation(synth_dir, tiny_backbone, tmp_p
         doc["privacy"]["secure_interaction"]["epsilon"] /= 2
 
     assert "below the recomputed" in doctored_claim(halve)
+    # derived figures are recomputed, not copied: a claimed noise std 100 times the real one
+    # fails, and the statement the audit prints shows the recomputed one
+    assert "noise_std_on_sum" in doctored_claim(
+        lambda d: d["privacy"]["secure_interaction"].update(noise_std_on_sum=100.0)
+    )
+    assert "independent_exact" in doctored_claim(
+        lambda d: d["privacy"]["secure_interaction"].update(independent_exact=not si[
+            "independent_exact"])
+    )  # fmt: skip
+    # a third release in a run planned for two: its noise and collusion risk do not cover it
+    third = json.loads(kept_log.splitlines()[0]) | {"round": 3}
+    log.write_text(kept_log + json.dumps(third) + "\n")
+    report, text = audit_run(out, plot=False)
+    log.write_text(kept_log)
+    assert not report["ok"] and "more than num-rounds = 2" in text, text
     assert "plan: mu_client" in doctored_claim(
         lambda d: d["privacy"]["secure_interaction"]["plan"].update(mu_client=1.0)
     )
@@ -183,3 +201,51 @@ def test_secure_interaction_on_a_real_federation(synth_dir, tiny_backbone, tmp_p
         {"round": 3, "aggregated": True}))  # fmt: skip
     report, text = audit_run(out, plot=False)
     assert report["ok"], text
+
+
+def _silos3(synth_dir, tiny_backbone, **kw: object) -> FedConfig:  # noqa: ANN001
+    base = dict(
+        data=str(synth_dir), backbone=str(tiny_backbone), max_length=16, history_len=2,
+        num_rounds=2, partition="silo", silos=3, fraction_train=1.0, evaluate_every=0,
+        local_steps=1, sample_rate=1.0, negatives=10, lr=0.5, examples="sequence",
+        accountant="rdp", epsilon=8.0, dp_noise="secure", secure_agg=True, batch_divisor=50.0,
+        update_norm_max=1.0,
+    )  # fmt: skip
+    return FedConfig(**(base | kw))  # type: ignore[arg-type]
+
+
+def test_a_client_refuses_a_server_that_departs_from_the_plan(synth_dir, tiny_backbone):
+    """The masked-input stage is refused (an error before anything is encoded) when the server
+    states more clients than the config's silos (fewer colluders counted and less noise per
+    client would pass the client's own recomputation otherwise), set the masks up with another
+    modulus than it asks the encoding for, asks for a round past num-rounds, or asks for less
+    noise; the honest request is answered."""
+    from .test_secure_federation import _masked_round
+
+    cfg = _silos3(synth_dir, tiny_backbone)
+    replies = _masked_round(cfg, cohort=3, parts=[0, 1, 2])
+    assert all(not r.has_error() for r in replies.values())  # type: ignore[attr-defined]
+    for over, says in (
+        ({"masked": {"clients": 20, "cohort": 20}}, "connected"),
+        ({"setup": {"bits": 62}}, "masks were set up with 62"),
+        ({"masked": {"round": 3}, "setup": {"round": 3}, "share": {"round": 3}}, "num-rounds"),
+        ({"masked": {"mu": 1.0}}, "asks mu="),
+    ):
+        with pytest.raises(ValueError, match=says):
+            _masked_round(cfg, cohort=3, parts=[0, 1, 2], over=over)
+
+
+def test_the_plan_takes_the_clients_from_the_config_not_the_server():
+    from fedrec.shared.privacy.secure_interaction import plan_interaction
+
+    cfg = _cfg(partition="silo", silos=10)
+    plan_interaction(cfg, 10, 1000, 10)
+    for n in (11, 20):
+        with pytest.raises(ValueError, match="partition = silo and every one"):
+            plan_interaction(cfg, n, 1000, n)
+    with pytest.raises(ValueError, match="'user' is invalid: silo with dp-noise = secure"):
+        _cfg(partition="user")
+    # a config of another mode (the plan applies dp-noise=server's rules itself) with user
+    # partitions: refused by the plan
+    with pytest.raises(ValueError, match="partition = silo"):
+        plan_interaction(_cfg(partition="user", dp_noise="client", secure_agg=False), 10, 1000, 10)

@@ -633,6 +633,12 @@ class FedConfig:
                 f"1 {rule}: every example every round (fedrec claims no bound for a "
                 "Poisson-subsampled Skellam mechanism)",
             )
+            _need(
+                self.partition == "silo",
+                "partition",
+                self.partition,
+                f"silo {rule} (every client checks the number of clients against silos)",
+            )
         _need(
             self.local_steps == 1,
             "local-steps",

@@ -186,6 +186,14 @@ def plan_interaction(cfg: FedConfig, cohort: int, dim: int, clients: int) -> Int
             f"a cohort of {cohort} of {clients} clients: per-interaction secure aggregation "
             "needs every client every round"
         )
+    if cfg.partition != "silo" or clients != cfg.silos:
+        # the clients' number sets the colluders and the shares counted: a client must be able
+        # to check it, so it is the run config's silos, not the server's word
+        raise ValueError(
+            f"{clients} clients with partition={cfg.partition}, silos={cfg.silos}: "
+            "per-interaction secure aggregation needs partition = silo and every one of the "
+            "config's silos connected (the number of clients is checked against silos)"
+        )
     if cfg.sample_rate != 1:
         raise ValueError(
             f"sample-rate = {cfg.sample_rate}: per-interaction secure aggregation needs 1 (every "
@@ -408,6 +416,31 @@ def audit_interaction(
         return fail, [*problems, str(err)]
     problems += round_problems(rounds, expected.cohort, expected.min_survivors)
     released = [r for r in rounds if r.get("released")]
+    # what the claim derives from the plan and the rounds: recomputed, never taken from it
+    counted = [
+        r
+        | {
+            "mu_honest": expected.mu_client
+            * honest_shares(_count(r, "survivors"), expected.colluders)
+        }
+        for r in rounds
+    ]
+    mine = interaction_summary(cfg, expected, counted)["secure_interaction"]
+    for key in ("noise_std_on_sum", "independent_exact", "delta_accountant", "collusion_risk",
+                "group", "adjacency", "mu_total_used"):  # fmt: skip
+        a, b = claim.get(key), mine[key]
+        same = (
+            math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-15)
+            if isinstance(b, float) and isinstance(a, (int, float)) and not isinstance(a, bool)
+            else a == b
+        )
+        if not same:
+            problems.append(f"metrics.json secure_interaction.{key} is {a!r}, recomputed {b!r}")
+    if len(released) > cfg.num_rounds:
+        problems.append(
+            f"secagg.jsonl records {len(released)} released rounds, more than num-rounds = "
+            f"{cfg.num_rounds}: the noise and the collusion risk were planned for num-rounds"
+        )
     for r in released:
         want = expected.mu_client * honest_shares(_count(r, "survivors"), expected.colluders)
         got = r.get("mu_honest")
@@ -437,7 +470,9 @@ def audit_interaction(
             problems.append(f"metrics.json privacy.{key} = {value} is below the recomputed {eps}")
     if eps > cfg.epsilon * (1 + 1e-6):
         problems.append(f"per-interaction epsilon {eps:.6g} exceeds the budget {cfg.epsilon}")
-    out = dict(claim) | {
+    # the statement the audit prints is built from these: the recomputed summary (text and
+    # figures), with the audit's release count and epsilon
+    out = mine | {
         "verified": not problems,
         "epsilon_claimed": claimed,
         "epsilon": eps,

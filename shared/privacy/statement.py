@@ -109,8 +109,13 @@ def _secure_interaction(cfg: FedConfig, p: dict[str, Any]) -> str:
   and its optimizer steps on it: post-processing. With the roundings coupled, one interaction
   moves the integer sum by at most {sa["l2_sensitivity"]:.6g} in L2 and {sa["l1_sensitivity"]:.6g}
   in L1 (the group of examples one interaction touches is inside this bound: no group-privacy
-  conversion). {_negatives(cfg)} Each client recomputes this calibration from the run config and
-  refuses a request for less noise, another grid or radius, or a lower threshold.
+  conversion). {_negatives(cfg)} Each client recomputes this calibration from the run config
+  (the number of clients is the config's silos) and refuses a request for less noise, another
+  grid, radius or modulus, a lower threshold, or a round past num-rounds = {cfg.num_rounds}; it
+  does not check the SecAgg+ group the server assigns (see Trust). Each client's budget file
+  counts the rounds it trained in, written as the trusted-server version's Gaussian step (no
+  Gaussian noise is added in this mode), and the client stops using its data after
+  num-rounds rounds.
 - **epsilon = {si["epsilon"]:.4f} at delta = {cfg.delta}** per interaction, for every client,
   after {si["releases"]} released round(s) (budget {cfg.epsilon}, met by the calibration for
   rounds with only the minimum {sa["min_survivors"]} survivors). {si["accounting"]}. Noise
@@ -144,14 +149,16 @@ def _secure_examples(cfg: FedConfig) -> str:
     are counted in the sensitivity itself, not by a group-privacy conversion)."""
     if cfg.dp_adjacency() == "replace-one":
         return (
-            "Each interaction is in exactly one training\n  example (keyed-hash groups): adding "
+            "Each interaction is in at most one training\n  example (keyed-hash groups): adding "
             "or removing it adds, removes or replaces that\n  example, at most two clipped "
             "gradient terms; the sensitivity below counts both."
         )
     return (
         f"Training examples are sliding windows (`examples=sequence`): one interaction\n  "
-        f"changes up to {cfg.dp_group()} examples (1 + 2 x history-len {cfg.history_len}); the "
-        "sensitivity below counts\n  all of them (no group-privacy conversion)."
+        f"is the target of one window and in the context of up to {cfg.history_len} more, so "
+        f"it moves up to\n  {cfg.dp_group()} clipped gradient terms (1 + 2 x history-len: a "
+        "changed window is a removal and an\n  addition); the sensitivity below counts all of "
+        "them (no group-privacy conversion)."
     )
 
 
@@ -446,6 +453,15 @@ def _legacy_colluders(u: dict[str, Any]) -> str:
 """
 
 
+def _who(cfg: FedConfig) -> str:
+    if cfg.secure_agg and not cfg.user_dp:
+        return (
+            "- Which clients replied at each stage of each round (every client is asked every "
+            "round; the server\n  sees who replied)."
+        )
+    return "- Which clients took part in which round (client ids in the ledger)."
+
+
 def _segment_fields(cfg: FedConfig) -> str:
     if not cfg.segment_prior:
         return ""
@@ -462,7 +478,9 @@ def _not_protected(cfg: FedConfig) -> str:
         "each evaluated client\n  sends its HR@10, NDCG@10 and number of held-out queries on "
         "its own held-out items without\n  noise (they also depend on the training history it "
         "ranks from); the run's federated metrics\n  are computed from them.\n"
-        if cfg.fraction_evaluate > 0
+        if cfg.fraction_evaluate > 0 and not cfg.secure_agg
+        else "- Federated evaluation: none (secure rounds send no evaluation messages).\n"
+        if cfg.secure_agg
         else "- Federated evaluation was off (`fraction-evaluate` = 0): clients sent no metrics "
         "on held-out items.\n"
     )
@@ -524,6 +542,15 @@ def _not_protected(cfg: FedConfig) -> str:
         "- Partial replies: a client whose reply is lost after it trained has spent budget that "
         "the\n  server's ledger misses; the client's own budget file has it.\n"
     )
+    if cfg.secure_agg and cfg.dp and cfg.dp_noise == "secure":
+        roster_secure = (
+            " Nor is a silo's roster: fedrec counts its users as those with a training interaction "
+            "and assigns\n  users to silos from that list: an interaction that is its user's "
+            "only training interaction\n  changes the assignment, which the per-interaction "
+            "guarantee does not cover."
+        )
+    else:
+        roster_secure = ""
     if cfg.secure_agg:
         replies = (
             "- A secure round's reply holds only the masked vector and constants: whether the "
@@ -532,7 +559,7 @@ def _not_protected(cfg: FedConfig) -> str:
             "whose training failed; in a simulation a\n  failed client's error reaches the "
             "server, a visible dropout: there it is a bug to see).\n"
         )
-        roster = ""
+        roster = roster_secure
         counts = (
             "- Per round, `metrics.json` and `privacy/secagg.jsonl` record how many clients "
             "replied at each stage\n  and survived, whether the round was released, and each "
@@ -615,7 +642,7 @@ def _not_protected(cfg: FedConfig) -> str:
 {covers}
 {replies}{evaluation}{server_eval}{catalog}{roster}
 {counts}{timing}{history}{whole}
-- Which clients took part in which round (client ids in the ledger).
+{_who(cfg)}
 - Profile fields when `use-profile` is on ({cfg.use_profile} in this run): a profile feeds every
   example of its user, so it is not covered by the per-interaction guarantee.
 {_segment_fields(cfg)}{tuning}{randomness}{prior}{partial if cfg.dp and not cfg.secure_agg else ""}
