@@ -86,3 +86,18 @@ def test_secure_and_its_twin_are_the_committed_runs(preset, run):
     secure, twin = (resolve(None, {}, preset=p)[0] for p in ("secure", "central-dp"))
     assert secure.secure_agg and not twin.secure_agg
     assert dataclasses.replace(secure, secure_agg=False) == twin
+
+
+def test_silos_secure_is_the_trusted_server_step_at_full_batch_without_the_trusted_server():
+    """`--preset silos-secure` is `silos-trusted-server` with the noise moved into the secure
+    sum: every example every round, the divisor for it, a projection radius the 32-bit modulus
+    holds, and the same step otherwise."""
+    secure = resolve(None, {}, preset="silos-secure")[0]
+    trusted = resolve(None, {}, preset="silos-trusted-server")[0]
+    assert secure.dp_noise == "secure" and secure.secure_agg and secure.sample_rate == 1.0
+    same = dataclasses.replace(
+        secure, dp_noise="server", secure_agg=False, sample_rate=0.1, batch_divisor=3017.6,
+        update_norm_max=trusted.update_norm_max, physical_batch=trusted.physical_batch,
+        round_timeout=trusted.round_timeout,
+    )  # fmt: skip
+    assert same == trusted
