@@ -273,7 +273,7 @@ def baselines(
 ) -> None:
     """Fit and evaluate the baselines on one protocol; write RUN/config.json, RUN/metrics.json."""
     from fedrec.shared.baselines import BASELINES, run_baselines
-    from fedrec.shared.baselines.runner import SEEDED
+    from fedrec.shared.baselines.runner import SEED_MOVES
     from fedrec.shared.data import DataError
     from fedrec.shared.rundir import versions, write_json
     from fedrec.shared.splitting import PROTOCOLS
@@ -296,11 +296,10 @@ def baselines(
         what = f"unknown {bad}" if bad else "no baseline named"
         _fail(f"--only {','.join(only or [])!r}: {what}; choose from "
               f"{', '.join(BASELINES)}.", 2)  # fmt: skip
-    seeded = ("random", *SEEDED)
-    if seed != 0 and not set(seeded) & set(names):
+    if seed != 0 and not set(SEED_MOVES) & set(names):
         _fail(
-            f"--seed {seed}: only {', '.join(seeded)} depend on it and --only names none of them "
-            "(the run would equal seed 0's); drop --seed or add one of them to --only",
+            f"--seed {seed}: only {', '.join(SEED_MOVES)} depend on it and --only names none of "
+            "them (the run would equal seed 0's); drop --seed or add one of them to --only",
             2,
         )
     ds = load(data)

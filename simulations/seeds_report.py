@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedrec.shared.baselines.runner import SEEDED
+from fedrec.shared.baselines.runner import SEED_MOVES
 from fedrec.simulations.secure_report import _check_same, report_cli
 
 BEGIN, END = "<!-- seeds-headline:begin -->", "<!-- seeds-headline:end -->"
@@ -114,7 +114,7 @@ def _value(metrics: dict[str, Any], where: str, name: str, node: str) -> float:
         raise ValueError(f"{node}: no {where} {name} in its metrics") from None
 
 
-SEEDED_BARS = (*SEEDED, "random")  # the baselines whose fit `fedrec baselines --seed` moves
+SEEDED_BARS = SEED_MOVES  # the baselines whose fit `fedrec baselines --seed` moves
 
 
 def _grid(entry: dict[str, Any]) -> list[Any]:

@@ -67,6 +67,7 @@ class PopularityFallback:
 
 
 SEEDED = ("als", "bpr")  # the tuned baselines whose initialization is random
+SEED_MOVES = (*SEEDED, "random")  # every baseline whose fit `fedrec baselines --seed` moves
 
 
 def _seeded(name: str, seed: int) -> dict[str, int]:
