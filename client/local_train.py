@@ -248,6 +248,15 @@ def train_round(
                 math.nan,
                 b.history,
             )
+        if cfg.dp_noise == "secure" and _total_steps(b.history) + steps > cfg.num_rounds:
+            # the Skellam noise is planned for num-rounds releases: count them exactly (the
+            # Gaussian epsilon below is the trusted-server version's, a second, looser cap)
+            return _Refused(
+                f"rounds: this client has trained in {_total_steps(b.history)} rounds, the "
+                f"secure noise is planned for num-rounds = {cfg.num_rounds}",
+                spent(cfg, b.history),
+                b.history,
+            )
         cap = device_cap if device_cap is not None else b.epsilon_max
         limit = min(cfg.epsilon, cap) if cap is not None else cfg.epsilon
         after = spent(cfg, with_release(with_steps(b.history, sigma, q, steps)))

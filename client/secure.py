@@ -155,6 +155,14 @@ def masked(msg: Message, context: Context) -> Message:
             f"secure aggregation: the server asks encoding bits {enc.bits}, but this round's "
             f"masks were set up with {client.bits}; refused"
         )
+    parts = context.node_config.get("num-partitions")
+    if interaction and (parts is None or int(parts) != cfg.silos):
+        # the run config comes from the server: its silos (the clients the plan counts, which
+        # set the colluders and the noise per client) is checked against the engine's count
+        raise ValueError(
+            f"secure aggregation: the server's run config says silos = {cfg.silos}, but this "
+            f"node's num-partitions is {parts}; refused"
+        )
     if interaction and rnd > cfg.num_rounds:  # the noise is calibrated for num-rounds releases
         raise ValueError(
             f"secure aggregation: round {rnd} of a run planned for num-rounds = "

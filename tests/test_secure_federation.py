@@ -361,13 +361,15 @@ def _masked_round(
     devices: dict[int, dict] | None = None,
     *,
     over: dict[str, dict] | None = None,
+    partitions: int | None = None,
 ) -> dict[int, object]:
     """fedrec's client handlers for one group of in-process nodes (setup, share, masked): the
     masked-stage reply of each node, keyed by its partition. ``devices[part]``: that node's
     config instead of a simulated partition's (a device with data-dir and state-dir).
     ``over[stage]``: fields a (deviating) server changes in that stage's messages
-    ("setup", "share", "masked"). With ``dp-noise=secure`` the request is the per-interaction
-    plan's, for a cohort of every client."""
+    ("setup", "share", "masked"); ``partitions``: the engine's num-partitions (the cohort).
+    With ``dp-noise=secure`` the request is the per-interaction plan's, for a cohort of every
+    client."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -395,7 +397,7 @@ def _masked_round(
     devices = devices or {}
     ctxs = {
         n: Context(run_id=1, node_id=n, node_config=devices.get(part, {"partition-id": part,
-                   "num-partitions": cohort}), state=RecordDict(), run_config={})
+                   "num-partitions": partitions or cohort}), state=RecordDict(), run_config={})
         for n, part in zip(nodes, parts, strict=True)
     }  # fmt: skip
     threshold = p.threshold

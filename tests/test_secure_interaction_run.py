@@ -180,9 +180,11 @@ def test_secure_interaction_on_a_real_federation(synth_dir, tiny_backbone, tmp_p
     assert "below the recomputed" in doctored_claim(halve)
     # derived figures are recomputed, not copied: a claimed noise std 100 times the real one
     # fails, and the statement the audit prints shows the recomputed one
-    assert "noise_std_on_sum" in doctored_claim(
+    text = doctored_claim(
         lambda d: d["privacy"]["secure_interaction"].update(noise_std_on_sum=100.0)
     )
+    assert "noise_std_on_sum" in text and "standard deviation of 100 " not in text
+    assert f"standard deviation of {si['noise_std_on_sum']:.4g} " in text
     assert "independent_exact" in doctored_claim(
         lambda d: d["privacy"]["secure_interaction"].update(independent_exact=not si[
             "independent_exact"])
@@ -233,6 +235,57 @@ def test_a_client_refuses_a_server_that_departs_from_the_plan(synth_dir, tiny_ba
     ):
         with pytest.raises(ValueError, match=says):
             _masked_round(cfg, cohort=3, parts=[0, 1, 2], over=over)
+    # the run config is the server's: one stating more silos than the engine has nodes (its
+    # plan for more clients gives each less noise) is refused on the engine's count
+    with pytest.raises(ValueError, match="num-partitions is 2; refused"):
+        _masked_round(cfg, cohort=3, parts=[0, 1, 2], partitions=2)
+
+
+def test_a_client_trains_in_at_most_num_rounds_rounds(ds, tiny_backbone):  # noqa: F811
+    """The clients' count of the rounds their data went into is exact (the Skellam noise is
+    planned for num-rounds releases), whatever round numbers the server sends; and the Gaussian
+    settings that would move the trusted-server version's cap are refused."""
+    model = make_model(ds, tiny_backbone, id_residual=False, ffa=True)
+    scorer = CandidateScorer(model)
+    rng = np.random.default_rng(0)
+    users = [(rng.integers(0, scorer.n_items, 6), np.arange(6)) for _ in range(3)]
+    ex = build_examples(users, slots=6, history_len=2, key=0, sequence=True)
+    cfg = _cfg(backbone=str(tiny_backbone), num_rounds=2)
+    store = MemoryStore()
+    got = [train_round(scorer, ex, cfg, store, seed=0) for _ in range(3)]
+    assert [r.trained for r in got] == [True, True, False]
+    assert got[2].reason.startswith("rounds: this client has trained in 2 rounds")
+    for key, value in (("noise_multiplier", 5.0), ("planned_rounds", 100)):
+        with pytest.raises(ValueError, match=key.replace("_", "-")):
+            _cfg(**{key: value})
+
+
+def test_a_released_round_is_logged_before_its_sum_is_used(tmp_path):
+    """The server writes a released round to secagg.jsonl before it decodes the sum and steps:
+    a failure in the step leaves the release counted."""
+    from types import SimpleNamespace
+
+    from fedrec.server.secure_agg import SecureUserDP
+    from fedrec.shared.privacy.secure_interaction import plan_interaction
+
+    p = plan_interaction(_cfg(), 10, 4, 10)
+
+    def step(*_a: object) -> None:
+        raise RuntimeError("the optimizer failed")
+
+    inner = SimpleNamespace(
+        template={"w": torch.zeros(4)}, optimizer=SimpleNamespace(step=step), current={},
+        rounds=[], on_round=None, round_offset=0,
+    )  # fmt: skip
+    log = tmp_path / "secagg.jsonl"
+    runner = SecureUserDP(inner, p, log_path=log, divisor=1)  # type: ignore[arg-type]
+    total = np.zeros(4, dtype=np.uint64)
+    with pytest.raises(RuntimeError, match="optimizer failed"):
+        runner._finish(1, {"round": 1, "cohort": 10}, (total, list(range(10))), [])
+    line = json.loads(log.read_text())
+    assert line["released"] and line["mu_honest"] == pytest.approx(
+        p.mu_client * (10 - p.colluders - 1)
+    )
 
 
 def test_the_plan_takes_the_clients_from_the_config_not_the_server():

@@ -639,6 +639,20 @@ class FedConfig:
                 self.partition,
                 f"silo {rule} (every client checks the number of clients against silos)",
             )
+            # the Skellam plan follows num-rounds only: a fixed Gaussian noise multiplier or
+            # another planned round count would only change the clients' round cap
+            _need(
+                self.noise_multiplier == 0,
+                "noise-multiplier",
+                self.noise_multiplier,
+                f"0 {rule} (the Skellam noise is calibrated from epsilon and num-rounds)",
+            )
+            _need(
+                self.planned_rounds in (0, self.num_rounds),
+                "planned-rounds",
+                self.planned_rounds,
+                f"0 or num-rounds {rule} (the noise is planned for num-rounds releases)",
+            )
         _need(
             self.local_steps == 1,
             "local-steps",

@@ -110,12 +110,13 @@ def _secure_interaction(cfg: FedConfig, p: dict[str, Any]) -> str:
   moves the integer sum by at most {sa["l2_sensitivity"]:.6g} in L2 and {sa["l1_sensitivity"]:.6g}
   in L1 (the group of examples one interaction touches is inside this bound: no group-privacy
   conversion). {_negatives(cfg)} Each client recomputes this calibration from the run config
-  (the number of clients is the config's silos) and refuses a request for less noise, another
-  grid, radius or modulus, a lower threshold, or a round past num-rounds = {cfg.num_rounds}; it
-  does not check the SecAgg+ group the server assigns (see Trust). Each client's budget file
-  counts the rounds it trained in, written as the trusted-server version's Gaussian step (no
-  Gaussian noise is added in this mode), and the client stops using its data after
-  num-rounds rounds.
+  the server sends (its silos checked against the simulation's number of partitions) and
+  refuses a request for less noise than that config gives, another grid, radius or modulus, a
+  lower threshold, or a round past num-rounds = {cfg.num_rounds}; a server that changes the
+  config, or the SecAgg+ group it assigns, deviates from the protocol (see Trust). Each
+  client's budget file counts the rounds it trained in (written as the trusted-server
+  version's Gaussian step; no Gaussian noise is added in this mode), and the client stops
+  using its data after num-rounds rounds.
 - **epsilon = {si["epsilon"]:.4f} at delta = {cfg.delta}** per interaction, for every client,
   after {si["releases"]} released round(s) (budget {cfg.epsilon}, met by the calibration for
   rounds with only the minimum {sa["min_survivors"]} survivors). {si["accounting"]}. Noise
@@ -454,10 +455,10 @@ def _legacy_colluders(u: dict[str, Any]) -> str:
 
 
 def _who(cfg: FedConfig) -> str:
-    if cfg.secure_agg and not cfg.user_dp:
+    if cfg.secure_agg:
         return (
-            "- Which clients replied at each stage of each round (every client is asked every "
-            "round; the server\n  sees who replied)."
+            "- Which clients the server asked and which replied at each stage of each round (it "
+            "knows their\n  node ids; `privacy/secagg.jsonl` records only counts)."
         )
     return "- Which clients took part in which round (client ids in the ledger)."
 
@@ -544,7 +545,8 @@ def _not_protected(cfg: FedConfig) -> str:
     )
     if cfg.secure_agg and cfg.dp and cfg.dp_noise == "secure":
         roster_secure = (
-            " Nor is a silo's roster: fedrec counts its users as those with a training interaction "
+            " So is each silo's roster (which users' data it holds): fedrec counts its users as "
+            "those with a training interaction "
             "and assigns\n  users to silos from that list: an interaction that is its user's "
             "only training interaction\n  changes the assignment, which the per-interaction "
             "guarantee does not cover."
