@@ -126,14 +126,7 @@ class InteractionPlan:
         n = -1 if releases is None else releases
         if n < 0:
             raise ValueError("pass releases: the number of rounds released (>= 0)")
-        if n == 0:
-            return 0.0
-        if mu <= 0:
-            return math.inf
-        return max(
-            skellam.skellam_epsilon(mu, self.l1, self.l2, n, self.delta),
-            skellam.skellam_epsilon_independent(mu, self.l2, n, self.delta),
-        )
+        return max(_epsilons(self, mu, n))
 
     def as_dict(self) -> dict[str, Any]:
         e = self.encoding
@@ -416,15 +409,12 @@ def audit_interaction(
         return fail, [*problems, str(err)]
     problems += round_problems(rounds, expected.cohort, expected.min_survivors)
     released = [r for r in rounds if r.get("released")]
+
     # what the claim derives from the plan and the rounds: recomputed, never taken from it
-    counted = [
-        r
-        | {
-            "mu_honest": expected.mu_client
-            * honest_shares(_count(r, "survivors"), expected.colluders)
-        }
-        for r in rounds
-    ]
+    def counted_mu(r: dict[str, Any]) -> float:  # the noise a round's survivors give
+        return expected.mu_client * honest_shares(_count(r, "survivors"), expected.colluders)
+
+    counted = [r | {"mu_honest": counted_mu(r)} for r in rounds]
     mine = interaction_summary(cfg, expected, counted)["secure_interaction"]
     for key in ("noise_std_on_sum", "independent_exact", "delta_accountant", "collusion_risk",
                 "group", "adjacency", "mu_total_used"):  # fmt: skip
@@ -442,15 +432,14 @@ def audit_interaction(
             f"{cfg.num_rounds}: the noise and the collusion risk were planned for num-rounds"
         )
     for r in released:
-        want = expected.mu_client * honest_shares(_count(r, "survivors"), expected.colluders)
+        want = counted_mu(r)
         got = r.get("mu_honest")
         if not isinstance(got, (int, float)) or not math.isclose(got, want, rel_tol=1e-9):
             problems.append(
                 f"secagg.jsonl round {r.get('round')}: counted noise {got}, but mu_client x "
                 f"honest survivors gives {want}"
             )
-    mus = [expected.mu_client * honest_shares(_count(r, "survivors"), expected.colluders)
-           for r in released]  # fmt: skip
+    mus = [counted_mu(r) for r in released]
     aggregated = sum(1 for r in doc.get("model", {}).get("rounds", []) if r.get("aggregated"))
     if len(released) < aggregated:
         problems.append(
