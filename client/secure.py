@@ -29,7 +29,6 @@ import secrets
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedrec.client.budget import (
@@ -43,7 +42,7 @@ from fedrec.client.budget import (
 from fedrec.client.runtime import public_name
 from fedrec.shared.federation import contract
 from fedrec.shared.federation.config import FedConfig
-from fedrec.shared.federation.params import from_record
+from fedrec.shared.federation.params import flat_keys, flatten, from_record
 from fedrec.shared.federation.secagg import SecAggClient
 from fedrec.shared.privacy import skellam
 from fedrec.shared.privacy.distributed import check_request, plan
@@ -185,8 +184,8 @@ def masked(msg: Message, context: Context) -> Message:
     device_guard(cfg, context.node_config, secure=True)
     ledger, entry = (None, {}) if interaction else _user_level_check(cfg, f, context.node_config)
     received = from_record(msg.content.array_records[contract.ARRAYS])
-    keys = sorted(received)
-    before = _flat(received, keys)
+    keys = flat_keys(received)
+    before = flatten(received, keys)
     if before.size != enc.dim:
         raise ValueError(
             f"secure aggregation: the global model has {before.size} travelling coordinates, "
@@ -203,7 +202,7 @@ def masked(msg: Message, context: Context) -> Message:
             change = np.concatenate([rec[k].numpy().astype(np.float64).ravel() for k in keys])
         elif not interaction and contract.ARRAYS in reply.content:
             state = from_record(reply.content.array_records[contract.ARRAYS])
-            change = _flat(state, keys) - before
+            change = flatten(state, keys) - before
         if not np.all(np.isfinite(change)):
             raise FloatingPointError("the local update has non-finite values (nan or inf)")
     except Exception as err:  # noqa: BLE001 - on a device, the server must not learn it
@@ -293,10 +292,6 @@ SECURE_METRICS: dict[str, int | float] = {
     "noise-multiplier": 0.0, "sample-rate": 0.0, "seconds": 0.0,
 }  # fmt: skip
 assert set(SECURE_METRICS) == set(contract.TRAIN_METRICS)
-
-
-def _flat(state: dict[str, torch.Tensor], keys: list[str]) -> np.ndarray:
-    return np.concatenate([state[k].detach().double().reshape(-1).numpy() for k in keys])
 
 
 HANDLERS = {

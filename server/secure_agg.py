@@ -45,14 +45,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
 from fedrec.server.strategy import FedRecStrategy
 from fedrec.shared.federation import contract
-from fedrec.shared.federation.params import UpdateError, to_record
+from fedrec.shared.federation.params import (
+    UpdateError,
+    flat_keys,
+    to_record,
+    unflatten,
+)
 from fedrec.shared.federation.secagg import BelowThreshold, SecAggError, SecAggServer
 from fedrec.shared.privacy import skellam
 from fedrec.shared.privacy.distributed import SecurePlan, honest_shares, read_rounds
@@ -63,28 +67,6 @@ log = logging.getLogger("fedrec.server")
 SECAGG = "secagg"  # the ConfigRecord carrying a stage's protocol fields, both ways
 MASKED = "masked"  # the masked vector's key in a masked-input reply's ARRAYS record
 STAGES = ("secagg_setup", "secagg_share", "secagg_masked", "secagg_unmask")
-
-
-def flat_keys(template: dict[str, torch.Tensor]) -> list[str]:
-    """The travelling tensors' order in a flattened update (both sides sort by name)."""
-    return sorted(template)
-
-
-def flatten(state: dict[str, torch.Tensor], keys: list[str]) -> np.ndarray:
-    return np.concatenate([state[k].detach().double().reshape(-1).numpy() for k in keys])
-
-
-def unflatten(
-    vec: np.ndarray, template: dict[str, torch.Tensor], keys: list[str]
-) -> dict[str, torch.Tensor]:
-    out, at = {}, 0
-    for k in keys:
-        n = template[k].numel()
-        out[k] = torch.as_tensor(vec[at : at + n], dtype=template[k].dtype).reshape(
-            template[k].shape
-        )
-        at += n
-    return out
 
 
 class SecureUserDP:

@@ -117,6 +117,31 @@ def to_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
     return ArrayRecord({k: Array(v.detach().cpu().numpy()) for k, v in state.items()})
 
 
+def flat_keys(template: Mapping[str, torch.Tensor]) -> list[str]:
+    """The travelling tensors' order in a flattened update (the client's masked vector and the
+    server's decoded sum both sort by name)."""
+    return sorted(template)
+
+
+def flatten(state: Mapping[str, torch.Tensor], keys: list[str]) -> np.ndarray:
+    """``state``'s tensors in the order of ``keys``, as one float64 vector."""
+    return np.concatenate([state[k].detach().double().reshape(-1).numpy() for k in keys])
+
+
+def unflatten(
+    vec: np.ndarray, template: Mapping[str, torch.Tensor], keys: list[str]
+) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`flatten`: ``vec`` cut into ``template``'s shapes and dtypes."""
+    out, at = {}, 0
+    for k in keys:
+        n = template[k].numel()
+        out[k] = torch.as_tensor(vec[at : at + n], dtype=template[k].dtype).reshape(
+            template[k].shape
+        )
+        at += n
+    return out
+
+
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """Decode every array of a record (see :func:`decode_array`); :class:`UpdateError` if any
     is malformed."""

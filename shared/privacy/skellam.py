@@ -140,11 +140,15 @@ def l2_bound(cfg: SkellamConfig) -> float:
 
 
 def l1_bound(cfg: SkellamConfig) -> float:
-    """The L1 norm bound of a client's integer vector: ``||x||_1 <= min(||x||_2^2, sqrt(d)
-    ||x||_2)`` (the first because ``|x_i| <= x_i^2`` for integers, the second by
-    Cauchy-Schwarz), with ``||x||_2 <= l2_bound``."""
-    b = l2_bound(cfg)
-    return min(b * b, math.sqrt(cfg.dim) * b)
+    """The L1 norm bound of a client's integer vector: :func:`integer_l1` of
+    :func:`l2_bound`."""
+    return integer_l1(l2_bound(cfg), cfg.dim)
+
+
+def integer_l1(l2: float, dim: int) -> float:
+    """The L1 bound of an integer vector of ``dim`` coordinates and L2 norm at most ``l2``:
+    ``min(l2^2, sqrt(dim) l2)`` (``|e_i| <= e_i^2`` for integers; Cauchy-Schwarz)."""
+    return min(l2 * l2, math.sqrt(dim) * l2)
 
 
 def _check_mu(mu: float, name: str = "mu") -> float:
@@ -152,6 +156,33 @@ def _check_mu(mu: float, name: str = "mu") -> float:
     if not (math.isfinite(mu) and mu >= 0):
         raise ValueError(f"{name}={mu} must be a finite number >= 0")
     return mu
+
+
+def _checked(update: np.ndarray, cfg: SkellamConfig, mu: float) -> tuple[np.ndarray, float]:
+    """``update`` as a flat float64 vector and ``mu`` as a float, refused (ValueError) unless
+    the vector has ``cfg.dim`` finite values and ``0 <= mu <= MAX_MU``."""
+    x = np.asarray(update, dtype=np.float64).ravel()
+    if x.size != cfg.dim:
+        raise ValueError(f"update has {x.size} values, the config says dim={cfg.dim}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("update has non-finite values (nan or inf): refusing to encode it")
+    mu = _check_mu(mu)
+    if mu > MAX_MU:
+        raise ValueError(f"mu={mu:.3g} exceeds {MAX_MU:.3g}: lower scale (fewer integer units)")
+    return x, mu
+
+
+def _noised(
+    rounded: np.ndarray, cfg: SkellamConfig, mu: float, rng: np.random.Generator
+) -> np.ndarray:
+    """``rounded`` plus ``Sk(mu, mu)`` noise per coordinate (none if ``mu`` is 0), reduced
+    modulo ``2**cfg.bits``: the uint64 message."""
+    if mu > 0:
+        noise = rng.poisson(mu, cfg.dim).astype(np.int64) - rng.poisson(mu, cfg.dim).astype(
+            np.int64
+        )
+        rounded = rounded + noise
+    return np.mod(rounded, np.int64(2**cfg.bits)).astype(np.uint64)
 
 
 def encode(
@@ -163,22 +194,10 @@ def encode(
     :func:`noise_shares`; 0 adds none), reduced modulo ``2**cfg.bits``: a uint64 vector with
     values in ``[0, 2**bits)``. RuntimeError if the rounding misses the norm bound
     :data:`MAX_ROUNDING_TRIES` times in a row (probability below ``beta**1000``)."""
-    x = np.asarray(update, dtype=np.float64).ravel()
-    if x.size != cfg.dim:
-        raise ValueError(f"update has {x.size} values, the config says dim={cfg.dim}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("update has non-finite values (nan or inf): refusing to encode it")
-    mu = _check_mu(mu)
-    if mu > MAX_MU:
-        raise ValueError(f"mu={mu:.3g} exceeds {MAX_MU:.3g}: lower scale (fewer integer units)")
+    x, mu = _checked(update, cfg, mu)
     bound = l2_bound(cfg)
     rounded = _conditional_rounding(_clipped(x, cfg.clip) * cfg.scale, bound, rng, cfg.beta)
-    if mu > 0:
-        noise = rng.poisson(mu, cfg.dim).astype(np.int64) - rng.poisson(mu, cfg.dim).astype(
-            np.int64
-        )
-        rounded = rounded + noise
-    return np.mod(rounded, np.int64(2**cfg.bits)).astype(np.uint64)
+    return _noised(rounded, cfg, mu, rng)
 
 
 def encode_unconditional(
@@ -196,23 +215,11 @@ def encode_unconditional(
     whole vector) would break. The guarantee depends only on the output's distribution (each
     coordinate an independent Bernoulli of its fractional part); that the uniforms are drawn
     in a fixed order whatever the update only lets a test reproduce the coupling."""
-    x = np.asarray(update, dtype=np.float64).ravel()
-    if x.size != cfg.dim:
-        raise ValueError(f"update has {x.size} values, the config says dim={cfg.dim}")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("update has non-finite values (nan or inf): refusing to encode it")
-    mu = _check_mu(mu)
-    if mu > MAX_MU:
-        raise ValueError(f"mu={mu:.3g} exceeds {MAX_MU:.3g}: lower scale (fewer integer units)")
+    x, mu = _checked(update, cfg, mu)
     scaled = _clipped(x, cfg.clip) * cfg.scale
     floor = np.floor(scaled)
     rounded = floor.astype(np.int64) + (rng.random(x.size) < scaled - floor)
-    if mu > 0:
-        noise = rng.poisson(mu, cfg.dim).astype(np.int64) - rng.poisson(mu, cfg.dim).astype(
-            np.int64
-        )
-        rounded = rounded + noise
-    return np.mod(rounded, np.int64(2**cfg.bits)).astype(np.uint64)
+    return _noised(rounded, cfg, mu, rng)
 
 
 def rounded_shift_bounds(float_l2: float, scale: float, dim: int) -> tuple[float, float]:
@@ -242,7 +249,7 @@ def rounded_shift_bounds(float_l2: float, scale: float, dim: int) -> tuple[float
     if float_l2 == 0:
         return 0.0, 0.0
     l2 = scale * float_l2 + math.sqrt(dim)
-    return min(l2 * l2, math.sqrt(dim) * l2), l2
+    return integer_l1(l2, dim), l2
 
 
 def _clipped(x: np.ndarray, clip: float) -> np.ndarray:
