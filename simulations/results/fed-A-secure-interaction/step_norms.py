@@ -47,7 +47,7 @@ def main(run: Path, which: str, silos: list[int] | None) -> None:
         load_travelling(cs.model, start)  # the clients of one process share one model
         r = train_round(cs.scorer, cs.examples, cfg, MemoryStore(), seed=0)
         assert r.trained and r.steps64 is not None
-        norm = float(torch.sqrt(sum((s.double() ** 2).sum() for _p, s in r.steps64)))
+        norm = float(torch.cat([s.double().reshape(-1) for _p, s in r.steps64]).norm())
         row = {
             "run": run.name, "model": which, "silo": i, "windows": len(cs.examples),
             "step_norm": round(norm, 4), "radius": cfg.update_norm_max,
