@@ -7,9 +7,11 @@ recomputed at the run's initial model and at its final one.
 RUN is a ``fedrec simulate`` run folder with its ``model/`` and ``adapter/`` on disk (they are
 not committed); SILOS a comma-separated list (default: all). Each silo's step is what its client
 computes in a round (``train_round`` with the run's config: every window, noise 0, one SGD
-step), from the same model the server sent, so its norm is the norm the projection saw in that
-round. It prints one JSON line per silo. The rounds between the first and the last are not
-recomputed: the server keeps no intermediate models.
+step), from the model given. It is a recomputation, not the run's own step: the negatives
+come from OS entropy, so it differs slightly from the step the run took at the initial model,
+and no round stepped from the final model (round 30 stepped from round 29's). It prints one
+JSON line per silo. The steps of rounds 2 to 30 are not recomputed: the server keeps no
+intermediate models.
 """
 
 import json
