@@ -40,6 +40,7 @@ RUN = HERE.parent / "fed-C-segment-prior" / "runs" / "age-z2-seed0"
 ZS = (0.7, 0.8, 1.0, 1.4, 2.0)
 KAPPAS = (1.0, 3.0, 10.0)
 DRAWS = 10
+SILOS = 10
 
 root = Path(os.environ.get("FEDREC_DATA", Path.home() / ".cache/fedrec/data"))
 ds = load_dataset(root / "ml-100k")
@@ -61,11 +62,13 @@ class Prior:
 
 
 def valid(z: float, kappa: float) -> float:
-    var = 10 * z * z
+    var = SILOS * z * z  # what the server's estimator assumes (the rounding not counted)
     scores = []
     for d in range(DRAWS):
-        noisy = exact + np.random.default_rng(d).normal(0, np.sqrt(var), exact.shape)
-        rows = SegmentPrior(noisy, noise_var=var, kappa=kappa).rows
+        rng = np.random.default_rng(d)
+        # as the release: each silo rounds its own noised table (client/app.py), the server sums
+        noise = sum(np.rint(rng.normal(0, z, exact.shape)) for _ in range(SILOS))
+        rows = SegmentPrior(exact + noise, noise_var=var, kappa=kappa).rows
         scores.append(evaluate(Prior(rows), hold.valid, ks=(10,), with_auc=False)["NDCG@10"])
     return float(np.mean(scores))
 
@@ -73,15 +76,28 @@ def valid(z: float, kappa: float) -> float:
 ceiling = SegmentPrior(exact, noise_var=0.0, kappa=3.0).rows  # no noise: no shrinkage
 score = evaluate(Prior(ceiling), hold.valid, ks=(10,), with_auc=False)["NDCG@10"]
 print(f"exact counts (no noise): valid {score:.4f}")
+
+
+def release_epsilon(z: float) -> float:
+    run = release_run(z, base.dp_adjacency(), base.dp_group())
+    return epsilon_spent(
+        history=[run], delta=base.delta, accountant=base.accountant, adjacency=base.dp_adjacency()
+    )
+
+
+lo, hi = 0.3, 2.0  # the z at which the release alone spends the whole budget (bisection)
+for _ in range(20):
+    lo, hi = (
+        (lo, (lo + hi) / 2)
+        if release_epsilon((lo + hi) / 2) <= base.epsilon
+        else ((lo + hi) / 2, hi)
+    )
+print(f"the release alone spends epsilon {base.epsilon:g} at z = {hi:.4f} (no budget left)")
 head = " | ".join(f"valid kappa {k:g}" for k in KAPPAS)
 print(f"z | release epsilon alone | DP-SGD noise multiplier at epsilon 8 | {head}")
 for z in ZS:
-    cfg = dataclasses.replace(base, segment_noise=z)
-    release = release_run(z, cfg.dp_adjacency(), cfg.dp_group())
-    eps = epsilon_spent(
-        history=[release], delta=cfg.delta, accountant=cfg.accountant, adjacency=cfg.dp_adjacency()
-    )
-    sigma = calibrated_noise(cfg)
+    eps = release_epsilon(z)
+    sigma = calibrated_noise(dataclasses.replace(base, segment_noise=z))
     cells = " | ".join(f"{valid(z, k):.4f}" for k in KAPPAS)
     print(f"{z:g} | {eps:.3f} | {sigma:.4f} | {cells}", flush=True)
 sys.exit(0)
