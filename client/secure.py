@@ -198,8 +198,7 @@ def masked(msg: Message, context: Context) -> Message:
         if interaction and STEP64 in reply.content:
             # the step itself in float64, not a difference of float32 models
             # (shared/privacy/secure_interaction.py: the sensitivity bounds this one)
-            rec = reply.content.array_records[STEP64]
-            change = np.concatenate([rec[k].numpy().astype(np.float64).ravel() for k in keys])
+            change = flatten(from_record(reply.content.array_records[STEP64]), keys)
         elif not interaction and contract.ARRAYS in reply.content:
             state = from_record(reply.content.array_records[contract.ARRAYS])
             change = flatten(state, keys) - before

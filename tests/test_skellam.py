@@ -17,6 +17,7 @@ from fedrec.shared.privacy.skellam import (
     choose_scale,
     decode,
     encode,
+    integer_l1,
     l1_bound,
     l2_bound,
     modular_sum,
@@ -38,6 +39,21 @@ def integer_vector(x: np.ndarray, cfg: SkellamConfig, rng: np.random.Generator) 
 
 
 # --- encoding ----------------------------------------------------------------------------------
+
+
+def test_integer_l1_bounds_random_integer_vectors_and_refuses_bad_input() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        dim = int(rng.integers(1, 40))
+        z = rng.integers(-3, 4, size=dim) * (rng.random(dim) < rng.random())
+        l2 = float(np.linalg.norm(z)) * float(rng.uniform(1.0, 1.5))
+        assert np.abs(z).sum() <= integer_l1(l2, dim) + 1e-9
+    # both branches are reached: a sparse small vector (l2^2) and a dense one (sqrt(dim) l2)
+    assert integer_l1(1.0, 100) == 1.0
+    assert integer_l1(10.0, 4) == 20.0
+    for l2, dim in ((math.nan, 4), (math.inf, 4), (-1.0, 4), (1.0, 0), (1.0, 2.5), (1.0, True)):
+        with pytest.raises(ValueError):
+            integer_l1(l2, dim)
 
 
 def test_round_trip_without_noise_is_the_sum_of_clipped_updates():

@@ -147,7 +147,14 @@ def l1_bound(cfg: SkellamConfig) -> float:
 
 def integer_l1(l2: float, dim: int) -> float:
     """The L1 bound of an integer vector of ``dim`` coordinates and L2 norm at most ``l2``:
-    ``min(l2^2, sqrt(dim) l2)`` (``|e_i| <= e_i^2`` for integers; Cauchy-Schwarz)."""
+    ``min(l2^2, sqrt(dim) l2)`` (``|e_i| <= e_i^2`` for integers; Cauchy-Schwarz). ValueError
+    for an ``l2`` that is not a finite number >= 0 or a ``dim`` that is not a whole number >= 1
+    (a NaN would pass ``min`` silently and become the bound)."""
+    l2 = float(l2)
+    if not (math.isfinite(l2) and l2 >= 0):
+        raise ValueError(f"l2={l2} must be a finite number >= 0")
+    if isinstance(dim, bool) or int(dim) != dim or dim < 1:
+        raise ValueError(f"dim={dim} must be a whole number >= 1")
     return min(l2 * l2, math.sqrt(dim) * l2)
 
 
