@@ -51,7 +51,15 @@ def test_integer_l1_bounds_random_integer_vectors_and_refuses_bad_input() -> Non
     # both branches are reached: a sparse small vector (l2^2) and a dense one (sqrt(dim) l2)
     assert integer_l1(1.0, 100) == 1.0
     assert integer_l1(10.0, 4) == 20.0
-    for l2, dim in ((math.nan, 4), (math.inf, 4), (-1.0, 4), (1.0, 0), (1.0, 2.5), (1.0, True)):
+    for l2, dim in (
+        (math.nan, 4),
+        (math.inf, 4),
+        (-1.0, 4),
+        (1.0, 0),
+        (1.0, 2.5),
+        (1.0, math.inf),
+        (1.0, True),
+    ):
         with pytest.raises(ValueError):
             integer_l1(l2, dim)
 

@@ -153,7 +153,7 @@ def integer_l1(l2: float, dim: int) -> float:
     l2 = float(l2)
     if not (math.isfinite(l2) and l2 >= 0):
         raise ValueError(f"l2={l2} must be a finite number >= 0")
-    if isinstance(dim, bool) or int(dim) != dim or dim < 1:
+    if isinstance(dim, bool) or not math.isfinite(dim) or int(dim) != dim or dim < 1:
         raise ValueError(f"dim={dim} must be a whole number >= 1")
     return min(l2 * l2, math.sqrt(dim) * l2)
 
