@@ -46,6 +46,9 @@ root = Path(os.environ.get("FEDREC_DATA", Path.home() / ".cache/fedrec/data"))
 ds = load_dataset(root / "ml-100k")
 split = make_split(ds, "C")
 hold = holdout_split(split, 0.1, [ds.user_text(int(u)) for u in split.user_ids], seed=1)
+if hold.valid is None:
+    raise SystemExit("the holdout split has no validation queries")
+VALID = hold.valid
 segs = segments_of(ds.user_fields, hold.user_ids, ("age",))
 users = np.unique(hold.train_user)
 items = [hold.train_item[hold.train_user == u] for u in users]
@@ -69,12 +72,12 @@ def valid(z: float, kappa: float) -> float:
         # as the release: each silo rounds its own noised table (client/app.py), the server sums
         noise = sum(np.rint(rng.normal(0, z, exact.shape)) for _ in range(SILOS))
         rows = SegmentPrior(exact + noise, noise_var=var, kappa=kappa).rows
-        scores.append(evaluate(Prior(rows), hold.valid, ks=(10,), with_auc=False)["NDCG@10"])
+        scores.append(evaluate(Prior(rows), VALID, ks=(10,), with_auc=False)["NDCG@10"])
     return float(np.mean(scores))
 
 
 ceiling = SegmentPrior(exact, noise_var=0.0, kappa=3.0).rows  # no noise: no shrinkage
-score = evaluate(Prior(ceiling), hold.valid, ks=(10,), with_auc=False)["NDCG@10"]
+score = evaluate(Prior(ceiling), VALID, ks=(10,), with_auc=False)["NDCG@10"]
 print(f"exact counts (no noise): valid {score:.4f}")
 
 
