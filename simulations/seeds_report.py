@@ -74,8 +74,8 @@ SETTINGS = (
     Setting("10 silos, disjoint examples, segment prior (age bands, noise 2)",
             "fed-C-segment-prior", "age-z2-seed*", (("k=0", "NDCG@10"), ("k=3", "NDCG@10")),
             "profile-popularity"),
-    Setting("10 silos, disjoint examples, segment prior (age bands, noise 1)",
-            "fed-C-segment-prior", "age-z1-seed*", (("k=0", "NDCG@10"), ("k=3", "NDCG@10")),
+    Setting("10 silos, disjoint examples, segment prior (age bands, noise 0.7)",
+            "fed-C-segment-prior", "age-z07-seed*", (("k=0", "NDCG@10"), ("k=3", "NDCG@10")),
             "profile-popularity"),
 )  # fmt: skip
 
