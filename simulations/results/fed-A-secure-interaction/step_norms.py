@@ -24,16 +24,16 @@ import torch
 from fedrec.client.budget import MemoryStore
 from fedrec.client.local_train import train_round
 from fedrec.client.runtime import client_state
-from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.federation.params import load_travelling, travelling_state
 from fedrec.shared.model.artifacts import load_model
+from fedrec.shared.privacy.report import load_fed_config
 
 
 def main(run: Path, which: str, silos: list[int] | None) -> None:
     if which not in ("initial", "final"):
         raise SystemExit(f"second argument {which!r}: give 'initial' or 'final'")
     torch.set_num_threads(1)  # as a simulation's client actor runs
-    cfg = FedConfig(**json.loads((run / "config.json").read_text())["federation"])
+    cfg = load_fed_config(run)  # checked as `fedrec audit` reads it
     first = client_state(cfg, {"partition-id": 0, "num-partitions": cfg.silos})
     # the initial global model is the one every client builds from the run config's seed
     model = first.model
