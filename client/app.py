@@ -50,6 +50,7 @@ from fedrec.shared.federation.params import (
     travelling_parameters,
     travelling_state,
 )
+from fedrec.shared.federation.segments import noised_counts
 from fedrec.shared.model.examples import right_aligned
 from fedrec.shared.privacy.calibration import planned_release
 
@@ -328,18 +329,13 @@ def train_reply(msg: Message, context: Context, *, secure: bool = False) -> Mess
 
 
 def segment_record(counts: np.ndarray, cfg: FedConfig) -> ArrayRecord:
-    """The release of a client's segment counts: under local DP every cell gets Gaussian noise
-    of std ``segment-noise`` (L2 sensitivity 1: one interaction is one count), drawn from OS
-    entropy, and the noised value is rounded to a whole number; without DP the exact counts.
-
-    The rounding is post-processing of the Gaussian release, and it is what keeps it one: a
-    float64 sum ``count + noise`` carries low-order bits that depend on the count (a count of 0
-    leaves the noise's own fine bits, a count of 1 or more rounds them away), which would tell
-    a zero cell from a nonzero one (Mironov 2012 on floating-point noise)."""
+    """The release of a client's segment counts: under local DP :func:`noised_counts` at std
+    ``segment-noise`` with noise drawn from OS entropy (rounded to whole numbers); without DP the
+    exact counts."""
     table = np.array(counts, dtype=np.float64)
     if cfg.dp:
         rng = np.random.default_rng(secrets.randbits(128))
-        table = np.rint(table + rng.normal(0.0, cfg.segment_noise, size=table.shape))
+        table = noised_counts(table, cfg.segment_noise, rng)
     return ArrayRecord({"counts": Array(table)})
 
 

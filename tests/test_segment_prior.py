@@ -495,6 +495,28 @@ def test_the_release_is_whole_numbers_with_the_noise_of_the_config():
     assert np.array_equal(decode_array("counts", segment_record(counts, exact)["counts"]), counts)
 
 
+def test_noised_counts_depend_on_the_counts_only_through_the_count():
+    """Property, random whole-number tables: with the same noise draw, a table's release minus
+    its counts is exactly the release of a zero table (the rounding leaves no bit of the count
+    behind); without the rounding it would not be. Bad noise is refused."""
+    from fedrec.shared.federation.segments import noised_counts
+
+    rng = np.random.default_rng(7)
+    for trial in range(50):
+        shape = (int(rng.integers(1, 6)), int(rng.integers(1, 300)))
+        counts = rng.integers(0, 40, size=shape).astype(np.float64)
+        z = float(rng.uniform(0.3, 5.0))
+        out = noised_counts(counts, z, np.random.default_rng(trial))
+        zero = noised_counts(np.zeros(shape), z, np.random.default_rng(trial))
+        assert out.dtype == np.float64 and np.array_equal(out, np.rint(out))
+        assert np.array_equal(out - counts, zero)
+    raw = np.random.default_rng(3).normal(0.0, 0.7, 1000)
+    assert not np.array_equal((raw + 1.0) - 1.0, raw)  # why: float sums keep the count's bits
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="segment-noise"):
+            noised_counts(np.zeros((2, 3)), bad, np.random.default_rng(0))
+
+
 def test_a_device_refuses_segment_prior_unless_its_owner_allows_it(tmp_path):
     from fedrec.client.app import device_guard
 

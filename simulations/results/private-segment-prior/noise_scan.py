@@ -27,6 +27,7 @@ from fedrec.shared.federation.segments import (
     SegmentPrior,
     count_table,
     n_segments,
+    noised_counts,
     release_run,
     segments_of,
 )
@@ -69,8 +70,9 @@ def valid(z: float, kappa: float) -> float:
     scores = []
     for d in range(DRAWS):
         rng = np.random.default_rng(d)
-        # as the release: each silo rounds its own noised table (client/app.py), the server sums
-        noise = sum(np.rint(rng.normal(0, z, exact.shape)) for _ in range(SILOS))
+        # as the release: each silo rounds its own noised table (the client's noised_counts;
+        # its counts are whole numbers, so only the noise is rounded), the server sums
+        noise = sum(noised_counts(np.zeros(exact.shape), z, rng) for _ in range(SILOS))
         rows = SegmentPrior(exact + noise, noise_var=var, kappa=kappa).rows
         scores.append(evaluate(Prior(rows), VALID, ks=(10,), with_auc=False)["NDCG@10"])
     return float(np.mean(scores))
