@@ -139,17 +139,20 @@ def count_table(
 
 
 def noised_counts(counts: np.ndarray, noise: float, rng: np.random.Generator) -> np.ndarray:
-    """One table's release under local DP: float64 ``counts`` plus Gaussian noise of std
-    ``noise`` in every cell (L2 sensitivity 1: one interaction is one count), rounded to a whole
-    number. The rounding is post-processing of the Gaussian release, and it is what keeps it
-    one: a float64 sum ``count + noise`` carries low-order bits that depend on the count (a count
-    of 0 leaves the noise's own fine bits, a count of 1 or more rounds them away), which would
-    tell a zero cell from a nonzero one (Mironov 2012 on floating-point noise). The device draws
-    ``rng`` from OS entropy; a validation scan may seed it."""
+    """One table's release under local DP: the whole-number ``counts`` (float64) plus Gaussian
+    noise of std ``noise`` in every cell (L2 sensitivity 1: one interaction is one count), the
+    noise rounded to a whole number before it is added. The rounding is post-processing of the
+    Gaussian release, and it is what keeps it one: a float64 sum ``count + noise`` carries
+    low-order bits that depend on the count (a count of 0 leaves the noise's own fine bits, a
+    count of 1 or more rounds them away), which would tell a zero cell from a nonzero one
+    (Mironov 2012 on floating-point noise). Rounding the noise, not the sum, makes the release
+    exactly ``counts + D`` with ``D`` independent of the counts (rounding the sum differs at
+    ties, which depend on the count's parity). The device draws ``rng`` from OS entropy; a
+    validation scan may seed it."""
     if not (math.isfinite(noise) and noise > 0):
         raise ValueError(f"segment-noise={noise} must be a finite number > 0 under local DP")
     table = np.array(counts, dtype=np.float64)
-    return np.rint(table + rng.normal(0.0, noise, size=table.shape))
+    return table + np.rint(rng.normal(0.0, noise, size=table.shape))
 
 
 def release_run(noise: float, adjacency: str, group: int) -> tuple[float, float, int]:

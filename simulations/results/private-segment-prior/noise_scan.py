@@ -70,8 +70,8 @@ def valid(z: float, kappa: float) -> float:
     scores = []
     for d in range(DRAWS):
         rng = np.random.default_rng(d)
-        # as the release: each silo rounds its own noised table (the client's noised_counts;
-        # its counts are whole numbers, so only the noise is rounded), the server sums
+        # as the release: each silo adds its own rounded noise to its table (the client's
+        # noised_counts, which adds the counts unchanged), the server sums
         noise = sum(noised_counts(np.zeros(exact.shape), z, rng) for _ in range(SILOS))
         rows = SegmentPrior(exact + noise, noise_var=var, kappa=kappa).rows
         scores.append(evaluate(Prior(rows), VALID, ks=(10,), with_auc=False)["NDCG@10"])
