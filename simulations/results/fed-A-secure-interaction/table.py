@@ -42,10 +42,11 @@ def load(run: Path) -> dict:
         where, rounds = "at the trusted server", []
     return {
         "run": str(run.relative_to(HERE.parent)),
-        "how": f"{c['silos']} silos, noise {where}, q {c['sample_rate']:g}",
+        "how": f"{c['silos']} silos, noise {where}, q {c['sample_rate']:g}, lr {c['lr']:g}",
         "q": c["sample_rate"],
         "rounds": c["num_rounds"],
         "epsilon": c["epsilon"],
+        "lr": c["lr"],
         "seed": c["seed"],
         "secure": secure is not None,
         "valid": [r["valid_NDCG@10"] for r in rows if "valid_NDCG@10" in r],
@@ -65,7 +66,8 @@ def summary(label: str, rs: list[dict]) -> str:
 def main() -> None:
     mine = [load(p.parent) for p in sorted((HERE / "runs").glob("*/metrics.json"))]
     trusted = [load(p.parent) for p in sorted(TRUSTED.glob("*/metrics.json"))]
-    trusted = [r for r in trusted if r["epsilon"] == 8 and r["rounds"] == 30]
+    # the trusted-server runs of the same shape (q 0.1, 30 rounds), at every epsilon they ran
+    trusted = [r for r in trusted if r["q"] != 1 and r["rounds"] == 30]
     print(
         "| run | how | epsilon | seed | epsilon spent | valid NDCG@10 by round (0, 10, 20, 30) | "
         "test NDCG@10 | test HR@10 | test NDCG@20 | noise std on the sum | round s (median) | "
@@ -84,9 +86,14 @@ def main() -> None:
     print()
     print("| setting | runs | test NDCG@10 median (min to max) |")
     print("|---|---:|---|")
-    print(summary("10 silos, full batch, noise in the secure sum (no trusted server)", mine))
-    q01 = [r for r in trusted if r["q"] != 1]
-    print(summary("10 silos, q 0.1, noise at the trusted server", q01))
+    for eps in sorted({r["epsilon"] for r in mine + trusted}, reverse=True):
+        for label, rs in (
+            ("10 silos, full batch, noise in the secure sum (no trusted server)", mine),
+            ("10 silos, q 0.1, noise at the trusted server", trusted),
+        ):
+            for lr in sorted({r["lr"] for r in rs if r["epsilon"] == eps}, reverse=True):
+                same = [r for r in rs if r["epsilon"] == eps and r["lr"] == lr]
+                print(summary(f"{label}, epsilon {eps:g}, lr {lr:g}", same))
     pooled_table().print_paired(HERE / "paired.json")
 
 
