@@ -971,8 +971,9 @@ def deploy_budget(
     ] = _USER_DELTA,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """What this device has spent, from its own files: local DP-SGD (privacy-budget.json) and
-    the secure rounds it joined (user-level-budget.json, composed across runs)."""
+    """What this device has spent, from its own files: local DP-SGD (privacy-budget.json), its
+    per-interaction secure rounds (interaction-secure-budget.json) and the user-level secure
+    rounds it joined (user-level-budget.json), each composed across runs."""
     from fedrec.client.budget import device_budget
 
     if not 0 < user_delta < 1:
@@ -996,6 +997,20 @@ def deploy_budget(
         )
     else:
         print("local DP-SGD: no steps recorded")
+    sec = b.get("secure_interaction")
+    if sec is not None:
+        tot = b["per_interaction_total"]
+        print(
+            f"per-interaction DP in secure sums (dp-noise=secure): epsilon {sec['epsilon']:.4f} "
+            f"at delta {sec['delta']:g} per interaction over the {sec['rounds']} round(s) of "
+            f"{sec['runs']} run(s) this device sent a masked input in, across runs (each at its "
+            "plan's a-priori noise)"
+        )
+        print(
+            f"per interaction, local and secure together (basic composition): epsilon "
+            f"{tot['epsilon']:.4f} at delta {tot['delta']:g}"
+            + (f"; this device's cap {tot['epsilon_max']:g}" if tot["epsilon_max"] else "")
+        )
     trusted = (
         f" and {user['trusted_rounds']} trusted-server round(s) (the Gaussian noise the run "
         "config gives the server, no sampling amplification)"

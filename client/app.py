@@ -15,6 +15,7 @@ or texts. The whole message contract: :mod:`fedrec.shared.federation.contract`; 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -29,7 +30,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedrec.client import interaction_budget
 from fedrec.client.budget import (
+    MemoryStore,
     append_round,
     budget_store,
     device_state_dir,
@@ -124,28 +127,27 @@ def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
     delta, with ``user-epsilon-max`` a trusted-server run whose user-level
     budget is larger (every round then also checks the device's own cross-run record, in
     :func:`train_reply` for a trusted-server round and in ``client.secure`` for a secure
-    one). Raises
+    one). A ``dp-noise=secure`` round is private only as a masked input (``secure``): its
+    cap is checked in ``client.secure`` against the device's own record
+    (:mod:`fedrec.client.interaction_budget`). Raises
     ``ValueError``: the server sees a failed reply, and nothing was trained or sent. These
     depend on the run config and the node config only, never on the data."""
     if "data-dir" not in node:
         return
-    if cfg.dp and cfg.dp_noise == "secure":  # whatever allow-no-dp says
-        raise ValueError(
-            "the server asked dp-noise=secure (per-interaction DP with the noise as shares in a "
-            "secure sum): a device does not run it yet, because it keeps no record of those "
-            "releases across runs; this round is refused. Use dp-noise=client (local DP-SGD) "
-            "or user-level DP with secure aggregation on devices"
-        )
     allow = str(node.get("allow-no-dp", "false")).lower() == "true"
     # a secure-aggregation round (train.secagg_masked) sends only a masked, noised vector the
-    # device computes itself: that is DP without local DP-SGD; a plain train round is not
-    # dp-noise=server sends the clipped change WITHOUT noise (the server is trusted to add it)
-    private = (cfg.dp and cfg.dp_noise == "client") or (secure and cfg.secure_agg and cfg.user_dp)
+    # device computes itself: that is DP without local DP-SGD (user-level, or per interaction
+    # with dp-noise=secure, whose releases the device records across runs in
+    # client.interaction_budget); a plain train round is not. dp-noise=server sends the
+    # clipped change WITHOUT noise (the server is trusted to add it)
+    secure_dp = secure and cfg.secure_agg and (cfg.user_dp or (cfg.dp and cfg.dp_noise == "secure"))
+    private = (cfg.dp and cfg.dp_noise == "client") or secure_dp
     if not allow and (not private or cfg.id_residual or cfg.use_profile or cfg.segment_prior):
         raise ValueError(
-            "this device trains only under local DP with its own noise, or user-level DP with "
-            "secure aggregation, without id-residual, use-profile or segment-prior (its counts "
-            "show which profile segment the device's users are in); the server asked dp="
+            "this device trains only under local DP with its own noise, or user-level or "
+            "per-interaction DP with secure aggregation, without id-residual, use-profile or "
+            "segment-prior (its counts show which profile segment the device's users are in); "
+            "the server asked dp="
             f"{cfg.dp}, dp-noise={cfg.dp_noise}, user-dp="
             f"{cfg.user_dp}, secure-agg={cfg.secure_agg} in a {'secure' if secure else 'plain'} "
             f"round, id-residual={cfg.id_residual}, use-profile={cfg.use_profile}, "
@@ -249,6 +251,17 @@ def train_reply(msg: Message, context: Context, *, secure: bool = False) -> Mess
     seed = cfg.seed * 1_000_003 + server_round * 7919 + _name_key(client.name)
     store = budget_store(context, client.name, extra)
     device_guard(cfg, context.node_config, secure=secure)
+    device_state = device_state_dir(context.node_config)
+    elsewhere = None
+    if device_state is not None and secure and cfg.dp and cfg.dp_noise == "secure":
+        # a device's secure per-interaction round: client.secure charged it to the device's
+        # own record (client.interaction_budget) before this; the Gaussian history train_round
+        # keeps is the trusted-server version's, a per-round check only, never the device's
+        store = MemoryStore()
+    elif device_state is not None and cfg.dp:
+        # local DP on a device: its secure per-interaction spending counts against the cap too
+        # (read under the local budget's lock, where train_round checks the cap)
+        elsewhere = functools.partial(interaction_budget.spent, device_state)
     record = None
     if cfg.user_dp and not secure:
         # a trusted-server round: the device's user-level record counts it (the Gaussian noise
@@ -265,7 +278,14 @@ def train_reply(msg: Message, context: Context, *, secure: bool = False) -> Mess
     )
     release = planned_release(cfg) if releasing else None
     res = train_round(
-        client.scorer, client.examples, cfg, store, seed=seed, device_cap=cap, release=release
+        client.scorer,
+        client.examples,
+        cfg,
+        store,
+        seed=seed,
+        device_cap=cap,
+        release=release,
+        spent_elsewhere=elsewhere,
     )
     # Under DP (local or user-level) nothing computed from the data leaves without noise: the
     # example count, the training loss and the round's duration are sent as constants (the

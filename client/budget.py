@@ -10,6 +10,10 @@ client's own cap); a :class:`BudgetStore` keeps it. Which store a client gets
   mirrored to ``RUN/privacy/clients/<name>.json`` so a resumed run restores it;
 - otherwise (tests, benchmarks): :class:`MemoryStore`.
 
+A device's per-interaction secure rounds (``dp-noise=secure``) are not in this history: they
+have their own record beside it (:mod:`fedrec.client.interaction_budget`), capped together
+with it.
+
 Losing a budget would restart epsilon from zero: every reader refuses a file it cannot parse.
 A round's steps are charged before it trains (:meth:`BudgetStore.update`): the check against
 the cap and the write happen together, under a lock on a device's file, so two runs on one
@@ -398,6 +402,27 @@ def _ledger_entry(e: Any) -> dict[str, float]:
     return out
 
 
+def composed_record_epsilon(entries: list[dict[str, Any]], delta: float) -> float:
+    """The epsilon of a device record's release entries at ``delta`` minus their collusion
+    risks (``risk``): Skellam entries (``mu_total``, ``l1``, ``l2``) and Gaussian ones
+    (:data:`GAUSSIAN_Z`) composed at the RDP level, the larger of Theorem 3.5's bound and the
+    numerically computed curves (as a run's statement claims; the Gaussian rounds' RDP is
+    exact and the same in both). 0 for no entry; ``inf`` when the risks use up ``delta``."""
+    from fedrec.shared.privacy import skellam
+
+    if not entries:
+        return 0.0
+    rest = delta - sum(e["risk"] for e in entries)
+    if not rest > 0:
+        return math.inf
+    sk = [e for e in entries if GAUSSIAN_Z not in e]
+    zs = [e[GAUSSIAN_Z] for e in entries if GAUSSIAN_Z in e]
+    return max(
+        skellam.composed_epsilon([(e["mu_total"], e["l1"], e["l2"]) for e in sk], rest, zs),
+        skellam.composed_epsilon_independent([(e["mu_total"], e["l2"]) for e in sk], rest, zs),
+    )
+
+
 @dataclass
 class UserLevelLedger:
     """A device's record of the user-level releases it took part in, across runs: one entry per
@@ -461,21 +486,7 @@ class UserLevelLedger:
 
     def epsilon(self, entries: list[dict[str, float]], delta: float) -> float:
         """The composed epsilon of ``entries`` at ``delta`` (minus their collusion risks)."""
-        from fedrec.shared.privacy import skellam
-
-        if not entries:
-            return 0.0
-        rest = delta - sum(e["risk"] for e in entries)
-        if not rest > 0:
-            return math.inf
-        sk = [e for e in entries if GAUSSIAN_Z not in e]
-        zs = [e[GAUSSIAN_Z] for e in entries if GAUSSIAN_Z in e]
-        # the larger of the two computations, as a run's statement claims (the Gaussian
-        # rounds' RDP is exact and the same in both)
-        return max(
-            skellam.composed_epsilon([(e["mu_total"], e["l1"], e["l2"]) for e in sk], rest, zs),
-            skellam.composed_epsilon_independent([(e["mu_total"], e["l2"]) for e in sk], rest, zs),
-        )
+        return composed_record_epsilon(entries, delta)
 
     def check_cap(
         self, entries: list[dict[str, float]], entry: dict[str, float], cap: float, delta: float
@@ -597,22 +608,39 @@ def user_level_cap(node: Any) -> tuple[float, float] | None:
     return cap, delta
 
 
+def local_epsilon(budget: Budget) -> float:
+    """The local-DP epsilon of ``budget``'s history at its mechanism's delta (0 without one)."""
+    from fedrec.shared.privacy.accounting import epsilon_spent
+
+    mech = budget.mechanism
+    if mech is None or not budget.history:
+        return 0.0
+    return epsilon_spent(
+        history=budget.history,
+        delta=float(mech["delta"]),
+        accountant=str(mech["accountant"]),
+        group=int(mech["group_size"]),
+        adjacency=str(mech["adjacency"]),
+    )
+
+
 def device_budget(folder: Path, user_delta: float) -> dict[str, Any]:
     """What a device has spent, from its own files (``fedrec deploy budget``): ``folder`` is
     its state folder, or its data folder holding ``fedrec-state/``. ValueError when there is
     no such folder or a file is unreadable."""
-    from fedrec.shared.privacy.accounting import epsilon_spent
-
     state = folder / "fedrec-state" if (folder / "fedrec-state").is_dir() else folder
     if not state.is_dir():
         raise ValueError(f"{folder}: no such folder (give a device's state or data folder)")
     local_file = state / "privacy-budget.json"
     user_file = state / "user-level-budget.json"
-    if not local_file.exists() and not user_file.exists():
+    from fedrec.client import interaction_budget
+
+    secure_file = state / interaction_budget.FILE
+    if not local_file.exists() and not user_file.exists() and not secure_file.exists():
         raise ValueError(
-            f"{state}: neither privacy-budget.json nor user-level-budget.json; a device writes "
-            "them when it first trains (state-dir in its node config, default "
-            "<data-dir>/fedrec-state)"
+            f"{state}: none of privacy-budget.json, {interaction_budget.FILE} and "
+            "user-level-budget.json; a device writes them when it first trains (state-dir in "
+            "its node config, default <data-dir>/fedrec-state)"
         )
     out: dict[str, Any] = {"state": str(state)}
     budget = FileStore(local_file).load()
@@ -620,17 +648,20 @@ def device_budget(folder: Path, user_delta: float) -> dict[str, Any]:
     local: dict[str, Any] = {"steps": sum(int(n) for *_x, n in budget.history), "epsilon": 0.0}
     if mech is not None:
         local |= {
-            "epsilon": epsilon_spent(
-                history=budget.history,
-                delta=float(mech["delta"]),
-                accountant=str(mech["accountant"]),
-                group=int(mech["group_size"]),
-                adjacency=str(mech["adjacency"]),
-            ),
+            "epsilon": local_epsilon(budget),
             "delta": float(mech["delta"]),
             "mechanism": mech,
         }
     local["epsilon_max"] = budget.epsilon_max
+    secure = interaction_budget.summary(state)
+    if secure is not None:
+        # one unit (an interaction), two records: basic composition, epsilons and deltas add
+        out["secure_interaction"] = secure
+        out["per_interaction_total"] = {
+            "epsilon": local["epsilon"] + secure["epsilon"],
+            "delta": local.get("delta", 0.0) + secure["delta"],
+            "epsilon_max": budget.epsilon_max,
+        }
     ledger = UserLevelLedger(user_file)
     entries = ledger.load()
     out["local_dp"] = local

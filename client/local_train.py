@@ -50,7 +50,7 @@ import contextlib
 import math
 import secrets
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,6 +209,7 @@ def train_round(
     seed: int,
     device_cap: float | None = None,
     release: Run | None = None,
+    spent_elsewhere: Callable[[], float] | None = None,
 ) -> RoundResult:
     """Train ``scorer``'s parameters in place for one round; update ``store`` when DP is on.
 
@@ -222,6 +223,10 @@ def train_round(
     checked again on what the store holds, under a device file's lock): a round that fails
     after that still counts. After training, the steps Opacus' accountant recorded must equal
     the charge; if they do not (a bug), they are charged on top and RuntimeError raised.
+    ``spent_elsewhere``: a device's epsilon for the same unit spent outside this history (its
+    secure per-interaction record, :mod:`fedrec.client.interaction_budget`), read where the cap
+    is checked (for a device's file: under its lock) and added to the history's epsilon
+    there (basic composition).
     ``release``: a release this round also makes (the segment counts, under local DP: the run
     it is charged as), checked against the cap and charged with the round's steps, in the same
     update; the result's ``released`` says it was charged (the caller then makes it).
@@ -261,11 +266,12 @@ def train_round(
         limit = min(cfg.epsilon, cap) if cap is not None else cfg.epsilon
         after = spent(cfg, with_release(with_steps(b.history, sigma, q, steps)))
         eps_after[:] = [after]
-        if after > limit:
+        other = spent_elsewhere() if spent_elsewhere is not None else 0.0
+        if after + other > limit:
             before = spent(cfg, b.history)
             return _Refused(
-                f"budget: epsilon would reach {after:.3f} > {limit} "
-                f"(spent {before:.3f} at delta={cfg.delta})",
+                f"budget: epsilon would reach {after + other:.3f} > {limit} "
+                f"(spent {before + other:.3f})",
                 before,
                 b.history,
             )

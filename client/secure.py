@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from fedrec.client import interaction_budget
 from fedrec.client.budget import (
     POPULATION_COLLUDERS,
     RECORD_FAILURE,  # noqa: F401 - re-exported: read here by callers and tests
@@ -154,14 +155,12 @@ def masked(msg: Message, context: Context) -> Message:
             f"secure aggregation: the server asks encoding bits {enc.bits}, but this round's "
             f"masks were set up with {client.bits}; refused"
         )
-    parts = context.node_config.get("num-partitions")
-    if interaction and (parts is None or int(parts) != cfg.silos):
+    device_state = device_state_dir(context.node_config)
+    if interaction:
         # the run config comes from the server: its silos (the clients the plan counts, which
-        # set the colluders and the noise per client) is checked against the engine's count
-        raise ValueError(
-            f"secure aggregation: the server's run config says silos = {cfg.silos}, but this "
-            f"node's num-partitions is {parts}; refused"
-        )
+        # set the colluders and the noise per client) is checked against the engine's count in
+        # simulation, and against the federation's size the device owner states on a device
+        _check_clients(cfg, context.node_config, device=device_state is not None)
     if interaction and rnd > cfg.num_rounds:  # the noise is calibrated for num-rounds releases
         raise ValueError(
             f"secure aggregation: round {rnd} of a run planned for num-rounds = "
@@ -176,11 +175,10 @@ def masked(msg: Message, context: Context) -> Message:
     # the server may not ask for less noise, another grid or a lower threshold than this
     # client's own calibration from the run config and the cohort size gives
     if interaction:
-        check_interaction_request(cfg, f, client.threshold)
+        mine = check_interaction_request(cfg, f, client.threshold)
     else:
         check_request(cfg, f, client.threshold)
     # the device's own conditions (node config against run config, not data): a visible refusal
-    # (a device refuses dp-noise=secure: it keeps no record of those releases yet)
     device_guard(cfg, context.node_config, secure=True)
     ledger, entry = (None, {}) if interaction else _user_level_check(cfg, f, context.node_config)
     received = from_record(msg.content.array_records[contract.ARRAYS])
@@ -190,6 +188,12 @@ def masked(msg: Message, context: Context) -> Message:
         raise ValueError(
             f"secure aggregation: the global model has {before.size} travelling coordinates, "
             f"the server expects {enc.dim}"
+        )
+    if interaction and device_state is not None:
+        # charged to the device's own record before it trains, so before anything leaves it
+        # (a crash after this over-counts); refused at the cap or for a round already sent
+        interaction_budget.charge_round(
+            context.node_config, device_state, cfg, mine, context.run_id, rnd
         )
     name = public_name(context.node_config)  # what train_reply's client state is named
     try:
@@ -241,6 +245,32 @@ def masked(msg: Message, context: Context) -> Message:
     wire = np.uint32 if enc.bits <= 32 else np.uint64  # server/secure_agg.py wire_dtype
     content[contract.ARRAYS] = ArrayRecord({MASKED: Array(np.ascontiguousarray(y, dtype=wire))})
     return Message(content=content, reply_to=msg)
+
+
+def _check_clients(cfg: FedConfig, node: dict[str, Any], *, device: bool) -> None:
+    """The clients a per-interaction plan counts (``silos``) against the node's own count: the
+    engine's ``num-partitions`` in simulation, the owner's ``federation-clients`` on a device
+    (a server stating more clients than there are would count more honest noise shares than
+    the round has). ValueError saying what to fix otherwise."""
+    key = "federation-clients" if device else "num-partitions"
+    raw = node.get(key)
+    if device and raw is None:
+        raise ValueError(
+            "secure aggregation: the server asks dp-noise=secure (per-interaction DP, the noise "
+            "counted over every client of the federation), but this device's node config does "
+            "not state the federation's size: start the SuperNode with --node-config "
+            '"federation-clients=N" (N the number of organisations in the federation, the '
+            "run config's silos); refused"
+        )
+    try:
+        count = int(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        count = None
+    if count != cfg.silos:
+        raise ValueError(
+            f"secure aggregation: the server's run config says silos = {cfg.silos}, but this "
+            f"node's {key} is {raw}; refused"
+        )
 
 
 def _user_level_check(

@@ -274,7 +274,7 @@ def test_deploy_budget_reads_a_devices_own_records(tmp_path):
     assert r.returncode == 2 and "no such folder" in r.stderr and "Traceback" not in r.stderr
     from fedrec.client.budget import device_budget
 
-    with pytest.raises(ValueError, match="neither privacy-budget.json"):
+    with pytest.raises(ValueError, match="none of privacy-budget.json"):
         device_budget(tmp_path, 1e-4)
     (state / "user-level-budget.json").write_text("{")
     r = fedrec("deploy", "budget", state)

@@ -119,7 +119,9 @@ def deployment(tmp_path, synth_dir, tiny_backbone):
                     str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
                     "--root-certificates", str(creds.ca_cert),
                     "--auth-supernode-private-key", str(creds.node_keys[name][0]),
-                    "--node-config", f"data-dir='{devices[i]}' client-id='{name}'",
+                    # federation-clients: read only by per-interaction secure rounds
+                    "--node-config",
+                    f"data-dir='{devices[i]}' client-id='{name}' federation-clients=3",
                     "--port", str(free_port()),
                 ],
             )  # fmt: skip
@@ -147,12 +149,15 @@ def deployment(tmp_path, synth_dir, tiny_backbone):
 def flwr_run(
     d: dict, run_dir: Path, tiny_backbone: Path, synth_dir: Path, rounds: int, extra: str = ""
 ):
-    config = (
+    base = (
         f"data='{synth_dir}' backbone='{tiny_backbone}' max-length=16 history-len=8 "
         f"num-rounds={rounds} fraction-train=1.0 min-replies=2 local-steps=2 sample-rate=0.5 "
         f"negatives=10 slots=6 epsilon=6.0 lr=0.5 evaluate-every=0 fraction-evaluate=1.0 "
-        f"round-timeout=150 run-dir='{run_dir}' baselines='none' {extra}"
+        f"round-timeout=150 run-dir='{run_dir}' baselines='none'"
     )
+    # `extra`'s keys replace the base's (Flower refuses a key given twice)
+    pairs = dict(x.split("=", 1) for x in f"{base} {extra}".split())
+    config = " ".join(f"{k}={v}" for k, v in pairs.items())
     args = [str(BIN / "flwr"), "run", str(REPO), "fedrec", "--run-config", config, "--stream"]
     return d["procs"].start(f"flwr-run-{run_dir.name}", args)
 
@@ -328,3 +333,51 @@ def test_secure_aggregation_round_survives_a_killed_supernode(deployment, tiny_b
         assert user["secure_rounds"] == 1
         assert user["per_cohort_rule_rounds"] == 0  # the entry names its colluder rule
         assert user["epsilon"] >= u["epsilon_analytic"] * (1 - 1e-9) > 0
+
+
+@pytest.mark.slow  # real SuperLink and SuperNodes
+def test_per_interaction_secure_rounds_on_devices_are_recorded_and_audited(
+    deployment, tiny_backbone, synth_dir
+):
+    """Three devices as three silos under per-interaction DP without a trusted server
+    (dp-noise=secure), over TLS and node authentication: two rounds released with every
+    silo's noise share; each device recorded both rounds in its own
+    interaction-secure-budget.json, whose epsilon (`fedrec deploy budget`) is at least the
+    run's claim, and nothing in its local-DP history; `fedrec audit` passes. A second run
+    whose rounds would take a device's record past its cap is refused by that device."""
+    d = deployment
+    procs, env, root = d["procs"], d["env"], d["root"]
+    run_dir = root / "silo-secure"
+    secure = (
+        "partition='silo' silos=3 history-len=2 local-steps=1 sample-rate=1.0 "
+        "examples='sequence' accountant='rdp' dp-noise='secure' secure-agg=true "
+        "batch-divisor=50.0 update-norm-max=1.0 epsilon=8.0 min-replies=3"
+    )
+    flwr_run(d, run_dir, tiny_backbone, synth_dir, rounds=2, extra=secure)
+    name = f"flwr-run-{run_dir.name}"
+    wait_for(lambda: procs.procs[name].poll() is not None, 400, "the secure run to end", procs)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file(), procs.log(name)
+    recs = [json.loads(x) for x in (run_dir / "privacy" / "secagg.jsonl").read_text().splitlines()]
+    assert [r["released"] for r in recs] == [True, True], recs
+    si = json.loads((run_dir / "metrics.json").read_text())["privacy"]["secure_interaction"]
+    assert si["releases"] == 2 and si["epsilon"] <= 8.0
+    audit = run([str(BIN / "fedrec"), "audit", str(run_dir), "--json"], env)
+    assert audit.returncode == 0, audit.stdout[-3000:] + audit.stderr
+    for i in range(3):
+        b = run([str(BIN / "fedrec"), "deploy", "budget", str(d["devices"][i]), "--json"], env)
+        assert b.returncode == 0, b.stderr
+        got = json.loads(b.stdout)
+        assert got["secure_interaction"]["rounds"] == 2 and got["secure_interaction"]["runs"] == 1
+        assert got["secure_interaction"]["epsilon"] >= si["epsilon"] * (1 - 1e-9)
+        assert got["local_dp"]["steps"] == 0  # the Gaussian step is not the device's history
+        assert got["local_dp"]["epsilon_max"] == 8.0  # the first run's budget is the cap
+    # the same run again: its two rounds would take every record past the cap of 8
+    again = root / "silo-secure-2"
+    flwr_run(d, again, tiny_backbone, synth_dir, rounds=2, extra=secure)
+    name = f"flwr-run-{again.name}"
+    wait_for(lambda: procs.procs[name].poll() is not None, 400, "the second run to end", procs)
+    assert "per-interaction cap" in procs.log(name) or "per-interaction cap" in procs.log("n0")
+    for i in range(3):
+        b = run([str(BIN / "fedrec"), "deploy", "budget", str(d["devices"][i]), "--json"], env)
+        got = json.loads(b.stdout)["secure_interaction"]
+        assert got["runs"] == 1 and got["rounds"] == 2, got  # nothing recorded for run 2

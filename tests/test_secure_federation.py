@@ -362,12 +362,15 @@ def _masked_round(
     *,
     over: dict[str, dict] | None = None,
     partitions: int | None = None,
+    run_id: int = 1,
+    rnd: int = 1,
 ) -> dict[int, object]:
     """fedrec's client handlers for one group of in-process nodes (setup, share, masked): the
     masked-stage reply of each node, keyed by its partition. ``devices[part]``: that node's
     config instead of a simulated partition's (a device with data-dir and state-dir).
     ``over[stage]``: fields a (deviating) server changes in that stage's messages
-    ("setup", "share", "masked"); ``partitions``: the engine's num-partitions (the cohort).
+    ("setup", "share", "masked"); ``partitions``: the engine's num-partitions (the cohort);
+    ``run_id`` and ``rnd``: the Flower run and the server round the nodes see.
     With ``dp-noise=secure`` the request is the per-interaction plan's, for a cohort of every
     client."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -396,19 +399,19 @@ def _masked_round(
     nodes = list(range(1, len(parts) + 1))
     devices = devices or {}
     ctxs = {
-        n: Context(run_id=1, node_id=n, node_config=devices.get(part, {"partition-id": part,
+        n: Context(run_id=run_id, node_id=n, node_config=devices.get(part, {"partition-id": part,
                    "num-partitions": partitions or cohort}), state=RecordDict(), run_config={})
         for n, part in zip(nodes, parts, strict=True)
     }  # fmt: skip
     threshold = p.threshold
     assert p.neighbours + 1 == len(nodes) and threshold == default_threshold(len(nodes))
-    common = {"round": 1, "bits": p.encoding.bits, "threshold": threshold, "test-dropout": ""}
+    common = {"round": rnd, "bits": p.encoding.bits, "threshold": threshold, "test-dropout": ""}
 
     def send(name, n, fields, model=False):
         content = RecordDict({SECAGG: ConfigRecord({**common, **fields, **over.get(name, {})})})
         if model:
             content[contract.ARRAYS] = to_record(state)
-            content[contract.CONFIG] = ConfigRecord({**cfg.to_flat(), "server-round": 1})
+            content[contract.CONFIG] = ConfigRecord({**cfg.to_flat(), "server-round": rnd})
         msg = Message(content, dst_node_id=n, message_type=f"train.secagg_{name}")
         return client_secure.HANDLERS[f"secagg_{name}"](msg, ctxs[n])
 

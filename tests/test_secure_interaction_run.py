@@ -83,15 +83,6 @@ def test_the_float64_step_is_the_models_change_and_one_window_moves_it_by_lr_c_o
     assert max(moved) > 0.5 * bound  # the clip binds: the bound is not vacuous here
 
 
-def test_a_device_refuses_dp_noise_secure_whatever_allow_no_dp_says(tmp_path):
-    from fedrec.client.app import device_guard
-
-    for allow in ("false", "true"):
-        node = {"data-dir": str(tmp_path), "allow-no-dp": allow}
-        with pytest.raises(ValueError, match="a device does not run it yet"):
-            device_guard(_cfg(), node, secure=True)
-
-
 def test_secure_interaction_on_a_real_federation(synth_dir, tiny_backbone, tmp_path):
     """Four silos, two full-batch rounds in a real Flower simulation: every round is a released
     secure sum of all four clients with their noise shares, the claim is the larger of the two

@@ -250,12 +250,14 @@ def plan_interaction(cfg: FedConfig, cohort: int, dim: int, clients: int) -> Int
     )
 
 
-def check_interaction_request(cfg: FedConfig, fields: dict[str, Any], threshold: int) -> None:
+def check_interaction_request(
+    cfg: FedConfig, fields: dict[str, Any], threshold: int
+) -> InteractionPlan:
     """A client's check of a ``dp-noise=secure`` masked-input request against its own
     :func:`plan_interaction` from the run config, the cohort and the clients the server
     states: the cohort must be every client, and the server cannot ask for less noise, another
     grid or projection radius, or a lower Shamir threshold. Raises ValueError saying what
-    differs."""
+    differs; returns the client's own plan."""
     cohort, clients, dim = fields.get("cohort"), fields.get("clients"), fields.get("dim")
     for key, v in (("cohort", cohort), ("clients", clients), ("dim", dim)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -282,6 +284,7 @@ def check_interaction_request(cfg: FedConfig, fields: dict[str, Any], threshold:
                 f"secure aggregation: the server asks {key}={theirs}, but this client's "
                 f"per-interaction calibration for {clients} clients gives {mine}; refused"
             )
+    return p
 
 
 UNIT = (

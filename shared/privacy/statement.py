@@ -110,13 +110,18 @@ def _secure_interaction(cfg: FedConfig, p: dict[str, Any]) -> str:
   moves the integer sum by at most {sa["l2_sensitivity"]:.6g} in L2 and {sa["l1_sensitivity"]:.6g}
   in L1 (the group of examples one interaction touches is inside this bound: no group-privacy
   conversion). {_negatives(cfg)} Each client recomputes this calibration from the run config
-  the server sends (its silos checked against the simulation's number of partitions) and
-  refuses a request for less noise than that config gives, another grid, radius or modulus, a
-  lower threshold, or a round past num-rounds = {cfg.num_rounds}; a server that changes the
-  config, or the SecAgg+ group it assigns, deviates from the protocol (see Trust). Each
-  client's budget file counts the rounds it trained in (written as the trusted-server
-  version's Gaussian step; no Gaussian noise is added in this mode), and the client stops
-  using its data after num-rounds rounds.
+  the server sends (its silos checked against the simulation's number of partitions, or on a
+  device against the federation-clients its owner states) and refuses a request for less
+  noise than that config gives, another grid, radius or modulus, a lower threshold, or a round
+  past num-rounds = {cfg.num_rounds}; a server that changes the config, or the SecAgg+ group
+  it assigns, deviates from the protocol (see Trust). A simulated client's budget file counts
+  the rounds it trained in (written as the trusted-server version's Gaussian step; no Gaussian
+  noise is added in this mode), and the client stops using its data after num-rounds rounds.
+  A device instead records each round, before it trains, in its own
+  interaction-secure-budget.json (the plan's a-priori noise, across runs, at most num-rounds
+  rounds per run) and refuses a round that would take that record's epsilon plus its local
+  DP-SGD epsilon past its cap; that lifetime figure stays on the device (fedrec deploy
+  budget), not in this statement, which is per run.
 - **epsilon = {si["epsilon"]:.4f} at delta = {cfg.delta}** per interaction, for every client,
   after {si["releases"]} released round(s) (budget {cfg.epsilon}, met by the calibration for
   rounds with only the minimum {sa["min_survivors"]} survivors). {si["accounting"]}. Noise

@@ -1,0 +1,241 @@
+"""A device's record of the per-interaction releases it made without a trusted server
+(``dp-noise = secure``: its noise share inside a SecAgg+ sum), across runs.
+
+Kept in ``<state>/interaction-secure-budget.json`` beside ``privacy-budget.json`` (local DP)
+and ``user-level-budget.json`` (a user-level unit, never mixed with this one)::
+
+    {"delta": 1e-05, "releases": [{"run": 7, "round": 1, "mu_total": ..., "l1": ..., "l2": ...,
+                                   "risk": ...}, ...]}
+
+One entry per (run, round) the device sent a masked input in, written BEFORE it trains
+(:func:`charge_round`), so a crash can only over-count. The entry holds the round's a-priori
+noise from the run's plan (:func:`~fedrec.shared.privacy.secure_interaction.plan_interaction`,
+which the device recomputes from the run config: the minimum survivors, the colluders and the
+device's own share taken out, never the server's report of who survived), the integer
+sensitivities of the released sum, and the round's share of the run's collusion risk
+(``collusion_risk / num_rounds``).
+
+Its epsilon (:func:`record_epsilon`) composes the entries at the RDP level, the larger of
+Theorem 3.5's bound and the numerically computed curves at ``delta`` minus the risks: exactly
+what a run's statement claims for ``num-rounds`` rounds of one plan, and it keeps counting
+across runs. Every entry is for the same unit, one interaction (the group of windows an
+interaction moves is inside each run's sensitivity), so entries of runs with other settings
+add up directly.
+
+Against the local-DP history (``privacy-budget.json``) there is no common RDP curve (fedrec
+converts its group and replace-one accounting at the (epsilon, delta) level, and PLD and PRV
+have no curve), so the two compose by basic composition: the device's per-interaction
+spending is ``(eps_local + eps_secure, delta_local + delta_secure)``. One cap bounds the sum:
+the node's ``epsilon-max``, else the cap stored in ``privacy-budget.json``, else the first
+run's ``epsilon`` (stored there, as a local-DP round stores it). Both files are changed under
+the lock of ``privacy-budget.json`` (:func:`fedrec.client.budget._locked`), so a local-DP
+round and a secure round on one device at the same time neither lose a charge nor pass the cap
+together (Linux and macOS; on Windows there is no ``fcntl`` and no lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fedrec.client.budget import (
+    Budget,
+    FileStore,
+    _json_type,
+    _locked,
+    _why,
+    _write_durably,
+    composed_record_epsilon,
+    local_epsilon,
+    node_number,
+)
+
+_log = logging.getLogger(__name__)
+
+FILE = "interaction-secure-budget.json"
+FIELDS = ("mu_total", "l1", "l2", "risk")
+
+# What a refused round tells the server: nothing about the device's record.
+INTERACTION_CAP_REFUSAL = (
+    "this device refuses the round: it would pass its per-interaction cap (epsilon-max, or the "
+    "cap its privacy record keeps); the device's own log says by how much"
+)
+INTERACTION_RECORD_FAILURE = (
+    "this device refuses the round: its per-interaction privacy record cannot be read or "
+    "written, or does not allow this round (the device's own log says why)"
+)
+
+
+class InteractionCapRefused(ValueError):
+    """The device's per-interaction cap refused a round."""
+
+    def __init__(self) -> None:
+        super().__init__(INTERACTION_CAP_REFUSAL)
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Errors of the record reach the server as a constant; their text goes to the device's
+    own log (the record's path, what is wrong, the figures)."""
+    try:
+        yield
+    except InteractionCapRefused:
+        raise
+    except (ValueError, OSError) as err:
+        _log.warning("per-interaction privacy record: %s: %s", type(err).__name__, err)
+        raise ValueError(INTERACTION_RECORD_FAILURE) from None
+
+
+def _whole(e: dict[str, Any], k: str) -> int:
+    v = e[k]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"release entry field {k!r} is not a whole number: {v!r}")
+    return v
+
+
+def parse_entry(e: Any) -> dict[str, Any]:
+    """One release entry, checked: anything that could lower the epsilon (a NaN, a zero or
+    negative noise, a negative sensitivity, a risk of 1 or more, a missing field) is refused."""
+    if not isinstance(e, dict):
+        raise TypeError(f"release entry {e!r} is a JSON {_json_type(e)}, not an object")
+    out: dict[str, Any] = {"run": _whole(e, "run"), "round": _whole(e, "round")}
+    for k in FIELDS:
+        v = e[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"release entry field {k!r} is not a number: {v!r}")
+        out[k] = float(v)
+    vals = [out[k] for k in FIELDS]
+    if not all(math.isfinite(v) and v >= 0 for v in vals) or out["mu_total"] <= 0:
+        raise ValueError(f"entry {out} is not finite and positive")
+    if out["l2"] <= 0 or out["l1"] <= 0:
+        raise ValueError(f"entry {out}: a sensitivity of 0 would make the release free")
+    if out["risk"] >= 1:
+        raise ValueError(f"entry {out}: risk {out['risk']} is not a probability below 1")
+    if out["round"] < 1:
+        raise ValueError(f"entry {out}: round {out['round']} is not >= 1")
+    return out
+
+
+def load(path: Path) -> tuple[float | None, list[dict[str, Any]]]:
+    """``(delta, entries)`` of the record at ``path``; ``(None, [])`` when there is none.
+    ValueError for a file that cannot be read or could under-count (a lost record would
+    restart the device's epsilon from zero)."""
+    if not path.exists():
+        return None, []
+    try:
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise TypeError(f"the file holds a JSON {_json_type(raw)}, not an object")
+        delta, releases = raw["delta"], raw["releases"]
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)):
+            raise TypeError(f"'delta' is a JSON {_json_type(delta)}, not a number")
+        if not (0 < delta < 1):
+            raise ValueError(f"delta {delta} is not in (0, 1)")
+        if not isinstance(releases, list):
+            raise TypeError(f"'releases' is a JSON {_json_type(releases)}, not an array")
+        entries = [parse_entry(e) for e in releases]
+        keys = [(e["run"], e["round"]) for e in entries]
+        if len(set(keys)) != len(keys):
+            raise ValueError("two entries for one (run, round)")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"per-interaction privacy record {path} is unreadable ({_why(err)}); refusing to "
+            "train: a lost record would restart the device's epsilon from zero. Restore it "
+            "from a backup."
+        ) from None
+    return float(delta), entries
+
+
+def record_epsilon(entries: list[dict[str, Any]], delta: float) -> float:
+    """The composed epsilon of ``entries`` at ``delta`` (module doc)."""
+    return composed_record_epsilon(entries, delta)
+
+
+def spent(state: Path) -> float:
+    """This device's secure per-interaction epsilon at its record's delta (0 without a record),
+    for a local-DP round's cap check, which reads it under the lock of ``privacy-budget.json``.
+    Errors as :func:`quiet` gives them (the record's path never reaches the server)."""
+    with quiet():
+        delta, entries = load(state / FILE)
+        return 0.0 if delta is None else record_epsilon(entries, delta)
+
+
+def charge_round(node: Any, state: Path, cfg: Any, plan: Any, run: int, rnd: int) -> None:
+    """Before a device trains in round ``rnd`` of run ``run`` under ``dp-noise = secure``:
+    refuse the round, writing nothing, if the record has another delta, an entry for this
+    (run, round), or ``num-rounds`` entries of this run already, or if the device's
+    local-DP epsilon plus the record's with this round would pass its cap; otherwise add the
+    round's entry durably (and store the cap in ``privacy-budget.json`` if it keeps none).
+    ``plan`` is the device's own :class:`InteractionPlan` for the request it checked.
+    Errors reach the server as :data:`INTERACTION_CAP_REFUSAL` or
+    :data:`INTERACTION_RECORD_FAILURE`."""
+    entry = {
+        "run": int(run),
+        "round": int(rnd),
+        "mu_total": float(plan.mu_total),
+        "l1": float(plan.l1),
+        "l2": float(plan.l2),
+        "risk": float(plan.collusion_risk) / cfg.num_rounds,
+    }
+    local_path, path = state / "privacy-budget.json", state / FILE
+    with quiet():
+        parse_entry(entry)  # a bad plan is the run config's error, never recorded
+        node_cap = node_number(node, "epsilon-max")
+        with _locked(local_path):
+            local = FileStore(local_path).load()  # no second lock: this one is held
+            delta, entries = load(path)
+            if delta is not None and delta != cfg.delta:
+                raise ValueError(
+                    f"the record's releases are at delta {delta}, this run asks {cfg.delta}: "
+                    "one record composes at one delta"
+                )
+            mine = [e for e in entries if e["run"] == entry["run"]]
+            if any(e["round"] == entry["round"] for e in mine):
+                raise ValueError(f"run {run} round {rnd} is already recorded: not sent twice")
+            if len(mine) >= cfg.num_rounds:
+                raise ValueError(
+                    f"run {run} has {len(mine)} recorded rounds, its noise is planned for "
+                    f"num-rounds = {cfg.num_rounds}"
+                )
+            cap = node_cap if node_cap is not None else local.epsilon_max
+            cap = cfg.epsilon if cap is None else cap
+            before_local = local_epsilon(local)
+            after = record_epsilon([*entries, entry], cfg.delta)
+            if before_local + after > cap:
+                _log.warning(
+                    "per-interaction epsilon would reach %.4g (secure record %.4g at delta %g "
+                    "with this round, %d earlier rounds in %s; local DP %.4g) above the cap "
+                    "%g: round refused",
+                    before_local + after,
+                    after,
+                    cfg.delta,
+                    len(entries),
+                    path,
+                    before_local,
+                    cap,
+                )
+                raise InteractionCapRefused
+            _write_durably(
+                path, {"delta": cfg.delta, "releases": [*entries, entry]}, ".interaction-"
+            )
+            if local.epsilon_max != cap:  # one cap for the unit, as a local-DP round keeps it
+                FileStore(local_path).save(Budget(local.history, local.mechanism, cap))
+
+
+def summary(state: Path) -> dict[str, Any] | None:
+    """``fedrec deploy budget``'s block for this record, or None without one."""
+    delta, entries = load(state / FILE)
+    if delta is None:
+        return None
+    return {
+        "rounds": len(entries),
+        "runs": len({e["run"] for e in entries}),
+        "delta": delta,
+        "risk": sum(e["risk"] for e in entries),
+        "epsilon": record_epsilon(entries, delta),
+    }

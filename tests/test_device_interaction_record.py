@@ -1,0 +1,315 @@
+"""A device's record of its per-interaction secure rounds (``dp-noise=secure``;
+client/interaction_budget.py): one entry per (run, round) charged before training, composed at
+the RDP level to exactly a run's claim, capped together with the local DP-SGD history, and the
+ClientApp's masked-input stage on a device that keeps it."""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedrec.client import interaction_budget as ib
+from fedrec.client.budget import Budget, FileStore, MemoryStore, local_epsilon
+from fedrec.shared.federation.config import FedConfig
+from fedrec.shared.privacy.secure_interaction import (
+    InteractionPlan,
+    interaction_summary,
+    plan_interaction,
+)
+
+from .test_model import ds, make_model  # noqa: F401 - fixture re-export
+from .test_secure_interaction_run import _silos3
+
+
+def _cfg(**kw: object) -> FedConfig:
+    base = dict(
+        backbone="x", history_len=2, max_length=16, local_steps=1, sample_rate=1.0, negatives=10,
+        lr=0.5, epsilon=8.0, num_rounds=4, fraction_train=1.0, examples="sequence",
+        accountant="rdp", dp_noise="secure", secure_agg=True, batch_divisor=7.0,
+        max_grad_norm=0.05, update_norm_max=1.0, partition="silo", silos=10,
+    )  # fmt: skip
+    return FedConfig(**(base | kw))  # type: ignore[arg-type]
+
+
+def _plan(cfg: FedConfig, dim: int = 2000) -> InteractionPlan:
+    return plan_interaction(cfg, cfg.silos, dim, cfg.silos)
+
+
+def _node(**kw: object) -> dict:
+    return {"data-dir": "/nowhere", **kw}
+
+
+def _snapshot(state: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(state.glob("*.json"))}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_runs_rounds_compose_to_exactly_the_runs_claim(tmp_path, seed):
+    """On random settings (budget, rounds, silos, dimension): charging every round of a run
+    gives a record whose epsilon rises with every round, equals the plan's epsilon for
+    num-rounds releases (what the run's statement claims with only the minimum survivors) and
+    is at least the statement's claim for any survivors at or above that minimum; the round
+    after the last is refused and leaves every file as it was."""
+    rng = np.random.default_rng(seed)
+    cfg = _cfg(
+        epsilon=float(rng.choice([1.0, 3.0, 8.0])),
+        num_rounds=int(rng.integers(1, 12)),
+        silos=int(rng.integers(3, 13)),
+    )
+    p = _plan(cfg, dim=int(rng.integers(100, 40_000)))
+    node = _node(**{"epsilon-max": 1000.0})
+    run = int(rng.integers(1, 2**31))
+    seen = [0.0]
+    for rnd in range(1, cfg.num_rounds + 1):
+        ib.charge_round(node, tmp_path, cfg, p, run, rnd)
+        delta, entries = ib.load(tmp_path / ib.FILE)
+        assert delta == cfg.delta and len(entries) == rnd
+        seen.append(ib.record_epsilon(entries, delta))
+        assert seen[-1] > seen[-2]
+    claim = p.epsilon(releases=cfg.num_rounds)
+    assert seen[-1] == pytest.approx(claim, rel=1e-9)
+    assert seen[-1] <= cfg.epsilon * (1 + 1e-9)
+    rounds = [
+        {"released": True, "mu_honest": p.mu_total * (1 + rng.random())}
+        for _ in range(cfg.num_rounds)
+    ]
+    assert interaction_summary(cfg, p, rounds)["epsilon_max"] <= seen[-1] * (1 + 1e-9)
+    before = _snapshot(tmp_path)
+    for rnd in (cfg.num_rounds + 1, 1):  # past num-rounds; a round already sent
+        with pytest.raises(ValueError) as err:
+            ib.charge_round(node, tmp_path, cfg, p, run, rnd)
+        assert str(err.value) == ib.INTERACTION_RECORD_FAILURE
+        assert str(tmp_path) not in str(err.value)
+        assert _snapshot(tmp_path) == before
+    # nothing went into the local-DP history; the cap is kept there (the node's, here)
+    local = FileStore(tmp_path / "privacy-budget.json").load()
+    assert local.history == [] and local.epsilon_max == 1000.0
+
+
+def test_another_runs_rounds_add_up_and_the_first_runs_epsilon_is_the_cap(tmp_path, caplog):
+    """Without epsilon-max the first run's epsilon becomes the device's cap (kept in
+    privacy-budget.json): a second run, even one asking a larger epsilon, is refused before
+    its first round once the record is at the cap; another delta is refused too."""
+    cfg = _cfg(epsilon=2.0, num_rounds=3)
+    p = _plan(cfg)
+    for rnd in (1, 2, 3):
+        ib.charge_round(_node(), tmp_path, cfg, p, 7, rnd)
+    assert FileStore(tmp_path / "privacy-budget.json").load().epsilon_max == 2.0
+    first = ib.spent(tmp_path)
+    assert first == pytest.approx(p.epsilon(releases=3), rel=1e-9)
+    bigger = _cfg(epsilon=8.0, num_rounds=3)
+    before = _snapshot(tmp_path)
+    with pytest.raises(ValueError) as err:
+        ib.charge_round(_node(), tmp_path, bigger, _plan(bigger), 8, 1)
+    assert str(err.value) == ib.INTERACTION_CAP_REFUSAL
+    assert _snapshot(tmp_path) == before
+    assert "above the cap 2" in caplog.text  # the figures stay in the device's log
+    # the owner raises the cap: the second run's rounds compose with the first's
+    ib.charge_round(_node(**{"epsilon-max": 20.0}), tmp_path, bigger, _plan(bigger), 8, 1)
+    _delta, entries = ib.load(tmp_path / ib.FILE)
+    assert [(e["run"], e["round"]) for e in entries] == [(7, 1), (7, 2), (7, 3), (8, 1)]
+    assert ib.spent(tmp_path) > first
+    other = _cfg(epsilon=8.0, num_rounds=3, delta=1e-6)
+    with pytest.raises(ValueError, match="cannot be read or written, or does not allow"):
+        ib.charge_round(_node(**{"epsilon-max": 20.0}), tmp_path, other, _plan(other), 9, 1)
+    assert "one record composes at one delta" in caplog.text
+
+
+def test_local_and_secure_spending_share_one_cap(tmp_path, ds, tiny_backbone):  # noqa: F811
+    """Basic composition of the two records: a secure round is refused when its record's
+    epsilon plus the local DP-SGD history's would pass the cap, and a local DP-SGD round is
+    refused when its history's epsilon plus the secure record's would."""
+    from fedrec.client.local_train import build_examples, train_round
+    from fedrec.shared.model.candidates import CandidateScorer
+
+    local_cfg = FedConfig(
+        backbone="x", history_len=2, max_length=16, local_steps=1, sample_rate=0.5, negatives=10,
+        lr=0.5, epsilon=100.0, examples="sequence", accountant="rdp", slots=6,
+    )  # fmt: skip
+    history = [(1.2, 0.5, 3)]
+    local = Budget(history, local_cfg.dp_mechanism(), None)
+    FileStore(tmp_path / "privacy-budget.json").save(local)
+    eps_local = local_epsilon(local)
+    assert eps_local > 0
+    cfg = _cfg(epsilon=2.0, num_rounds=2)
+    p = _plan(cfg)
+    one, two = p.epsilon(releases=1), p.epsilon(releases=2)
+    cap = eps_local + (one + two) / 2
+    node = _node(**{"epsilon-max": cap})
+    ib.charge_round(node, tmp_path, cfg, p, 1, 1)
+    with pytest.raises(ValueError) as err:
+        ib.charge_round(node, tmp_path, cfg, p, 1, 2)
+    assert str(err.value) == ib.INTERACTION_CAP_REFUSAL
+    # without the local history the same round would have passed
+    assert two <= cap
+
+    # a local DP-SGD round on another device with a secure record: its own epsilon alone is
+    # within the cap, but not with the secure record's on top
+    model = make_model(ds, tiny_backbone, id_residual=False, ffa=True)
+    scorer = CandidateScorer(model)
+    rng = np.random.default_rng(0)
+    users = [(rng.integers(0, scorer.n_items, 6), np.sort(rng.choice(10**6, 6, replace=False)))]
+    ex = build_examples(users, slots=6, history_len=2, key=0, sequence=True)
+    alone = train_round(scorer, ex, local_cfg, MemoryStore(Budget(list(history),
+                        local_cfg.dp_mechanism(), None)), seed=0)  # fmt: skip
+    assert alone.trained
+    other = tmp_path / "other"
+    FileStore(other / "privacy-budget.json").save(local)
+    ib.charge_round(_node(**{"epsilon-max": 1000.0}), other, cfg, p, 1, 1)
+    assert ib.spent(other) == pytest.approx(one)
+    cap = alone.epsilon + one / 2
+    store = FileStore(other / "privacy-budget.json")
+    elsewhere = functools.partial(ib.spent, other)
+    res = train_round(scorer, ex, local_cfg, store, seed=0, device_cap=cap,
+                      spent_elsewhere=elsewhere)  # fmt: skip
+    assert not res.trained and res.reason.startswith("budget"), res.reason
+    assert store.load().history == history  # nothing charged
+    res = train_round(scorer, ex, local_cfg, store, seed=0, device_cap=cap)
+    assert res.trained  # the same round without the secure record: within the cap
+
+
+def test_a_damaged_record_stops_the_device_and_two_runs_cannot_pass_the_cap_together(tmp_path):
+    cfg = _cfg(epsilon=2.0, num_rounds=2)
+    p = _plan(cfg)
+    one, two = p.epsilon(releases=1), p.epsilon(releases=2)
+    node = _node(**{"epsilon-max": (one + two) / 2})  # room for one round, not two
+    outcomes: list[str] = []
+
+    def charge(run: int) -> None:
+        try:
+            ib.charge_round(node, tmp_path, cfg, p, run, 1)
+            outcomes.append("ok")
+        except ValueError as err:
+            outcomes.append(str(err))
+
+    threads = [threading.Thread(target=charge, args=(r,)) for r in (1, 2, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["ok", ib.INTERACTION_CAP_REFUSAL, ib.INTERACTION_CAP_REFUSAL]
+    assert len(ib.load(tmp_path / ib.FILE)[1]) == 1
+    assert not [x for x in tmp_path.iterdir() if x.name.startswith(".interaction-")]
+    path = tmp_path / ib.FILE
+    good = json.loads(path.read_text())
+    for bad in (
+        "{",
+        json.dumps({"releases": good["releases"]}),
+        json.dumps(good | {"delta": float("nan")}),
+        json.dumps(good | {"releases": [good["releases"][0] | {"mu_total": 0}]}),
+        json.dumps(good | {"releases": [good["releases"][0] | {"l2": -1.0}]}),
+        json.dumps(good | {"releases": [good["releases"][0] | {"risk": 1.0}]}),
+        json.dumps(good | {"releases": [good["releases"][0] | {"round": 1.5}]}),
+        json.dumps(good | {"releases": good["releases"] * 2}),
+    ):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match="unreadable"):
+            ib.load(path)
+        with pytest.raises(ValueError) as err:
+            ib.charge_round(node, tmp_path, cfg, p, 9, 1)
+        assert str(err.value) == ib.INTERACTION_RECORD_FAILURE
+        assert path.read_text() == bad
+        with pytest.raises(ValueError) as err:
+            ib.spent(tmp_path)  # a local-DP round's cap check refuses too
+        assert str(err.value) == ib.INTERACTION_RECORD_FAILURE
+
+
+def test_a_device_runs_dp_noise_secure_only_in_a_secure_round(tmp_path):
+    from fedrec.client.app import device_guard
+
+    node = {"data-dir": str(tmp_path)}
+    device_guard(_cfg(), node, secure=True)  # the masked input: accepted
+    with pytest.raises(ValueError, match="trains only under local DP"):
+        device_guard(_cfg(), node, secure=False)  # a plain reply would carry no noise
+    with pytest.raises(ValueError, match="delta-max"):
+        device_guard(_cfg(delta=1e-4), node | {"delta-max": 1e-5}, secure=True)
+
+
+def test_a_device_records_its_secure_rounds_across_runs_and_refuses_at_its_cap(
+    synth_dir, tiny_backbone, tmp_path
+):
+    """Three devices in the ClientApp's masked-input stage: each states the federation's size
+    and records every round before training, nothing in its local-DP history; a second run on
+    the same devices composes with the first and is refused at the cap; a device that does not
+    state the federation's size, or states another, is refused."""
+    from .test_secure_federation import _masked_round
+
+    cfg = _silos3(synth_dir, tiny_backbone, num_rounds=2)
+    from fedrec.shared.federation.data_and_model import dataset_and_split, model_for
+    from fedrec.shared.federation.params import travelling_state
+
+    d, split = dataset_and_split(cfg.data, cfg.protocol, cfg.seed)
+    dim = sum(t.numel() for t in travelling_state(model_for(cfg, d, split)).values())
+    p = plan_interaction(cfg, 3, dim, 3)
+    cap = (p.epsilon(releases=2) + p.epsilon(releases=3)) / 2
+
+    def devices(**kw: object) -> dict[int, dict]:
+        return {
+            part: {"data-dir": str(synth_dir), "state-dir": str(tmp_path / f"dev{part}"),
+                   "federation-clients": 3, "epsilon-max": cap, **kw}
+            for part in (0, 1, 2)
+        }  # fmt: skip
+
+    for rnd in (1, 2):
+        replies = _masked_round(cfg, cohort=3, parts=[0, 1, 2], devices=devices(), rnd=rnd)
+        assert all(not r.has_error() for r in replies.values())  # type: ignore[attr-defined]
+    for part in (0, 1, 2):
+        state = tmp_path / f"dev{part}"
+        delta, entries = ib.load(state / ib.FILE)
+        assert [(e["run"], e["round"]) for e in entries] == [(1, 1), (1, 2)]
+        assert ib.record_epsilon(entries, delta) == pytest.approx(p.epsilon(releases=2))
+        local = FileStore(state / "privacy-budget.json").load()
+        assert local.history == [] and local.epsilon_max == cap
+    with pytest.raises(ValueError) as err:  # run 2 would take the record past the cap
+        _masked_round(cfg, cohort=3, parts=[0, 1, 2], devices=devices(), run_id=2)
+    assert str(err.value) == ib.INTERACTION_CAP_REFUSAL
+    with pytest.raises(ValueError) as err:  # run 1's round 1 again: never sent twice
+        _masked_round(cfg, cohort=3, parts=[0, 1, 2], devices=devices(**{"epsilon-max": 99}))
+    assert str(err.value) == ib.INTERACTION_RECORD_FAILURE
+    replies = _masked_round(
+        cfg, cohort=3, parts=[0, 1, 2], devices=devices(**{"epsilon-max": 99}), run_id=2
+    )
+    assert len(ib.load(tmp_path / "dev0" / ib.FILE)[1]) == 3
+    bare = devices()
+    for n in bare.values():
+        del n["federation-clients"]
+    with pytest.raises(ValueError, match="federation-clients=N"):
+        _masked_round(cfg, cohort=3, parts=[0, 1, 2], devices=bare, run_id=3)
+    with pytest.raises(ValueError, match="federation-clients is 4; refused"):
+        _masked_round(cfg, cohort=3, parts=[0, 1, 2],
+                      devices=devices(**{"federation-clients": 4}), run_id=3)  # fmt: skip
+    assert len(ib.load(tmp_path / "dev0" / ib.FILE)[1]) == 3  # nothing recorded for those
+
+
+def test_deploy_budget_prints_the_secure_record_and_the_sum(tmp_path):
+    from .test_cli import fedrec
+
+    cfg = _cfg(epsilon=3.0, num_rounds=2)
+    p = _plan(cfg)
+    state = tmp_path / "data" / "fedrec-state"
+    mech = {"accountant": "rdp", "adjacency": "add-remove", "group_size": 1, "delta": 1e-5}
+    FileStore(state / "privacy-budget.json").save(Budget([(1.1, 0.02, 40)], mech, 8.0))
+    for rnd in (1, 2):
+        ib.charge_round(_node(), state, cfg, p, 5, rnd)
+    r = fedrec("deploy", "budget", tmp_path / "data", "--json")
+    assert r.returncode == 0, r.stderr
+    b = json.loads(r.stdout)
+    sec, tot = b["secure_interaction"], b["per_interaction_total"]
+    assert sec["rounds"] == 2 and sec["runs"] == 1 and sec["delta"] == cfg.delta
+    assert sec["epsilon"] == pytest.approx(p.epsilon(releases=2), rel=1e-9)
+    assert tot["epsilon"] == pytest.approx(b["local_dp"]["epsilon"] + sec["epsilon"])
+    assert tot["delta"] == pytest.approx(1e-5 + cfg.delta) and tot["epsilon_max"] == 8.0
+    r = fedrec("deploy", "budget", state)
+    assert r.returncode == 0 and "2 round(s) of 1 run(s)" in r.stdout
+    assert f"{tot['epsilon']:.4f}" in r.stdout
+    # a device with only this record is a device with a budget
+    lone = tmp_path / "lone"
+    ib.charge_round(_node(), lone, cfg, p, 5, 1)
+    (lone / "privacy-budget.json").unlink()
+    r = fedrec("deploy", "budget", lone, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["secure_interaction"]["rounds"] == 1
