@@ -638,6 +638,7 @@ def _interrupted_simulation(out_dir: Path, rounds: int) -> NoReturn:
 
 # `deploy budget`'s default delta: the run config's own default (that module imports no torch)
 _USER_DELTA = _FedConfig.user_delta
+_DELTA = _FedConfig.delta
 
 _INTERRUPT_EXPLAINED = False  # set once a command has said what an interruption left behind
 
@@ -969,6 +970,13 @@ def deploy_budget(
             "config's user-delta default)."
         ),
     ] = _USER_DELTA,
+    delta: Annotated[
+        float,
+        typer.Option(
+            help="delta for the per-interaction epsilon of the dp-noise=secure rounds: the "
+            "device's delta-max (default: the run config's delta default)."
+        ),
+    ] = _DELTA,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """What this device has spent, from its own files: local DP-SGD (privacy-budget.json), its
@@ -976,10 +984,11 @@ def deploy_budget(
     rounds it joined (user-level-budget.json), each composed across runs."""
     from fedrec.client.budget import device_budget
 
-    if not 0 < user_delta < 1:
-        _fail(f"--user-delta {user_delta} must be in (0, 1)", 2)
+    for name, d in (("--user-delta", user_delta), ("--delta", delta)):
+        if not 0 < d < 1:
+            _fail(f"{name} {d} must be in (0, 1)", 2)
     try:
-        b = device_budget(folder, user_delta)
+        b = device_budget(folder, user_delta, delta)
     except ValueError as e:
         _fail(str(e), 2)
     if as_json:
@@ -1004,12 +1013,14 @@ def deploy_budget(
             f"per-interaction DP in secure sums (dp-noise=secure): epsilon {sec['epsilon']:.4f} "
             f"at delta {sec['delta']:g} per interaction over the {sec['rounds']} round(s) of "
             f"{sec['runs']} run(s) this device sent a masked input in, across runs (each at its "
-            "plan's a-priori noise)"
+            "plan's a-priori noise; pass --delta for the device's delta-max if it is not "
+            f"{delta:g})"
         )
         print(
             f"per interaction, local and secure together (basic composition): epsilon "
             f"{tot['epsilon']:.4f} at delta {tot['delta']:g}"
             + (f"; this device's cap {tot['epsilon_max']:g}" if tot["epsilon_max"] else "")
+            + " (the user-level rounds below bound an interaction too and are not in this sum)"
         )
     trusted = (
         f" and {user['trusted_rounds']} trusted-server round(s) (the Gaussian noise the run "

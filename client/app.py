@@ -158,6 +158,8 @@ def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
         raise ValueError(
             "the server asked for a simulated attack (poison): a device never runs one"
         )
+    if secure and cfg.dp and cfg.dp_noise == "secure":
+        interaction_budget.node_delta(node)  # its record's cap is read at the device's delta
     delta_max = node_number(node, "delta-max", below=1.0)
     if delta_max is not None and cfg.delta > delta_max:
         raise ValueError(
@@ -253,7 +255,8 @@ def train_reply(msg: Message, context: Context, *, secure: bool = False) -> Mess
     device_guard(cfg, context.node_config, secure=secure)
     device_state = device_state_dir(context.node_config)
     elsewhere = None
-    if device_state is not None and secure and cfg.dp and cfg.dp_noise == "secure":
+    secure_device = device_state is not None and secure and cfg.dp and cfg.dp_noise == "secure"
+    if secure_device:
         # a device's secure per-interaction round: client.secure charged it to the device's
         # own record (client.interaction_budget) before this; the Gaussian history train_round
         # keeps is the trusted-server version's, a per-round check only, never the device's
@@ -261,7 +264,7 @@ def train_reply(msg: Message, context: Context, *, secure: bool = False) -> Mess
     elif device_state is not None and cfg.dp:
         # local DP on a device: its secure per-interaction spending counts against the cap too
         # (read under the local budget's lock, where train_round checks the cap)
-        elsewhere = functools.partial(interaction_budget.spent, device_state)
+        elsewhere = functools.partial(interaction_budget.spent, device_state, context.node_config)
     record = None
     if cfg.user_dp and not secure:
         # a trusted-server round: the device's user-level record counts it (the Gaussian noise
@@ -271,7 +274,9 @@ def train_reply(msg: Message, context: Context, *, secure: bool = False) -> Mess
         record = trusted_round_record(context.node_config, user_noise_multiplier(cfg))
     # the device owner's own cap, if set (a NaN would be stored as the device's cap and never
     # refuse: an error)
-    cap = node_number(context.node_config, "epsilon-max") if cfg.dp else None
+    # (a device's secure round was capped where it was charged: a refusal here would only
+    # make it send a zero change)
+    cap = node_number(context.node_config, "epsilon-max") if cfg.dp and not secure_device else None
     # the segment counts go out once, with the run's first round (charged with its steps)
     releasing = (
         client.segment_counts is not None and server_round == contract.SEGMENT_ROUND and not secure

@@ -624,10 +624,11 @@ def local_epsilon(budget: Budget) -> float:
     )
 
 
-def device_budget(folder: Path, user_delta: float) -> dict[str, Any]:
+def device_budget(folder: Path, user_delta: float, delta: float = 1e-5) -> dict[str, Any]:
     """What a device has spent, from its own files (``fedrec deploy budget``): ``folder`` is
-    its state folder, or its data folder holding ``fedrec-state/``. ValueError when there is
-    no such folder or a file is unreadable."""
+    its state folder, or its data folder holding ``fedrec-state/``; the per-interaction secure
+    record read at ``delta`` (the device's ``delta-max``), the user-level record at
+    ``user_delta``. ValueError when there is no such folder or a file is unreadable."""
     state = folder / "fedrec-state" if (folder / "fedrec-state").is_dir() else folder
     if not state.is_dir():
         raise ValueError(f"{folder}: no such folder (give a device's state or data folder)")
@@ -653,9 +654,10 @@ def device_budget(folder: Path, user_delta: float) -> dict[str, Any]:
             "mechanism": mech,
         }
     local["epsilon_max"] = budget.epsilon_max
-    secure = interaction_budget.summary(state)
+    secure = interaction_budget.summary(state, delta)
     if secure is not None:
         # one unit (an interaction), two records: basic composition, epsilons and deltas add
+        # (the user-level rounds bound an interaction too; they are not in this sum)
         out["secure_interaction"] = secure
         out["per_interaction_total"] = {
             "epsilon": local["epsilon"] + secure["epsilon"],

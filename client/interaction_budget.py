@@ -2,35 +2,41 @@
 (``dp-noise = secure``: its noise share inside a SecAgg+ sum), across runs.
 
 Kept in ``<state>/interaction-secure-budget.json`` beside ``privacy-budget.json`` (local DP)
-and ``user-level-budget.json`` (a user-level unit, never mixed with this one)::
+and ``user-level-budget.json`` (a user-level unit)::
 
-    {"delta": 1e-05, "releases": [{"run": 7, "round": 1, "mu_total": ..., "l1": ..., "l2": ...,
-                                   "risk": ...}, ...]}
+    {"releases": [{"run": 7, "round": 1, "mu_total": ..., "l1": ..., "l2": ..., "risk": ...}]}
 
 One entry per (run, round) the device sent a masked input in, written BEFORE it trains
 (:func:`charge_round`), so a crash can only over-count. The entry holds the round's a-priori
 noise from the run's plan (:func:`~fedrec.shared.privacy.secure_interaction.plan_interaction`,
-which the device recomputes from the run config: the minimum survivors, the colluders and the
-device's own share taken out, never the server's report of who survived), the integer
-sensitivities of the released sum, and the round's share of the run's collusion risk
-(``collusion_risk / num_rounds``).
+which the device recomputes from the run config and whose noise it checked the server's
+request against: the minimum survivors, the colluders and the device's own share taken out,
+never the server's report of who survived), the integer sensitivities of the released sum, and
+the round's share of the run's collusion risk (``collusion_risk / num_rounds``).
 
 Its epsilon (:func:`record_epsilon`) composes the entries at the RDP level, the larger of
-Theorem 3.5's bound and the numerically computed curves at ``delta`` minus the risks: exactly
-what a run's statement claims for ``num-rounds`` rounds of one plan, and it keeps counting
-across runs. Every entry is for the same unit, one interaction (the group of windows an
-interaction moves is inside each run's sensitivity), so entries of runs with other settings
-add up directly.
+Theorem 3.5's bound and the numerically computed curves, at a delta minus the entries' risks.
+The delta is the device's own ``delta-max`` (required for this mode on a device: a cap read at
+a delta the server picks would be none); entries hold no delta, so runs at any delta up to
+``delta-max`` compose. For the ``num-rounds`` rounds of one run at ``delta-max`` this is the
+plan's a-priori epsilon, at least what the run's statement claims (which counts the noise
+shares its released rounds had, and only released rounds). Every entry is for the same unit,
+one interaction (the group of windows an interaction moves is inside each run's sensitivity;
+the unit's exception, an interaction that is its user's only training interaction, depends on
+each run's split, so the cross-run figure covers the interactions every run covered), and
+entries of runs with other settings add up directly.
 
 Against the local-DP history (``privacy-budget.json``) there is no common RDP curve (fedrec
 converts its group and replace-one accounting at the (epsilon, delta) level, and PLD and PRV
 have no curve), so the two compose by basic composition: the device's per-interaction
-spending is ``(eps_local + eps_secure, delta_local + delta_secure)``. One cap bounds the sum:
-the node's ``epsilon-max``, else the cap stored in ``privacy-budget.json``, else the first
-run's ``epsilon`` (stored there, as a local-DP round stores it). Both files are changed under
-the lock of ``privacy-budget.json`` (:func:`fedrec.client.budget._locked`), so a local-DP
-round and a secure round on one device at the same time neither lose a charge nor pass the cap
-together (Linux and macOS; on Windows there is no ``fcntl`` and no lock).
+spending in these two kinds of round is ``(eps_local + eps_secure, delta_local +
+delta-max)``. The user-level rounds a device joined (``user-level-budget.json``) bound each
+interaction too and are not in that sum. One cap bounds it: the node's ``epsilon-max``, else
+the cap stored in ``privacy-budget.json``, else the first run's ``epsilon`` (stored there, as
+a local-DP round stores it). Both files are changed under the lock of ``privacy-budget.json``
+(:func:`fedrec.client.budget._locked`), so a local-DP round and a secure round on one device at
+the same time neither lose a charge nor pass the cap together (Linux and macOS; on Windows
+there is no ``fcntl`` and no lock).
 """
 
 from __future__ import annotations
@@ -121,21 +127,17 @@ def parse_entry(e: Any) -> dict[str, Any]:
     return out
 
 
-def load(path: Path) -> tuple[float | None, list[dict[str, Any]]]:
-    """``(delta, entries)`` of the record at ``path``; ``(None, [])`` when there is none.
-    ValueError for a file that cannot be read or could under-count (a lost record would
-    restart the device's epsilon from zero)."""
+def load(path: Path) -> list[dict[str, Any]]:
+    """The entries of the record at ``path`` (none when there is no file). ValueError for a
+    file that cannot be read or could under-count (a lost record would restart the device's
+    epsilon from zero)."""
     if not path.exists():
-        return None, []
+        return []
     try:
         raw = json.loads(path.read_text())
         if not isinstance(raw, dict):
             raise TypeError(f"the file holds a JSON {_json_type(raw)}, not an object")
-        delta, releases = raw["delta"], raw["releases"]
-        if isinstance(delta, bool) or not isinstance(delta, (int, float)):
-            raise TypeError(f"'delta' is a JSON {_json_type(delta)}, not a number")
-        if not (0 < delta < 1):
-            raise ValueError(f"delta {delta} is not in (0, 1)")
+        releases = raw["releases"]
         if not isinstance(releases, list):
             raise TypeError(f"'releases' is a JSON {_json_type(releases)}, not an array")
         entries = [parse_entry(e) for e in releases]
@@ -148,7 +150,7 @@ def load(path: Path) -> tuple[float | None, list[dict[str, Any]]]:
             "train: a lost record would restart the device's epsilon from zero. Restore it "
             "from a backup."
         ) from None
-    return float(delta), entries
+    return entries
 
 
 def record_epsilon(entries: list[dict[str, Any]], delta: float) -> float:
@@ -156,24 +158,38 @@ def record_epsilon(entries: list[dict[str, Any]], delta: float) -> float:
     return composed_record_epsilon(entries, delta)
 
 
-def spent(state: Path) -> float:
-    """This device's secure per-interaction epsilon at its record's delta (0 without a record),
+def node_delta(node: Any) -> float:
+    """The delta a device reads its record at: its node config's ``delta-max``. Required: a cap
+    read at a delta the server picks (a run's delta) would be no cap, since a larger delta
+    gives a smaller epsilon. ValueError saying what to fix otherwise."""
+    delta = node_number(node, "delta-max", below=1.0)
+    if delta is None:
+        raise ValueError(
+            "this device's node config has no delta-max: per-interaction DP without a trusted "
+            "server (dp-noise=secure) keeps a record across runs whose cap is read at the "
+            'device\'s own delta. Start the SuperNode with --node-config "... delta-max=1e-5"'
+        )
+    return delta
+
+
+def spent(state: Path, node: Any) -> float:
+    """This device's secure per-interaction epsilon at its ``delta-max`` (0 without entries),
     for a local-DP round's cap check, which reads it under the lock of ``privacy-budget.json``.
     Errors as :func:`quiet` gives them (the record's path never reaches the server)."""
     with quiet():
-        delta, entries = load(state / FILE)
-        return 0.0 if delta is None else record_epsilon(entries, delta)
+        entries = load(state / FILE)
+        return record_epsilon(entries, node_delta(node)) if entries else 0.0
 
 
 def charge_round(node: Any, state: Path, cfg: Any, plan: Any, run: int, rnd: int) -> None:
     """Before a device trains in round ``rnd`` of run ``run`` under ``dp-noise = secure``:
-    refuse the round, writing nothing, if the record has another delta, an entry for this
-    (run, round), or ``num-rounds`` entries of this run already, or if the device's
-    local-DP epsilon plus the record's with this round would pass its cap; otherwise add the
-    round's entry durably (and store the cap in ``privacy-budget.json`` if it keeps none).
-    ``plan`` is the device's own :class:`InteractionPlan` for the request it checked.
-    Errors reach the server as :data:`INTERACTION_CAP_REFUSAL` or
-    :data:`INTERACTION_RECORD_FAILURE`."""
+    refuse the round, writing nothing, if the record holds this (run, round) or ``num-rounds``
+    rounds of this run already, or if the device's local-DP epsilon plus the record's with
+    this round (at the node's ``delta-max``) would pass its cap; otherwise keep the cap in
+    ``privacy-budget.json`` if it keeps none (before the entry: a crash in between must not
+    leave a record without its cap) and add the round's entry durably. ``plan`` is the
+    device's own :class:`InteractionPlan` for the request it checked. Errors reach the server
+    as :data:`INTERACTION_CAP_REFUSAL` or :data:`INTERACTION_RECORD_FAILURE`."""
     entry = {
         "run": int(run),
         "round": int(rnd),
@@ -185,15 +201,11 @@ def charge_round(node: Any, state: Path, cfg: Any, plan: Any, run: int, rnd: int
     local_path, path = state / "privacy-budget.json", state / FILE
     with quiet():
         parse_entry(entry)  # a bad plan is the run config's error, never recorded
+        delta = node_delta(node)
         node_cap = node_number(node, "epsilon-max")
         with _locked(local_path):
             local = FileStore(local_path).load()  # no second lock: this one is held
-            delta, entries = load(path)
-            if delta is not None and delta != cfg.delta:
-                raise ValueError(
-                    f"the record's releases are at delta {delta}, this run asks {cfg.delta}: "
-                    "one record composes at one delta"
-                )
+            entries = load(path)
             mine = [e for e in entries if e["run"] == entry["run"]]
             if any(e["round"] == entry["round"] for e in mine):
                 raise ValueError(f"run {run} round {rnd} is already recorded: not sent twice")
@@ -205,33 +217,31 @@ def charge_round(node: Any, state: Path, cfg: Any, plan: Any, run: int, rnd: int
             cap = node_cap if node_cap is not None else local.epsilon_max
             cap = cfg.epsilon if cap is None else cap
             before_local = local_epsilon(local)
-            after = record_epsilon([*entries, entry], cfg.delta)
-            if before_local + after > cap:
+            after = record_epsilon([*entries, entry], delta)
+            if not before_local + after <= cap:  # a NaN refuses
                 _log.warning(
-                    "per-interaction epsilon would reach %.4g (secure record %.4g at delta %g "
-                    "with this round, %d earlier rounds in %s; local DP %.4g) above the cap "
+                    "per-interaction epsilon would reach %.4g (secure record %.4g at delta-max "
+                    "%g with this round, %d earlier rounds in %s; local DP %.4g) above the cap "
                     "%g: round refused",
                     before_local + after,
                     after,
-                    cfg.delta,
+                    delta,
                     len(entries),
                     path,
                     before_local,
                     cap,
                 )
                 raise InteractionCapRefused
-            _write_durably(
-                path, {"delta": cfg.delta, "releases": [*entries, entry]}, ".interaction-"
-            )
             if local.epsilon_max != cap:  # one cap for the unit, as a local-DP round keeps it
                 FileStore(local_path).save(Budget(local.history, local.mechanism, cap))
+            _write_durably(path, {"releases": [*entries, entry]}, ".interaction-")
 
 
-def summary(state: Path) -> dict[str, Any] | None:
-    """``fedrec deploy budget``'s block for this record, or None without one."""
-    delta, entries = load(state / FILE)
-    if delta is None:
+def summary(state: Path, delta: float) -> dict[str, Any] | None:
+    """``fedrec deploy budget``'s block for this record at ``delta``, or None without one."""
+    if not (state / FILE).exists():
         return None
+    entries = load(state / FILE)
     return {
         "rounds": len(entries),
         "runs": len({e["run"] for e in entries}),

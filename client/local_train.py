@@ -47,6 +47,7 @@ What this does NOT protect is listed in the run's privacy statement
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import secrets
 import warnings
@@ -161,6 +162,16 @@ def batch_divisor(cfg: FedConfig, users: int) -> float:
     return max(1.0, cfg.client_sample_rate(users) * cfg.slots * max(1, users))
 
 
+_log = logging.getLogger(__name__)
+
+# A device's local-DP round refused by its cap (with its secure per-interaction record counted):
+# the figures go to its own log, not to the server.
+DEVICE_BUDGET_REFUSAL = (
+    "budget: this round would pass this device's per-interaction cap (the device's own log "
+    "says by how much)"
+)
+
+
 class _Refused(Exception):
     """A round the budget cannot take: why, the epsilon spent so far, the history it holds."""
 
@@ -267,11 +278,22 @@ def train_round(
         after = spent(cfg, with_release(with_steps(b.history, sigma, q, steps)))
         eps_after[:] = [after]
         other = spent_elsewhere() if spent_elsewhere is not None else 0.0
-        if after + other > limit:
+        if not after + other <= limit:  # a NaN refuses
             before = spent(cfg, b.history)
+            if spent_elsewhere is not None:
+                # a device: the reply carries its history, from which the server would read
+                # the other record's epsilon back out of a figure; the figures stay here
+                _log.warning(
+                    "local DP round refused: epsilon would reach %.4g (%.4g of it spent in "
+                    "secure rounds) > %g",
+                    after + other,
+                    other,
+                    limit,
+                )
+                return _Refused(DEVICE_BUDGET_REFUSAL, before, b.history)
             return _Refused(
-                f"budget: epsilon would reach {after + other:.3f} > {limit} "
-                f"(spent {before + other:.3f})",
+                f"budget: epsilon would reach {after:.3f} > {limit} "
+                f"(spent {before:.3f} at delta={cfg.delta})",
                 before,
                 b.history,
             )

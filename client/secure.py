@@ -262,10 +262,9 @@ def _check_clients(cfg: FedConfig, node: dict[str, Any], *, device: bool) -> Non
             '"federation-clients=N" (N the number of organisations in the federation, the '
             "run config's silos); refused"
         )
-    try:
-        count = int(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        count = None
+    count = raw if isinstance(raw, int) and not isinstance(raw, bool) else None
+    if isinstance(raw, str) and raw.strip().isdigit():  # a node config value given as text
+        count = int(raw)
     if count != cfg.silos:
         raise ValueError(
             f"secure aggregation: the server's run config says silos = {cfg.silos}, but this "

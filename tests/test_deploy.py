@@ -119,9 +119,11 @@ def deployment(tmp_path, synth_dir, tiny_backbone):
                     str(BIN / "flower-supernode"), "--superlink", f"127.0.0.1:{port}",
                     "--root-certificates", str(creds.ca_cert),
                     "--auth-supernode-private-key", str(creds.node_keys[name][0]),
-                    # federation-clients: read only by per-interaction secure rounds
+                    # federation-clients: read only by per-interaction secure rounds, which
+                    # need delta-max too (the runs here are at the default delta, 1e-5)
                     "--node-config",
-                    f"data-dir='{devices[i]}' client-id='{name}' federation-clients=3",
+                    f"data-dir='{devices[i]}' client-id='{name}' federation-clients=3 "
+                    "delta-max=1e-5",
                     "--port", str(free_port()),
                 ],
             )  # fmt: skip

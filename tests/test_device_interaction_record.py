@@ -15,6 +15,7 @@ import pytest
 
 from fedrec.client import interaction_budget as ib
 from fedrec.client.budget import Budget, FileStore, MemoryStore, local_epsilon
+from fedrec.client.local_train import DEVICE_BUDGET_REFUSAL
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.privacy.secure_interaction import (
     InteractionPlan,
@@ -41,7 +42,7 @@ def _plan(cfg: FedConfig, dim: int = 2000) -> InteractionPlan:
 
 
 def _node(**kw: object) -> dict:
-    return {"data-dir": "/nowhere", **kw}
+    return {"data-dir": "/nowhere", "delta-max": 1e-5, **kw}
 
 
 def _snapshot(state: Path) -> dict[str, bytes]:
@@ -67,9 +68,9 @@ def test_one_runs_rounds_compose_to_exactly_the_runs_claim(tmp_path, seed):
     seen = [0.0]
     for rnd in range(1, cfg.num_rounds + 1):
         ib.charge_round(node, tmp_path, cfg, p, run, rnd)
-        delta, entries = ib.load(tmp_path / ib.FILE)
-        assert delta == cfg.delta and len(entries) == rnd
-        seen.append(ib.record_epsilon(entries, delta))
+        entries = ib.load(tmp_path / ib.FILE)
+        assert len(entries) == rnd and entries[-1]["round"] == rnd
+        seen.append(ib.record_epsilon(entries, 1e-5))
         assert seen[-1] > seen[-2]
     claim = p.epsilon(releases=cfg.num_rounds)
     assert seen[-1] == pytest.approx(claim, rel=1e-9)
@@ -100,7 +101,7 @@ def test_another_runs_rounds_add_up_and_the_first_runs_epsilon_is_the_cap(tmp_pa
     for rnd in (1, 2, 3):
         ib.charge_round(_node(), tmp_path, cfg, p, 7, rnd)
     assert FileStore(tmp_path / "privacy-budget.json").load().epsilon_max == 2.0
-    first = ib.spent(tmp_path)
+    first = ib.spent(tmp_path, _node())
     assert first == pytest.approx(p.epsilon(releases=3), rel=1e-9)
     bigger = _cfg(epsilon=8.0, num_rounds=3)
     before = _snapshot(tmp_path)
@@ -111,13 +112,20 @@ def test_another_runs_rounds_add_up_and_the_first_runs_epsilon_is_the_cap(tmp_pa
     assert "above the cap 2" in caplog.text  # the figures stay in the device's log
     # the owner raises the cap: the second run's rounds compose with the first's
     ib.charge_round(_node(**{"epsilon-max": 20.0}), tmp_path, bigger, _plan(bigger), 8, 1)
-    _delta, entries = ib.load(tmp_path / ib.FILE)
+    entries = ib.load(tmp_path / ib.FILE)
     assert [(e["run"], e["round"]) for e in entries] == [(7, 1), (7, 2), (7, 3), (8, 1)]
-    assert ib.spent(tmp_path) > first
+    assert ib.spent(tmp_path, _node()) > first
+    # a run at a smaller delta composes too: the record is read at the device's delta-max
     other = _cfg(epsilon=8.0, num_rounds=3, delta=1e-6)
-    with pytest.raises(ValueError, match="cannot be read or written, or does not allow"):
-        ib.charge_round(_node(**{"epsilon-max": 20.0}), tmp_path, other, _plan(other), 9, 1)
-    assert "one record composes at one delta" in caplog.text
+    ib.charge_round(_node(**{"epsilon-max": 20.0}), tmp_path, other, _plan(other), 9, 1)
+    assert len(ib.load(tmp_path / ib.FILE)) == 5
+    # without delta-max the device cannot read its cap: refused, the server told a constant
+    no_delta = {"data-dir": "/nowhere", "epsilon-max": 20.0}
+    with pytest.raises(ValueError) as err:
+        ib.charge_round(no_delta, tmp_path, other, _plan(other), 9, 2)
+    assert str(err.value) == ib.INTERACTION_RECORD_FAILURE
+    assert "no delta-max" in caplog.text
+    assert len(ib.load(tmp_path / ib.FILE)) == 5
 
 
 def test_local_and_secure_spending_share_one_cap(tmp_path, ds, tiny_backbone):  # noqa: F811
@@ -161,16 +169,75 @@ def test_local_and_secure_spending_share_one_cap(tmp_path, ds, tiny_backbone):  
     other = tmp_path / "other"
     FileStore(other / "privacy-budget.json").save(local)
     ib.charge_round(_node(**{"epsilon-max": 1000.0}), other, cfg, p, 1, 1)
-    assert ib.spent(other) == pytest.approx(one)
+    assert ib.spent(other, _node()) == pytest.approx(one)
     cap = alone.epsilon + one / 2
     store = FileStore(other / "privacy-budget.json")
-    elsewhere = functools.partial(ib.spent, other)
+    elsewhere = functools.partial(ib.spent, other, _node())
     res = train_round(scorer, ex, local_cfg, store, seed=0, device_cap=cap,
                       spent_elsewhere=elsewhere)  # fmt: skip
-    assert not res.trained and res.reason.startswith("budget"), res.reason
+    # the reason reaches the server: a constant, not the figures (the history it also carries
+    # would give the secure record's epsilon back)
+    assert not res.trained and res.reason == DEVICE_BUDGET_REFUSAL, res.reason
     assert store.load().history == history  # nothing charged
     res = train_round(scorer, ex, local_cfg, store, seed=0, device_cap=cap)
     assert res.trained  # the same round without the secure record: within the cap
+
+
+def test_the_collusion_risk_is_spread_over_the_runs_rounds_and_comes_out_of_delta(tmp_path):
+    """A plan with a collusion risk (none of the presets has one; a stand-in plan here): each
+    entry carries risk / num-rounds, and the record is read at delta-max minus the entries'
+    risks, exactly the composition of the same releases at that smaller delta."""
+    from types import SimpleNamespace
+
+    from fedrec.shared.privacy import skellam
+
+    cfg = _cfg(epsilon=4.0, num_rounds=4)
+    p = _plan(cfg)
+    risky = SimpleNamespace(mu_total=p.mu_total, l1=p.l1, l2=p.l2, collusion_risk=4e-6)
+    for rnd in (1, 2, 3):
+        ib.charge_round(_node(**{"epsilon-max": 100.0}), tmp_path, cfg, risky, 1, rnd)
+    entries = ib.load(tmp_path / ib.FILE)
+    assert [e["risk"] for e in entries] == pytest.approx([1e-6] * 3)
+    rest = 1e-5 - 3e-6
+    want = max(
+        skellam.skellam_epsilon(p.mu_total, p.l1, p.l2, 3, rest),
+        skellam.skellam_epsilon_independent(p.mu_total, p.l2, 3, rest),
+    )
+    assert ib.spent(tmp_path, _node()) == pytest.approx(want, rel=1e-9)
+    assert ib.spent(tmp_path, _node()) > ib.record_epsilon([dict(e, risk=0.0) for e in entries],
+                                                           1e-5)  # fmt: skip
+    # risks that use up delta-max leave no finite bound: the cap refuses
+    ib.charge_round(_node(**{"epsilon-max": 100.0}), tmp_path, cfg, risky, 1, 4)
+    assert ib.spent(tmp_path, _node(**{"delta-max": 4e-6})) == float("inf")
+    with pytest.raises(ValueError) as err:
+        ib.charge_round(_node(**{"epsilon-max": 100.0, "delta-max": 4e-6}), tmp_path, cfg, risky,
+                        2, 1)  # fmt: skip
+    assert str(err.value) == ib.INTERACTION_CAP_REFUSAL
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_runs_of_different_plans_compose_within_their_separate_figures(tmp_path, seed):
+    """Two runs with other budgets, rounds and sizes on one device: the record is at least
+    each run's own figure and at most their sum (basic composition), and it does not depend on
+    the order the rounds were recorded in."""
+    rng = np.random.default_rng(seed)
+    a = _cfg(epsilon=float(rng.uniform(1, 8)), num_rounds=int(rng.integers(1, 6)),
+             silos=int(rng.integers(3, 12)))  # fmt: skip
+    b = _cfg(epsilon=float(rng.uniform(1, 8)), num_rounds=int(rng.integers(1, 6)),
+             silos=int(rng.integers(3, 12)), history_len=3)  # fmt: skip
+    pa, pb = _plan(a, int(rng.integers(100, 30_000))), _plan(b, int(rng.integers(100, 30_000)))
+    node = _node(**{"epsilon-max": 100.0})
+    for rnd in range(1, a.num_rounds + 1):
+        ib.charge_round(node, tmp_path / "ab", a, pa, 1, rnd)
+    for rnd in range(1, b.num_rounds + 1):
+        ib.charge_round(node, tmp_path / "ab", b, pb, 2, rnd)
+        ib.charge_round(node, tmp_path / "ba", b, pb, 2, rnd)
+    for rnd in range(1, a.num_rounds + 1):
+        ib.charge_round(node, tmp_path / "ba", a, pa, 1, rnd)
+    ea, eb = pa.epsilon(releases=a.num_rounds), pb.epsilon(releases=b.num_rounds)
+    both = ib.spent(tmp_path / "ab", node)
+    assert max(ea, eb) < both <= (ea + eb) * (1 + 1e-9)
+    assert ib.spent(tmp_path / "ba", node) == pytest.approx(both, rel=1e-12)
 
 
 def test_a_damaged_record_stops_the_device_and_two_runs_cannot_pass_the_cap_together(tmp_path):
@@ -187,20 +254,20 @@ def test_a_damaged_record_stops_the_device_and_two_runs_cannot_pass_the_cap_toge
         except ValueError as err:
             outcomes.append(str(err))
 
-    threads = [threading.Thread(target=charge, args=(r,)) for r in (1, 2, 3)]
+    threads = [threading.Thread(target=charge, args=(r,)) for r in (1, 2, 3)]  # three runs
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert sorted(outcomes) == ["ok", ib.INTERACTION_CAP_REFUSAL, ib.INTERACTION_CAP_REFUSAL]
-    assert len(ib.load(tmp_path / ib.FILE)[1]) == 1
+    assert len(ib.load(tmp_path / ib.FILE)) == 1
     assert not [x for x in tmp_path.iterdir() if x.name.startswith(".interaction-")]
     path = tmp_path / ib.FILE
     good = json.loads(path.read_text())
     for bad in (
         "{",
-        json.dumps({"releases": good["releases"]}),
-        json.dumps(good | {"delta": float("nan")}),
+        json.dumps({"releases": "none"}),
+        json.dumps(good | {"releases": [good["releases"][0] | {"mu_total": float("nan")}]}),
         json.dumps(good | {"releases": [good["releases"][0] | {"mu_total": 0}]}),
         json.dumps(good | {"releases": [good["releases"][0] | {"l2": -1.0}]}),
         json.dumps(good | {"releases": [good["releases"][0] | {"risk": 1.0}]}),
@@ -215,15 +282,17 @@ def test_a_damaged_record_stops_the_device_and_two_runs_cannot_pass_the_cap_toge
         assert str(err.value) == ib.INTERACTION_RECORD_FAILURE
         assert path.read_text() == bad
         with pytest.raises(ValueError) as err:
-            ib.spent(tmp_path)  # a local-DP round's cap check refuses too
+            ib.spent(tmp_path, node)  # a local-DP round's cap check refuses too
         assert str(err.value) == ib.INTERACTION_RECORD_FAILURE
 
 
 def test_a_device_runs_dp_noise_secure_only_in_a_secure_round(tmp_path):
     from fedrec.client.app import device_guard
 
-    node = {"data-dir": str(tmp_path)}
+    node = {"data-dir": str(tmp_path), "delta-max": 1e-5}
     device_guard(_cfg(), node, secure=True)  # the masked input: accepted
+    with pytest.raises(ValueError, match="no delta-max"):  # its cap needs its own delta
+        device_guard(_cfg(), {"data-dir": str(tmp_path)}, secure=True)
     with pytest.raises(ValueError, match="trains only under local DP"):
         device_guard(_cfg(), node, secure=False)  # a plain reply would carry no noise
     with pytest.raises(ValueError, match="delta-max"):
@@ -251,7 +320,7 @@ def test_a_device_records_its_secure_rounds_across_runs_and_refuses_at_its_cap(
     def devices(**kw: object) -> dict[int, dict]:
         return {
             part: {"data-dir": str(synth_dir), "state-dir": str(tmp_path / f"dev{part}"),
-                   "federation-clients": 3, "epsilon-max": cap, **kw}
+                   "federation-clients": 3, "epsilon-max": cap, "delta-max": cfg.delta, **kw}
             for part in (0, 1, 2)
         }  # fmt: skip
 
@@ -260,9 +329,9 @@ def test_a_device_records_its_secure_rounds_across_runs_and_refuses_at_its_cap(
         assert all(not r.has_error() for r in replies.values())  # type: ignore[attr-defined]
     for part in (0, 1, 2):
         state = tmp_path / f"dev{part}"
-        delta, entries = ib.load(state / ib.FILE)
+        entries = ib.load(state / ib.FILE)
         assert [(e["run"], e["round"]) for e in entries] == [(1, 1), (1, 2)]
-        assert ib.record_epsilon(entries, delta) == pytest.approx(p.epsilon(releases=2))
+        assert ib.record_epsilon(entries, cfg.delta) == pytest.approx(p.epsilon(releases=2))
         local = FileStore(state / "privacy-budget.json").load()
         assert local.history == [] and local.epsilon_max == cap
     with pytest.raises(ValueError) as err:  # run 2 would take the record past the cap
@@ -274,7 +343,7 @@ def test_a_device_records_its_secure_rounds_across_runs_and_refuses_at_its_cap(
     replies = _masked_round(
         cfg, cohort=3, parts=[0, 1, 2], devices=devices(**{"epsilon-max": 99}), run_id=2
     )
-    assert len(ib.load(tmp_path / "dev0" / ib.FILE)[1]) == 3
+    assert len(ib.load(tmp_path / "dev0" / ib.FILE)) == 3
     bare = devices()
     for n in bare.values():
         del n["federation-clients"]
@@ -283,7 +352,16 @@ def test_a_device_records_its_secure_rounds_across_runs_and_refuses_at_its_cap(
     with pytest.raises(ValueError, match="federation-clients is 4; refused"):
         _masked_round(cfg, cohort=3, parts=[0, 1, 2],
                       devices=devices(**{"federation-clients": 4}), run_id=3)  # fmt: skip
-    assert len(ib.load(tmp_path / "dev0" / ib.FILE)[1]) == 3  # nothing recorded for those
+    for bad in (True, 3.7, "three"):
+        with pytest.raises(ValueError, match="refused"):
+            _masked_round(cfg, cohort=3, parts=[0, 1, 2],
+                          devices=devices(**{"federation-clients": bad}), run_id=3)  # fmt: skip
+    without = devices()
+    for n in without.values():
+        del n["delta-max"]
+    with pytest.raises(ValueError, match="no delta-max"):  # the node config's fault: said so
+        _masked_round(cfg, cohort=3, parts=[0, 1, 2], devices=without, run_id=3)
+    assert len(ib.load(tmp_path / "dev0" / ib.FILE)) == 3  # nothing recorded for those
 
 
 def test_deploy_budget_prints_the_secure_record_and_the_sum(tmp_path):
