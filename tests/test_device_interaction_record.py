@@ -391,3 +391,30 @@ def test_deploy_budget_prints_the_secure_record_and_the_sum(tmp_path):
     (lone / "privacy-budget.json").unlink()
     r = fedrec("deploy", "budget", lone, "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["secure_interaction"]["rounds"] == 1
+
+
+def test_a_round_whose_training_fails_after_the_charge_stays_charged(
+    synth_dir, tiny_backbone, tmp_path, monkeypatch
+):
+    """When training fails on a device, it still sends a zero change with its noise share (a
+    release happens: no error reply) and the round stays in its record."""
+    from fedrec.client import app as client_app
+
+    from .test_secure_federation import _masked_round
+
+    cfg = _silos3(synth_dir, tiny_backbone, num_rounds=2)
+
+    def broken(*a: object, **k: object) -> object:
+        raise FloatingPointError("a non-finite update")
+
+    monkeypatch.setattr(client_app, "train_reply", broken)
+    devices = {
+        part: {"data-dir": str(synth_dir), "state-dir": str(tmp_path / f"dev{part}"),
+               "federation-clients": 3, "delta-max": cfg.delta}
+        for part in (0, 1, 2)
+    }  # fmt: skip
+    replies = _masked_round(cfg, cohort=3, parts=[0, 1, 2], devices=devices)
+    assert all(not r.has_error() for r in replies.values())  # type: ignore[attr-defined]
+    for part in (0, 1, 2):
+        entries = ib.load(tmp_path / f"dev{part}" / ib.FILE)
+        assert [(e["run"], e["round"]) for e in entries] == [(1, 1)]
