@@ -638,7 +638,6 @@ def _interrupted_simulation(out_dir: Path, rounds: int) -> NoReturn:
 
 # `deploy budget`'s default delta: the run config's own default (that module imports no torch)
 _USER_DELTA = _FedConfig.user_delta
-_DELTA = _FedConfig.delta
 
 _INTERRUPT_EXPLAINED = False  # set once a command has said what an interruption left behind
 
@@ -971,12 +970,12 @@ def deploy_budget(
         ),
     ] = _USER_DELTA,
     delta: Annotated[
-        float,
+        float | None,
         typer.Option(
-            help="delta for the per-interaction epsilon of the dp-noise=secure rounds: the "
-            "device's delta-max (default: the run config's delta default)."
+            help="delta for the per-interaction epsilon of the dp-noise=secure rounds "
+            "(default: the delta-max the device last charged such a round at)."
         ),
-    ] = _DELTA,
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """What this device has spent, from its own files: local DP-SGD (privacy-budget.json), its
@@ -985,7 +984,7 @@ def deploy_budget(
     from fedrec.client.budget import device_budget
 
     for name, d in (("--user-delta", user_delta), ("--delta", delta)):
-        if not 0 < d < 1:
+        if d is not None and not 0 < d < 1:
             _fail(f"{name} {d} must be in (0, 1)", 2)
     try:
         b = device_budget(folder, user_delta, delta)
@@ -1013,8 +1012,7 @@ def deploy_budget(
             f"per-interaction DP in secure sums (dp-noise=secure): epsilon {sec['epsilon']:.4f} "
             f"at delta {sec['delta']:g} per interaction over the {sec['rounds']} round(s) of "
             f"{sec['runs']} run(s) this device sent a masked input in, across runs (each at its "
-            "plan's a-priori noise; pass --delta for the device's delta-max if it is not "
-            f"{delta:g})"
+            "plan's a-priori noise)"
         )
         print(
             f"per interaction, local and secure together (basic composition): epsilon "

@@ -159,7 +159,7 @@ def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
             "the server asked for a simulated attack (poison): a device never runs one"
         )
     if secure and cfg.dp and cfg.dp_noise == "secure":
-        interaction_budget.node_delta(node)  # its record's cap is read at the device's delta
+        interaction_budget.node_caps(node)  # the owner's cap and delta, never a run's
     delta_max = node_number(node, "delta-max", below=1.0)
     if delta_max is not None and cfg.delta > delta_max:
         raise ValueError(

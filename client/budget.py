@@ -624,11 +624,12 @@ def local_epsilon(budget: Budget) -> float:
     )
 
 
-def device_budget(folder: Path, user_delta: float, delta: float = 1e-5) -> dict[str, Any]:
+def device_budget(folder: Path, user_delta: float, delta: float | None = None) -> dict[str, Any]:
     """What a device has spent, from its own files (``fedrec deploy budget``): ``folder`` is
     its state folder, or its data folder holding ``fedrec-state/``; the per-interaction secure
-    record read at ``delta`` (the device's ``delta-max``), the user-level record at
-    ``user_delta``. ValueError when there is no such folder or a file is unreadable."""
+    record read at ``delta`` (None: the ``delta-max`` the device last charged a round at), the
+    user-level record at ``user_delta``. ValueError when there is no such folder or a file is
+    unreadable."""
     state = folder / "fedrec-state" if (folder / "fedrec-state").is_dir() else folder
     if not state.is_dir():
         raise ValueError(f"{folder}: no such folder (give a device's state or data folder)")

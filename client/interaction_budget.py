@@ -4,7 +4,8 @@
 Kept in ``<state>/interaction-secure-budget.json`` beside ``privacy-budget.json`` (local DP)
 and ``user-level-budget.json`` (a user-level unit)::
 
-    {"releases": [{"run": 7, "round": 1, "mu_total": ..., "l1": ..., "l2": ..., "risk": ...}]}
+    {"delta_max": 1e-05,
+     "releases": [{"run": 7, "round": 1, "mu_total": ..., "l1": ..., "l2": ..., "risk": ...}]}
 
 One entry per (run, round) the device sent a masked input in, written BEFORE it trains
 (:func:`charge_round`), so a crash can only over-count. The entry holds the round's a-priori
@@ -18,9 +19,11 @@ Its epsilon (:func:`record_epsilon`) composes the entries at the RDP level, the 
 Theorem 3.5's bound and the numerically computed curves, at a delta minus the entries' risks.
 The delta is the device's own ``delta-max`` (required for this mode on a device: a cap read at
 a delta the server picks would be none); entries hold no delta, so runs at any delta up to
-``delta-max`` compose. For the ``num-rounds`` rounds of one run at ``delta-max`` this is the
-plan's a-priori epsilon, at least what the run's statement claims (which counts the noise
-shares its released rounds had, and only released rounds). Every entry is for the same unit,
+``delta-max`` compose (``delta_max`` in the file is the one the last round was charged at, for
+``fedrec deploy budget``). For the ``num-rounds`` rounds of a run whose delta is ``delta-max``
+this is the plan's a-priori epsilon, at least what the run's statement claims (which counts
+the noise shares its released rounds had, and only released rounds); a run at a smaller delta
+is stated there at the larger ``delta-max``. Every entry is for the same unit,
 one interaction (the group of windows an interaction moves is inside each run's sensitivity;
 the unit's exception, an interaction that is its user's only training interaction, depends on
 each run's split, so the cross-run figure covers the interactions every run covered), and
@@ -31,9 +34,10 @@ converts its group and replace-one accounting at the (epsilon, delta) level, and
 have no curve), so the two compose by basic composition: the device's per-interaction
 spending in these two kinds of round is ``(eps_local + eps_secure, delta_local +
 delta-max)``. The user-level rounds a device joined (``user-level-budget.json``) bound each
-interaction too and are not in that sum. One cap bounds it: the node's ``epsilon-max``, else
-the cap stored in ``privacy-budget.json``, else the first run's ``epsilon`` (stored there, as
-a local-DP round stores it). Both files are changed under the lock of ``privacy-budget.json``
+interaction too and are not in that sum. One cap bounds it: the node's ``epsilon-max``
+(required for this mode, as ``delta-max`` is; kept in ``privacy-budget.json`` too, as a
+local-DP round keeps it). Once a record has entries, a local-DP round on the device needs
+``delta-max`` to read it. Both files are changed under the lock of ``privacy-budget.json``
 (:func:`fedrec.client.budget._locked`), so a local-DP round and a secure round on one device at
 the same time neither lose a charge nor pass the cap together (Linux and macOS; on Windows
 there is no ``fcntl`` and no lock).
@@ -92,7 +96,7 @@ def quiet() -> Iterator[None]:
         yield
     except InteractionCapRefused:
         raise
-    except (ValueError, OSError) as err:
+    except Exception as err:  # any text of these could name the record or its figures
         _log.warning("per-interaction privacy record: %s: %s", type(err).__name__, err)
         raise ValueError(INTERACTION_RECORD_FAILURE) from None
 
@@ -158,6 +162,37 @@ def record_epsilon(entries: list[dict[str, Any]], delta: float) -> float:
     return composed_record_epsilon(entries, delta)
 
 
+def recorded_delta(path: Path) -> float | None:
+    """The ``delta-max`` the device last charged a round at (kept in the record for
+    ``fedrec deploy budget``; the device itself always reads its node config), or None."""
+    if not path.exists():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        d = raw.get("delta_max") if isinstance(raw, dict) else None
+    except (OSError, ValueError):
+        return None  # load() says what is wrong with the file
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d < 1:
+        return None
+    return float(d)
+
+
+def node_caps(node: Any) -> tuple[float, float]:
+    """``(epsilon-max, delta-max)`` from a device's node config, both required for this mode:
+    a cap the server could set (a run's epsilon or delta) would be none. ValueError saying
+    what to fix otherwise."""
+    delta = node_delta(node)
+    cap = node_number(node, "epsilon-max")
+    if cap is None:
+        raise ValueError(
+            "this device's node config has no epsilon-max: per-interaction DP without a "
+            "trusted server (dp-noise=secure) caps the device's record across runs at the "
+            "owner's epsilon, not at one a run's config sets. Start the SuperNode with "
+            '--node-config "... epsilon-max=8 delta-max=1e-5"'
+        )
+    return cap, delta
+
+
 def node_delta(node: Any) -> float:
     """The delta a device reads its record at: its node config's ``delta-max``. Required: a cap
     read at a delta the server picks (a run's delta) would be no cap, since a larger delta
@@ -185,9 +220,9 @@ def charge_round(node: Any, state: Path, cfg: Any, plan: Any, run: int, rnd: int
     """Before a device trains in round ``rnd`` of run ``run`` under ``dp-noise = secure``:
     refuse the round, writing nothing, if the record holds this (run, round) or ``num-rounds``
     rounds of this run already, or if the device's local-DP epsilon plus the record's with
-    this round (at the node's ``delta-max``) would pass its cap; otherwise keep the cap in
-    ``privacy-budget.json`` if it keeps none (before the entry: a crash in between must not
-    leave a record without its cap) and add the round's entry durably. ``plan`` is the
+    this round (at the node's ``delta-max``) would pass the node's ``epsilon-max``; otherwise
+    keep that cap in ``privacy-budget.json`` (as a local-DP round keeps it; before the entry)
+    and add the round's entry durably. ``plan`` is the
     device's own :class:`InteractionPlan` for the request it checked. Errors reach the server
     as :data:`INTERACTION_CAP_REFUSAL` or :data:`INTERACTION_RECORD_FAILURE`."""
     entry = {
@@ -201,8 +236,7 @@ def charge_round(node: Any, state: Path, cfg: Any, plan: Any, run: int, rnd: int
     local_path, path = state / "privacy-budget.json", state / FILE
     with quiet():
         parse_entry(entry)  # a bad plan is the run config's error, never recorded
-        delta = node_delta(node)
-        node_cap = node_number(node, "epsilon-max")
+        cap, delta = node_caps(node)
         with _locked(local_path):
             local = FileStore(local_path).load()  # no second lock: this one is held
             entries = load(path)
@@ -214,8 +248,6 @@ def charge_round(node: Any, state: Path, cfg: Any, plan: Any, run: int, rnd: int
                     f"run {run} has {len(mine)} recorded rounds, its noise is planned for "
                     f"num-rounds = {cfg.num_rounds}"
                 )
-            cap = node_cap if node_cap is not None else local.epsilon_max
-            cap = cfg.epsilon if cap is None else cap
             before_local = local_epsilon(local)
             after = record_epsilon([*entries, entry], delta)
             if not before_local + after <= cap:  # a NaN refuses
@@ -232,16 +264,26 @@ def charge_round(node: Any, state: Path, cfg: Any, plan: Any, run: int, rnd: int
                     cap,
                 )
                 raise InteractionCapRefused
-            if local.epsilon_max != cap:  # one cap for the unit, as a local-DP round keeps it
+            if local.epsilon_max != cap:  # the owner's cap, kept as a local-DP round keeps it
                 FileStore(local_path).save(Budget(local.history, local.mechanism, cap))
-            _write_durably(path, {"releases": [*entries, entry]}, ".interaction-")
+            _write_durably(
+                path, {"delta_max": delta, "releases": [*entries, entry]}, ".interaction-"
+            )
 
 
-def summary(state: Path, delta: float) -> dict[str, Any] | None:
-    """``fedrec deploy budget``'s block for this record at ``delta``, or None without one."""
+def summary(state: Path, delta: float | None) -> dict[str, Any] | None:
+    """``fedrec deploy budget``'s block for this record at ``delta`` (None: the delta-max the
+    device last charged a round at), or None without a record."""
     if not (state / FILE).exists():
         return None
     entries = load(state / FILE)
+    if delta is None:
+        delta = recorded_delta(state / FILE)
+    if delta is None:
+        raise ValueError(
+            f"{state / FILE} does not say the device's delta-max: pass --delta (its node "
+            "config's delta-max)"
+        )
     return {
         "rounds": len(entries),
         "runs": len({e["run"] for e in entries}),

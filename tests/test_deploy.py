@@ -120,10 +120,11 @@ def deployment(tmp_path, synth_dir, tiny_backbone):
                     "--root-certificates", str(creds.ca_cert),
                     "--auth-supernode-private-key", str(creds.node_keys[name][0]),
                     # federation-clients: read only by per-interaction secure rounds, which
-                    # need delta-max too (the runs here are at the default delta, 1e-5)
+                    # need the owner's epsilon-max and delta-max too (the runs here are at the
+                    # default delta, 1e-5, and below epsilon 8)
                     "--node-config",
                     f"data-dir='{devices[i]}' client-id='{name}' federation-clients=3 "
-                    "delta-max=1e-5",
+                    "delta-max=1e-5 epsilon-max=8",
                     "--port", str(free_port()),
                 ],
             )  # fmt: skip
@@ -372,7 +373,7 @@ def test_per_interaction_secure_rounds_on_devices_are_recorded_and_audited(
         assert got["secure_interaction"]["rounds"] == 2 and got["secure_interaction"]["runs"] == 1
         assert got["secure_interaction"]["epsilon"] >= si["epsilon"] * (1 - 1e-9)
         assert got["local_dp"]["steps"] == 0  # the Gaussian step is not the device's history
-        assert got["local_dp"]["epsilon_max"] == 8.0  # the first run's budget is the cap
+        assert got["local_dp"]["epsilon_max"] == 8.0  # the owner's cap, kept
     # the same run again: its two rounds would take every record past the cap of 8
     again = root / "silo-secure-2"
     flwr_run(d, again, tiny_backbone, synth_dir, rounds=2, extra=secure)

@@ -1,6 +1,7 @@
 """A device's record of its per-interaction secure rounds (``dp-noise=secure``;
 client/interaction_budget.py): one entry per (run, round) charged before training, composed at
-the RDP level to exactly a run's claim, capped together with the local DP-SGD history, and the
+the RDP level (for one run at delta-max: the plan's a-priori epsilon, at least the run's
+claim), capped together with the local DP-SGD history at the owner's epsilon-max, and the
 ClientApp's masked-input stage on a device that keeps it."""
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _plan(cfg: FedConfig, dim: int = 2000) -> InteractionPlan:
 
 
 def _node(**kw: object) -> dict:
-    return {"data-dir": "/nowhere", "delta-max": 1e-5, **kw}
+    return {"data-dir": "/nowhere", "delta-max": 1e-5, "epsilon-max": 100.0, **kw}
 
 
 def _snapshot(state: Path) -> dict[str, bytes]:
@@ -92,24 +93,25 @@ def test_one_runs_rounds_compose_to_exactly_the_runs_claim(tmp_path, seed):
     assert local.history == [] and local.epsilon_max == 1000.0
 
 
-def test_another_runs_rounds_add_up_and_the_first_runs_epsilon_is_the_cap(tmp_path, caplog):
-    """Without epsilon-max the first run's epsilon becomes the device's cap (kept in
-    privacy-budget.json): a second run, even one asking a larger epsilon, is refused before
-    its first round once the record is at the cap; another delta is refused too."""
+def test_another_runs_rounds_add_up_under_the_owners_cap(tmp_path, caplog):
+    """The owner's epsilon-max is the cap whatever a run asks (kept in privacy-budget.json):
+    a second run is refused before its first round once the record would pass it, and composes
+    with the first once the owner raises it; a run at a smaller delta composes too; a node
+    config without epsilon-max or delta-max is refused (the server could set either)."""
     cfg = _cfg(epsilon=2.0, num_rounds=3)
     p = _plan(cfg)
     for rnd in (1, 2, 3):
-        ib.charge_round(_node(), tmp_path, cfg, p, 7, rnd)
-    assert FileStore(tmp_path / "privacy-budget.json").load().epsilon_max == 2.0
+        ib.charge_round(_node(**{"epsilon-max": 2.5}), tmp_path, cfg, p, 7, rnd)
+    assert FileStore(tmp_path / "privacy-budget.json").load().epsilon_max == 2.5
     first = ib.spent(tmp_path, _node())
     assert first == pytest.approx(p.epsilon(releases=3), rel=1e-9)
     bigger = _cfg(epsilon=8.0, num_rounds=3)
     before = _snapshot(tmp_path)
     with pytest.raises(ValueError) as err:
-        ib.charge_round(_node(), tmp_path, bigger, _plan(bigger), 8, 1)
+        ib.charge_round(_node(**{"epsilon-max": 2.5}), tmp_path, bigger, _plan(bigger), 8, 1)
     assert str(err.value) == ib.INTERACTION_CAP_REFUSAL
     assert _snapshot(tmp_path) == before
-    assert "above the cap 2" in caplog.text  # the figures stay in the device's log
+    assert "above the cap 2.5" in caplog.text  # the figures stay in the device's log
     # the owner raises the cap: the second run's rounds compose with the first's
     ib.charge_round(_node(**{"epsilon-max": 20.0}), tmp_path, bigger, _plan(bigger), 8, 1)
     entries = ib.load(tmp_path / ib.FILE)
@@ -125,6 +127,11 @@ def test_another_runs_rounds_add_up_and_the_first_runs_epsilon_is_the_cap(tmp_pa
         ib.charge_round(no_delta, tmp_path, other, _plan(other), 9, 2)
     assert str(err.value) == ib.INTERACTION_RECORD_FAILURE
     assert "no delta-max" in caplog.text
+    with pytest.raises(ValueError) as err:
+        ib.charge_round({"data-dir": "/nowhere", "delta-max": 1e-5}, tmp_path, other,
+                        _plan(other), 9, 2)  # fmt: skip
+    assert str(err.value) == ib.INTERACTION_RECORD_FAILURE
+    assert "no epsilon-max" in caplog.text
     assert len(ib.load(tmp_path / ib.FILE)) == 5
 
 
@@ -289,10 +296,12 @@ def test_a_damaged_record_stops_the_device_and_two_runs_cannot_pass_the_cap_toge
 def test_a_device_runs_dp_noise_secure_only_in_a_secure_round(tmp_path):
     from fedrec.client.app import device_guard
 
-    node = {"data-dir": str(tmp_path), "delta-max": 1e-5}
+    node = {"data-dir": str(tmp_path), "delta-max": 1e-5, "epsilon-max": 8.0}
     device_guard(_cfg(), node, secure=True)  # the masked input: accepted
     with pytest.raises(ValueError, match="no delta-max"):  # its cap needs its own delta
-        device_guard(_cfg(), {"data-dir": str(tmp_path)}, secure=True)
+        device_guard(_cfg(), {"data-dir": str(tmp_path), "epsilon-max": 8.0}, secure=True)
+    with pytest.raises(ValueError, match="no epsilon-max"):  # and its own epsilon
+        device_guard(_cfg(), {"data-dir": str(tmp_path), "delta-max": 1e-5}, secure=True)
     with pytest.raises(ValueError, match="trains only under local DP"):
         device_guard(_cfg(), node, secure=False)  # a plain reply would carry no noise
     with pytest.raises(ValueError, match="delta-max"):
@@ -373,15 +382,22 @@ def test_deploy_budget_prints_the_secure_record_and_the_sum(tmp_path):
     mech = {"accountant": "rdp", "adjacency": "add-remove", "group_size": 1, "delta": 1e-5}
     FileStore(state / "privacy-budget.json").save(Budget([(1.1, 0.02, 40)], mech, 8.0))
     for rnd in (1, 2):
-        ib.charge_round(_node(), state, cfg, p, 5, rnd)
+        ib.charge_round(_node(**{"epsilon-max": 8.0, "delta-max": 2e-5}), state, cfg, p, 5, rnd)
     r = fedrec("deploy", "budget", tmp_path / "data", "--json")
     assert r.returncode == 0, r.stderr
     b = json.loads(r.stdout)
     sec, tot = b["secure_interaction"], b["per_interaction_total"]
-    assert sec["rounds"] == 2 and sec["runs"] == 1 and sec["delta"] == cfg.delta
-    assert sec["epsilon"] == pytest.approx(p.epsilon(releases=2), rel=1e-9)
+    # read at the delta-max the device charged the rounds at (2e-5), not the run's 1e-5
+    assert sec["rounds"] == 2 and sec["runs"] == 1 and sec["delta"] == 2e-5
+    assert sec["epsilon"] == pytest.approx(ib.spent(state, _node(**{"delta-max": 2e-5})))
+    assert sec["epsilon"] < p.epsilon(releases=2)  # the larger delta, the smaller epsilon
     assert tot["epsilon"] == pytest.approx(b["local_dp"]["epsilon"] + sec["epsilon"])
-    assert tot["delta"] == pytest.approx(1e-5 + cfg.delta) and tot["epsilon_max"] == 8.0
+    assert tot["delta"] == pytest.approx(1e-5 + 2e-5) and tot["epsilon_max"] == 8.0
+    r = fedrec("deploy", "budget", state, "--json", "--delta", "1e-5")
+    at_run_delta = json.loads(r.stdout)["secure_interaction"]
+    assert at_run_delta["epsilon"] == pytest.approx(p.epsilon(releases=2), rel=1e-9)
+    r = fedrec("deploy", "budget", state, "--delta", "2")
+    assert r.returncode == 2 and "--delta 2" in r.stderr and "Traceback" not in r.stderr
     r = fedrec("deploy", "budget", state)
     assert r.returncode == 0 and "2 round(s) of 1 run(s)" in r.stdout
     assert f"{tot['epsilon']:.4f}" in r.stdout
@@ -410,7 +426,7 @@ def test_a_round_whose_training_fails_after_the_charge_stays_charged(
     monkeypatch.setattr(client_app, "train_reply", broken)
     devices = {
         part: {"data-dir": str(synth_dir), "state-dir": str(tmp_path / f"dev{part}"),
-               "federation-clients": 3, "delta-max": cfg.delta}
+               "federation-clients": 3, "delta-max": cfg.delta, "epsilon-max": 8.0}
         for part in (0, 1, 2)
     }  # fmt: skip
     replies = _masked_round(cfg, cohort=3, parts=[0, 1, 2], devices=devices)
@@ -418,3 +434,22 @@ def test_a_round_whose_training_fails_after_the_charge_stays_charged(
     for part in (0, 1, 2):
         entries = ib.load(tmp_path / f"dev{part}" / ib.FILE)
         assert [(e["run"], e["round"]) for e in entries] == [(1, 1)]
+
+
+def test_the_cap_is_kept_before_the_entry_is_written(tmp_path, monkeypatch):
+    """A write of the record that fails leaves no entry and no temp file, and the owner's cap
+    is already in privacy-budget.json (a crash between the two can only leave the cap)."""
+    real = ib._write_durably
+
+    def failing(path, doc, prefix):  # noqa: ANN001, ANN202
+        if path.name == ib.FILE:
+            raise OSError("disk full")
+        return real(path, doc, prefix)
+
+    monkeypatch.setattr(ib, "_write_durably", failing)
+    cfg = _cfg()
+    with pytest.raises(ValueError) as err:
+        ib.charge_round(_node(**{"epsilon-max": 7.0}), tmp_path, cfg, _plan(cfg), 1, 1)
+    assert str(err.value) == ib.INTERACTION_RECORD_FAILURE
+    assert not (tmp_path / ib.FILE).exists()
+    assert FileStore(tmp_path / "privacy-budget.json").load().epsilon_max == 7.0

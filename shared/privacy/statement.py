@@ -120,8 +120,8 @@ def _secure_interaction(cfg: FedConfig, p: dict[str, Any]) -> str:
   A device instead records each round, before it trains, in its own
   interaction-secure-budget.json (the plan's a-priori noise, across runs, at most num-rounds
   rounds per run) and refuses a round that would take that record's epsilon at its own
-  delta-max plus its local DP-SGD epsilon past its cap; that lifetime figure stays on the
-  device (fedrec deploy budget), not in this statement, which is per run.
+  delta-max plus its local DP-SGD epsilon past its own epsilon-max; that lifetime figure stays
+  on the device (fedrec deploy budget), not in this statement, which is per run.
 - **epsilon = {si["epsilon"]:.4f} at delta = {cfg.delta}** per interaction, for every client,
   after {si["releases"]} released round(s) (budget {cfg.epsilon}, met by the calibration for
   rounds with only the minimum {sa["min_survivors"]} survivors). {si["accounting"]}. Noise
