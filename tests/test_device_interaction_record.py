@@ -51,7 +51,7 @@ def _snapshot(state: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_one_runs_rounds_compose_to_exactly_the_runs_claim(tmp_path, seed):
+def test_one_runs_rounds_compose_to_the_plans_epsilon_at_least_the_runs_claim(tmp_path, seed):
     """On random settings (budget, rounds, silos, dimension): charging every round of a run
     gives a record whose epsilon rises with every round, equals the plan's epsilon for
     num-rounds releases (what the run's statement claims with only the minimum survivors) and
