@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,7 @@ from fedrec.client.budget import (
     Budget,
     FileStore,
     _json_type,
+    _ledger_entry,
     _locked,
     _why,
     _write_durably,
@@ -114,18 +114,11 @@ def parse_entry(e: Any) -> dict[str, Any]:
     if not isinstance(e, dict):
         raise TypeError(f"release entry {e!r} is a JSON {_json_type(e)}, not an object")
     out: dict[str, Any] = {"run": _whole(e, "run"), "round": _whole(e, "round")}
-    for k in FIELDS:
-        v = e[k]
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"release entry field {k!r} is not a number: {v!r}")
-        out[k] = float(v)
-    vals = [out[k] for k in FIELDS]
-    if not all(math.isfinite(v) and v >= 0 for v in vals) or out["mu_total"] <= 0:
-        raise ValueError(f"entry {out} is not finite and positive")
+    # the Skellam fields as the user-level record checks them (every field present; the
+    # interaction record has no Gaussian entries, so the fields are passed alone)
+    out |= _ledger_entry({k: e[k] for k in FIELDS})
     if out["l2"] <= 0 or out["l1"] <= 0:
         raise ValueError(f"entry {out}: a sensitivity of 0 would make the release free")
-    if out["risk"] >= 1:
-        raise ValueError(f"entry {out}: risk {out['risk']} is not a probability below 1")
     if out["round"] < 1:
         raise ValueError(f"entry {out}: round {out['round']} is not >= 1")
     return out
