@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +74,60 @@ def split_run_config(raw: dict[str, Any]) -> tuple[FedConfig, dict[str, Any]]:
     return parse_run_config(raw), server
 
 
+class ModelAverage:
+    """The exponential moving average of the rounds' global models (``ema-decay``).
+
+    ``sum = decay * sum + (1 - decay) * state`` after each round, read as ``sum / (1 -
+    decay**rounds)`` (bias-corrected: the initial model, which no round trained, is left out).
+    Every global model it averages was released to the clients, so the average is
+    post-processing and costs no privacy."""
+
+    def __init__(self, decay: float) -> None:
+        self.decay, self.rounds = decay, 0
+        self.sum: dict[str, torch.Tensor] = {}
+
+    def update(self, state: Mapping[str, torch.Tensor]) -> None:
+        d = self.decay
+        self.sum = {
+            k: (self.sum[k] * d if k in self.sum else torch.zeros_like(v, dtype=torch.float64))
+            + (1 - d) * v.double()
+            for k, v in state.items()
+        }
+        self.rounds += 1
+
+    def value(self) -> dict[str, torch.Tensor]:
+        if not self.rounds:
+            raise ValueError("no round has been averaged yet")
+        weight = 1 - self.decay**self.rounds
+        return {k: (v / weight).float() for k, v in self.sum.items()}  # as travelling_state
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {**self.sum, "_rounds": torch.tensor(self.rounds)} if self.rounds else {}
+
+    def load(self, saved: Mapping[str, torch.Tensor]) -> None:
+        if not saved:
+            return
+        self.rounds = int(saved["_rounds"])
+        self.sum = {k: v for k, v in saved.items() if k != "_rounds"}
+
+
 def save_checkpoint(
-    run: Path, rnd: int, state: dict[str, torch.Tensor], opt_state: dict[str, torch.Tensor]
+    run: Path,
+    rnd: int,
+    state: dict[str, torch.Tensor],
+    opt_state: dict[str, torch.Tensor],
+    ema_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """``RUN/checkpoint/``: the global tensors (and the server optimizer's moments, ``opt.*``)
-    after round ``rnd``, replaced atomically."""
+    """``RUN/checkpoint/``: the global tensors (the server optimizer's moments, ``opt.*``, and
+    the model average, ``ema.*``) after round ``rnd``, replaced atomically."""
     ck = run / "checkpoint"
     ck.mkdir(parents=True, exist_ok=True)
     tmp = ck / f".global.{os.getpid()}.tmp"
-    both = {**state, **{f"opt.{k}": v for k, v in opt_state.items()}}
+    both = {
+        **state,
+        **{f"opt.{k}": v for k, v in opt_state.items()},
+        **{f"ema.{k}": v for k, v in (ema_state or {}).items()},
+    }
     save_file({k: v.contiguous() for k, v in both.items()}, str(tmp))
     os.replace(tmp, ck / "global.safetensors")
     tmp_json = ck / f".round.{os.getpid()}.tmp"
@@ -99,7 +144,15 @@ def load_checkpoint(
     rnd = int(json.loads((ck / "round.json").read_text())["round"])
     both = load_file(str(ck / "global.safetensors"))
     opt = {k[4:]: v for k, v in both.items() if k.startswith("opt.")}
-    return rnd, {k: v for k, v in both.items() if not k.startswith("opt.")}, opt
+    return rnd, {k: v for k, v in both.items() if not k.startswith(("opt.", "ema."))}, opt
+
+
+def load_checkpoint_average(run: Path) -> dict[str, torch.Tensor]:
+    """The model average's state in ``RUN/checkpoint/`` (empty if it holds none)."""
+    path = run / "checkpoint" / "global.safetensors"
+    if not path.is_file():
+        return {}
+    return {k[4:]: v for k, v in load_file(str(path)).items() if k.startswith("ema.")}
 
 
 def check_run_dir(run: Path, cfg: FedConfig, resume: bool) -> None:
@@ -165,9 +218,12 @@ def run_federation(
         check_prior_backbone(cfg.cold_prior_backbone)
     state = travelling_state(model)
     offset, opt_state = 0, dict[str, torch.Tensor]()
+    average = ModelAverage(cfg.ema_decay) if cfg.ema_decay > 0 else None
     check_run_dir(run, cfg, resume)
     if resume and (ck := load_checkpoint(run)) is not None:
         offset, state, opt_state = ck
+        if average is not None:
+            average.load(load_checkpoint_average(run))
         log.info("resuming after round %d from %s", offset, run / "checkpoint")
     # atomic: a run interrupted here leaves the old config.json or the new one, never half
     write_json(run / "config.json", {"command": "simulate", "federation": cfg.as_dict()})
@@ -181,14 +237,22 @@ def run_federation(
     def central_eval(rnd: int, arrays: ArrayRecord) -> MetricRecord | None:
         rnd += offset
         current = from_record(arrays)
-        load_travelling(model, current)
         if rnd > offset:
-            save_checkpoint(run, rnd, current, strategy.optimizer.state())
+            if average is not None and rnd > average.rounds:
+                average.update(current)
+            ema_state = average.state() if average is not None else None
+            save_checkpoint(run, rnd, current, strategy.optimizer.state(), ema_state)
         due = cfg.evaluate_every and (rnd % cfg.evaluate_every == 0 or rnd == cfg.num_rounds)
         if split.valid is None or not due:
             return None
+        entry: dict[str, Any] = {}
+        if average is not None and average.rounds:
+            load_travelling(model, average.value())
+            m = evaluate(ModelScorer(model, bank), split.valid, ks=(10,), with_auc=False)
+            entry = {"valid_NDCG@10_average": m["NDCG@10"]}
+        load_travelling(model, current)
         m = evaluate(ModelScorer(model, bank), split.valid, ks=(10,), with_auc=False)
-        trace[rnd] = {"valid_NDCG@10": m["NDCG@10"], "valid_HR@10": m["HR@10"]}
+        trace[rnd] = {"valid_NDCG@10": m["NDCG@10"], "valid_HR@10": m["HR@10"], **entry}
         on_round({"round": rnd, "valid_NDCG@10": m["NDCG@10"]})
         return MetricRecord({"valid-NDCG@10": m["NDCG@10"], "valid-HR@10": m["HR@10"]})
 
@@ -315,6 +379,19 @@ def run_federation(
         )
         if result.arrays is not None and len(result.arrays):
             load_travelling(model, from_record(result.arrays))
+    ema_info: dict[str, Any] | None = None
+    if average is not None and average.rounds:
+        # the last round's model, scored alone before the average replaces it (paired: the
+        # same run, the same noise)
+        last = ModelScorer(model, bank)
+        ema_info = {
+            "decay": cfg.ema_decay,
+            "rounds_averaged": average.rounds,
+            "last_round": {k: evaluate(last, es) for k, es in split.tests.items()},
+        }
+        if split.valid is not None:
+            ema_info["last_round"]["valid"] = evaluate(last, split.valid)
+        load_travelling(model, average.value())
     user_level = None
     privacy = None
     if interaction is not None and secure is not None:
@@ -346,6 +423,7 @@ def run_federation(
         seconds=time.perf_counter() - t0,
         user_level=user_level,
         privacy=privacy,
+        average=ema_info,
         segments=(
             strategy.segment_sum,
             strategy.segment_tables,

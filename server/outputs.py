@@ -90,6 +90,7 @@ def write_outputs(
     seconds: float,
     user_level: dict[str, Any] | None = None,
     privacy: dict[str, Any] | None = None,
+    average: dict[str, Any] | None = None,
     segments: tuple[np.ndarray | None, int, float | None, str, int] = (None, 0, None, "none", 0),
 ) -> dict[str, Any]:
     prior: dict[str, Any] | None = None
@@ -107,6 +108,8 @@ def write_outputs(
         "federated_evaluation": {str(k): v for k, v in federated.items()},
         "upload_bytes_per_client_round": upload_bytes,
     }
+    if average is not None:  # ema-decay: the scores above are the average's
+        result["model"]["average"] = average
     if prior is not None:
         result["model"]["cold_prior"] = prior
     if segment_info is not None:

@@ -167,6 +167,10 @@ class FedConfig:
     # the last round's server lr as a fraction of server-lr: < 1 decays it over num-rounds on
     # a cosine (round 1 at server-lr); 1 = constant
     server_lr_final: float = 1.0
+    # > 0: the released model is an exponential moving average of the rounds' global models
+    # (weight ema-decay per round, bias-corrected, the initial model left out); metrics.json
+    # also scores the last round's model. Post-processing of released models: no privacy cost
+    ema_decay: float = 0.0
     # --- local training ---
     local_steps: int = 8  # DP-SGD (or SGD) steps each sampled client takes per round
     local_opt: str = "sgd"  # the client's optimizer under DP-SGD's clipping and noise: sgd | adam
@@ -377,6 +381,7 @@ class FedConfig:
         )
         _need(0 < self.server_lr <= 10, "server-lr", self.server_lr, "(0, 10]")
         _need(0 < self.server_lr_final <= 1, "server-lr-final", self.server_lr_final, "(0, 1]")
+        _need(0 <= self.ema_decay < 1, "ema-decay", self.ema_decay, "[0, 1): 0 = off")
         _need(self.local_steps >= 1, "local-steps", self.local_steps, ">= 1")
         _need(
             self.dp_noise in ("client", "server", "secure"),

@@ -544,6 +544,12 @@ def _not_protected(cfg: FedConfig) -> str:
         if cfg.cold_prior > 0
         else ""
     )
+    if cfg.ema_decay > 0:
+        prior += (
+            f"- The model average (`ema-decay` = {cfg.ema_decay:g}): the released model is the "
+            "moving average of the\n  rounds' global models, each of which was released to the "
+            "clients: post-processing, under\n  the guarantees above.\n"
+        )
     partial = (
         "- Partial replies: a client whose reply is lost after it trained has spent budget that "
         "the\n  server's ledger misses; the client's own budget file has it.\n"
