@@ -123,7 +123,8 @@ def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
     change without noise, to a server trusted to add it), ``id-residual`` (the per-item table
     shows which items it trained on), ``use-profile`` (not covered by the per-interaction
     guarantee) and ``segment-prior`` (its table's row shows the users' profile segment); with
-    ``delta-max`` set it refuses a larger delta, with ``user-delta-max`` a larger user-level
+    ``delta-max`` set it refuses a larger delta, with ``secagg-colluders-min`` a secure round
+    whose noise assumes fewer colluding clients, with ``user-delta-max`` a larger user-level
     delta, with ``user-epsilon-max`` a trusted-server run whose user-level
     budget is larger (every round then also checks the device's own cross-run record, in
     :func:`train_reply` for a trusted-server round and in ``client.secure`` for a secure
@@ -160,6 +161,16 @@ def device_guard(cfg: FedConfig, node: Any, *, secure: bool = False) -> None:
         )
     if secure and cfg.dp and cfg.dp_noise == "secure":
         interaction_budget.node_caps(node)  # the owner's cap and delta, never a run's
+    # the trust assumption the noise is calibrated for: the server's run config states how many
+    # clients may collude with it (their noise shares are not counted); the owner's floor
+    colluders_min = node_number(node, "secagg-colluders-min", below=0.5)
+    if secure_dp and colluders_min is not None and cfg.secagg_colluders < colluders_min:
+        raise ValueError(
+            f"the server's run config assumes secagg-colluders={cfg.secagg_colluders:g} (the "
+            "fraction of clients whose noise shares are not counted), below this device's "
+            f"secagg-colluders-min={node['secagg-colluders-min']}: the noise would not cover "
+            "the collusion this device's owner assumes; refused"
+        )
     delta_max = node_number(node, "delta-max", below=1.0)
     if delta_max is not None and cfg.delta > delta_max:
         raise ValueError(

@@ -6,6 +6,7 @@ ClientApp's masked-input stage on a device that keeps it."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import threading
@@ -306,6 +307,34 @@ def test_a_device_runs_dp_noise_secure_only_in_a_secure_round(tmp_path):
         device_guard(_cfg(), node, secure=False)  # a plain reply would carry no noise
     with pytest.raises(ValueError, match="delta-max"):
         device_guard(_cfg(delta=1e-4), node | {"delta-max": 1e-5}, secure=True)
+
+
+def test_a_device_refuses_a_secure_round_that_assumes_fewer_colluders_than_its_floor(tmp_path):
+    """``secagg-colluders-min`` (node config): the owner's floor under the collusion the noise
+    is calibrated for, in both secure modes; a bad floor is a node-config error."""
+    from fedrec.client.app import device_guard
+
+    node = {"data-dir": str(tmp_path), "delta-max": 1e-5, "epsilon-max": 8.0}
+    user_level = FedConfig(dp=False, user_dp=True, secure_agg=True, user_clip=1.0)
+    for cfg in (_cfg(), user_level):
+        device_guard(cfg, node | {"secagg-colluders-min": "0.05"}, secure=True)  # equal: fine
+        for low in (0.0, 0.049):
+            with pytest.raises(ValueError, match="below this device's secagg-colluders-min"):
+                device_guard(
+                    dataclasses.replace(cfg, secagg_colluders=low),
+                    node | {"secagg-colluders-min": 0.05},
+                    secure=True,
+                )
+        device_guard(  # more colluders assumed: more noise per client, accepted
+            dataclasses.replace(cfg, secagg_colluders=0.2),
+            node | {"secagg-colluders-min": 0.05},
+            secure=True,
+        )
+    for bad in ("0.5", "x", "nan", "0", -0.1):
+        with pytest.raises(ValueError, match="node config secagg-colluders-min="):
+            device_guard(_cfg(), node | {"secagg-colluders-min": bad}, secure=True)
+    # in simulation (no data-dir) there is no device owner: the node config is not read
+    device_guard(_cfg(secagg_colluders=0.0), {"secagg-colluders-min": 0.3}, secure=True)
 
 
 def test_a_device_records_its_secure_rounds_across_runs_and_refuses_at_its_cap(
