@@ -482,3 +482,57 @@ def test_the_cap_is_kept_before_the_entry_is_written(tmp_path, monkeypatch):
     assert str(err.value) == ib.INTERACTION_RECORD_FAILURE
     assert not (tmp_path / ib.FILE).exists()
     assert FileStore(tmp_path / "privacy-budget.json").load().epsilon_max == 7.0
+
+
+def test_a_local_dp_round_through_the_client_app_counts_the_devices_secure_record(
+    synth_dir, tiny_backbone, tmp_path, monkeypatch
+):
+    """The ClientApp's plain train handler on a device (local DP-SGD, ``dp-noise=client``):
+    with a secure record that leaves less room under ``epsilon-max`` than the round needs, it
+    refuses with the constant reason and changes no file; a device without the record, under
+    the same cap, trains."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import fedrec.client.app as client_app
+    from fedrec.shared.federation import contract
+    from fedrec.shared.federation.data_and_model import dataset_and_split, model_for
+    from fedrec.shared.federation.params import to_record, travelling_state
+
+    local = FedConfig(
+        data=str(synth_dir), backbone=str(tiny_backbone), max_length=16, history_len=4,
+        local_steps=2, sample_rate=0.5, negatives=10, slots=6, lr=0.5, epsilon=8.0,
+        num_rounds=2,
+    )  # fmt: skip
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)  # messages are built inside a task
+    data, split = dataset_and_split(local.data, local.protocol, local.seed)
+    sent = to_record(travelling_state(model_for(local, data, split)))
+
+    def train(state: Path, cap: float) -> Message:
+        node = {"data-dir": str(synth_dir), "state-dir": str(state), "delta-max": 1e-5,
+                "epsilon-max": cap}  # fmt: skip
+        config = ConfigRecord({**local.to_flat(), "server-round": 1})
+        content = RecordDict({contract.ARRAYS: sent, contract.CONFIG: config})
+        ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+        return client_app.train(Message(content, dst_node_id=1, message_type="train"), ctx)
+
+    probe = train(tmp_path / "probe", 1000.0)  # what one local round spends on this data
+    assert contract.ARRAYS in probe.content, probe.content[contract.CLIENT]["reason"]
+    one_local = float(probe.content[contract.METRICS]["epsilon"])
+    assert 0 < one_local < 8
+    secure_cfg = _cfg()
+    p = _plan(secure_cfg)
+    with_record = tmp_path / "with-record"
+    for rnd in (1, 2):  # two secure rounds of another run, charged under a loose cap
+        ib.charge_round(_node(**{"epsilon-max": 1000.0}), with_record, secure_cfg, p, 7, rnd)
+    secure = ib.spent(with_record, _node())
+    assert secure > 0
+    cap = secure + one_local / 2  # room for half a local round on top of the record
+    before = _snapshot(with_record)
+    reply = train(with_record, cap)
+    assert contract.ARRAYS not in reply.content
+    assert reply.content[contract.CLIENT]["reason"] == DEVICE_BUDGET_REFUSAL
+    assert _snapshot(with_record) == before  # nothing charged, the record unchanged
+    fresh = train(tmp_path / "fresh", cap)  # the same cap without the record: within it
+    assert contract.ARRAYS in fresh.content, fresh.content[contract.CLIENT]["reason"]
