@@ -69,6 +69,24 @@ MASKED = "masked"  # the masked vector's key in a masked-input reply's ARRAYS re
 STAGES = ("secagg_setup", "secagg_share", "secagg_masked", "secagg_unmask")
 
 
+def masked_request(got: list[tuple[int, bytes]], p: SecurePlan | InteractionPlan) -> dict[str, Any]:
+    """The masked-input stage's request to one client: the share ciphertexts routed to it
+    (``got``: sender, ciphertext) and the encoding and noise the plan sets, which the client
+    checks against its own calibration (client/secure.py ``masked``)."""
+    enc = p.encoding
+    return {
+        "src": [s for s, _ in got],
+        "ct": [c for _, c in got],
+        "clip": enc.clip,
+        "scale": enc.scale,
+        "dim": enc.dim,
+        "cohort": p.cohort,
+        "clients": p.clients,
+        "beta": enc.beta,
+        "mu": p.mu_client,
+    }
+
+
 class SecureUserDP:
     """Runs fedrec's rounds as SecAgg+ rounds; the inner strategy keeps the rounds' records,
     the identity binding, the reply checks and the server optimizer."""
@@ -212,21 +230,7 @@ class SecureUserDP:
         record["commitments"] = len(commits)  # every sharer's seed commitment, to check b with
 
         # 3. masked input: the client trains, encodes with its noise share and masks
-        enc = p.encoding
-        masked_payload: dict[int, dict[str, Any]] = {}
-        for node in outgoing:
-            got = incoming.get(node, [])
-            masked_payload[node] = {
-                "src": [s for s, _ in got],
-                "ct": [c for _, c in got],
-                "clip": enc.clip,
-                "scale": enc.scale,
-                "dim": enc.dim,
-                "cohort": p.cohort,
-                "clients": p.clients,
-                "beta": enc.beta,
-                "mu": p.mu_client,
-            }
+        masked_payload = {node: masked_request(incoming.get(node, []), p) for node in outgoing}
         raw = self._exchange(
             grid, "secagg_masked", masked_payload, common, timeout, base=train_msgs, whole=True
         )

@@ -140,13 +140,6 @@ def run_app(
     t0 = time.perf_counter()
     with launch._term_as_exit(), tempfile.TemporaryDirectory(prefix="fedrec-bench-") as tmp:
         home = Path(tmp)
-        env["FLWR_HOME"] = str(home / "flwr-home")
-        port = launch._free_port()
-        (home / "flwr-home").mkdir()
-        (home / "flwr-home" / "config.toml").write_text(
-            '[superlink]\ndefault = "fedrec-sim"\n\n[superlink.fedrec-sim]\n'
-            f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-        )
         project = launch.app_project(home / "app", run_config)
         pyproject = project / "pyproject.toml"
         text = pyproject.read_text()
@@ -158,30 +151,8 @@ def run_app(
                 raise RuntimeError(f"launch.app_project no longer writes {old!r}")
             text = text.replace(old, new)
         pyproject.write_text(text)
-        link_log = home / "superlink.log"
-        nice = (
-            "import os, sys; os.nice(15); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
-        )
-        with link_log.open("ab") as f:
-            link = subprocess.Popen(
-                [
-                    sys.executable, "-c", nice, str(bindir / "flower-superlink"),
-                    "--insecure", "--simulation", "--isolation", "subprocess",
-                    "--disable-runtime-dependency-installation",
-                    "--host", "127.0.0.1", "--port", str(port),
-                ],
-                stdout=f, stderr=subprocess.STDOUT, env=env, cwd=home,
-                start_new_session=True,
-            )  # fmt: skip
+        link, _ = launch.start_local_superlink(home, env, bindir, startup_timeout)
         try:
-            deadline = time.monotonic() + startup_timeout
-            while "Uvicorn running" not in link_log.read_text(errors="replace"):
-                if link.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"the local Flower SuperLink did not start; its log:\n"
-                        f"{launch._tail(link_log)}"
-                    )
-                time.sleep(0.2)
             with flower_log.open("ab") as f:
                 run = subprocess.Popen(
                     [

@@ -130,7 +130,7 @@ def _secure_round(cfg: Any, clients: Any, rnd: int) -> dict[str, Any]:
     from flwr.app import ConfigRecord, Message, RecordDict
 
     from fedrec.client import secure as client_secure
-    from fedrec.server.secure_agg import SECAGG
+    from fedrec.server.secure_agg import SECAGG, masked_request
     from fedrec.shared.federation.secagg import SecAggServer
     from fedrec.shared.privacy.secure_interaction import plan_interaction
     from fedrec.simulations.bench_round import _payload, _wire
@@ -195,18 +195,7 @@ def _secure_round(cfg: Any, clients: Any, rnd: int) -> dict[str, Any]:
         server.check_share_reply(n, items)
         outgoing[n], commits[n] = items, rec["commit"]
     got = server.route(outgoing, commits).get(me, [])
-    request = {
-        "src": [s for s, _ in got],
-        "ct": [c for _, c in got],
-        "clip": enc.clip,
-        "scale": enc.scale,
-        "dim": enc.dim,
-        "cohort": p.cohort,
-        "clients": p.clients,
-        "beta": enc.beta,
-        "mu": p.mu_client,
-    }
-    stage("masked", me, request, base=True)
+    stage("masked", me, masked_request(got, p), base=True)  # the server's own request
     stage("unmask", me, {"survivors": group_ids, "dropped": []})
     for n in nodes:  # the round is over for the silos that were not timed too
         ctxs[n].state.pop(client_secure.STATE, None)

@@ -324,6 +324,50 @@ def check_ray_address(address: str) -> None:
     )
 
 
+def start_local_superlink(
+    home: Path, env: dict[str, str], bindir: Path, startup_timeout: float
+) -> tuple[subprocess.Popen, int]:
+    """A local SuperLink in simulation mode under ``home`` (insecure, 127.0.0.1, a free port,
+    at nice 15), with a Flower home that names it as the default: ``env["FLWR_HOME"]`` is set
+    for the ``flwr run`` that follows. Returns the process and its port once it listens;
+    RuntimeError with the end of its log (and nothing left running) if it does not start."""
+    env["FLWR_HOME"] = str(home / "flwr-home")
+    port = _free_port()
+    (home / "flwr-home").mkdir()
+    (home / "flwr-home" / "config.toml").write_text(
+        '[superlink]\ndefault = "fedrec-sim"\n\n[superlink.fedrec-sim]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+    link_log = home / "superlink.log"
+    # this interpreter runs Flower's scripts: a copied venv's scripts may name another one
+    nice = "import os, sys; os.nice(15); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    with link_log.open("ab") as f:
+        link = subprocess.Popen(
+            [
+                sys.executable, "-c", nice, str(bindir / "flower-superlink"),
+                "--insecure", "--simulation", "--isolation", "subprocess",
+                "--disable-runtime-dependency-installation",
+                "--host", "127.0.0.1", "--port", str(port),
+            ],
+            stdout=f, stderr=subprocess.STDOUT, env=env, cwd=home,
+            start_new_session=True,
+        )  # fmt: skip
+    try:  # stopped on any way out of here but success (a SIGTERM arrives as SystemExit)
+        deadline = time.monotonic() + startup_timeout
+        while "Uvicorn running" not in link_log.read_text(errors="replace"):
+            if link.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    "the local Flower SuperLink did not start"
+                    + (f" (exit code {link.returncode})" if link.poll() is not None else "")
+                    + f"; its log:\n{_tail(link_log)}"
+                )
+            time.sleep(0.2)
+    except BaseException:
+        _stop(link)
+        raise
+    return link, port
+
+
 def simulate(
     cfg: FedConfig,
     out: Path,
@@ -414,40 +458,9 @@ def simulate(
         sim += [f"init-args-num-cpus={cpus}", "init-args-num-gpus=0"]
     with _term_as_exit(), tempfile.TemporaryDirectory(prefix="fedrec-flwr-") as tmp:
         home = Path(tmp)
-        env["FLWR_HOME"] = str(home / "flwr-home")
-        port = _free_port()
-        (home / "flwr-home").mkdir()
-        (home / "flwr-home" / "config.toml").write_text(
-            '[superlink]\ndefault = "fedrec-sim"\n\n[superlink.fedrec-sim]\n'
-            f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-        )
         project = app_project(home / "app", run_config)
-        link_log = home / "superlink.log"
-        # this interpreter runs Flower's scripts: a copied venv's scripts may name another one
-        nice = (
-            "import os, sys; os.nice(15); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
-        )
-        with link_log.open("ab") as f:
-            link = subprocess.Popen(
-                [
-                    sys.executable, "-c", nice, str(bindir / "flower-superlink"),
-                    "--insecure", "--simulation", "--isolation", "subprocess",
-                    "--disable-runtime-dependency-installation",
-                    "--host", "127.0.0.1", "--port", str(port),
-                ],
-                stdout=f, stderr=subprocess.STDOUT, env=env, cwd=home,
-                start_new_session=True,
-            )  # fmt: skip
+        link, port = start_local_superlink(home, env, bindir, startup_timeout)
         try:
-            deadline = time.monotonic() + startup_timeout
-            while "Uvicorn running" not in link_log.read_text(errors="replace"):
-                if link.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        "the local Flower SuperLink did not start"
-                        + (f" (exit code {link.returncode})" if link.poll() is not None else "")
-                        + f"; its log:\n{_tail(link_log)}"
-                    )
-                time.sleep(0.2)
             with flower_log.open("ab") as f:
                 f.write(
                     f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}: flwr run on the local "
