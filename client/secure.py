@@ -160,7 +160,13 @@ def masked(msg: Message, context: Context) -> Message:
         # the run config comes from the server: its silos (the clients the plan counts, which
         # set the colluders and the noise per client) is checked against the engine's count in
         # simulation, and against the federation's size the device owner states on a device
-        _check_clients(cfg, context.node_config, device=device_state is not None)
+        _check_clients(
+            cfg.silos,
+            "the server's run config says silos =",
+            context.node_config,
+            device=device_state is not None,
+            why="per-interaction DP, the noise counted over every client of the federation",
+        )
     if interaction and rnd > cfg.num_rounds:  # the noise is calibrated for num-rounds releases
         raise ValueError(
             f"secure aggregation: round {rnd} of a run planned for num-rounds = "
@@ -188,6 +194,21 @@ def masked(msg: Message, context: Context) -> Message:
         raise ValueError(
             f"secure aggregation: the global model has {before.size} travelling coordinates, "
             f"the server expects {enc.dim}"
+        )
+    if (
+        not interaction
+        and device_state is not None
+        and "secagg-colluders-min" in context.node_config
+    ):
+        # user-level: the colluders counted are secagg-colluders of the population the server
+        # states; a floor on the fraction means nothing unless that population is the one the
+        # device's owner knows
+        _check_clients(
+            int(f["clients"]),
+            "the server's request counts",
+            context.node_config,
+            device=True,
+            why="secagg-colluders-min counts the colluders over it",
         )
     if interaction and device_state is not None:
         # charged to the device's own record before it trains, so before anything leaves it
@@ -247,28 +268,30 @@ def masked(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-def _check_clients(cfg: FedConfig, node: dict[str, Any], *, device: bool) -> None:
-    """The clients a per-interaction plan counts (``silos``) against the node's own count: the
-    engine's ``num-partitions`` in simulation, the owner's ``federation-clients`` on a device
-    (a server stating more clients than there are would count more honest noise shares than
-    the round has). ValueError saying what to fix otherwise."""
+def _check_clients(
+    stated: int, where: str, node: dict[str, Any], *, device: bool, why: str
+) -> None:
+    """The clients the server counts (``stated``: a per-interaction plan's ``silos``, or the
+    population a user-level request states) against the node's own count: the engine's
+    ``num-partitions`` in simulation, the owner's ``federation-clients`` on a device (a server
+    stating more clients than there are would count more honest noise shares than the round
+    has, and one stating fewer would count fewer colluders). ``where`` and ``why`` say, in the
+    error, what stated the number and why it matters. ValueError saying what to fix."""
     key = "federation-clients" if device else "num-partitions"
     raw = node.get(key)
     if device and raw is None:
         raise ValueError(
-            "secure aggregation: the server asks dp-noise=secure (per-interaction DP, the noise "
-            "counted over every client of the federation), but this device's node config does "
-            "not state the federation's size: start the SuperNode with --node-config "
-            '"federation-clients=N" (N the number of organisations in the federation, the '
-            "run config's silos); refused"
+            f"secure aggregation: the server asks a secure round ({why}), but this device's "
+            "node config does not state the federation's size: start the SuperNode with "
+            '--node-config "federation-clients=N" (N the number of clients in the federation: '
+            "organisations for the run config's silos, devices with one user each); refused"
         )
     count = raw if isinstance(raw, int) and not isinstance(raw, bool) else None
     if isinstance(raw, str) and raw.strip().isdigit():  # a node config value given as text
         count = int(raw)
-    if count != cfg.silos:
+    if count != stated:
         raise ValueError(
-            f"secure aggregation: the server's run config says silos = {cfg.silos}, but this "
-            f"node's {key} is {raw}; refused"
+            f"secure aggregation: {where} {stated}, but this node's {key} is {raw}; refused"
         )
 
 

@@ -521,7 +521,7 @@ def _secure_costs(
     from flwr.app import ConfigRecord, Message, RecordDict
 
     from fedrec.client import secure as client_secure
-    from fedrec.server.secure_agg import SECAGG
+    from fedrec.server.secure_agg import SECAGG, masked_request
     from fedrec.shared.privacy.distributed import plan as plan_secure
 
     p = plan_secure(scfg, c, dim, supernodes)
@@ -570,22 +570,7 @@ def _secure_costs(
     enc = p.encoding
     timed = nodes[: max(1, min(samples, len(nodes)))]  # masked and unmask: these nodes
     for n in timed:
-        stage(
-            "masked",
-            n,
-            {
-                "src": [s for s, _ in routed[n]],
-                "ct": [ct for _, ct in routed[n]],
-                "clip": enc.clip,
-                "scale": enc.scale,
-                "dim": enc.dim,
-                "cohort": p.cohort,
-                "clients": p.clients,
-                "beta": enc.beta,
-                "mu": p.mu_client,
-            },
-            base=True,
-        )
+        stage("masked", n, masked_request(routed[n], p), base=True)  # the server's request
     for n in timed:
         stage("unmask", n, {"survivors": nodes, "dropped": []})
     cts = [len(ct) for _, ct in routed[me]]

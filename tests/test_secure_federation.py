@@ -596,6 +596,54 @@ def test_a_device_reads_its_user_level_cap_at_its_own_delta(synth_dir, tiny_back
     assert len(UserLevelLedger(tmp_path / "dev0" / "user-level-budget.json").load()) == 1
 
 
+def test_a_device_floor_on_colluders_holds_in_a_user_level_secure_round(
+    synth_dir, tiny_backbone, tmp_path
+):
+    """``secagg-colluders-min`` through the masked-input stage of three user-level devices: a
+    run config assuming fewer colluders is refused, and so is a request whose population (over
+    which the colluders are counted) is not the ``federation-clients`` the owner states, or a
+    floor without that count; nothing is recorded for a refused round. A population below the
+    cohort is refused by every client."""
+    from fedrec.client.budget import UserLevelLedger
+    from fedrec.shared.federation.data_and_model import dataset_and_split, model_for
+    from fedrec.shared.federation.params import travelling_state
+    from fedrec.shared.privacy.distributed import plan
+
+    cfg = secure_cfg(synth_dir, tiny_backbone)
+    ds, split = dataset_and_split(cfg.data, cfg.protocol, cfg.seed)
+    dim = sum(t.numel() for t in travelling_state(model_for(cfg, ds, split)).values())
+    clients = plan(cfg, 3, dim, _population(cfg, 3)).clients
+
+    def devices(**kw: object) -> dict[int, dict]:
+        return {
+            part: {"data-dir": str(synth_dir), "state-dir": str(tmp_path / f"dev{part}"),
+                   "user-epsilon-max": 1000.0, "user-delta-max": cfg.user_delta,
+                   "secagg-colluders-min": cfg.secagg_colluders, "federation-clients": clients,
+                   **kw}
+            for part in (0, 1, 2)
+        }  # fmt: skip
+
+    ledger = UserLevelLedger(tmp_path / "dev0" / "user-level-budget.json")
+    replies = _masked_round(cfg, cohort=3, parts=[0, 1, 2], devices=devices())
+    assert all(not r.has_error() for r in replies.values())
+    assert len(ledger.load()) == 1
+    with pytest.raises(ValueError, match="below this device's secagg-colluders-min"):
+        floor = {"secagg-colluders-min": 2 * cfg.secagg_colluders}
+        _masked_round(cfg, cohort=3, parts=[0, 1, 2], devices=devices(**floor))
+    with pytest.raises(ValueError, match=f"federation-clients is {clients + 1}; refused"):
+        _masked_round(cfg, cohort=3, parts=[0, 1, 2],
+                      devices=devices(**{"federation-clients": clients + 1}))  # fmt: skip
+    bare = devices()
+    for node in bare.values():
+        del node["federation-clients"]
+    with pytest.raises(ValueError, match="federation-clients=N"):
+        _masked_round(cfg, cohort=3, parts=[0, 1, 2], devices=bare)
+    assert len(ledger.load()) == 1  # none of the refused rounds was recorded
+    # without a floor the population is the server's word, but never fewer than the cohort
+    with pytest.raises(ValueError, match="fewer than the cohort; refused"):
+        _masked_round(cfg, cohort=3, parts=[0, 1, 2], over={"masked": {"clients": 2}})
+
+
 def test_the_statements_name_the_server_optimizer_and_its_decay_only_when_it_decays():
     """The secure statement says how the server applies the noisy mean (it did not), and a
     one-round run, where the cosine schedule applies no decay, is not said to decay."""

@@ -255,6 +255,11 @@ def check_request(cfg: FedConfig, fields: dict[str, Any], threshold: int) -> Non
                 "number; refused"
             )
     assert isinstance(cohort, int) and isinstance(clients, int)
+    if clients < cohort:
+        raise ValueError(
+            f"secure aggregation: the server states a cohort of {cohort} drawn from {clients} "
+            "clients, fewer than the cohort; refused"
+        )
     if sample_size(cfg, clients) != cohort:
         raise ValueError(
             f"secure aggregation: the server states a cohort of {cohort} drawn from {clients} "
