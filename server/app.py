@@ -224,6 +224,12 @@ def run_federation(
         offset, state, opt_state = ck
         if average is not None:
             average.load(load_checkpoint_average(run))
+            if average.rounds != offset:  # resumed from a checkpoint without the average
+                raise ValueError(
+                    f"{run / 'checkpoint'} holds the model average of {average.rounds} rounds "
+                    f"but the global model of round {offset}: it was not written with "
+                    f"ema-decay={cfg.ema_decay}; start a new run instead of --resume"
+                )
         log.info("resuming after round %d from %s", offset, run / "checkpoint")
     # atomic: a run interrupted here leaves the old config.json or the new one, never half
     write_json(run / "config.json", {"command": "simulate", "federation": cfg.as_dict()})
@@ -381,17 +387,16 @@ def run_federation(
             load_travelling(model, from_record(result.arrays))
     ema_info: dict[str, Any] | None = None
     if average is not None and average.rounds:
-        # the last round's model, scored alone before the average replaces it (paired: the
-        # same run, the same noise)
-        last = ModelScorer(model, bank)
-        ema_info = {
-            "decay": cfg.ema_decay,
-            "rounds_averaged": average.rounds,
-            "last_round": {k: evaluate(last, es) for k, es in split.tests.items()},
-        }
-        if split.valid is not None:
-            ema_info["last_round"]["valid"] = evaluate(last, split.valid)
-        load_travelling(model, average.value())
+        # the last round's model and the average, each scored alone (the model without a cold
+        # or segment prior): a paired comparison, the same run and noise
+        ema_info = {"decay": cfg.ema_decay, "rounds_averaged": average.rounds}
+        states = {"last_round": travelling_state(model), "average": average.value()}
+        for name, st in states.items():
+            load_travelling(model, st)
+            alone = ModelScorer(model, bank)
+            ema_info[name] = {k: evaluate(alone, es) for k, es in split.tests.items()}
+            if split.valid is not None:
+                ema_info[name]["valid"] = evaluate(alone, split.valid)
     user_level = None
     privacy = None
     if interaction is not None and secure is not None:

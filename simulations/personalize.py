@@ -46,8 +46,6 @@ PARTS = ("offset", "recency", "both")
 
 def load_global(run: Path) -> tuple[Any, Any, Any, Any]:
     """The run's FedConfig, data set, split and model with the final global tensors."""
-    from safetensors.torch import load_file
-
     from fedrec.shared.federation.config import FedConfig
     from fedrec.shared.federation.data_and_model import (
         dataset_and_split,
@@ -69,7 +67,16 @@ def load_global(run: Path) -> tuple[Any, Any, Any, Any]:
     cfg = FedConfig(**doc["federation"])
     ds, split = dataset_and_split(resolve_data_dir(cfg.data), cfg.protocol, cfg.seed)
     model = model_for(cfg, ds, split)
-    state = {k: v for k, v in load_file(str(ck)).items() if not k.startswith("opt.")}
+    from fedrec.server.app import ModelAverage, load_checkpoint, load_checkpoint_average
+
+    loaded = load_checkpoint(run)
+    if loaded is None:
+        raise SystemExit(f"{run}: checkpoint/round.json is missing: the checkpoint is incomplete")
+    state = loaded[1]
+    if cfg.ema_decay > 0:  # the released model is the rounds' average (ema-decay)
+        average = ModelAverage(cfg.ema_decay)
+        average.load(load_checkpoint_average(run))
+        state = average.value()
     load_travelling(model, state)
     model.eval()
     return cfg, ds, split, model

@@ -144,8 +144,9 @@ def wait_for_round(p: subprocess.Popen, out: Path, rnd: int, timeout: float = 24
 def test_sigterm_stops_flower_and_ray_and_resume_continues(synth_dir, tiny_backbone, tmp_path):
     """A simulation stopped mid-run (SIGTERM, as a crash or a scheduler would) leaves no
     SuperLink, flwr-simulation or Ray process behind; `resume` continues from the checkpoint,
-    and every client's epsilon continues from its history before the stop (the audit
-    recomputes each client's epsilon from all its ledger lines, before and after)."""
+    with the model average (ema-decay) of every round, and every client's epsilon continues from
+    its history before the stop (the audit recomputes each client's epsilon from all its ledger
+    lines, before and after)."""
     from fedrec.server.app import load_checkpoint
     from fedrec.shared.privacy.report import audit_run
 
@@ -153,7 +154,7 @@ def test_sigterm_stops_flower_and_ray_and_resume_continues(synth_dir, tiny_backb
     code_cfg = (
         f"data={str(synth_dir)!r}, backbone={str(tiny_backbone)!r}, max_length=16, "
         "history_len=8, num_rounds=3, fraction_train=1.0, evaluate_every=0, local_steps=2, "
-        "negatives=10, slots=6, epsilon=6.0, lr=0.5"
+        "negatives=10, slots=6, epsilon=6.0, lr=0.5, ema_decay=0.5"
     )
     p = start_stoppable(code_cfg, out)
     try:
@@ -175,6 +176,9 @@ def test_sigterm_stops_flower_and_ray_and_resume_continues(synth_dir, tiny_backb
     assert (out / "metrics.json").is_file()
     after = ledger_lines(out)
     assert after[: len(before)] == before and max(x["round"] for x in after) == 3
+    # the model average (ema-decay) continued from the checkpoint: all three rounds are in it
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"]["average"]["rounds_averaged"] == 3
     for client in {x["client"] for x in before}:
         eps = [x["epsilon_after"] for x in after if x["client"] == client]
         assert eps == sorted(eps) and eps[-1] > eps[0], client  # did not restart from zero

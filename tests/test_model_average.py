@@ -116,6 +116,9 @@ def test_a_real_simulation_releases_the_average(synth_dir, tiny_backbone, tmp_pa
     assert any(not torch.allclose(expected[k], last[k]) for k in last)  # it is not the last
     fed = result["model"]["federated_evaluation"]["3"]
     assert fed["NDCG@10"] == pytest.approx(avg["last_round"]["test"]["NDCG@10"], abs=1e-9)
+    # no prior in this run: the released model's scores are the average's alone
+    assert avg["average"]["test"] == result["model"]["metrics"]["test"]
+    assert avg["average"]["valid"] == result["model"]["valid"]
     trace = result["model"]["central_evaluation"]
     assert all("valid_NDCG@10_average" in trace[str(r)] for r in (1, 2, 3))
     # round 1's average is round 1's model

@@ -169,7 +169,8 @@ class FedConfig:
     server_lr_final: float = 1.0
     # > 0: the released model is an exponential moving average of the rounds' global models
     # (weight ema-decay per round, bias-corrected, the initial model left out); metrics.json
-    # also scores the last round's model. Post-processing of released models: no privacy cost
+    # also scores the last round's model. Post-processing of the privatized rounds: no privacy
+    # cost
     ema_decay: float = 0.0
     # --- local training ---
     local_steps: int = 8  # DP-SGD (or SGD) steps each sampled client takes per round

@@ -547,8 +547,9 @@ def _not_protected(cfg: FedConfig) -> str:
     if cfg.ema_decay > 0:
         prior += (
             f"- The model average (`ema-decay` = {cfg.ema_decay:g}): the released model is the "
-            "moving average of the\n  rounds' global models, each of which was released to the "
-            "clients: post-processing, under\n  the guarantees above.\n"
+            "moving average of the\n  rounds' global models, each a function of the rounds' "
+            "privatized aggregates and the\n  public initial model: post-processing, under the "
+            "guarantees above.\n"
         )
     partial = (
         "- Partial replies: a client whose reply is lost after it trained has spent budget that "
