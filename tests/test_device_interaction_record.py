@@ -399,6 +399,9 @@ def test_a_device_records_its_secure_rounds_across_runs_and_refuses_at_its_cap(
         del n["delta-max"]
     with pytest.raises(ValueError, match="no delta-max"):  # the node config's fault: said so
         _masked_round(cfg, cohort=3, parts=[0, 1, 2], devices=without, run_id=3)
+    floor = devices(**{"secagg-colluders-min": 0.4})  # more collusion than the run assumes
+    with pytest.raises(ValueError, match="below this device's secagg-colluders-min"):
+        _masked_round(cfg, cohort=3, parts=[0, 1, 2], devices=floor, run_id=3)
     assert len(ib.load(tmp_path / "dev0" / ib.FILE)) == 3  # nothing recorded for those
 
 
