@@ -41,33 +41,45 @@ def load(run: Path) -> dict:
 def table(prefix: str, label: str, earlier_runs: list[Path]) -> None:
     runs = [load(r) for r in sorted((HERE / "runs").glob(f"{prefix}*"))
             if (r / "metrics.json").is_file()]  # fmt: skip
-    print("| run | seed | ema-decay | valid NDCG@10: average / last round | test NDCG@10: "
-          "average / last round | test difference | test HR@10 (average) |")
+    print(
+        "| run | seed | ema-decay | valid NDCG@10: average / last round | test NDCG@10: "
+        "average / last round | test difference | test HR@10 (average) |"
+    )
     print("|---|---:|---:|---|---|---:|---:|")
     for r in runs:
-        print(f"| `{r['run']}` | {r['seed']} | {r['decay']:g} | {r['valid']:.4f} / "
-              f"{r['last_valid']:.4f} | {r['test']:.4f} / {r['last_test']:.4f} | "
-              f"{r['test'] - r['last_test']:+.4f} | {r['hr']:.4f} |")
+        print(
+            f"| `{r['run']}` | {r['seed']} | {r['decay']:g} | {r['valid']:.4f} / "
+            f"{r['last_valid']:.4f} | {r['test']:.4f} / {r['last_test']:.4f} | "
+            f"{r['test'] - r['last_test']:+.4f} | {r['hr']:.4f} |"
+        )
     print()
     print("| models | runs | valid NDCG@10 median | test NDCG@10 median (min to max) |")
     print("|---|---:|---:|---|")
 
     def line(label: str, valid: list[float], test: list[float]) -> None:
-        print(f"| {label} | {len(test)} | {statistics.median(valid):.4f} | "
-              f"{statistics.median(test):.4f} ({min(test):.4f} to {max(test):.4f}) |")
+        print(
+            f"| {label} | {len(test)} | {statistics.median(valid):.4f} | "
+            f"{statistics.median(test):.4f} ({min(test):.4f} to {max(test):.4f}) |"
+        )
 
-    line("these runs, the average (released)", [r["valid"] for r in runs],
-         [r["test"] for r in runs])
-    line("these runs, the last round's model", [r["last_valid"] for r in runs],
-         [r["last_test"] for r in runs])
+    line(
+        "these runs, the average (released)", [r["valid"] for r in runs], [r["test"] for r in runs]
+    )
+    line(
+        "these runs, the last round's model",
+        [r["last_valid"] for r in runs],
+        [r["last_test"] for r in runs],
+    )
     earlier = [load(run) for run in earlier_runs]
     line(label, [r["valid"] for r in earlier], [r["test"] for r in earlier])
     diffs = [r["test"] - r["last_test"] for r in runs]
     vdiffs = [r["valid"] - r["last_valid"] for r in runs]
     print()
-    print(f"paired, average minus last round: test {', '.join(f'{d:+.4f}' for d in diffs)} "
-          f"(median {statistics.median(diffs):+.4f}); valid "
-          f"{', '.join(f'{d:+.4f}' for d in vdiffs)} (median {statistics.median(vdiffs):+.4f})")
+    print(
+        f"paired, average minus last round: test {', '.join(f'{d:+.4f}' for d in diffs)} "
+        f"(median {statistics.median(diffs):+.4f}); valid "
+        f"{', '.join(f'{d:+.4f}' for d in vdiffs)} (median {statistics.median(vdiffs):+.4f})"
+    )
 
 
 def main() -> None:
