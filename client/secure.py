@@ -186,15 +186,6 @@ def masked(msg: Message, context: Context) -> Message:
         check_request(cfg, f, client.threshold)
     # the device's own conditions (node config against run config, not data): a visible refusal
     device_guard(cfg, context.node_config, secure=True)
-    ledger, entry = (None, {}) if interaction else _user_level_check(cfg, f, context.node_config)
-    received = from_record(msg.content.array_records[contract.ARRAYS])
-    keys = flat_keys(received)
-    before = flatten(received, keys)
-    if before.size != enc.dim:
-        raise ValueError(
-            f"secure aggregation: the global model has {before.size} travelling coordinates, "
-            f"the server expects {enc.dim}"
-        )
     if (
         not interaction
         and device_state is not None
@@ -209,6 +200,15 @@ def masked(msg: Message, context: Context) -> Message:
             context.node_config,
             device=True,
             why="secagg-colluders-min counts the colluders over it",
+        )
+    ledger, entry = (None, {}) if interaction else _user_level_check(cfg, f, context.node_config)
+    received = from_record(msg.content.array_records[contract.ARRAYS])
+    keys = flat_keys(received)
+    before = flatten(received, keys)
+    if before.size != enc.dim:
+        raise ValueError(
+            f"secure aggregation: the global model has {before.size} travelling coordinates, "
+            f"the server expects {enc.dim}"
         )
     if interaction and device_state is not None:
         # charged to the device's own record before it trains, so before anything leaves it

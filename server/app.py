@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fedrec.server.outputs import write_outputs
@@ -128,7 +129,9 @@ def save_checkpoint(
         **{f"opt.{k}": v for k, v in opt_state.items()},
         **{f"ema.{k}": v for k, v in (ema_state or {}).items()},
     }
-    save_file({k: v.contiguous() for k, v in both.items()}, str(tmp))
+    # the round is in the tensor file itself: a crash before round.json below leaves a file
+    # that still says which round its tensors (and the average) are from
+    save_file({k: v.contiguous() for k, v in both.items()}, str(tmp), metadata={"round": str(rnd)})
     os.replace(tmp, ck / "global.safetensors")
     tmp_json = ck / f".round.{os.getpid()}.tmp"
     tmp_json.write_text(json.dumps({"round": rnd}))
@@ -139,12 +142,35 @@ def load_checkpoint(
     run: Path,
 ) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
     ck = run / "checkpoint"
-    if not (ck / "round.json").is_file():
+    path = ck / "global.safetensors"
+    if not path.is_file():
         return None
-    rnd = int(json.loads((ck / "round.json").read_text())["round"])
-    both = load_file(str(ck / "global.safetensors"))
+    with safe_open(str(path), framework="pt") as f:
+        stamped = (f.metadata() or {}).get("round")
+    if stamped is not None:  # the round its tensors are from (round.json may lag by one)
+        rnd = int(stamped)
+    elif (ck / "round.json").is_file():  # a checkpoint written before the stamp
+        rnd = int(json.loads((ck / "round.json").read_text())["round"])
+    else:
+        return None
+    both = load_file(str(path))
     opt = {k[4:]: v for k, v in both.items() if k.startswith("opt.")}
     return rnd, {k: v for k, v in both.items() if not k.startswith(("opt.", "ema."))}, opt
+
+
+def resumed_average(run: Path, decay: float, offset: int) -> ModelAverage:
+    """The model average in ``RUN/checkpoint/``, which must hold every round up to ``offset``,
+    the round of the global tensors beside it (written in the same file). ValueError saying
+    what to do otherwise: a checkpoint written without ``ema-decay``."""
+    average = ModelAverage(decay)
+    average.load(load_checkpoint_average(run))
+    if average.rounds != offset:
+        raise ValueError(
+            f"{run / 'checkpoint'} holds the model average of {average.rounds} rounds but the "
+            f"global model of round {offset}: it was not written with ema-decay={decay}; start "
+            "a new run instead of --resume"
+        )
+    return average
 
 
 def load_checkpoint_average(run: Path) -> dict[str, torch.Tensor]:
@@ -159,7 +185,7 @@ def check_run_dir(run: Path, cfg: FedConfig, resume: bool) -> None:
     """Refuse to mix runs: a new run in a folder that holds one, or a resume with other
     settings than the checkpointed run's."""
     previous = run / "config.json"
-    if resume and (run / "checkpoint" / "round.json").is_file():
+    if resume and load_checkpoint(run) is not None:
         old = json.loads(previous.read_text()).get("federation") if previous.is_file() else None
         try:  # keys added to fedrec since the run started take their defaults
             old = parse_run_config(old).as_dict() if isinstance(old, dict) else None
@@ -223,13 +249,7 @@ def run_federation(
     if resume and (ck := load_checkpoint(run)) is not None:
         offset, state, opt_state = ck
         if average is not None:
-            average.load(load_checkpoint_average(run))
-            if average.rounds != offset:  # resumed from a checkpoint without the average
-                raise ValueError(
-                    f"{run / 'checkpoint'} holds the model average of {average.rounds} rounds "
-                    f"but the global model of round {offset}: it was not written with "
-                    f"ema-decay={cfg.ema_decay}; start a new run instead of --resume"
-                )
+            average = resumed_average(run, cfg.ema_decay, offset)
         log.info("resuming after round %d from %s", offset, run / "checkpoint")
     # atomic: a run interrupted here leaves the old config.json or the new one, never half
     write_json(run / "config.json", {"command": "simulate", "federation": cfg.as_dict()})

@@ -45,7 +45,8 @@ PARTS = ("offset", "recency", "both")
 
 
 def load_global(run: Path) -> tuple[Any, Any, Any, Any]:
-    """The run's FedConfig, data set, split and model with the final global tensors."""
+    """The run's FedConfig, data set, split and model with the model the run released: the
+    final global tensors, or their average over the rounds with ``ema-decay``."""
     from fedrec.shared.federation.config import FedConfig
     from fedrec.shared.federation.data_and_model import (
         dataset_and_split,
@@ -67,16 +68,17 @@ def load_global(run: Path) -> tuple[Any, Any, Any, Any]:
     cfg = FedConfig(**doc["federation"])
     ds, split = dataset_and_split(resolve_data_dir(cfg.data), cfg.protocol, cfg.seed)
     model = model_for(cfg, ds, split)
-    from fedrec.server.app import ModelAverage, load_checkpoint, load_checkpoint_average
+    from fedrec.server.app import load_checkpoint, resumed_average
 
     loaded = load_checkpoint(run)
     if loaded is None:
         raise SystemExit(f"{run}: checkpoint/round.json is missing: the checkpoint is incomplete")
     state = loaded[1]
     if cfg.ema_decay > 0:  # the released model is the rounds' average (ema-decay)
-        average = ModelAverage(cfg.ema_decay)
-        average.load(load_checkpoint_average(run))
-        state = average.value()
+        try:
+            state = resumed_average(run, cfg.ema_decay, loaded[0]).value()
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
     load_travelling(model, state)
     model.eval()
     return cfg, ds, split, model

@@ -403,12 +403,13 @@ def test_a_run_started_before_a_new_setting_existed_can_be_resumed(tmp_path):
     """A run's config.json from an older fedrec lacks the keys added since (e.g.
     server-lr-final): they take their defaults, so resuming it with its own settings works;
     a setting that really differs is still refused."""
-    from fedrec.server.app import check_run_dir
+    import torch
+
+    from fedrec.server.app import check_run_dir, save_checkpoint
     from fedrec.shared.federation.config import FedConfig
 
     run = tmp_path / "run"
-    (run / "checkpoint").mkdir(parents=True)
-    (run / "checkpoint" / "round.json").write_text('{"round": 2}')
+    save_checkpoint(run, 2, {"w": torch.zeros(1)}, {})
     cfg = FedConfig(num_rounds=5)
     old = cfg.as_dict()
     del old["server_lr_final"]

@@ -128,3 +128,63 @@ def test_a_real_simulation_releases_the_average(synth_dir, tiny_backbone, tmp_pa
     report, _ = audit_run(out)
     assert report["ok"]
     assert json.loads((out / "config.json").read_text())["federation"]["ema_decay"] == 0.6
+
+
+def test_the_checkpoint_names_its_round_in_the_tensor_file(tmp_path):
+    """A crash between the tensor file and ``round.json`` leaves the previous round's
+    ``round.json``: the round comes from the tensor file's own stamp, so the global tensors, the
+    average and the round number agree (a resume neither repeats a round nor misreads the
+    average). A checkpoint written before the stamp falls back to ``round.json``."""
+    from safetensors.torch import save_file
+
+    from fedrec.server.app import resumed_average
+
+    states = _rounds(3, 4)
+    avg = ModelAverage(0.5)
+    for s in states:
+        avg.update(s)
+    save_checkpoint(tmp_path, 4, states[-1], {}, avg.state())
+    (tmp_path / "checkpoint" / "round.json").write_text('{"round": 3}')  # the crash
+    rnd, state, _ = load_checkpoint(tmp_path)
+    assert rnd == 4 and all(torch.equal(state[k], states[-1][k]) for k in state)
+    assert resumed_average(tmp_path, 0.5, rnd).rounds == 4
+    with pytest.raises(ValueError, match="not written with ema-decay=0.5"):
+        resumed_average(tmp_path, 0.5, 3)
+    old = tmp_path / "old"
+    (old / "checkpoint").mkdir(parents=True)
+    save_file(states[0], str(old / "checkpoint" / "global.safetensors"))  # no stamp
+    assert load_checkpoint(old) is None  # nor a round.json: nothing to resume from
+    (old / "checkpoint" / "round.json").write_text('{"round": 2}')
+    assert load_checkpoint(old)[0] == 2
+    plain = tmp_path / "plain"  # a run without ema-decay, resumed with it: refused
+    save_checkpoint(plain, 2, states[1], {})
+    with pytest.raises(ValueError, match="holds the model average of 0 rounds"):
+        resumed_average(plain, 0.8, 2)
+
+
+def test_personalize_starts_from_the_released_average(synth_dir, tiny_backbone, tmp_path):
+    """``simulations/personalize.py`` loads the model the run released: the average with
+    ``ema-decay``, the last round's tensors without."""
+    from fedrec.shared.federation.data_and_model import dataset_and_split, model_for
+    from fedrec.shared.federation.params import travelling_state
+    from fedrec.shared.rundir import write_json
+    from fedrec.simulations.personalize import load_global
+
+    for decay in (0.5, 0.0):
+        cfg = FedConfig(data=str(synth_dir), backbone=str(tiny_backbone), max_length=16,
+                        history_len=8, ema_decay=decay)  # fmt: skip
+        ds, split = dataset_and_split(cfg.data, cfg.protocol, cfg.seed)
+        base = travelling_state(model_for(cfg, ds, split))
+        g = torch.Generator().manual_seed(1)
+        states = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}
+                  for _ in range(2)]  # fmt: skip
+        avg = ModelAverage(0.5)
+        for s in states:
+            avg.update(s)
+        run = tmp_path / f"run{decay}"
+        write_json(run / "config.json", {"federation": cfg.as_dict()})
+        save_checkpoint(run, 2, states[-1], {}, avg.state() if decay else None)
+        _, _, _, model = load_global(run)
+        want = avg.value() if decay else states[-1]
+        got = travelling_state(model)
+        assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)

@@ -298,7 +298,9 @@ def test_a_client_refuses_less_noise_or_a_lower_threshold_than_its_own_calibrati
     with pytest.raises(ValueError, match="asks mu="):
         check_request(cfg, fields | {"mu": old.mu_client}, old.threshold)
     # a population the run's sampling cannot draw this cohort from, or none at all: refused
-    with pytest.raises(ValueError, match="give 50; refused"):
+    with pytest.raises(ValueError, match="give 1000; refused"):
+        check_request(cfg, fields | {"clients": 2000}, p.threshold)
+    with pytest.raises(ValueError, match="fewer than the cohort; refused"):
         check_request(cfg, fields | {"clients": 100}, p.threshold)
     for bad in (None, "943", 0, True):
         with pytest.raises(ValueError, match="clients="):
