@@ -80,8 +80,8 @@ class ModelAverage:
 
     ``sum = decay * sum + (1 - decay) * state`` after each round, read as ``sum / (1 -
     decay**rounds)`` (bias-corrected: the initial model, which no round trained, is left out).
-    Every global model it averages was released to the clients, so the average is
-    post-processing and costs no privacy."""
+    Every global model it averages is a function of the rounds' privatized aggregates and the
+    public initial model, so the average is post-processing and costs no privacy."""
 
     def __init__(self, decay: float) -> None:
         self.decay, self.rounds = decay, 0
