@@ -138,9 +138,9 @@ def save_checkpoint(
     os.replace(tmp_json, ck / "round.json")  # written last: names a complete tensor file
 
 
-def load_checkpoint(
-    run: Path,
-) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+def checkpoint_round(run: Path) -> int | None:
+    """The round of the tensors in ``RUN/checkpoint/`` (None: no checkpoint), read from the
+    tensor file's stamp without loading its tensors."""
     ck = run / "checkpoint"
     path = ck / "global.safetensors"
     if not path.is_file():
@@ -148,12 +148,19 @@ def load_checkpoint(
     with safe_open(str(path), framework="pt") as f:
         stamped = (f.metadata() or {}).get("round")
     if stamped is not None:  # the round its tensors are from (round.json may lag by one)
-        rnd = int(stamped)
-    elif (ck / "round.json").is_file():  # a checkpoint written before the stamp
-        rnd = int(json.loads((ck / "round.json").read_text())["round"])
-    else:
+        return int(stamped)
+    if (ck / "round.json").is_file():  # a checkpoint written before the stamp
+        return int(json.loads((ck / "round.json").read_text())["round"])
+    return None
+
+
+def load_checkpoint(
+    run: Path,
+) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+    rnd = checkpoint_round(run)
+    if rnd is None:
         return None
-    both = load_file(str(path))
+    both = load_file(str(run / "checkpoint" / "global.safetensors"))
     opt = {k[4:]: v for k, v in both.items() if k.startswith("opt.")}
     return rnd, {k: v for k, v in both.items() if not k.startswith(("opt.", "ema."))}, opt
 
@@ -185,7 +192,7 @@ def check_run_dir(run: Path, cfg: FedConfig, resume: bool) -> None:
     """Refuse to mix runs: a new run in a folder that holds one, or a resume with other
     settings than the checkpointed run's."""
     previous = run / "config.json"
-    if resume and load_checkpoint(run) is not None:
+    if resume and checkpoint_round(run) is not None:
         old = json.loads(previous.read_text()).get("federation") if previous.is_file() else None
         try:  # keys added to fedrec since the run started take their defaults
             old = parse_run_config(old).as_dict() if isinstance(old, dict) else None
