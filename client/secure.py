@@ -44,7 +44,7 @@ from fedrec.client.runtime import public_name
 from fedrec.shared.federation import contract
 from fedrec.shared.federation.config import FedConfig
 from fedrec.shared.federation.params import flat_keys, flatten, from_record
-from fedrec.shared.federation.secagg import SecAggClient
+from fedrec.shared.federation.secagg import BelowThreshold, SecAggClient
 from fedrec.shared.privacy import skellam
 from fedrec.shared.privacy.distributed import check_request, plan
 from fedrec.shared.privacy.secure_interaction import check_interaction_request
@@ -77,19 +77,31 @@ def _simulated_dropout(f: dict[str, Any], stage: str, context: Context) -> None:
         raise RuntimeError(f"simulated dropout at stage {stage} (secagg-test-dropout={spec})")
 
 
-def _load(context: Context, rnd: int, stage: str) -> SecAggClient:
+# what the client keeps beside the protocol state: the round, and from its masked stage the
+# cohort, the size of a group in the round's graph and the fewest survivors, all from its own
+# calibration of the round's noise
+_OWN = ("round", "cohort", "graph-group", "min-survivors")
+
+
+def _record(context: Context, rnd: int, stage: str) -> ConfigRecord:
     rec = context.state[STATE] if STATE in context.state else None
     if not isinstance(rec, ConfigRecord) or rec.get("round", -1) != rnd:
         raise ValueError(
             f"secure aggregation: stage {stage} of round {rnd} without this round's earlier "
             "stages on this node (restarted, or a stale message)"
         )
-    state = {k: v for k, v in rec.items() if k != "round"}
-    return SecAggClient.from_state(state)
+    return rec
 
 
-def _save(context: Context, rnd: int, client: SecAggClient) -> None:
-    context.state[STATE] = ConfigRecord({"round": rnd, **client.to_state()})
+def _load(context: Context, rnd: int, stage: str) -> SecAggClient:
+    rec = _record(context, rnd, stage)
+    return SecAggClient.from_state({k: v for k, v in rec.items() if k not in _OWN})
+
+
+def _save(context: Context, rnd: int, client: SecAggClient, **own: int) -> None:
+    keys = {k.replace("_", "-"): v for k, v in own.items()}
+    assert set(keys) <= set(_OWN), keys
+    context.state[STATE] = ConfigRecord({"round": rnd, **keys, **client.to_state()})
 
 
 def _reply(msg: Message, fields: dict[str, Any]) -> Message:
@@ -182,8 +194,10 @@ def masked(msg: Message, context: Context) -> Message:
     # client's own calibration from the run config and the cohort size gives
     if interaction:
         mine = check_interaction_request(cfg, f, client.threshold)
+        own = {"min_survivors": mine.min_survivors, "graph_group": mine.neighbours + 1}
     else:
-        check_request(cfg, f, client.threshold)
+        p = check_request(cfg, f, client.threshold)
+        own = {"min_survivors": p.min_survivors, "graph_group": p.neighbours + 1}
     # the device's own conditions (node config against run config, not data): a visible refusal
     device_guard(cfg, context.node_config, secure=True)
     if (
@@ -254,7 +268,7 @@ def masked(msg: Message, context: Context) -> Message:
     srcs = [int(s) for s in f["src"]]
     cts = [bytes(c) for c in f["ct"]]
     y = client.masked_input(list(zip(srcs, cts, strict=True)), x)
-    _save(context, rnd, client)
+    _save(context, rnd, client, cohort=int(f["cohort"]), **own)
     if ledger is not None:  # recorded before the masked input leaves the device
         # the cap again, under the record's lock: another run may have added rounds since
         append_round(ledger, entry, context.node_config)
@@ -323,8 +337,10 @@ def unmask(msg: Message, context: Context) -> Message:
     rnd = int(f["round"])
     _simulated_dropout(f, "unmask", context)
     client = _load(context, rnd, "unmask")
-    b, sk = client.unmask([int(i) for i in f["survivors"]], [int(i) for i in f["dropped"]])
-    del context.state[STATE]  # the round is over for this client: keys are not reused
+    try:
+        b, sk = _checked_unmask(client, f, _record(context, rnd, "unmask"), rnd)
+    finally:  # answered or refused, the round is over for this client: keys are not reused
+        del context.state[STATE]
     return _reply(
         msg,
         {
@@ -334,6 +350,37 @@ def unmask(msg: Message, context: Context) -> Message:
             "sk_shares": list(sk.values()),
         },
     )
+
+
+def _checked_unmask(
+    client: SecAggClient, f: dict[str, Any], own: ConfigRecord, rnd: int
+) -> tuple[dict[int, bytes], dict[int, bytes]]:
+    """The shares the server asks for, after checking that the survivors it names in this
+    client's group are not too few for the client's own plan (``own``: the record the masked
+    stage saved).
+
+    The round's graph gives each node a group of ``graph-group`` nodes (itself included); the
+    server names as survivors those of them that sent a masked input. A group member left out is
+    a member of the cohort that did not survive (it missed setup, share-keys or the masked
+    stage), and with at least ``min-survivors`` of the cohort surviving at most ``cohort -
+    min-survivors`` did not. So at least ``graph-group - (cohort - min-survivors)`` must be
+    named: a necessary condition the client checks on its own (the whole condition when the
+    graph is complete). Fewer means a sum released with fewer noise shares than the client's
+    calibration of the round's claim counts. A server that names different survivors to
+    different clients is not caught (there is no consistency round): the trust model is honest
+    but curious."""
+    cohort, group, least = own["cohort"], own["graph-group"], own["min-survivors"]
+    assert isinstance(cohort, int) and isinstance(group, int) and isinstance(least, int)
+    survivors = [int(i) for i in f["survivors"]]
+    need = group - (cohort - least)
+    if len(set(survivors)) < need:
+        raise BelowThreshold(
+            f"secure aggregation: the server asks to unmask round {rnd} with "
+            f"{len(set(survivors))} survivors named in this client's group of {group}, but "
+            f"with at least {least} of the cohort of {cohort} surviving (this client's "
+            f"calibration of the noise) at least {need} of them did; refused"
+        )
+    return client.unmask(survivors, [int(i) for i in f["dropped"]])
 
 
 # A secure reply's metrics, whatever happened on the client (the keys of TRAIN_METRICS, with

@@ -366,6 +366,8 @@ def _masked_round(
     partitions: int | None = None,
     run_id: int = 1,
     rnd: int = 1,
+    unmask_with: int | None = None,
+    absent: int = 0,
 ) -> dict[int, object]:
     """fedrec's client handlers for one group of in-process nodes (setup, share, masked): the
     masked-stage reply of each node, keyed by its partition. ``devices[part]``: that node's
@@ -373,7 +375,11 @@ def _masked_round(
     ``over[stage]``: fields a (deviating) server changes in that stage's messages
     ("setup", "share", "masked"); ``partitions``: the engine's num-partitions (the cohort);
     ``run_id`` and ``rnd``: the Flower run and the server round the nodes see.
-    With ``dp-noise=secure`` the request is the per-interaction plan's, for a cohort of every
+    ``unmask_with``: then ask each of the first ``unmask_with`` nodes to unmask, naming them as
+    the survivors and the others as dropped; the unmask reply (or the error raised) of each,
+    keyed by partition, is returned instead. ``absent``: the last ``absent`` nodes miss setup
+    (left out of the group and of every later stage; still in the cohort). With
+    ``dp-noise=secure`` the request is the per-interaction plan's, for a cohort of every
     client."""
     from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
@@ -417,6 +423,7 @@ def _masked_round(
         msg = Message(content, dst_node_id=n, message_type=f"train.secagg_{name}")
         return client_secure.HANDLERS[f"secagg_{name}"](msg, ctxs[n])
 
+    nodes = nodes[: len(nodes) - absent]  # the nodes that reply to setup
     keys = {n: send("setup", n, {}).content[SECAGG] for n in nodes}
     group = {"ids": nodes, "pk1": [keys[i]["pk1"] for i in nodes],
              "pk2": [keys[i]["pk2"] for i in nodes]}  # fmt: skip
@@ -428,11 +435,21 @@ def _masked_round(
     e = p.encoding
     asked = {"clip": e.clip, "scale": e.scale, "dim": e.dim, "cohort": cohort, "clients": p.clients,
              "beta": e.beta, "mu": p.mu_client}  # fmt: skip
-    return {
+    replies = {
         part: send("masked", n, {"src": [s for s, _ in routed[n]],
                                  "ct": [c for _, c in routed[n]], **asked}, model=True)
-        for n, part in zip(nodes, parts, strict=True)
+        for n, part in zip(nodes, parts, strict=False)
     }  # fmt: skip
+    if unmask_with is None:
+        return replies
+    alive, gone = nodes[:unmask_with], nodes[unmask_with:]
+    out: dict[int, object] = {}
+    for n, part in list(zip(nodes, parts, strict=False))[:unmask_with]:
+        try:
+            out[part] = send("unmask", n, {"survivors": alive, "dropped": gone})
+        except Exception as err:  # noqa: BLE001 - the test reads which error
+            out[part] = err
+    return out
 
 
 def test_a_client_whose_training_fails_sends_a_zero_change_with_its_noise_not_an_error(
@@ -644,6 +661,42 @@ def test_a_device_floor_on_colluders_holds_in_a_user_level_secure_round(
     # without a floor the population is the server's word, but never fewer than the cohort
     with pytest.raises(ValueError, match="fewer than the cohort; refused"):
         _masked_round(cfg, cohort=3, parts=[0, 1, 2], over={"masked": {"clients": 2}})
+
+
+@pytest.mark.parametrize("interaction", [False, True])
+def test_a_client_refuses_to_unmask_below_its_own_minimum_of_survivors(
+    synth_dir, tiny_backbone, interaction
+):
+    """A server asking to unmask a round with fewer survivors than the client's own calibration
+    allows (so less noise in the sum than the claim counts) is refused by every client, even
+    with enough survivors for the Shamir threshold; at the minimum the shares are sent. Both
+    secure modes; the group is the whole cohort here, where the client's check is exact."""
+    from fedrec.shared.federation.secagg import BelowThreshold
+    from fedrec.shared.privacy.distributed import plan
+    from fedrec.shared.privacy.secure_interaction import plan_interaction
+
+    from .test_secure_interaction_run import _silos3
+
+    cohort = 5
+    if interaction:
+        cfg = _silos3(synth_dir, tiny_backbone, silos=cohort, secagg_dropout=0.1)
+    else:
+        cfg = secure_cfg(synth_dir, tiny_backbone, secagg_dropout=0.1)
+    p = plan_interaction(cfg, cohort, 10, cohort) if interaction else plan(cfg, cohort, 10, None)
+    assert p.threshold < p.min_survivors  # a gap the Shamir threshold alone does not close
+    parts = list(range(cohort))
+    kept = _masked_round(cfg, cohort, parts, unmask_with=p.min_survivors)
+    assert all(not isinstance(r, Exception) and not r.has_error() for r in kept.values())
+    short = _masked_round(cfg, cohort, parts, unmask_with=p.min_survivors - 1)
+    assert len(short) == p.min_survivors - 1 >= p.threshold
+    for err in short.values():
+        assert isinstance(err, BelowThreshold), err
+        assert f"at least {p.min_survivors} of them did; refused" in str(err)
+    # one node missed setup, so the group the server sends is one short: the survivors it names
+    # are compared with the graph's group, not with the group sent (else 4 of 4 would pass)
+    missed = _masked_round(cfg, cohort, parts, unmask_with=cohort - 1, absent=1)
+    assert len(missed) == cohort - 1
+    assert all(isinstance(err, BelowThreshold) for err in missed.values()), missed
 
 
 def test_the_statements_name_the_server_optimizer_and_its_decay_only_when_it_decays():

@@ -236,7 +236,7 @@ def plan(cfg: FedConfig, cohort: int, dim: int, clients: int | None) -> SecurePl
     )
 
 
-def check_request(cfg: FedConfig, fields: dict[str, Any], threshold: int) -> None:
+def check_request(cfg: FedConfig, fields: dict[str, Any], threshold: int) -> SecurePlan:
     """A client's check of a masked-input request against its own recomputation of the plan
     (from the run config, the cohort size and the population the server states): the server
     cannot ask it for less noise, a coarser or different encoding, or a lower Shamir threshold
@@ -246,7 +246,7 @@ def check_request(cfg: FedConfig, fields: dict[str, Any], threshold: int) -> Non
     ceil(secagg-colluders x clients) by up to ceil(secagg-colluders / fraction-train): 1 at
     the defaults), and when ``min-replies`` sets the cohort not at all; an honest-but-curious
     server states it truly, and that is the trust model. Raises ValueError saying what
-    differs."""
+    differs; returns the client's own plan."""
     cohort, clients = fields.get("cohort"), fields.get("clients")
     for key, v in (("cohort", cohort), ("clients", clients)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -283,6 +283,7 @@ def check_request(cfg: FedConfig, fields: dict[str, Any], threshold: int) -> Non
                 f"calibration for a cohort of {p.cohort} of {clients} clients gives {mine}; "
                 "refused"
             )
+    return p
 
 
 def population_colluders(clients: int, fraction: float) -> int:

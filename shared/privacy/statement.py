@@ -408,6 +408,9 @@ def _secure(u: dict[str, Any]) -> str:
   node's shares in SecAgg+'s random graph (a union bound over nodes and rounds).
 - **Trust**: {u["trust"]}. The colluders are fixed before the server draws each round's graph.
   The survivor minimum ({sa["min_survivors"]}) is enforced by the server (honest but curious);
+  a client also refuses to unmask when the survivors named in its group are too few for it
+  (a necessary condition, the whole one on a complete graph; not against lists that differ
+  between clients);
   the Shamir threshold is enforced by cryptography: a node's masks cannot be removed without a
   threshold of its group's shares, and a client refuses a request for both kinds of share of
   one node. The guarantee is computational: it holds if X25519, HKDF/AES-256-CTR and
