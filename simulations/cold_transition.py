@@ -211,15 +211,26 @@ def _ndcg(model: Any, es: EvalSet) -> float:
     return round(float(evaluate(model, es, ks=(10,), with_auc=False)["NDCG@10"]), 4)
 
 
-def run(ds: Dataset, log: Any = print) -> dict[str, Any]:
+def holdout(
+    ds: Dataset,
+) -> tuple[Split, Split, ProfilePopularity, ProfilePopularity, dict[str, Any], str]:
+    """Protocol C's split, its pseudo-cold holdout (10 % of the trained users, seed 1) and
+    profile-popularity at the suite's fields and shrinkage, fitted on the holdout's training
+    users and on all of them: ``(split, fit, pp_fit, pp, params, where they were tuned)``."""
     split = make_split(ds, "C")
     fit = holdout_split(split, 0.1, [ds.user_text(int(u)) for u in split.user_ids], seed=1)
     assert fit.valid is not None
-    v0, v3 = by_history_length(fit.valid, 0), by_history_length(fit.valid, 3)
     params, _, where = tune_profile_popularity(ds, split, split)
     fields = list(params["fields"])
     pp_fit = ProfilePopularity(fit, ds.user_fields, fields=fields, shrink=params["shrink"])
     pp = ProfilePopularity(split, ds.user_fields, fields=fields, shrink=params["shrink"])
+    return split, fit, pp_fit, pp, params, where
+
+
+def run(ds: Dataset, log: Any = print) -> dict[str, Any]:
+    split, fit, pp_fit, pp, params, where = holdout(ds)
+    assert fit.valid is not None
+    v0, v3 = by_history_length(fit.valid, 0), by_history_length(fit.valid, 3)
     out: dict[str, Any] = {
         "profile_popularity": {
             "params": params,

@@ -51,14 +51,14 @@ import torch
 from torch.func import grad, vmap
 
 from fedrec.shared.baselines.profile_popularity import ProfilePopularity
-from fedrec.shared.baselines.runner import tune_profile_popularity
 from fedrec.shared.data import Dataset, load_dataset
 from fedrec.shared.rundir import versions, write_json
-from fedrec.shared.splitting import Split, holdout_split, make_split
+from fedrec.shared.splitting import Split
 from fedrec.simulations.cold_transition import (
     TransitionOnPrior,
     _ndcg,
     by_history_length,
+    holdout,
     log_prior,
 )
 
@@ -167,14 +167,9 @@ def train(
 
 
 def run(ds: Dataset, draws: int, log: Any = print) -> dict[str, Any]:
-    split = make_split(ds, "C")
-    fit = holdout_split(split, 0.1, [ds.user_text(int(u)) for u in split.user_ids], seed=1)
+    split, fit, pp_fit, pp, _, _ = holdout(ds)
     assert fit.valid is not None
     v3 = by_history_length(fit.valid, 3)
-    params, _, _ = tune_profile_popularity(ds, split, split)
-    fields = list(params["fields"])
-    pp_fit = ProfilePopularity(fit, ds.user_fields, fields=fields, shrink=params["shrink"])
-    pp = ProfilePopularity(split, ds.user_fields, fields=fields, shrink=params["shrink"])
     out: dict[str, Any] = {
         "settings": {
             "lr": LR,
