@@ -669,8 +669,9 @@ def test_a_client_refuses_to_unmask_below_its_own_minimum_of_survivors(
 ):
     """A server asking to unmask a round with fewer survivors than the client's own calibration
     allows (so less noise in the sum than the claim counts) is refused by every client, even
-    with enough survivors for the Shamir threshold; at the minimum the shares are sent. Both
-    secure modes; the group is the whole cohort here, where the client's check is exact."""
+    with enough survivors for the Shamir threshold; at the minimum the shares are sent, also
+    after a setup and a masked-stage dropout. Both secure modes; the graph is complete here,
+    where the client's check is exact."""
     from fedrec.shared.federation.secagg import BelowThreshold
     from fedrec.shared.privacy.distributed import plan
     from fedrec.shared.privacy.secure_interaction import plan_interaction
@@ -697,6 +698,16 @@ def test_a_client_refuses_to_unmask_below_its_own_minimum_of_survivors(
     missed = _masked_round(cfg, cohort, parts, unmask_with=cohort - 1, absent=1)
     assert len(missed) == cohort - 1
     assert all(isinstance(err, BelowThreshold) for err in missed.values()), missed
+    # an honest round at the minimum after dropouts (one node missed setup, one is named as
+    # dropped after the masked stage) is answered by every survivor
+    kw = {"secagg_dropout": 0.4}
+    lax = _silos3(synth_dir, tiny_backbone, silos=cohort, **kw) if interaction else secure_cfg(
+        synth_dir, tiny_backbone, **kw)  # fmt: skip
+    q = plan_interaction(lax, cohort, 10, cohort) if interaction else plan(lax, cohort, 10, None)
+    assert q.min_survivors == cohort - 2
+    answered = _masked_round(lax, cohort, parts, unmask_with=cohort - 2, absent=1)
+    assert len(answered) == cohort - 2
+    assert all(not isinstance(r, Exception) and not r.has_error() for r in answered.values())
 
 
 def test_the_statements_name_the_server_optimizer_and_its_decay_only_when_it_decays():
