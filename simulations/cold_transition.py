@@ -129,6 +129,21 @@ class ProfileLogLinear:
         return (self.b + self.x[np.asarray(users)] @ self.w).numpy()
 
 
+def first_items(split: Split, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(users, given, rest)``: each trained user (sorted) as the query is asked, its first
+    ``k`` training items as a (users, items) 0/1 row of ``given`` and the others as ``rest``
+    (a repeat of a given item left out, as at test)."""
+    users = np.unique(split.train_user)
+    given = np.zeros((users.shape[0], split.n_items), dtype=np.float32)
+    rest = np.zeros_like(given)
+    for r, u in enumerate(users.tolist()):  # train arrays are in per-user time order
+        items = split.train_item[split.train_user == u]
+        given[r, items[:k]] = 1.0
+        rest[r, items[k:]] = 1.0
+        rest[r, items[:k]] = 0.0
+    return users, given, rest
+
+
 class TransitionOnPrior:
     """``a * log pp(i | p) + sum_{j in h} <E_j, F_i>``, trained first-``k`` -> rest (k = 3)."""
 
@@ -148,14 +163,7 @@ class TransitionOnPrior:
         symmetric FISM form fedrec's ``model.item_factors`` has) instead of two."""
         self.pp = pp
         n = split.n_items
-        users = np.unique(split.train_user)
-        given = np.zeros((users.shape[0], n), dtype=np.float32)
-        rest = np.zeros_like(given)
-        for r, u in enumerate(users.tolist()):  # train arrays are in per-user time order
-            items = split.train_item[split.train_user == u]
-            given[r, items[:k]] = 1.0
-            rest[r, items[k:]] = 1.0
-            rest[r, items[:k]] = 0.0  # a repeat of a given item is excluded at test too
+        users, given, rest = first_items(split, k)
         prior = torch.from_numpy(log_prior(pp, users))
         g, t = torch.from_numpy(given), torch.from_numpy(rest)
         mask = g.bool()

@@ -58,6 +58,7 @@ from fedrec.simulations.cold_transition import (
     TransitionOnPrior,
     _ndcg,
     by_history_length,
+    first_items,
     holdout,
     log_prior,
 )
@@ -93,15 +94,7 @@ def noise_multiplier(epsilon: float, steps: int) -> float:
 
 
 def _examples(split: Split, pp: ProfilePopularity) -> tuple[torch.Tensor, ...]:
-    users = np.unique(split.train_user)
-    n = split.n_items
-    given = np.zeros((users.shape[0], n), dtype=np.float32)
-    rest = np.zeros_like(given)
-    for r, u in enumerate(users.tolist()):  # train arrays are in per-user time order
-        items = split.train_item[split.train_user == u]
-        given[r, items[:K]] = 1.0
-        rest[r, items[K:]] = 1.0
-        rest[r, items[:K]] = 0.0
+    users, given, rest = first_items(split, K)
     rest /= np.maximum(rest.sum(1, keepdims=True), 1.0)
     return (
         torch.from_numpy(log_prior(pp, users)),
