@@ -473,6 +473,8 @@ HEADLINE: dict[str, list[tuple[str, dict[str, str]]]] = {
          {"C": "C-central-segment"}),
         ("fedrec federated, 10 silos, local DP, sliding windows of two items, larger batches "
          "(the `silos` preset)", {"A": "A-fed-eps8-batch"}),
+        ("fedrec federated, 10 silos, DP noise added once a round by a trusted server, sliding "
+         "windows of two items (the `silos-trusted-server` preset)", {"A": "A-fed-eps8-server"}),
         ("fedrec federated, 10 silos, local DP, sliding windows of two items",
          {"A": "A-fed-eps8-windows"}),
         ("fedrec federated, 10 silos, local DP, disjoint examples", {"A": "A-fed-eps8",

@@ -31,8 +31,10 @@ def test_silos_is_the_full_suites_batch_experiment():
 
 
 @pytest.mark.parametrize(
-    ("preset", "experiment"), [("cross-device", "A-default"), ("secure", "A-secure")]
-)
+    ("preset", "experiment"),
+    [("cross-device", "A-default"), ("secure", "A-secure"),
+     ("silos-trusted-server", "A-fed-eps8-server")],
+)  # fmt: skip
 def test_presets_are_the_experiments_their_descriptions_cite(preset, experiment):
     suite = load_suite("full")
     e = next(x for x in suite.experiments if x.name == experiment)
