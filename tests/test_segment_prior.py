@@ -133,9 +133,10 @@ def test_the_charged_run_is_the_release_under_replace_one(z):
 )
 def test_composition_with_dp_sgd_is_bounded_by_the_ledger_history(sigma, q, steps, z):
     """An interaction added to an empty slot is an add/remove step for DP-SGD and a count of 1
-    for the release: composed directly in dp-accounting (add/remove DP-SGD with the Gaussian
-    mechanism), it is within what fedrec's replace-one history (DP-SGD, then the release at
-    2z) gives, which also covers a replacement."""
+    for the release; added to an occupied slot, a replace-one step and a count of 1. Each,
+    composed directly in dp-accounting (the DP-SGD pair with the Gaussian mechanism at
+    sensitivity 1), is within what fedrec's replace-one history (DP-SGD, then the release at
+    2z) gives."""
     delta = 1e-5
     ledger = epsilon_spent(
         history=[(sigma, q, steps), release_run(z, "replace-one", 1)],
@@ -147,6 +148,17 @@ def test_composition_with_dp_sgd_is_bounded_by_the_ledger_history(sigma, q, step
     acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
     acc.compose(dp_accounting.GaussianDpEvent(z))
     assert float(acc.get_epsilon(delta)) <= ledger * (1 + 1e-3)
+    # an interaction added to (or removed from) an occupied slot: its example is REPLACED (the
+    # replace-one DP-SGD pair) while the table still gains (or loses) one count (sensitivity 1,
+    # the unit being one interaction added or removed, never one swapped for another)
+    rel = dp_accounting.privacy_accountant.NeighboringRelation
+    sgd = dp_accounting.pld.PLDAccountant(rel.REPLACE_ONE, value_discretization_interval=1e-3)
+    sgd.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    count = dp_accounting.pld.privacy_loss_distribution.from_gaussian_mechanism(
+        z, sensitivity=1.0, value_discretization_interval=1e-3
+    )
+    replaced = sgd._pld.compose(count)  # noqa: SLF001 (dp-accounting's own composition)
+    assert float(replaced.get_epsilon_for_delta(delta)) <= ledger * (1 + 1e-3)
 
 
 def test_the_noise_is_calibrated_with_the_release_in_the_budget():
