@@ -57,6 +57,10 @@ SETTINGS = (
     Setting("10 silos, the noise added once a round by a trusted server (no protection against "
             "it; the `silos-trusted-server` preset: 16 item factors, lr 48)", "fed-A-server-noise",
             "srv-fac16-lr48-seed*", A, "als"),
+    Setting("the `silos-trusted-server` preset at epsilon 3", "fed-A-server-noise",
+            "srv-eps3-seed*", A, "als"),
+    Setting("the `silos-trusted-server` preset at epsilon 1, lr 16", "fed-A-server-noise",
+            "srv-eps1-lr16-seed*", A, "als"),
     Setting("10 silos, the noise added by the silos inside secure aggregation (no trusted "
             "server; the `silos-secure` preset: every example every round, 16 item factors, lr 48)",
             "fed-A-secure-interaction", "sec-q1-lr48-seed*", A, "als"),

@@ -96,6 +96,8 @@ def main() -> None:
         label = f"10 silos, noise at the server, full batch, {rounds} rounds, epsilon {eps:g}"
         print(summary(label, rs))
     pooled_table().print_paired(HERE / "paired.json")
+    # the epsilon 3 and 1 runs of seeds 1 and 2 (2026-12-08), compared in a file of their own
+    pooled_table().print_paired(HERE / "paired-2026-12-08.json")
 
 
 if __name__ == "__main__":
