@@ -151,13 +151,14 @@ def test_composition_with_dp_sgd_is_bounded_by_the_ledger_history(sigma, q, step
     # an interaction added to (or removed from) an occupied slot: its example is REPLACED (the
     # replace-one DP-SGD pair) while the table still gains (or loses) one count (sensitivity 1,
     # the unit being one interaction added or removed, never one swapped for another)
+    pld = dp_accounting.pld.privacy_loss_distribution
     rel = dp_accounting.privacy_accountant.NeighboringRelation
-    sgd = dp_accounting.pld.PLDAccountant(rel.REPLACE_ONE, value_discretization_interval=1e-3)
-    sgd.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
-    count = dp_accounting.pld.privacy_loss_distribution.from_gaussian_mechanism(
-        z, sensitivity=1.0, value_discretization_interval=1e-3
-    )
-    replaced = sgd._pld.compose(count)  # noqa: SLF001 (dp-accounting's own composition)
+    sgd = pld.from_gaussian_mechanism(
+        sigma, sampling_prob=q, neighboring_relation=rel.REPLACE_ONE,
+        value_discretization_interval=1e-3,
+    ).self_compose(steps)  # fmt: skip
+    count = pld.from_gaussian_mechanism(z, sensitivity=1.0, value_discretization_interval=1e-3)
+    replaced = sgd.compose(count)
     assert float(replaced.get_epsilon_for_delta(delta)) <= ledger * (1 + 1e-3)
 
 

@@ -95,9 +95,10 @@ def main() -> None:
         rs = [r for r in full if (r["epsilon"], r["rounds"]) == (eps, rounds)]
         label = f"10 silos, noise at the server, full batch, {rounds} rounds, epsilon {eps:g}"
         print(summary(label, rs))
-    pooled_table().print_paired(HERE / "paired.json")
-    # the epsilon 3 and 1 runs of seeds 1 and 2 (2026-12-08), compared in a file of their own
-    pooled_table().print_paired(HERE / "paired-2026-12-08.json")
+    # the epsilon 3 and 1 runs of seeds 1 and 2 (2026-12-08) are compared in a file of their own
+    printer = pooled_table()
+    for name in ("paired.json", "paired-2026-12-08.json"):
+        printer.print_paired(HERE / name)
 
 
 if __name__ == "__main__":
